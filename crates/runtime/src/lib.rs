@@ -1,0 +1,24 @@
+//! Process scaffolding shared by every Statefabric binary.
+//!
+//! Owns what each process needs before it does any real work: the layered,
+//! validated configuration ([`config`]), logging and trace export
+//! ([`telemetry`]), the admin HTTP endpoints for probes and Prometheus
+//! ([`admin`]), and signal-driven graceful shutdown with a drain deadline
+//! ([`shutdown`]). [`service::run`] ties them together so a binary's `main` is
+//! a few lines.
+//!
+//! It does not own any domain logic, storage, or the public gRPC/HTTP APIs:
+//! those live in the crates that serve them and only borrow the readiness,
+//! metrics registry and shutdown handles from here.
+
+pub mod admin;
+pub mod config;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use admin::{AdminConfig, Readiness, ReadinessCheck};
+pub use config::{BaseConfig, ConfigArgs, ConfigError, ConfigIssue, Issues, ServiceConfig};
+pub use service::{EXIT_BAD_CONFIG, MetricsRegistry, ServiceContext, main, run};
+pub use shutdown::{Shutdown, ShutdownConfig};
+pub use telemetry::{LogFormat, TelemetryConfig};

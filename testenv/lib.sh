@@ -1,0 +1,61 @@
+# Shared by testenv/up.sh and testenv/down.sh: locations and small helpers.
+# shellcheck shell=bash
+
+TESTENV_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=services.env
+set -a; . "$TESTENV_DIR/services.env"; set +a
+
+# Everything the environment writes lives under one directory. It must be
+# traversable by the `postgres` user (Postgres refuses to run as root), so it
+# is outside /root by default.
+STATE=${STATEFABRIC_ENV_DIR:-/var/tmp/statefabric-env}
+LOGS=$STATE/logs
+JARS=$STATE/jars
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+JAVA=${JAVA:-java}
+
+log() { printf '[testenv %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# wait_for DESCRIPTION SECONDS COMMAND...: polls COMMAND until it succeeds.
+wait_for() {
+  local what=$1 timeout=$2; shift 2
+  local start=$SECONDS
+  until "$@" >/dev/null 2>&1; do
+    if (( SECONDS - start >= timeout )); then
+      log "$what did not become ready within ${timeout}s; see $LOGS"
+      return 1
+    fi
+    sleep 0.5
+  done
+  log "$what ready ($(( SECONDS - start ))s)"
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# pid_alive NAME: true if the process recorded in $STATE/NAME.pid runs.
+pid_alive() {
+  local f=$STATE/$1.pid
+  [[ -f $f ]] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+# start_java NAME LOGFILE ARGS...: starts a JVM in its own session, detached
+# from this shell, and records its pid.
+start_java() {
+  local name=$1 logfile=$2; shift 2
+  setsid nohup "$JAVA" "$@" >"$logfile" 2>&1 < /dev/null &
+  echo $! > "$STATE/$name.pid"
+}
+
+stop_pid() {
+  local name=$1 f=$STATE/$1.pid
+  [[ -f $f ]] || return 0
+  local pid; pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -9 "$pid" 2>/dev/null || true
+    log "stopped $name"
+  fi
+  rm -f "$f"
+}

@@ -1,0 +1,282 @@
+#!/usr/bin/env bash
+# Brings up every real service the integration tests use, on non-default
+# ports, under one state directory ($STATEFABRIC_ENV_DIR, default
+# /var/tmp/statefabric-env) with all logs in its logs/ folder:
+#   PostgreSQL 15 (wal_level=logical), Redis 7 standalone and a 6-node cluster,
+#   Kafka 4.x in KRaft mode, Kafka Connect with Debezium's Postgres connector,
+#   and Apicurio Registry (Confluent-compatible API).
+# Installs what is missing (Debian packages, Maven Central jars). Idempotent:
+# a service that already answers is left alone. Stop with testenv/down.sh.
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+mkdir -p "$STATE" "$LOGS" "$JARS"
+chmod 755 "$STATE"
+
+# ---------------------------------------------------------------- packages
+# Also the Rust build's native needs (protoc, cmake, curl and ssl headers for
+# librdkafka), so one call prepares a fresh Debian machine for the whole suite.
+install_packages() {
+  local wanted=(postgresql-15 redis-server redis-tools openjdk-17-jre-headless maven
+                protobuf-compiler cmake libcurl4-openssl-dev pkg-config libssl-dev
+                build-essential zlib1g-dev curl python3)
+  local missing=()
+  for p in "${wanted[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if (( ${#missing[@]} )); then
+    log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # The packages' own service units would grab the default ports; we run our
+    # own instances, so keep the distribution's from starting.
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$LOGS/apt.log" 2>&1 \
+      || { rm -f /usr/sbin/policy-rc.d; die "apt-get install failed; see $LOGS/apt.log"; }
+    rm -f /usr/sbin/policy-rc.d
+  fi
+}
+
+# ---------------------------------------------------------------- jars
+fetch_jars() {
+  local mvn=(mvn -B -q -Dmaven.repo.local="${MAVEN_REPO:-$HOME/.m2/repository}")
+  if [[ ! -f $JARS/kafka/.done-$KAFKA_VERSION ]]; then
+    log "fetching Kafka $KAFKA_VERSION jars from Maven Central"
+    rm -rf "$JARS/kafka"
+    "${mvn[@]}" -f "$TESTENV_DIR/maven/kafka/pom.xml" dependency:copy-dependencies \
+      -Dkafka.version="$KAFKA_VERSION" -DincludeScope=runtime -DoutputDirectory="$JARS/kafka" \
+      >"$LOGS/maven-kafka.log" 2>&1 || die "Maven fetch of Kafka failed; see $LOGS/maven-kafka.log"
+    touch "$JARS/kafka/.done-$KAFKA_VERSION"
+  fi
+  local plugin=$JARS/connect-plugins/debezium-connector-postgres
+  if [[ ! -f $plugin/.done-$DEBEZIUM_VERSION ]]; then
+    log "fetching Debezium $DEBEZIUM_VERSION Postgres connector from Maven Central"
+    rm -rf "$plugin"
+    "${mvn[@]}" -f "$TESTENV_DIR/maven/debezium/pom.xml" dependency:copy-dependencies \
+      -Ddebezium.version="$DEBEZIUM_VERSION" -DincludeScope=runtime \
+      -DexcludeGroupIds=org.apache.kafka -DoutputDirectory="$plugin" \
+      >"$LOGS/maven-debezium.log" 2>&1 || die "Maven fetch of Debezium failed; see $LOGS/maven-debezium.log"
+    touch "$plugin/.done-$DEBEZIUM_VERSION"
+  fi
+  if [[ ! -f $JARS/registry/.done-$APICURIO_VERSION ]]; then
+    # The app zip is self-contained; its published pom names a parent that is
+    # not on Maven Central, so it is fetched without its dependency graph.
+    log "fetching Apicurio Registry $APICURIO_VERSION from Maven Central"
+    rm -rf "$JARS/registry"
+    "${mvn[@]}" dependency:get -Dtransitive=false \
+      -Dartifact="io.apicurio:apicurio-registry-app:$APICURIO_VERSION:zip:all" \
+      >"$LOGS/maven-registry.log" 2>&1 || die "Maven fetch of Apicurio failed; see $LOGS/maven-registry.log"
+    local zip="${MAVEN_REPO:-$HOME/.m2/repository}/io/apicurio/apicurio-registry-app/$APICURIO_VERSION/apicurio-registry-app-$APICURIO_VERSION-all.zip"
+    python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$zip" "$JARS/registry"
+    touch "$JARS/registry/.done-$APICURIO_VERSION"
+  fi
+}
+
+# ---------------------------------------------------------------- postgres
+pg_ready() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; }
+
+start_postgres() {
+  local data=$STATE/postgres/data run=$STATE/postgres/run
+  mkdir -p "$STATE/postgres" "$run"
+  chown postgres:postgres "$STATE/postgres" "$run"
+  touch "$LOGS/postgres.log"; chown postgres:postgres "$LOGS/postgres.log"
+  if [[ ! -f $data/PG_VERSION ]]; then
+    log "initialising Postgres data directory"
+    runuser -u postgres -- "$PG_BIN/initdb" -D "$data" -U postgres \
+      --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >"$LOGS/initdb.log" 2>&1 \
+      || die "initdb failed; see $LOGS/initdb.log"
+    cat >> "$data/postgresql.conf" <<EOF
+# --- statefabric test environment ---
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$run'
+wal_level = logical
+max_replication_slots = 16
+max_wal_senders = 16
+max_connections = 400
+shared_buffers = 256MB
+EOF
+  fi
+  if ! pg_ready; then
+    log "starting Postgres on $PG_PORT"
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -l "$LOGS/postgres.log" -w -t 60 start >/dev/null \
+      || die "Postgres did not start; see $LOGS/postgres.log"
+  fi
+  wait_for "Postgres" 60 pg_ready
+  # Roles and database, created only where missing. The admin role owns the
+  # schema and runs migrations; the app role is a plain login so Row-Level
+  # Security applies to it; the CDC role may open replication connections.
+  runuser -u postgres -- psql -q -h "$run" -p "$PG_PORT" -d postgres -v ON_ERROR_STOP=1 >/dev/null <<EOF
+DO \$\$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_ADMIN_USER') THEN
+    CREATE ROLE $PG_ADMIN_USER LOGIN SUPERUSER PASSWORD '$PG_ADMIN_PASSWORD';
+  END IF;
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_APP_USER') THEN
+    CREATE ROLE $PG_APP_USER LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE PASSWORD '$PG_APP_PASSWORD';
+  END IF;
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_CDC_USER') THEN
+    CREATE ROLE $PG_CDC_USER LOGIN REPLICATION NOSUPERUSER PASSWORD '$PG_CDC_PASSWORD';
+  END IF;
+END \$\$;
+SELECT 'CREATE DATABASE $PG_DATABASE OWNER $PG_ADMIN_USER'
+  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$PG_DATABASE') \gexec
+GRANT CONNECT, TEMPORARY ON DATABASE $PG_DATABASE TO $PG_APP_USER, $PG_CDC_USER;
+EOF
+}
+
+# ---------------------------------------------------------------- redis
+redis_up() { redis-cli -p "$1" ping 2>/dev/null | grep -q PONG; }
+
+start_redis_node() {
+  local port=$1 dir=$STATE/redis/$1; shift
+  mkdir -p "$dir"
+  redis_up "$port" && return 0
+  redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --daemonize yes \
+    --pidfile "$dir/redis.pid" --logfile "$LOGS/redis-$port.log" \
+    --save "" --appendonly no "$@" || die "redis on $port did not start; see $LOGS/redis-$port.log"
+}
+
+cluster_ok() { redis-cli -p "$1" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; }
+
+start_redis() {
+  start_redis_node "$REDIS_PORT"
+  local ports; IFS=, read -r -a ports <<< "$REDIS_CLUSTER_PORTS"
+  for p in "${ports[@]}"; do
+    start_redis_node "$p" --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 3000
+  done
+  for p in "$REDIS_PORT" "${ports[@]}"; do wait_for "Redis $p" 30 redis_up "$p"; done
+  if ! cluster_ok "${ports[0]}"; then
+    local known; known=$(redis-cli -p "${ports[0]}" cluster info | tr -d '\r' | awk -F: '/cluster_known_nodes/{print $2}')
+    if [[ $known == 1 ]]; then
+      log "creating the Redis cluster (3 primaries, 3 replicas)"
+      redis-cli --cluster create $(printf '127.0.0.1:%s ' "${ports[@]}") --cluster-replicas 1 --cluster-yes \
+        >"$LOGS/redis-cluster-create.log" 2>&1 || die "cluster create failed; see $LOGS/redis-cluster-create.log"
+    fi
+  fi
+  for p in "${ports[@]}"; do wait_for "Redis cluster node $p" 60 cluster_ok "$p"; done
+}
+
+# ---------------------------------------------------------------- kafka
+write_log4j() {
+  cat > "$STATE/log4j2.properties" <<'EOF'
+status = warn
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.out.ref = OUT
+logger.reflections.name = org.reflections
+logger.reflections.level = ERROR
+EOF
+}
+
+JVM_COMMON=(-Xms64m -XX:+UseSerialGC -Djava.awt.headless=true)
+
+start_kafka() {
+  local dir=$STATE/kafka props=$STATE/kafka/server.properties
+  mkdir -p "$dir"
+  cat > "$props" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$dir/data
+num.partitions=3
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=10
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=10
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=true
+EOF
+  pid_alive kafka && port_open "$KAFKA_PORT" && return 0
+  if [[ ! -f $dir/data/meta.properties ]]; then
+    local id; id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
+    log "formatting Kafka storage (cluster $id)"
+    "$JAVA" "${JVM_COMMON[@]}" -Dlog4j2.configurationFile="$STATE/log4j2.properties" -cp "$JARS/kafka/*" \
+      kafka.tools.StorageTool format -t "$id" -c "$props" >"$LOGS/kafka-format.log" 2>&1 \
+      || die "Kafka storage format failed; see $LOGS/kafka-format.log"
+  fi
+  log "starting Kafka on $KAFKA_PORT"
+  start_java kafka "$LOGS/kafka.log" "${JVM_COMMON[@]}" -Xmx768m \
+    -Dlog4j2.configurationFile="$STATE/log4j2.properties" -cp "$JARS/kafka/*" kafka.Kafka "$props"
+}
+
+kafka_ready() { port_open "$KAFKA_PORT" && grep -q "Kafka Server started" "$LOGS/kafka.log"; }
+
+start_connect() {
+  local props=$STATE/connect.properties
+  cat > "$props" <<EOF
+bootstrap.servers=127.0.0.1:$KAFKA_PORT
+group.id=statefabric-connect
+listeners=http://127.0.0.1:$CONNECT_PORT
+rest.advertised.host.name=127.0.0.1
+rest.advertised.port=$CONNECT_PORT
+config.storage.topic=_connect-configs
+offset.storage.topic=_connect-offsets
+status.storage.topic=_connect-status
+config.storage.replication.factor=1
+offset.storage.replication.factor=1
+status.storage.replication.factor=1
+offset.flush.interval.ms=1000
+key.converter=org.apache.kafka.connect.json.JsonConverter
+value.converter=org.apache.kafka.connect.json.JsonConverter
+plugin.path=$JARS/connect-plugins
+EOF
+  pid_alive connect && port_open "$CONNECT_PORT" && return 0
+  log "starting Kafka Connect on $CONNECT_PORT"
+  start_java connect "$LOGS/connect.log" "${JVM_COMMON[@]}" -Xmx768m \
+    -Dlog4j2.configurationFile="$STATE/log4j2.properties" -cp "$JARS/kafka/*" \
+    org.apache.kafka.connect.cli.ConnectDistributed "$props"
+}
+
+connect_ready() {
+  curl -fsS "http://127.0.0.1:$CONNECT_PORT/connector-plugins" | grep -q PostgresConnector
+}
+
+# ---------------------------------------------------------------- registry
+start_registry() {
+  pid_alive registry && port_open "$REGISTRY_PORT" && return 0
+  log "starting Apicurio Registry on $REGISTRY_PORT"
+  # In-memory (H2) storage: a test environment keeps no registry state across
+  # restarts; schemas are registered idempotently by whatever needs them.
+  start_java registry "$LOGS/registry.log" "${JVM_COMMON[@]}" -Xmx512m \
+    -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$REGISTRY_PORT" \
+    -jar "$JARS/registry/apicurio-registry-app-$APICURIO_VERSION-runner.jar"
+}
+
+registry_ready() { curl -fsS "http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7/subjects" >/dev/null; }
+
+# ---------------------------------------------------------------- main
+started=$SECONDS
+install_packages
+fetch_jars
+write_log4j
+start_postgres
+start_redis
+start_kafka
+start_registry            # independent of Kafka: boots while the broker does
+wait_for "Kafka" 120 kafka_ready
+start_connect
+wait_for "Schema Registry" 120 registry_ready
+wait_for "Kafka Connect (with Debezium)" 180 connect_ready
+
+cat > "$STATE/env.sh" <<EOF
+# Written by testenv/up.sh. Source it to point tools at the test environment.
+export STATEFABRIC_TEST_PG_ADMIN_URL=postgres://$PG_ADMIN_USER:$PG_ADMIN_PASSWORD@127.0.0.1:$PG_PORT/$PG_DATABASE
+export STATEFABRIC_TEST_PG_APP_URL=postgres://$PG_APP_USER:$PG_APP_PASSWORD@127.0.0.1:$PG_PORT/$PG_DATABASE
+export STATEFABRIC_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+export STATEFABRIC_TEST_REDIS_CLUSTER=$(IFS=,; for p in $REDIS_CLUSTER_PORTS; do printf 'redis://127.0.0.1:%s,' "$p"; done | sed 's/,$//')
+export STATEFABRIC_TEST_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT
+export STATEFABRIC_TEST_CONNECT_URL=http://127.0.0.1:$CONNECT_PORT
+export STATEFABRIC_TEST_REGISTRY_URL=http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7
+EOF
+log "all services up in $(( SECONDS - started ))s; logs in $LOGS; addresses in $STATE/env.sh"

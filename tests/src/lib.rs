@@ -1,0 +1,212 @@
+//! Support for the integration tests in `tests/tests/`: where the real
+//! services are, how to find and drive the built binaries, and small helpers
+//! (HTTP, waiting) that the tests share.
+//!
+//! Services are the ones `testenv/up.sh` starts. Their addresses default to
+//! `testenv/services.env` (compiled in, so there is one source of ports) and
+//! can be overridden with the `STATEFABRIC_TEST_*` variables that `up.sh`
+//! writes to its `env.sh`. Nothing here fakes a service: when one is not
+//! running, the test fails and says to run `testenv/up.sh`.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+const SERVICES_ENV: &str = include_str!("../../testenv/services.env");
+
+fn services() -> &'static HashMap<String, String> {
+    static PARSED: OnceLock<HashMap<String, String>> = OnceLock::new();
+    PARSED.get_or_init(|| {
+        SERVICES_ENV
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    })
+}
+
+fn setting(key: &str) -> String {
+    services()
+        .get(key)
+        .cloned()
+        .unwrap_or_else(|| panic!("testenv/services.env has no {key}"))
+}
+
+fn overridable(var: &str, default: impl FnOnce() -> String) -> String {
+    std::env::var(var).unwrap_or_else(|_| default())
+}
+
+/// Postgres as the migration/superuser role.
+pub fn pg_admin_url() -> String {
+    overridable("STATEFABRIC_TEST_PG_ADMIN_URL", || {
+        pg_url(&setting("PG_ADMIN_USER"), &setting("PG_ADMIN_PASSWORD"))
+    })
+}
+
+/// Postgres as the application role (not an owner: Row-Level Security applies).
+pub fn pg_app_url() -> String {
+    overridable("STATEFABRIC_TEST_PG_APP_URL", || {
+        pg_url(&setting("PG_APP_USER"), &setting("PG_APP_PASSWORD"))
+    })
+}
+
+fn pg_url(user: &str, password: &str) -> String {
+    format!(
+        "postgres://{user}:{password}@127.0.0.1:{}/{}",
+        setting("PG_PORT"),
+        setting("PG_DATABASE")
+    )
+}
+
+/// The standalone Redis.
+pub fn redis_url() -> String {
+    overridable("STATEFABRIC_TEST_REDIS_URL", || {
+        format!("redis://127.0.0.1:{}", setting("REDIS_PORT"))
+    })
+}
+
+/// The 6-node Redis cluster's seed URLs.
+pub fn redis_cluster_urls() -> Vec<String> {
+    overridable("STATEFABRIC_TEST_REDIS_CLUSTER", || {
+        setting("REDIS_CLUSTER_PORTS")
+            .split(',')
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    })
+    .split(',')
+    .map(str::to_owned)
+    .collect()
+}
+
+pub fn kafka_bootstrap() -> String {
+    overridable("STATEFABRIC_TEST_KAFKA_BOOTSTRAP", || {
+        format!("127.0.0.1:{}", setting("KAFKA_PORT"))
+    })
+}
+
+/// Kafka Connect's REST API.
+pub fn connect_url() -> String {
+    overridable("STATEFABRIC_TEST_CONNECT_URL", || {
+        format!("http://127.0.0.1:{}", setting("CONNECT_PORT"))
+    })
+}
+
+/// The registry's Confluent-compatible API root.
+pub fn registry_url() -> String {
+    overridable("STATEFABRIC_TEST_REGISTRY_URL", || {
+        format!(
+            "http://127.0.0.1:{}/apis/ccompat/v7",
+            setting("REGISTRY_PORT")
+        )
+    })
+}
+
+/// Hint appended to connection failures.
+pub const START_HINT: &str = "is the test environment running? start it with testenv/up.sh";
+
+/// Path of a workspace binary built next to this test executable
+/// (`cargo build --workspace --bins` puts it there; `scripts/test.sh` runs that).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test-binary> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// A TCP port free at the time of the call, for a child process to bind.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// Polls `check` until it returns `Ok(Some(_))` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(err) => last_err = Some(err),
+        }
+        if start.elapsed() >= timeout {
+            match last_err {
+                Some(err) => bail!("{what}: not reached within {timeout:?}; last error: {err:#}"),
+                None => bail!("{what}: not reached within {timeout:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_str(&self.body)
+            .with_context(|| format!("response is not JSON: {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request over plain TCP; enough for local REST APIs.
+pub async fn http(
+    method: &str,
+    url: &str,
+    content_type: Option<&str>,
+    body: Option<String>,
+) -> anyhow::Result<HttpResponse> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut request = hyper::Request::builder().method(method).uri(url);
+    if let Some(ct) = content_type {
+        request = request.header(hyper::header::CONTENT_TYPE, ct);
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .context("building request")?;
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .with_context(|| format!("{method} {url} timed out"))?
+        .with_context(|| format!("{method} {url} failed ({START_HINT})"))?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .context("reading response body")?
+        .to_bytes();
+    Ok(HttpResponse {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}

@@ -1,0 +1,207 @@
+//! The real binaries as processes: they start, answer their probes and
+//! metrics, refuse a bad configuration with a message naming the key, and exit
+//! 0 within their drain deadline on SIGTERM and SIGINT.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use statefabric_tests as env;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+
+/// Every long-running binary, with the arguments that start it.
+const SERVICES: &[(&str, &[&str])] = &[
+    ("statefabric-sidecar", &[]),
+    ("statefabric-control-plane", &[]),
+    ("statefabric-injector", &[]),
+    ("fabric", &["dev"]),
+];
+
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+struct Running {
+    child: Child,
+    admin: String,
+}
+
+fn spawn(binary: &str, args: &[&str], extra_env: &[(&str, &str)]) -> anyhow::Result<Running> {
+    let port = env::free_port();
+    let mut command = Command::new(env::binary(binary));
+    command
+        .args(args)
+        .env("STATEFABRIC_ADMIN__LISTEN", format!("127.0.0.1:{port}"))
+        .env("STATEFABRIC_SHUTDOWN__DRAIN_DEADLINE", "5s")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in extra_env {
+        command.env(k, v);
+    }
+    let child = command
+        .spawn()
+        .with_context(|| format!("spawning {binary}"))?;
+    Ok(Running {
+        child,
+        admin: format!("http://127.0.0.1:{port}"),
+    })
+}
+
+async fn wait_ready(running: &Running) -> anyhow::Result<()> {
+    let url = format!("{}/healthz/ready", running.admin);
+    env::eventually("readiness", Duration::from_secs(20), || {
+        let url = url.clone();
+        async move {
+            Ok(env::http("GET", &url, None, None)
+                .await?
+                .status
+                .eq(&200)
+                .then_some(()))
+        }
+    })
+    .await
+}
+
+async fn stop_with(mut running: Running, signal: Signal) -> anyhow::Result<(i32, String)> {
+    let pid = running.child.id().context("child has no pid")?;
+    kill(Pid::from_raw(i32::try_from(pid)?), signal)?;
+    let status = tokio::time::timeout(
+        DRAIN_DEADLINE + Duration::from_secs(2),
+        running.child.wait(),
+    )
+    .await
+    .context("did not exit within its drain deadline")??;
+    let mut stderr = String::new();
+    if let Some(mut pipe) = running.child.stderr.take() {
+        pipe.read_to_string(&mut stderr).await?;
+    }
+    Ok((status.code().unwrap_or(-1), stderr))
+}
+
+#[tokio::test]
+async fn each_binary_serves_probes_and_metrics_then_exits_0_on_sigterm() -> anyhow::Result<()> {
+    for (binary, args) in SERVICES {
+        let running = spawn(binary, args, &[])?;
+        wait_ready(&running)
+            .await
+            .with_context(|| format!("{binary} never became ready"))?;
+
+        let live = env::http(
+            "GET",
+            &format!("{}/healthz/live", running.admin),
+            None,
+            None,
+        )
+        .await?;
+        assert_eq!(live.status, 200, "{binary} liveness");
+        let metrics = env::http("GET", &format!("{}/metrics", running.admin), None, None).await?;
+        assert_eq!(metrics.status, 200, "{binary} metrics");
+        assert!(
+            metrics.body.contains("statefabric_build_info{"),
+            "{binary} metrics lack build info:\n{}",
+            metrics.body
+        );
+
+        let (code, stderr) = stop_with(running, Signal::SIGTERM).await?;
+        assert_eq!(
+            code, 0,
+            "{binary} exit code after SIGTERM; stderr:\n{stderr}"
+        );
+        assert!(
+            stderr.contains("SIGTERM"),
+            "{binary} did not log the signal:\n{stderr}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn fabric_dev_stops_cleanly_on_ctrl_c() -> anyhow::Result<()> {
+    let running = spawn("fabric", &["dev"], &[])?;
+    wait_ready(&running).await?;
+    let (code, stderr) = stop_with(running, Signal::SIGINT).await?;
+    assert_eq!(code, 0, "stderr:\n{stderr}");
+    assert!(stderr.contains("SIGINT"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bad_config_value_exits_2_naming_the_key() -> anyhow::Result<()> {
+    for (binary, args) in SERVICES {
+        let output = Command::new(env::binary(binary))
+            .args(*args)
+            .env("STATEFABRIC_SHUTDOWN__DRAIN_DEADLINE", "0s")
+            .env("STATEFABRIC_ADMIN__LISTEN", "nowhere")
+            .output()
+            .await?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{binary}: {stderr}");
+        assert!(stderr.contains("admin.listen"), "{binary}: {stderr}");
+    }
+    // Validation problems (as opposed to parse errors) are named too.
+    let output = Command::new(env::binary("statefabric-sidecar"))
+        .env("STATEFABRIC_SHUTDOWN__DRAIN_DEADLINE", "0s")
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("shutdown.drain_deadline: must be greater than zero"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_missing_config_file_is_refused() -> anyhow::Result<()> {
+    let output = Command::new(env::binary("statefabric-control-plane"))
+        .args(["--config", "/nonexistent/control-plane.toml"])
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/control-plane.toml"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn help_describes_the_config_layers() -> anyhow::Result<()> {
+    for (binary, args) in SERVICES {
+        let output = Command::new(env::binary(binary))
+            .args(*args)
+            .arg("--help")
+            .output()
+            .await?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{binary} --help failed");
+        assert!(stdout.contains("--config <FILE>"), "{binary}: {stdout}");
+        assert!(stdout.contains("STATEFABRIC_"), "{binary}: {stdout}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() -> anyhow::Result<()> {
+    let running = spawn(
+        "statefabric-sidecar",
+        &[],
+        &[("STATEFABRIC_TELEMETRY__LOG_FORMAT", "json")],
+    )?;
+    wait_ready(&running).await?;
+    let (code, stderr) = stop_with(running, Signal::SIGTERM).await?;
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "no log output");
+    for line in lines {
+        let value: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+        assert!(value.get("level").is_some(), "no level in {line}");
+    }
+    Ok(())
+}

@@ -142,8 +142,8 @@ async fn redis_cluster_replicates_to_a_replica() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// From `CLUSTER SHARDS`-era `CLUSTER SLOTS`: the primary port and replica
-/// ports serving `slot`.
+/// From `CLUSTER SLOTS`: the port of the primary and the ports of the replicas
+/// serving `slot`.
 async fn slot_owners(
     conn: &mut redis::aio::MultiplexedConnection,
     slot: i64,

@@ -14,6 +14,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+use tracing::Instrument;
 
 use crate::admin::{self, Readiness};
 use crate::config::ServiceConfig;
@@ -159,7 +160,11 @@ where
     readiness.start_draining();
     shutdown.request();
 
-    let outcome = shutdown.drain(drain_deadline).await;
+    // A span, so a trace backend shows how long each shutdown's drain took.
+    let outcome = shutdown
+        .drain(drain_deadline)
+        .instrument(tracing::info_span!("shutdown", service, ?drain_deadline))
+        .await;
     if let DrainOutcome::TimedOut { remaining } = outcome {
         tracing::error!(
             remaining,

@@ -114,6 +114,11 @@ DO \$\$ BEGIN
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_APP_USER') THEN
     CREATE ROLE $PG_APP_USER LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE PASSWORD '$PG_APP_PASSWORD';
   END IF;
+  -- The group role the migrations grant table privileges to (they create it
+  -- too; creating it here lets the app login join it before they run).
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'statefabric_app_role') THEN
+    CREATE ROLE statefabric_app_role NOLOGIN NOBYPASSRLS;
+  END IF;
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_CDC_USER') THEN
     CREATE ROLE $PG_CDC_USER LOGIN REPLICATION NOSUPERUSER PASSWORD '$PG_CDC_PASSWORD';
   END IF;
@@ -121,6 +126,7 @@ END \$\$;
 SELECT 'CREATE DATABASE $PG_DATABASE OWNER $PG_ADMIN_USER'
   WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$PG_DATABASE') \gexec
 GRANT CONNECT, TEMPORARY ON DATABASE $PG_DATABASE TO $PG_APP_USER, $PG_CDC_USER;
+GRANT statefabric_app_role TO $PG_APP_USER;
 EOF
 }
 

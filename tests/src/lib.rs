@@ -8,6 +8,8 @@
 //! writes to its `env.sh`. Nothing here fakes a service: when one is not
 //! running, the test fails and says to run `testenv/up.sh`.
 
+pub mod store_contract;
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -1,14 +1,19 @@
 //! Statefabric's domain vocabulary, free of I/O.
 //!
-//! Owns the identifiers every other crate passes around (tenants, agents,
-//! streams) and the rules that make one valid, so a malformed id is refused
-//! once, at the edge, with a message that says what is wrong.
+//! Owns the types every other crate passes around — validated ids (tenants,
+//! agents, streams), events and their metadata, expected versions,
+//! checkpoints, snapshots — and the aggregate-root trait, so that a malformed
+//! value is refused once, at the edge, with a message that says what is wrong.
 //!
 //! It does not own storage, wire formats or transport: adapters and API crates
 //! depend on this crate, never the other way round.
 
 #![forbid(unsafe_code)]
 
+pub mod aggregate;
+pub mod event;
 pub mod id;
 
+pub use aggregate::{Aggregate, SnapshotState};
+pub use event::{Checkpoint, EventMetadata, ExpectedVersion, NewEvent, RecordedEvent, Snapshot};
 pub use id::{AgentId, IdError, StreamId, TenantId};

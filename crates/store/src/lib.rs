@@ -1,0 +1,28 @@
+//! The event store: Statefabric's system of record.
+//!
+//! Owns the [`EventStore`] port — optimistic-concurrency appends, stream and
+//! global reads, a commit-ordered feed that never skips an event, snapshots,
+//! idempotency keys and the audit trail — with two adapters behind it:
+//! [`pg`] (Postgres, production: Row-Level Security per tenant, outbox filled
+//! by trigger) and [`sqlite`] (the embedded default: one file, tenant scoping
+//! in code). On top of the port sit the live feed ([`feed::subscribe_all`])
+//! and the aggregate [`repository`].
+//!
+//! It does not own transport (gRPC, Kafka), caching or locks; those crates
+//! call this one.
+
+pub mod error;
+pub mod feed;
+pub mod limits;
+pub mod pg;
+pub mod port;
+pub mod repository;
+pub mod sqlite;
+
+pub use error::{InvalidInput, Result, StoreError};
+pub use feed::{FeedOptions, subscribe_all};
+pub use limits::Limits;
+pub use port::{
+    AppendOutcome, AppendRequest, AppendResult, EventStore, Idempotency, Scope, StreamInfo,
+};
+pub use repository::{Loaded, Repository, RepositoryError, SnapshotPolicy};

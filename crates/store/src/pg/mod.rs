@@ -1,0 +1,350 @@
+//! The Postgres adapter: the production event store.
+//!
+//! Connects as the application role (not the tables' owner), so Row-Level
+//! Security confines every statement to the tenant named at the start of its
+//! transaction. Migrations and tenant registration need the owner role and
+//! are separate functions ([`migrate`], [`create_tenant`]).
+
+mod append;
+mod read;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgPool, Postgres, Transaction};
+use statefabric_domain::{Checkpoint, RecordedEvent, Snapshot, StreamId, TenantId};
+use tokio::sync::watch;
+
+use crate::error::{Result, StoreError};
+use crate::limits::Limits;
+use crate::port::{AppendOutcome, AppendRequest, EventStore, Scope, StreamInfo};
+
+/// Migrations for the Postgres schema, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PgConfig {
+    /// Connection URL of the application role.
+    pub url: String,
+    pub max_connections: u32,
+    pub min_connections: u32,
+    /// How long a caller waits for a free connection before `Unavailable`.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// Upper bound on every statement (server-side `statement_timeout`) and on
+    /// every store call as a whole.
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
+    /// How long a keyed request waits for a concurrent duplicate to finish
+    /// before being told it is still in progress.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_wait: Duration,
+    /// How long idempotency keys are kept.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_ttl: Duration,
+    pub limits: Limits,
+}
+
+impl Default for PgConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://statefabric_app@127.0.0.1:5432/statefabric".to_owned(),
+            // Two cores serve a pool of this size without thrashing; callers
+            // queue in the pool (bounded by acquire_timeout) rather than in
+            // Postgres.
+            max_connections: 16,
+            min_connections: 1,
+            acquire_timeout: Duration::from_secs(5),
+            query_timeout: Duration::from_secs(10),
+            idempotency_wait: Duration::from_secs(5),
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Pool gauges, read at scrape time.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    waiting: AtomicI64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PgEventStore {
+    pool: PgPool,
+    config: Arc<PgConfig>,
+    stats: Arc<PoolStats>,
+    appended: Arc<watch::Sender<u64>>,
+}
+
+impl PgEventStore {
+    pub async fn connect(config: PgConfig) -> Result<Self> {
+        let options: PgConnectOptions = config.url.parse().map_err(StoreError::Unavailable)?;
+        let statement_timeout = format!("{}ms", config.query_timeout.as_millis());
+        let options = options
+            .options([("statement_timeout", statement_timeout.as_str())])
+            .application_name("statefabric");
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .min_connections(config.min_connections)
+            .acquire_timeout(config.acquire_timeout)
+            .connect_with(options)
+            .await
+            .map_err(StoreError::Unavailable)?;
+        Ok(Self::from_pool(pool, config))
+    }
+
+    pub fn from_pool(pool: PgPool, config: PgConfig) -> Self {
+        Self {
+            pool,
+            config: Arc::new(config),
+            stats: Arc::default(),
+            appended: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Registers pool gauges (in use, idle, waiting) in `registry`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(PoolCollector {
+            pool: self.pool.clone(),
+            stats: self.stats.clone(),
+        }));
+    }
+
+    /// Starts a transaction acting for `tenant`: every statement in it sees
+    /// and writes only that tenant's rows.
+    pub async fn begin_for(&self, tenant: &TenantId) -> Result<Transaction<'static, Postgres>> {
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let tx = self.pool.begin().await;
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        let mut tx = tx.map_err(map_err)?;
+        sqlx::query("SELECT set_config('statefabric.tenant', $1, true)")
+            .bind(tenant.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        Ok(tx)
+    }
+
+    /// Appends inside a caller's transaction (from [`Self::begin_for`]), so
+    /// other writes (a saga transition, say) commit atomically with the
+    /// events. The caller commits; [`EventStore::append`] is this plus commit.
+    pub async fn append_in(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        scope: &Scope,
+        request: &AppendRequest,
+    ) -> Result<AppendOutcome> {
+        self.config.limits.check_append(request)?;
+        append::append(tx, &self.config, scope, request).await
+    }
+
+    async fn timed<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.config.query_timeout, fut).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(self.config.query_timeout)),
+        }
+    }
+}
+
+#[async_trait]
+impl EventStore for PgEventStore {
+    async fn append(&self, scope: &Scope, request: AppendRequest) -> Result<AppendOutcome> {
+        self.config.limits.check_append(&request)?;
+        let outcome = self
+            .timed(async {
+                let mut tx = self.begin_for(&scope.tenant).await?;
+                let outcome = append::append(&mut tx, &self.config, scope, &request).await?;
+                if outcome.replayed {
+                    tx.rollback().await.map_err(map_err)?;
+                } else {
+                    tx.commit().await.map_err(map_err)?;
+                }
+                Ok(outcome)
+            })
+            .await?;
+        if !outcome.replayed {
+            self.appended.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(outcome)
+    }
+
+    async fn read_stream(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+        from_version: u64,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>> {
+        self.config.limits.check_read_limit(limit)?;
+        read::check_from("from_version", from_version)?;
+        self.timed(read::read_stream(self, tenant, stream, from_version, limit))
+            .await
+    }
+
+    async fn read_all(
+        &self,
+        tenant: &TenantId,
+        from_position: u64,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>> {
+        self.config.limits.check_read_limit(limit)?;
+        read::check_from("from_position", from_position)?;
+        self.timed(read::read_all(self, tenant, from_position, limit))
+            .await
+    }
+
+    async fn read_feed(
+        &self,
+        tenant: &TenantId,
+        after: Checkpoint,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>> {
+        self.config.limits.check_read_limit(limit)?;
+        self.timed(read::read_feed(self, tenant, after, limit))
+            .await
+    }
+
+    async fn stream_info(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> Result<Option<StreamInfo>> {
+        self.timed(read::stream_info(self, tenant, stream)).await
+    }
+
+    async fn save_snapshot(&self, scope: &Scope, snapshot: &Snapshot) -> Result<()> {
+        crate::limits::check_name("stream type", &snapshot.stream_type)?;
+        if snapshot.version == 0 {
+            return Err(crate::error::InvalidInput::Zero {
+                what: "snapshot version",
+            }
+            .into());
+        }
+        self.timed(async {
+            let mut tx = self.begin_for(&scope.tenant).await?;
+            append::save_snapshot(&mut tx, scope, snapshot).await?;
+            tx.commit().await.map_err(map_err)
+        })
+        .await
+    }
+
+    async fn load_snapshot(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> Result<Option<Snapshot>> {
+        self.timed(read::load_snapshot(self, tenant, stream)).await
+    }
+
+    async fn purge_expired_idempotency_keys(&self) -> Result<u64> {
+        self.timed(async {
+            let purged: i64 =
+                sqlx::query_scalar("SELECT statefabric_purge_expired_idempotency_keys()")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(map_err)?;
+            Ok(u64::try_from(purged).unwrap_or_default())
+        })
+        .await
+    }
+
+    fn append_notifications(&self) -> watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+}
+
+/// Applies the schema migrations as the owner role. Safe to run from several
+/// processes at once (sqlx serializes them with an advisory lock).
+pub async fn migrate(owner_url: &str) -> Result<()> {
+    let mut conn = sqlx::PgConnection::connect(owner_url)
+        .await
+        .map_err(StoreError::Unavailable)?;
+    MIGRATOR
+        .run(&mut conn)
+        .await
+        .map_err(|e| StoreError::Backend(sqlx::Error::Migrate(Box::new(e))))
+}
+
+/// Registers a tenant (owner role). Registering an existing tenant is a no-op.
+pub async fn create_tenant(owner_url: &str, tenant: &TenantId, display_name: &str) -> Result<()> {
+    let mut conn = sqlx::PgConnection::connect(owner_url)
+        .await
+        .map_err(StoreError::Unavailable)?;
+    sqlx::query(
+        "INSERT INTO tenants (tenant_id, display_name) VALUES ($1, $2) ON CONFLICT (tenant_id) DO NOTHING",
+    )
+    .bind(tenant.as_str())
+    .bind(display_name)
+    .execute(&mut conn)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// Maps driver errors to the store's: connection trouble is `Unavailable`,
+/// a cancelled statement is a `Timeout`, everything else a `Backend` failure.
+pub(crate) fn map_err(err: sqlx::Error) -> StoreError {
+    match &err {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(err),
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
+            StoreError::Timeout(Duration::ZERO)
+        }
+        _ => StoreError::Backend(err),
+    }
+}
+
+#[derive(Debug)]
+struct PoolCollector {
+    pool: PgPool,
+    stats: Arc<PoolStats>,
+}
+
+impl prometheus_client::collector::Collector for PoolCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> std::result::Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let size = i64::from(self.pool.size());
+        let idle = i64::try_from(self.pool.num_idle()).unwrap_or(i64::MAX);
+        let gauges = [
+            (
+                "store_pool_connections_in_use",
+                "Postgres connections checked out",
+                size - idle,
+            ),
+            (
+                "store_pool_connections_idle",
+                "Postgres connections idle in the pool",
+                idle,
+            ),
+            (
+                "store_pool_waiting",
+                "Callers waiting for a Postgres connection",
+                self.stats.waiting.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            let metric_encoder =
+                encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric_encoder)?;
+        }
+        Ok(())
+    }
+}

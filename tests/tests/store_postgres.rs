@@ -1,0 +1,427 @@
+//! The event store on the real Postgres: the shared contract, plus what only
+//! Postgres has — Row-Level Security against crafted queries, the outbox
+//! trigger, append-only audit, and the gap-free feed under slow transactions.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+use statefabric_domain::{Checkpoint, ExpectedVersion, NewEvent, StreamId, TenantId};
+use statefabric_store::pg::{self, PgConfig, PgEventStore};
+use statefabric_store::{AppendRequest, EventStore, FeedOptions, Scope, subscribe_all};
+use statefabric_tests as env;
+use statefabric_tests::store_contract::Fixture;
+use tokio::sync::OnceCell;
+
+struct Postgres;
+
+static MIGRATED: OnceCell<()> = OnceCell::const_new();
+
+async fn migrated() {
+    MIGRATED
+        .get_or_init(|| async {
+            pg::migrate(&env::pg_admin_url())
+                .await
+                .unwrap_or_else(|e| panic!("migrations failed ({}): {e}", env::START_HINT));
+        })
+        .await;
+}
+
+fn config() -> PgConfig {
+    PgConfig {
+        url: env::pg_app_url(),
+        max_connections: 8,
+        ..PgConfig::default()
+    }
+}
+
+async fn store_with(config: PgConfig) -> PgEventStore {
+    migrated().await;
+    PgEventStore::connect(config)
+        .await
+        .expect("connect as app role")
+}
+
+async fn new_tenant() -> TenantId {
+    migrated().await;
+    let tenant = TenantId::new(format!("t-{}", uuid::Uuid::new_v4().simple())).expect("tenant id");
+    pg::create_tenant(&env::pg_admin_url(), &tenant, "test")
+        .await
+        .expect("create tenant");
+    tenant
+}
+
+#[async_trait::async_trait(?Send)]
+impl Fixture for Postgres {
+    async fn store(&self) -> Arc<dyn EventStore> {
+        Arc::new(store_with(config()).await)
+    }
+
+    async fn store_with_idempotency_ttl(&self, ttl: Duration) -> Arc<dyn EventStore> {
+        Arc::new(
+            store_with(PgConfig {
+                idempotency_ttl: ttl,
+                ..config()
+            })
+            .await,
+        )
+    }
+
+    async fn tenant(&self) -> TenantId {
+        new_tenant().await
+    }
+
+    async fn idempotency_keys_stored(&self, tenant: &TenantId) -> i64 {
+        let mut admin = PgConnection::connect(&env::pg_admin_url())
+            .await
+            .expect("admin");
+        sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE tenant_id = $1")
+            .bind(tenant.as_str())
+            .fetch_one(&mut admin)
+            .await
+            .expect("count keys")
+    }
+}
+
+statefabric_tests::store_contract_tests!(Postgres);
+
+fn scope(tenant: &TenantId) -> Scope {
+    Scope::new(tenant.clone(), "pg-test").with_trace_id("trace-pg")
+}
+
+fn stream() -> StreamId {
+    StreamId::new(format!("s-{}", uuid::Uuid::new_v4().simple())).expect("stream id")
+}
+
+/// A raw connection as the application role, acting for `tenant` (or for no
+/// tenant at all), to try what a buggy or malicious query could do.
+async fn app_conn(tenant: Option<&TenantId>) -> anyhow::Result<PgConnection> {
+    let mut conn = PgConnection::connect(&env::pg_app_url()).await?;
+    if let Some(tenant) = tenant {
+        sqlx::query("SELECT set_config('statefabric.tenant', $1, false)")
+            .bind(tenant.as_str())
+            .execute(&mut conn)
+            .await?;
+    }
+    Ok(conn)
+}
+
+#[tokio::test]
+async fn row_level_security_stops_crafted_cross_tenant_access() -> anyhow::Result<()> {
+    let store = store_with(config()).await;
+    let victim = new_tenant().await;
+    let attacker = new_tenant().await;
+    let id = stream();
+    store
+        .append(
+            &scope(&victim),
+            AppendRequest::new(
+                id.clone(),
+                "task",
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("Secret", json!({"plan": "private"}))],
+            ),
+        )
+        .await?;
+    store
+        .save_snapshot(
+            &scope(&victim),
+            &statefabric_domain::Snapshot {
+                stream_id: id.clone(),
+                stream_type: "task".to_owned(),
+                version: 1,
+                state: json!({"plan": "private"}),
+                schema_version: 1,
+            },
+        )
+        .await?;
+
+    let mut conn = app_conn(Some(&attacker)).await?;
+    // Reads naming the victim's tenant and stream explicitly see nothing.
+    for table in [
+        "event_store",
+        "streams",
+        "snapshots",
+        "event_outbox",
+        "audit_log",
+    ] {
+        let sql = format!("SELECT count(*) FROM {table} WHERE tenant_id = $1");
+        let visible: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(victim.as_str())
+            .fetch_one(&mut conn)
+            .await?;
+        assert_eq!(visible, 0, "{table} leaks the victim's rows");
+    }
+    // Updates of the victim's rows touch nothing.
+    let updated =
+        sqlx::query("UPDATE streams SET version = 99 WHERE tenant_id = $1 AND stream_id = $2")
+            .bind(victim.as_str())
+            .bind(id.as_str())
+            .execute(&mut conn)
+            .await?
+            .rows_affected();
+    assert_eq!(updated, 0);
+    let updated = sqlx::query("UPDATE snapshots SET state = '{}' WHERE tenant_id = $1")
+        .bind(victim.as_str())
+        .execute(&mut conn)
+        .await?
+        .rows_affected();
+    assert_eq!(updated, 0);
+    // Writing rows that claim the victim's tenant is refused by the policy.
+    let insert_event = sqlx::query(
+        "INSERT INTO event_store (event_id, tenant_id, stream_id, stream_type, event_type, \
+         event_schema_version, data, stream_version) \
+         VALUES (gen_random_uuid(), $1, $2, 'task', 'Forged', 1, '{}', 2)",
+    )
+    .bind(victim.as_str())
+    .bind(id.as_str())
+    .execute(&mut conn)
+    .await;
+    let err = insert_event.expect_err("forged append must fail");
+    assert!(err.to_string().contains("row-level security"), "{err}");
+    let insert_snapshot = sqlx::query(
+        "INSERT INTO snapshots (tenant_id, stream_id, stream_type, stream_version, state, state_schema_version) \
+         VALUES ($1, $2, 'task', 1, '{}', 1) \
+         ON CONFLICT (tenant_id, stream_id) DO UPDATE SET state = EXCLUDED.state",
+    )
+    .bind(victim.as_str())
+    .bind(id.as_str())
+    .execute(&mut conn)
+    .await;
+    assert!(insert_snapshot.is_err(), "forged snapshot must fail");
+
+    // With no tenant set at all, nothing is visible.
+    let mut anonymous = app_conn(None).await?;
+    let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM event_store")
+        .fetch_one(&mut anonymous)
+        .await?;
+    assert_eq!(visible, 0);
+
+    // The victim's data is intact.
+    let events = store.read_stream(&victim, &id, 1, 10).await?;
+    assert_eq!(events.len(), 1);
+    let snapshot = store.load_snapshot(&victim, &id).await?.expect("snapshot");
+    assert_eq!(snapshot.state, json!({"plan": "private"}));
+    Ok(())
+}
+
+#[tokio::test]
+async fn events_are_immutable_and_audit_is_insert_only_for_the_app() -> anyhow::Result<()> {
+    let store = store_with(config()).await;
+    let tenant = new_tenant().await;
+    let id = stream();
+    store
+        .append(
+            &scope(&tenant),
+            AppendRequest::new(
+                id.clone(),
+                "task",
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("Created", json!({}))],
+            ),
+        )
+        .await?;
+    let mut conn = app_conn(Some(&tenant)).await?;
+    for sql in [
+        "UPDATE event_store SET data = '{}'",
+        "DELETE FROM event_store",
+        "UPDATE audit_log SET actor = 'someone else'",
+        "DELETE FROM audit_log",
+    ] {
+        let err = sqlx::query(sql).execute(&mut conn).await.expect_err(sql);
+        assert!(
+            err.to_string().contains("permission denied"),
+            "{sql}: {err}"
+        );
+    }
+    let (actor, action, target, before, after, trace): (
+        String,
+        String,
+        String,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+    ) = sqlx::query_as(
+        "SELECT actor, action, target, version_before, version_after, trace_id \
+             FROM audit_log WHERE target = $1",
+    )
+    .bind(format!("stream:{id}"))
+    .fetch_one(&mut conn)
+    .await?;
+    assert_eq!(
+        (
+            actor.as_str(),
+            action.as_str(),
+            before,
+            after,
+            trace.as_deref()
+        ),
+        ("pg-test", "append", None, Some(1), Some("trace-pg"))
+    );
+    assert_eq!(target, format!("stream:{id}"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_event_gets_its_outbox_row_in_the_same_transaction() -> anyhow::Result<()> {
+    let store = store_with(config()).await;
+    let tenant = new_tenant().await;
+    let id = stream();
+    let mut event = NewEvent::new("PlanDrafted", json!({"steps": 3}));
+    event.metadata.traceparent =
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned());
+    event.metadata.correlation_id = Some("corr-9".to_owned());
+    let event_id = event.id;
+    store
+        .append(
+            &scope(&tenant),
+            AppendRequest::new(
+                id.clone(),
+                "plan",
+                ExpectedVersion::NoStream,
+                vec![event, NewEvent::new("PlanApproved", json!({}))],
+            ),
+        )
+        .await?;
+
+    let mut admin = PgConnection::connect(&env::pg_admin_url()).await?;
+    let rows: Vec<(
+        uuid::Uuid,
+        String,
+        String,
+        String,
+        serde_json::Value,
+        serde_json::Value,
+    )> = sqlx::query_as(
+        "SELECT id, aggregatetype, aggregateid, type, payload, headers FROM event_outbox \
+             WHERE tenant_id = $1 ORDER BY global_position",
+    )
+    .bind(tenant.as_str())
+    .fetch_all(&mut admin)
+    .await?;
+    assert_eq!(rows.len(), 2);
+    let (id0, aggregate_type, aggregate_id, event_type, payload, headers) = &rows[0];
+    assert_eq!(*id0, event_id);
+    assert_eq!(aggregate_type, "plan");
+    assert_eq!(aggregate_id, id.as_str());
+    assert_eq!(event_type, "PlanDrafted");
+    assert_eq!(payload["data"], json!({"steps": 3}));
+    assert_eq!(payload["stream_version"], json!(1));
+    assert_eq!(headers["correlation_id"], json!("corr-9"));
+    assert!(
+        headers["traceparent"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("00-0af7"))
+    );
+
+    // A failed append leaves no outbox row behind.
+    let failed = store
+        .append(
+            &scope(&tenant),
+            AppendRequest::new(
+                id.clone(),
+                "plan",
+                ExpectedVersion::Exact(1),
+                vec![NewEvent::new("Late", json!({}))],
+            ),
+        )
+        .await;
+    assert!(failed.is_err());
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM event_outbox WHERE tenant_id = $1")
+        .bind(tenant.as_str())
+        .fetch_one(&mut admin)
+        .await?;
+    assert_eq!(count, 2);
+    Ok(())
+}
+
+/// The classic event-store bug: a transaction takes a global position, then
+/// commits after later positions were already read. The feed must still
+/// deliver it, because it never advances past a transaction still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_feed_never_skips_an_event_from_a_slow_transaction() -> anyhow::Result<()> {
+    let store = Arc::new(store_with(config()).await);
+    let tenant = new_tenant().await;
+    let options = FeedOptions {
+        page_size: 100,
+        poll_interval: Duration::from_millis(10),
+        buffer: 256,
+    };
+    let mut feed = Box::pin(subscribe_all(
+        store.clone(),
+        tenant.clone(),
+        Checkpoint::START,
+        options,
+    ));
+
+    let mut written = BTreeSet::new();
+    for round in 0..3 {
+        // A slow transaction takes its position first and holds it open...
+        let mut slow_tx = store.begin_for(&tenant).await?;
+        let slow_event = NewEvent::new("Slow", json!({"round": round}));
+        written.insert(slow_event.id);
+        store
+            .append_in(
+                &mut slow_tx,
+                &scope(&tenant),
+                &AppendRequest::new(stream(), "task", ExpectedVersion::Any, vec![slow_event]),
+            )
+            .await?;
+        // ...while fast writers take later positions and commit.
+        for _ in 0..20 {
+            let event = NewEvent::new("Fast", json!({"round": round}));
+            written.insert(event.id);
+            store
+                .append(
+                    &scope(&tenant),
+                    AppendRequest::new(stream(), "task", ExpectedVersion::Any, vec![event]),
+                )
+                .await?;
+        }
+        // Give the feed every chance to run ahead of the open transaction.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        slow_tx.commit().await?;
+    }
+
+    let mut received = BTreeSet::new();
+    let mut slow_seen = 0;
+    while received.len() < written.len() {
+        let event = tokio::time::timeout(Duration::from_secs(10), feed.next())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("feed stopped at {} of {}", received.len(), written.len())
+            })?
+            .expect("feed open")?;
+        if event.event_type == "Slow" {
+            slow_seen += 1;
+        }
+        assert!(
+            received.insert(event.id),
+            "duplicate delivery of {} at {} ({})",
+            event.id,
+            event.checkpoint,
+            event.event_type
+        );
+    }
+    assert_eq!(received, written);
+    assert_eq!(slow_seen, 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_configuration_is_unavailable_not_a_hang() -> anyhow::Result<()> {
+    let result = PgEventStore::connect(PgConfig {
+        url: "postgres://nobody:wrong@127.0.0.1:1/statefabric".to_owned(),
+        acquire_timeout: Duration::from_secs(2),
+        ..PgConfig::default()
+    })
+    .await;
+    assert!(matches!(
+        result,
+        Err(statefabric_store::StoreError::Unavailable(_))
+    ));
+    Ok(())
+}

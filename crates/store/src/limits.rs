@@ -208,7 +208,7 @@ mod tests {
         let limits = Limits {
             max_event_bytes: 64,
             max_batch_events: 2,
-            max_batch_bytes: 100,
+            max_batch_bytes: 90,
             max_read_limit: 10,
         };
         let ok = || NewEvent::new("E", json!({}));

@@ -1,0 +1,167 @@
+//! The embedded SQLite event store under the same contract as Postgres, plus
+//! what is specific to it: durability across reopening, immutability by
+//! trigger, and the outbox trigger.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use statefabric_domain::{ExpectedVersion, NewEvent, StreamId, TenantId};
+use statefabric_store::sqlite::{SqliteConfig, SqliteEventStore};
+use statefabric_store::{AppendRequest, EventStore, Scope};
+use statefabric_tests::store_contract::Fixture;
+
+/// Each fixture owns a fresh database file, kept for the test's duration.
+struct Sqlite {
+    dir: tempfile::TempDir,
+    store: tokio::sync::OnceCell<SqliteEventStore>,
+}
+
+fn fixture() -> Sqlite {
+    Sqlite {
+        dir: tempfile::tempdir().expect("temp dir"),
+        store: tokio::sync::OnceCell::new(),
+    }
+}
+
+impl Sqlite {
+    fn config(&self) -> SqliteConfig {
+        SqliteConfig {
+            path: self.dir.path().join("events.db"),
+            ..SqliteConfig::default()
+        }
+    }
+
+    async fn shared(&self) -> &SqliteEventStore {
+        self.store
+            .get_or_init(|| async { SqliteEventStore::open(self.config()).await.expect("open") })
+            .await
+    }
+}
+
+#[async_trait::async_trait(?Send)]
+impl Fixture for Sqlite {
+    async fn store(&self) -> Arc<dyn EventStore> {
+        Arc::new(self.shared().await.clone())
+    }
+
+    async fn store_with_idempotency_ttl(&self, ttl: Duration) -> Arc<dyn EventStore> {
+        let store = SqliteEventStore::open(SqliteConfig {
+            idempotency_ttl: ttl,
+            ..self.config()
+        })
+        .await
+        .expect("open");
+        let _ = self.store.set(store.clone());
+        Arc::new(store)
+    }
+
+    async fn tenant(&self) -> TenantId {
+        let tenant = TenantId::new(format!("t-{}", uuid::Uuid::new_v4().simple())).expect("id");
+        self.shared()
+            .await
+            .create_tenant(&tenant, "test")
+            .await
+            .expect("tenant");
+        tenant
+    }
+
+    async fn idempotency_keys_stored(&self, tenant: &TenantId) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE tenant_id = ?")
+            .bind(tenant.as_str())
+            .fetch_one(self.shared().await.reader())
+            .await
+            .expect("count")
+    }
+}
+
+statefabric_tests::store_contract_tests!(fixture());
+
+#[tokio::test]
+async fn events_survive_closing_and_reopening_the_file() -> anyhow::Result<()> {
+    let f = fixture();
+    let tenant = f.tenant().await;
+    let id = StreamId::new("durable")?;
+    let scope = Scope::new(tenant.clone(), "test");
+    f.shared()
+        .await
+        .append(
+            &scope,
+            AppendRequest::new(
+                id.clone(),
+                "task",
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("Created", json!({"n": 1}))],
+            ),
+        )
+        .await?;
+    let reopened = SqliteEventStore::open(f.config()).await?;
+    let events = reopened.read_stream(&tenant, &id, 1, 10).await?;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].data, json!({"n": 1}));
+    // Migrations are idempotent: reopening applied nothing twice.
+    let again = reopened
+        .append(
+            &scope,
+            AppendRequest::new(
+                id.clone(),
+                "task",
+                ExpectedVersion::Exact(1),
+                vec![NewEvent::new("Updated", json!({}))],
+            ),
+        )
+        .await?;
+    assert_eq!(again.result.last_version, 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn events_and_audit_are_immutable_and_every_event_has_its_outbox_row() -> anyhow::Result<()> {
+    let f = fixture();
+    let tenant = f.tenant().await;
+    let store = f.shared().await;
+    let scope = Scope::new(tenant.clone(), "test");
+    store
+        .append(
+            &scope,
+            AppendRequest::new(
+                StreamId::new("s")?,
+                "task",
+                ExpectedVersion::Any,
+                vec![
+                    NewEvent::new("A", json!({"x": 1})),
+                    NewEvent::new("B", json!({"x": 2})),
+                ],
+            ),
+        )
+        .await?;
+    let writer =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", f.config().path.display())).await?;
+    for sql in [
+        "UPDATE event_store SET data = '{}'",
+        "DELETE FROM event_store",
+        "UPDATE audit_log SET actor = 'x'",
+        "DELETE FROM audit_log",
+    ] {
+        let err = sqlx::query(sql).execute(&writer).await.expect_err(sql);
+        assert!(
+            err.to_string().contains("immutable") || err.to_string().contains("append-only"),
+            "{err}"
+        );
+    }
+    let outbox: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT aggregatetype, type, payload FROM event_outbox ORDER BY global_position",
+    )
+    .fetch_all(&writer)
+    .await?;
+    assert_eq!(outbox.len(), 2);
+    assert_eq!((outbox[0].0.as_str(), outbox[0].1.as_str()), ("task", "A"));
+    let payload: serde_json::Value = serde_json::from_str(&outbox[1].2)?;
+    assert_eq!(payload["data"], json!({"x": 2}));
+    assert_eq!(payload["stream_version"], json!(2));
+    let audits: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'append'")
+        .fetch_one(&writer)
+        .await?;
+    assert_eq!(audits, 1);
+    Ok(())
+}

@@ -47,6 +47,8 @@ macro_rules! store_contract_tests {
             idempotent_repeats_return_the_first_result,
             concurrent_duplicates_execute_once,
             expired_idempotency_keys_are_purged,
+            the_janitor_purges_expired_keys_on_its_own,
+            projections_replay_deterministically,
             snapshots_keep_the_newest_and_check_the_stream,
             tenants_see_only_their_own_streams,
             the_feed_resumes_from_a_checkpoint,
@@ -570,6 +572,69 @@ pub async fn expired_idempotency_keys_are_purged(f: &impl Fixture) -> anyhow::Re
     // The key is free again, even for a different request.
     let again = store.append(&s, request("b")).await?;
     assert!(!again.replayed);
+    Ok(())
+}
+
+pub async fn the_janitor_purges_expired_keys_on_its_own(f: &impl Fixture) -> anyhow::Result<()> {
+    let store = f
+        .store_with_idempotency_ttl(Duration::from_millis(200))
+        .await;
+    let tenant = f.tenant().await;
+    let request = append(&stream("janitor"), ExpectedVersion::Any, events(1))
+        .idempotent(Idempotency::for_request("k", &"v"));
+    store.append(&scope(&tenant), request).await?;
+    assert_eq!(f.idempotency_keys_stored(&tenant).await, 1);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let janitor = tokio::spawn(statefabric_store::run_idempotency_janitor(
+        store.clone(),
+        Duration::from_millis(100),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while f.idempotency_keys_stored(&tenant).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "janitor never purged the key"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(5), janitor).await??;
+    Ok(())
+}
+
+pub async fn projections_replay_deterministically(f: &impl Fixture) -> anyhow::Result<()> {
+    let store = f.store().await;
+    let tenant = f.tenant().await;
+    for i in 0..5 {
+        let batch = (0..3)
+            .map(|j| NewEvent::new("Added", json!({ "n": i * 3 + j })))
+            .collect();
+        store
+            .append(
+                &scope(&tenant),
+                append(&stream("proj"), ExpectedVersion::Any, batch),
+            )
+            .await?;
+    }
+    let fold = |acc: &mut Vec<i64>, e: &statefabric_domain::RecordedEvent| {
+        acc.push(e.data["n"].as_i64().unwrap_or(-1));
+    };
+    let (first, end) =
+        statefabric_store::replay(store.as_ref(), &tenant, Checkpoint::START, Vec::new(), fold)
+            .await?;
+    let (second, _) =
+        statefabric_store::replay(store.as_ref(), &tenant, Checkpoint::START, Vec::new(), fold)
+            .await?;
+    assert_eq!(first, second);
+    assert_eq!(first.len(), 15);
+    // Resuming from the end yields nothing new; from the middle, the rest.
+    let (nothing, same_end) =
+        statefabric_store::replay(store.as_ref(), &tenant, end, Vec::new(), fold).await?;
+    assert!(nothing.is_empty());
+    assert_eq!(same_end, end);
     Ok(())
 }
 

@@ -425,3 +425,32 @@ async fn bad_configuration_is_unavailable_not_a_hang() -> anyhow::Result<()> {
     ));
     Ok(())
 }
+
+#[tokio::test]
+async fn pool_metrics_are_exported() -> anyhow::Result<()> {
+    let store = store_with(config()).await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    store.register_metrics(&mut registry);
+    let tenant = new_tenant().await;
+    store.read_all(&tenant, 1, 10).await?;
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    for name in [
+        "store_pool_connections_in_use",
+        "store_pool_connections_idle",
+        "store_pool_waiting",
+    ] {
+        assert!(text.contains(&format!("{name} ")), "{name} missing:\n{text}");
+    }
+    let value = |name: &str| -> i64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1)
+    };
+    // The connection may still be on its way back to the pool: count both.
+    let open = value("store_pool_connections_in_use") + value("store_pool_connections_idle");
+    assert!(open >= 1, "{text}");
+    assert_eq!(value("store_pool_waiting"), 0, "{text}");
+    Ok(())
+}

@@ -93,6 +93,31 @@ async fn run(
     }
 }
 
+/// Replays the tenant's events from `from` up to the present, in feed order,
+/// folding each into `state`; returns the state and the checkpoint reached.
+/// Deterministic: the same events in the same order every time, which is what
+/// rebuilding a projection needs.
+pub async fn replay<S>(
+    store: &dyn EventStore,
+    tenant: &TenantId,
+    from: Checkpoint,
+    mut state: S,
+    mut fold: impl FnMut(&mut S, &RecordedEvent),
+) -> Result<(S, Checkpoint)> {
+    const PAGE: u32 = 1000;
+    let mut after = from;
+    loop {
+        let page = store.read_feed(tenant, after, PAGE).await?;
+        for event in &page {
+            fold(&mut state, event);
+            after = event.checkpoint;
+        }
+        if page.len() < PAGE as usize {
+            return Ok((state, after));
+        }
+    }
+}
+
 fn tokio_stream_from<T: Send + 'static>(
     mut rx: mpsc::Receiver<T>,
 ) -> impl Stream<Item = T> + Send + 'static {

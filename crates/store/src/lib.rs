@@ -13,6 +13,7 @@
 
 pub mod error;
 pub mod feed;
+pub mod janitor;
 pub mod limits;
 pub mod pg;
 pub mod port;
@@ -20,7 +21,8 @@ pub mod repository;
 pub mod sqlite;
 
 pub use error::{InvalidInput, Result, StoreError};
-pub use feed::{FeedOptions, subscribe_all};
+pub use feed::{FeedOptions, replay, subscribe_all};
+pub use janitor::run_idempotency_janitor;
 pub use limits::Limits;
 pub use port::{
     AppendOutcome, AppendRequest, AppendResult, EventStore, Idempotency, Scope, StreamInfo,

@@ -440,7 +440,10 @@ async fn pool_metrics_are_exported() -> anyhow::Result<()> {
         "store_pool_connections_idle",
         "store_pool_waiting",
     ] {
-        assert!(text.contains(&format!("{name} ")), "{name} missing:\n{text}");
+        assert!(
+            text.contains(&format!("{name} ")),
+            "{name} missing:\n{text}"
+        );
     }
     let value = |name: &str| -> i64 {
         text.lines()

@@ -1,16 +1,12 @@
 //! `statefabric-sidecar`: the process injected beside every agent.
-//!
-//! Today it serves its admin endpoints (probes, metrics) and shuts down
-//! gracefully; the localhost State API arrives with the sidecar issue. See `docs/architecture.md`.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use statefabric_runtime::{BaseConfig, ConfigArgs};
+use statefabric_runtime::ConfigArgs;
+use statefabric_sidecar::SidecarConfig;
 
-const DEFAULT_ADMIN_PORT: u16 = 7401;
-
-/// The Statefabric sidecar: an agent's state, locks and context over localhost gRPC.
+/// The Statefabric sidecar: an agent's event-sourced state over localhost gRPC.
 #[derive(Debug, Parser)]
 #[command(name = "statefabric-sidecar", version)]
 struct Args {
@@ -23,12 +19,9 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     statefabric_runtime::main(
         "statefabric-sidecar",
-        BaseConfig::with_admin_port(DEFAULT_ADMIN_PORT),
+        SidecarConfig::defaults(),
         args.config.config.as_deref(),
-        |ctx| async move {
-            ctx.shutdown.requested().await;
-            Ok(())
-        },
+        statefabric_sidecar::serve,
     )
     .await
 }

@@ -2,15 +2,11 @@
 //! metrics, refuse a bad configuration with a message naming the key, and exit
 //! 0 within their drain deadline on SIGTERM and SIGINT.
 
-use std::process::Stdio;
-use std::time::Duration;
-
 use anyhow::Context;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use statefabric_tests as env;
-use tokio::io::AsyncReadExt;
-use tokio::process::{Child, Command};
+use statefabric_tests::process::spawn;
+use tokio::process::Command;
 
 /// Every long-running binary, with the arguments that start it.
 const SERVICES: &[(&str, &[&str])] = &[
@@ -20,72 +16,12 @@ const SERVICES: &[(&str, &[&str])] = &[
     ("fabric", &["dev"]),
 ];
 
-const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
-
-struct Running {
-    child: Child,
-    admin: String,
-}
-
-fn spawn(binary: &str, args: &[&str], extra_env: &[(&str, &str)]) -> anyhow::Result<Running> {
-    let port = env::free_port();
-    let mut command = Command::new(env::binary(binary));
-    command
-        .args(args)
-        .env("STATEFABRIC_ADMIN__LISTEN", format!("127.0.0.1:{port}"))
-        .env("STATEFABRIC_SHUTDOWN__DRAIN_DEADLINE", "5s")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (k, v) in extra_env {
-        command.env(k, v);
-    }
-    let child = command
-        .spawn()
-        .with_context(|| format!("spawning {binary}"))?;
-    Ok(Running {
-        child,
-        admin: format!("http://127.0.0.1:{port}"),
-    })
-}
-
-async fn wait_ready(running: &Running) -> anyhow::Result<()> {
-    let url = format!("{}/healthz/ready", running.admin);
-    env::eventually("readiness", Duration::from_secs(20), || {
-        let url = url.clone();
-        async move {
-            Ok(env::http("GET", &url, None, None)
-                .await?
-                .status
-                .eq(&200)
-                .then_some(()))
-        }
-    })
-    .await
-}
-
-async fn stop_with(mut running: Running, signal: Signal) -> anyhow::Result<(i32, String)> {
-    let pid = running.child.id().context("child has no pid")?;
-    kill(Pid::from_raw(i32::try_from(pid)?), signal)?;
-    let status = tokio::time::timeout(
-        DRAIN_DEADLINE + Duration::from_secs(2),
-        running.child.wait(),
-    )
-    .await
-    .context("did not exit within its drain deadline")??;
-    let mut stderr = String::new();
-    if let Some(mut pipe) = running.child.stderr.take() {
-        pipe.read_to_string(&mut stderr).await?;
-    }
-    Ok((status.code().unwrap_or(-1), stderr))
-}
-
 #[tokio::test]
 async fn each_binary_serves_probes_and_metrics_then_exits_0_on_sigterm() -> anyhow::Result<()> {
     for (binary, args) in SERVICES {
-        let running = spawn(binary, args, &[])?;
-        wait_ready(&running)
+        let mut running = spawn(binary, args, &[])?;
+        running
+            .ready()
             .await
             .with_context(|| format!("{binary} never became ready"))?;
 
@@ -105,7 +41,7 @@ async fn each_binary_serves_probes_and_metrics_then_exits_0_on_sigterm() -> anyh
             metrics.body
         );
 
-        let (code, stderr) = stop_with(running, Signal::SIGTERM).await?;
+        let (code, stderr) = running.stop_with(Signal::SIGTERM).await?;
         assert_eq!(
             code, 0,
             "{binary} exit code after SIGTERM; stderr:\n{stderr}"
@@ -120,9 +56,9 @@ async fn each_binary_serves_probes_and_metrics_then_exits_0_on_sigterm() -> anyh
 
 #[tokio::test]
 async fn fabric_dev_stops_cleanly_on_ctrl_c() -> anyhow::Result<()> {
-    let running = spawn("fabric", &["dev"], &[])?;
-    wait_ready(&running).await?;
-    let (code, stderr) = stop_with(running, Signal::SIGINT).await?;
+    let mut running = spawn("fabric", &["dev"], &[])?;
+    running.ready().await?;
+    let (code, stderr) = running.stop_with(Signal::SIGINT).await?;
     assert_eq!(code, 0, "stderr:\n{stderr}");
     assert!(stderr.contains("SIGINT"), "{stderr}");
     Ok(())
@@ -188,13 +124,13 @@ async fn help_describes_the_config_layers() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn json_logs_are_one_object_per_line() -> anyhow::Result<()> {
-    let running = spawn(
+    let mut running = spawn(
         "statefabric-sidecar",
         &[],
         &[("STATEFABRIC_TELEMETRY__LOG_FORMAT", "json")],
     )?;
-    wait_ready(&running).await?;
-    let (code, stderr) = stop_with(running, Signal::SIGTERM).await?;
+    running.ready().await?;
+    let (code, stderr) = running.stop_with(Signal::SIGTERM).await?;
     assert_eq!(code, 0, "{stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(!lines.is_empty(), "no log output");
@@ -239,13 +175,13 @@ async fn traces_are_exported_over_otlp_when_configured() -> anyhow::Result<()> {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
 
-    let running = spawn(
+    let mut running = spawn(
         "statefabric-sidecar",
         &[],
         &[("STATEFABRIC_TELEMETRY__OTLP_ENDPOINT", endpoint.as_str())],
     )?;
-    wait_ready(&running).await?;
-    let (code, stderr) = stop_with(running, Signal::SIGTERM).await?;
+    running.ready().await?;
+    let (code, stderr) = running.stop_with(Signal::SIGTERM).await?;
     assert_eq!(code, 0, "{stderr}");
 
     let mut spans = Vec::new();

@@ -11,9 +11,11 @@
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod clock;
 pub mod event;
 pub mod id;
 
 pub use aggregate::{Aggregate, SnapshotState};
+pub use clock::{Causality, VectorClock};
 pub use event::{Checkpoint, EventMetadata, ExpectedVersion, NewEvent, RecordedEvent, Snapshot};
 pub use id::{AgentId, IdError, StreamId, TenantId};

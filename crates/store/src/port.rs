@@ -48,10 +48,14 @@ pub struct Idempotency {
 impl Idempotency {
     /// Fingerprints any serializable request (SHA-256 of its JSON).
     pub fn for_request<T: Serialize>(key: impl Into<String>, request: &T) -> Self {
-        let bytes = serde_json::to_vec(request).unwrap_or_default();
+        Self::for_bytes(key, &serde_json::to_vec(request).unwrap_or_default())
+    }
+
+    /// Fingerprints a request already in its wire encoding.
+    pub fn for_bytes(key: impl Into<String>, request: &[u8]) -> Self {
         Self {
             key: key.into(),
-            request_hash: hex::encode(Sha256::digest(bytes)),
+            request_hash: hex::encode(Sha256::digest(request)),
         }
     }
 }
@@ -119,7 +123,7 @@ pub struct StreamInfo {
 /// An event store backend. Every call is scoped to one tenant; a backend
 /// never returns or changes another tenant's data.
 #[async_trait]
-pub trait EventStore: Send + Sync + 'static {
+pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
     /// Appends events to one stream atomically, checking `expected` first.
     /// On a stale expectation nothing is written and
     /// [`StoreError::Concurrency`](crate::StoreError::Concurrency) carries the
@@ -169,6 +173,9 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Deletes expired idempotency keys of every tenant; returns how many.
     async fn purge_expired_idempotency_keys(&self) -> Result<u64>;
+
+    /// Checks that the backend answers (readiness).
+    async fn ping(&self) -> Result<()>;
 
     /// Ticks after every append through this instance, so feeds in the same
     /// process wake at once instead of waiting for their next poll.

@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgPool, Postgres, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
 use statefabric_domain::{Checkpoint, RecordedEvent, Snapshot, StreamId, TenantId};
 use tokio::sync::watch;
 
@@ -258,6 +258,17 @@ impl EventStore for PgEventStore {
         .await
     }
 
+    async fn ping(&self) -> Result<()> {
+        self.timed(async {
+            sqlx::query("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map_err(map_err)?;
+            Ok(())
+        })
+        .await
+    }
+
     fn append_notifications(&self) -> watch::Receiver<u64> {
         self.appended.subscribe()
     }
@@ -266,18 +277,27 @@ impl EventStore for PgEventStore {
 /// Applies the schema migrations as the owner role. Safe to run from several
 /// processes at once (sqlx serializes them with an advisory lock).
 pub async fn migrate(owner_url: &str) -> Result<()> {
-    let mut conn = sqlx::PgConnection::connect(owner_url)
+    // Through a one-connection pool: the migrator's future over a bare
+    // `&mut PgConnection` is not `Send` for every lifetime, which callers that
+    // spawn their start-up need.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(owner_url)
         .await
         .map_err(StoreError::Unavailable)?;
-    MIGRATOR
-        .run(&mut conn)
+    let result = MIGRATOR
+        .run(&pool)
         .await
-        .map_err(|e| StoreError::Backend(sqlx::Error::Migrate(Box::new(e))))
+        .map_err(|e| StoreError::Backend(sqlx::Error::Migrate(Box::new(e))));
+    pool.close().await;
+    result
 }
 
 /// Registers a tenant (owner role). Registering an existing tenant is a no-op.
 pub async fn create_tenant(owner_url: &str, tenant: &TenantId, display_name: &str) -> Result<()> {
-    let mut conn = sqlx::PgConnection::connect(owner_url)
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(owner_url)
         .await
         .map_err(StoreError::Unavailable)?;
     sqlx::query(
@@ -285,9 +305,10 @@ pub async fn create_tenant(owner_url: &str, tenant: &TenantId, display_name: &st
     )
     .bind(tenant.as_str())
     .bind(display_name)
-    .execute(&mut conn)
+    .execute(&pool)
     .await
     .map_err(map_err)?;
+    pool.close().await;
     Ok(())
 }
 

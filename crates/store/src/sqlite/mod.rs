@@ -378,6 +378,17 @@ impl EventStore for SqliteEventStore {
         .await
     }
 
+    async fn ping(&self) -> Result<()> {
+        self.timed(async {
+            sqlx::query("SELECT 1")
+                .execute(&self.reader)
+                .await
+                .map_err(map_err)?;
+            Ok(())
+        })
+        .await
+    }
+
     fn append_notifications(&self) -> watch::Receiver<u64> {
         self.appended.subscribe()
     }

@@ -1,0 +1,15 @@
+//! Statefabric's gRPC API: the `.proto` files beside this crate and the
+//! code tonic generates from them. Owns the wire types only; conversions to
+//! domain types live with the servers and clients that need them.
+
+#![allow(missing_debug_implementations, clippy::all)]
+
+pub mod state {
+    pub mod v1 {
+        tonic::include_proto!("statefabric.state.v1");
+    }
+}
+
+/// The encoded file descriptor set, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("statefabric_descriptor");

@@ -1,0 +1,52 @@
+use tonic::{Code, Status};
+
+/// What went wrong, classified so callers can act without parsing messages.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach the sidecar: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// The expected version was stale (or the stream type differs): reload
+    /// and decide again.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("too large: {0}")]
+    TooLarge(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// Transient: retrying later may succeed (unavailable, timed out, a
+    /// duplicate still in progress).
+    #[error("temporarily unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Other(Status),
+    #[error("cannot encode the event payload: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl Error {
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Self::Conflict(_))
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+impl From<Status> for Error {
+    fn from(status: Status) -> Self {
+        let message = status.message().to_owned();
+        match status.code() {
+            Code::FailedPrecondition => Self::Conflict(message),
+            Code::InvalidArgument | Code::AlreadyExists => Self::Invalid(message),
+            Code::ResourceExhausted => Self::TooLarge(message),
+            Code::NotFound => Self::NotFound(message),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Aborted => {
+                Self::Unavailable(message)
+            }
+            _ => Self::Other(status),
+        }
+    }
+}

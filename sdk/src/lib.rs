@@ -1,0 +1,33 @@
+//! The Rust client for a Statefabric sidecar.
+//!
+//! An agent talks to the sidecar in its pod over localhost gRPC. This crate
+//! wraps the generated client in typed calls: append events with an expected
+//! version (and, when asked, an idempotency key), read them back, follow the
+//! tenant's feed, and tell whether two events are causally related.
+//!
+//! ```no_run
+//! use statefabric_sdk::{Expected, NewEvent, StateClient};
+//!
+//! # async fn run() -> Result<(), statefabric_sdk::Error> {
+//! let mut client = StateClient::connect("http://127.0.0.1:7400").await?;
+//! let written = client
+//!     .append("task-42", "task", Expected::NoStream, vec![
+//!         NewEvent::json("TaskCreated", &serde_json::json!({"title": "fix the build"}))?,
+//!     ])
+//!     .await?;
+//! let events = client.read_stream("task-42", 1, 100).await?;
+//! assert_eq!(events.len() as u64, written.last_version);
+//! # Ok(()) }
+//! ```
+//!
+//! See `examples/quickstart.rs` for a runnable tour. Not yet here: context
+//! documents, locks and tasks (they come with their sidecar APIs).
+
+mod client;
+mod error;
+mod event;
+
+pub use client::{Appended, StateClient};
+pub use error::Error;
+pub use event::{Event, Expected, NewEvent, causality};
+pub use statefabric_domain::{Causality, Checkpoint, VectorClock};

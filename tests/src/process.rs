@@ -1,0 +1,107 @@
+//! Running the real binaries as child processes.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+
+/// A started service binary with its admin endpoint.
+#[derive(Debug)]
+pub struct Service {
+    pub child: Child,
+    /// `http://127.0.0.1:<admin port>`.
+    pub admin: String,
+    /// Where the sidecar's State API listens (ignored by other binaries).
+    pub grpc: String,
+    /// Holds the embedded store's files for the process's lifetime.
+    _data: tempfile::TempDir,
+}
+
+/// Starts `binary` with free admin and gRPC ports, a private data directory
+/// and a 5 s drain deadline, plus `extra_env`.
+pub fn spawn(binary: &str, args: &[&str], extra_env: &[(&str, &str)]) -> anyhow::Result<Service> {
+    let admin_port = crate::free_port();
+    let grpc_port = crate::free_port();
+    let data = tempfile::tempdir()?;
+    let mut command = Command::new(crate::binary(binary));
+    command
+        .args(args)
+        .env(
+            "STATEFABRIC_ADMIN__LISTEN",
+            format!("127.0.0.1:{admin_port}"),
+        )
+        .env(
+            "STATEFABRIC_SIDECAR__LISTEN",
+            format!("127.0.0.1:{grpc_port}"),
+        )
+        .env(
+            "STATEFABRIC_STORAGE__SQLITE__PATH",
+            data.path().join("events.db"),
+        )
+        .env("STATEFABRIC_SHUTDOWN__DRAIN_DEADLINE", "5s")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in extra_env {
+        command.env(k, v);
+    }
+    let child = command
+        .spawn()
+        .with_context(|| format!("spawning {binary}"))?;
+    Ok(Service {
+        child,
+        admin: format!("http://127.0.0.1:{admin_port}"),
+        grpc: format!("http://127.0.0.1:{grpc_port}"),
+        _data: data,
+    })
+}
+
+impl Service {
+    /// Waits for `/healthz/ready` to answer 200.
+    pub async fn ready(&mut self) -> anyhow::Result<()> {
+        let url = format!("{}/healthz/ready", self.admin);
+        let result = crate::eventually("readiness", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move {
+                Ok(crate::http("GET", &url, None, None)
+                    .await?
+                    .status
+                    .eq(&200)
+                    .then_some(()))
+            }
+        })
+        .await;
+        if result.is_err()
+            && let Ok(Some(status)) = self.child.try_wait()
+        {
+            let stderr = self.stderr().await;
+            anyhow::bail!("exited with {status} before becoming ready:\n{stderr}");
+        }
+        result
+    }
+
+    /// Sends `signal` and waits (at most the drain deadline plus 2 s) for the
+    /// exit; returns the exit code and everything written to stderr.
+    pub async fn stop_with(mut self, signal: Signal) -> anyhow::Result<(i32, String)> {
+        let pid = self.child.id().context("child has no pid")?;
+        kill(Pid::from_raw(i32::try_from(pid)?), signal)?;
+        let status = tokio::time::timeout(Duration::from_secs(7), self.child.wait())
+            .await
+            .context("did not exit within its drain deadline")??;
+        let stderr = self.stderr().await;
+        Ok((status.code().unwrap_or(-1), stderr))
+    }
+
+    async fn stderr(&mut self) -> String {
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr).await;
+        }
+        stderr
+    }
+}

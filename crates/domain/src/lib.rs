@@ -12,10 +12,12 @@
 
 pub mod aggregate;
 pub mod clock;
+pub mod crdt;
 pub mod event;
 pub mod id;
 
 pub use aggregate::{Aggregate, SnapshotState};
 pub use clock::{Causality, VectorClock};
+pub use crdt::{CrdtState, MergeType, Op, Stamp};
 pub use event::{Checkpoint, EventMetadata, ExpectedVersion, NewEvent, RecordedEvent, Snapshot};
 pub use id::{AgentId, IdError, StreamId, TenantId};

@@ -11,7 +11,10 @@ pub fn from_store(err: StoreError) -> Status {
         | StoreError::StreamTypeMismatch { .. }
         | StoreError::SnapshotAhead { .. }) => Status::failed_precondition(err.to_string()),
         err @ StoreError::UnknownTenant(_) => Status::permission_denied(err.to_string()),
-        err @ StoreError::StreamNotFound(_) => Status::not_found(err.to_string()),
+        err @ (StoreError::StreamNotFound(_) | StoreError::DocumentNotFound(_)) => {
+            Status::not_found(err.to_string())
+        }
+        err @ StoreError::ContextConflict { .. } => Status::failed_precondition(err.to_string()),
         err @ StoreError::IdempotencyKeyReused { .. } => Status::invalid_argument(err.to_string()),
         err @ StoreError::IdempotencyInProgress { .. } => Status::aborted(err.to_string()),
         err @ StoreError::DuplicateEventId => Status::already_exists(err.to_string()),

@@ -24,6 +24,8 @@ pub trait Fixture {
     async fn store(&self) -> Arc<dyn EventStore>;
     /// A store whose idempotency keys expire after `ttl`.
     async fn store_with_idempotency_ttl(&self, ttl: Duration) -> Arc<dyn EventStore>;
+    /// The same backend's context-document store.
+    async fn context_store(&self) -> Arc<dyn statefabric_store::context::ContextStore>;
     /// A freshly registered tenant, unique to the calling test.
     async fn tenant(&self) -> TenantId;
     /// How many idempotency keys are stored for `tenant`, expired or not
@@ -55,6 +57,10 @@ macro_rules! store_contract_tests {
             the_feed_delivers_every_event_under_concurrent_writers,
             the_repository_loads_snapshot_plus_tail_like_a_full_replay,
             the_repository_retries_conflicts_for_safe_commands,
+            context_version_vectors_refuse_missed_changes,
+            context_concurrent_plain_writes_have_one_winner,
+            context_crdt_documents_merge_concurrent_writes,
+            context_writes_are_idempotent_and_validated,
         );
     };
     (@each $fixture:expr; $($name:ident),* $(,)?) => {
@@ -1000,5 +1006,363 @@ pub async fn the_repository_retries_conflicts_for_safe_commands(
     );
     assert_eq!(loaded.state.value as u64, landed);
     assert!(landed >= 8, "retries let most adds land: {landed}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- context
+
+use statefabric_domain::{MergeType, Op, VectorClock};
+use statefabric_store::context::{ContextChange, ContextWrite};
+
+fn cw(id: &str, merge: MergeType, base: &VectorClock, change: ContextChange) -> ContextWrite {
+    ContextWrite {
+        id: id.to_owned(),
+        merge,
+        base: base.clone(),
+        change,
+        idempotency: None,
+    }
+}
+
+fn doc_id() -> String {
+    format!("doc-{}", uuid::Uuid::new_v4().simple())
+}
+
+pub async fn context_version_vectors_refuse_missed_changes(f: &impl Fixture) -> anyhow::Result<()> {
+    let store = f.context_store().await;
+    let tenant = f.tenant().await;
+    let planner = Scope::new(tenant.clone(), "planner");
+    let coder = Scope::new(tenant.clone(), "coder");
+    let id = doc_id();
+    let empty = VectorClock::new();
+    let v1 = store
+        .write(
+            &planner,
+            cw(
+                &id,
+                MergeType::None,
+                &empty,
+                ContextChange::Put(json!({"steps": ["a"]})),
+            ),
+        )
+        .await?
+        .document;
+    assert_eq!((v1.revision, v1.vector.get("planner")), (1, 1));
+    let patch: json_patch::Patch =
+        serde_json::from_value(json!([{"op": "add", "path": "/steps/-", "value": "b"}]))?;
+    let v2 = store
+        .write(
+            &coder,
+            cw(
+                &id,
+                MergeType::None,
+                &v1.vector,
+                ContextChange::Patch(patch),
+            ),
+        )
+        .await?
+        .document;
+    assert_eq!(v2.content, json!({"steps": ["a", "b"]}));
+    // The planner still holds v1's vector: its write is refused and changes nothing.
+    let err = store
+        .write(
+            &planner,
+            cw(
+                &id,
+                MergeType::None,
+                &v1.vector,
+                ContextChange::Put(json!({})),
+            ),
+        )
+        .await
+        .expect_err("missed a change");
+    match &err {
+        StoreError::ContextConflict { current, .. } => assert_eq!(current, &v2.vector),
+        other => panic!("expected a conflict, got {other}"),
+    }
+    let now = store.get(&tenant, &id).await?.expect("exists");
+    assert_eq!(
+        (now.revision, now.content.clone()),
+        (2, json!({"steps": ["a", "b"]}))
+    );
+    // Creating over an existing document without having read it conflicts too.
+    assert!(
+        store
+            .write(
+                &planner,
+                cw(&id, MergeType::None, &empty, ContextChange::Put(json!({})))
+            )
+            .await
+            .is_err()
+    );
+    // Earlier revisions stay available for deltas.
+    assert_eq!(
+        store.content_at(&tenant, &id, 1).await?,
+        Some(json!({"steps": ["a"]}))
+    );
+    // Delete, then the document reads as deleted.
+    let deleted = store
+        .write(
+            &planner,
+            cw(&id, MergeType::None, &v2.vector, ContextChange::Delete),
+        )
+        .await?
+        .document;
+    assert!(deleted.deleted);
+    // Another tenant sees none of it.
+    let other = f.tenant().await;
+    assert!(store.get(&other, &id).await?.is_none());
+    Ok(())
+}
+
+pub async fn context_concurrent_plain_writes_have_one_winner(
+    f: &impl Fixture,
+) -> anyhow::Result<()> {
+    let store = f.context_store().await;
+    let tenant = f.tenant().await;
+    let id = doc_id();
+    let base = store
+        .write(
+            &Scope::new(tenant.clone(), "w0"),
+            cw(
+                &id,
+                MergeType::None,
+                &VectorClock::new(),
+                ContextChange::Put(json!(0)),
+            ),
+        )
+        .await?
+        .document
+        .vector;
+    let mut tasks = Vec::new();
+    for i in 1..=10 {
+        let store = store.clone();
+        let scope = Scope::new(tenant.clone(), format!("w{i}"));
+        let write = cw(&id, MergeType::None, &base, ContextChange::Put(json!(i)));
+        tasks.push(tokio::spawn(
+            async move { store.write(&scope, write).await },
+        ));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        match task.await? {
+            Ok(_) => winners += 1,
+            Err(StoreError::ContextConflict { .. }) => {}
+            Err(other) => return Err(other.into()),
+        }
+    }
+    assert_eq!(winners, 1);
+    assert_eq!(store.get(&tenant, &id).await?.expect("doc").revision, 2);
+    Ok(())
+}
+
+pub async fn context_crdt_documents_merge_concurrent_writes(
+    f: &impl Fixture,
+) -> anyhow::Result<()> {
+    let store = f.context_store().await;
+    let tenant = f.tenant().await;
+    let empty = VectorClock::new();
+    // A counter incremented concurrently by writers that all read nothing.
+    let counter = doc_id();
+    let mut tasks = Vec::new();
+    for i in 0..8i64 {
+        let store = store.clone();
+        let scope = Scope::new(tenant.clone(), format!("agent-{i}"));
+        let write = cw(
+            &counter,
+            MergeType::PnCounter,
+            &empty,
+            ContextChange::Merge(vec![Op::Increment {
+                writer: format!("agent-{i}"),
+                delta: i - 2,
+            }]),
+        );
+        tasks.push(tokio::spawn(
+            async move { store.write(&scope, write).await },
+        ));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let doc = store.get(&tenant, &counter).await?.expect("counter");
+    assert_eq!(doc.content, json!((0..8).map(|i| i - 2).sum::<i64>()));
+    assert_eq!(doc.revision, 8);
+    assert_eq!(
+        doc.vector.as_map().len(),
+        8,
+        "every writer ticked its entry"
+    );
+
+    // An OR-set: a remove only removes what its writer observed.
+    let files = doc_id();
+    let s = Scope::new(tenant.clone(), "coder");
+    let add = |element: &str, tag: &str| Op::Add {
+        element: json!(element),
+        tag: tag.to_owned(),
+    };
+    let doc = store
+        .write(
+            &s,
+            cw(
+                &files,
+                MergeType::OrSet,
+                &empty,
+                ContextChange::Merge(vec![add("a.rs", "t1"), add("b.rs", "t2")]),
+            ),
+        )
+        .await?
+        .document;
+    let observed = doc
+        .crdt
+        .as_ref()
+        .map(|c| c.observed_tags(&json!("a.rs")))
+        .unwrap_or_default();
+    store
+        .write(
+            &s,
+            cw(
+                &files,
+                MergeType::OrSet,
+                &empty,
+                ContextChange::Merge(vec![add("a.rs", "t3")]),
+            ),
+        )
+        .await?;
+    let doc = store
+        .write(
+            &s,
+            cw(
+                &files,
+                MergeType::OrSet,
+                &empty,
+                ContextChange::Merge(vec![Op::Discard {
+                    element: json!("a.rs"),
+                    observed,
+                }]),
+            ),
+        )
+        .await?
+        .document;
+    assert_eq!(
+        doc.content,
+        json!(["a.rs", "b.rs"]),
+        "the unobserved re-add survives"
+    );
+
+    // A plain put on a CRDT document is refused and changes nothing.
+    let err = store
+        .write(
+            &s,
+            cw(
+                &files,
+                MergeType::OrSet,
+                &doc.vector,
+                ContextChange::Put(json!([])),
+            ),
+        )
+        .await
+        .expect_err("put on or_set");
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    // So is a write declaring another merge type.
+    let err = store
+        .write(
+            &s,
+            cw(
+                &files,
+                MergeType::None,
+                &doc.vector,
+                ContextChange::Put(json!([])),
+            ),
+        )
+        .await
+        .expect_err("merge type mismatch");
+    assert!(err.to_string().contains("merge type"), "{err}");
+    Ok(())
+}
+
+pub async fn context_writes_are_idempotent_and_validated(f: &impl Fixture) -> anyhow::Result<()> {
+    let store = f.context_store().await;
+    let tenant = f.tenant().await;
+    let s = Scope::new(tenant.clone(), "planner");
+    let id = doc_id();
+    let mut write = cw(
+        &id,
+        MergeType::None,
+        &VectorClock::new(),
+        ContextChange::Put(json!({"a": 1})),
+    );
+    write.idempotency = Some(Idempotency::for_request("put-1", &"a=1"));
+    let first = store.write(&s, write.clone()).await?;
+    let again = store.write(&s, write).await?;
+    assert!(again.replayed && !first.replayed);
+    assert_eq!(again.document.revision, first.document.revision);
+    assert_eq!(store.get(&tenant, &id).await?.expect("doc").revision, 1);
+
+    let mut future = first.document.vector.clone();
+    future.tick("nobody", 5);
+    let err = store
+        .write(
+            &s,
+            cw(&id, MergeType::None, &future, ContextChange::Put(json!({}))),
+        )
+        .await
+        .expect_err("future vector");
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    let bad: json_patch::Patch =
+        serde_json::from_value(json!([{"op": "replace", "path": "/missing", "value": 1}]))?;
+    let err = store
+        .write(
+            &s,
+            cw(
+                &id,
+                MergeType::None,
+                &first.document.vector,
+                ContextChange::Patch(bad),
+            ),
+        )
+        .await
+        .expect_err("bad patch");
+    assert!(err.to_string().contains("JSON Patch"), "{err}");
+    let err = store
+        .write(
+            &s,
+            cw(
+                "has space",
+                MergeType::None,
+                &VectorClock::new(),
+                ContextChange::Put(json!(1)),
+            ),
+        )
+        .await
+        .expect_err("bad id");
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    assert_eq!(
+        store.get(&tenant, &id).await?.expect("doc").revision,
+        1,
+        "nothing changed"
+    );
+
+    // Only the last revisions are kept for deltas.
+    let mut vector = first.document.vector.clone();
+    for i in 0..40 {
+        vector = store
+            .write(
+                &s,
+                cw(
+                    &id,
+                    MergeType::None,
+                    &vector,
+                    ContextChange::Put(json!({"i": i})),
+                ),
+            )
+            .await?
+            .document
+            .vector;
+    }
+    assert!(
+        store.content_at(&tenant, &id, 1).await?.is_none(),
+        "old revision pruned"
+    );
+    assert!(store.content_at(&tenant, &id, 41).await?.is_some());
     Ok(())
 }

@@ -70,6 +70,10 @@ impl Fixture for Postgres {
         )
     }
 
+    async fn context_store(&self) -> Arc<dyn statefabric_store::context::ContextStore> {
+        Arc::new(store_with(config()).await)
+    }
+
     async fn tenant(&self) -> TenantId {
         new_tenant().await
     }
@@ -163,6 +167,12 @@ async fn row_level_security_stops_crafted_cross_tenant_access() -> anyhow::Resul
             .execute(&mut conn)
             .await?
             .rows_affected();
+    assert_eq!(updated, 0);
+    let updated = sqlx::query("UPDATE context_documents SET content = '{}' WHERE tenant_id = $1")
+        .bind(victim.as_str())
+        .execute(&mut conn)
+        .await?
+        .rows_affected();
     assert_eq!(updated, 0);
     let updated = sqlx::query("UPDATE snapshots SET state = '{}' WHERE tenant_id = $1")
         .bind(victim.as_str())

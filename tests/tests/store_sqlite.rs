@@ -56,6 +56,10 @@ impl Fixture for Sqlite {
         Arc::new(store)
     }
 
+    async fn context_store(&self) -> Arc<dyn statefabric_store::context::ContextStore> {
+        Arc::new(self.shared().await.clone())
+    }
+
     async fn tenant(&self) -> TenantId {
         let tenant = TenantId::new(format!("t-{}", uuid::Uuid::new_v4().simple())).expect("id");
         self.shared()

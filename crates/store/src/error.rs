@@ -29,6 +29,14 @@ pub enum StoreError {
     UnknownTenant(TenantId),
     #[error("stream {0} does not exist")]
     StreamNotFound(StreamId),
+    #[error("context document {0} does not exist")]
+    DocumentNotFound(String),
+    /// A plain document changed since the writer read it; nothing was written.
+    #[error("context document {id} changed since it was read; its version vector is now {current:?}", current = current.as_map())]
+    ContextConflict {
+        id: String,
+        current: statefabric_domain::VectorClock,
+    },
     #[error(
         "snapshot at version {snapshot} is ahead of stream {stream}, which is at version {stream_version}"
     )]

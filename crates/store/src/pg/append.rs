@@ -7,17 +7,16 @@
 //! the outbox trigger fires with an empty transition table. One round trip
 //! for the common case keeps batched throughput close to raw INSERT speed.
 
-use std::sync::LazyLock;
-use std::time::Duration;
-
 use serde_json::{Value, json};
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 use statefabric_domain::{ExpectedVersion, Snapshot, TenantId};
+use std::sync::LazyLock;
 
+use super::idempotency::{claim_key, complete_key};
 use super::{PgConfig, map_err};
 use crate::error::{Result, StoreError};
-use crate::port::{AppendOutcome, AppendRequest, AppendResult, Idempotency, Scope};
+use crate::port::{AppendOutcome, AppendRequest, AppendResult, Scope};
 
 const STREAM_ANY: &str = "INSERT INTO streams (tenant_id, stream_id, stream_type, version) \
      VALUES ($1, $2, $3, $4) \
@@ -71,8 +70,13 @@ pub(super) async fn append(
     request: &AppendRequest,
 ) -> Result<AppendOutcome> {
     if let Some(idempotency) = &request.idempotency
-        && let Some(result) = claim_key(tx, config, &scope.tenant, idempotency).await?
+        && let Some(stored) = claim_key(tx, config, &scope.tenant, idempotency).await?
     {
+        let result = serde_json::from_value(stored).map_err(|e| {
+            StoreError::Backend(sqlx::Error::Decode(
+                format!("stored append result: {e}").into(),
+            ))
+        })?;
         return Ok(AppendOutcome {
             result,
             replayed: true,
@@ -132,7 +136,8 @@ pub(super) async fn append(
         last_position: to_u64(last_position),
     };
     if let Some(idempotency) = &request.idempotency {
-        complete_key(tx, &scope.tenant, idempotency, &result).await?;
+        let stored = serde_json::to_value(&result).unwrap_or_default();
+        complete_key(tx, &scope.tenant, idempotency, &stored).await?;
     }
     Ok(AppendOutcome {
         result,
@@ -183,99 +188,6 @@ async fn diagnose(
         },
         Err(err) => map_err(err),
     }
-}
-
-/// Claims `idempotency.key` for this transaction, or returns the stored result
-/// of its earlier execution. A concurrent holder of the key makes this wait
-/// (up to `idempotency_wait`) for it to commit or roll back.
-async fn claim_key(
-    tx: &mut Transaction<'static, Postgres>,
-    config: &PgConfig,
-    tenant: &TenantId,
-    idempotency: &Idempotency,
-) -> Result<Option<AppendResult>> {
-    set_lock_timeout(tx, config.idempotency_wait).await?;
-    let claimed = sqlx::query_scalar::<_, i32>(
-        "INSERT INTO idempotency_keys (tenant_id, idempotency_key, request_hash, status, expires_at) \
-         VALUES ($1, $2, $3, 'in_progress', now() + make_interval(secs => $4)) \
-         ON CONFLICT (tenant_id, idempotency_key) DO UPDATE \
-           SET request_hash = EXCLUDED.request_hash, status = 'in_progress', response = NULL, \
-               created_at = now(), expires_at = EXCLUDED.expires_at \
-           WHERE idempotency_keys.expires_at < now() \
-         RETURNING 1",
-    )
-    .bind(tenant.as_str())
-    .bind(&idempotency.key)
-    .bind(&idempotency.request_hash)
-    .bind(config.idempotency_ttl.as_secs_f64())
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(|e| match &e {
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03") => {
-            StoreError::IdempotencyInProgress {
-                key: idempotency.key.clone(),
-            }
-        }
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("23503") => {
-            StoreError::UnknownTenant(tenant.clone())
-        }
-        _ => map_err(e),
-    })?;
-    set_lock_timeout(tx, Duration::ZERO).await?;
-    if claimed.is_some() {
-        return Ok(None);
-    }
-    let (hash, status, response): (String, String, Option<Json<AppendResult>>) = sqlx::query_as(
-        "SELECT request_hash, status, response FROM idempotency_keys \
-         WHERE tenant_id = $1 AND idempotency_key = $2",
-    )
-    .bind(tenant.as_str())
-    .bind(&idempotency.key)
-    .fetch_one(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    if hash != idempotency.request_hash {
-        return Err(StoreError::IdempotencyKeyReused {
-            key: idempotency.key.clone(),
-        });
-    }
-    match (status.as_str(), response) {
-        ("completed", Some(Json(result))) => Ok(Some(result)),
-        _ => Err(StoreError::IdempotencyInProgress {
-            key: idempotency.key.clone(),
-        }),
-    }
-}
-
-async fn set_lock_timeout(
-    tx: &mut Transaction<'static, Postgres>,
-    timeout: Duration,
-) -> Result<()> {
-    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-        .bind(format!("{}ms", timeout.as_millis()))
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-    Ok(())
-}
-
-async fn complete_key(
-    tx: &mut Transaction<'static, Postgres>,
-    tenant: &TenantId,
-    idempotency: &Idempotency,
-    result: &AppendResult,
-) -> Result<()> {
-    sqlx::query(
-        "UPDATE idempotency_keys SET status = 'completed', response = $3 \
-         WHERE tenant_id = $1 AND idempotency_key = $2",
-    )
-    .bind(tenant.as_str())
-    .bind(&idempotency.key)
-    .bind(Json(result))
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    Ok(())
 }
 
 pub(super) async fn save_snapshot(

@@ -6,6 +6,7 @@
 //! are separate functions ([`migrate`], [`create_tenant`]).
 
 mod append;
+pub(crate) mod idempotency;
 mod read;
 
 use std::sync::Arc;
@@ -110,6 +111,17 @@ impl PgEventStore {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    pub(crate) fn config(&self) -> &PgConfig {
+        &self.config
+    }
+
+    pub(crate) async fn timed_op<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        self.timed(fut).await
     }
 
     /// Registers pool gauges (in use, idle, waiting) in `registry`.

@@ -9,7 +9,7 @@
 //! write is in progress). Tenant scoping is enforced in code: every statement
 //! names its tenant.
 
-mod write;
+pub(crate) mod write;
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -119,6 +119,21 @@ impl SqliteEventStore {
         .await
         .map_err(map_err)?;
         Ok(())
+    }
+
+    pub(crate) fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    pub(crate) fn config(&self) -> &SqliteConfig {
+        &self.config
+    }
+
+    pub(crate) async fn timed_op<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        self.timed(fut).await
     }
 
     /// The read pool, for tests and tools that inspect the file.

@@ -34,8 +34,13 @@ async fn append_in(
 ) -> Result<AppendOutcome> {
     let tenant = &scope.tenant;
     if let Some(idempotency) = &request.idempotency
-        && let Some(result) = claim_key(tx, config, tenant, idempotency).await?
+        && let Some(stored) = claim_key(tx, config, tenant, idempotency).await?
     {
+        let result = serde_json::from_value(stored).map_err(|e| {
+            StoreError::Backend(sqlx::Error::Decode(
+                format!("stored append result: {e}").into(),
+            ))
+        })?;
         return Ok(AppendOutcome {
             result,
             replayed: true,
@@ -142,16 +147,13 @@ async fn append_in(
         last_position: positions.iter().copied().max().unwrap_or_default(),
     };
     if let Some(idempotency) = &request.idempotency {
-        sqlx::query(
-            "UPDATE idempotency_keys SET status = 'completed', response = ? \
-             WHERE tenant_id = ? AND idempotency_key = ?",
+        complete_key(
+            tx,
+            tenant,
+            idempotency,
+            &serde_json::to_value(&result).unwrap_or_default(),
         )
-        .bind(serde_json::to_string(&result).unwrap_or_default())
-        .bind(tenant.as_str())
-        .bind(&idempotency.key)
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
+        .await?;
     }
     Ok(AppendOutcome {
         result,
@@ -163,12 +165,12 @@ async fn append_in(
 /// With one writer there is never a concurrent holder; an `in_progress` row
 /// can only be left by a crash mid-transaction, which SQLite rolls back, so
 /// it is reported rather than waited for.
-async fn claim_key(
+pub(crate) async fn claim_key(
     tx: &mut Transaction<'static, Sqlite>,
     config: &SqliteConfig,
     tenant: &TenantId,
     idempotency: &Idempotency,
-) -> Result<Option<AppendResult>> {
+) -> Result<Option<serde_json::Value>> {
     let now = Utc::now().timestamp_millis();
     let existing: Option<(String, String, Option<String>, i64)> = sqlx::query_as(
         "SELECT request_hash, status, response, expires_at_ms FROM idempotency_keys \
@@ -216,6 +218,25 @@ async fn claim_key(
     .await
     .map_err(|e| classify(e, tenant))?;
     Ok(None)
+}
+
+pub(crate) async fn complete_key(
+    tx: &mut Transaction<'static, Sqlite>,
+    tenant: &TenantId,
+    idempotency: &Idempotency,
+    response: &serde_json::Value,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE idempotency_keys SET status = 'completed', response = ? \
+         WHERE tenant_id = ? AND idempotency_key = ?",
+    )
+    .bind(response.to_string())
+    .bind(tenant.as_str())
+    .bind(&idempotency.key)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
 }
 
 pub(super) async fn save_snapshot(
@@ -290,7 +311,7 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn classify(err: sqlx::Error, tenant: &TenantId) -> StoreError {
+pub(crate) fn classify(err: sqlx::Error, tenant: &TenantId) -> StoreError {
     if let sqlx::Error::Database(db) = &err {
         let message = db.message();
         if message.contains("FOREIGN KEY constraint failed") {

@@ -5,7 +5,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
-    let protos = ["statefabric/state/v1/events.proto"];
+    let protos = [
+        "statefabric/state/v1/events.proto",
+        "statefabric/state/v1/context.proto",
+    ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("statefabric_descriptor.bin"))
         .compile_with_config(config, &protos, &["."])?;

@@ -14,6 +14,7 @@ const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 #[derive(Debug, Clone)]
 pub struct StateClient {
     events: EventsClient<Channel>,
+    channel: Channel,
 }
 
 /// What an append wrote.
@@ -37,8 +38,14 @@ impl StateClient {
 
     pub fn from_channel(channel: Channel) -> Self {
         Self {
-            events: EventsClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+            events: EventsClient::new(channel.clone()).max_decoding_message_size(64 * 1024 * 1024),
+            channel,
         }
+    }
+
+    /// The context-document API on the same connection.
+    pub fn context(&self) -> crate::ContextClient {
+        crate::ContextClient::from_channel(self.channel.clone())
     }
 
     /// Appends events to one stream, atomically, if `expected` holds.

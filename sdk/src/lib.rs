@@ -20,14 +20,21 @@
 //! # Ok(()) }
 //! ```
 //!
-//! See `examples/quickstart.rs` for a runnable tour. Not yet here: context
-//! documents, locks and tasks (they come with their sidecar APIs).
+//! Context documents go through [`ContextClient`] (from
+//! [`StateClient::context`]): version-vector writes, CRDT updates
+//! ([`Crdt`]), compressed deltas ([`ContextClient::refresh`]), watches, and
+//! read-modify-write with retry ([`ContextClient::update`]).
+//!
+//! See `examples/quickstart.rs` for a runnable tour. Not yet here: locks and
+//! tasks (they come with their sidecar APIs).
 
 mod client;
+pub mod context;
 mod error;
 mod event;
 
 pub use client::{Appended, StateClient};
+pub use context::{ContextClient, Crdt, Document, MergeType, Written};
 pub use error::Error;
 pub use event::{Event, Expected, NewEvent, causality};
 pub use statefabric_domain::{Causality, Checkpoint, VectorClock};

@@ -46,6 +46,10 @@ pub struct SidecarSection {
     pub subscriber_lag_timeout: Duration,
     /// Largest request accepted, in bytes.
     pub max_request_bytes: usize,
+    /// Hot context documents kept in memory: at most this many ...
+    pub cache_max_entries: usize,
+    /// ... and at most this many bytes of content.
+    pub cache_max_bytes: usize,
 }
 
 impl Default for SidecarSection {
@@ -59,6 +63,8 @@ impl Default for SidecarSection {
             subscriber_lag_timeout: Duration::from_secs(5),
             // An append's limit (8 MiB of events) plus envelope overhead.
             max_request_bytes: 9 * 1024 * 1024,
+            cache_max_entries: 10_000,
+            cache_max_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -132,6 +138,12 @@ impl ServiceConfig for SidecarConfig {
             issues.push(
                 "sidecar.subscriber_lag_timeout",
                 "must be greater than zero",
+            );
+        }
+        if self.sidecar.cache_max_entries == 0 || self.sidecar.cache_max_bytes == 0 {
+            issues.push(
+                "sidecar.cache_max_entries",
+                "the cache bounds must be at least 1",
             );
         }
         if self.sidecar.max_request_bytes < 1024 {

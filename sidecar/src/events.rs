@@ -166,7 +166,7 @@ impl EventsService {
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RecordedEvent, Status>> + Send>>;
 
-fn idempotency_key(metadata: &MetadataMap) -> Result<Option<String>, Status> {
+pub(crate) fn idempotency_key(metadata: &MetadataMap) -> Result<Option<String>, Status> {
     let Some(value) = metadata.get(IDEMPOTENCY_KEY_HEADER) else {
         return Ok(None);
     };
@@ -183,7 +183,7 @@ fn idempotency_key(metadata: &MetadataMap) -> Result<Option<String>, Status> {
 }
 
 /// The trace id of a W3C `traceparent` header, for the audit log.
-fn trace_id(metadata: &MetadataMap) -> Option<String> {
+pub(crate) fn trace_id(metadata: &MetadataMap) -> Option<String> {
     let header = metadata.get("traceparent")?.to_str().ok()?;
     let mut parts = header.split('-');
     let (_version, trace) = (parts.next()?, parts.next()?);

@@ -1,16 +1,20 @@
 //! The Statefabric sidecar: an agent's state over localhost gRPC.
 //!
-//! Owns the State API's server side — the `Events` service today (append,
-//! read, live subscriptions), with health checking and reflection — the
+//! Owns the State API's server side — the `Events` service (append, read,
+//! live subscriptions) and the `SharedContext` service (documents with
+//! version vectors, CRDT merges, compressed deltas, watches) behind a local
+//! cache ([`cache`]), with health checking and reflection — the
 //! mapping of store errors to gRPC statuses ([`status`]), the conversions
 //! between wire and domain types ([`convert`]) and the process assembly
 //! ([`server`]). Storage itself is `statefabric-store`; process scaffolding
 //! is `statefabric-runtime`.
 //!
-//! Not yet here (see the sidecar issue): context documents with version
-//! vectors and CRDT merges, compressed deltas, the local cache.
+//! Not yet here: Redis-backed locks, sessions and cache invalidation (the
+//! Redis issue) and the task API (the saga issue).
 
+pub mod cache;
 pub mod config;
+pub mod context;
 pub mod convert;
 pub mod events;
 pub mod server;

@@ -6,13 +6,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use statefabric_proto::state::v1::events_server::EventsServer;
+use statefabric_proto::state::v1::shared_context_server::SharedContextServer;
 use statefabric_runtime::ServiceContext;
+use statefabric_store::context::ContextStore;
 use statefabric_store::pg::{self, PgEventStore};
 use statefabric_store::sqlite::SqliteEventStore;
 use statefabric_store::{EventStore, run_idempotency_janitor};
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::cache::ContextCache;
 use crate::config::{Backend, SidecarConfig};
+use crate::context::{ChangeFeed, ContextService};
 use crate::events::{EventsService, SubscriptionSettings};
 
 /// How often readiness re-checks storage.
@@ -20,11 +24,19 @@ const READINESS_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// How often expired idempotency keys are purged.
 const JANITOR_INTERVAL: Duration = Duration::from_secs(600);
 
-/// Opens the configured event store, applying migrations where this process
-/// is allowed to.
-pub async fn open_store(
-    ctx: &ServiceContext<SidecarConfig>,
-) -> anyhow::Result<Arc<dyn EventStore>> {
+/// The storage ports the sidecar serves from, on one backend.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    pub events: Arc<dyn EventStore>,
+    pub context: Arc<dyn ContextStore>,
+    /// Where to LISTEN for other sidecars' context changes (Postgres only;
+    /// the embedded store has no other writers).
+    pub notifications: Option<String>,
+}
+
+/// Opens the configured storage, applying migrations where this process is
+/// allowed to.
+pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result<Storage> {
     let config = &ctx.config;
     let tenant = config.tenant()?;
     match config.storage.backend {
@@ -35,7 +47,11 @@ pub async fn open_store(
             // Embedded mode is single-node and single-operator: the configured
             // tenant is registered on first start.
             store.create_tenant(&tenant, "").await?;
-            Ok(Arc::new(store))
+            Ok(Storage {
+                events: Arc::new(store.clone()),
+                context: Arc::new(store),
+                notifications: None,
+            })
         }
         Backend::Postgres => {
             if let Some(owner) = &config.storage.postgres_migrate_url {
@@ -48,7 +64,80 @@ pub async fn open_store(
                 .await
                 .context("connecting to Postgres")?;
             ctx.register_metrics(|registry| store.register_metrics(registry));
-            Ok(Arc::new(store))
+            Ok(Storage {
+                events: Arc::new(store.clone()),
+                context: Arc::new(store),
+                notifications: Some(config.storage.postgres.url.clone()),
+            })
+        }
+    }
+}
+
+/// Follows other sidecars' context changes (Postgres LISTEN): drops stale
+/// cache entries and wakes watchers. If the listening connection drops,
+/// notifications may have been missed, so the whole cache is dropped.
+async fn follow_context_changes(
+    url: String,
+    tenant: String,
+    cache: Arc<ContextCache>,
+    changes: ChangeFeed,
+    ready: statefabric_runtime::ReadinessCheck,
+    shutdown: statefabric_runtime::Shutdown,
+) {
+    let mut listener = loop {
+        let attempt = async {
+            let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
+            listener.listen("statefabric_context").await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        tokio::select! {
+            () = shutdown.requested() => return,
+            result = attempt => match result {
+                Ok(listener) => {
+                    tracing::info!("following context changes");
+                    ready.set(true);
+                    break listener;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot LISTEN for context changes; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            },
+        }
+    };
+    loop {
+        let received = tokio::select! {
+            () = shutdown.requested() => return,
+            received = listener.try_recv() => received,
+        };
+        match received {
+            Ok(Some(notification)) => {
+                tracing::debug!(payload = notification.payload(), "context change notified");
+                let mut parts = notification.payload().split(' ');
+                if let (Some(t), Some(doc), Some(revision)) =
+                    (parts.next(), parts.next(), parts.next())
+                    && t == tenant
+                    && let Ok(revision) = revision.parse::<u64>()
+                {
+                    cache.invalidate(doc, Some(revision));
+                    let _ = changes.send((doc.to_owned(), revision));
+                }
+            }
+            // The connection dropped (sqlx reconnects on the next call):
+            // changes may have been missed, so nothing cached can be trusted.
+            Ok(None) => {
+                tracing::warn!("lost the context change feed; dropping the cache");
+                cache.clear();
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "context change feed failed; dropping the cache");
+                ready.set(false);
+                cache.clear();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if listener.listen("statefabric_context").await.is_ok() {
+                    ready.set(true);
+                }
+            }
         }
     }
 }
@@ -59,8 +148,28 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
     // not ready until storage answers and the API is listening.
     let storage_ready = ctx.readiness.check("storage");
     let api_ready = ctx.readiness.check("state_api");
-    let store = open_store(&ctx).await?;
+    // Only meaningful with Postgres; registered up front like the others.
+    let changes_ready = (ctx.config.storage.backend == Backend::Postgres)
+        .then(|| ctx.readiness.check("context_changes"));
+    let storage = open_storage(&ctx).await?;
+    let store = storage.events.clone();
     let config = &ctx.config;
+    let cache = Arc::new(ContextCache::new(
+        config.sidecar.cache_max_entries,
+        config.sidecar.cache_max_bytes,
+    ));
+    ctx.register_metrics(|registry| cache.register_metrics(registry));
+    let (changes, _) = tokio::sync::broadcast::channel(1024);
+    if let (Some(url), Some(ready)) = (storage.notifications.clone(), changes_ready) {
+        ctx.shutdown.spawn(follow_context_changes(
+            url,
+            config.sidecar.tenant.clone(),
+            cache.clone(),
+            changes.clone(),
+            ready,
+            ctx.shutdown.clone(),
+        ));
+    }
 
     ctx.shutdown.spawn({
         let store = store.clone();
@@ -92,8 +201,19 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
         },
         ctx.shutdown.clone(),
     );
+    let context = ContextService::new(
+        storage.context,
+        config.tenant()?,
+        config.identity()?.to_string(),
+        cache,
+        changes,
+        ctx.shutdown.clone(),
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EventsServer<EventsService>>().await;
+    health
+        .set_serving::<SharedContextServer<ContextService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(statefabric_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -112,6 +232,11 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
         .add_service(reflection)
         .add_service(
             EventsServer::new(events)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(64 * 1024 * 1024),
+        )
+        .add_service(
+            SharedContextServer::new(context)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(64 * 1024 * 1024),
         )

@@ -59,6 +59,7 @@ macro_rules! store_contract_tests {
             the_repository_retries_conflicts_for_safe_commands,
             context_version_vectors_refuse_missed_changes,
             context_concurrent_plain_writes_have_one_winner,
+            context_concurrent_creation_has_one_winner,
             context_crdt_documents_merge_concurrent_writes,
             context_writes_are_idempotent_and_validated,
         );
@@ -1153,6 +1154,37 @@ pub async fn context_concurrent_plain_writes_have_one_winner(
     }
     assert_eq!(winners, 1);
     assert_eq!(store.get(&tenant, &id).await?.expect("doc").revision, 2);
+    Ok(())
+}
+
+pub async fn context_concurrent_creation_has_one_winner(f: &impl Fixture) -> anyhow::Result<()> {
+    let store = f.context_store().await;
+    let tenant = f.tenant().await;
+    let id = doc_id();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let store = store.clone();
+        let scope = Scope::new(tenant.clone(), format!("creator{i}"));
+        let write = cw(
+            &id,
+            MergeType::None,
+            &VectorClock::new(),
+            ContextChange::Put(json!(i)),
+        );
+        tasks.push(tokio::spawn(
+            async move { store.write(&scope, write).await },
+        ));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        match task.await? {
+            Ok(_) => winners += 1,
+            Err(StoreError::ContextConflict { .. }) => {}
+            Err(other) => return Err(other.into()),
+        }
+    }
+    assert_eq!(winners, 1, "exactly one creator wins");
+    assert_eq!(store.get(&tenant, &id).await?.expect("doc").revision, 1);
     Ok(())
 }
 

@@ -123,6 +123,14 @@ impl ContextStore for PgEventStore {
                 })?;
                 return Ok(ContextOutcome { document, replayed: true });
             }
+            // Serialize writers of this document, including the first ones,
+            // when there is no row yet for FOR UPDATE to lock.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || ' ' || $2, 0))")
+                .bind(scope.tenant.as_str())
+                .bind(&write.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
             let row: Option<Row> = sqlx::query_as(SELECT_FOR_UPDATE)
                 .bind(scope.tenant.as_str())
                 .bind(&write.id)

@@ -1,0 +1,226 @@
+//! The sidecar's cache of hot context documents.
+//!
+//! Bounded by entry count and by content bytes; least recently used entries
+//! go first. Local writes replace their entry with the written document, so
+//! a read after a write through this sidecar sees that write; remote changes
+//! (announced by the store) drop entries older than the announced revision.
+//! Built on the `lru` crate for the ordering; the byte accounting is ours.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use lru::LruCache;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use statefabric_store::context::ContextDocument;
+
+#[derive(Debug, Default, Clone)]
+pub struct CacheMetrics {
+    pub hits: Counter,
+    pub misses: Counter,
+    pub evictions: Counter,
+    pub invalidations: Counter,
+    pub entries: Gauge,
+    pub bytes: Gauge,
+}
+
+#[derive(Debug)]
+pub struct ContextCache {
+    inner: Mutex<Inner>,
+    max_entries: usize,
+    max_bytes: usize,
+    metrics: CacheMetrics,
+}
+
+#[derive(Debug)]
+struct Inner {
+    lru: LruCache<String, (Arc<ContextDocument>, usize)>,
+    bytes: usize,
+}
+
+impl ContextCache {
+    pub fn new(max_entries: usize, max_bytes: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+            }),
+            max_entries: max_entries.max(1),
+            max_bytes: max_bytes.max(1),
+            metrics: CacheMetrics::default(),
+        }
+    }
+
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let m = &self.metrics;
+        registry.register(
+            "context_cache_hits",
+            "Context reads served from the sidecar's cache",
+            m.hits.clone(),
+        );
+        registry.register(
+            "context_cache_misses",
+            "Context reads that went to storage",
+            m.misses.clone(),
+        );
+        registry.register(
+            "context_cache_evictions",
+            "Entries evicted to stay within bounds",
+            m.evictions.clone(),
+        );
+        registry.register(
+            "context_cache_invalidations",
+            "Entries dropped because the document changed elsewhere",
+            m.invalidations.clone(),
+        );
+        registry.register(
+            "context_cache_entries",
+            "Documents cached",
+            m.entries.clone(),
+        );
+        registry.register(
+            "context_cache_bytes",
+            "Content bytes cached",
+            m.bytes.clone(),
+        );
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Every update leaves the map and the byte count consistent before
+        // anything can panic, so a poisoned lock is safe to reuse.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<ContextDocument>> {
+        let found = self.lock().lru.get(id).map(|(doc, _)| doc.clone());
+        match found {
+            Some(_) => self.metrics.hits.inc(),
+            None => self.metrics.misses.inc(),
+        };
+        found
+    }
+
+    /// Caches `doc` unless a newer revision is already cached.
+    pub fn put(&self, doc: Arc<ContextDocument>) {
+        let size = serde_json::to_vec(&doc.content).map_or(0, |v| v.len()) + doc.id.len();
+        if size > self.max_bytes {
+            return;
+        }
+        let mut inner = self.lock();
+        if let Some((cached, _)) = inner.lru.peek(&doc.id)
+            && cached.revision > doc.revision
+        {
+            return;
+        }
+        if let Some((_, old)) = inner.lru.put(doc.id.clone(), (doc, size)) {
+            inner.bytes -= old;
+        }
+        inner.bytes += size;
+        while inner.lru.len() > self.max_entries || inner.bytes > self.max_bytes {
+            match inner.lru.pop_lru() {
+                Some((_, (_, freed))) => {
+                    inner.bytes -= freed;
+                    self.metrics.evictions.inc();
+                }
+                None => break,
+            }
+        }
+        self.publish(&inner);
+    }
+
+    /// Drops the entry if it is older than `revision` (or unconditionally
+    /// with `None`).
+    pub fn invalidate(&self, id: &str, revision: Option<u64>) {
+        let mut inner = self.lock();
+        let stale = inner
+            .lru
+            .peek(id)
+            .is_some_and(|(doc, _)| revision.is_none_or(|r| doc.revision < r));
+        if stale && let Some((_, size)) = inner.lru.pop(id) {
+            inner.bytes -= size;
+            self.metrics.invalidations.inc();
+        }
+        self.publish(&inner);
+    }
+
+    /// Drops everything: used when change notifications may have been missed.
+    pub fn clear(&self) {
+        let mut inner = self.lock();
+        inner.lru.clear();
+        inner.bytes = 0;
+        self.publish(&inner);
+    }
+
+    fn publish(&self, inner: &Inner) {
+        self.metrics
+            .entries
+            .set(i64::try_from(inner.lru.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .bytes
+            .set(i64::try_from(inner.bytes).unwrap_or(i64::MAX));
+    }
+
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use statefabric_domain::{MergeType, VectorClock};
+
+    fn doc(id: &str, revision: u64, content: serde_json::Value) -> Arc<ContextDocument> {
+        Arc::new(ContextDocument {
+            id: id.into(),
+            merge: MergeType::None,
+            content,
+            vector: VectorClock::new(),
+            revision,
+            deleted: false,
+            updated_at: chrono::Utc::now(),
+            crdt: None,
+        })
+    }
+
+    #[test]
+    fn bounded_by_entries_and_bytes() {
+        let cache = ContextCache::new(2, 1000);
+        cache.put(doc("a", 1, json!(1)));
+        cache.put(doc("b", 1, json!(2)));
+        assert!(cache.get("a").is_some()); // a is now most recent
+        cache.put(doc("c", 1, json!(3)));
+        assert!(cache.get("b").is_none(), "least recently used evicted");
+        assert_eq!(cache.metrics.evictions.get(), 1);
+
+        let cache = ContextCache::new(100, 50);
+        cache.put(doc("big", 1, json!("x".repeat(30))));
+        cache.put(doc("big2", 1, json!("y".repeat(30))));
+        assert!(cache.bytes() <= 50);
+        assert!(cache.get("big").is_none());
+        cache.put(doc("huge", 1, json!("z".repeat(100))));
+        assert!(
+            cache.get("huge").is_none(),
+            "larger than the whole cache: not cached"
+        );
+    }
+
+    #[test]
+    fn newer_revisions_win_and_invalidation_respects_them() {
+        let cache = ContextCache::new(10, 10_000);
+        cache.put(doc("a", 3, json!(3)));
+        cache.put(doc("a", 2, json!(2)));
+        assert_eq!(cache.get("a").map(|d| d.revision), Some(3));
+        cache.invalidate("a", Some(3));
+        assert!(
+            cache.get("a").is_some(),
+            "not older than the announced revision"
+        );
+        cache.invalidate("a", Some(4));
+        assert!(cache.get("a").is_none());
+        assert_eq!(cache.metrics.hits.get(), 2);
+        assert_eq!(cache.metrics.misses.get(), 1);
+    }
+}

@@ -5,6 +5,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    // Ordered maps encode deterministically, which request fingerprints
+    // (idempotency keys) rely on.
+    config.btree_map(["."]);
     let protos = [
         "statefabric/state/v1/events.proto",
         "statefabric/state/v1/context.proto",

@@ -291,3 +291,47 @@ pub fn apply_delta(
         .map_err(|e| Error::Invalid(format!("delta does not apply: {e}")))?;
     Ok(base)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i32>().prop_map(Value::from),
+            "[a-z/~]{0,6}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z/~]{1,4}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// The delta path (diff, serialize, compress, decompress, patch)
+        /// turns any document into any other.
+        #[test]
+        fn deltas_reproduce_the_target(a in arb_json(), b in arb_json()) {
+            let patch = json_patch::diff(&a, &b);
+            let compressed = zstd::encode_all(serde_json::to_vec(&patch).unwrap_or_default().as_slice(), 3)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let rebuilt = apply_delta(a, &compressed).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(rebuilt, b);
+        }
+    }
+
+    #[test]
+    fn corrupt_deltas_are_errors() {
+        assert!(apply_delta(Value::Null, b"not zstd").is_err());
+        let wrong =
+            zstd::encode_all(&br#"[{"op":"remove","path":"/x"}]"#[..], 3).unwrap_or_default();
+        assert!(apply_delta(serde_json::json!({}), &wrong).is_err());
+    }
+}

@@ -32,9 +32,12 @@ mod client;
 pub mod context;
 mod error;
 mod event;
+mod repository;
 
 pub use client::{Appended, StateClient};
 pub use context::{ContextClient, Crdt, Document, MergeType, Written};
 pub use error::Error;
 pub use event::{Event, Expected, NewEvent, causality};
+pub use repository::{Repository, RepositoryError};
+pub use statefabric_domain::Aggregate;
 pub use statefabric_domain::{Causality, Checkpoint, VectorClock};

@@ -204,12 +204,18 @@ impl Events for EventsService {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let raw = request.into_inner();
-        // The fingerprint ignores event ids, so a client that regenerates ids
-        // when it retries is still recognised as repeating itself.
+        // The fingerprint is the operation, not its circumstances: event ids,
+        // vector clocks and the expected version are left out, so a client
+        // that retries after re-reading (new ids, newer expectation) is still
+        // recognised as repeating itself and gets the first result.
         let idempotency = key.map(|key| {
             let mut fingerprint = raw.clone();
+            fingerprint.expected = None;
             for event in &mut fingerprint.events {
                 event.id.clear();
+                if let Some(meta) = &mut event.metadata {
+                    meta.vector_clock.clear();
+                }
             }
             Idempotency::for_bytes(key, &fingerprint.encode_to_vec())
         });

@@ -48,7 +48,11 @@ where
         let mut state = A::default();
         let mut version = 0;
         loop {
-            let events = self.client.read_stream(id, version + 1, PAGE).await?;
+            let events = match self.client.read_stream(id, version + 1, PAGE).await {
+                Ok(events) => events,
+                Err(Error::NotFound(_)) if version == 0 => return Ok((state, 0)),
+                Err(e) => return Err(e.into()),
+            };
             let count = events.len();
             for event in events {
                 let decoded: A::Event = event.data_as()?;

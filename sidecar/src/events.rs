@@ -261,6 +261,18 @@ impl Events for EventsService {
             .read_stream(&self.tenant, &stream, raw.from_version, raw.limit)
             .await
             .map_err(from_store)?;
+        // An empty page of an existing stream is an answer; of a stream that
+        // does not exist (for this tenant), it is NOT_FOUND.
+        if events.is_empty()
+            && self
+                .store
+                .stream_info(&self.tenant, &stream)
+                .await
+                .map_err(from_store)?
+                .is_none()
+        {
+            return Err(Status::not_found(format!("stream {stream} does not exist")));
+        }
         Ok(Response::new(pb::ReadEventsResponse {
             events: events.into_iter().map(convert::recorded_to_proto).collect(),
         }))

@@ -228,6 +228,9 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
     let max = config.sidecar.max_request_bytes;
     let stop = ctx.shutdown.token();
     tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            oversize_is_resource_exhausted,
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -249,4 +252,21 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
         .await
         .context("gRPC server failed")?;
     Ok(())
+}
+
+/// tonic's codec rejects a request over `max_request_bytes` with OUT_OF_RANGE;
+/// the State API reports every oversize payload as RESOURCE_EXHAUSTED, the
+/// code clients already handle for the store's own size limits. Such a
+/// rejection is a trailers-only response, so the status is in the headers.
+fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
+    let too_large = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
+    if out_of_range && too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
 }

@@ -6,11 +6,8 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use statefabric_runtime::{BaseConfig, ConfigArgs};
-
-/// `fabric dev` takes the sidecar's admin port, the address probes and
-/// dashboards already know from a production pod.
-const DEV_ADMIN_PORT: u16 = 7401;
+use statefabric_runtime::ConfigArgs;
+use statefabric_sidecar::SidecarConfig;
 
 /// Statefabric: event-sourced state, locks, context and sagas for agent fleets.
 #[derive(Debug, Parser)]
@@ -24,9 +21,10 @@ struct Cli {
 enum Command {
     /// Run the embedded all-in-one fabric in this process (no servers needed).
     ///
-    /// Partial: it currently serves only the admin endpoints
-    /// (/healthz/live, /healthz/ready, /metrics on 127.0.0.1:7401); the
-    /// embedded sidecar and control plane are added by later issues.
+    /// Serves the sidecar's State API (gRPC on 127.0.0.1:7400) on the
+    /// embedded SQLite store (./statefabric-data), with admin endpoints on
+    /// 127.0.0.1:7401. Partial: the embedded control plane and the
+    /// Planner/Coder/Critic demo are added by later issues.
     Dev {
         #[command(flatten)]
         config: ConfigArgs,
@@ -37,17 +35,20 @@ enum Command {
 async fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Dev { config } => {
+            // Same defaults and ports as a production sidecar, so an agent
+            // runs unchanged against either.
             statefabric_runtime::main(
                 "fabric-dev",
-                BaseConfig::with_admin_port(DEV_ADMIN_PORT),
+                SidecarConfig::defaults(),
                 config.config.as_deref(),
                 |ctx| async move {
                     tracing::info!(
+                        state_api = %ctx.config.sidecar.listen,
                         admin = %ctx.config.admin.listen,
+                        data = %ctx.config.storage.sqlite.path.display(),
                         "fabric dev running; Ctrl-C to stop"
                     );
-                    ctx.shutdown.requested().await;
-                    Ok(())
+                    statefabric_sidecar::serve(ctx).await
                 },
             )
             .await

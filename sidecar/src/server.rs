@@ -12,7 +12,6 @@ use statefabric_store::context::ContextStore;
 use statefabric_store::pg::{self, PgEventStore};
 use statefabric_store::sqlite::SqliteEventStore;
 use statefabric_store::{EventStore, run_idempotency_janitor};
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::cache::ContextCache;
 use crate::config::{Backend, SidecarConfig};
@@ -224,6 +223,7 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
         .with_context(|| format!("binding sidecar.listen {}", config.sidecar.listen))?;
     tracing::info!(listen = %config.sidecar.listen, tenant = %config.sidecar.tenant, "State API listening");
     // Bound: connections queue in the backlog until the server accepts them.
+    // (TCP_NODELAY below: small gRPC frames must not wait for Nagle.)
     api_ready.set(true);
     let max = config.sidecar.max_request_bytes;
     let stop = ctx.shutdown.token();
@@ -243,7 +243,7 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(64 * 1024 * 1024),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
             stop.cancelled().await;
             health
                 .set_not_serving::<EventsServer<EventsService>>()

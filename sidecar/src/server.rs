@@ -243,12 +243,15 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(64 * 1024 * 1024),
         )
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
-            stop.cancelled().await;
-            health
-                .set_not_serving::<EventsServer<EventsService>>()
-                .await;
-        })
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                stop.cancelled().await;
+                health
+                    .set_not_serving::<EventsServer<EventsService>>()
+                    .await;
+            },
+        )
         .await
         .context("gRPC server failed")?;
     Ok(())

@@ -586,3 +586,39 @@ async fn the_sdk_repository_runs_aggregates_through_sidecars() -> anyhow::Result
     assert_eq!(repo.load(&id).await?.0.value as u64, landed + 10);
     Ok(())
 }
+
+/// `fabric dev` keeps its state in its data directory: stop it (Ctrl-C) and
+/// start it again, and what was written is still there.
+#[tokio::test]
+async fn fabric_dev_keeps_its_state_across_restarts() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let path = data.path().join("events.db");
+    let path = path.to_string_lossy().into_owned();
+    let vars = [("STATEFABRIC_STORAGE__SQLITE__PATH", path.as_str())];
+    let id = stream();
+
+    let mut first = spawn("fabric", &["dev"], &vars)?;
+    first.ready().await?;
+    let mut c = client(&first).await?;
+    c.append(&id, "task", Expected::NoStream, vec![ev("Created", 1)])
+        .await?;
+    c.context()
+        .put(
+            "plan",
+            statefabric_sdk::MergeType::None,
+            &statefabric_sdk::VectorClock::new(),
+            &json!({"kept": true}),
+            None,
+        )
+        .await?;
+    let (code, stderr) = first.stop_with(Signal::SIGINT).await?;
+    assert_eq!(code, 0, "{stderr}");
+
+    let mut second = spawn("fabric", &["dev"], &vars)?;
+    second.ready().await?;
+    let mut c = client(&second).await?;
+    assert_eq!(c.read_stream(&id, 1, 10).await?.len(), 1);
+    let plan = c.context().get("plan").await?.expect("plan kept");
+    assert_eq!(plan.content, json!({"kept": true}));
+    Ok(())
+}

@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "statefabric/state/v1/events.proto",
         "statefabric/state/v1/context.proto",
+        "statefabric/state/v1/locks.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("statefabric_descriptor.bin"))

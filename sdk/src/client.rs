@@ -43,6 +43,11 @@ impl StateClient {
         }
     }
 
+    /// The lock API on the same connection.
+    pub fn locks(&self) -> crate::LockClient {
+        crate::LockClient::from_channel(self.channel.clone())
+    }
+
     /// The context-document API on the same connection.
     pub fn context(&self) -> crate::ContextClient {
         crate::ContextClient::from_channel(self.channel.clone())

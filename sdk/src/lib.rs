@@ -25,19 +25,24 @@
 //! ([`Crdt`]), compressed deltas ([`ContextClient::refresh`]), watches, and
 //! read-modify-write with retry ([`ContextClient::update`]).
 //!
-//! See `examples/quickstart.rs` for a runnable tour. Not yet here: locks and
-//! tasks (they come with their sidecar APIs).
+//! Locks go through [`LockClient`] (from [`StateClient::locks`]): a
+//! [`HeldLock`] renews itself and says at once when it is lost.
+//!
+//! See `examples/quickstart.rs` for a runnable tour. Not yet here: tasks
+//! (they come with the saga engine).
 
 mod client;
 pub mod context;
 mod error;
 mod event;
+pub mod locks;
 mod repository;
 
 pub use client::{Appended, StateClient};
 pub use context::{ContextClient, Crdt, Document, MergeType, Written};
 pub use error::Error;
 pub use event::{Event, Expected, NewEvent, causality};
+pub use locks::{HeldLock, LockClient, LockHolder};
 pub use repository::{Repository, RepositoryError};
 pub use statefabric_domain::Aggregate;
 pub use statefabric_domain::{Causality, Checkpoint, VectorClock};

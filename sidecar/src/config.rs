@@ -25,6 +25,39 @@ pub struct SidecarConfig {
     pub sidecar: SidecarSection,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default)]
+    pub locks: LocksConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LockBackend {
+    /// In this process: the embedded default (one sidecar).
+    #[default]
+    Memory,
+    /// One Redis server (`urls[0]`).
+    Redis,
+    /// A Redis Cluster (`urls` are seed nodes).
+    RedisCluster,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocksConfig {
+    pub backend: LockBackend,
+    /// Comma-separated `redis://host:port` URLs.
+    pub urls: String,
+}
+
+impl LocksConfig {
+    pub fn url_list(&self) -> Vec<String> {
+        self.urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -97,6 +130,7 @@ impl SidecarConfig {
             shutdown: ShutdownConfig::default(),
             sidecar: SidecarSection::default(),
             storage: StorageConfig::default(),
+            locks: LocksConfig::default(),
         }
     }
 
@@ -111,8 +145,14 @@ impl SidecarConfig {
 }
 
 impl ServiceConfig for SidecarConfig {
-    const SECTIONS: &'static [&'static str] =
-        &["admin", "telemetry", "shutdown", "sidecar", "storage"];
+    const SECTIONS: &'static [&'static str] = &[
+        "admin",
+        "telemetry",
+        "shutdown",
+        "sidecar",
+        "storage",
+        "locks",
+    ];
 
     fn admin(&self) -> &AdminConfig {
         &self.admin
@@ -148,6 +188,18 @@ impl ServiceConfig for SidecarConfig {
         }
         if self.sidecar.max_request_bytes < 1024 {
             issues.push("sidecar.max_request_bytes", "must be at least 1024");
+        }
+        if self.locks.backend != LockBackend::Memory {
+            let urls = self.locks.url_list();
+            if urls.is_empty() {
+                issues.push(
+                    "locks.urls",
+                    "a Redis backend needs at least one redis:// URL",
+                );
+            }
+            if let Some(bad) = urls.iter().find(|u| !u.starts_with("redis://")) {
+                issues.push("locks.urls", format!("`{bad}` is not a redis:// URL"));
+            }
         }
         if self.storage.backend == Backend::Postgres {
             let pg = &self.storage.postgres;

@@ -9,14 +9,17 @@
 //! ([`server`]). Storage itself is `statefabric-store`; process scaffolding
 //! is `statefabric-runtime`.
 //!
-//! Not yet here: Redis-backed locks, sessions and cache invalidation (the
-//! Redis issue) and the task API (the saga issue).
+//! The `Locks` service ([`locks`]) serves leases with fencing tokens from
+//! `statefabric-lock` (in-process or Redis). Not yet here: fencing checks in
+//! writes, sessions and Redis cache invalidation (the Redis issue) and the
+//! task API (the saga issue).
 
 pub mod cache;
 pub mod config;
 pub mod context;
 pub mod convert;
 pub mod events;
+pub mod locks;
 pub mod server;
 pub mod status;
 

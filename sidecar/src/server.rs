@@ -5,7 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use statefabric_lock::LockService;
+use statefabric_lock::memory::MemoryLocks;
+use statefabric_lock::redis::RedisLocks;
 use statefabric_proto::state::v1::events_server::EventsServer;
+use statefabric_proto::state::v1::locks_server::LocksServer;
 use statefabric_proto::state::v1::shared_context_server::SharedContextServer;
 use statefabric_runtime::ServiceContext;
 use statefabric_store::context::ContextStore;
@@ -14,9 +18,10 @@ use statefabric_store::sqlite::SqliteEventStore;
 use statefabric_store::{EventStore, run_idempotency_janitor};
 
 use crate::cache::ContextCache;
-use crate::config::{Backend, SidecarConfig};
+use crate::config::{Backend, LockBackend, SidecarConfig};
 use crate::context::{ChangeFeed, ContextService};
 use crate::events::{EventsService, SubscriptionSettings};
+use crate::locks::LocksService;
 
 /// How often readiness re-checks storage.
 const READINESS_PROBE_INTERVAL: Duration = Duration::from_secs(5);
@@ -208,6 +213,11 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
         changes,
         ctx.shutdown.clone(),
     );
+    let locks = LocksService::new(
+        open_locks(config).await?,
+        config.tenant()?,
+        config.identity()?.to_string(),
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EventsServer<EventsService>>().await;
     health
@@ -238,6 +248,7 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(64 * 1024 * 1024),
         )
+        .add_service(LocksServer::new(locks.clone()))
         .add_service(
             SharedContextServer::new(context)
                 .max_decoding_message_size(max)
@@ -254,7 +265,33 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
         )
         .await
         .context("gRPC server failed")?;
+    // Let go of held locks now rather than make others wait out the leases.
+    locks.release_all().await;
     Ok(())
+}
+
+async fn open_locks(config: &SidecarConfig) -> anyhow::Result<Arc<dyn LockService>> {
+    let urls = config.locks.url_list();
+    Ok(match config.locks.backend {
+        LockBackend::Memory => Arc::new(MemoryLocks::default()),
+        LockBackend::Redis => {
+            let url = urls.first().context("locks.urls is empty")?;
+            let client =
+                redis::Client::open(url.as_str()).with_context(|| format!("locks.urls {url}"))?;
+            let manager = redis::aio::ConnectionManager::new(client)
+                .await
+                .with_context(|| format!("connecting to Redis at {url}"))?;
+            Arc::new(RedisLocks::new(manager))
+        }
+        LockBackend::RedisCluster => {
+            let client = redis::cluster::ClusterClient::new(urls).context("locks.urls")?;
+            let conn = client
+                .get_async_connection()
+                .await
+                .context("connecting to the Redis cluster")?;
+            Arc::new(RedisLocks::new(conn))
+        }
+    })
 }
 
 /// tonic's codec rejects a request over `max_request_bytes` with OUT_OF_RANGE;

@@ -8,9 +8,10 @@
 //! can be refused once a newer holder exists — what lease-only lock APIs
 //! lack.
 //!
-//! Partial (see the Redis issue): no gRPC Lock API, SDK renewal loop,
-//! fencing checks in the event store, strict FIFO fairness for waiters, or
-//! token durability across a Redis failover yet.
+//! Partial (see the Redis issue): no fencing checks in the event store yet,
+//! no strict FIFO fairness for waiters (they poll with backoff), and no
+//! token durability across a Redis failover (the counter is INCRed without
+//! waiting for a replica).
 
 pub mod memory;
 pub mod redis;

@@ -1,0 +1,162 @@
+//! The `Locks` gRPC service. The owner of every lock taken here is this
+//! sidecar's identity; the sidecar remembers what it holds so a clean
+//! shutdown lets go of it at once instead of leaving others to wait out the
+//! lease.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use statefabric_domain::TenantId;
+use statefabric_lock::{Lease, LockError, LockService};
+use statefabric_proto::state::v1 as pb;
+use statefabric_proto::state::v1::locks_server::Locks;
+use tonic::{Request, Response, Status};
+
+/// Longest lease and longest wait accepted.
+const MAX_MILLIS: u32 = 600_000;
+
+#[derive(Debug, Clone)]
+pub struct LocksService {
+    locks: Arc<dyn LockService>,
+    tenant: TenantId,
+    identity: String,
+    held: Arc<Mutex<HashMap<String, Lease>>>,
+}
+
+fn status(err: LockError) -> Status {
+    match err {
+        LockError::Invalid { .. } => Status::invalid_argument(err.to_string()),
+        LockError::NotHolder { .. } => Status::failed_precondition(err.to_string()),
+        LockError::Unavailable(_) => Status::unavailable(err.to_string()),
+    }
+}
+
+fn millis(field: &str, value: u32, allow_zero: bool) -> Result<Duration, Status> {
+    if (value == 0 && !allow_zero) || value > MAX_MILLIS {
+        return Err(Status::invalid_argument(format!(
+            "{field}: {value} is out of range {}..={MAX_MILLIS}",
+            u32::from(!allow_zero)
+        )));
+    }
+    Ok(Duration::from_millis(u64::from(value)))
+}
+
+fn lease_to_proto(lease: &Lease) -> pb::Lease {
+    pb::Lease {
+        name: lease.name.clone(),
+        token: lease.token,
+        ttl_ms: u32::try_from(lease.ttl.as_millis()).unwrap_or(u32::MAX),
+    }
+}
+
+impl LocksService {
+    pub fn new(locks: Arc<dyn LockService>, tenant: TenantId, identity: String) -> Self {
+        Self {
+            locks,
+            tenant,
+            identity,
+            held: Arc::default(),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lease(&self, name: String, token: u64, ttl: Duration) -> Lease {
+        Lease {
+            tenant: self.tenant.clone(),
+            name,
+            owner: self.identity.clone(),
+            token,
+            ttl,
+        }
+    }
+
+    /// Releases every lock this sidecar holds (clean shutdown).
+    pub async fn release_all(&self) {
+        let leases: Vec<Lease> = self.held().drain().map(|(_, l)| l).collect();
+        for lease in leases {
+            match self.locks.release(&lease).await {
+                Ok(()) => tracing::info!(lock = %lease.name, "released at shutdown"),
+                Err(err) => {
+                    tracing::warn!(lock = %lease.name, error = %err, "not released at shutdown")
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Locks for LocksService {
+    async fn acquire(
+        &self,
+        request: Request<pb::AcquireRequest>,
+    ) -> Result<Response<pb::AcquireResponse>, Status> {
+        let raw = request.into_inner();
+        let ttl = millis("ttl_ms", raw.ttl_ms, false)?;
+        let wait = millis("wait_ms", raw.wait_ms, true)?;
+        let lease = self
+            .locks
+            .acquire(&self.tenant, &raw.name, &self.identity, ttl, wait)
+            .await
+            .map_err(status)?;
+        if let Some(lease) = &lease {
+            self.held().insert(lease.name.clone(), lease.clone());
+        }
+        Ok(Response::new(pb::AcquireResponse {
+            acquired: lease.is_some(),
+            lease: lease.as_ref().map(lease_to_proto),
+        }))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let raw = request.into_inner();
+        let ttl = millis("ttl_ms", raw.ttl_ms, false)?;
+        let lease = self.lease(raw.name, raw.token, ttl);
+        let renewed = self.locks.renew(&lease, ttl).await.map_err(|e| {
+            self.held().remove(&lease.name);
+            status(e)
+        })?;
+        self.held().insert(renewed.name.clone(), renewed.clone());
+        Ok(Response::new(lease_to_proto(&renewed)))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let raw = request.into_inner();
+        let lease = self.lease(raw.name, raw.token, Duration::ZERO);
+        self.held().remove(&lease.name);
+        self.locks.release(&lease).await.map_err(status)?;
+        Ok(Response::new(pb::ReleaseResponse {}))
+    }
+
+    async fn inspect(
+        &self,
+        request: Request<pb::InspectRequest>,
+    ) -> Result<Response<pb::InspectResponse>, Status> {
+        let raw = request.into_inner();
+        statefabric_lock::check(&raw.name, &self.identity, Duration::from_millis(1))
+            .map_err(status)?;
+        let holder = self
+            .locks
+            .inspect(&self.tenant, &raw.name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(match holder {
+            None => pb::InspectResponse::default(),
+            Some(h) => pb::InspectResponse {
+                held: true,
+                owner: h.owner,
+                token: h.token,
+                expires_in_ms: u32::try_from(h.expires_in.as_millis()).unwrap_or(u32::MAX),
+            },
+        }))
+    }
+}

@@ -1,0 +1,196 @@
+//! Locks through real sidecars sharing the real Redis Cluster: exclusivity
+//! across sidecars, background renewal, loss notification, release at clean
+//! shutdown, expiry after a crash, and bad input.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use statefabric_proto::state::v1 as pb;
+use statefabric_proto::state::v1::locks_client::LocksClient;
+use statefabric_sdk::{LockClient, StateClient};
+use statefabric_tests as env;
+use statefabric_tests::process::{Service, spawn};
+use tonic::Code;
+
+async fn sidecar(tenant: &str, identity: &str) -> anyhow::Result<Service> {
+    let urls = env::redis_cluster_urls().join(",");
+    let mut service = spawn(
+        "statefabric-sidecar",
+        &[],
+        &[
+            ("STATEFABRIC_SIDECAR__TENANT", tenant),
+            ("STATEFABRIC_SIDECAR__IDENTITY", identity),
+            ("STATEFABRIC_LOCKS__BACKEND", "redis_cluster"),
+            ("STATEFABRIC_LOCKS__URLS", urls.as_str()),
+        ],
+    )?;
+    service.ready().await?;
+    Ok(service)
+}
+
+async fn locks(service: &Service) -> anyhow::Result<LockClient> {
+    Ok(StateClient::connect(service.grpc.clone()).await?.locks())
+}
+
+fn tenant() -> String {
+    format!("t-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn name() -> String {
+    format!("repo-{}", uuid::Uuid::new_v4().simple())
+}
+
+const NOW: Duration = Duration::ZERO;
+
+#[tokio::test]
+async fn locks_are_exclusive_across_sidecars_and_renew_themselves() -> anyhow::Result<()> {
+    let t = tenant();
+    let (a, b) = (sidecar(&t, "coder-a").await?, sidecar(&t, "coder-b").await?);
+    let (mut la, mut lb) = (locks(&a).await?, locks(&b).await?);
+    let n = name();
+    let ttl = Duration::from_millis(600);
+    let held = la.acquire(&n, ttl, NOW).await?.expect("free");
+    // Held well past its lease length: renewal keeps it.
+    tokio::time::sleep(ttl * 3).await;
+    assert!(!held.is_lost());
+    assert!(lb.acquire(&n, ttl, NOW).await?.is_none(), "still held by a");
+    let holder = lb.inspect(&n).await?.expect("held");
+    assert_eq!(
+        (holder.owner.as_str(), holder.token),
+        ("coder-a", held.token())
+    );
+    let token = held.token();
+    held.release().await?;
+    let next = lb.acquire(&n, ttl, NOW).await?.expect("released");
+    assert!(next.token() > token, "fencing token increased");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_holder_is_told_at_once_when_its_lock_is_lost() -> anyhow::Result<()> {
+    let t = tenant();
+    let service = sidecar(&t, "coder").await?;
+    let mut client = locks(&service).await?;
+    let n = name();
+    let mut held = client
+        .acquire(&n, Duration::from_millis(900), NOW)
+        .await?
+        .expect("free");
+    // Someone releases it behind the holder's back (e.g. an operator): the
+    // next renewal is refused and the holder learns it.
+    let mut raw = LocksClient::connect(service.grpc.clone()).await?;
+    raw.release(pb::ReleaseRequest {
+        name: n.clone(),
+        token: held.token(),
+    })
+    .await?;
+    tokio::time::timeout(Duration::from_secs(5), held.lost()).await?;
+    assert!(held.is_lost());
+    Ok(())
+}
+
+#[tokio::test]
+async fn clean_shutdown_releases_and_a_crash_expires() -> anyhow::Result<()> {
+    let t = tenant();
+    let waiter = sidecar(&t, "waiter").await?;
+    let mut lw = locks(&waiter).await?;
+
+    // Clean shutdown: released at once, long before the 30 s lease ends.
+    let holder = sidecar(&t, "holder").await?;
+    let n = name();
+    let held = locks(&holder)
+        .await?
+        .acquire(&n, Duration::from_secs(30), NOW)
+        .await?
+        .expect("free");
+    // Stop the client's renewal: only the sidecar's shutdown can free the
+    // lock before its 30 s lease ends.
+    drop(held);
+    let (code, stderr) = holder.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        lw.acquire(&n, Duration::from_secs(5), Duration::from_secs(2))
+            .await?
+            .is_some(),
+        "released at shutdown"
+    );
+
+    // A crash: nobody releases; the lease runs out and the lock frees itself.
+    let crasher = sidecar(&t, "crasher").await?;
+    let n = name();
+    let held = locks(&crasher)
+        .await?
+        .acquire(&n, Duration::from_millis(700), NOW)
+        .await?
+        .expect("free");
+    let token = held.token();
+    drop(held);
+    let (_code, _) = crasher.stop_with(Signal::SIGKILL).await?;
+    let next = lw
+        .acquire(&n, Duration::from_secs(5), Duration::from_secs(5))
+        .await?
+        .expect("freed by expiry");
+    assert!(next.token() > token);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_lock_requests_are_refused() -> anyhow::Result<()> {
+    let service = sidecar(&tenant(), "coder").await?;
+    let mut raw = LocksClient::connect(service.grpc.clone()).await?;
+    let cases = [
+        pb::AcquireRequest {
+            name: String::new(),
+            ttl_ms: 1000,
+            wait_ms: 0,
+        },
+        pb::AcquireRequest {
+            name: "bad name".into(),
+            ttl_ms: 1000,
+            wait_ms: 0,
+        },
+        pb::AcquireRequest {
+            name: "ok".into(),
+            ttl_ms: 0,
+            wait_ms: 0,
+        },
+        pb::AcquireRequest {
+            name: "ok".into(),
+            ttl_ms: 1000,
+            wait_ms: 999_999_999,
+        },
+    ];
+    for request in cases {
+        let status = raw.acquire(request.clone()).await.expect_err("invalid");
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{request:?}: {}",
+            status.message()
+        );
+    }
+    let status = raw
+        .renew(pb::RenewRequest {
+            name: "never-taken".into(),
+            token: 7,
+            ttl_ms: 1000,
+        })
+        .await
+        .expect_err("not held");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let status = raw
+        .release(pb::ReleaseRequest {
+            name: "never-taken".into(),
+            token: 7,
+        })
+        .await
+        .expect_err("not held");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        !raw.inspect(pb::InspectRequest { name: "ok".into() })
+            .await?
+            .into_inner()
+            .held
+    );
+    Ok(())
+}

@@ -79,6 +79,24 @@ impl StateClient {
             .await
     }
 
+    /// As [`Self::append`], guarded by a held lock: refused (a conflict) if
+    /// the lock has been granted to someone else since.
+    pub async fn append_fenced(
+        &mut self,
+        lock: &crate::HeldLock,
+        stream_id: &str,
+        stream_type: &str,
+        expected: Expected,
+        events: Vec<NewEvent>,
+    ) -> Result<Appended, Error> {
+        let fence = pb::Fence {
+            lock: lock.name().to_owned(),
+            token: lock.token(),
+        };
+        self.append_request(stream_id, stream_type, expected, events, None, Some(fence))
+            .await
+    }
+
     async fn append_inner(
         &mut self,
         stream_id: &str,
@@ -87,11 +105,25 @@ impl StateClient {
         events: Vec<NewEvent>,
         key: Option<&str>,
     ) -> Result<Appended, Error> {
+        self.append_request(stream_id, stream_type, expected, events, key, None)
+            .await
+    }
+
+    async fn append_request(
+        &mut self,
+        stream_id: &str,
+        stream_type: &str,
+        expected: Expected,
+        events: Vec<NewEvent>,
+        key: Option<&str>,
+        fence: Option<pb::Fence>,
+    ) -> Result<Appended, Error> {
         let mut request = tonic::Request::new(pb::AppendEventsRequest {
             stream_id: stream_id.to_owned(),
             stream_type: stream_type.to_owned(),
             expected: Some(expected.into()),
             events: events.into_iter().map(|e| e.raw).collect(),
+            fence,
         });
         if let Some(key) = key {
             let value = key

@@ -236,6 +236,9 @@ impl Events for EventsService {
         }
         let mut append = AppendRequest::new(stream, raw.stream_type, expected, events);
         append.idempotency = idempotency;
+        if let Some(fence) = raw.fence {
+            append = append.fenced(fence.lock, fence.token);
+        }
         let outcome = self
             .store
             .append(&scope, append)

@@ -14,7 +14,9 @@ pub fn from_store(err: StoreError) -> Status {
         err @ (StoreError::StreamNotFound(_) | StoreError::DocumentNotFound(_)) => {
             Status::not_found(err.to_string())
         }
-        err @ StoreError::ContextConflict { .. } => Status::failed_precondition(err.to_string()),
+        err @ (StoreError::ContextConflict { .. } | StoreError::StaleFence { .. }) => {
+            Status::failed_precondition(err.to_string())
+        }
         err @ StoreError::IdempotencyKeyReused { .. } => Status::invalid_argument(err.to_string()),
         err @ StoreError::IdempotencyInProgress { .. } => Status::aborted(err.to_string()),
         err @ StoreError::DuplicateEventId => Status::already_exists(err.to_string()),

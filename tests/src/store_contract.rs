@@ -46,6 +46,7 @@ macro_rules! store_contract_tests {
             unregistered_tenants_cannot_write,
             bad_input_is_refused_and_writes_nothing,
             duplicate_event_ids_are_refused,
+            stale_fencing_tokens_are_refused,
             idempotent_repeats_return_the_first_result,
             concurrent_duplicates_execute_once,
             expired_idempotency_keys_are_purged,
@@ -472,6 +473,57 @@ pub async fn duplicate_event_ids_are_refused(f: &impl Fixture) -> anyhow::Result
         .expect_err("duplicate id");
     assert!(matches!(err, StoreError::DuplicateEventId), "{err}");
     assert!(store.stream_info(&tenant, &other).await?.is_none());
+    Ok(())
+}
+
+pub async fn stale_fencing_tokens_are_refused(f: &impl Fixture) -> anyhow::Result<()> {
+    let store = f.store().await;
+    let tenant = f.tenant().await;
+    let s = scope(&tenant);
+    let id = stream("fenced");
+    let fenced = |token| append(&id, ExpectedVersion::Any, events(1)).fenced("repo-lock", token);
+    store.append(&s, fenced(5)).await?;
+    store.append(&s, fenced(5)).await?; // the same holder writes again
+    let err = store.append(&s, fenced(4)).await.expect_err("stale");
+    assert!(
+        matches!(
+            err,
+            StoreError::StaleFence {
+                token: 4,
+                current: 5,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        store.read_stream(&tenant, &id, 1, 10).await?.len(),
+        2,
+        "nothing written"
+    );
+    store.append(&s, fenced(6)).await?;
+    assert!(
+        store.append(&s, fenced(5)).await.is_err(),
+        "5 is stale once 6 wrote"
+    );
+    // Fences are per lock and per tenant.
+    store
+        .append(
+            &s,
+            append(&id, ExpectedVersion::Any, events(1)).fenced("other-lock", 1),
+        )
+        .await?;
+    let other = f.tenant().await;
+    store
+        .append(
+            &scope(&other),
+            append(&id, ExpectedVersion::Any, events(1)).fenced("repo-lock", 1),
+        )
+        .await?;
+    assert!(matches!(
+        store.append(&s, fenced(0)).await,
+        Err(StoreError::Invalid(InvalidInput::Zero { .. }))
+    ));
     Ok(())
 }
 

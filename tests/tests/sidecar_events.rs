@@ -168,6 +168,7 @@ async fn bad_requests_get_clear_statuses_and_change_nothing() -> anyhow::Result<
         stream_type: "task".into(),
         expected,
         events,
+        fence: None,
     };
     let cases = vec![
         (

@@ -12,8 +12,11 @@ use statefabric_tests as env;
 use statefabric_tests::process::{Service, spawn};
 use tonic::Code;
 
+/// Sidecars of one tenant share the Redis Cluster for locks and Postgres
+/// for state, as in production.
 async fn sidecar(tenant: &str, identity: &str) -> anyhow::Result<Service> {
     let urls = env::redis_cluster_urls().join(",");
+    let (admin_url, app_url) = (env::pg_admin_url(), env::pg_app_url());
     let mut service = spawn(
         "statefabric-sidecar",
         &[],
@@ -22,6 +25,12 @@ async fn sidecar(tenant: &str, identity: &str) -> anyhow::Result<Service> {
             ("STATEFABRIC_SIDECAR__IDENTITY", identity),
             ("STATEFABRIC_LOCKS__BACKEND", "redis_cluster"),
             ("STATEFABRIC_LOCKS__URLS", urls.as_str()),
+            ("STATEFABRIC_STORAGE__BACKEND", "postgres"),
+            ("STATEFABRIC_STORAGE__POSTGRES__URL", app_url.as_str()),
+            (
+                "STATEFABRIC_STORAGE__POSTGRES_MIGRATE_URL",
+                admin_url.as_str(),
+            ),
         ],
     )?;
     service.ready().await?;
@@ -192,5 +201,82 @@ async fn bad_lock_requests_are_refused() -> anyhow::Result<()> {
             .into_inner()
             .held
     );
+    Ok(())
+}
+
+/// The point of fencing tokens: a holder whose lease lapsed (here: its
+/// renewal stopped, as if the process were paused) cannot write after the
+/// lock's next holder has, even though it still believes it holds the lock.
+#[tokio::test]
+async fn a_lapsed_holder_is_fenced_out_of_the_event_store() -> anyhow::Result<()> {
+    use serde_json::json;
+    use statefabric_sdk::{Expected, NewEvent};
+
+    let t = tenant();
+    let (a, b) = (sidecar(&t, "coder-a").await?, sidecar(&t, "coder-b").await?);
+    let (ca, cb) = (
+        StateClient::connect(a.grpc.clone()).await?,
+        StateClient::connect(b.grpc.clone()).await?,
+    );
+    let n = name();
+    let stream = format!("repo-{}", uuid::Uuid::new_v4().simple());
+    let ev = |s: &str| NewEvent::json("Committed", &json!({"by": s})).expect("json");
+
+    let old = ca
+        .locks()
+        .acquire(&n, Duration::from_millis(300), NOW)
+        .await?
+        .expect("free");
+    ca.clone()
+        .append_fenced(&old, &stream, "repo", Expected::Any, vec![ev("a")])
+        .await?;
+    // a "pauses": its lease lapses, b takes the lock and writes.
+    let old_token = old.token();
+    let stale = {
+        // Keep the lease's identity but stop its renewal.
+        let name = old.name().to_owned();
+        drop(old);
+        (name, old_token)
+    };
+    let new = cb
+        .locks()
+        .acquire(&n, Duration::from_secs(10), Duration::from_secs(5))
+        .await?
+        .expect("lapsed");
+    assert!(new.token() > stale.1);
+    cb.clone()
+        .append_fenced(&new, &stream, "repo", Expected::Any, vec![ev("b")])
+        .await?;
+    // a wakes up and writes with its old token: refused, nothing written.
+    let mut raw =
+        statefabric_proto::state::v1::events_client::EventsClient::connect(a.grpc.clone()).await?;
+    let late = pb::AppendEventsRequest {
+        stream_id: stream.clone(),
+        stream_type: "repo".into(),
+        expected: Some(Expected::Any.into()),
+        events: vec![pb::NewEvent {
+            event_type: "Committed".into(),
+            data_json: br#"{"by":"a-late"}"#.to_vec(),
+            ..Default::default()
+        }],
+        fence: Some(pb::Fence {
+            lock: stale.0,
+            token: stale.1,
+        }),
+    };
+    let status = raw.append_events(late).await.expect_err("fenced out");
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains("stale"), "{}", status.message());
+    let events = ca.clone().read_stream(&stream, 1, 10).await?;
+    let writers: Vec<_> = events
+        .iter()
+        .map(|e| e.data["by"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(writers, ["a", "b"]);
     Ok(())
 }

@@ -8,8 +8,8 @@
 //! can be refused once a newer holder exists — what lease-only lock APIs
 //! lack.
 //!
-//! Partial (see the Redis issue): no fencing checks in the event store yet,
-//! no strict FIFO fairness for waiters (they poll with backoff), and no
+//! Writes are fenced in the event store (`AppendRequest::fenced`). Partial
+//! (see the Redis issue): no fencing on context writes yet, no strict FIFO fairness for waiters (they poll with backoff), and no
 //! token durability across a Redis failover (the counter is INCRed without
 //! waiting for a replica).
 

@@ -45,6 +45,13 @@ pub enum StoreError {
         snapshot: u64,
         stream_version: u64,
     },
+    /// The write carried a lock token older than one already used.
+    #[error("lock {lock}: fencing token {token} is stale; token {current} was already used")]
+    StaleFence {
+        lock: String,
+        token: u64,
+        current: u64,
+    },
     #[error("idempotency key `{key}` was already used for a different request")]
     IdempotencyKeyReused { key: String },
     #[error("a request with idempotency key `{key}` is still in progress; retry later")]

@@ -26,6 +26,6 @@ pub use feed::{FeedOptions, replay, subscribe_all};
 pub use janitor::run_idempotency_janitor;
 pub use limits::Limits;
 pub use port::{
-    AppendOutcome, AppendRequest, AppendResult, EventStore, Idempotency, Scope, StreamInfo,
+    AppendOutcome, AppendRequest, AppendResult, EventStore, Fence, Idempotency, Scope, StreamInfo,
 };
 pub use repository::{Loaded, Repository, RepositoryError, SnapshotPolicy};

@@ -77,6 +77,23 @@ impl Limits {
                 max: self.max_batch_events,
             });
         }
+        if let Some(fence) = &request.fence {
+            let ok_char = |c: char| {
+                c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '@')
+            };
+            if fence.lock.is_empty() || fence.lock.len() > 256 || !fence.lock.chars().all(ok_char) {
+                return Err(InvalidInput::BadName {
+                    what: "fence lock",
+                    value: fence.lock.clone(),
+                    reason: "lock names are 1-256 ASCII letters, digits or -_.:/@",
+                });
+            }
+            if fence.token == 0 {
+                return Err(InvalidInput::Zero {
+                    what: "fence token",
+                });
+            }
+        }
         if let Some(idem) = &request.idempotency {
             let len = idem.key.len();
             if !(1..=256).contains(&len) {

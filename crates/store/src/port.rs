@@ -60,6 +60,14 @@ impl Idempotency {
     }
 }
 
+/// A lock's fencing token carried by a write: the write is refused if a
+/// newer token of the same lock was already used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub lock: String,
+    pub token: u64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct AppendRequest {
     pub stream_id: StreamId,
@@ -68,6 +76,7 @@ pub struct AppendRequest {
     pub expected: ExpectedVersion,
     pub events: Vec<NewEvent>,
     pub idempotency: Option<Idempotency>,
+    pub fence: Option<Fence>,
 }
 
 impl AppendRequest {
@@ -83,11 +92,20 @@ impl AppendRequest {
             expected,
             events,
             idempotency: None,
+            fence: None,
         }
     }
 
     pub fn idempotent(mut self, idempotency: Idempotency) -> Self {
         self.idempotency = Some(idempotency);
+        self
+    }
+
+    pub fn fenced(mut self, lock: impl Into<String>, token: u64) -> Self {
+        self.fence = Some(Fence {
+            lock: lock.into(),
+            token,
+        });
         self
     }
 }

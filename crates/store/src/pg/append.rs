@@ -83,6 +83,9 @@ pub(super) async fn append(
         });
     }
 
+    if let Some(fence) = &request.fence {
+        check_fence(tx, &scope.tenant, fence).await?;
+    }
     let count = i64::try_from(request.events.len()).unwrap_or(i64::MAX);
     let batch: Vec<Value> = request
         .events
@@ -142,6 +145,43 @@ pub(super) async fn append(
     Ok(AppendOutcome {
         result,
         replayed: false,
+    })
+}
+
+/// Advances the lock's fence to `fence.token`, or refuses a stale token. The
+/// fence row's lock serializes concurrent fenced writers of one lock.
+async fn check_fence(
+    tx: &mut Transaction<'static, Postgres>,
+    tenant: &TenantId,
+    fence: &crate::port::Fence,
+) -> Result<()> {
+    let token = i64::try_from(fence.token).unwrap_or(i64::MAX);
+    let advanced: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO fences (tenant_id, lock_name, token) VALUES ($1, $2, $3) \
+         ON CONFLICT (tenant_id, lock_name) DO UPDATE SET token = EXCLUDED.token \
+           WHERE fences.token <= EXCLUDED.token \
+         RETURNING token",
+    )
+    .bind(tenant.as_str())
+    .bind(&fence.lock)
+    .bind(token)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    if advanced.is_some() {
+        return Ok(());
+    }
+    let current: i64 =
+        sqlx::query_scalar("SELECT token FROM fences WHERE tenant_id = $1 AND lock_name = $2")
+            .bind(tenant.as_str())
+            .bind(&fence.lock)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    Err(StoreError::StaleFence {
+        lock: fence.lock.clone(),
+        token: fence.token,
+        current: to_u64(current),
     })
 }
 

@@ -47,6 +47,9 @@ async fn append_in(
         });
     }
 
+    if let Some(fence) = &request.fence {
+        check_fence(tx, tenant, fence).await?;
+    }
     let current: Option<(i64, String)> = sqlx::query_as(
         "SELECT version, stream_type FROM streams WHERE tenant_id = ? AND stream_id = ?",
     )
@@ -218,6 +221,40 @@ pub(crate) async fn claim_key(
     .await
     .map_err(|e| classify(e, tenant))?;
     Ok(None)
+}
+
+/// Advances the lock's fence to `fence.token`, or refuses a stale token.
+async fn check_fence(
+    tx: &mut Transaction<'static, Sqlite>,
+    tenant: &TenantId,
+    fence: &crate::port::Fence,
+) -> Result<()> {
+    let seen: Option<i64> =
+        sqlx::query_scalar("SELECT token FROM fences WHERE tenant_id = ? AND lock_name = ?")
+            .bind(tenant.as_str())
+            .bind(&fence.lock)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    let token = to_i64(fence.token);
+    if let Some(current) = seen.filter(|c| *c > token) {
+        return Err(StoreError::StaleFence {
+            lock: fence.lock.clone(),
+            token: fence.token,
+            current: u64::try_from(current).unwrap_or_default(),
+        });
+    }
+    sqlx::query(
+        "INSERT INTO fences (tenant_id, lock_name, token) VALUES (?, ?, ?) \
+         ON CONFLICT (tenant_id, lock_name) DO UPDATE SET token = excluded.token",
+    )
+    .bind(tenant.as_str())
+    .bind(&fence.lock)
+    .bind(token)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
 }
 
 pub(crate) async fn complete_key(

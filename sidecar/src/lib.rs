@@ -10,9 +10,9 @@
 //! is `statefabric-runtime`.
 //!
 //! The `Locks` service ([`locks`]) serves leases with fencing tokens from
-//! `statefabric-lock` (in-process or Redis). Not yet here: fencing checks in
-//! writes, sessions and Redis cache invalidation (the Redis issue) and the
-//! task API (the saga issue).
+//! `statefabric-lock` (in-process or Redis); appends may carry a fence.
+//! Not yet here: fencing of context writes, sessions and Redis cache
+//! invalidation (the Redis issue) and the task API (the saga issue).
 
 pub mod cache;
 pub mod config;

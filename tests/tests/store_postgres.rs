@@ -143,6 +143,32 @@ async fn row_level_security_stops_crafted_cross_tenant_access() -> anyhow::Resul
         )
         .await?;
 
+    use statefabric_store::context::{ContextChange, ContextStore, ContextWrite};
+    store
+        .write(
+            &scope(&victim),
+            ContextWrite {
+                id: "plan".to_owned(),
+                merge: statefabric_domain::MergeType::None,
+                base: statefabric_domain::VectorClock::new(),
+                change: ContextChange::Put(json!({"secret": true})),
+                idempotency: None,
+            },
+        )
+        .await?;
+    store
+        .append(
+            &scope(&victim),
+            AppendRequest::new(
+                id.clone(),
+                "task",
+                ExpectedVersion::Any,
+                vec![NewEvent::new("Fenced", json!({}))],
+            )
+            .fenced("repo-lock", 1),
+        )
+        .await?;
+
     let mut conn = app_conn(Some(&attacker)).await?;
     // Reads naming the victim's tenant and stream explicitly see nothing.
     for table in [
@@ -151,6 +177,9 @@ async fn row_level_security_stops_crafted_cross_tenant_access() -> anyhow::Resul
         "snapshots",
         "event_outbox",
         "audit_log",
+        "context_documents",
+        "context_revisions",
+        "fences",
     ] {
         let sql = format!("SELECT count(*) FROM {table} WHERE tenant_id = $1");
         let visible: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
@@ -211,8 +240,14 @@ async fn row_level_security_stops_crafted_cross_tenant_access() -> anyhow::Resul
     assert_eq!(visible, 0);
 
     // The victim's data is intact.
+    assert_eq!(
+        ContextStore::get(&store, &victim, "plan")
+            .await?
+            .map(|d| d.content),
+        Some(json!({"secret": true}))
+    );
     let events = store.read_stream(&victim, &id, 1, 10).await?;
-    assert_eq!(events.len(), 1);
+    assert_eq!(events.len(), 2);
     let snapshot = store.load_snapshot(&victim, &id).await?.expect("snapshot");
     assert_eq!(snapshot.state, json!({"plan": "private"}));
     Ok(())

@@ -215,3 +215,65 @@ impl ServiceConfig for SidecarConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use statefabric_runtime::config::load_from;
+
+    use super::*;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<SidecarConfig, statefabric_runtime::ConfigError> {
+        load_from(
+            SidecarConfig::defaults(),
+            None,
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid_and_embedded() {
+        let config = load(&[]).expect("defaults");
+        assert_eq!(config.storage.backend, Backend::Sqlite);
+        assert_eq!(config.locks.backend, LockBackend::Memory);
+        assert_eq!(config.sidecar.listen.port(), DEFAULT_GRPC_PORT);
+    }
+
+    #[test]
+    fn every_sidecar_problem_is_named() {
+        let err = load(&[
+            ("STATEFABRIC_SIDECAR__TENANT", "Not Valid"),
+            ("STATEFABRIC_SIDECAR__IDENTITY", ""),
+            ("STATEFABRIC_SIDECAR__SUBSCRIPTION_BUFFER", "0"),
+            ("STATEFABRIC_SIDECAR__CACHE_MAX_BYTES", "0"),
+            ("STATEFABRIC_LOCKS__BACKEND", "redis_cluster"),
+            ("STATEFABRIC_STORAGE__BACKEND", "postgres"),
+            ("STATEFABRIC_STORAGE__POSTGRES__URL", "mysql://nope"),
+        ])
+        .expect_err("invalid");
+        let text = err.to_string();
+        for key in [
+            "sidecar.tenant",
+            "sidecar.identity",
+            "sidecar.subscription_buffer",
+            "sidecar.cache_max_entries",
+            "locks.urls",
+            "storage.postgres.url",
+        ] {
+            assert!(text.contains(key), "{key} missing from:\n{text}");
+        }
+        let err = load(&[
+            ("STATEFABRIC_LOCKS__BACKEND", "redis"),
+            ("STATEFABRIC_LOCKS__URLS", "http://x"),
+        ])
+        .expect_err("bad url");
+        assert!(err.to_string().contains("is not a redis:// URL"), "{err}");
+        let ok = load(&[
+            ("STATEFABRIC_LOCKS__BACKEND", "redis_cluster"),
+            ("STATEFABRIC_LOCKS__URLS", "redis://a:1, redis://b:2"),
+        ])
+        .expect("valid");
+        assert_eq!(ok.locks.url_list(), ["redis://a:1", "redis://b:2"]);
+    }
+}

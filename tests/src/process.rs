@@ -105,3 +105,41 @@ impl Service {
         stderr
     }
 }
+
+/// Where a test sidecar keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// The shared test Postgres (migrated and the tenant registered at start).
+    Postgres,
+    /// A private SQLite file.
+    Sqlite,
+}
+
+/// Starts a `statefabric-sidecar` for `tenant` as `identity` and waits until
+/// it is ready; `extra` environment variables come last and win.
+pub async fn sidecar(
+    storage: Storage,
+    tenant: &str,
+    identity: &str,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<Service> {
+    let (admin_url, app_url) = (crate::pg_admin_url(), crate::pg_app_url());
+    let mut vars: Vec<(&str, &str)> = vec![
+        ("STATEFABRIC_SIDECAR__TENANT", tenant),
+        ("STATEFABRIC_SIDECAR__IDENTITY", identity),
+    ];
+    if storage == Storage::Postgres {
+        vars.extend([
+            ("STATEFABRIC_STORAGE__BACKEND", "postgres"),
+            ("STATEFABRIC_STORAGE__POSTGRES__URL", app_url.as_str()),
+            (
+                "STATEFABRIC_STORAGE__POSTGRES_MIGRATE_URL",
+                admin_url.as_str(),
+            ),
+        ]);
+    }
+    vars.extend_from_slice(extra);
+    let mut service = spawn("statefabric-sidecar", &[], &vars)?;
+    service.ready().await?;
+    Ok(service)
+}

@@ -10,28 +10,11 @@ use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::shared_context_client::SharedContextClient;
 use statefabric_sdk::{ContextClient, Crdt, Error, MergeType, StateClient, VectorClock};
 use statefabric_tests as env;
-use statefabric_tests::process::{Service, spawn};
+use statefabric_tests::process::{self, Service, Storage};
 use tonic::Code;
 
 async fn sidecar(tenant: &str, identity: &str) -> anyhow::Result<Service> {
-    let admin_url = env::pg_admin_url();
-    let app_url = env::pg_app_url();
-    let mut service = spawn(
-        "statefabric-sidecar",
-        &[],
-        &[
-            ("STATEFABRIC_SIDECAR__TENANT", tenant),
-            ("STATEFABRIC_SIDECAR__IDENTITY", identity),
-            ("STATEFABRIC_STORAGE__BACKEND", "postgres"),
-            ("STATEFABRIC_STORAGE__POSTGRES__URL", app_url.as_str()),
-            (
-                "STATEFABRIC_STORAGE__POSTGRES_MIGRATE_URL",
-                admin_url.as_str(),
-            ),
-        ],
-    )?;
-    service.ready().await?;
-    Ok(service)
+    process::sidecar(Storage::Postgres, tenant, identity, &[]).await
 }
 
 async fn context(service: &Service) -> anyhow::Result<ContextClient> {

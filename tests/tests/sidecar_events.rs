@@ -10,7 +10,7 @@ use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::events_client::EventsClient;
 use statefabric_sdk::{Causality, Error, Expected, NewEvent, StateClient, causality};
 use statefabric_tests as env;
-use statefabric_tests::process::{Service, spawn};
+use statefabric_tests::process::{self, Service, Storage, spawn};
 use tonic::Code;
 
 #[derive(Clone, Copy, Debug)]
@@ -28,26 +28,11 @@ async fn sidecar(
     tenant: &str,
     extra: &[(&str, &str)],
 ) -> anyhow::Result<Service> {
-    let admin_url = env::pg_admin_url();
-    let app_url = env::pg_app_url();
-    let mut vars: Vec<(&str, &str)> = vec![
-        ("STATEFABRIC_SIDECAR__TENANT", tenant),
-        ("STATEFABRIC_SIDECAR__IDENTITY", "planner-1"),
-    ];
-    if let Backend::Postgres = backend {
-        vars.extend([
-            ("STATEFABRIC_STORAGE__BACKEND", "postgres"),
-            ("STATEFABRIC_STORAGE__POSTGRES__URL", app_url.as_str()),
-            (
-                "STATEFABRIC_STORAGE__POSTGRES_MIGRATE_URL",
-                admin_url.as_str(),
-            ),
-        ]);
-    }
-    vars.extend_from_slice(extra);
-    let mut service = spawn("statefabric-sidecar", &[], &vars)?;
-    service.ready().await?;
-    Ok(service)
+    let storage = match backend {
+        Backend::Postgres => Storage::Postgres,
+        Backend::Sqlite => Storage::Sqlite,
+    };
+    process::sidecar(storage, tenant, "planner-1", extra).await
 }
 
 async fn client(service: &Service) -> anyhow::Result<StateClient> {

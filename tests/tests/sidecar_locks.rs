@@ -9,32 +9,23 @@ use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::locks_client::LocksClient;
 use statefabric_sdk::{LockClient, StateClient};
 use statefabric_tests as env;
-use statefabric_tests::process::{Service, spawn};
+use statefabric_tests::process::{self, Service, Storage};
 use tonic::Code;
 
 /// Sidecars of one tenant share the Redis Cluster for locks and Postgres
 /// for state, as in production.
 async fn sidecar(tenant: &str, identity: &str) -> anyhow::Result<Service> {
     let urls = env::redis_cluster_urls().join(",");
-    let (admin_url, app_url) = (env::pg_admin_url(), env::pg_app_url());
-    let mut service = spawn(
-        "statefabric-sidecar",
-        &[],
+    process::sidecar(
+        Storage::Postgres,
+        tenant,
+        identity,
         &[
-            ("STATEFABRIC_SIDECAR__TENANT", tenant),
-            ("STATEFABRIC_SIDECAR__IDENTITY", identity),
             ("STATEFABRIC_LOCKS__BACKEND", "redis_cluster"),
             ("STATEFABRIC_LOCKS__URLS", urls.as_str()),
-            ("STATEFABRIC_STORAGE__BACKEND", "postgres"),
-            ("STATEFABRIC_STORAGE__POSTGRES__URL", app_url.as_str()),
-            (
-                "STATEFABRIC_STORAGE__POSTGRES_MIGRATE_URL",
-                admin_url.as_str(),
-            ),
         ],
-    )?;
-    service.ready().await?;
-    Ok(service)
+    )
+    .await
 }
 
 async fn locks(service: &Service) -> anyhow::Result<LockClient> {

@@ -18,6 +18,7 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::{Request, Response, Status};
 
 use crate::cache::ContextCache;
+use crate::convert::json;
 use crate::events::idempotency_key;
 use crate::status::from_store;
 
@@ -82,11 +83,6 @@ fn vector_to_proto(vector: &VectorClock) -> pb::VersionVector {
             .map(|(k, v)| (k.clone(), *v))
             .collect(),
     }
-}
-
-fn json(field: &str, bytes: &[u8]) -> Result<serde_json::Value, Status> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| Status::invalid_argument(format!("{field}: invalid JSON: {e}")))
 }
 
 fn now_micros() -> u64 {

@@ -45,7 +45,7 @@ pub fn checkpoint_to_proto(c: Checkpoint) -> pb::Checkpoint {
     }
 }
 
-fn json(field: &str, bytes: &[u8]) -> Result<serde_json::Value, Status> {
+pub(crate) fn json(field: &str, bytes: &[u8]) -> Result<serde_json::Value, Status> {
     serde_json::from_slice(bytes)
         .map_err(|e| Status::invalid_argument(format!("{field}: invalid JSON: {e}")))
 }

@@ -75,6 +75,17 @@ fn describe_actual(actual: Option<u64>) -> String {
     }
 }
 
+/// Runs a store call under its time limit: every call is bounded, so a hung
+/// connection surfaces as `Timeout` instead of a stuck caller.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or(Err(StoreError::Timeout(limit)))
+}
+
 impl StoreError {
     /// Whether retrying the same call later may succeed.
     pub fn is_transient(&self) -> bool {

@@ -70,7 +70,7 @@ fn now_micros() -> u64 {
 impl ContextStore for PgEventStore {
     async fn get(&self, tenant: &TenantId, id: &str) -> Result<Option<ContextDocument>> {
         super::check_id(id)?;
-        self.timed_op(async {
+        self.timed(async {
             let mut tx = self.begin_for(tenant).await?;
             let row: Option<Row> = sqlx::query_as(SELECT)
                 .bind(tenant.as_str())
@@ -93,7 +93,7 @@ impl ContextStore for PgEventStore {
         revision: u64,
     ) -> Result<Option<Value>> {
         super::check_id(id)?;
-        self.timed_op(async {
+        self.timed(async {
             let mut tx = self.begin_for(tenant).await?;
             let content: Option<Value> = sqlx::query_scalar(
                 "SELECT content FROM context_revisions WHERE tenant_id = $1 AND document_id = $2 AND revision = $3",
@@ -112,7 +112,7 @@ impl ContextStore for PgEventStore {
 
     async fn write(&self, scope: &Scope, write: ContextWrite) -> Result<ContextOutcome> {
         super::check_id(&write.id)?;
-        self.timed_op(async {
+        self.timed(async {
             let mut tx = self.begin_for(&scope.tenant).await?;
             if let Some(idempotency) = &write.idempotency
                 && let Some(stored) = claim_key(&mut tx, self.config(), &scope.tenant, idempotency).await?

@@ -59,7 +59,7 @@ fn decode(row: Row) -> Result<(Stored, DateTime<Utc>)> {
 impl ContextStore for SqliteEventStore {
     async fn get(&self, tenant: &TenantId, id: &str) -> Result<Option<ContextDocument>> {
         super::check_id(id)?;
-        self.timed_op(async {
+        self.timed(async {
             let row: Option<Row> = sqlx::query_as(SELECT)
                 .bind(tenant.as_str())
                 .bind(id)
@@ -80,7 +80,7 @@ impl ContextStore for SqliteEventStore {
         revision: u64,
     ) -> Result<Option<Value>> {
         super::check_id(id)?;
-        self.timed_op(async {
+        self.timed(async {
             let content: Option<String> = sqlx::query_scalar(
                 "SELECT content FROM context_revisions WHERE tenant_id = ? AND document_id = ? AND revision = ?",
             )
@@ -100,7 +100,7 @@ impl ContextStore for SqliteEventStore {
 
     async fn write(&self, scope: &Scope, write: ContextWrite) -> Result<ContextOutcome> {
         super::check_id(&write.id)?;
-        self.timed_op(async {
+        self.timed(async {
             let mut tx = self.writer().begin().await.map_err(map_err)?;
             let result = write_in(self, &mut tx, scope, &write).await;
             match &result {

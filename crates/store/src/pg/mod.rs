@@ -117,13 +117,6 @@ impl PgEventStore {
         &self.config
     }
 
-    pub(crate) async fn timed_op<T>(
-        &self,
-        fut: impl std::future::Future<Output = Result<T>>,
-    ) -> Result<T> {
-        self.timed(fut).await
-    }
-
     /// Registers pool gauges (in use, idle, waiting) in `registry`.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register_collector(Box::new(PoolCollector {
@@ -160,11 +153,11 @@ impl PgEventStore {
         append::append(tx, &self.config, scope, request).await
     }
 
-    async fn timed<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        match tokio::time::timeout(self.config.query_timeout, fut).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout(self.config.query_timeout)),
-        }
+    pub(crate) async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        crate::error::within(self.config.query_timeout, fut).await
     }
 }
 

@@ -129,23 +129,16 @@ impl SqliteEventStore {
         &self.config
     }
 
-    pub(crate) async fn timed_op<T>(
-        &self,
-        fut: impl std::future::Future<Output = Result<T>>,
-    ) -> Result<T> {
-        self.timed(fut).await
-    }
-
     /// The read pool, for tests and tools that inspect the file.
     pub fn reader(&self) -> &SqlitePool {
         &self.reader
     }
 
-    async fn timed<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        match tokio::time::timeout(self.config.query_timeout, fut).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout(self.config.query_timeout)),
-        }
+    pub(crate) async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        crate::error::within(self.config.query_timeout, fut).await
     }
 
     async fn fetch_events(

@@ -10,6 +10,7 @@
 
 pub mod lock_contract;
 pub mod process;
+pub mod session_contract;
 pub mod store_contract;
 
 use std::collections::HashMap;
@@ -117,6 +118,32 @@ pub fn registry_url() -> String {
 }
 
 /// Hint appended to connection failures.
+/// The real standalone Redis through the production connection code
+/// (deadline, breaker, metrics).
+pub async fn redis_standalone() -> statefabric_redis::Redis {
+    redis_with(statefabric_redis::RedisMode::Standalone, redis_url()).await
+}
+
+/// The real 6-node cluster through the production connection code.
+pub async fn redis_cluster() -> statefabric_redis::Redis {
+    redis_with(
+        statefabric_redis::RedisMode::Cluster,
+        redis_cluster_urls().join(","),
+    )
+    .await
+}
+
+async fn redis_with(mode: statefabric_redis::RedisMode, urls: String) -> statefabric_redis::Redis {
+    let config = statefabric_redis::RedisConfig {
+        mode,
+        urls,
+        ..statefabric_redis::RedisConfig::default()
+    };
+    statefabric_redis::Redis::connect(&config)
+        .await
+        .unwrap_or_else(|e| panic!("{e} ({START_HINT})"))
+}
+
 pub const START_HINT: &str = "is the test environment running? start it with testenv/up.sh";
 
 /// Path of a workspace binary built next to this test executable

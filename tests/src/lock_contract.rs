@@ -28,6 +28,7 @@ macro_rules! lock_contract_tests {
             an_expired_lease_frees_the_lock_and_fences_the_old_holder,
             contenders_take_turns_exclusively,
             bad_input_is_refused,
+            waiters_are_served_in_arrival_order,
         );
     };
     (@each $locks:expr; $($name:ident),* $(,)?) => {
@@ -205,6 +206,47 @@ pub async fn bad_input_is_refused(locks: Arc<dyn LockService>) -> anyhow::Result
     assert!(
         locks.inspect(&t, "ok").await?.is_none(),
         "nothing was taken"
+    );
+    Ok(())
+}
+
+pub async fn waiters_are_served_in_arrival_order(
+    locks: Arc<dyn LockService>,
+) -> anyhow::Result<()> {
+    let (t, n) = (tenant(), name());
+    let first = locks
+        .acquire(&t, &n, "first", TTL, NOW)
+        .await?
+        .expect("free");
+    let wait = |owner: &'static str| {
+        let (locks, t, n) = (locks.clone(), t.clone(), n.clone());
+        tokio::spawn(async move {
+            locks
+                .acquire(&t, &n, owner, TTL, Duration::from_secs(20))
+                .await
+        })
+    };
+    let second = wait("second");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let third = wait("third");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    locks.release(&first).await?;
+    let second = second.await??.expect("second is first in line");
+    assert_eq!(second.owner, "second");
+    // The lock is free for a moment after this release, but "third" is
+    // waiting: a caller that just tries once may not jump the queue.
+    locks.release(&second).await?;
+    assert!(
+        locks.acquire(&t, &n, "barger", TTL, NOW).await?.is_none(),
+        "a try-once caller jumped the queue"
+    );
+    let third = third.await??.expect("third is next");
+    assert_eq!(third.owner, "third");
+    assert!(first.token < second.token && second.token < third.token);
+    locks.release(&third).await?;
+    assert!(
+        locks.acquire(&t, &n, "later", TTL, NOW).await?.is_some(),
+        "an empty queue lets a try-once caller in"
     );
     Ok(())
 }

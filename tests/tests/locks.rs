@@ -9,20 +9,11 @@ use statefabric_lock::redis::RedisLocks;
 use statefabric_tests as env;
 
 async fn standalone() -> Arc<dyn LockService> {
-    let client = redis::Client::open(env::redis_url()).expect("url");
-    let manager = redis::aio::ConnectionManager::new(client)
-        .await
-        .unwrap_or_else(|e| panic!("redis ({}): {e}", env::START_HINT));
-    Arc::new(RedisLocks::new(manager))
+    Arc::new(RedisLocks::new(env::redis_standalone().await.conn()))
 }
 
 async fn cluster() -> Arc<dyn LockService> {
-    let client = redis::cluster::ClusterClient::new(env::redis_cluster_urls()).expect("urls");
-    let conn = client
-        .get_async_connection()
-        .await
-        .unwrap_or_else(|e| panic!("redis cluster ({}): {e}", env::START_HINT));
-    Arc::new(RedisLocks::new(conn))
+    Arc::new(RedisLocks::new(env::redis_cluster().await.conn()))
 }
 
 async fn memory() -> Arc<dyn LockService> {

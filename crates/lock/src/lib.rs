@@ -8,10 +8,12 @@
 //! can be refused once a newer holder exists — what lease-only lock APIs
 //! lack.
 //!
-//! Writes are fenced in the event store (`AppendRequest::fenced`). Partial
-//! (see the Redis issue): no fencing on context writes yet, no strict FIFO fairness for waiters (they poll with backoff), and no
-//! token durability across a Redis failover (the counter is INCRed without
-//! waiting for a replica).
+//! Writes are fenced in the event store (`AppendRequest::fenced`) and in
+//! context writes: a write carrying a token older than one the store has
+//! seen for that lock is refused. Waiting is first come, first served (no
+//! waiter is starved by later arrivals or by try-once callers), and tokens
+//! stay increasing across a Redis failover and an embedded restart (see
+//! [`redis`] for how, and the clock assumption it makes).
 
 pub mod memory;
 pub mod redis;

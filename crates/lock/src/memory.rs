@@ -1,9 +1,11 @@
-//! In-process locks for the embedded default: same semantics as Redis
-//! (leases, fencing tokens that never repeat), one process.
+//! In-process locks for the embedded default: the same semantics as Redis
+//! (leases, FIFO waiting, fencing tokens that never repeat — not even across
+//! a restart, as they are floored by the clock), in one process.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use statefabric_domain::TenantId;
@@ -12,10 +14,13 @@ use tokio::time::Instant;
 
 use crate::{Holder, Lease, LockError, LockService, Result, check};
 
+type Key = (TenantId, String);
+
 #[derive(Debug, Default)]
 pub struct MemoryLocks {
-    state: Mutex<HashMap<(TenantId, String), Entry>>,
+    state: Mutex<HashMap<Key, Entry>>,
     released: Notify,
+    next_waiter: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -23,35 +28,75 @@ struct Entry {
     holder: Option<(String, u64, Instant)>,
     /// Last token granted; kept after release so tokens never repeat.
     last_token: u64,
+    /// Waiters in arrival order: (waiter id, owner).
+    queue: VecDeque<(u64, String)>,
+}
+
+/// Microseconds since the epoch: the floor for new tokens, so a restarted
+/// process (whose counters are gone) still grants larger tokens than the
+/// ones the store has already seen.
+fn clock_floor() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// Removes a waiter from its queue however `acquire` ends (granted, timed
+/// out, or its future dropped), so a departed waiter never blocks others.
+struct Place<'a> {
+    locks: &'a MemoryLocks,
+    key: Key,
+    id: u64,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        let mut state = self.locks.lock();
+        if let Some(entry) = state.get_mut(&self.key) {
+            entry.queue.retain(|(id, _)| *id != self.id);
+        }
+        drop(state);
+        self.locks.released.notify_waiters();
+    }
 }
 
 impl MemoryLocks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the lock if it is free and `waiter` is first in line (or nobody
+    /// is waiting); otherwise the holder's expiry, if held.
     fn try_take(
         &self,
-        tenant: &TenantId,
-        name: &str,
+        key: &Key,
         owner: &str,
         ttl: Duration,
-    ) -> std::result::Result<Lease, Instant> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = state.entry((tenant.clone(), name.to_owned())).or_default();
+        waiter: Option<u64>,
+    ) -> std::result::Result<Lease, Option<Instant>> {
+        let mut state = self.lock();
+        let entry = state.entry(key.clone()).or_default();
         let now = Instant::now();
         let token = match &entry.holder {
             Some((holder, token, expires)) if *expires > now => {
                 if holder != owner {
-                    return Err(*expires);
+                    return Err(Some(*expires));
                 }
                 *token
             }
             _ => {
-                entry.last_token += 1;
+                let first = entry.queue.front().map(|(id, _)| *id);
+                if first.is_some() && first != waiter {
+                    return Err(None);
+                }
+                entry.last_token = (entry.last_token + 1).max(clock_floor());
                 entry.last_token
             }
         };
         entry.holder = Some((owner.to_owned(), token, now + ttl));
         Ok(Lease {
-            tenant: tenant.clone(),
-            name: name.to_owned(),
+            tenant: key.0.clone(),
+            name: key.1.clone(),
             owner: owner.to_owned(),
             token,
             ttl,
@@ -59,7 +104,7 @@ impl MemoryLocks {
     }
 
     fn with_current<T>(&self, lease: &Lease, f: impl FnOnce(&mut Entry) -> T) -> Result<T> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.lock();
         let current = state
             .get_mut(&(lease.tenant.clone(), lease.name.clone()))
             .filter(|e| {
@@ -89,20 +134,38 @@ impl LockService for MemoryLocks {
         wait: Duration,
     ) -> Result<Option<Lease>> {
         check(name, owner, ttl)?;
+        let key = (tenant.clone(), name.to_owned());
+        match self.try_take(&key, owner, ttl, None) {
+            Ok(lease) => return Ok(Some(lease)),
+            Err(_) if wait.is_zero() => return Ok(None),
+            Err(_) => {}
+        }
         let deadline = Instant::now() + wait;
+        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        self.lock()
+            .entry(key.clone())
+            .or_default()
+            .queue
+            .push_back((id, owner.to_owned()));
+        let _place = Place {
+            locks: self,
+            key: key.clone(),
+            id,
+        };
         loop {
             let released = self.released.notified();
-            match self.try_take(tenant, name, owner, ttl) {
+            match self.try_take(&key, owner, ttl, Some(id)) {
                 Ok(lease) => return Ok(Some(lease)),
                 Err(expires) => {
-                    let now = Instant::now();
-                    if now >= deadline {
+                    if Instant::now() >= deadline {
                         return Ok(None);
                     }
-                    // Wake on a release, at the holder's expiry, or at the deadline.
+                    // Wake on a release or departure, at the holder's
+                    // expiry, or at the deadline.
+                    let until = expires.map_or(deadline, |e| e.min(deadline));
                     tokio::select! {
                         () = released => {}
-                        () = tokio::time::sleep_until(expires.min(deadline)) => {}
+                        () = tokio::time::sleep_until(until) => {}
                     }
                 }
             }
@@ -129,14 +192,14 @@ impl LockService for MemoryLocks {
     }
 
     async fn inspect(&self, tenant: &TenantId, name: &str) -> Result<Option<Holder>> {
-        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = self.lock();
         let now = Instant::now();
         Ok(state
             .get(&(tenant.clone(), name.to_owned()))
             .and_then(|e| e.holder.as_ref())
             .filter(|(_, _, exp)| *exp > now)
             .map(|(owner, token, exp)| Holder {
-                owner: owner.clone(),
+                owner: owner.to_owned(),
                 token: *token,
                 expires_in: *exp - now,
             }))

@@ -1,0 +1,149 @@
+//! Session state: small per-agent or per-conversation values that expire on
+//! their own.
+//!
+//! Owns the [`SessionStore`] port, the per-namespace [`Policy`] (how long a
+//! session lives and whether use extends it), the input checks every adapter
+//! shares, and two adapters: [`redis::RedisSessions`] (standalone or
+//! cluster, atomic through Lua) and [`memory::MemorySessions`] (the embedded
+//! default). It does not own which namespaces exist: the sidecar's
+//! configuration declares them.
+//!
+//! Expiry kinds: *absolute* — a session lives `ttl` from its creation, and
+//! writes do not extend it; *sliding* — every read or write restarts the
+//! `ttl`. A write may ask for a shorter or longer `ttl` than the namespace's
+//! default, within the namespace's `max_ttl`.
+
+pub mod memory;
+pub mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use statefabric_domain::TenantId;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Expiry {
+    Absolute,
+    #[default]
+    Sliding,
+}
+
+/// How sessions in one namespace expire.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    #[serde(default)]
+    pub expiry: Expiry,
+    /// Longest `ttl` a write may ask for; defaults to `ttl`.
+    #[serde(default, with = "humantime_serde")]
+    pub max_ttl: Option<Duration>,
+}
+
+impl Policy {
+    pub fn max_ttl(&self) -> Duration {
+        self.max_ttl.unwrap_or(self.ttl).max(self.ttl)
+    }
+}
+
+/// A session as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub value: Vec<u8>,
+    /// Time left, after any extension this read made.
+    pub expires_in: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("invalid {what}: {reason}")]
+    Invalid { what: &'static str, reason: String },
+    #[error("session backend unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub type Result<T, E = SessionError> = std::result::Result<T, E>;
+
+/// Where a session lives: tenant, namespace, id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub tenant: TenantId,
+    pub namespace: String,
+    pub id: String,
+}
+
+#[async_trait]
+pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Writes a session. `ttl` is the lifetime to apply (absolute: only when
+    /// the session is new). Returns the time left.
+    async fn put(
+        &self,
+        key: &SessionKey,
+        value: &[u8],
+        ttl: Duration,
+        expiry: Expiry,
+    ) -> Result<Duration>;
+
+    /// Reads a session; sliding sessions are extended by `ttl`.
+    async fn get(&self, key: &SessionKey, ttl: Duration, expiry: Expiry)
+    -> Result<Option<Session>>;
+
+    /// Removes a session; whether it existed.
+    async fn delete(&self, key: &SessionKey) -> Result<bool>;
+
+    /// How many sessions in the namespace have not expired.
+    async fn live(&self, tenant: &TenantId, namespace: &str) -> Result<u64>;
+}
+
+/// Largest session value accepted by default.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '@'))
+}
+
+/// Checks shared by every adapter (and the API edge).
+pub fn check(key: &SessionKey, value: Option<(&[u8], usize)>, ttl: Duration) -> Result<()> {
+    if !valid_name(&key.namespace) {
+        return Err(SessionError::Invalid {
+            what: "namespace",
+            reason: format!(
+                "`{}` must be 1-256 ASCII letters, digits or -_.:/@",
+                key.namespace
+            ),
+        });
+    }
+    if !valid_name(&key.id) {
+        return Err(SessionError::Invalid {
+            what: "session id",
+            reason: format!("`{}` must be 1-256 ASCII letters, digits or -_.:/@", key.id),
+        });
+    }
+    if let Some((value, max)) = value {
+        if value.is_empty() {
+            return Err(SessionError::Invalid {
+                what: "value",
+                reason: "must not be empty (delete the session instead)".into(),
+            });
+        }
+        if value.len() > max {
+            return Err(SessionError::Invalid {
+                what: "value",
+                reason: format!("{} bytes is over the limit of {max}", value.len()),
+            });
+        }
+    }
+    if ttl < Duration::from_millis(1) {
+        return Err(SessionError::Invalid {
+            what: "ttl",
+            reason: "must be at least 1 ms".into(),
+        });
+    }
+    Ok(())
+}

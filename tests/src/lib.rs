@@ -12,6 +12,7 @@ pub mod lock_contract;
 pub mod process;
 pub mod session_contract;
 pub mod store_contract;
+pub mod updates_contract;
 
 use std::collections::HashMap;
 use std::net::TcpListener;

@@ -294,7 +294,7 @@ impl UpdateLog for RedisUpdateLog {
         check_name("stream", stream)?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| millis(d));
+            .map_or(0, millis);
         let min_id = now.saturating_sub(millis(retention.max_age));
         redis::cmd("XTRIM")
             .arg(key(stream))

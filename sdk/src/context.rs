@@ -99,12 +99,26 @@ fn written(r: pb::ContextWriteResponse) -> Written {
 #[derive(Debug, Clone)]
 pub struct ContextClient {
     inner: SharedContextClient<Channel>,
+    fence: Option<pb::Fence>,
 }
 
 impl ContextClient {
     pub fn from_channel(channel: Channel) -> Self {
         Self {
             inner: SharedContextClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+            fence: None,
+        }
+    }
+
+    /// A client whose writes carry the fencing token of `lock`: each is
+    /// refused (FAILED_PRECONDITION) once a newer holder of that lock wrote.
+    pub fn fenced(&self, lock: &str, token: u64) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            fence: Some(pb::Fence {
+                lock: lock.to_owned(),
+                token,
+            }),
         }
     }
 
@@ -168,6 +182,7 @@ impl ContextClient {
                 merge_type: merge as i32,
                 base: Some(to_proto(base)),
                 content_json: content.to_string().into_bytes(),
+                fence: self.fence.clone(),
             },
             key,
         )?;
@@ -185,6 +200,7 @@ impl ContextClient {
             document_id: id.to_owned(),
             base: Some(to_proto(base)),
             patch_json: patch.to_string().into_bytes(),
+            fence: self.fence.clone(),
         };
         Ok(written(
             self.inner.patch_context(request).await?.into_inner(),
@@ -203,6 +219,7 @@ impl ContextClient {
             merge_type: merge as i32,
             base: None,
             ops: ops.into_iter().map(|c| c.0).collect(),
+            fence: self.fence.clone(),
         };
         Ok(written(
             self.inner.merge_context(request).await?.into_inner(),
@@ -213,6 +230,7 @@ impl ContextClient {
         let request = pb::DeleteContextRequest {
             document_id: id.to_owned(),
             base: Some(to_proto(base)),
+            fence: self.fence.clone(),
         };
         Ok(written(
             self.inner.delete_context(request).await?.into_inner(),

@@ -4,9 +4,18 @@
 //! go first. Local writes replace their entry with the written document, so
 //! a read after a write through this sidecar sees that write; remote changes
 //! (announced by the store) drop entries older than the announced revision.
+//! While announcements cannot be heard (the feed is down) the cache is
+//! *untrusted*: it serves and keeps nothing, so a lost connection never means
+//! stale reads; and no entry is served past `max_age`, which bounds the harm
+//! of an announcement lost by its sender (it crashed between commit and
+//! announce).
 //! Built on the `lru` crate for the ordering; the byte accounting is ours.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use lru::LruCache;
 use prometheus_client::metrics::counter::Counter;
@@ -29,17 +38,19 @@ pub struct ContextCache {
     inner: Mutex<Inner>,
     max_entries: usize,
     max_bytes: usize,
+    max_age: Duration,
+    trusted: AtomicBool,
     metrics: CacheMetrics,
 }
 
 #[derive(Debug)]
 struct Inner {
-    lru: LruCache<String, (Arc<ContextDocument>, usize)>,
+    lru: LruCache<String, (Arc<ContextDocument>, usize, Instant)>,
     bytes: usize,
 }
 
 impl ContextCache {
-    pub fn new(max_entries: usize, max_bytes: usize) -> Self {
+    pub fn new(max_entries: usize, max_bytes: usize, max_age: Duration) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 lru: LruCache::unbounded(),
@@ -47,6 +58,8 @@ impl ContextCache {
             }),
             max_entries: max_entries.max(1),
             max_bytes: max_bytes.max(1),
+            max_age,
+            trusted: AtomicBool::new(true),
             metrics: CacheMetrics::default(),
         }
     }
@@ -91,8 +104,24 @@ impl ContextCache {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether change announcements are being heard. Untrusted, the cache
+    /// is emptied and stays empty until trusted again.
+    pub fn set_trusted(&self, trusted: bool) {
+        self.trusted.store(trusted, Ordering::SeqCst);
+        self.clear();
+    }
+
     pub fn get(&self, id: &str) -> Option<Arc<ContextDocument>> {
-        let found = self.lock().lru.get(id).map(|(doc, _)| doc.clone());
+        let found = if self.trusted.load(Ordering::SeqCst) {
+            let max_age = self.max_age;
+            self.lock()
+                .lru
+                .get(id)
+                .filter(|(_, _, at)| at.elapsed() <= max_age)
+                .map(|(doc, _, _)| doc.clone())
+        } else {
+            None
+        };
         match found {
             Some(_) => self.metrics.hits.inc(),
             None => self.metrics.misses.inc(),
@@ -103,22 +132,22 @@ impl ContextCache {
     /// Caches `doc` unless a newer revision is already cached.
     pub fn put(&self, doc: Arc<ContextDocument>) {
         let size = serde_json::to_vec(&doc.content).map_or(0, |v| v.len()) + doc.id.len();
-        if size > self.max_bytes {
+        if size > self.max_bytes || !self.trusted.load(Ordering::SeqCst) {
             return;
         }
         let mut inner = self.lock();
-        if let Some((cached, _)) = inner.lru.peek(&doc.id)
+        if let Some((cached, _, _)) = inner.lru.peek(&doc.id)
             && cached.revision > doc.revision
         {
             return;
         }
-        if let Some((_, old)) = inner.lru.put(doc.id.clone(), (doc, size)) {
+        if let Some((_, old, _)) = inner.lru.put(doc.id.clone(), (doc, size, Instant::now())) {
             inner.bytes -= old;
         }
         inner.bytes += size;
         while inner.lru.len() > self.max_entries || inner.bytes > self.max_bytes {
             match inner.lru.pop_lru() {
-                Some((_, (_, freed))) => {
+                Some((_, (_, freed, _))) => {
                     inner.bytes -= freed;
                     self.metrics.evictions.inc();
                 }
@@ -135,8 +164,8 @@ impl ContextCache {
         let stale = inner
             .lru
             .peek(id)
-            .is_some_and(|(doc, _)| revision.is_none_or(|r| doc.revision < r));
-        if stale && let Some((_, size)) = inner.lru.pop(id) {
+            .is_some_and(|(doc, _, _)| revision.is_none_or(|r| doc.revision < r));
+        if stale && let Some((_, size, _)) = inner.lru.pop(id) {
             inner.bytes -= size;
             self.metrics.invalidations.inc();
         }
@@ -172,6 +201,8 @@ mod tests {
     use serde_json::json;
     use statefabric_domain::{MergeType, VectorClock};
 
+    const LONG: Duration = Duration::from_secs(3600);
+
     fn doc(id: &str, revision: u64, content: serde_json::Value) -> Arc<ContextDocument> {
         Arc::new(ContextDocument {
             id: id.into(),
@@ -187,7 +218,7 @@ mod tests {
 
     #[test]
     fn bounded_by_entries_and_bytes() {
-        let cache = ContextCache::new(2, 1000);
+        let cache = ContextCache::new(2, 1000, LONG);
         cache.put(doc("a", 1, json!(1)));
         cache.put(doc("b", 1, json!(2)));
         assert!(cache.get("a").is_some()); // a is now most recent
@@ -195,7 +226,7 @@ mod tests {
         assert!(cache.get("b").is_none(), "least recently used evicted");
         assert_eq!(cache.metrics.evictions.get(), 1);
 
-        let cache = ContextCache::new(100, 50);
+        let cache = ContextCache::new(100, 50, LONG);
         cache.put(doc("big", 1, json!("x".repeat(30))));
         cache.put(doc("big2", 1, json!("y".repeat(30))));
         assert!(cache.bytes() <= 50);
@@ -209,7 +240,7 @@ mod tests {
 
     #[test]
     fn newer_revisions_win_and_invalidation_respects_them() {
-        let cache = ContextCache::new(10, 10_000);
+        let cache = ContextCache::new(10, 10_000, LONG);
         cache.put(doc("a", 3, json!(3)));
         cache.put(doc("a", 2, json!(2)));
         assert_eq!(cache.get("a").map(|d| d.revision), Some(3));
@@ -222,5 +253,20 @@ mod tests {
         assert!(cache.get("a").is_none());
         assert_eq!(cache.metrics.hits.get(), 2);
         assert_eq!(cache.metrics.misses.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn untrusted_or_old_entries_are_never_served() {
+        let cache = ContextCache::new(10, 10_000, Duration::from_secs(30));
+        cache.put(doc("a", 1, json!(1)));
+        cache.set_trusted(false);
+        assert!(cache.get("a").is_none(), "dropped when the feed was lost");
+        cache.put(doc("a", 2, json!(2)));
+        assert!(cache.get("a").is_none(), "nothing kept while untrusted");
+        cache.set_trusted(true);
+        cache.put(doc("a", 3, json!(3)));
+        assert!(cache.get("a").is_some());
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(cache.get("a").is_none(), "past max_age");
     }
 }

@@ -1,12 +1,15 @@
 //! The sidecar's configuration: the shared sections plus who it serves and
 //! where its state lives.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use statefabric_domain::{AgentId, TenantId};
+use statefabric_redis::RedisConfig;
 use statefabric_runtime::{AdminConfig, Issues, ServiceConfig, ShutdownConfig, TelemetryConfig};
+use statefabric_session::{Expiry, Policy};
 use statefabric_store::pg::PgConfig;
 use statefabric_store::sqlite::SqliteConfig;
 
@@ -26,37 +29,99 @@ pub struct SidecarConfig {
     #[serde(default)]
     pub storage: StorageConfig,
     #[serde(default)]
+    pub redis: RedisConfig,
+    #[serde(default)]
     pub locks: LocksConfig,
+    #[serde(default)]
+    pub sessions: SessionsConfig,
+    #[serde(default)]
+    pub updates: UpdatesConfig,
 }
 
+/// Where a Redis-capable building block keeps its state.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
-pub enum LockBackend {
+pub enum RedisBackend {
     /// In this process: the embedded default (one sidecar).
     #[default]
     Memory,
-    /// One Redis server (`urls[0]`).
+    /// On the Redis configured in `[redis]` (standalone or cluster).
     Redis,
-    /// A Redis Cluster (`urls` are seed nodes).
-    RedisCluster,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct LocksConfig {
-    pub backend: LockBackend,
-    /// Comma-separated `redis://host:port` URLs.
-    pub urls: String,
+    pub backend: RedisBackend,
 }
 
-impl LocksConfig {
-    pub fn url_list(&self) -> Vec<String> {
-        self.urls
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(str::to_owned)
-            .collect()
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    pub backend: RedisBackend,
+    /// Largest session value accepted, in bytes.
+    pub max_value_bytes: usize,
+    /// The namespaces agents may use, each with its expiry policy.
+    pub namespaces: BTreeMap<String, Policy>,
+    /// How often the live-session gauges are refreshed.
+    #[serde(with = "humantime_serde")]
+    pub metrics_interval: Duration,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self {
+            backend: RedisBackend::Memory,
+            max_value_bytes: statefabric_session::DEFAULT_MAX_VALUE_BYTES,
+            namespaces: BTreeMap::from([
+                (
+                    "conversation".to_owned(),
+                    Policy {
+                        ttl: Duration::from_secs(30 * 60),
+                        expiry: Expiry::Sliding,
+                        max_ttl: Some(Duration::from_secs(24 * 3600)),
+                    },
+                ),
+                (
+                    "task".to_owned(),
+                    Policy {
+                        ttl: Duration::from_secs(24 * 3600),
+                        expiry: Expiry::Absolute,
+                        max_ttl: Some(Duration::from_secs(7 * 24 * 3600)),
+                    },
+                ),
+            ]),
+            metrics_interval: Duration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpdatesConfig {
+    /// Memory: changes stay in this process (with Postgres storage, other
+    /// sidecars' changes still arrive by LISTEN/NOTIFY). Redis: changes are
+    /// announced on pub/sub and logged on a Stream per tenant.
+    pub backend: RedisBackend,
+    /// Update-stream entries kept (about), per tenant ...
+    pub max_len: u64,
+    /// ... and for at most this long.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Entries another consumer of this sidecar's group left unacknowledged
+    /// this long are taken over.
+    #[serde(with = "humantime_serde")]
+    pub claim_after: Duration,
+}
+
+impl Default for UpdatesConfig {
+    fn default() -> Self {
+        Self {
+            backend: RedisBackend::Memory,
+            max_len: 100_000,
+            max_age: Duration::from_secs(3600),
+            claim_after: Duration::from_secs(30),
+        }
     }
 }
 
@@ -81,8 +146,12 @@ pub struct SidecarSection {
     pub max_request_bytes: usize,
     /// Hot context documents kept in memory: at most this many ...
     pub cache_max_entries: usize,
-    /// ... and at most this many bytes of content.
+    /// ... and at most this many bytes of content ...
     pub cache_max_bytes: usize,
+    /// ... each for at most this long (bounds staleness should a change
+    /// announcement be lost).
+    #[serde(with = "humantime_serde")]
+    pub cache_max_age: Duration,
 }
 
 impl Default for SidecarSection {
@@ -98,6 +167,7 @@ impl Default for SidecarSection {
             max_request_bytes: 9 * 1024 * 1024,
             cache_max_entries: 10_000,
             cache_max_bytes: 64 * 1024 * 1024,
+            cache_max_age: Duration::from_secs(30),
         }
     }
 }
@@ -130,13 +200,26 @@ impl SidecarConfig {
             shutdown: ShutdownConfig::default(),
             sidecar: SidecarSection::default(),
             storage: StorageConfig::default(),
+            redis: RedisConfig::default(),
             locks: LocksConfig::default(),
+            sessions: SessionsConfig::default(),
+            updates: UpdatesConfig::default(),
         }
     }
 
     /// The validated tenant (valid after [`ServiceConfig::validate`]).
     pub fn tenant(&self) -> Result<TenantId, statefabric_domain::IdError> {
         TenantId::new(self.sidecar.tenant.clone())
+    }
+
+    /// Whether any building block is configured to use Redis.
+    pub fn uses_redis(&self) -> bool {
+        [
+            self.locks.backend,
+            self.sessions.backend,
+            self.updates.backend,
+        ]
+        .contains(&RedisBackend::Redis)
     }
 
     pub fn identity(&self) -> Result<AgentId, statefabric_domain::IdError> {
@@ -151,7 +234,10 @@ impl ServiceConfig for SidecarConfig {
         "shutdown",
         "sidecar",
         "storage",
+        "redis",
         "locks",
+        "sessions",
+        "updates",
     ];
 
     fn admin(&self) -> &AdminConfig {
@@ -180,7 +266,10 @@ impl ServiceConfig for SidecarConfig {
                 "must be greater than zero",
             );
         }
-        if self.sidecar.cache_max_entries == 0 || self.sidecar.cache_max_bytes == 0 {
+        if self.sidecar.cache_max_entries == 0
+            || self.sidecar.cache_max_bytes == 0
+            || self.sidecar.cache_max_age.is_zero()
+        {
             issues.push(
                 "sidecar.cache_max_entries",
                 "the cache bounds must be at least 1",
@@ -189,17 +278,34 @@ impl ServiceConfig for SidecarConfig {
         if self.sidecar.max_request_bytes < 1024 {
             issues.push("sidecar.max_request_bytes", "must be at least 1024");
         }
-        if self.locks.backend != LockBackend::Memory {
-            let urls = self.locks.url_list();
-            if urls.is_empty() {
+        if self.uses_redis() {
+            for (key, problem) in self.redis.problems() {
+                issues.push(key, problem);
+            }
+        }
+        for (name, policy) in &self.sessions.namespaces {
+            let key = "sessions.namespaces";
+            if let Err(err) = statefabric_session::check_namespace(name) {
+                issues.push(key, err.to_string());
+            }
+            if policy.ttl < Duration::from_millis(1) {
                 issues.push(
-                    "locks.urls",
-                    "a Redis backend needs at least one redis:// URL",
+                    key,
+                    format!("namespace `{name}`: ttl must be at least 1 ms"),
                 );
             }
-            if let Some(bad) = urls.iter().find(|u| !u.starts_with("redis://")) {
-                issues.push("locks.urls", format!("`{bad}` is not a redis:// URL"));
+            if policy.max_ttl() < policy.ttl {
+                issues.push(key, format!("namespace `{name}`: max_ttl is below ttl"));
             }
+        }
+        if self.sessions.max_value_bytes == 0 {
+            issues.push("sessions.max_value_bytes", "must be at least 1");
+        }
+        if self.updates.max_len == 0 || self.updates.max_age.is_zero() {
+            issues.push(
+                "updates.max_len",
+                "retention must keep at least one entry for some time",
+            );
         }
         if self.storage.backend == Backend::Postgres {
             let pg = &self.storage.postgres;
@@ -236,7 +342,8 @@ mod tests {
     fn defaults_are_valid_and_embedded() {
         let config = load(&[]).expect("defaults");
         assert_eq!(config.storage.backend, Backend::Sqlite);
-        assert_eq!(config.locks.backend, LockBackend::Memory);
+        assert_eq!(config.locks.backend, RedisBackend::Memory);
+        assert!(!config.uses_redis());
         assert_eq!(config.sidecar.listen.port(), DEFAULT_GRPC_PORT);
     }
 
@@ -247,9 +354,10 @@ mod tests {
             ("STATEFABRIC_SIDECAR__IDENTITY", ""),
             ("STATEFABRIC_SIDECAR__SUBSCRIPTION_BUFFER", "0"),
             ("STATEFABRIC_SIDECAR__CACHE_MAX_BYTES", "0"),
-            ("STATEFABRIC_LOCKS__BACKEND", "redis_cluster"),
+            ("STATEFABRIC_LOCKS__BACKEND", "redis"),
             ("STATEFABRIC_STORAGE__BACKEND", "postgres"),
             ("STATEFABRIC_STORAGE__POSTGRES__URL", "mysql://nope"),
+            ("STATEFABRIC_SESSIONS__NAMESPACES__CHAT__TTL", "0s"),
         ])
         .expect_err("invalid");
         let text = err.to_string();
@@ -258,22 +366,35 @@ mod tests {
             "sidecar.identity",
             "sidecar.subscription_buffer",
             "sidecar.cache_max_entries",
-            "locks.urls",
+            "redis.urls",
             "storage.postgres.url",
+            "sessions.namespaces",
         ] {
             assert!(text.contains(key), "{key} missing from:\n{text}");
         }
         let err = load(&[
-            ("STATEFABRIC_LOCKS__BACKEND", "redis"),
-            ("STATEFABRIC_LOCKS__URLS", "http://x"),
+            ("STATEFABRIC_SESSIONS__BACKEND", "redis"),
+            ("STATEFABRIC_REDIS__URLS", "http://x"),
         ])
         .expect_err("bad url");
         assert!(err.to_string().contains("is not a redis:// URL"), "{err}");
         let ok = load(&[
-            ("STATEFABRIC_LOCKS__BACKEND", "redis_cluster"),
-            ("STATEFABRIC_LOCKS__URLS", "redis://a:1, redis://b:2"),
+            ("STATEFABRIC_UPDATES__BACKEND", "redis"),
+            ("STATEFABRIC_REDIS__MODE", "cluster"),
+            ("STATEFABRIC_REDIS__URLS", "redis://a:1, redis://b:2"),
+            ("STATEFABRIC_SESSIONS__NAMESPACES__CHAT__TTL", "5m"),
+            ("STATEFABRIC_SESSIONS__NAMESPACES__CHAT__EXPIRY", "absolute"),
         ])
         .expect("valid");
-        assert_eq!(ok.locks.url_list(), ["redis://a:1", "redis://b:2"]);
+        assert_eq!(ok.redis.url_list(), ["redis://a:1", "redis://b:2"]);
+        let chat = ok.sessions.namespaces["chat"];
+        assert_eq!(
+            (chat.ttl, chat.expiry),
+            (Duration::from_secs(300), Expiry::Absolute)
+        );
+        assert!(
+            ok.sessions.namespaces.contains_key("conversation"),
+            "defaults kept"
+        );
     }
 }

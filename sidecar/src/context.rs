@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 use crate::cache::ContextCache;
 use crate::convert::json;
 use crate::events::idempotency_key;
+use crate::follow::Publisher;
 use crate::status::from_store;
 
 /// A change to a document of this sidecar's tenant: (document id, revision).
@@ -32,6 +33,7 @@ pub struct ContextService {
     identity: String,
     cache: Arc<ContextCache>,
     changes: ChangeFeed,
+    publisher: Publisher,
     shutdown: Shutdown,
 }
 
@@ -85,6 +87,13 @@ fn vector_to_proto(vector: &VectorClock) -> pb::VersionVector {
     }
 }
 
+fn fence(raw: pb::Fence) -> statefabric_store::Fence {
+    statefabric_store::Fence {
+        lock: raw.lock,
+        token: raw.token,
+    }
+}
+
 fn now_micros() -> u64 {
     u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or_default()
 }
@@ -96,6 +105,7 @@ impl ContextService {
         identity: String,
         cache: Arc<ContextCache>,
         changes: ChangeFeed,
+        publisher: Publisher,
         shutdown: Shutdown,
     ) -> Self {
         Self {
@@ -104,6 +114,7 @@ impl ContextService {
             identity,
             cache,
             changes,
+            publisher,
             shutdown,
         }
     }
@@ -143,6 +154,7 @@ impl ContextService {
         } else {
             self.cache.put(doc.clone());
             let _ = self.changes.send((doc.id.clone(), doc.revision));
+            self.publisher.publish(&doc).await;
         }
         Ok(Response::new(pb::ContextWriteResponse {
             revision: doc.revision,
@@ -280,6 +292,7 @@ impl SharedContext for ContextService {
                 change: ContextChange::Put(json("content_json", &raw.content_json)?),
                 id: raw.document_id,
                 idempotency: None,
+                fence: raw.fence.map(fence),
             })
         })
         .await
@@ -302,6 +315,7 @@ impl SharedContext for ContextService {
                 change: ContextChange::Patch(patch),
                 id: raw.document_id,
                 idempotency: None,
+                fence: raw.fence.map(fence),
             })
         })
         .await
@@ -324,6 +338,7 @@ impl SharedContext for ContextService {
                 change: ContextChange::Merge(ops),
                 id: raw.document_id,
                 idempotency: None,
+                fence: raw.fence.map(fence),
             })
         })
         .await
@@ -349,6 +364,7 @@ impl SharedContext for ContextService {
                 change: ContextChange::Delete,
                 id: raw.document_id,
                 idempotency: None,
+                fence: raw.fence.map(fence),
             })
         })
         .await

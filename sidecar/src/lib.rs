@@ -10,17 +10,24 @@
 //! is `statefabric-runtime`.
 //!
 //! The `Locks` service ([`locks`]) serves leases with fencing tokens from
-//! `statefabric-lock` (in-process or Redis); appends may carry a fence.
-//! Not yet here: fencing of context writes, sessions and Redis cache
-//! invalidation (the Redis issue) and the task API (the saga issue).
+//! `statefabric-lock`; appends and context writes may carry a fence. The
+//! `Sessions` service ([`sessions`]) serves session state with per-namespace
+//! TTLs from `statefabric-session`. Context changes are announced and
+//! followed through `statefabric-updates` ([`follow`]): pub/sub drops stale
+//! cache entries, an update stream feeds `WatchContext`. Each of these runs
+//! in-process (embedded) or on Redis, by configuration. Not yet here: the
+//! task API (the saga issue).
 
+pub mod backends;
 pub mod cache;
 pub mod config;
 pub mod context;
 pub mod convert;
 pub mod events;
+pub mod follow;
 pub mod locks;
 pub mod server;
+pub mod sessions;
 pub mod status;
 
 pub use config::SidecarConfig;

@@ -5,11 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use statefabric_lock::LockService;
-use statefabric_lock::memory::MemoryLocks;
-use statefabric_lock::redis::RedisLocks;
 use statefabric_proto::state::v1::events_server::EventsServer;
 use statefabric_proto::state::v1::locks_server::LocksServer;
+use statefabric_proto::state::v1::sessions_server::SessionsServer;
 use statefabric_proto::state::v1::shared_context_server::SharedContextServer;
 use statefabric_runtime::ServiceContext;
 use statefabric_store::context::ContextStore;
@@ -18,10 +16,15 @@ use statefabric_store::sqlite::SqliteEventStore;
 use statefabric_store::{EventStore, run_idempotency_janitor};
 
 use crate::cache::ContextCache;
-use crate::config::{Backend, LockBackend, SidecarConfig};
-use crate::context::{ChangeFeed, ContextService};
+use statefabric_updates::Retention;
+
+use crate::backends;
+use crate::config::{Backend, RedisBackend, SidecarConfig};
+use crate::context::ContextService;
 use crate::events::{EventsService, SubscriptionSettings};
+use crate::follow::{self, Publisher, StreamFollow};
 use crate::locks::LocksService;
+use crate::sessions::SessionsService;
 
 /// How often readiness re-checks storage.
 const READINESS_PROBE_INTERVAL: Duration = Duration::from_secs(5);
@@ -77,111 +80,84 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
     }
 }
 
-/// Follows other sidecars' context changes (Postgres LISTEN): drops stale
-/// cache entries and wakes watchers. If the listening connection drops,
-/// notifications may have been missed, so the whole cache is dropped.
-async fn follow_context_changes(
-    url: String,
-    tenant: String,
-    cache: Arc<ContextCache>,
-    changes: ChangeFeed,
-    ready: statefabric_runtime::ReadinessCheck,
-    shutdown: statefabric_runtime::Shutdown,
-) {
-    let mut listener = loop {
-        let attempt = async {
-            let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
-            listener.listen("statefabric_context").await?;
-            Ok::<_, sqlx::Error>(listener)
-        };
-        tokio::select! {
-            () = shutdown.requested() => return,
-            result = attempt => match result {
-                Ok(listener) => {
-                    tracing::info!("following context changes");
-                    ready.set(true);
-                    break listener;
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "cannot LISTEN for context changes; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            },
-        }
-    };
-    loop {
-        let received = tokio::select! {
-            () = shutdown.requested() => return,
-            received = listener.try_recv() => received,
-        };
-        match received {
-            Ok(Some(notification)) => {
-                tracing::debug!(payload = notification.payload(), "context change notified");
-                let mut parts = notification.payload().split(' ');
-                if let (Some(t), Some(doc), Some(revision)) =
-                    (parts.next(), parts.next(), parts.next())
-                    && t == tenant
-                    && let Ok(revision) = revision.parse::<u64>()
-                {
-                    cache.invalidate(doc, Some(revision));
-                    let _ = changes.send((doc.to_owned(), revision));
-                }
-            }
-            // The connection dropped (sqlx reconnects on the next call):
-            // changes may have been missed, so nothing cached can be trusted.
-            Ok(None) => {
-                tracing::warn!("lost the context change feed; dropping the cache");
-                cache.clear();
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "context change feed failed; dropping the cache");
-                ready.set(false);
-                cache.clear();
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if listener.listen("statefabric_context").await.is_ok() {
-                    ready.set(true);
-                }
-            }
-        }
-    }
-}
-
 /// Runs the sidecar until shutdown is requested.
 pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
     // Registered before the (possibly slow) start-up, so the process reports
     // not ready until storage answers and the API is listening.
     let storage_ready = ctx.readiness.check("storage");
     let api_ready = ctx.readiness.check("state_api");
-    // Only meaningful with Postgres; registered up front like the others.
-    let changes_ready = (ctx.config.storage.backend == Backend::Postgres)
+    let redis_updates = ctx.config.updates.backend == RedisBackend::Redis;
+    // Only meaningful when other sidecars' changes arrive from outside.
+    let changes_ready = (redis_updates || ctx.config.storage.backend == Backend::Postgres)
         .then(|| ctx.readiness.check("context_changes"));
+    let redis_ready = ctx
+        .config
+        .uses_redis()
+        .then(|| ctx.readiness.check("redis"));
     let storage = open_storage(&ctx).await?;
+    let backends = backends::open(&ctx).await?;
+    backends::count_live_sessions(&ctx, backends.sessions.clone());
     let store = storage.events.clone();
     let config = &ctx.config;
     let cache = Arc::new(ContextCache::new(
         config.sidecar.cache_max_entries,
         config.sidecar.cache_max_bytes,
+        config.sidecar.cache_max_age,
     ));
     ctx.register_metrics(|registry| cache.register_metrics(registry));
     let (changes, _) = tokio::sync::broadcast::channel(1024);
-    if let (Some(url), Some(ready)) = (storage.notifications.clone(), changes_ready) {
-        ctx.shutdown.spawn(follow_context_changes(
-            url,
-            config.sidecar.tenant.clone(),
-            cache.clone(),
-            changes.clone(),
-            ready,
-            ctx.shutdown.clone(),
-        ));
+    let retention = Retention {
+        max_len: config.updates.max_len,
+        max_age: config.updates.max_age,
+    };
+    match (redis_updates, storage.notifications.clone(), changes_ready) {
+        (true, _, Some(ready)) => {
+            ctx.shutdown.spawn(follow::follow_announcements(
+                backends.notifier.clone(),
+                config.tenant()?,
+                config.sidecar.identity.clone(),
+                cache.clone(),
+                ready,
+                ctx.shutdown.clone(),
+            ));
+        }
+        (false, Some(url), Some(ready)) => {
+            ctx.shutdown.spawn(follow::follow_postgres(
+                url,
+                config.sidecar.tenant.clone(),
+                cache.clone(),
+                changes.clone(),
+                ready,
+                ctx.shutdown.clone(),
+            ));
+        }
+        _ => {}
     }
+    ctx.shutdown.spawn(follow::follow_update_stream(
+        StreamFollow {
+            log: backends.log.clone(),
+            tenant: config.tenant()?,
+            identity: config.sidecar.identity.clone(),
+            retention,
+            claim_after: config.updates.claim_after,
+        },
+        changes.clone(),
+        ctx.shutdown.clone(),
+    ));
 
     ctx.shutdown.spawn({
         let store = store.clone();
+        let redis = backends.redis.clone();
         let shutdown = ctx.shutdown.clone();
         async move {
             loop {
                 let ok = store.ping().await.is_ok();
                 storage_ready.set(ok);
+                if let (Some(redis), Some(ready)) = (&redis, &redis_ready) {
+                    let pong: redis::RedisResult<String> =
+                        redis::cmd("PING").query_async(&mut redis.conn()).await;
+                    ready.set(pong.is_ok());
+                }
                 tokio::select! {
                     () = shutdown.requested() => return,
                     () = tokio::time::sleep(READINESS_PROBE_INTERVAL) => {}
@@ -211,12 +187,26 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
         config.identity()?.to_string(),
         cache,
         changes,
+        Publisher {
+            notifier: backends.notifier.clone(),
+            log: backends.log.clone(),
+            tenant: config.tenant()?,
+            identity: config.sidecar.identity.clone(),
+            retention,
+        },
         ctx.shutdown.clone(),
     );
     let locks = LocksService::new(
-        open_locks(config).await?,
+        backends.locks.clone(),
         config.tenant()?,
         config.identity()?.to_string(),
+    );
+    let sessions = SessionsService::new(
+        backends.sessions.clone(),
+        config.tenant()?,
+        config.sidecar.identity.clone(),
+        config.sessions.namespaces.clone(),
+        backends.notifier.clone(),
     );
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EventsServer<EventsService>>().await;
@@ -249,6 +239,7 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
                 .max_encoding_message_size(64 * 1024 * 1024),
         )
         .add_service(LocksServer::new(locks.clone()))
+        .add_service(SessionsServer::new(sessions).max_decoding_message_size(max))
         .add_service(
             SharedContextServer::new(context)
                 .max_decoding_message_size(max)
@@ -268,30 +259,6 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
     // Let go of held locks now rather than make others wait out the leases.
     locks.release_all().await;
     Ok(())
-}
-
-async fn open_locks(config: &SidecarConfig) -> anyhow::Result<Arc<dyn LockService>> {
-    let urls = config.locks.url_list();
-    Ok(match config.locks.backend {
-        LockBackend::Memory => Arc::new(MemoryLocks::default()),
-        LockBackend::Redis => {
-            let url = urls.first().context("locks.urls is empty")?;
-            let client =
-                redis::Client::open(url.as_str()).with_context(|| format!("locks.urls {url}"))?;
-            let manager = redis::aio::ConnectionManager::new(client)
-                .await
-                .with_context(|| format!("connecting to Redis at {url}"))?;
-            Arc::new(RedisLocks::new(manager))
-        }
-        LockBackend::RedisCluster => {
-            let client = redis::cluster::ClusterClient::new(urls).context("locks.urls")?;
-            let conn = client
-                .get_async_connection()
-                .await
-                .context("connecting to the Redis cluster")?;
-            Arc::new(RedisLocks::new(conn))
-        }
-    })
 }
 
 /// tonic's codec rejects a request over `max_request_bytes` with OUT_OF_RANGE;

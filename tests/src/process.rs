@@ -115,6 +115,33 @@ pub enum Storage {
     Sqlite,
 }
 
+/// Environment that puts a sidecar's locks, sessions and change updates on
+/// the real Redis Cluster (`cluster`) or the standalone Redis at `url`.
+pub fn redis_vars(cluster: bool) -> Vec<(&'static str, String)> {
+    let (mode, urls) = if cluster {
+        ("cluster", crate::redis_cluster_urls().join(","))
+    } else {
+        ("standalone", crate::redis_url())
+    };
+    redis_vars_at(mode, &urls)
+}
+
+/// As [`redis_vars`], for any Redis (e.g. a private one a test kills).
+pub fn redis_vars_at(mode: &str, urls: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("STATEFABRIC_REDIS__MODE", mode.to_owned()),
+        ("STATEFABRIC_REDIS__URLS", urls.to_owned()),
+        ("STATEFABRIC_LOCKS__BACKEND", "redis".to_owned()),
+        ("STATEFABRIC_SESSIONS__BACKEND", "redis".to_owned()),
+        ("STATEFABRIC_UPDATES__BACKEND", "redis".to_owned()),
+    ]
+}
+
+/// Borrows owned variables for [`sidecar`]'s `extra`.
+pub fn borrowed<'a>(vars: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    vars.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
 /// Starts a `statefabric-sidecar` for `tenant` as `identity` and waits until
 /// it is ready; `extra` environment variables come last and win.
 pub async fn sidecar(

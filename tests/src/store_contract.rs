@@ -63,6 +63,7 @@ macro_rules! store_contract_tests {
             context_concurrent_creation_has_one_winner,
             context_crdt_documents_merge_concurrent_writes,
             context_writes_are_idempotent_and_validated,
+            context_writes_carrying_a_stale_fence_are_refused,
         );
     };
     (@each $fixture:expr; $($name:ident),* $(,)?) => {
@@ -1074,6 +1075,7 @@ fn cw(id: &str, merge: MergeType, base: &VectorClock, change: ContextChange) -> 
         base: base.clone(),
         change,
         idempotency: None,
+        fence: None,
     }
 }
 
@@ -1448,5 +1450,71 @@ pub async fn context_writes_are_idempotent_and_validated(f: &impl Fixture) -> an
         "old revision pruned"
     );
     assert!(store.content_at(&tenant, &id, 41).await?.is_some());
+    Ok(())
+}
+
+pub async fn context_writes_carrying_a_stale_fence_are_refused(
+    f: &impl Fixture,
+) -> anyhow::Result<()> {
+    let store = f.context_store().await;
+    let tenant = f.tenant().await;
+    let s = Scope::new(tenant.clone(), "planner");
+    let id = doc_id();
+    let fenced = |base: &VectorClock, value: serde_json::Value, token: u64| {
+        let mut write = cw(&id, MergeType::None, base, ContextChange::Put(value));
+        write.fence = Some(statefabric_store::Fence {
+            lock: "plan-lock".into(),
+            token,
+        });
+        write
+    };
+    let first = store
+        .write(
+            &s,
+            fenced(&VectorClock::new(), json!({"by": "holder-7"}), 7),
+        )
+        .await?;
+    let second = store
+        .write(
+            &s,
+            fenced(&first.document.vector, json!({"by": "holder-9"}), 9),
+        )
+        .await?;
+    // The lapsed holder (token 7) wakes up and writes: refused, even with a
+    // base that would otherwise be accepted.
+    let err = store
+        .write(
+            &s,
+            fenced(&second.document.vector, json!({"by": "lapsed"}), 7),
+        )
+        .await
+        .expect_err("stale token");
+    assert!(
+        matches!(
+            err,
+            StoreError::StaleFence {
+                token: 7,
+                current: 9,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let doc = store.get(&tenant, &id).await?.expect("doc");
+    assert_eq!(
+        (doc.revision, &doc.content),
+        (2, &json!({"by": "holder-9"}))
+    );
+    // The fence is shared with appends guarded by the same lock.
+    let err = f
+        .store()
+        .await
+        .append(
+            &s,
+            append(&stream("fenced-ctx"), ExpectedVersion::Any, events(1)).fenced("plan-lock", 8),
+        )
+        .await
+        .expect_err("stale for appends too");
+    assert!(matches!(err, StoreError::StaleFence { .. }), "{err}");
     Ok(())
 }

@@ -327,6 +327,7 @@ async fn bad_context_requests_get_clear_statuses_and_change_nothing() -> anyhow:
             merge_type: 0,
             base: base.clone(),
             content_json: b"{oops".to_vec(),
+            fence: None,
         })
         .await
         .expect_err("bad json");
@@ -341,6 +342,7 @@ async fn bad_context_requests_get_clear_statuses_and_change_nothing() -> anyhow:
             document_id: id.clone(),
             base: base.clone(),
             patch_json: b"{\"op\":1}".to_vec(),
+            fence: None,
         })
         .await
         .expect_err("bad patch");
@@ -350,6 +352,7 @@ async fn bad_context_requests_get_clear_statuses_and_change_nothing() -> anyhow:
             document_id: id.clone(),
             base: base.clone(),
             patch_json: br#"[{"op":"remove","path":"/missing"}]"#.to_vec(),
+            fence: None,
         })
         .await
         .expect_err("patch does not apply");
@@ -360,6 +363,7 @@ async fn bad_context_requests_get_clear_statuses_and_change_nothing() -> anyhow:
             merge_type: 42,
             base: base.clone(),
             content_json: b"{}".to_vec(),
+            fence: None,
         })
         .await
         .expect_err("bad merge type");
@@ -372,6 +376,7 @@ async fn bad_context_requests_get_clear_statuses_and_change_nothing() -> anyhow:
             merge_type: 0,
             base: Some(bad_vector),
             content_json: b"{}".to_vec(),
+            fence: None,
         })
         .await
         .expect_err("malformed vector");

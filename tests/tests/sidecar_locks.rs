@@ -8,22 +8,18 @@ use nix::sys::signal::Signal;
 use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::locks_client::LocksClient;
 use statefabric_sdk::{LockClient, StateClient};
-use statefabric_tests as env;
 use statefabric_tests::process::{self, Service, Storage};
 use tonic::Code;
 
 /// Sidecars of one tenant share the Redis Cluster for locks and Postgres
 /// for state, as in production.
 async fn sidecar(tenant: &str, identity: &str) -> anyhow::Result<Service> {
-    let urls = env::redis_cluster_urls().join(",");
+    let vars = process::redis_vars(true);
     process::sidecar(
         Storage::Postgres,
         tenant,
         identity,
-        &[
-            ("STATEFABRIC_LOCKS__BACKEND", "redis_cluster"),
-            ("STATEFABRIC_LOCKS__URLS", urls.as_str()),
-        ],
+        &process::borrowed(&vars),
     )
     .await
 }

@@ -153,6 +153,7 @@ async fn row_level_security_stops_crafted_cross_tenant_access() -> anyhow::Resul
                 base: statefabric_domain::VectorClock::new(),
                 change: ContextChange::Put(json!({"secret": true})),
                 idempotency: None,
+                fence: None,
             },
         )
         .await?;

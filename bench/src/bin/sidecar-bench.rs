@@ -281,6 +281,7 @@ async fn main() -> anyhow::Result<()> {
                     base,
                     change: ContextChange::Put(json!({"n": i})),
                     idempotency: None,
+                    fence: None,
                 },
             )
             .await?;
@@ -327,6 +328,7 @@ async fn main() -> anyhow::Result<()> {
                     base,
                     change: ContextChange::Patch(patch),
                     idempotency: None,
+                    fence: None,
                 },
             )
             .await?;

@@ -108,17 +108,21 @@ fn valid_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '@'))
 }
 
+/// Namespaces travel into keys, so they are restricted.
+pub fn check_namespace(namespace: &str) -> Result<()> {
+    if valid_name(namespace) {
+        Ok(())
+    } else {
+        Err(SessionError::Invalid {
+            what: "namespace",
+            reason: format!("`{namespace}` must be 1-256 ASCII letters, digits or -_.:/@"),
+        })
+    }
+}
+
 /// Checks shared by every adapter (and the API edge).
 pub fn check(key: &SessionKey, value: Option<(&[u8], usize)>, ttl: Duration) -> Result<()> {
-    if !valid_name(&key.namespace) {
-        return Err(SessionError::Invalid {
-            what: "namespace",
-            reason: format!(
-                "`{}` must be 1-256 ASCII letters, digits or -_.:/@",
-                key.namespace
-            ),
-        });
-    }
+    check_namespace(&key.namespace)?;
     if !valid_name(&key.id) {
         return Err(SessionError::Invalid {
             what: "session id",

@@ -4,9 +4,9 @@
 //! - [`Notifier`]: fire-and-forget announcements of a change ("document X
 //!   is now at revision 7"), used to drop stale cache entries within
 //!   milliseconds. On Redis this is pub/sub ([`redis::RedisNotifier`]).
-//!   Pub/sub is at-most-once, so a follower is told with a [`Signal::Gap`]
-//!   whenever it may have missed something (connection lost, re-subscribed,
-//!   fell behind) and must then drop or revalidate what it caches.
+//!   Pub/sub is at-most-once, so a follower is told [`Signal::Lost`] when it
+//!   stops hearing (connection lost, fell behind) and [`Signal::Live`] when
+//!   it hears again; in between it must not trust what it caches.
 //! - [`UpdateLog`]: durable, ordered update streams with consumer groups,
 //!   acknowledgement, claiming of entries left pending by a dead consumer and
 //!   trimming by length or age. On Redis these are Streams
@@ -54,10 +54,12 @@ pub struct Change {
 /// What a follower receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signal {
+    /// The subscription is live: changes from now on will be heard;
+    /// anything before was not.
+    Live,
     Change(Change),
-    /// Announcements may have been missed since the last signal: drop or
-    /// revalidate everything cached.
-    Gap,
+    /// Announcements are no longer heard (until the next `Live`).
+    Lost,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,8 +77,7 @@ pub trait Notifier: Send + Sync + std::fmt::Debug + 'static {
     async fn announce(&self, tenant: &TenantId, change: &Change) -> Result<()>;
 
     /// Follows a tenant's announcements until the receiver is dropped. The
-    /// first signal is a `Gap` once the subscription is live (anything
-    /// before it was not heard).
+    /// first signal is `Live` once the subscription is established.
     async fn follow(&self, tenant: &TenantId) -> Result<tokio::sync::mpsc::Receiver<Signal>>;
 }
 

@@ -42,21 +42,26 @@ impl Notifier for MemoryNotifier {
         let mut changes = self.tx.subscribe();
         let tenant = tenant.clone();
         tokio::spawn(async move {
-            if out.send(Signal::Gap).await.is_err() {
+            if out.send(Signal::Live).await.is_err() {
                 return;
             }
             loop {
-                let signal = tokio::select! {
+                let signals = tokio::select! {
                     () = out.closed() => return,
                     received = changes.recv() => match received {
-                        Ok((t, change)) if t == tenant => Signal::Change(change),
+                        Ok((t, change)) if t == tenant => vec![Signal::Change(change)],
                         Ok(_) => continue,
-                        Err(broadcast::error::RecvError::Lagged(_)) => Signal::Gap,
+                        // Fell behind: it missed some.
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            vec![Signal::Lost, Signal::Live]
+                        }
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
                 };
-                if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(signal) {
-                    return;
+                for signal in signals {
+                    if out.send(signal).await.is_err() {
+                        return;
+                    }
                 }
             }
         });

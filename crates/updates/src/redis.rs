@@ -85,7 +85,7 @@ impl Notifier for RedisNotifier {
                 };
                 match pubsub {
                     Ok(pubsub) => {
-                        if tx.send(Signal::Gap).await.is_err() {
+                        if tx.send(Signal::Live).await.is_err() {
                             return;
                         }
                         let mut messages = pubsub.into_on_message();
@@ -95,18 +95,29 @@ impl Notifier for RedisNotifier {
                                 message = messages.next() => message,
                             };
                             let Some(message) = message else { break };
-                            let signal = message
+                            let Some(change) = message
                                 .get_payload::<String>()
                                 .ok()
                                 .and_then(|p| serde_json::from_str::<Change>(&p).ok())
-                                .map_or(Signal::Gap, Signal::Change);
-                            // A follower too slow to keep up missed some.
-                            if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(signal) {
-                                return;
+                            else {
+                                tracing::warn!(%channel, "ignoring an undecodable announcement");
+                                continue;
+                            };
+                            match tx.try_send(Signal::Change(change)) {
+                                Ok(()) => {}
+                                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                                // Too slow to keep up: it missed some.
+                                Err(mpsc::error::TrySendError::Full(_)) => {
+                                    if tx.send(Signal::Lost).await.is_err()
+                                        || tx.send(Signal::Live).await.is_err()
+                                    {
+                                        return;
+                                    }
+                                }
                             }
                         }
                         tracing::warn!(%channel, "lost the change subscription; re-subscribing");
-                        if tx.send(Signal::Gap).await.is_err() {
+                        if tx.send(Signal::Lost).await.is_err() {
                             return;
                         }
                     }

@@ -65,6 +65,8 @@ pub struct ContextWrite {
     pub base: VectorClock,
     pub change: ContextChange,
     pub idempotency: Option<Idempotency>,
+    /// Refuse the write if a newer token of this lock was already used.
+    pub fence: Option<crate::port::Fence>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -281,6 +283,7 @@ mod tests {
             base,
             change,
             idempotency: None,
+            fence: None,
         }
     }
 

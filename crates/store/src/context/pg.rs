@@ -123,6 +123,9 @@ impl ContextStore for PgEventStore {
                 })?;
                 return Ok(ContextOutcome { document, replayed: true });
             }
+            if let Some(fence) = &write.fence {
+                crate::pg::append::check_fence(&mut tx, &scope.tenant, fence).await?;
+            }
             // Serialize writers of this document, including the first ones,
             // when there is no row yet for FOR UPDATE to lock.
             sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || ' ' || $2, 0))")

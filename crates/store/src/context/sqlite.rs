@@ -132,6 +132,9 @@ async fn write_in(
             replayed: true,
         });
     }
+    if let Some(fence) = &write.fence {
+        crate::sqlite::write::check_fence(tx, &scope.tenant, fence).await?;
+    }
     let row: Option<Row> = sqlx::query_as(SELECT)
         .bind(scope.tenant.as_str())
         .bind(&write.id)

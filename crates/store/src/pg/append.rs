@@ -150,7 +150,7 @@ pub(super) async fn append(
 
 /// Advances the lock's fence to `fence.token`, or refuses a stale token. The
 /// fence row's lock serializes concurrent fenced writers of one lock.
-async fn check_fence(
+pub(crate) async fn check_fence(
     tx: &mut Transaction<'static, Postgres>,
     tenant: &TenantId,
     fence: &crate::port::Fence,

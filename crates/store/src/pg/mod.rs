@@ -5,7 +5,7 @@
 //! transaction. Migrations and tenant registration need the owner role and
 //! are separate functions ([`migrate`], [`create_tenant`]).
 
-mod append;
+pub(crate) mod append;
 pub(crate) mod idempotency;
 mod read;
 

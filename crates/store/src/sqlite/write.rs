@@ -224,7 +224,7 @@ pub(crate) async fn claim_key(
 }
 
 /// Advances the lock's fence to `fence.token`, or refuses a stale token.
-async fn check_fence(
+pub(crate) async fn check_fence(
     tx: &mut Transaction<'static, Sqlite>,
     tenant: &TenantId,
     fence: &crate::port::Fence,

@@ -160,6 +160,17 @@ start_redis() {
     fi
   fi
   for p in "${ports[@]}"; do wait_for "Redis cluster node $p" 60 cluster_ok "$p"; done
+  # A memory cap (for the 80 % alert) on every node; in the cluster, let a
+  # replica take over however long it was cut off (the failover test pauses
+  # primaries back to back, which would otherwise leave stale replicas that
+  # refuse to stand in).
+  for p in "$REDIS_PORT" "${ports[@]}"; do
+    redis-cli -p "$p" config set maxmemory 256mb >/dev/null
+    redis-cli -p "$p" config set maxmemory-policy noeviction >/dev/null
+  done
+  for p in "${ports[@]}"; do
+    redis-cli -p "$p" config set cluster-replica-validity-factor 0 >/dev/null
+  done
 }
 
 # ---------------------------------------------------------------- kafka

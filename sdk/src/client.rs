@@ -48,6 +48,11 @@ impl StateClient {
         crate::LockClient::from_channel(self.channel.clone())
     }
 
+    /// The session-state API on the same connection.
+    pub fn sessions(&self) -> crate::SessionClient {
+        crate::SessionClient::from_channel(self.channel.clone())
+    }
+
     /// The context-document API on the same connection.
     pub fn context(&self) -> crate::ContextClient {
         crate::ContextClient::from_channel(self.channel.clone())

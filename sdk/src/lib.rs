@@ -28,6 +28,11 @@
 //! Locks go through [`LockClient`] (from [`StateClient::locks`]): a
 //! [`HeldLock`] renews itself and says at once when it is lost.
 //!
+//! Session state goes through [`SessionClient`] (from
+//! [`StateClient::sessions`]): values per namespace that expire by the
+//! namespace's absolute or sliding TTL. Context writes can be fenced by a
+//! lock's token ([`ContextClient::fenced`]).
+//!
 //! See `examples/quickstart.rs` for a runnable tour. Not yet here: tasks
 //! (they come with the saga engine).
 
@@ -37,6 +42,7 @@ mod error;
 mod event;
 pub mod locks;
 mod repository;
+pub mod sessions;
 
 pub use client::{Appended, StateClient};
 pub use context::{ContextClient, Crdt, Document, MergeType, Written};
@@ -44,5 +50,6 @@ pub use error::Error;
 pub use event::{Event, Expected, NewEvent, causality};
 pub use locks::{HeldLock, LockClient, LockHolder};
 pub use repository::{Repository, RepositoryError};
+pub use sessions::{Session, SessionClient};
 pub use statefabric_domain::Aggregate;
 pub use statefabric_domain::{Causality, Checkpoint, VectorClock};

@@ -116,6 +116,9 @@ pub async fn follow_announcements(
 #[derive(Debug, Clone)]
 pub struct StreamFollow {
     pub log: Arc<dyn UpdateLog>,
+    /// Dropped stale entries before watchers are woken, so a watcher that
+    /// reads after its wake-up never gets the older revision from the cache.
+    pub cache: Arc<ContextCache>,
     pub tenant: TenantId,
     pub identity: String,
     pub retention: Retention,
@@ -129,6 +132,7 @@ const TRIM_EVERY: Duration = Duration::from_secs(60);
 pub async fn follow_update_stream(settings: StreamFollow, changes: ChangeFeed, shutdown: Shutdown) {
     let StreamFollow {
         log,
+        cache,
         tenant,
         identity,
         retention,
@@ -157,6 +161,9 @@ pub async fn follow_update_stream(settings: StreamFollow, changes: ChangeFeed, s
             }
             for delivery in &batch {
                 if delivery.change.kind == ChangeKind::Context {
+                    if delivery.change.origin != identity {
+                        cache.invalidate(&delivery.change.key, Some(delivery.change.revision));
+                    }
                     let _ = changes.send((delivery.change.key.clone(), delivery.change.revision));
                 }
             }

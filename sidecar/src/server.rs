@@ -136,6 +136,7 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
     ctx.shutdown.spawn(follow::follow_update_stream(
         StreamFollow {
             log: backends.log.clone(),
+            cache: cache.clone(),
             tenant: config.tenant()?,
             identity: config.sidecar.identity.clone(),
             retention,

@@ -97,6 +97,13 @@ impl Service {
         Ok((status.code().unwrap_or(-1), stderr))
     }
 
+    /// Sends `signal` (e.g. SIGSTOP / SIGCONT) without waiting.
+    pub fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.child.id().context("child has no pid")?;
+        kill(Pid::from_raw(i32::try_from(pid)?), signal)?;
+        Ok(())
+    }
+
     async fn stderr(&mut self) -> String {
         let mut stderr = String::new();
         if let Some(mut pipe) = self.child.stderr.take() {

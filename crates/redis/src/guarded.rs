@@ -2,6 +2,9 @@
 //! around each command or pipeline.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,7 +15,9 @@ use prometheus_client::registry::Registry;
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value};
-use statefabric_resilience::{Guard, Guarded as Outcome};
+use statefabric_resilience::{BreakerState, Guard, Guarded as Outcome};
+
+use crate::RedisConfig;
 use tokio::time::Instant;
 
 /// A standalone or cluster connection behind one type.
@@ -115,31 +120,72 @@ impl RedisMetrics {
 
 /// A connection whose every command has a deadline, passes the breaker and
 /// is measured. Clones share the connection, breaker and metrics.
+///
+/// When the breaker opens, the connection is rebuilt from the seeds in the
+/// background: a node that stops answering without closing its sockets (a
+/// paused or partitioned primary) otherwise keeps receiving its slots'
+/// commands, because redis-rs re-routes only on errors the server sends
+/// (MOVED, ASK) or on closed connections, not on timeouts. The fresh
+/// connection reads the current topology, so commands follow a failover.
 #[derive(Debug, Clone)]
 pub struct Guarded {
-    inner: Conn,
+    shared: Arc<Shared>,
     guard: Guard,
     metrics: Arc<RedisMetrics>,
 }
 
+#[derive(Debug)]
+struct Shared {
+    conn: ArcSwap<Conn>,
+    config: RedisConfig,
+    rebuilding: AtomicBool,
+}
+
 impl Guarded {
-    pub(crate) fn new(inner: Conn, guard: Guard, metrics: Arc<RedisMetrics>) -> Self {
+    pub(crate) fn new(
+        inner: Conn,
+        config: RedisConfig,
+        guard: Guard,
+        metrics: Arc<RedisMetrics>,
+    ) -> Self {
         Self {
-            inner,
+            shared: Arc::new(Shared {
+                conn: ArcSwap::from_pointee(inner),
+                config,
+                rebuilding: AtomicBool::new(false),
+            }),
             guard,
             metrics,
         }
     }
 
-    async fn run<T>(
-        metrics: &RedisMetrics,
-        guard: &Guard,
-        command: String,
-        call: RedisFuture<'_, T>,
-    ) -> Result<T, RedisError> {
+    fn current(&self) -> Conn {
+        Conn::clone(&self.shared.conn.load())
+    }
+
+    /// Replaces the connection with a fresh one, once at a time.
+    fn rebuild(&self) {
+        if self.shared.rebuilding.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            match crate::open(&shared.config).await {
+                Ok(conn) => {
+                    tracing::info!("rebuilt the Redis connection (topology re-read)");
+                    shared.conn.store(Arc::new(conn));
+                }
+                Err(err) => tracing::warn!(error = %err, "cannot rebuild the Redis connection"),
+            }
+            shared.rebuilding.store(false, Ordering::SeqCst);
+        });
+    }
+
+    async fn run<T>(&self, command: String, call: RedisFuture<'_, T>) -> Result<T, RedisError> {
+        let metrics = &self.metrics;
         let started = Instant::now();
         metrics.in_flight.inc();
-        let outcome = guard.run(call, is_fault).await;
+        let outcome = self.guard.run(call, is_fault).await;
         metrics.in_flight.dec();
         metrics
             .latency
@@ -147,7 +193,7 @@ impl Guarded {
                 command: command.clone(),
             })
             .observe(started.elapsed().as_secs_f64());
-        outcome.map_err(|err| {
+        let result = outcome.map_err(|err| {
             let (kind, err) = match err {
                 Outcome::Open(name) => (
                     "circuit_open",
@@ -172,8 +218,17 @@ impl Guarded {
                 .errors
                 .get_or_create(&ErrorLabel { command, kind })
                 .inc();
-            err
-        })
+            (kind, err)
+        });
+        match result {
+            Ok(value) => Ok(value),
+            Err((kind, err)) => {
+                if kind != "server" && self.guard.breaker().state() != BreakerState::Closed {
+                    self.rebuild();
+                }
+                Err(err)
+            }
+        }
     }
 }
 
@@ -204,17 +259,12 @@ fn command_name(cmd: &Cmd) -> String {
 
 impl ConnectionLike for Guarded {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        let Self {
-            inner,
-            guard,
-            metrics,
-        } = self;
-        Box::pin(Self::run(
-            metrics,
-            guard,
-            command_name(cmd),
-            inner.req_packed_command(cmd),
-        ))
+        let mut conn = self.current();
+        let this = self.clone();
+        Box::pin(async move {
+            this.run(command_name(cmd), conn.req_packed_command(cmd))
+                .await
+        })
     }
 
     fn req_packed_commands<'a>(
@@ -223,20 +273,18 @@ impl ConnectionLike for Guarded {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        let Self {
-            inner,
-            guard,
-            metrics,
-        } = self;
-        Box::pin(Self::run(
-            metrics,
-            guard,
-            "pipeline".to_owned(),
-            inner.req_packed_commands(pipeline, offset, count),
-        ))
+        let mut conn = self.current();
+        let this = self.clone();
+        Box::pin(async move {
+            this.run(
+                "pipeline".to_owned(),
+                conn.req_packed_commands(pipeline, offset, count),
+            )
+            .await
+        })
     }
 
     fn get_db(&self) -> i64 {
-        self.inner.get_db()
+        self.shared.conn.load().get_db()
     }
 }

@@ -62,6 +62,7 @@ impl Redis {
         let conn = open(config).await?;
         let conn = Guarded::new(
             conn,
+            config.clone(),
             Guard::new(breaker.clone(), config.command_timeout),
             metrics.clone(),
         );
@@ -88,6 +89,7 @@ impl Redis {
         let conn = open(&self.config).await?;
         Ok(Guarded::new(
             conn,
+            self.config.clone(),
             Guard::new(self.breaker.clone(), timeout),
             self.metrics.clone(),
         ))
@@ -126,7 +128,7 @@ impl Redis {
     }
 }
 
-async fn open(config: &RedisConfig) -> Result<Conn, ConnectError> {
+pub(crate) async fn open(config: &RedisConfig) -> Result<Conn, ConnectError> {
     let urls = config.url_list();
     let failed = |source| ConnectError::Connect {
         urls: config.urls.clone(),
@@ -151,9 +153,12 @@ async fn open(config: &RedisConfig) -> Result<Conn, ConnectError> {
             Ok(Conn::Standalone(manager))
         }
         RedisMode::Cluster => {
+            // Each node gets a quarter of the budget: the client waits for
+            // every seed, and one that accepts connections but never answers
+            // (paused, partitioned) must not sink the whole connect.
             let client = redis::cluster::ClusterClientBuilder::new(urls)
                 .retries(config.retries)
-                .connection_timeout(config.connect_timeout)
+                .connection_timeout(config.connect_timeout / 4)
                 .response_timeout(config.command_timeout)
                 .build()
                 .map_err(failed)?;

@@ -1,8 +1,10 @@
-//! A primary of the real Redis Cluster fails (SIGSTOP, so it stops
-//! answering without closing connections, the nastiest way) and its replica
-//! takes over: lock grants continue after the failover and never repeat or
-//! go back on a fencing token. Alone in its file: it disturbs the shared
-//! cluster for a few seconds, and test files run one after another.
+//! The real Redis Cluster changing under load. A primary fails (SIGSTOP, so
+//! it stops answering without closing connections, the nastiest way) and its
+//! replica takes over: lock grants continue after the failover and never
+//! repeat or go back on a fencing token. A slot is resharded to another
+//! primary while locks in it are taken and released: MOVED/ASK are followed
+//! and nothing fails. In a file of their own (test files run one after
+//! another) and serialized here, as each disturbs the shared cluster.
 
 use std::time::Duration;
 
@@ -12,6 +14,9 @@ use statefabric_domain::TenantId;
 use statefabric_lock::LockService;
 use statefabric_lock::redis::RedisLocks;
 use statefabric_tests as env;
+
+/// One cluster disturbance at a time.
+static DISTURBING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Resumes the stopped node even if the test fails half-way.
 struct Resume(i32);
@@ -46,6 +51,27 @@ async fn role(port: &str) -> Option<String> {
 
 /// (primary port, replica port) serving `slot`, from CLUSTER NODES.
 async fn owners(seed: &str, slot: u16) -> anyhow::Result<(String, String)> {
+    let (primary, replica, _) = topology(seed, slot).await?;
+    Ok((primary, replica))
+}
+
+/// Node id by port, from CLUSTER NODES.
+async fn node_ids(seed: &str) -> anyhow::Result<Vec<(String, String, bool)>> {
+    let text: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut node(seed).await?)
+        .await?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            let port = f.get(1)?.split(['@', ':']).nth(1)?.to_owned();
+            Some((f[0].to_owned(), port, f.get(2)?.contains("master")))
+        })
+        .collect())
+}
+
+async fn topology(seed: &str, slot: u16) -> anyhow::Result<(String, String, String)> {
     let text: String = redis::cmd("CLUSTER")
         .arg("NODES")
         .query_async(&mut node(seed).await?)
@@ -65,13 +91,14 @@ async fn owners(seed: &str, slot: u16) -> anyhow::Result<(String, String)> {
         }
     }
     let (id, primary) = primary.ok_or_else(|| anyhow::anyhow!("no primary for slot {slot}"))?;
+    let owner = id.clone();
     let replica = text
         .lines()
         .map(|l| l.split(' ').collect::<Vec<_>>())
         .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == id)
         .map(|f| port(f[1]))
         .ok_or_else(|| anyhow::anyhow!("no replica of {primary}"))?;
-    Ok((primary, replica))
+    Ok((primary, replica, owner))
 }
 
 /// Every node is in the cluster, and every replica is streaming from its
@@ -107,6 +134,7 @@ async fn cluster_whole() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_never_hands_out_a_token_twice() -> anyhow::Result<()> {
+    let _one_at_a_time = DISTURBING.lock().await;
     cluster_whole().await?;
     let locks = RedisLocks::new(env::redis_cluster().await.conn());
     let tenant = TenantId::new(format!("t-{}", uuid::Uuid::new_v4().simple()))?;
@@ -194,6 +222,120 @@ async fn a_failover_never_hands_out_a_token_twice() -> anyhow::Result<()> {
         },
     )
     .await?;
+    cluster_whole().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_keep_working_while_their_slot_moves() -> anyhow::Result<()> {
+    let _one_at_a_time = DISTURBING.lock().await;
+    cluster_whole().await?;
+    let locks = std::sync::Arc::new(RedisLocks::new(env::redis_cluster().await.conn()));
+    let tenant = TenantId::new(format!("t-{}", uuid::Uuid::new_v4().simple()))?;
+    let name = "resharded";
+    let seed = env::redis_cluster_urls()[0]
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(format!("{{sf:lock:{tenant}:{name}}}"))
+        .query_async(&mut node(&seed).await?)
+        .await?;
+    let (source_port, _, source_id) = topology(&seed, slot).await?;
+    let (target_id, target_port, _) = node_ids(&seed)
+        .await?
+        .into_iter()
+        .find(|(id, _, master)| *master && *id != source_id)
+        .ok_or_else(|| anyhow::anyhow!("no other primary"))?;
+
+    // Take and release the lock over and over while the slot moves.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (locks, tenant, stop) = (locks.clone(), tenant.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut last, mut grants) = (0, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let lease = locks
+                    .acquire(
+                        &tenant,
+                        name,
+                        "worker",
+                        Duration::from_secs(5),
+                        Duration::ZERO,
+                    )
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("own free lock refused"))?;
+                anyhow::ensure!(lease.token > last, "token went back");
+                last = lease.token;
+                grants += 1;
+                locks.release(&lease).await?;
+            }
+            anyhow::Ok(grants)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (mut source, mut target) = (node(&source_port).await?, node(&target_port).await?);
+    let setslot = |how: &str, id: &str| {
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(how)
+            .arg(id)
+            .clone()
+    };
+    setslot("IMPORTING", &source_id)
+        .query_async::<()>(&mut target)
+        .await?;
+    setslot("MIGRATING", &target_id)
+        .query_async::<()>(&mut source)
+        .await?;
+    // Keys move right away, in batches, as `redis-cli --cluster reshard`
+    // does: while some of a script's keys have moved and some have not, the
+    // source answers TRYAGAIN, which the client retries with short pauses.
+    loop {
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(100)
+            .query_async(&mut source)
+            .await?;
+        if keys.is_empty() {
+            break;
+        }
+        redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(&target_port)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query_async::<()>(&mut source)
+            .await?;
+    }
+    // Then the new owner is set at once, as the tools do: until then a
+    // script whose keys are only partly present gets TRYAGAIN on either side.
+    for (_, port, master) in node_ids(&seed).await? {
+        if master {
+            setslot("NODE", &target_id)
+                .query_async::<()>(&mut node(&port).await?)
+                .await?;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let grants = load.await??;
+    assert!(grants > 10, "the load ran throughout ({grants} grants)");
+    let (now_port, _, _) = topology(&seed, slot).await?;
+    assert_eq!(now_port, target_port, "the slot moved");
+    let counter: Option<String> = redis::cmd("GET")
+        .arg(format!("{{sf:lock:{tenant}:{name}}}:token"))
+        .query_async(&mut target)
+        .await?;
+    assert!(counter.is_some(), "the token counter moved with its slot");
     cluster_whole().await?;
     Ok(())
 }

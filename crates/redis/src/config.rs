@@ -42,7 +42,7 @@ impl Default for RedisConfig {
             urls: String::new(),
             command_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(2),
-            retries: 3,
+            retries: 5,
             breaker_failures: 5,
             breaker_open_for: Duration::from_secs(1),
         }

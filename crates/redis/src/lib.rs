@@ -156,8 +156,14 @@ pub(crate) async fn open(config: &RedisConfig) -> Result<Conn, ConnectError> {
             // Each node gets a quarter of the budget: the client waits for
             // every seed, and one that accepts connections but never answers
             // (paused, partitioned) must not sink the whole connect.
+            // Retries (TRYAGAIN while a slot migrates, MOVED/ASK, a lost
+            // connection) wait 5 ms growing to at most 200 ms — redis-rs's
+            // default first wait is over a second, longer than a command's
+            // whole deadline.
             let client = redis::cluster::ClusterClientBuilder::new(urls)
                 .retries(config.retries)
+                .min_retry_wait(5)
+                .max_retry_wait(200)
                 .connection_timeout(config.connect_timeout / 4)
                 .response_timeout(config.command_timeout)
                 .build()

@@ -19,7 +19,7 @@ chmod 755 "$STATE"
 install_packages() {
   local wanted=(postgresql-15 redis-server redis-tools openjdk-17-jre-headless maven
                 protobuf-compiler cmake libcurl4-openssl-dev pkg-config libssl-dev
-                build-essential zlib1g-dev curl python3)
+                build-essential zlib1g-dev curl python3 prometheus)
   local missing=()
   for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

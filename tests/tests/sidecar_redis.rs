@@ -79,6 +79,32 @@ async fn sessions_are_shared_by_sidecars_and_expire_by_their_namespace() -> anyh
         Ok((v == Some(1.0)).then_some(()))
     })
     .await?;
+    // Redis itself is measured: command latency, in-flight use, and each
+    // node's memory against its cap (the testenv sets 256 MiB).
+    let node = &env::redis_cluster_urls()[0];
+    let cap = metric(
+        &a,
+        &format!("statefabric_redis_maxmemory_bytes{{node=\"{node}\"}}"),
+    )
+    .await?;
+    assert_eq!(cap, Some(268_435_456.0));
+    let used = metric(
+        &a,
+        &format!("statefabric_redis_used_memory_bytes{{node=\"{node}\"}}"),
+    )
+    .await?;
+    assert!(used.is_some_and(|u| u > 0.0));
+    let scripts = metric(
+        &a,
+        "statefabric_redis_command_duration_seconds_count{command=\"evalsha\"}",
+    )
+    .await?;
+    assert!(scripts.is_some_and(|n| n >= 5.0), "{scripts:?}");
+    assert!(
+        metric(&a, "statefabric_redis_commands_in_flight")
+            .await?
+            .is_some()
+    );
     assert!(sb.delete("conversation", "c1").await?);
     assert!(!sa.delete("conversation", "c1").await?);
     assert!(sa.get("conversation", "c1").await?.is_none());

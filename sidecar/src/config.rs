@@ -152,6 +152,9 @@ pub struct SidecarSection {
     /// announcement be lost).
     #[serde(with = "humantime_serde")]
     pub cache_max_age: Duration,
+    /// Runtime worker threads (1-64). One is usually fastest: the sidecar
+    /// shares the pod's CPU with its agent.
+    pub worker_threads: usize,
 }
 
 impl Default for SidecarSection {
@@ -168,6 +171,7 @@ impl Default for SidecarSection {
             cache_max_entries: 10_000,
             cache_max_bytes: 64 * 1024 * 1024,
             cache_max_age: Duration::from_secs(30),
+            worker_threads: 1,
         }
     }
 }
@@ -274,6 +278,9 @@ impl ServiceConfig for SidecarConfig {
                 "sidecar.cache_max_entries",
                 "the cache bounds must be at least 1",
             );
+        }
+        if !(1..=64).contains(&self.sidecar.worker_threads) {
+            issues.push("sidecar.worker_threads", "must be 1 to 64");
         }
         if self.sidecar.max_request_bytes < 1024 {
             issues.push("sidecar.max_request_bytes", "must be at least 1024");
@@ -396,5 +403,16 @@ mod tests {
             ok.sessions.namespaces.contains_key("conversation"),
             "defaults kept"
         );
+    }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sidecar.example.toml");
+        let config = load_from(SidecarConfig::defaults(), Some(&path), std::iter::empty())
+            .expect("sidecar.example.toml");
+        assert_eq!(config.storage.backend, Backend::Postgres);
+        assert!(config.uses_redis());
+        assert_eq!(config.redis.url_list().len(), 3);
+        assert_eq!(config.sessions.namespaces["task"].expiry, Expiry::Absolute);
     }
 }

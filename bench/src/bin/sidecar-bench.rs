@@ -8,24 +8,22 @@
 //!   cargo build --release -p statefabric-sidecar -p statefabric-bench
 //!   target/release/sidecar-bench --seconds 5 --clients 16
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use serde_json::json;
-use statefabric_bench::{Latencies, report};
+use statefabric_bench::{Sidecar, compare, load, report};
 use statefabric_domain::{
-    ExpectedVersion, MergeType as StoreMerge, NewEvent, StreamId, TenantId, VectorClock,
+    ExpectedVersion, MergeType as StoreMerge, NewEvent, StreamId, VectorClock,
 };
 use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::shared_context_client::SharedContextClient;
 use statefabric_sdk::{Expected, MergeType, StateClient};
 use statefabric_store::context::{ContextChange, ContextStore, ContextWrite};
-use statefabric_store::pg::{self, PgConfig, PgEventStore};
+use statefabric_store::pg::{PgConfig, PgEventStore};
 use statefabric_store::{AppendRequest, EventStore, Scope};
 use statefabric_tests as env;
-use tokio::process::{Child, Command};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -35,128 +33,12 @@ struct Args {
     clients: usize,
 }
 
-struct Sidecar {
-    child: Child,
-    grpc: String,
-}
-
-impl Sidecar {
-    async fn start(tenant: &str, extra: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
-        let binary = exe.with_file_name("statefabric-sidecar");
-        anyhow::ensure!(
-            binary.is_file(),
-            "{} missing: build it with --release first",
-            binary.display()
-        );
-        let (grpc, admin) = (env::free_port(), env::free_port());
-        let mut command = Command::new(binary);
-        command
-            .env("STATEFABRIC_SIDECAR__LISTEN", format!("127.0.0.1:{grpc}"))
-            .env("STATEFABRIC_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
-            .env("STATEFABRIC_SIDECAR__TENANT", tenant)
-            .env("STATEFABRIC_SIDECAR__IDENTITY", "bench")
-            .env("STATEFABRIC_STORAGE__BACKEND", "postgres")
-            .env("STATEFABRIC_STORAGE__POSTGRES__URL", env::pg_app_url())
-            .env(
-                "STATEFABRIC_STORAGE__POSTGRES_MIGRATE_URL",
-                env::pg_admin_url(),
-            )
-            .env("STATEFABRIC_TELEMETRY__LOG_LEVEL", "warn")
-            .kill_on_drop(true);
-        for (k, v) in extra {
-            command.env(k, v);
-        }
-        let child = command.spawn()?;
-        let ready = format!("http://127.0.0.1:{admin}/healthz/ready");
-        env::eventually("sidecar ready", Duration::from_secs(30), || {
-            let ready = ready.clone();
-            async move {
-                Ok(env::http("GET", &ready, None, None)
-                    .await?
-                    .status
-                    .eq(&200)
-                    .then_some(()))
-            }
-        })
-        .await?;
-        Ok(Self {
-            child,
-            grpc: format!("http://127.0.0.1:{grpc}"),
-        })
-    }
-
-    fn rss_mib(&self) -> f64 {
-        let Some(pid) = self.child.id() else {
-            return 0.0;
-        };
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    }
-}
-
-/// Runs `op(client index, iteration)` from `clients` tasks for `duration`.
-async fn load<F, Fut>(clients: usize, duration: Duration, op: F) -> anyhow::Result<(f64, Latencies)>
-where
-    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = anyhow::Result<()>> + Send,
-{
-    let op = Arc::new(op);
-    let deadline = Instant::now() + duration;
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let op = op.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Latencies::default();
-            let mut i = 0u64;
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                op(c, i).await?;
-                latencies.record(t.elapsed());
-                i += 1;
-            }
-            anyhow::Ok(latencies)
-        }));
-    }
-    let mut all = Latencies::default();
-    for task in tasks {
-        all.merge(&task.await??);
-    }
-    Ok((all.count() as f64 / start.elapsed().as_secs_f64(), all))
-}
-
-fn compare(label: &str, sidecar: &(f64, Latencies), direct: &(f64, Latencies)) {
-    report(
-        &format!("{label} via sidecar"),
-        sidecar.0,
-        "ops",
-        Some(&sidecar.1),
-    );
-    report(&format!("{label} direct"), direct.0, "ops", Some(&direct.1));
-    let (s50, _, s99) = sidecar.1.percentiles_ms();
-    let (d50, _, d99) = direct.1.percentiles_ms();
-    println!(
-        "{:<44} p50 +{:.2} ms   p99 +{:.2} ms   throughput {:.0}%",
-        "  sidecar overhead",
-        s50 - d50,
-        s99 - d99,
-        100.0 * sidecar.0 / direct.0
-    );
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let d = Duration::from_secs(args.seconds);
     let n = args.clients;
-    pg::migrate(&env::pg_admin_url()).await?;
-    let tenant = TenantId::new(format!("bench-{}", uuid::Uuid::new_v4().simple()))?;
-    pg::create_tenant(&env::pg_admin_url(), &tenant, "bench").await?;
+    let tenant = statefabric_bench::fresh_tenant().await?;
 
     let cached = Sidecar::start(tenant.as_str(), &[]).await?;
     let uncached = Sidecar::start(

@@ -86,10 +86,16 @@ impl Redis {
     /// A connection of its own for blocking commands, guarded by the same
     /// breaker with a deadline of `timeout` (longer than the block).
     pub async fn dedicated(&self, timeout: std::time::Duration) -> Result<Guarded, ConnectError> {
-        let conn = open(&self.config).await?;
+        // The cluster client enforces its own per-command deadline: raise it
+        // too, or a blocking read is cut off at `command_timeout`.
+        let config = RedisConfig {
+            command_timeout: timeout,
+            ..self.config.clone()
+        };
+        let conn = open(&config).await?;
         Ok(Guarded::new(
             conn,
-            self.config.clone(),
+            config,
             Guard::new(self.breaker.clone(), timeout),
             self.metrics.clone(),
         ))
@@ -128,6 +134,12 @@ impl Redis {
     }
 }
 
+/// Small commands must leave at once: with Nagle's algorithm on (redis-rs's
+/// default), a command written while another is unanswered waits for the ACK.
+fn tcp() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
+}
+
 pub(crate) async fn open(config: &RedisConfig) -> Result<Conn, ConnectError> {
     let urls = config.url_list();
     let failed = |source| ConnectError::Connect {
@@ -139,7 +151,10 @@ pub(crate) async fn open(config: &RedisConfig) -> Result<Conn, ConnectError> {
             let url = urls
                 .first()
                 .ok_or_else(|| ConnectError::Config("redis.urls is empty".into()))?;
-            let client = redis::Client::open(url.as_str()).map_err(failed)?;
+            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .map_err(failed)?
+                .set_tcp_settings(tcp());
+            let client = redis::Client::open(info).map_err(failed)?;
             let manager_config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(config.connect_timeout))
                 .set_number_of_retries(config.retries as usize);
@@ -162,6 +177,7 @@ pub(crate) async fn open(config: &RedisConfig) -> Result<Conn, ConnectError> {
             // whole deadline.
             let client = redis::cluster::ClusterClientBuilder::new(urls)
                 .retries(config.retries)
+                .tcp_settings(tcp())
                 .min_retry_wait(5)
                 .max_retry_wait(200)
                 .connection_timeout(config.connect_timeout / 4)

@@ -1,14 +1,24 @@
-//! `statefabric-control-plane`: runs sagas and distributes mesh configuration (several replicas, one leader).
+//! `statefabric-control-plane`: runs sagas and distributes mesh configuration
+//! (several replicas, one leader).
 //!
-//! Today it serves its admin endpoints (probes, metrics) and shuts down
-//! gracefully; the saga engine and leader election arrive with the saga issue. See `docs/architecture.md`.
+//! Today it elects a leader (a lease in Postgres with a fencing epoch, or
+//! alone in the embedded mode), exports the role as metrics, releases the
+//! lease at clean shutdown, and serves its admin endpoints. The saga engine
+//! that works as the leader is `statefabric-saga` plus what the saga issue
+//! still lists. See `docs/architecture.md`.
+
+mod config;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use anyhow::Context;
 use clap::Parser;
-use statefabric_runtime::{BaseConfig, ConfigArgs};
+use statefabric_leader::pg::PgElector;
+use statefabric_leader::{Elector, LeaseSettings, Solo};
+use statefabric_runtime::{ConfigArgs, ServiceContext};
 
-const DEFAULT_ADMIN_PORT: u16 = 7501;
+use crate::config::{ControlPlaneConfig, LeaderBackend};
 
 /// The Statefabric control plane: sagas and mesh configuration.
 #[derive(Debug, Parser)]
@@ -23,12 +33,61 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     statefabric_runtime::main(
         "statefabric-control-plane",
-        BaseConfig::with_admin_port(DEFAULT_ADMIN_PORT),
+        ControlPlaneConfig::defaults(),
         args.config.config.as_deref(),
-        |ctx| async move {
-            ctx.shutdown.requested().await;
-            Ok(())
-        },
+        serve,
     )
     .await
+}
+
+fn identity(configured: &str) -> String {
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "control-plane".to_owned());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &suffix[..8])
+}
+
+async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()> {
+    let leader = &ctx.config.leader;
+    let backend_ready = ctx.readiness.check("leader_election");
+    let elector: Arc<dyn Elector> = match leader.backend {
+        LeaderBackend::Solo => Arc::new(Solo),
+        LeaderBackend::Postgres => {
+            if let Some(owner) = &leader.postgres_migrate_url {
+                statefabric_store::pg::migrate(owner)
+                    .await
+                    .context("applying Postgres migrations")?;
+            }
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(leader.renew_every)
+                .connect(&leader.postgres_url)
+                .await
+                .context("connecting to Postgres (leader.postgres_url)")?;
+            let id = identity(&leader.identity);
+            tracing::info!(identity = %id, lease = %leader.name, "electing");
+            Arc::new(PgElector::new(pool, &leader.name, &id))
+        }
+    };
+    backend_ready.set(true);
+    let settings = LeaseSettings {
+        ttl: leader.ttl,
+        renew_every: leader.renew_every,
+    };
+    let mut kept = None;
+    ctx.register_metrics(|registry| {
+        kept = Some(statefabric_leader::keep(
+            elector,
+            settings,
+            Some(registry),
+            ctx.shutdown.token(),
+        ));
+    });
+    let (_leadership, task) = kept.context("leader election did not start")?;
+    ctx.shutdown.requested().await;
+    // The task releases the lease when the token is cancelled.
+    task.await.context("leader election task failed")?;
+    Ok(())
 }

@@ -1,0 +1,139 @@
+//! The control plane's configuration: the shared sections plus leader
+//! election.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use statefabric_runtime::{AdminConfig, Issues, ServiceConfig, ShutdownConfig, TelemetryConfig};
+
+pub const DEFAULT_ADMIN_PORT: u16 = 7501;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub leader: LeaderConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaderBackend {
+    /// A single instance (embedded): always leader.
+    #[default]
+    Solo,
+    /// A lease row in Postgres, shared by the replicas.
+    Postgres,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaderConfig {
+    pub backend: LeaderBackend,
+    /// Application-role URL (postgres backend).
+    pub postgres_url: String,
+    /// Owner-role URL used to apply migrations at start, if set.
+    pub postgres_migrate_url: Option<String>,
+    /// The role elected for; replicas of one deployment share it.
+    pub name: String,
+    /// This replica's name in the lease (default: host, pid and a random
+    /// suffix, unique per process).
+    pub identity: String,
+    /// How long a lease lasts without renewal; a successor takes over this
+    /// long after a leader stops renewing.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub renew_every: Duration,
+}
+
+impl Default for LeaderConfig {
+    fn default() -> Self {
+        Self {
+            backend: LeaderBackend::Solo,
+            postgres_url: String::new(),
+            postgres_migrate_url: None,
+            name: "control-plane".to_owned(),
+            identity: String::new(),
+            ttl: Duration::from_secs(5),
+            renew_every: Duration::from_secs(1),
+        }
+    }
+}
+
+impl ControlPlaneConfig {
+    pub fn defaults() -> Self {
+        Self {
+            admin: AdminConfig::on_port(DEFAULT_ADMIN_PORT),
+            telemetry: TelemetryConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            leader: LeaderConfig::default(),
+        }
+    }
+}
+
+impl ServiceConfig for ControlPlaneConfig {
+    const SECTIONS: &'static [&'static str] = &["admin", "telemetry", "shutdown", "leader"];
+
+    fn admin(&self) -> &AdminConfig {
+        &self.admin
+    }
+    fn telemetry(&self) -> &TelemetryConfig {
+        &self.telemetry
+    }
+    fn shutdown(&self) -> &ShutdownConfig {
+        &self.shutdown
+    }
+
+    fn validate(&self, issues: &mut Issues) {
+        let l = &self.leader;
+        if l.backend == LeaderBackend::Postgres
+            && !l.postgres_url.starts_with("postgres://")
+            && !l.postgres_url.starts_with("postgresql://")
+        {
+            issues.push("leader.postgres_url", "must be a postgres:// URL");
+        }
+        if l.name.is_empty() || l.name.len() > 128 {
+            issues.push("leader.name", "must be 1-128 characters");
+        }
+        if l.renew_every.is_zero() || l.renew_every * 2 > l.ttl {
+            issues.push(
+                "leader.renew_every",
+                "must be greater than zero and at most half of leader.ttl",
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use statefabric_runtime::config::load_from;
+
+    use super::*;
+
+    #[test]
+    fn defaults_are_solo_and_problems_are_named() {
+        let ok =
+            load_from(ControlPlaneConfig::defaults(), None, std::iter::empty()).expect("defaults");
+        assert_eq!(ok.leader.backend, LeaderBackend::Solo);
+        let err = load_from(
+            ControlPlaneConfig::defaults(),
+            None,
+            [
+                ("STATEFABRIC_LEADER__BACKEND", "postgres"),
+                ("STATEFABRIC_LEADER__RENEW_EVERY", "4s"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        assert!(
+            text.contains("leader.postgres_url") && text.contains("leader.renew_every"),
+            "{text}"
+        );
+    }
+}

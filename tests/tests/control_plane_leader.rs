@@ -1,0 +1,158 @@
+//! Leader election among real control-plane processes on the real Postgres:
+//! one leader; a leader paused (SIGSTOP) past its lease is replaced by a new
+//! term; its old epoch is refused by the database fence; woken (SIGCONT), it
+//! steps down; a clean shutdown hands over at once.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use statefabric_leader::Elector;
+use statefabric_leader::pg::PgElector;
+use statefabric_tests as env;
+use statefabric_tests::process::{self, Service};
+
+fn lease() -> String {
+    format!("cp-{}", uuid::Uuid::new_v4().simple())
+}
+
+async fn control_plane(lease: &str, identity: &str) -> anyhow::Result<Service> {
+    let (app, admin) = (env::pg_app_url(), env::pg_admin_url());
+    let mut service = process::spawn(
+        "statefabric-control-plane",
+        &[],
+        &[
+            ("STATEFABRIC_LEADER__BACKEND", "postgres"),
+            ("STATEFABRIC_LEADER__POSTGRES_URL", app.as_str()),
+            ("STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL", admin.as_str()),
+            ("STATEFABRIC_LEADER__NAME", lease),
+            ("STATEFABRIC_LEADER__IDENTITY", identity),
+            ("STATEFABRIC_LEADER__TTL", "1500ms"),
+            ("STATEFABRIC_LEADER__RENEW_EVERY", "200ms"),
+        ],
+    )?;
+    service.ready().await?;
+    Ok(service)
+}
+
+/// (leader?, epoch) from the process's metrics.
+async fn role(service: &Service) -> anyhow::Result<(bool, u64)> {
+    let body = env::http("GET", &format!("{}/metrics", service.admin), None, None)
+        .await?
+        .body;
+    let value = |name: &str| {
+        body.lines()
+            .find(|l| l.split(' ').next() == Some(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+    Ok((
+        value("statefabric_leader") == 1.0,
+        value("statefabric_leader_epoch") as u64,
+    ))
+}
+
+async fn pool() -> anyhow::Result<sqlx::PgPool> {
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&env::pg_app_url())
+        .await?)
+}
+
+async fn fence_accepts(pool: &sqlx::PgPool, lease: &str, epoch: u64) -> anyhow::Result<bool> {
+    let result = sqlx::query("SELECT statefabric_check_epoch($1, $2)")
+        .bind(lease)
+        .bind(i64::try_from(epoch)?)
+        .execute(pool)
+        .await;
+    match result {
+        Ok(_) => Ok(true),
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("SF001") => Ok(false),
+        Err(other) => Err(other.into()),
+    }
+}
+
+#[tokio::test]
+async fn a_lease_has_one_holder_and_every_new_term_a_larger_epoch() -> anyhow::Result<()> {
+    statefabric_store::pg::migrate(&env::pg_admin_url()).await?;
+    let pool = pool().await?;
+    let name = lease();
+    let a = PgElector::new(pool.clone(), &name, "a");
+    let b = PgElector::new(pool.clone(), &name, "b");
+    let ttl = Duration::from_millis(600);
+    let first = a.acquire(ttl).await?.expect("free");
+    assert_eq!(a.acquire(ttl).await?, Some(first), "renewal keeps the term");
+    assert_eq!(b.acquire(ttl).await?, None, "held by a");
+    assert!(fence_accepts(&pool, &name, first).await?);
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert!(
+        !fence_accepts(&pool, &name, first).await?,
+        "a lapsed term is fenced"
+    );
+    let second = b.acquire(ttl).await?.expect("lapsed");
+    assert!(second > first);
+    assert!(!fence_accepts(&pool, &name, first).await?);
+    assert!(fence_accepts(&pool, &name, second).await?);
+    assert_eq!(a.acquire(ttl).await?, None, "a must wait for b's lease");
+    b.release(second).await?;
+    let third = a.acquire(ttl).await?.expect("released");
+    assert!(third > second);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_paused_leader_is_replaced_fenced_and_steps_down() -> anyhow::Result<()> {
+    let name = lease();
+    let a = control_plane(&name, "cp-a").await?;
+    let first = env::eventually("a leads", Duration::from_secs(10), || async {
+        Ok(match role(&a).await? {
+            (true, epoch) => Some(epoch),
+            _ => None,
+        })
+    })
+    .await?;
+    let b = control_plane(&name, "cp-b").await?;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(role(&b).await?.0, false, "one leader at a time");
+
+    a.signal(Signal::SIGSTOP)?;
+    let second = env::eventually("b takes over", Duration::from_secs(10), || async {
+        Ok(match role(&b).await? {
+            (true, epoch) => Some(epoch),
+            _ => None,
+        })
+    })
+    .await?;
+    assert!(second > first, "a new term: {second} after {first}");
+    let pool = pool().await?;
+    assert!(
+        !fence_accepts(&pool, &name, first).await?,
+        "the paused leader's writes would be refused"
+    );
+    a.signal(Signal::SIGCONT)?;
+    env::eventually("a steps down", Duration::from_secs(5), || async {
+        Ok((!role(&a).await?.0).then_some(()))
+    })
+    .await?;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(role(&b).await?, (true, second), "b keeps its term");
+        assert!(!role(&a).await?.0, "a stays a follower");
+    }
+    assert!(fence_accepts(&pool, &name, second).await?);
+
+    // A clean stop hands over at once, not after the lease runs out.
+    let stopped = std::time::Instant::now();
+    let (code, _) = b.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    let third = env::eventually("a leads again", Duration::from_secs(10), || async {
+        Ok(match role(&a).await? {
+            (true, epoch) => Some(epoch),
+            _ => None,
+        })
+    })
+    .await?;
+    assert!(third > second);
+    println!("handed over {:?} after SIGTERM", stopped.elapsed());
+    Ok(())
+}

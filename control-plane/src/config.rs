@@ -4,11 +4,12 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use statefabric_kafka::topics::TopicSettings;
 use statefabric_runtime::{AdminConfig, Issues, ServiceConfig, ShutdownConfig, TelemetryConfig};
 
 pub const DEFAULT_ADMIN_PORT: u16 = 7501;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ControlPlaneConfig {
     pub admin: AdminConfig,
@@ -18,6 +19,45 @@ pub struct ControlPlaneConfig {
     pub shutdown: ShutdownConfig,
     #[serde(default)]
     pub leader: LeaderConfig,
+    #[serde(default)]
+    pub relay: RelayConfig,
+}
+
+/// The built-in outbox relay (runs on the leader; needs the Postgres
+/// leader backend, whose URL it uses: that login needs
+/// `statefabric_relay_role`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    pub enabled: bool,
+    pub kafka_bootstrap: String,
+    /// The Schema Registry's Confluent-compatible API root.
+    pub registry_url: String,
+    /// Shared by every replica, so Kafka fences a former leader's producer.
+    pub transactional_id: String,
+    pub batch: u32,
+    /// Pause when the outbox is empty.
+    #[serde(with = "humantime_serde")]
+    pub idle_poll: Duration,
+    /// Deadline of each Kafka and registry step.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub topics: TopicSettings,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            kafka_bootstrap: String::new(),
+            registry_url: String::new(),
+            transactional_id: "statefabric-outbox-relay".to_owned(),
+            batch: 500,
+            idle_poll: Duration::from_millis(10),
+            timeout: Duration::from_secs(10),
+            topics: TopicSettings::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -72,12 +112,14 @@ impl ControlPlaneConfig {
             telemetry: TelemetryConfig::default(),
             shutdown: ShutdownConfig::default(),
             leader: LeaderConfig::default(),
+            relay: RelayConfig::default(),
         }
     }
 }
 
 impl ServiceConfig for ControlPlaneConfig {
-    const SECTIONS: &'static [&'static str] = &["admin", "telemetry", "shutdown", "leader"];
+    const SECTIONS: &'static [&'static str] =
+        &["admin", "telemetry", "shutdown", "leader", "relay"];
 
     fn admin(&self) -> &AdminConfig {
         &self.admin
@@ -99,6 +141,30 @@ impl ServiceConfig for ControlPlaneConfig {
         }
         if l.name.is_empty() || l.name.len() > 128 {
             issues.push("leader.name", "must be 1-128 characters");
+        }
+        let r = &self.relay;
+        if r.enabled {
+            if l.backend != LeaderBackend::Postgres {
+                issues.push("relay.enabled", "the relay needs leader.backend = postgres");
+            }
+            if r.kafka_bootstrap.is_empty() {
+                issues.push("relay.kafka_bootstrap", "must name at least one broker");
+            }
+            if !r.registry_url.starts_with("http://") && !r.registry_url.starts_with("https://") {
+                issues.push("relay.registry_url", "must be an http(s):// URL");
+            }
+            if r.batch == 0 || r.timeout.is_zero() || r.idle_poll.is_zero() {
+                issues.push(
+                    "relay.batch",
+                    "batch, idle_poll and timeout must be positive",
+                );
+            }
+            if r.topics.replication < 1 || r.topics.min_insync_replicas > r.topics.replication {
+                issues.push(
+                    "relay.topics.replication",
+                    "must be at least 1 and at least min_insync_replicas",
+                );
+            }
         }
         if l.renew_every.is_zero() || l.renew_every * 2 > l.ttl {
             issues.push(

@@ -3,7 +3,8 @@
 //!
 //! Today it elects a leader (a lease in Postgres with a fencing epoch, or
 //! alone in the embedded mode), exports the role as metrics, releases the
-//! lease at clean shutdown, and serves its admin endpoints. The saga engine
+//! lease at clean shutdown, runs the outbox relay on the leader when
+//! `[relay] enabled`, and serves its admin endpoints. The saga engine
 //! that works as the leader is `statefabric-saga` plus what the saga issue
 //! still lists. See `docs/architecture.md`.
 
@@ -14,9 +15,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use statefabric_kafka::relay::{Relay, RelaySettings};
 use statefabric_leader::pg::PgElector;
 use statefabric_leader::{Elector, LeaseSettings, Solo};
 use statefabric_runtime::{ConfigArgs, ServiceContext};
+use statefabric_schema::{AvroCodec, RegistryClient};
 
 use crate::config::{ControlPlaneConfig, LeaderBackend};
 
@@ -52,6 +55,7 @@ fn identity(configured: &str) -> String {
 async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()> {
     let leader = &ctx.config.leader;
     let backend_ready = ctx.readiness.check("leader_election");
+    let mut pool = None;
     let elector: Arc<dyn Elector> = match leader.backend {
         LeaderBackend::Solo => Arc::new(Solo),
         LeaderBackend::Postgres => {
@@ -60,15 +64,16 @@ async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()> {
                     .await
                     .context("applying Postgres migrations")?;
             }
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(2)
+            let connected = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
                 .acquire_timeout(leader.renew_every)
                 .connect(&leader.postgres_url)
                 .await
                 .context("connecting to Postgres (leader.postgres_url)")?;
             let id = identity(&leader.identity);
             tracing::info!(identity = %id, lease = %leader.name, "electing");
-            Arc::new(PgElector::new(pool, &leader.name, &id))
+            pool = Some(connected.clone());
+            Arc::new(PgElector::new(connected, &leader.name, &id))
         }
     };
     backend_ready.set(true);
@@ -85,7 +90,28 @@ async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()> {
             ctx.shutdown.token(),
         ));
     });
-    let (_leadership, task) = kept.context("leader election did not start")?;
+    let (leadership, task) = kept.context("leader election did not start")?;
+    let relay = &ctx.config.relay;
+    if relay.enabled {
+        let pool = pool.context("the relay needs the Postgres leader backend")?;
+        let registry = Arc::new(RegistryClient::new(&relay.registry_url, relay.timeout));
+        let relay = Relay::new(
+            RelaySettings {
+                bootstrap: relay.kafka_bootstrap.clone(),
+                transactional_id: relay.transactional_id.clone(),
+                lease: leader.name.clone(),
+                batch: relay.batch,
+                idle_poll: relay.idle_poll,
+                kafka_timeout: relay.timeout,
+                topics: relay.topics,
+            },
+            pool,
+            Arc::new(AvroCodec::new(registry)),
+        );
+        ctx.register_metrics(|registry| relay.register_metrics(registry));
+        ctx.shutdown
+            .spawn(relay.run(leadership.clone(), ctx.shutdown.token()));
+    }
     ctx.shutdown.requested().await;
     // The task releases the lease when the token is cancelled.
     task.await.context("leader election task failed")?;

@@ -66,6 +66,14 @@ pub fn pg_app_url() -> String {
     })
 }
 
+/// Postgres as the control plane (the app role's grants plus the outbox
+/// relay's cross-tenant functions).
+pub fn pg_control_url() -> String {
+    overridable("STATEFABRIC_TEST_PG_CONTROL_URL", || {
+        pg_url(&setting("PG_CONTROL_USER"), &setting("PG_CONTROL_PASSWORD"))
+    })
+}
+
 fn pg_url(user: &str, password: &str) -> String {
     format!(
         "postgres://{user}:{password}@127.0.0.1:{}/{}",

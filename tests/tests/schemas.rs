@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use statefabric_schema::catalog::{self, SCHEMAS};
+use statefabric_schema::messages::EventEnvelope;
 use statefabric_schema::{AvroCodec, CodecError, RegistryClient, RegistryError};
 use statefabric_tests as env;
 
@@ -32,23 +32,6 @@ fn envelope_schema() -> &'static str {
 /// not touch the real subjects.
 fn private_subject() -> String {
     format!("test-{}.EventEnvelope", uuid::Uuid::new_v4().simple())
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct EventEnvelope {
-    event_id: String,
-    tenant_id: String,
-    stream_id: String,
-    stream_type: String,
-    version: i64,
-    commit_position: i64,
-    event_type: String,
-    content_type: String,
-    #[serde(with = "apache_avro::serde_avro_bytes")]
-    payload: Vec<u8>,
-    metadata: BTreeMap<String, String>,
-    vector_clock: BTreeMap<String, i64>,
-    recorded_at: i64,
 }
 
 fn envelope() -> EventEnvelope {

@@ -21,6 +21,7 @@
 
 pub mod catalog;
 pub mod codec;
+pub mod messages;
 pub mod registry;
 pub mod wire;
 

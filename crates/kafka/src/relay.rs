@@ -1,0 +1,413 @@
+//! The built-in outbox relay: while this instance leads, committed outbox
+//! rows go to `events.<aggregate type>` in commit order, keyed by aggregate
+//! id, as Avro [`EventEnvelope`]s (Confluent framing), with the event id,
+//! tenant and trace context in headers.
+//!
+//! One batch is one Kafka transaction (idempotent, transactional producer);
+//! once committed, the rows are deleted in a Postgres transaction that first
+//! checks the leader epoch. Delivery is at-least-once: a crash between the
+//! Kafka commit and the delete sends the batch again, and consumers
+//! deduplicate by event id. Order per aggregate holds: rows come in commit
+//! order (`statefabric_relay_batch`, the event store's gap-free rule) and
+//! one key maps to one partition. The transactional id is the same on every
+//! replica, so Kafka fences a former leader's producer as soon as the new
+//! leader initializes its own.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde_json::Value;
+use sqlx::PgPool;
+use statefabric_leader::{Leadership, Role};
+use statefabric_schema::AvroCodec;
+use statefabric_schema::codec::WriterSchema;
+use statefabric_schema::messages::{EventEnvelope, event_envelope_schema};
+use tokio_util::sync::CancellationToken;
+
+use crate::topics::{self, Planned, TopicClass, TopicSettings};
+
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub bootstrap: String,
+    /// Shared by every replica (Kafka fences the older producer).
+    pub transactional_id: String,
+    /// The leader lease whose epoch guards the deletes.
+    pub lease: String,
+    pub batch: u32,
+    /// Pause when the outbox is empty.
+    pub idle_poll: Duration,
+    /// Deadline of Kafka transaction steps.
+    pub kafka_timeout: Duration,
+    pub topics: TopicSettings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("Postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("topics: {0}")]
+    Topics(#[from] topics::TopicError),
+    #[error("schema: {0}")]
+    Schema(#[from] statefabric_schema::CodecError),
+    #[error("outbox row {id}: {reason}")]
+    BadRow { id: String, reason: String },
+    #[error("lost leadership (epoch {0} is stale)")]
+    Deposed(u64),
+}
+
+#[derive(Debug, Clone, Default)]
+struct Metrics {
+    sent: Counter,
+    batches: Counter,
+    failures: Counter,
+    lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct Row {
+    id: uuid::Uuid,
+    tenant_id: String,
+    aggregatetype: String,
+    aggregateid: String,
+    #[sqlx(rename = "type")]
+    event_type: String,
+    payload: Value,
+    headers: Value,
+    global_position: i64,
+}
+
+/// The relay; run it with [`Relay::run`].
+#[derive(Debug)]
+pub struct Relay {
+    settings: RelaySettings,
+    pool: PgPool,
+    codec: Arc<AvroCodec>,
+    metrics: Metrics,
+}
+
+struct Session {
+    epoch: u64,
+    producer: FutureProducer,
+    writer: WriterSchema,
+}
+
+impl Relay {
+    pub fn new(settings: RelaySettings, pool: PgPool, codec: Arc<AvroCodec>) -> Self {
+        Self {
+            settings,
+            pool,
+            codec,
+            metrics: Metrics::default(),
+        }
+    }
+
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let m = &self.metrics;
+        registry.register(
+            "relay_events_sent",
+            "Outbox events published",
+            m.sent.clone(),
+        );
+        registry.register(
+            "relay_batches",
+            "Kafka transactions committed",
+            m.batches.clone(),
+        );
+        registry.register(
+            "relay_failures",
+            "Batches that failed and were retried",
+            m.failures.clone(),
+        );
+        registry.register(
+            "relay_lag_seconds",
+            "Age of the oldest event in the last batch when it was sent",
+            m.lag_seconds.clone(),
+        );
+    }
+
+    /// Relays while this instance leads, until `stop`.
+    pub async fn run(self, leadership: Leadership, stop: CancellationToken) {
+        let mut session: Option<Session> = None;
+        let mut known_topics = std::collections::BTreeSet::new();
+        loop {
+            if stop.is_cancelled() {
+                break;
+            }
+            let Role::Leader { epoch } = leadership.role() else {
+                if session.take().is_some() {
+                    tracing::info!("relay stopped: not the leader");
+                }
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(self.settings.idle_poll.max(Duration::from_millis(100))) => {}
+                }
+                continue;
+            };
+            let outcome = async {
+                if session.as_ref().is_none_or(|s| s.epoch != epoch) {
+                    session = Some(self.open(epoch).await?);
+                }
+                let s = session.as_ref().ok_or(RelayError::Deposed(epoch))?;
+                self.batch(s, &mut known_topics).await
+            };
+            let result = tokio::select! {
+                () = stop.cancelled() => break,
+                result = outcome => result,
+            };
+            match result {
+                Ok(0) => {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(self.settings.idle_poll) => {}
+                    }
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    self.metrics.failures.inc();
+                    tracing::warn!(error = %err, "relay batch failed; retrying");
+                    session = None;
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn open(&self, epoch: u64) -> Result<Session, RelayError> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.settings.bootstrap)
+            .set("transactional.id", &self.settings.transactional_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set(
+                "transaction.timeout.ms",
+                (self.settings.kafka_timeout * 6).as_millis().to_string(),
+            )
+            .create()?;
+        producer.init_transactions(self.settings.kafka_timeout)?;
+        let (subject, schema) = event_envelope_schema();
+        let writer = self.codec.writer(subject, schema).await?;
+        tracing::info!(epoch, "relay producing");
+        Ok(Session {
+            epoch,
+            producer,
+            writer,
+        })
+    }
+
+    async fn ensure_topics(
+        &self,
+        rows: &[Row],
+        known: &mut std::collections::BTreeSet<String>,
+    ) -> Result<(), RelayError> {
+        let missing: Vec<Planned> = rows
+            .iter()
+            .map(|r| topics::events_topic(&r.aggregatetype))
+            .filter(|t| !known.contains(t))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|name| Planned {
+                name,
+                class: TopicClass::Events,
+            })
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let admin = ClientConfig::new()
+            .set("bootstrap.servers", &self.settings.bootstrap)
+            .create()?;
+        topics::apply(
+            &admin,
+            &missing,
+            &self.settings.topics,
+            self.settings.kafka_timeout,
+        )
+        .await?;
+        known.extend(missing.into_iter().map(|p| p.name));
+        Ok(())
+    }
+
+    /// One transaction's worth; how many events it sent.
+    async fn batch(
+        &self,
+        session: &Session,
+        known: &mut std::collections::BTreeSet<String>,
+    ) -> Result<usize, RelayError> {
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, tenant_id, aggregatetype, aggregateid, type, payload, headers, global_position \
+             FROM statefabric_relay_batch($1)",
+        )
+        .bind(i32::try_from(self.settings.batch).unwrap_or(i32::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        self.ensure_topics(&rows, known).await?;
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let envelope = envelope(row)?;
+            let value = self.codec.encode(&session.writer, &envelope)?;
+            records.push((
+                topics::events_topic(&row.aggregatetype),
+                value,
+                headers(row),
+            ));
+        }
+        let producer = &session.producer;
+        producer.begin_transaction()?;
+        let sent = async {
+            let mut deliveries = Vec::with_capacity(records.len());
+            for ((topic, value, headers), row) in records.iter().zip(&rows) {
+                let record = FutureRecord::to(topic)
+                    .key(&row.aggregateid)
+                    .payload(value)
+                    .headers(headers.clone());
+                match producer.send_result(record) {
+                    Ok(delivery) => deliveries.push(delivery),
+                    Err((err, _)) => return Err(RelayError::Kafka(err)),
+                }
+            }
+            for delivery in deliveries {
+                match delivery.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((err, _))) => return Err(RelayError::Kafka(err)),
+                    Err(_) => {
+                        return Err(RelayError::Kafka(rdkafka::error::KafkaError::Canceled));
+                    }
+                }
+            }
+            producer.commit_transaction(self.settings.kafka_timeout)?;
+            Ok(())
+        }
+        .await;
+        if let Err(err) = sent {
+            let _ = producer.abort_transaction(self.settings.kafka_timeout);
+            return Err(err);
+        }
+        let oldest = rows
+            .iter()
+            .filter_map(|r| r.payload.get("created_at").and_then(Value::as_str))
+            .filter_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .min();
+        let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.id).collect();
+        let deleted = sqlx::query_scalar::<_, i64>("SELECT statefabric_relay_delete($1, $2, $3)")
+            .bind(&ids)
+            .bind(&self.settings.lease)
+            .bind(i64::try_from(session.epoch).unwrap_or(i64::MAX))
+            .fetch_one(&self.pool)
+            .await;
+        match deleted {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("SF001") => {
+                return Err(RelayError::Deposed(session.epoch));
+            }
+            Err(err) => return Err(err.into()),
+        }
+        self.metrics.sent.inc_by(rows.len() as u64);
+        self.metrics.batches.inc();
+        if let Some(oldest) = oldest {
+            let lag = (chrono::Utc::now() - oldest.with_timezone(&chrono::Utc))
+                .num_milliseconds()
+                .max(0);
+            self.metrics.lag_seconds.set(lag as f64 / 1000.0);
+        }
+        Ok(rows.len())
+    }
+}
+
+fn headers(row: &Row) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "event_id",
+            value: Some(&row.id.to_string()),
+        })
+        .insert(Header {
+            key: "event_type",
+            value: Some(&row.event_type),
+        });
+    if let Some(map) = row.headers.as_object() {
+        for (key, value) in map {
+            if let Some(text) = value.as_str() {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(text),
+                });
+            } else {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(&value.to_string()),
+                });
+            }
+        }
+    }
+    headers
+}
+
+fn envelope(row: &Row) -> Result<EventEnvelope, RelayError> {
+    let bad = |reason: &str| RelayError::BadRow {
+        id: row.id.to_string(),
+        reason: reason.to_owned(),
+    };
+    let p = &row.payload;
+    let metadata: BTreeMap<String, String> = p
+        .get("metadata")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let vector_clock: BTreeMap<String, i64> = p
+        .pointer("/metadata/vector_clock")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_i64().map(|n| (k.clone(), n)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let recorded_at = p
+        .get("created_at")
+        .and_then(Value::as_str)
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.timestamp_millis())
+        .ok_or_else(|| bad("created_at missing or not a timestamp"))?;
+    Ok(EventEnvelope {
+        event_id: row.id.to_string(),
+        tenant_id: row.tenant_id.clone(),
+        stream_id: row.aggregateid.clone(),
+        stream_type: row.aggregatetype.clone(),
+        version: p
+            .get("stream_version")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| bad("stream_version missing"))?,
+        commit_position: row.global_position,
+        event_type: row.event_type.clone(),
+        content_type: "application/json".to_owned(),
+        payload: serde_json::to_vec(p.get("data").unwrap_or(&Value::Null))
+            .map_err(|e| bad(&e.to_string()))?,
+        metadata,
+        vector_clock,
+        recorded_at,
+    })
+}

@@ -1,0 +1,276 @@
+//! The topic plan: topics are named by class and configured per class, so
+//! every environment gets the same layout and only the numbers differ
+//! (production values in `k8s/kafka/`, single-broker values in tests).
+//!
+//! | class | name | key | retention | why |
+//! |---|---|---|---|---|
+//! | events | `events.<aggregate type>` | aggregate id | 7 days, delete | the event store is the record; Kafka carries it to consumers |
+//! | commands | `sagas.commands.<agent type>` | saga id | 1 day, delete | a task nobody took in a day is handled by the saga's timeout |
+//! | replies | `sagas.replies` | saga id | 1 day, delete | |
+//! | dead letters | `dlq.<consumed topic>` | original key | 14 days, delete | time for an operator to inspect and replay |
+//!
+//! Keys keep order per aggregate (or saga): one key, one partition.
+
+use std::time::Duration;
+
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicClass {
+    Events,
+    Commands,
+    Replies,
+    DeadLetters,
+}
+
+/// How topics of one class are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassSettings {
+    pub partitions: i32,
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicSettings {
+    pub replication: i32,
+    pub min_insync_replicas: i32,
+    pub events: ClassSettings,
+    pub commands: ClassSettings,
+    pub replies: ClassSettings,
+    pub dead_letters: ClassSettings,
+}
+
+impl Default for TopicSettings {
+    /// Production: three replicas, two in sync for a write.
+    fn default() -> Self {
+        let day = Duration::from_secs(24 * 3600);
+        Self {
+            replication: 3,
+            min_insync_replicas: 2,
+            events: ClassSettings {
+                partitions: 12,
+                retention: day * 7,
+            },
+            commands: ClassSettings {
+                partitions: 6,
+                retention: day,
+            },
+            replies: ClassSettings {
+                partitions: 6,
+                retention: day,
+            },
+            dead_letters: ClassSettings {
+                partitions: 3,
+                retention: day * 14,
+            },
+        }
+    }
+}
+
+impl TopicSettings {
+    /// One broker (tests, `fabric dev` with Kafka).
+    pub fn single_broker() -> Self {
+        Self {
+            replication: 1,
+            min_insync_replicas: 1,
+            ..Self::default()
+        }
+    }
+
+    fn class(&self, class: TopicClass) -> ClassSettings {
+        match class {
+            TopicClass::Events => self.events,
+            TopicClass::Commands => self.commands,
+            TopicClass::Replies => self.replies,
+            TopicClass::DeadLetters => self.dead_letters,
+        }
+    }
+}
+
+/// Topic names keep to Kafka's alphabet; anything else becomes `_`.
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+pub fn events_topic(aggregate_type: &str) -> String {
+    format!("events.{}", sanitize(aggregate_type))
+}
+
+pub fn commands_topic(agent_type: &str) -> String {
+    format!("sagas.commands.{}", sanitize(agent_type))
+}
+
+pub const REPLIES_TOPIC: &str = "sagas.replies";
+
+pub fn dead_letter_topic(consumed: &str) -> String {
+    format!("dlq.{}", sanitize(consumed))
+}
+
+/// A topic the plan wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    pub name: String,
+    pub class: TopicClass,
+}
+
+/// The whole layout for the given aggregate and agent types: their topics,
+/// the reply topic, and a dead-letter topic for every consumed topic
+/// (commands and replies are consumed; events by applications).
+pub fn plan(aggregate_types: &[&str], agent_types: &[&str]) -> Vec<Planned> {
+    let mut out = Vec::new();
+    let mut add = |name: String, class| out.push(Planned { name, class });
+    for a in aggregate_types {
+        add(events_topic(a), TopicClass::Events);
+        add(dead_letter_topic(&events_topic(a)), TopicClass::DeadLetters);
+    }
+    for a in agent_types {
+        add(commands_topic(a), TopicClass::Commands);
+        add(
+            dead_letter_topic(&commands_topic(a)),
+            TopicClass::DeadLetters,
+        );
+    }
+    add(REPLIES_TOPIC.to_owned(), TopicClass::Replies);
+    add(dead_letter_topic(REPLIES_TOPIC), TopicClass::DeadLetters);
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    #[error("Kafka admin: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("topic {topic}: {code}")]
+    Topic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+}
+
+/// What `apply` did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+}
+
+/// Creates missing topics and (re)sets the configuration of existing ones;
+/// safe to run again. Partition counts of existing topics are left alone
+/// (raising them would move keys between partitions).
+pub async fn apply(
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[Planned],
+    settings: &TopicSettings,
+    timeout: Duration,
+) -> Result<Applied, TopicError> {
+    let options = AdminOptions::new().operation_timeout(Some(timeout));
+    let configs: Vec<(String, [(String, String); 3])> = topics
+        .iter()
+        .map(|t| {
+            let class = settings.class(t.class);
+            (
+                t.name.clone(),
+                [
+                    ("cleanup.policy".to_owned(), "delete".to_owned()),
+                    (
+                        "retention.ms".to_owned(),
+                        class.retention.as_millis().to_string(),
+                    ),
+                    (
+                        "min.insync.replicas".to_owned(),
+                        settings.min_insync_replicas.to_string(),
+                    ),
+                ],
+            )
+        })
+        .collect();
+    let new_topics: Vec<NewTopic> = topics
+        .iter()
+        .zip(&configs)
+        .map(|(t, (_, config))| {
+            config.iter().fold(
+                NewTopic::new(
+                    &t.name,
+                    settings.class(t.class).partitions,
+                    TopicReplication::Fixed(settings.replication),
+                ),
+                |topic, (k, v)| topic.set(k, v),
+            )
+        })
+        .collect();
+    let mut applied = Applied::default();
+    let mut existing = Vec::new();
+    for result in admin.create_topics(&new_topics, &options).await? {
+        match result {
+            Ok(name) => applied.created.push(name),
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => existing.push(name),
+            Err((topic, code)) => return Err(TopicError::Topic { topic, code }),
+        }
+    }
+    let alters: Vec<AlterConfig> = configs
+        .iter()
+        .filter(|(name, _)| existing.contains(name))
+        .map(|(name, config)| {
+            config.iter().fold(
+                AlterConfig::new(ResourceSpecifier::Topic(name)),
+                |alter, (k, v)| alter.set(k, v),
+            )
+        })
+        .collect();
+    if !alters.is_empty() {
+        for result in admin.alter_configs(&alters, &options).await? {
+            match result {
+                Ok(rdkafka::admin::OwnedResourceSpecifier::Topic(name)) => {
+                    applied.updated.push(name);
+                }
+                Ok(_) => {}
+                Err((spec, code)) => {
+                    return Err(TopicError::Topic {
+                        topic: format!("{spec:?}"),
+                        code,
+                    });
+                }
+            }
+        }
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_names_every_topic_by_class() {
+        let planned = plan(&["task", "repo/file"], &["coder"]);
+        let names: Vec<&str> = planned.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "events.task",
+                "dlq.events.task",
+                "events.repo_file",
+                "dlq.events.repo_file",
+                "sagas.commands.coder",
+                "dlq.sagas.commands.coder",
+                "sagas.replies",
+                "dlq.sagas.replies",
+            ]
+        );
+    }
+}

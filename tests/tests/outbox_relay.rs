@@ -1,0 +1,186 @@
+//! The built-in outbox relay end to end on the real Postgres, Kafka and
+//! Schema Registry: events appended concurrently to several aggregates come
+//! out of a control plane (the leader) on `events.<aggregate type>`, keyed by
+//! aggregate id, Avro-encoded in the Confluent format, each exactly once in
+//! this run, in order per aggregate, read with `read_committed`; the outbox
+//! is emptied behind them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use serde_json::json;
+use statefabric_domain::{ExpectedVersion, NewEvent, StreamId, TenantId};
+use statefabric_schema::messages::EventEnvelope;
+use statefabric_schema::{AvroCodec, RegistryClient};
+use statefabric_store::pg::{self, PgConfig, PgEventStore};
+use statefabric_store::{AppendRequest, EventStore, Scope};
+use statefabric_tests as env;
+use statefabric_tests::process;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appended_events_reach_their_topic_once_and_in_order() -> anyhow::Result<()> {
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let stream_type = format!("relaytest_{}", &run[..8]);
+    let topic = format!("events.{stream_type}");
+    let (admin, control) = (env::pg_admin_url(), env::pg_control_url());
+    let lease = format!("relay-{run}");
+    let bootstrap = env::kafka_bootstrap();
+    let registry = env::registry_url();
+    let txid = format!("relay-test-{run}");
+    let mut cp = process::spawn(
+        "statefabric-control-plane",
+        &[],
+        &[
+            ("STATEFABRIC_LEADER__BACKEND", "postgres"),
+            ("STATEFABRIC_LEADER__POSTGRES_URL", control.as_str()),
+            ("STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL", admin.as_str()),
+            ("STATEFABRIC_LEADER__NAME", lease.as_str()),
+            ("STATEFABRIC_LEADER__TTL", "3s"),
+            ("STATEFABRIC_LEADER__RENEW_EVERY", "500ms"),
+            ("STATEFABRIC_RELAY__ENABLED", "true"),
+            ("STATEFABRIC_RELAY__KAFKA_BOOTSTRAP", bootstrap.as_str()),
+            ("STATEFABRIC_RELAY__REGISTRY_URL", registry.as_str()),
+            ("STATEFABRIC_RELAY__TRANSACTIONAL_ID", txid.as_str()),
+            ("STATEFABRIC_RELAY__TOPICS__REPLICATION", "1"),
+            ("STATEFABRIC_RELAY__TOPICS__MIN_INSYNC_REPLICAS", "1"),
+            ("STATEFABRIC_RELAY__BATCH", "2000"),
+        ],
+    )?;
+    cp.ready().await?;
+
+    let tenant = TenantId::new(format!("t-{}", &run[..12]))?;
+    pg::create_tenant(&admin, &tenant, "relay test").await?;
+    let store = Arc::new(
+        PgEventStore::connect(PgConfig {
+            url: env::pg_app_url(),
+            ..PgConfig::default()
+        })
+        .await?,
+    );
+    // Three aggregates, each written by its own task in small batches.
+    let mut writers = Vec::new();
+    for a in 0..3 {
+        let (store, tenant, stream_type) = (store.clone(), tenant.clone(), stream_type.clone());
+        writers.push(tokio::spawn(async move {
+            let id = StreamId::new(format!("agg-{a}"))?;
+            for batch in 0..5 {
+                let events = (0..4)
+                    .map(|i| NewEvent::new("Happened", json!({"a": a, "n": batch * 4 + i})))
+                    .collect();
+                store
+                    .append(
+                        &Scope::new(tenant.clone(), "relay-test"),
+                        AppendRequest::new(id.clone(), &stream_type, ExpectedVersion::Any, events),
+                    )
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for w in writers {
+        w.await??;
+    }
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", format!("relay-test-{run}"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let codec = AvroCodec::new(Arc::new(RegistryClient::new(
+        &registry,
+        Duration::from_secs(10),
+    )));
+    let mut seen = BTreeSet::new();
+    let mut versions: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    // The outbox is shared: rows other test files left (tens of thousands
+    // after the store tests) are relayed first, in commit order.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let mut subscribed = false;
+    while seen.len() < 60 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 60 events arrived",
+            seen.len()
+        );
+        if !subscribed {
+            // The relay creates the topic with its first batch.
+            if consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                .is_ok_and(|m| {
+                    m.topics()
+                        .iter()
+                        .any(|t| t.name() == topic && !t.partitions().is_empty())
+                })
+            {
+                consumer.subscribe(&[&topic])?;
+                subscribed = true;
+            } else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            continue;
+        }
+        let Ok(received) = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await
+        else {
+            continue;
+        };
+        let message = received?;
+        let envelope: EventEnvelope = codec
+            .decode(message.payload().unwrap_or_default(), None)
+            .await?;
+        let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+        assert_eq!(key, envelope.stream_id, "keyed by aggregate id");
+        assert_eq!(envelope.tenant_id, tenant.as_str());
+        assert_eq!(envelope.stream_type, stream_type);
+        let header = message
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "event_id"))
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        assert_eq!(header.as_deref(), Some(envelope.event_id.as_str()));
+        let data: serde_json::Value = serde_json::from_slice(&envelope.payload)?;
+        assert!(data.get("n").is_some(), "{data}");
+        assert!(
+            seen.insert(envelope.event_id.clone()),
+            "event {} twice",
+            envelope.event_id
+        );
+        versions.entry(key).or_default().push(envelope.version);
+    }
+    for (aggregate, v) in &versions {
+        assert_eq!(*v, (1..=20).collect::<Vec<i64>>(), "order of {aggregate}");
+    }
+    // The outbox is emptied behind the relay.
+    let owner = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&admin)
+        .await?;
+    env::eventually("outbox emptied", Duration::from_secs(10), || {
+        let (owner, tenant) = (owner.clone(), tenant.clone());
+        async move {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM event_outbox WHERE tenant_id = $1")
+                    .bind(tenant.as_str())
+                    .fetch_one(&owner)
+                    .await?;
+            Ok((left == 0).then_some(()))
+        }
+    })
+    .await?;
+    let metrics = env::http("GET", &format!("{}/metrics", cp.admin), None, None)
+        .await?
+        .body;
+    let sent = metrics
+        .lines()
+        .find(|l| l.starts_with("statefabric_relay_events_sent_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(sent >= 60.0, "{sent}");
+    Ok(())
+}

@@ -21,6 +21,30 @@ pub struct ControlPlaneConfig {
     pub leader: LeaderConfig,
     #[serde(default)]
     pub relay: RelayConfig,
+    #[serde(default)]
+    pub lag: LagConfig,
+}
+
+/// Consumer-lag monitoring (every replica exports it; alerts take one
+/// reading per partition).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LagConfig {
+    pub kafka_bootstrap: String,
+    /// Consumer group → comma-separated topics it consumes.
+    pub groups: std::collections::BTreeMap<String, String>,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for LagConfig {
+    fn default() -> Self {
+        Self {
+            kafka_bootstrap: String::new(),
+            groups: Default::default(),
+            interval: Duration::from_secs(15),
+        }
+    }
 }
 
 /// The built-in outbox relay (runs on the leader; needs the Postgres
@@ -113,13 +137,14 @@ impl ControlPlaneConfig {
             shutdown: ShutdownConfig::default(),
             leader: LeaderConfig::default(),
             relay: RelayConfig::default(),
+            lag: LagConfig::default(),
         }
     }
 }
 
 impl ServiceConfig for ControlPlaneConfig {
     const SECTIONS: &'static [&'static str] =
-        &["admin", "telemetry", "shutdown", "leader", "relay"];
+        &["admin", "telemetry", "shutdown", "leader", "relay", "lag"];
 
     fn admin(&self) -> &AdminConfig {
         &self.admin
@@ -165,6 +190,14 @@ impl ServiceConfig for ControlPlaneConfig {
                     "must be at least 1 and at least min_insync_replicas",
                 );
             }
+        }
+        if !self.lag.groups.is_empty()
+            && (self.lag.kafka_bootstrap.is_empty() || self.lag.interval.is_zero())
+        {
+            issues.push(
+                "lag.kafka_bootstrap",
+                "lag monitoring needs a broker and a positive interval",
+            );
         }
         if l.renew_every.is_zero() || l.renew_every * 2 > l.ttl {
             issues.push(

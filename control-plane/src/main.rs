@@ -12,9 +12,11 @@ mod config;
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use statefabric_kafka::lag::{LagMonitor, topics};
 use statefabric_kafka::relay::{Relay, RelaySettings};
 use statefabric_leader::pg::PgElector;
 use statefabric_leader::{Elector, LeaseSettings, Solo};
@@ -111,6 +113,20 @@ async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()> {
         ctx.register_metrics(|registry| relay.register_metrics(registry));
         ctx.shutdown
             .spawn(relay.run(leadership.clone(), ctx.shutdown.token()));
+    }
+    let lag = &ctx.config.lag;
+    if !lag.groups.is_empty() {
+        let monitor = LagMonitor::new(
+            &lag.kafka_bootstrap,
+            lag.groups
+                .iter()
+                .map(|(group, list)| (group.clone(), topics(list)))
+                .collect(),
+            Duration::from_secs(10),
+        );
+        ctx.register_metrics(|registry| monitor.register_metrics(registry));
+        ctx.shutdown
+            .spawn(monitor.run(lag.interval, ctx.shutdown.token()));
     }
     ctx.shutdown.requested().await;
     // The task releases the lease when the token is cancelled.

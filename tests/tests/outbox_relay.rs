@@ -31,6 +31,9 @@ async fn appended_events_reach_their_topic_once_and_in_order() -> anyhow::Result
     let bootstrap = env::kafka_bootstrap();
     let registry = env::registry_url();
     let txid = format!("relay-test-{run}");
+    // The consumer's group, watched by the control plane's lag monitor.
+    let group = format!("relaygroup{run}");
+    let lag_var = format!("STATEFABRIC_LAG__GROUPS__{}", group.to_uppercase());
     let mut cp = process::spawn(
         "statefabric-control-plane",
         &[],
@@ -48,6 +51,9 @@ async fn appended_events_reach_their_topic_once_and_in_order() -> anyhow::Result
             ("STATEFABRIC_RELAY__TOPICS__REPLICATION", "1"),
             ("STATEFABRIC_RELAY__TOPICS__MIN_INSYNC_REPLICAS", "1"),
             ("STATEFABRIC_RELAY__BATCH", "2000"),
+            ("STATEFABRIC_LAG__KAFKA_BOOTSTRAP", bootstrap.as_str()),
+            ("STATEFABRIC_LAG__INTERVAL", "200ms"),
+            (lag_var.as_str(), topic.as_str()),
         ],
     )?;
     cp.ready().await?;
@@ -87,7 +93,7 @@ async fn appended_events_reach_their_topic_once_and_in_order() -> anyhow::Result
 
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
-        .set("group.id", format!("relay-test-{run}"))
+        .set("group.id", &group)
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
@@ -170,6 +176,39 @@ async fn appended_events_reach_their_topic_once_and_in_order() -> anyhow::Result
                     .await?;
             Ok((left == 0).then_some(()))
         }
+    })
+    .await?;
+    // Read but not committed: the lag monitor sees the group at least 60
+    // offsets behind (transaction markers take offsets too), then caught up
+    // once it commits.
+    let lag = |metrics: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("statefabric_kafka_consumer_lag{") && l.contains(&group))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    env::eventually("a lag of 60 or more reported", Duration::from_secs(20), || async {
+        let m = env::http("GET", &format!("{}/metrics", cp.admin), None, None)
+            .await?
+            .body;
+        Ok((lag(&m) >= 60.0).then_some(()))
+    })
+    .await?;
+    // Poll on a moment (nothing more arrives), which moves the position
+    // past the last transaction's commit marker, then commit.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), consumer.recv())
+            .await
+            .is_err(),
+        "no event beyond the 60"
+    );
+    consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)?;
+    env::eventually("lag of 0 reported", Duration::from_secs(20), || async {
+        let m = env::http("GET", &format!("{}/metrics", cp.admin), None, None)
+            .await?
+            .body;
+        Ok((lag(&m) == 0.0).then_some(()))
     })
     .await?;
     let metrics = env::http("GET", &format!("{}/metrics", cp.admin), None, None)

@@ -6,8 +6,12 @@
 //! topics, Avro-encoded, in Kafka transactions, then deletes them under its
 //! leader epoch).
 //!
-//! Partial (the Kafka issue): Debezium's connector, the exactly-once consumer
-//! framework, dead-letter handling, lag monitoring and ACLs are not here yet.
+//! Consumer lag per group and partition is measured by [`lag`].
+//!
+//! Partial (the Kafka issue): the exactly-once consumer framework,
+//! dead-letter handling and ACLs are not here yet. (Debezium's connector is
+//! configuration: `k8s/kafka/`.)
 
+pub mod lag;
 pub mod relay;
 pub mod topics;

@@ -127,11 +127,13 @@ impl Relay {
             "Batches that failed and were retried",
             m.failures.clone(),
         );
-        registry.register(
-            "relay_lag_seconds",
-            "Age of the oldest event in the last batch when it was sent",
-            m.lag_seconds.clone(),
-        );
+        registry
+            .sub_registry_with_label(("stage".into(), "relay".into()))
+            .register(
+                "event_processing_lag_seconds",
+                "Age of the oldest event in the last batch when it was handled",
+                m.lag_seconds.clone(),
+            );
     }
 
     /// Relays while this instance leads, until `stop`.

@@ -188,12 +188,16 @@ async fn appended_events_reach_their_topic_once_and_in_order() -> anyhow::Result
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     };
-    env::eventually("a lag of 60 or more reported", Duration::from_secs(20), || async {
-        let m = env::http("GET", &format!("{}/metrics", cp.admin), None, None)
-            .await?
-            .body;
-        Ok((lag(&m) >= 60.0).then_some(()))
-    })
+    env::eventually(
+        "a lag of 60 or more reported",
+        Duration::from_secs(20),
+        || async {
+            let m = env::http("GET", &format!("{}/metrics", cp.admin), None, None)
+                .await?
+                .body;
+            Ok((lag(&m) >= 60.0).then_some(()))
+        },
+    )
     .await?;
     // Poll on a moment (nothing more arrives), which moves the position
     // past the last transaction's commit marker, then commit.

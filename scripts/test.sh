@@ -7,7 +7,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # Build output outside the clone, so CI's fresh clone reuses earlier builds.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/statefabric/target}
+# CI builds once per run: incremental state would only grow the cache.
+export CARGO_INCREMENTAL=0
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+# The cache is shared by every run on this machine and the disk is not
+# ours alone: past 30 GiB, start it afresh rather than fill the disk.
+if [[ -d $CARGO_TARGET_DIR ]] && (( $(du -s "$CARGO_TARGET_DIR" | cut -f1) > 30 * 1024 * 1024 )); then
+  echo "build cache over 30 GiB: cleaning it"
+  cargo clean
+fi
 
 testenv/up.sh
 # shellcheck disable=SC1091

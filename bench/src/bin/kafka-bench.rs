@@ -1,0 +1,351 @@
+//! Event commit to consumer, through both outbox paths in one run: the
+//! control plane's built-in relay (transactional, Avro) and Debezium's
+//! outbox connector (logical decoding, EventRouter), with a raw rdkafka
+//! produce-to-consume baseline at the same rate.
+//!
+//! Events are appended to the real Postgres at a fixed rate (batches every
+//! 10 ms over several aggregates); each carries the wall-clock time just
+//! before its append, and each consumer records now minus that time.
+//!
+//! Run against the test environment (testenv/up.sh), release build:
+//!   cargo build --release -p statefabric-control-plane -p statefabric-bench
+//!   target/release/kafka-bench --seconds 10 --rate 5000
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use statefabric_bench::{Latencies, report};
+use statefabric_domain::{ExpectedVersion, NewEvent, StreamId};
+use statefabric_schema::messages::EventEnvelope;
+use statefabric_schema::{AvroCodec, RegistryClient};
+use statefabric_store::pg::{PgConfig, PgEventStore};
+use statefabric_store::{AppendRequest, EventStore, Scope};
+use statefabric_tests as env;
+use tokio::process::Command;
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Events per second appended.
+    #[arg(long, default_value_t = 5000)]
+    rate: u64,
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+fn since(micros: i64) -> Duration {
+    Duration::from_micros(u64::try_from(now_micros() - micros).unwrap_or(0))
+}
+
+fn consumer(group: &str, committed_only: bool) -> anyhow::Result<StreamConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", env::kafka_bootstrap())
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .set(
+            "isolation.level",
+            if committed_only {
+                "read_committed"
+            } else {
+                "read_uncommitted"
+            },
+        )
+        .create()?)
+}
+
+/// Subscribes once the topic exists; collects `expected` latencies (or
+/// what arrives before `deadline`).
+async fn collect(
+    consumer: StreamConsumer,
+    topic: String,
+    expected: usize,
+    deadline: Instant,
+    latency: impl Fn(&[u8]) -> futures::future::BoxFuture<'static, Option<Duration>> + Send + 'static,
+) -> anyhow::Result<Latencies> {
+    while !consumer
+        .fetch_metadata(Some(&topic), Duration::from_secs(2))
+        .is_ok_and(|m| {
+            m.topics()
+                .iter()
+                .any(|t| t.name() == topic && !t.partitions().is_empty())
+        })
+    {
+        anyhow::ensure!(Instant::now() < deadline, "{topic} never appeared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    consumer.subscribe(&[&topic])?;
+    let mut latencies = Latencies::default();
+    while (latencies.count() as usize) < expected && Instant::now() < deadline {
+        let Ok(message) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
+        else {
+            continue;
+        };
+        if let Some(d) = latency(message?.payload().unwrap_or_default()).await {
+            latencies.record(d);
+        }
+    }
+    Ok(latencies)
+}
+
+async fn start_control_plane(run: &str) -> anyhow::Result<tokio::process::Child> {
+    let exe = std::env::current_exe()?.with_file_name("statefabric-control-plane");
+    anyhow::ensure!(
+        exe.is_file(),
+        "{} missing: build it with --release",
+        exe.display()
+    );
+    let admin_port = env::free_port();
+    let child = Command::new(exe)
+        .env(
+            "STATEFABRIC_ADMIN__LISTEN",
+            format!("127.0.0.1:{admin_port}"),
+        )
+        .env("STATEFABRIC_TELEMETRY__LOG_LEVEL", "warn")
+        .env("STATEFABRIC_LEADER__BACKEND", "postgres")
+        .env("STATEFABRIC_LEADER__POSTGRES_URL", env::pg_control_url())
+        .env("STATEFABRIC_LEADER__NAME", format!("bench-{run}"))
+        .env("STATEFABRIC_RELAY__ENABLED", "true")
+        .env("STATEFABRIC_RELAY__KAFKA_BOOTSTRAP", env::kafka_bootstrap())
+        .env("STATEFABRIC_RELAY__REGISTRY_URL", env::registry_url())
+        .env(
+            "STATEFABRIC_RELAY__TRANSACTIONAL_ID",
+            format!("bench-{run}"),
+        )
+        .env("STATEFABRIC_RELAY__BATCH", "2000")
+        .env("STATEFABRIC_RELAY__IDLE_POLL", "2ms")
+        .env("STATEFABRIC_RELAY__TOPICS__REPLICATION", "1")
+        .env("STATEFABRIC_RELAY__TOPICS__MIN_INSYNC_REPLICAS", "1")
+        .kill_on_drop(true)
+        .spawn()?;
+    let ready = format!("http://127.0.0.1:{admin_port}/healthz/ready");
+    env::eventually("control plane ready", Duration::from_secs(30), || {
+        let ready = ready.clone();
+        async move { Ok((env::http("GET", &ready, None, None).await?.status == 200).then_some(())) }
+    })
+    .await?;
+    Ok(child)
+}
+
+async fn register_debezium() -> anyhow::Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../k8s/kafka/debezium-outbox-connector.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let port = env::pg_admin_url()
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next().map(str::to_owned))
+        .unwrap_or_default();
+    for (k, v) in [
+        ("database.hostname", "127.0.0.1".to_owned()),
+        ("database.port", port),
+        ("database.password", "statefabric_cdc".to_owned()),
+        ("slot.name", "statefabric_outbox_test".to_owned()),
+        (
+            "transforms.outbox.route.topic.replacement",
+            "cdc.events.${routedByValue}".to_owned(),
+        ),
+        ("topic.creation.default.replication.factor", "1".to_owned()),
+        ("topic.creation.default.partitions", "3".to_owned()),
+    ] {
+        config[k] = json!(v);
+    }
+    let url = format!(
+        "{}/connectors/statefabric-outbox-test/config",
+        env::connect_url()
+    );
+    let put = env::http(
+        "PUT",
+        &url,
+        Some("application/json"),
+        Some(config.to_string()),
+    )
+    .await?;
+    anyhow::ensure!(matches!(put.status, 200 | 201), "connector: {}", put.body);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let tenant = statefabric_bench::fresh_tenant().await?;
+    let stream_type = format!("bench_{}", &run[..8]);
+    let total = usize::try_from(args.rate * args.seconds)?;
+    let _control_plane = start_control_plane(&run).await?;
+    register_debezium().await?;
+    let store = Arc::new(
+        PgEventStore::connect(PgConfig {
+            url: env::pg_app_url(),
+            max_connections: 8,
+            ..PgConfig::default()
+        })
+        .await?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(args.seconds + 60);
+    let codec = Arc::new(AvroCodec::new(Arc::new(RegistryClient::new(
+        &env::registry_url(),
+        Duration::from_secs(10),
+    ))));
+    let relay = tokio::spawn(collect(
+        consumer(&format!("bench-relay-{run}"), true)?,
+        format!("events.{stream_type}"),
+        total,
+        deadline,
+        move |bytes| {
+            let (codec, bytes) = (codec.clone(), bytes.to_vec());
+            Box::pin(async move {
+                let e: EventEnvelope = codec.decode(&bytes, None).await.ok()?;
+                let data: Value = serde_json::from_slice(&e.payload).ok()?;
+                Some(since(data["t"].as_i64()?))
+            })
+        },
+    ));
+    let debezium = tokio::spawn(collect(
+        consumer(&format!("bench-cdc-{run}"), false)?,
+        format!("cdc.events.{stream_type}"),
+        total,
+        deadline,
+        |bytes| {
+            let bytes = bytes.to_vec();
+            Box::pin(async move {
+                let v: Value = serde_json::from_slice(&bytes).ok()?;
+                let v: Value = match v {
+                    Value::String(s) => serde_json::from_str(&s).ok()?,
+                    other => other,
+                };
+                Some(since(v["data"]["t"].as_i64()?))
+            })
+        },
+    ));
+
+    // Append at the rate: a batch per aggregate every 10 ms.
+    let aggregates = 8u64;
+    let per_tick = (args.rate / 100).max(aggregates);
+    let per_batch = usize::try_from(per_tick / aggregates)?;
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut appended = 0usize;
+    while appended < total {
+        tick.tick().await;
+        let mut writes = Vec::new();
+        for a in 0..aggregates {
+            let (store, scope) = (store.clone(), Scope::new(tenant.clone(), "bench"));
+            let stream_type = stream_type.clone();
+            writes.push(tokio::spawn(async move {
+                let t = now_micros();
+                let events = (0..per_batch)
+                    .map(|i| NewEvent::new("Measured", json!({"t": t, "i": i})))
+                    .collect();
+                store
+                    .append(
+                        &scope,
+                        AppendRequest::new(
+                            StreamId::new(format!("agg-{a}"))?,
+                            &stream_type,
+                            ExpectedVersion::Any,
+                            events,
+                        ),
+                    )
+                    .await?;
+                anyhow::Ok(())
+            }));
+        }
+        for w in writes {
+            w.await??;
+        }
+        appended += per_batch * usize::try_from(aggregates)?;
+    }
+    let append_secs = started.elapsed().as_secs_f64();
+
+    // The raw baseline: produce and consume at the same rate.
+    let topic = format!("bench-raw-{run}");
+    let raw_consumer = consumer(&format!("bench-raw-{run}"), false)?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", env::kafka_bootstrap())
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "1")
+        .create()?;
+    let raw = tokio::spawn(collect(
+        raw_consumer,
+        topic.clone(),
+        total,
+        Instant::now() + Duration::from_secs(args.seconds + 60),
+        |bytes| {
+            let bytes = bytes.to_vec();
+            Box::pin(async move {
+                let t: i64 = std::str::from_utf8(&bytes).ok()?.parse().ok()?;
+                Some(since(t))
+            })
+        },
+    ));
+    let raw_started = Instant::now();
+    let mut sent = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while sent < total {
+        tick.tick().await;
+        let messages: Vec<(String, String)> = (0..usize::try_from(per_tick)?)
+            .map(|i| (format!("agg-{}", i % 8), now_micros().to_string()))
+            .collect();
+        let deliveries: Vec<_> = messages
+            .iter()
+            .map(|(key, t)| {
+                producer.send(
+                    FutureRecord::to(&topic).key(key).payload(t),
+                    Duration::from_secs(10),
+                )
+            })
+            .collect();
+        for d in futures::future::join_all(deliveries).await {
+            d.map_err(|(e, _)| e)?;
+        }
+        sent += usize::try_from(per_tick)?;
+    }
+    let raw_secs = raw_started.elapsed().as_secs_f64();
+
+    let (relay, debezium, raw) = (relay.await??, debezium.await??, raw.await??);
+    println!(
+        "{} events appended in {append_secs:.1} s (target {} /s, {} aggregates), release build\n",
+        appended, args.rate, aggregates
+    );
+    report(
+        "relay: commit -> consumer",
+        relay.count() as f64 / append_secs,
+        "events",
+        Some(&relay),
+    );
+    report(
+        "debezium: commit -> consumer",
+        debezium.count() as f64 / append_secs,
+        "events",
+        Some(&debezium),
+    );
+    report(
+        "raw rdkafka: produce -> consume",
+        raw.count() as f64 / raw_secs,
+        "msgs",
+        Some(&raw),
+    );
+    println!(
+        "received: relay {} / {appended}, debezium {} / {appended}, raw {} / {sent}",
+        relay.count(),
+        debezium.count(),
+        raw.count()
+    );
+    let (_, r95, _) = relay.percentiles_ms();
+    let (_, b95, _) = raw.percentiles_ms();
+    println!("relay p95 is {:.1}x the raw p95", r95 / b95.max(0.001));
+    Ok(())
+}

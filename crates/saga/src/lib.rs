@@ -12,6 +12,8 @@
 //! - [`registry::Registry`]: versioned definitions — a running instance
 //!   finishes on the version it started with;
 //! - [`builtin`]: the Planner → Coder → Critic definition;
+//! - [`graph`]: a definition or an instance as JSON nodes and edges, Mermaid
+//!   and Graphviz DOT (for the visualization endpoints);
 //! - [`machine`]: an instance's state and the pure transition function
 //!   `apply(input) → effects` (dispatch a task, arm a timer, finish), which
 //!   the engine persists in one transaction per transition.
@@ -25,6 +27,7 @@
 pub mod backoff;
 pub mod builtin;
 pub mod definition;
+pub mod graph;
 pub mod machine;
 pub mod registry;
 pub mod validate;

@@ -21,8 +21,12 @@ use statefabric_store::{AppendRequest, EventStore, Scope};
 use statefabric_tests as env;
 use statefabric_tests::process;
 
+/// A relay drains every tenant's outbox: one relay test at a time.
+static ONE_RELAY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn appended_events_reach_their_topic_once_and_in_order() -> anyhow::Result<()> {
+    let _alone = ONE_RELAY.lock().await;
     let run = uuid::Uuid::new_v4().simple().to_string();
     let stream_type = format!("relaytest_{}", &run[..8]);
     let topic = format!("events.{stream_type}");
@@ -225,5 +229,85 @@ async fn appended_events_reach_their_topic_once_and_in_order() -> anyhow::Result
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(sent >= 60.0, "{sent}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_kafka_unreachable_the_breaker_opens_and_nothing_is_lost() -> anyhow::Result<()> {
+    let _alone = ONE_RELAY.lock().await;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let (admin, control) = (env::pg_admin_url(), env::pg_control_url());
+    let lease = format!("relay-down-{run}");
+    let registry = env::registry_url();
+    let mut cp = process::spawn(
+        "statefabric-control-plane",
+        &[],
+        &[
+            ("STATEFABRIC_LEADER__BACKEND", "postgres"),
+            ("STATEFABRIC_LEADER__POSTGRES_URL", control.as_str()),
+            ("STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL", admin.as_str()),
+            ("STATEFABRIC_LEADER__NAME", lease.as_str()),
+            ("STATEFABRIC_RELAY__ENABLED", "true"),
+            // Nothing listens there.
+            ("STATEFABRIC_RELAY__KAFKA_BOOTSTRAP", "127.0.0.1:1"),
+            ("STATEFABRIC_RELAY__REGISTRY_URL", registry.as_str()),
+            ("STATEFABRIC_RELAY__TIMEOUT", "300ms"),
+        ],
+    )?;
+    cp.ready().await?;
+    let tenant = TenantId::new(format!("t-{}", &run[..12]))?;
+    pg::create_tenant(&admin, &tenant, "relay down").await?;
+    let store = PgEventStore::connect(PgConfig {
+        url: env::pg_app_url(),
+        ..PgConfig::default()
+    })
+    .await?;
+    store
+        .append(
+            &Scope::new(tenant.clone(), "relay-test"),
+            AppendRequest::new(
+                StreamId::new("agg-0")?,
+                "relaydown",
+                ExpectedVersion::Any,
+                vec![NewEvent::new("Happened", json!({}))],
+            ),
+        )
+        .await?;
+    let metric = |body: &str, name: &str| {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    env::eventually(
+        "the kafka breaker opens",
+        Duration::from_secs(30),
+        || async {
+            let body = env::http("GET", &format!("{}/metrics", cp.admin), None, None)
+                .await?
+                .body;
+            Ok(
+                (metric(&body, "statefabric_circuit_state{dependency=\"kafka\"}") == Some(2.0))
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    // While it is open, failures stop piling up.
+    let body = env::http("GET", &format!("{}/metrics", cp.admin), None, None)
+        .await?
+        .body;
+    let failures = metric(&body, "statefabric_relay_failures_total").unwrap_or(0.0);
+    assert!((5.0..=7.0).contains(&failures), "{failures} failures");
+    // Nothing was lost: the event waits in the outbox.
+    let owner = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&admin)
+        .await?;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM event_outbox WHERE tenant_id = $1")
+        .bind(tenant.as_str())
+        .fetch_one(&owner)
+        .await?;
+    assert_eq!(left, 1);
     Ok(())
 }

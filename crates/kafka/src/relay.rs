@@ -11,10 +11,14 @@
 //! order (`statefabric_relay_batch`, the event store's gap-free rule) and
 //! one key maps to one partition. The transactional id is the same on every
 //! replica, so Kafka fences a former leader's producer as soon as the new
-//! leader initializes its own.
+//! leader initializes its own. Repeated Kafka failures open a circuit
+//! breaker (`statefabric_circuit_state{dependency="kafka"}`): the relay
+//! then waits for a probe instead of piling up timeouts. A transaction left
+//! open (shutdown, lost leadership, a failure) is aborted explicitly.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -26,6 +30,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::Value;
 use sqlx::PgPool;
 use statefabric_leader::{Leadership, Role};
+use statefabric_resilience::{Breaker, BreakerConfig};
 use statefabric_schema::AvroCodec;
 use statefabric_schema::codec::WriterSchema;
 use statefabric_schema::messages::{EventEnvelope, event_envelope_schema};
@@ -92,12 +97,30 @@ pub struct Relay {
     pool: PgPool,
     codec: Arc<AvroCodec>,
     metrics: Metrics,
+    /// Opens after repeated Kafka failures: the relay then stops calling
+    /// Kafka until a probe is due, instead of piling up timeouts.
+    breaker: Breaker,
 }
 
 struct Session {
     epoch: u64,
     producer: FutureProducer,
     writer: WriterSchema,
+    /// A Kafka transaction is open (begun, not yet committed or aborted).
+    open: AtomicBool,
+}
+
+impl Session {
+    /// Aborts a transaction left open (its batch was interrupted: shutdown,
+    /// lost leadership, a failure), so nothing waits for it to time out.
+    fn abort_open(&self, timeout: Duration) {
+        if self.open.swap(false, Ordering::SeqCst) {
+            match self.producer.abort_transaction(timeout) {
+                Ok(()) => tracing::info!("aborted the open relay transaction"),
+                Err(err) => tracing::warn!(error = %err, "could not abort the relay transaction"),
+            }
+        }
+    }
 }
 
 impl Relay {
@@ -107,11 +130,13 @@ impl Relay {
             pool,
             codec,
             metrics: Metrics::default(),
+            breaker: Breaker::new("kafka", BreakerConfig::default()),
         }
     }
 
     pub fn register_metrics(&self, registry: &mut Registry) {
         let m = &self.metrics;
+        self.breaker.register_metrics(registry);
         registry.register(
             "relay_events_sent",
             "Outbox events published",
@@ -138,6 +163,7 @@ impl Relay {
 
     /// Relays while this instance leads, until `stop`.
     pub async fn run(self, leadership: Leadership, stop: CancellationToken) {
+        let timeout = self.settings.kafka_timeout;
         let mut session: Option<Session> = None;
         let mut known_topics = std::collections::BTreeSet::new();
         loop {
@@ -145,7 +171,8 @@ impl Relay {
                 break;
             }
             let Role::Leader { epoch } = leadership.role() else {
-                if session.take().is_some() {
+                if let Some(old) = session.take() {
+                    old.abort_open(timeout);
                     tracing::info!("relay stopped: not the leader");
                 }
                 tokio::select! {
@@ -154,8 +181,20 @@ impl Relay {
                 }
                 continue;
             };
+            let Some(permit) = self.breaker.permit() else {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                continue;
+            };
+            if session.as_ref().is_some_and(|s| s.epoch != epoch)
+                && let Some(old) = session.take()
+            {
+                old.abort_open(timeout);
+            }
             let outcome = async {
-                if session.as_ref().is_none_or(|s| s.epoch != epoch) {
+                if session.is_none() {
                     session = Some(self.open(epoch).await?);
                 }
                 let s = session.as_ref().ok_or(RelayError::Deposed(epoch))?;
@@ -165,6 +204,10 @@ impl Relay {
                 () = stop.cancelled() => break,
                 result = outcome => result,
             };
+            match &result {
+                Err(RelayError::Kafka(_) | RelayError::Topics(_)) => permit.failure(),
+                _ => permit.success(),
+            }
             match result {
                 Ok(0) => {
                     tokio::select! {
@@ -176,13 +219,18 @@ impl Relay {
                 Err(err) => {
                     self.metrics.failures.inc();
                     tracing::warn!(error = %err, "relay batch failed; retrying");
-                    session = None;
+                    if let Some(old) = session.take() {
+                        old.abort_open(timeout);
+                    }
                     tokio::select! {
                         () = stop.cancelled() => break,
                         () = tokio::time::sleep(Duration::from_millis(500)) => {}
                     }
                 }
             }
+        }
+        if let Some(old) = session.take() {
+            old.abort_open(timeout);
         }
     }
 
@@ -206,6 +254,7 @@ impl Relay {
             epoch,
             producer,
             writer,
+            open: AtomicBool::new(false),
         })
     }
 
@@ -271,6 +320,7 @@ impl Relay {
         }
         let producer = &session.producer;
         producer.begin_transaction()?;
+        session.open.store(true, Ordering::SeqCst);
         let sent = async {
             let mut deliveries = Vec::with_capacity(records.len());
             for ((topic, value, headers), row) in records.iter().zip(&rows) {
@@ -293,11 +343,12 @@ impl Relay {
                 }
             }
             producer.commit_transaction(self.settings.kafka_timeout)?;
+            session.open.store(false, Ordering::SeqCst);
             Ok(())
         }
         .await;
         if let Err(err) = sent {
-            let _ = producer.abort_transaction(self.settings.kafka_timeout);
+            session.abort_open(self.settings.kafka_timeout);
             return Err(err);
         }
         let oldest = rows

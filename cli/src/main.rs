@@ -30,11 +30,101 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Dead letters: list them, or send one back to its topic.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Avro schemas in the Schema Registry.
     Schemas {
         #[command(subcommand)]
         command: SchemasCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Lists a dead-letter topic: position, why, and the original message.
+    List {
+        #[arg(long, env = "STATEFABRIC_KAFKA_BOOTSTRAP")]
+        bootstrap: String,
+        /// The dead-letter topic (dlq.<consumed topic>).
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Sends one dead letter back to the topic it came from.
+    Replay {
+        #[arg(long, env = "STATEFABRIC_KAFKA_BOOTSTRAP")]
+        bootstrap: String,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        partition: i32,
+        #[arg(long)]
+        offset: i64,
+    },
+}
+
+async fn dlq(command: DlqCommand) -> ExitCode {
+    use statefabric_kafka::dead_letter;
+    let timeout = Duration::from_secs(10);
+    match command {
+        DlqCommand::List {
+            bootstrap,
+            topic,
+            limit,
+        } => {
+            let listed = tokio::task::spawn_blocking(move || {
+                dead_letter::list(&bootstrap, &topic, limit, timeout)
+            })
+            .await;
+            match listed {
+                Ok(Ok(letters)) => {
+                    for l in letters {
+                        let why = |k: &str| l.why.get(k).cloned().unwrap_or_default();
+                        println!(
+                            "{}/{}\tfrom {}/{}/{}\tattempts {}\tgroup {}\terror: {}\tvalue: {}",
+                            l.partition,
+                            l.offset,
+                            why("topic"),
+                            why("partition"),
+                            why("offset"),
+                            why("attempts"),
+                            why("group"),
+                            why("error"),
+                            String::from_utf8_lossy(l.payload.as_deref().unwrap_or_default())
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Ok(Err(err)) => {
+                    eprintln!("fabric dlq list: {err}");
+                    ExitCode::FAILURE
+                }
+                Err(err) => {
+                    eprintln!("fabric dlq list: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        DlqCommand::Replay {
+            bootstrap,
+            topic,
+            partition,
+            offset,
+        } => match dead_letter::replay(&bootstrap, &topic, partition, offset, timeout).await {
+            Ok(origin) => {
+                println!("replayed {topic}/{partition}/{offset} to {origin}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("fabric dlq replay: {err}");
+                ExitCode::FAILURE
+            }
+        },
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,6 +158,7 @@ async fn register_schemas(registry: &str) -> ExitCode {
 #[tokio::main]
 async fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Dlq { command } => dlq(command).await,
         Command::Schemas {
             command: SchemasCommand::Register { registry },
         } => register_schemas(&registry).await,

@@ -8,10 +8,15 @@
 //!
 //! Consumer lag per group and partition is measured by [`lag`].
 //!
-//! Partial (the Kafka issue): the exactly-once consumer framework,
-//! dead-letter handling and ACLs are not here yet. (Debezium's connector is
+//! Dead letters — retries with backoff, the dead-letter topic, listing and
+//! replay — are in [`dead_letter`].
+//!
+//! Partial (the Kafka issue): the exactly-once consumer framework (Kafka to
+//! Kafka in one transaction, Kafka to Postgres with an inbox) and ACLs are
+//! not here yet. (Debezium's connector is
 //! configuration: `k8s/kafka/`.)
 
+pub mod dead_letter;
 pub mod lag;
 pub mod relay;
 pub mod topics;

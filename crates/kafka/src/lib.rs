@@ -11,12 +11,15 @@
 //! Dead letters — retries with backoff, the dead-letter topic, listing and
 //! replay — are in [`dead_letter`].
 //!
-//! Partial (the Kafka issue): the exactly-once consumer framework (Kafka to
-//! Kafka in one transaction, Kafka to Postgres with an inbox) and ACLs are
-//! not here yet. (Debezium's connector is
+//! Kafka to Postgres exactly once: [`inbox`].
+//!
+//! Partial (the Kafka issue): Kafka to Kafka in one transaction
+//! (`send_offsets_to_transaction`), backpressure by pausing partitions, and
+//! ACLs are not here yet. (Debezium's connector is
 //! configuration: `k8s/kafka/`.)
 
 pub mod dead_letter;
+pub mod inbox;
 pub mod lag;
 pub mod relay;
 pub mod topics;

@@ -13,9 +13,10 @@
 //!
 //! Kafka to Postgres exactly once: [`inbox`].
 //!
-//! Partial (the Kafka issue): Kafka to Kafka in one transaction
-//! (`send_offsets_to_transaction`), backpressure by pausing partitions, and
-//! ACLs are not here yet. (Debezium's connector is
+//! Partial (the Kafka issue): Kafka to Kafka in one transaction is proven
+//! by a test program (`tests/src/bin/eos-forwarder.rs`) but not packaged as
+//! a reusable consumer framework here, there is no backpressure by pausing
+//! partitions, and no ACLs. (Debezium's connector is
 //! configuration: `k8s/kafka/`.)
 
 pub mod dead_letter;

@@ -37,41 +37,8 @@ fn the_json_and_the_strimzi_resource_say_the_same() -> anyhow::Result<()> {
 #[tokio::test]
 async fn an_appended_event_arrives_on_its_routed_topic() -> anyhow::Result<()> {
     pg::migrate(&env::pg_admin_url()).await?;
-    let mut config: Value = serde_json::from_str(&k8s("debezium-outbox-connector.json")?)?;
-    let pg_port = env::pg_admin_url()
-        .rsplit_once(':')
-        .and_then(|(_, rest)| rest.split('/').next().map(str::to_owned))
-        .unwrap_or_default();
-    for (key, value) in [
-        ("database.hostname", "127.0.0.1".to_owned()),
-        ("database.port", pg_port),
-        ("database.password", "statefabric_cdc".to_owned()),
-        ("slot.name", "statefabric_outbox_test".to_owned()),
-        // Beside the built-in relay's topics, not on them.
-        (
-            "transforms.outbox.route.topic.replacement",
-            "cdc.events.${routedByValue}".to_owned(),
-        ),
-        ("topic.creation.default.replication.factor", "1".to_owned()),
-        ("topic.creation.default.partitions", "3".to_owned()),
-    ] {
-        config[key] = json!(value);
-    }
-    let name = "statefabric-outbox-test";
-    let url = format!("{}/connectors/{name}/config", env::connect_url());
-    let put = env::http(
-        "PUT",
-        &url,
-        Some("application/json"),
-        Some(config.to_string()),
-    )
-    .await?;
-    assert!(
-        matches!(put.status, 200 | 201),
-        "{}: {}",
-        put.status,
-        put.body
-    );
+    env::kafka::register_debezium().await?;
+    let name = env::kafka::DEBEZIUM_CONNECTOR;
     let status_url = format!("{}/connectors/{name}/status", env::connect_url());
     env::eventually(
         "connector and task running",

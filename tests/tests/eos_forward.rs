@@ -8,8 +8,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -48,18 +46,8 @@ async fn a_forwarder_killed_before_commit_forwards_each_message_once() -> anyhow
     let run = uuid::Uuid::new_v4().simple().to_string();
     let (input, output) = (format!("eos-in-{run}"), format!("eos-out-{run}"));
     let bootstrap = env::kafka_bootstrap();
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()?;
-    admin
-        .create_topics(
-            &[
-                NewTopic::new(&input, 1, TopicReplication::Fixed(1)),
-                NewTopic::new(&output, 1, TopicReplication::Fixed(1)),
-            ],
-            &AdminOptions::new(),
-        )
-        .await?;
+    env::kafka::create_topic(&input, 1).await?;
+    env::kafka::create_topic(&output, 1).await?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .create()?;

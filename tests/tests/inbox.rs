@@ -7,8 +7,6 @@
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use statefabric_tests as env;
 
@@ -30,15 +28,7 @@ async fn a_consumer_killed_between_effect_and_commit_applies_nothing_twice() -> 
     .await?;
 
     let bootstrap = env::kafka_bootstrap();
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()?;
-    admin
-        .create_topics(
-            &[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await?;
+    env::kafka::create_topic(&topic, 2).await?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .create()?;

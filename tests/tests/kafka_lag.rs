@@ -6,8 +6,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -30,15 +28,7 @@ fn commit(group: &str, topic: &str, offset: i64) -> anyhow::Result<()> {
 async fn lag_is_what_a_group_has_not_committed() -> anyhow::Result<()> {
     let run = uuid::Uuid::new_v4().simple().to_string();
     let topic = format!("lag-test-{run}");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", env::kafka_bootstrap())
-        .create()?;
-    admin
-        .create_topics(
-            &[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await?;
+    env::kafka::create_topic(&topic, 2).await?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", env::kafka_bootstrap())
         .create()?;

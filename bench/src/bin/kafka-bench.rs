@@ -139,43 +139,6 @@ async fn start_control_plane(run: &str) -> anyhow::Result<tokio::process::Child>
     Ok(child)
 }
 
-async fn register_debezium() -> anyhow::Result<()> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../k8s/kafka/debezium-outbox-connector.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
-    let port = env::pg_admin_url()
-        .rsplit_once(':')
-        .and_then(|(_, rest)| rest.split('/').next().map(str::to_owned))
-        .unwrap_or_default();
-    for (k, v) in [
-        ("database.hostname", "127.0.0.1".to_owned()),
-        ("database.port", port),
-        ("database.password", "statefabric_cdc".to_owned()),
-        ("slot.name", "statefabric_outbox_test".to_owned()),
-        (
-            "transforms.outbox.route.topic.replacement",
-            "cdc.events.${routedByValue}".to_owned(),
-        ),
-        ("topic.creation.default.replication.factor", "1".to_owned()),
-        ("topic.creation.default.partitions", "3".to_owned()),
-    ] {
-        config[k] = json!(v);
-    }
-    let url = format!(
-        "{}/connectors/statefabric-outbox-test/config",
-        env::connect_url()
-    );
-    let put = env::http(
-        "PUT",
-        &url,
-        Some("application/json"),
-        Some(config.to_string()),
-    )
-    .await?;
-    anyhow::ensure!(matches!(put.status, 200 | 201), "connector: {}", put.body);
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -184,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
     let stream_type = format!("bench_{}", &run[..8]);
     let total = usize::try_from(args.rate * args.seconds)?;
     let _control_plane = start_control_plane(&run).await?;
-    register_debezium().await?;
+    env::kafka::register_debezium().await?;
     let store = Arc::new(
         PgEventStore::connect(PgConfig {
             url: env::pg_app_url(),

@@ -48,10 +48,14 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The pause after `attempt` failed tries; `random` in [0, 1).
     pub fn backoff(&self, attempt: u32, random: f64) -> Duration {
-        let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
-        let base = (self.initial_backoff.as_secs_f64() * 2f64.powi(exponent))
-            .min(self.max_backoff.as_secs_f64());
-        Duration::from_secs_f64(base * (1.0 - self.jitter * random.clamp(0.0, 1.0)))
+        statefabric_resilience::backoff::exponential(
+            self.initial_backoff,
+            self.max_backoff,
+            2.0,
+            self.jitter,
+            attempt,
+            random,
+        )
     }
 }
 

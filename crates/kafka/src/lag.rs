@@ -8,6 +8,7 @@
 //! naming them keeps the label set bounded.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -28,13 +29,24 @@ struct LagLabel {
 /// (group, topic, partition) → messages not yet consumed.
 pub type Lags = BTreeMap<(String, String, i32), i64>;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LagMonitor {
     bootstrap: String,
     /// group → topics.
     targets: BTreeMap<String, Vec<String>>,
     timeout: Duration,
     gauges: Family<LagLabel, Gauge>,
+    /// One reader per group, made on first use and kept: a poll reuses its
+    /// broker connections instead of opening new ones every interval.
+    readers: Arc<Mutex<BTreeMap<String, Arc<BaseConsumer>>>>,
+}
+
+impl std::fmt::Debug for LagMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LagMonitor")
+            .field("targets", &self.targets)
+            .finish_non_exhaustive()
+    }
 }
 
 impl LagMonitor {
@@ -44,6 +56,7 @@ impl LagMonitor {
             targets,
             timeout,
             gauges: Family::default(),
+            readers: Arc::default(),
         }
     }
 
@@ -76,13 +89,7 @@ impl LagMonitor {
     fn read(&self) -> Result<Lags, rdkafka::error::KafkaError> {
         let mut lags = Lags::new();
         for (group, topics) in &self.targets {
-            // Not subscribed: it only reads the group's commits, it never
-            // joins the group.
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &self.bootstrap)
-                .set("group.id", group)
-                .set("enable.auto.commit", "false")
-                .create()?;
+            let consumer = self.reader(group)?;
             let mut partitions = TopicPartitionList::new();
             for topic in topics {
                 let metadata = consumer.fetch_metadata(Some(topic), self.timeout)?;
@@ -115,6 +122,24 @@ impl LagMonitor {
             }
         }
         Ok(lags)
+    }
+
+    /// The group's reader. Not subscribed: it only reads the group's
+    /// commits, it never joins the group.
+    fn reader(&self, group: &str) -> Result<Arc<BaseConsumer>, rdkafka::error::KafkaError> {
+        let mut readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(reader) = readers.get(group) {
+            return Ok(reader.clone());
+        }
+        let reader: Arc<BaseConsumer> = Arc::new(
+            ClientConfig::new()
+                .set("bootstrap.servers", &self.bootstrap)
+                .set("group.id", group)
+                .set("enable.auto.commit", "false")
+                .create()?,
+        );
+        readers.insert(group.to_owned(), reader.clone());
+        Ok(reader)
     }
 
     /// Polls every `interval` until `stop`.

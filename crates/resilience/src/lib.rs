@@ -7,8 +7,9 @@
 //! a dead dependency costs callers a fast `Unavailable` rather than a pile of
 //! waiting requests (no cascading failure).
 //!
-//! It does not own retries: whether a call may be retried depends on the
-//! call (a non-idempotent write may not), so the adapters decide.
+//! It does not decide retries: whether a call may be retried depends on the
+//! call (a non-idempotent write may not), so the adapters decide; the pause
+//! between tries is computed once, in [`backoff`].
 //!
 //! Written here rather than taken from a crate: the breaker must share its
 //! state between a tower stack and plain futures, count only the failures the
@@ -17,6 +18,7 @@
 //! its state to our Prometheus registry; the crates we looked at each missed
 //! one of these, and the whole state machine is about a hundred lines.
 
+pub mod backoff;
 mod breaker;
 mod layer;
 

@@ -1,6 +1,5 @@
-//! Delay before a retry: exponential from `initial_backoff` by `multiplier`,
-//! capped at `max_backoff`, with a random share of `jitter` taken off so
-//! that many sagas failing together do not retry together.
+//! Delay before a step's retry: its retry policy applied to the shared
+//! exponential backoff with jitter (`statefabric_resilience::backoff`).
 
 use std::time::Duration;
 
@@ -9,11 +8,14 @@ use crate::definition::RetryPolicy;
 /// The pause before attempt `next` (2 for the first retry). `random` is a
 /// number in [0, 1) the caller draws, which keeps this function pure.
 pub fn delay(policy: &RetryPolicy, next: u32, random: f64) -> Duration {
-    let exponent = i32::try_from(next.saturating_sub(2)).unwrap_or(i32::MAX);
-    let base = policy.initial_backoff.as_secs_f64() * policy.multiplier.powi(exponent);
-    let capped = base.min(policy.max_backoff.as_secs_f64());
-    let random = random.clamp(0.0, 1.0);
-    Duration::from_secs_f64(capped * (1.0 - policy.jitter * random))
+    statefabric_resilience::backoff::exponential(
+        policy.initial_backoff,
+        policy.max_backoff,
+        policy.multiplier,
+        policy.jitter,
+        next.saturating_sub(1),
+        random,
+    )
 }
 
 #[cfg(test)]

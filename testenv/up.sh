@@ -19,7 +19,7 @@ chmod 755 "$STATE"
 install_packages() {
   local wanted=(postgresql-15 redis-server redis-tools openjdk-17-jre-headless maven
                 protobuf-compiler cmake libcurl4-openssl-dev pkg-config libssl-dev
-                build-essential zlib1g-dev curl python3 prometheus)
+                build-essential zlib1g-dev curl python3 prometheus chromium)
   local missing=()
   for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -124,6 +124,10 @@ DO \$\$ BEGIN
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'statefabric_relay_role') THEN
     CREATE ROLE statefabric_relay_role NOLOGIN NOBYPASSRLS;
   END IF;
+  -- The saga engine (control plane leader): every tenant's saga rows.
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'statefabric_saga_engine_role') THEN
+    CREATE ROLE statefabric_saga_engine_role NOLOGIN NOBYPASSRLS;
+  END IF;
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_CONTROL_USER') THEN
     CREATE ROLE $PG_CONTROL_USER LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE PASSWORD '$PG_CONTROL_PASSWORD';
   END IF;
@@ -135,7 +139,7 @@ SELECT 'CREATE DATABASE $PG_DATABASE OWNER $PG_ADMIN_USER'
   WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$PG_DATABASE') \gexec
 GRANT CONNECT, TEMPORARY ON DATABASE $PG_DATABASE TO $PG_APP_USER, $PG_CDC_USER, $PG_CONTROL_USER;
 GRANT statefabric_app_role TO $PG_APP_USER, $PG_CONTROL_USER;
-GRANT statefabric_relay_role TO $PG_CONTROL_USER;
+GRANT statefabric_relay_role, statefabric_saga_engine_role TO $PG_CONTROL_USER;
 DO \$\$ BEGIN
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'statefabric_cdc_role') THEN
     CREATE ROLE statefabric_cdc_role NOLOGIN NOBYPASSRLS;

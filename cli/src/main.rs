@@ -1,14 +1,18 @@
 //! `fabric`: the Statefabric command line.
 //!
-//! Hosts the embedded all-in-one mode (`fabric dev`) and, as the control plane
-//! grows, the operator commands that wrap its API.
+//! Hosts the embedded all-in-one mode (`fabric dev`, [`dev`], with the
+//! Planner/Coder/Critic [`demo`]) and the operator commands: sagas through
+//! the control plane's API ([`sagas`]), dead letters and schemas on Kafka.
+
+mod demo;
+mod dev;
+mod sagas;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use statefabric_runtime::ConfigArgs;
-use statefabric_sidecar::SidecarConfig;
 
 /// Statefabric: event-sourced state, locks, context and sagas for agent fleets.
 #[derive(Debug, Parser)]
@@ -22,13 +26,25 @@ struct Cli {
 enum Command {
     /// Run the embedded all-in-one fabric in this process (no servers needed).
     ///
-    /// Serves the sidecar's State API (gRPC on 127.0.0.1:7400) on the
-    /// embedded SQLite store (./statefabric-data), with admin endpoints on
-    /// 127.0.0.1:7401. Partial: the embedded control plane and the
-    /// Planner/Coder/Critic demo are added by later issues.
+    /// The control plane (saga engine, operator API and saga page on
+    /// 127.0.0.1:7502) and a sidecar (State API, gRPC on 127.0.0.1:7400) on
+    /// the embedded SQLite store (./statefabric-data), admin endpoints on
+    /// 127.0.0.1:7401.
     Dev {
         #[command(flatten)]
         config: ConfigArgs,
+        /// Also run demo Planner, Coder and Critic agents on sample sagas,
+        /// with a live progress view.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Sagas: list, show, start, pause, resume, retry, skip, compensate,
+    /// abort, amend, graph.
+    Sagas {
+        #[command(flatten)]
+        target: sagas::Target,
+        #[command(subcommand)]
+        command: sagas::SagasCommand,
     },
     /// Dead letters: list them, or send one back to its topic.
     Dlq {
@@ -162,22 +178,15 @@ async fn main() -> ExitCode {
         Command::Schemas {
             command: SchemasCommand::Register { registry },
         } => register_schemas(&registry).await,
-        Command::Dev { config } => {
-            // Same defaults and ports as a production sidecar, so an agent
-            // runs unchanged against either.
+        Command::Sagas { target, command } => sagas::run(target, command).await,
+        Command::Dev { config, demo } => {
+            // Same defaults and ports as production, so an agent runs
+            // unchanged against either.
             statefabric_runtime::main(
                 "fabric-dev",
-                SidecarConfig::defaults(),
+                dev::DevConfig::defaults(),
                 config.config.as_deref(),
-                |ctx| async move {
-                    tracing::info!(
-                        state_api = %ctx.config.sidecar.listen,
-                        admin = %ctx.config.admin.listen,
-                        data = %ctx.config.storage.sqlite.path.display(),
-                        "fabric dev running; Ctrl-C to stop"
-                    );
-                    statefabric_sidecar::serve(ctx).await
-                },
+                move |ctx| dev::serve(ctx, demo),
             )
             .await
         }

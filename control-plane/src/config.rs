@@ -1,6 +1,10 @@
 //! The control plane's configuration: the shared sections plus leader
-//! election.
+//! election, the saga engine, the operator API, the outbox relay and lag
+//! monitoring.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -8,6 +12,7 @@ use statefabric_kafka::topics::TopicSettings;
 use statefabric_runtime::{AdminConfig, Issues, ServiceConfig, ShutdownConfig, TelemetryConfig};
 
 pub const DEFAULT_ADMIN_PORT: u16 = 7501;
+pub const DEFAULT_API_PORT: u16 = 7502;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +28,125 @@ pub struct ControlPlaneConfig {
     pub relay: RelayConfig,
     #[serde(default)]
     pub lag: LagConfig,
+    #[serde(default)]
+    pub sagas: SagasConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaBackend {
+    /// The embedded SQLite file (single node, `leader.backend = solo`).
+    #[default]
+    Sqlite,
+    /// Postgres (`leader.backend = postgres`: writes are fenced by its epoch).
+    Postgres,
+}
+
+/// The saga engine (runs on the leader).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SagasConfig {
+    pub enabled: bool,
+    /// Default: postgres with `leader.backend = postgres`, else sqlite.
+    pub store: Option<SagaBackend>,
+    /// A login that is a member of `statefabric_saga_engine_role` (default:
+    /// `leader.postgres_url`).
+    pub postgres_url: String,
+    pub connections: u32,
+    /// The embedded database file (shared with a sidecar in `fabric dev`).
+    pub sqlite_path: PathBuf,
+    /// Registers the built-in Planner → Coder → Critic definition.
+    pub builtin: bool,
+    /// Definition files (YAML or JSON), validated at start.
+    pub definitions: Vec<PathBuf>,
+    /// Inbox rows and due timers per engine pass.
+    pub batch: u32,
+    /// Sagas advanced at once.
+    pub concurrency: usize,
+    /// The longest pause between passes (timer resolution).
+    #[serde(with = "humantime_serde")]
+    pub tick: Duration,
+}
+
+impl Default for SagasConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            store: None,
+            postgres_url: String::new(),
+            connections: 16,
+            sqlite_path: PathBuf::from("statefabric-data/events.db"),
+            builtin: true,
+            definitions: Vec::new(),
+            batch: 512,
+            concurrency: 32,
+            tick: Duration::from_millis(50),
+        }
+    }
+}
+
+/// The operator API and the saga page.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// Operator name → bearer token. The name is recorded with each action.
+    pub operators: BTreeMap<String, String>,
+    /// Serve without tokens (the embedded `fabric dev` on localhost only).
+    pub allow_anonymous: bool,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT)),
+            operators: BTreeMap::new(),
+            allow_anonymous: false,
+        }
+    }
+}
+
+impl SagasConfig {
+    pub fn backend(&self, leader: LeaderBackend) -> SagaBackend {
+        self.store.unwrap_or(match leader {
+            LeaderBackend::Solo => SagaBackend::Sqlite,
+            LeaderBackend::Postgres => SagaBackend::Postgres,
+        })
+    }
+
+    /// Every problem, with the field it is in.
+    pub fn check(&self, issues: &mut Issues) {
+        if self.connections == 0 || self.batch == 0 || self.concurrency == 0 {
+            issues.push(
+                "sagas.batch",
+                "batch, concurrency and connections must be positive",
+            );
+        }
+        if self.tick.is_zero() || self.tick > Duration::from_secs(10) {
+            issues.push("sagas.tick", "must be between 1ms and 10s");
+        }
+    }
+}
+
+impl ApiConfig {
+    pub fn check(&self, issues: &mut Issues) {
+        if self.allow_anonymous && !self.listen.ip().is_loopback() {
+            issues.push(
+                "api.allow_anonymous",
+                "only on a loopback address (api.listen)",
+            );
+        }
+        for (name, token) in &self.operators {
+            if token.len() < 16 {
+                issues.push(
+                    "api.operators",
+                    format!("the token of {name:?} must be at least 16 characters"),
+                );
+            }
+        }
+    }
 }
 
 /// Consumer-lag monitoring (every replica exports it; alerts take one
@@ -138,13 +262,23 @@ impl ControlPlaneConfig {
             leader: LeaderConfig::default(),
             relay: RelayConfig::default(),
             lag: LagConfig::default(),
+            sagas: SagasConfig::default(),
+            api: ApiConfig::default(),
         }
     }
 }
 
 impl ServiceConfig for ControlPlaneConfig {
-    const SECTIONS: &'static [&'static str] =
-        &["admin", "telemetry", "shutdown", "leader", "relay", "lag"];
+    const SECTIONS: &'static [&'static str] = &[
+        "admin",
+        "telemetry",
+        "shutdown",
+        "leader",
+        "relay",
+        "lag",
+        "sagas",
+        "api",
+    ];
 
     fn admin(&self) -> &AdminConfig {
         &self.admin
@@ -166,6 +300,22 @@ impl ServiceConfig for ControlPlaneConfig {
         }
         if l.name.is_empty() || l.name.len() > 128 {
             issues.push("leader.name", "must be 1-128 characters");
+        }
+        let sagas = &self.sagas;
+        if sagas.enabled {
+            sagas.check(issues);
+            self.api.check(issues);
+            match (sagas.backend(l.backend), l.backend) {
+                (SagaBackend::Postgres, LeaderBackend::Solo) => issues.push(
+                    "sagas.store",
+                    "postgres needs leader.backend = postgres (its epoch fences the writes)",
+                ),
+                (SagaBackend::Sqlite, LeaderBackend::Postgres) => issues.push(
+                    "sagas.store",
+                    "sqlite is single-node: use it with leader.backend = solo",
+                ),
+                _ => {}
+            }
         }
         let r = &self.relay;
         if r.enabled {

@@ -48,6 +48,11 @@ impl StateClient {
         crate::LockClient::from_channel(self.channel.clone())
     }
 
+    /// The saga task API on the same connection.
+    pub fn tasks(&self) -> crate::TaskClient {
+        crate::TaskClient::from_channel(self.channel.clone())
+    }
+
     /// The session-state API on the same connection.
     pub fn sessions(&self) -> crate::SessionClient {
         crate::SessionClient::from_channel(self.channel.clone())

@@ -33,8 +33,11 @@
 //! namespace's absolute or sliding TTL. Context writes can be fenced by a
 //! lock's token ([`ContextClient::fenced`]).
 //!
-//! See `examples/quickstart.rs` for a runnable tour. Not yet here: tasks
-//! (they come with the saga engine).
+//! Sagas go through [`TaskClient`] (from [`StateClient::tasks`]): start a
+//! saga, and take and answer an agent type's tasks — [`TaskClient::work`]
+//! runs a handler per task with heartbeats.
+//!
+//! See `examples/quickstart.rs` for a runnable tour.
 
 mod client;
 pub mod context;
@@ -43,6 +46,7 @@ mod event;
 pub mod locks;
 mod repository;
 pub mod sessions;
+pub mod tasks;
 
 pub use client::{Appended, StateClient};
 pub use context::{ContextClient, Crdt, Document, MergeType, Written};
@@ -53,3 +57,4 @@ pub use repository::{Repository, RepositoryError};
 pub use sessions::{Session, SessionClient};
 pub use statefabric_domain::Aggregate;
 pub use statefabric_domain::{Causality, Checkpoint, VectorClock};
+pub use tasks::{Task, TaskClient};

@@ -155,6 +155,8 @@ pub struct SidecarSection {
     /// Runtime worker threads (1-64). One is usually fastest: the sidecar
     /// shares the pod's CPU with its agent.
     pub worker_threads: usize,
+    /// Postgres connections for the saga task API (1-64).
+    pub task_connections: u32,
 }
 
 impl Default for SidecarSection {
@@ -172,6 +174,7 @@ impl Default for SidecarSection {
             cache_max_bytes: 64 * 1024 * 1024,
             cache_max_age: Duration::from_secs(30),
             worker_threads: 1,
+            task_connections: 4,
         }
     }
 }
@@ -278,6 +281,9 @@ impl ServiceConfig for SidecarConfig {
                 "sidecar.cache_max_entries",
                 "the cache bounds must be at least 1",
             );
+        }
+        if !(1..=64).contains(&self.sidecar.task_connections) {
+            issues.push("sidecar.task_connections", "must be 1 to 64");
         }
         if !(1..=64).contains(&self.sidecar.worker_threads) {
             issues.push("sidecar.worker_threads", "must be 1 to 64");

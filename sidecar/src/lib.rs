@@ -15,8 +15,9 @@
 //! TTLs from `statefabric-session`. Context changes are announced and
 //! followed through `statefabric-updates` ([`follow`]): pub/sub drops stale
 //! cache entries, an update stream feeds `WatchContext`. Each of these runs
-//! in-process (embedded) or on Redis, by configuration. Not yet here: the
-//! task API (the saga issue).
+//! in-process (embedded) or on Redis, by configuration. The `Tasks` service
+//! ([`tasks`]) is the agents' side of sagas: start one, take, heartbeat and
+//! answer the tasks of an agent type (`statefabric-saga-engine`).
 
 pub mod backends;
 pub mod cache;
@@ -29,6 +30,7 @@ pub mod locks;
 pub mod server;
 pub mod sessions;
 pub mod status;
+pub mod tasks;
 
 pub use config::SidecarConfig;
-pub use server::serve;
+pub use server::{Storage, open_storage, serve, serve_with};

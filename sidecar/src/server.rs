@@ -9,7 +9,11 @@ use statefabric_proto::state::v1::events_server::EventsServer;
 use statefabric_proto::state::v1::locks_server::LocksServer;
 use statefabric_proto::state::v1::sessions_server::SessionsServer;
 use statefabric_proto::state::v1::shared_context_server::SharedContextServer;
+use statefabric_proto::state::v1::tasks_server::TasksServer;
 use statefabric_runtime::ServiceContext;
+use statefabric_saga_engine::TaskQueue;
+use statefabric_saga_engine::store::pg::PgTaskQueue;
+use statefabric_saga_engine::store::sqlite::SqliteSagaStore;
 use statefabric_store::context::ContextStore;
 use statefabric_store::pg::{self, PgEventStore};
 use statefabric_store::sqlite::SqliteEventStore;
@@ -25,6 +29,7 @@ use crate::events::{EventsService, SubscriptionSettings};
 use crate::follow::{self, Publisher, StreamFollow};
 use crate::locks::LocksService;
 use crate::sessions::SessionsService;
+use crate::tasks::TasksService;
 
 /// How often readiness re-checks storage.
 const READINESS_PROBE_INTERVAL: Duration = Duration::from_secs(5);
@@ -39,6 +44,8 @@ pub struct Storage {
     /// Where to LISTEN for other sidecars' context changes (Postgres only;
     /// the embedded store has no other writers).
     pub notifications: Option<String>,
+    /// Saga tasks for this tenant's agents.
+    pub tasks: Arc<dyn TaskQueue>,
 }
 
 /// Opens the configured storage, applying migrations where this process is
@@ -54,10 +61,12 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
             // Embedded mode is single-node and single-operator: the configured
             // tenant is registered on first start.
             store.create_tenant(&tenant, "").await?;
+            let sagas = SqliteSagaStore::new(store.writer_pool().clone(), store.reader().clone());
             Ok(Storage {
                 events: Arc::new(store.clone()),
                 context: Arc::new(store),
                 notifications: None,
+                tasks: Arc::new(sagas),
             })
         }
         Backend::Postgres => {
@@ -71,10 +80,24 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
                 .await
                 .context("connecting to Postgres")?;
             ctx.register_metrics(|registry| store.register_metrics(registry));
+            let tasks = PgTaskQueue::connect(
+                &config.storage.postgres.url,
+                tenant.as_str(),
+                config.sidecar.task_connections,
+            )
+            .await
+            .context("connecting the task queue to Postgres")?;
+            ctx.shutdown.spawn({
+                let listening = tasks.listen(ctx.shutdown.token());
+                async move {
+                    let _ = listening.await;
+                }
+            });
             Ok(Storage {
                 events: Arc::new(store.clone()),
                 context: Arc::new(store),
                 notifications: Some(config.storage.postgres.url.clone()),
+                tasks: Arc::new(tasks),
             })
         }
     }
@@ -82,6 +105,16 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
 
 /// Runs the sidecar until shutdown is requested.
 pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
+    let storage = open_storage(&ctx).await?;
+    serve_with(ctx, storage).await
+}
+
+/// Runs the sidecar over storage opened by the caller (the embedded
+/// all-in-one shares its saga store with the control plane this way).
+pub async fn serve_with(
+    ctx: ServiceContext<SidecarConfig>,
+    storage: Storage,
+) -> anyhow::Result<()> {
     // Registered before the (possibly slow) start-up, so the process reports
     // not ready until storage answers and the API is listening.
     let storage_ready = ctx.readiness.check("storage");
@@ -94,7 +127,6 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
         .config
         .uses_redis()
         .then(|| ctx.readiness.check("redis"));
-    let storage = open_storage(&ctx).await?;
     let backends = backends::open(&ctx).await?;
     backends::count_live_sessions(&ctx, backends.sessions.clone());
     let store = storage.events.clone();
@@ -209,6 +241,12 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
         config.sessions.namespaces.clone(),
         backends.notifier.clone(),
     );
+    let tasks = TasksService::new(
+        storage.tasks.clone(),
+        config.sidecar.tenant.clone(),
+        config.sidecar.identity.clone(),
+        ctx.shutdown.token(),
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EventsServer<EventsService>>().await;
     health
@@ -241,6 +279,7 @@ pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
         )
         .add_service(LocksServer::new(locks.clone()))
         .add_service(SessionsServer::new(sessions).max_decoding_message_size(max))
+        .add_service(TasksServer::new(tasks).max_decoding_message_size(max))
         .add_service(
             SharedContextServer::new(context)
                 .max_decoding_message_size(max)

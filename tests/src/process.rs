@@ -17,6 +17,8 @@ pub struct Service {
     pub admin: String,
     /// Where the sidecar's State API listens (ignored by other binaries).
     pub grpc: String,
+    /// The control plane's operator API (ignored by other binaries).
+    pub api: String,
     /// Holds the embedded store's files for the process's lifetime.
     _data: tempfile::TempDir,
 }
@@ -26,6 +28,7 @@ pub struct Service {
 pub fn spawn(binary: &str, args: &[&str], extra_env: &[(&str, &str)]) -> anyhow::Result<Service> {
     let admin_port = crate::free_port();
     let grpc_port = crate::free_port();
+    let api_port = crate::free_port();
     let data = tempfile::tempdir()?;
     let mut command = Command::new(crate::binary(binary));
     command
@@ -40,6 +43,11 @@ pub fn spawn(binary: &str, args: &[&str], extra_env: &[(&str, &str)]) -> anyhow:
         )
         .env(
             "STATEFABRIC_STORAGE__SQLITE__PATH",
+            data.path().join("events.db"),
+        )
+        .env("STATEFABRIC_API__LISTEN", format!("127.0.0.1:{api_port}"))
+        .env(
+            "STATEFABRIC_SAGAS__SQLITE_PATH",
             data.path().join("events.db"),
         )
         .env("STATEFABRIC_SHUTDOWN__DRAIN_DEADLINE", "5s")
@@ -57,6 +65,7 @@ pub fn spawn(binary: &str, args: &[&str], extra_env: &[(&str, &str)]) -> anyhow:
         child,
         admin: format!("http://127.0.0.1:{admin_port}"),
         grpc: format!("http://127.0.0.1:{grpc_port}"),
+        api: format!("http://127.0.0.1:{api_port}"),
         _data: data,
     })
 }

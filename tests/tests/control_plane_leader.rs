@@ -22,6 +22,8 @@ async fn control_plane(lease: &str, identity: &str) -> anyhow::Result<Service> {
         &[],
         &[
             ("STATEFABRIC_LEADER__BACKEND", "postgres"),
+            // Saga engines run only in the saga tests (one per database).
+            ("STATEFABRIC_SAGAS__ENABLED", "false"),
             ("STATEFABRIC_LEADER__POSTGRES_URL", app.as_str()),
             ("STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL", admin.as_str()),
             ("STATEFABRIC_LEADER__NAME", lease),

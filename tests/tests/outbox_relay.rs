@@ -43,6 +43,8 @@ async fn appended_events_reach_their_topic_once_and_in_order() -> anyhow::Result
         &[],
         &[
             ("STATEFABRIC_LEADER__BACKEND", "postgres"),
+            // Saga engines run only in the saga tests (one per database).
+            ("STATEFABRIC_SAGAS__ENABLED", "false"),
             ("STATEFABRIC_LEADER__POSTGRES_URL", control.as_str()),
             ("STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL", admin.as_str()),
             ("STATEFABRIC_LEADER__NAME", lease.as_str()),
@@ -244,6 +246,8 @@ async fn with_kafka_unreachable_the_breaker_opens_and_nothing_is_lost() -> anyho
         &[],
         &[
             ("STATEFABRIC_LEADER__BACKEND", "postgres"),
+            // Saga engines run only in the saga tests (one per database).
+            ("STATEFABRIC_SAGAS__ENABLED", "false"),
             ("STATEFABRIC_LEADER__POSTGRES_URL", control.as_str()),
             ("STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL", admin.as_str()),
             ("STATEFABRIC_LEADER__NAME", lease.as_str()),

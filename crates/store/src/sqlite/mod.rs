@@ -129,6 +129,12 @@ impl SqliteEventStore {
         &self.config
     }
 
+    /// The single writer connection, for other tables in the same file
+    /// (the saga store): sharing it keeps SQLite to one writer.
+    pub fn writer_pool(&self) -> &SqlitePool {
+        &self.writer
+    }
+
     /// The read pool, for tests and tools that inspect the file.
     pub fn reader(&self) -> &SqlitePool {
         &self.reader

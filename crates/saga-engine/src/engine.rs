@@ -1,0 +1,731 @@
+//! The engine: drives every saga on the leader.
+//!
+//! A pass reads the inbox (replies, start requests) and the due timers
+//! (deadlines, retry delays), groups them by saga, and applies each to its
+//! saga in order: load, [`Instance::apply`], commit the new state with the
+//! effects and the consumed trigger in one fenced transaction. Sagas are
+//! handled concurrently, one transition at a time per saga (a sharded lock,
+//! shared with operator calls). Nothing lives only in memory: after a crash
+//! or a change of leader the next pass finds the same inbox rows and timers
+//! and carries on; a trigger already consumed is skipped, so no reply has a
+//! second effect.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use statefabric_leader::{Leadership, Role};
+use statefabric_saga::machine::{Effect, Input, OperatorAction, TimerKind};
+use statefabric_saga::{
+    Definition, DefinitionError, Instance, Registry, SagaError, Status, TaskKey,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{DefinitionLabel, Metrics};
+use crate::store::{
+    Committed, DueTimer, Fence, Finish, InboxItem, InboxMessage, Record, SagaStore, StoreError,
+    Stored, TaskStatus, Transition, Trigger, check_saga_id,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("this control plane is not the leader; retry on the leader")]
+    NotLeader,
+    #[error("no saga {0}")]
+    UnknownSaga(String),
+    #[error("no saga definition {0}")]
+    UnknownDefinition(String),
+    #[error("saga {0} already exists")]
+    Exists(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    NotAllowed(#[from] SagaError),
+    #[error(transparent)]
+    Definition(#[from] DefinitionError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// The leader lease whose epoch fences every write.
+    pub lease: String,
+    /// Inbox rows and due timers read per pass.
+    pub batch: u32,
+    /// Sagas advanced at once.
+    pub concurrency: usize,
+    /// The longest wait between passes (timers are checked this often).
+    pub tick: Duration,
+    /// How often the stalled-sagas gauge is refreshed.
+    pub stalled_every: Duration,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            lease: "control-plane".into(),
+            batch: 512,
+            concurrency: 32,
+            tick: Duration::from_millis(50),
+            stalled_every: Duration::from_secs(15),
+        }
+    }
+}
+
+const SHARDS: usize = 256;
+
+#[derive(Debug)]
+pub struct Engine {
+    store: Arc<dyn SagaStore>,
+    registry: RwLock<Registry>,
+    leadership: Leadership,
+    settings: EngineSettings,
+    metrics: Metrics,
+    shards: Vec<tokio::sync::Mutex<()>>,
+    /// When each attempt this process dispatched went out (step latency).
+    sent: Mutex<HashMap<String, Instant>>,
+}
+
+/// What drives one transition.
+#[derive(Debug, Clone)]
+enum Work {
+    Inbox(InboxItem),
+    Timer(DueTimer),
+}
+
+impl Work {
+    fn saga(&self) -> &str {
+        match self {
+            Self::Inbox(i) => &i.saga_id,
+            Self::Timer(t) => &t.saga_id,
+        }
+    }
+}
+
+/// Parses `saga/step/visit/attempt[/undo]` (step names may hold `/`).
+pub fn parse_key(key: &str) -> Option<TaskKey> {
+    let (saga, rest) = key.split_once('/')?;
+    let (rest, compensation) = match rest.strip_suffix("/undo") {
+        Some(r) => (r, true),
+        None => (rest, false),
+    };
+    let (rest, attempt) = rest.rsplit_once('/')?;
+    let (step, visit) = rest.rsplit_once('/')?;
+    Some(TaskKey {
+        saga: saga.to_owned(),
+        step: step.to_owned(),
+        visit: visit.parse().ok()?,
+        attempt: attempt.parse().ok()?,
+        compensation,
+    })
+}
+
+impl Engine {
+    /// Loads the stored definitions and records `definitions` (new
+    /// versions are stored; a changed version is refused).
+    pub async fn new(
+        store: Arc<dyn SagaStore>,
+        leadership: Leadership,
+        settings: EngineSettings,
+        definitions: Vec<Definition>,
+    ) -> Result<Self> {
+        let engine = Self {
+            store,
+            registry: RwLock::new(Registry::default()),
+            leadership,
+            settings,
+            metrics: Metrics::default(),
+            shards: (0..SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            sent: Mutex::default(),
+        };
+        engine.reload().await?;
+        for definition in definitions {
+            engine.register(definition).await?;
+        }
+        Ok(engine)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn store(&self) -> &Arc<dyn SagaStore> {
+        &self.store
+    }
+
+    /// The definitions known now.
+    pub fn registry(&self) -> Registry {
+        self.registry
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Validates, stores and adds a definition version.
+    pub async fn register(&self, definition: Definition) -> Result<Arc<Definition>> {
+        statefabric_saga::validate::validate(&definition)?;
+        // Refused here first if the version exists with other content.
+        self.registry().register(definition.clone())?;
+        self.store.save_definition(&definition).await?;
+        Ok(self
+            .registry
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .register(definition)?)
+    }
+
+    async fn reload(&self) -> Result<()> {
+        let stored = self.store.definitions().await?;
+        let mut registry = self
+            .registry
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for definition in stored {
+            registry.register(definition)?;
+        }
+        Ok(())
+    }
+
+    fn definition(&self, name: &str, version: u32) -> Option<Arc<Definition>> {
+        self.registry
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name, version)
+    }
+
+    fn latest(&self, name: &str) -> Option<Arc<Definition>> {
+        self.registry
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .latest(name)
+    }
+
+    fn fence(&self) -> Result<Fence> {
+        match self.leadership.role() {
+            Role::Leader { epoch } => Ok(Fence {
+                lease: self.settings.lease.clone(),
+                epoch,
+            }),
+            Role::Follower => Err(EngineError::NotLeader),
+        }
+    }
+
+    fn shard(&self, saga: &str) -> &tokio::sync::Mutex<()> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        saga.hash(&mut hasher);
+        let i = usize::try_from(hasher.finish() % SHARDS as u64).unwrap_or_default();
+        &self.shards[i]
+    }
+
+    /// Starts a saga now (the operator API). `id` defaults to a new UUID.
+    pub async fn start(
+        &self,
+        tenant: &str,
+        id: Option<String>,
+        definition: &str,
+        data: Value,
+        actor: &str,
+    ) -> Result<Stored> {
+        let id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        check_saga_id(&id).map_err(EngineError::Invalid)?;
+        if tenant.is_empty() {
+            return Err(EngineError::Invalid("a saga needs a tenant".into()));
+        }
+        let fence = self.fence()?;
+        let _turn = self.shard(&id).lock().await;
+        match self
+            .create(
+                &fence,
+                tenant,
+                &id,
+                definition,
+                data,
+                actor,
+                Trigger::Direct,
+            )
+            .await?
+        {
+            Committed::Exists => Err(EngineError::Exists(id)),
+            _ => self
+                .store
+                .load(&id)
+                .await?
+                .ok_or(EngineError::UnknownSaga(id)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create(
+        &self,
+        fence: &Fence,
+        tenant: &str,
+        id: &str,
+        definition: &str,
+        data: Value,
+        actor: &str,
+        trigger: Trigger,
+    ) -> Result<Committed> {
+        let def = self
+            .latest(definition)
+            .ok_or_else(|| EngineError::UnknownDefinition(definition.to_owned()))?;
+        if !data.is_object() {
+            return Err(EngineError::Invalid(
+                "the saga's data must be a JSON object".into(),
+            ));
+        }
+        let (instance, effects) = Instance::start(&def, id, data.clone());
+        let record = Record {
+            kind: "started".into(),
+            actor: Some(actor.to_owned()),
+            detail: json!({"definition": def.name, "version": def.version, "data": data}),
+        };
+        let mut transition = self.transition(tenant, None, trigger, instance, &effects, record);
+        transition.progressed = true;
+        let committed = self.store.commit(Some(fence), transition).await?;
+        if matches!(committed, Committed::Written(_)) {
+            self.metrics
+                .started
+                .get_or_create(&DefinitionLabel {
+                    definition: def.name.clone(),
+                })
+                .inc();
+            self.observe(&def, &effects, Utc::now());
+        }
+        Ok(committed)
+    }
+
+    /// An operator's action on a saga; refused (and nothing changes) when it
+    /// does not fit the saga's state.
+    pub async fn operate(
+        &self,
+        saga_id: &str,
+        action: OperatorAction,
+        actor: &str,
+    ) -> Result<Stored> {
+        let fence = self.fence()?;
+        let _turn = self.shard(saga_id).lock().await;
+        let detail = json!({"operator": serde_json::to_value(&action).unwrap_or(Value::Null)});
+        let record = Record {
+            kind: format!("operator_{}", action.name()),
+            actor: Some(actor.to_owned()),
+            detail,
+        };
+        self.advance(
+            &fence,
+            saga_id,
+            Trigger::Direct,
+            Input::Operator(action),
+            record,
+        )
+        .await?;
+        self.store
+            .load(saga_id)
+            .await?
+            .ok_or_else(|| EngineError::UnknownSaga(saga_id.to_owned()))
+    }
+
+    fn transition(
+        &self,
+        tenant: &str,
+        expected: Option<i64>,
+        trigger: Trigger,
+        instance: Instance,
+        effects: &[Effect],
+        record: Record,
+    ) -> Transition {
+        let mut t = Transition {
+            tenant: tenant.to_owned(),
+            instance,
+            expected,
+            trigger,
+            finish: None,
+            dispatch: Vec::new(),
+            timers: Vec::new(),
+            cancel: Vec::new(),
+            history: vec![record],
+            progressed: false,
+        };
+        for effect in effects {
+            match effect {
+                Effect::Dispatch(task) => {
+                    t.history.push(Record {
+                        kind: "dispatched".into(),
+                        actor: None,
+                        detail: json!({"task": task.key.to_string(), "agent": task.agent, "action": task.action}),
+                    });
+                    t.dispatch.push(task.clone());
+                }
+                Effect::Timer { key, kind, after } => {
+                    t.timers.push((key.clone(), *kind, *after));
+                }
+                Effect::Cancel { key } => t.cancel.push(key.clone()),
+                Effect::Status(status) => t.history.push(Record {
+                    kind: "status".into(),
+                    actor: None,
+                    detail: json!({"status": status}),
+                }),
+            }
+        }
+        t
+    }
+
+    /// Applies `input` to the saga and commits. Returns `false` when the
+    /// trigger was already consumed.
+    async fn advance(
+        &self,
+        fence: &Fence,
+        saga_id: &str,
+        trigger: Trigger,
+        input: Input,
+        mut record: Record,
+    ) -> Result<bool> {
+        let stored = self
+            .store
+            .load(saga_id)
+            .await?
+            .ok_or_else(|| EngineError::UnknownSaga(saga_id.to_owned()))?;
+        let instance = &stored.instance;
+        let def = self
+            .definition(&instance.definition, instance.version)
+            .ok_or_else(|| {
+                EngineError::UnknownDefinition(format!(
+                    "{} version {}",
+                    instance.definition, instance.version
+                ))
+            })?;
+        let mut next = stored.instance.clone();
+        let answered = match &input {
+            Input::Completed { key, .. } => Some((key.clone(), TaskStatus::Completed)),
+            Input::Failed { key, .. } => Some((key.clone(), TaskStatus::Failed)),
+            Input::TimedOut { key } => Some((key.clone(), TaskStatus::TimedOut)),
+            _ => None,
+        };
+        let (output, error) = match &input {
+            Input::Completed { output, .. } => (Some(output.clone()), None),
+            Input::Failed { error, .. } => (None, Some(error.clone())),
+            _ => (None, None),
+        };
+        let is_operator = matches!(input, Input::Operator(_));
+        let effects = next.apply(&def, input, fastrand::f64())?;
+        let accepted = !effects.is_empty() || is_operator;
+        if !accepted {
+            record.kind = format!("ignored_{}", record.kind);
+        }
+        let mut transition = self.transition(
+            &stored.tenant,
+            Some(stored.revision),
+            trigger,
+            next,
+            &effects,
+            record,
+        );
+        transition.progressed = accepted;
+        if accepted && let Some((key, status)) = &answered {
+            transition.finish = Some(Finish {
+                key: key.clone(),
+                status: *status,
+                output,
+                error,
+            });
+        }
+        match self.store.commit(Some(fence), transition).await {
+            Ok(Committed::Written(_)) => {}
+            Ok(_) => return Ok(false),
+            Err(StoreError::Conflict(e)) => {
+                self.metrics.conflicts.inc();
+                return Err(StoreError::Conflict(e).into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.metrics.transitions.inc();
+        if accepted && let Some((key, status)) = answered {
+            self.observe_answer(&def, &key, status);
+        }
+        self.observe(&def, &effects, stored.started_at);
+        Ok(true)
+    }
+
+    fn observe_answer(&self, def: &Definition, key: &TaskKey, status: TaskStatus) {
+        let labels = self.metrics.step(&def.name, &key.step);
+        if status == TaskStatus::TimedOut {
+            self.metrics.step_timeouts.get_or_create(&labels).inc();
+        }
+        let sent = self
+            .sent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&key.to_string());
+        if let Some(sent) = sent {
+            self.metrics
+                .step_latency
+                .get_or_create(&labels)
+                .observe(sent.elapsed().as_secs_f64());
+        }
+    }
+
+    fn observe(&self, def: &Definition, effects: &[Effect], started_at: chrono::DateTime<Utc>) {
+        for effect in effects {
+            match effect {
+                Effect::Dispatch(task) => {
+                    let labels = self.metrics.step(&def.name, &task.key.step);
+                    self.metrics.step_dispatched.get_or_create(&labels).inc();
+                    if task.key.attempt > 1 {
+                        self.metrics.step_retries.get_or_create(&labels).inc();
+                    }
+                    self.sent
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(task.key.to_string(), Instant::now());
+                }
+                Effect::Cancel { key } => {
+                    self.sent
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&key.to_string());
+                }
+                Effect::Status(status) if status.is_final() || *status == Status::Stuck => {
+                    let outcome = status.to_string().to_lowercase();
+                    self.metrics.outcome(&def.name, &outcome);
+                    if status.is_final() {
+                        let took = (Utc::now() - started_at).to_std().unwrap_or_default();
+                        self.metrics.observe_duration(&def.name, took, def.sla);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs passes while this instance leads, until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut leadership = self.leadership.clone();
+        let mut was_leader = false;
+        let mut stalled_at = Instant::now();
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            if let Role::Follower = leadership.role() {
+                was_leader = false;
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = leadership.changed() => {}
+                    () = tokio::time::sleep(self.settings.tick * 4) => {}
+                }
+                continue;
+            }
+            if !was_leader {
+                was_leader = true;
+                // A new term: definitions another leader added are in the store.
+                if let Err(err) = self.reload().await {
+                    tracing::warn!(error = %err, "cannot reload saga definitions");
+                }
+            }
+            if stalled_at.elapsed() >= self.settings.stalled_every {
+                stalled_at = Instant::now();
+                self.refresh_stalled().await;
+            }
+            let mut signal = self.store.inbox_signal();
+            let began = Instant::now();
+            let handled = self.pass().await;
+            self.metrics
+                .pass_seconds
+                .observe(began.elapsed().as_secs_f64());
+            let full = match handled {
+                Ok(n) => n >= self.settings.batch as usize,
+                Err(err) => {
+                    tracing::warn!(error = %err, "saga engine pass failed");
+                    false
+                }
+            };
+            if !full {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = signal.changed() => {}
+                    () = tokio::time::sleep(self.settings.tick) => {}
+                }
+            }
+        }
+    }
+
+    /// One pass over the inbox and the due timers; returns how many rows
+    /// the larger of the two reads returned.
+    pub async fn pass(&self) -> Result<usize> {
+        let fence = self.fence()?;
+        let inbox = self.store.inbox(self.settings.batch).await?;
+        let timers = self.store.due_timers(self.settings.batch).await?;
+        let read = inbox.len().max(timers.len());
+        let mut groups: BTreeMap<String, Vec<Work>> = BTreeMap::new();
+        for work in inbox
+            .into_iter()
+            .map(Work::Inbox)
+            .chain(timers.into_iter().map(Work::Timer))
+        {
+            groups.entry(work.saga().to_owned()).or_default().push(work);
+        }
+        futures::stream::iter(groups)
+            .for_each_concurrent(self.settings.concurrency, |(saga, works)| {
+                let fence = &fence;
+                async move {
+                    let _turn = self.shard(&saga).lock().await;
+                    for work in works {
+                        if let Err(err) = self.handle(fence, work).await {
+                            tracing::warn!(saga = %saga, error = %err, "saga transition failed");
+                        }
+                    }
+                }
+            })
+            .await;
+        Ok(read)
+    }
+
+    async fn handle(&self, fence: &Fence, work: Work) -> Result<()> {
+        match work {
+            Work::Timer(timer) => {
+                let Some(key) = parse_key(&timer.key) else {
+                    return Ok(());
+                };
+                let (input, kind) = match timer.kind {
+                    TimerKind::Deadline => (Input::TimedOut { key: key.clone() }, "timed_out"),
+                    TimerKind::Retry => (Input::RetryDue { key: key.clone() }, "retry_due"),
+                };
+                let record = Record {
+                    kind: kind.into(),
+                    actor: None,
+                    detail: json!({"task": timer.key}),
+                };
+                let trigger = Trigger::Timer {
+                    key: timer.key.clone(),
+                    kind: timer.kind,
+                };
+                self.advance(fence, &timer.saga_id, trigger, input, record)
+                    .await?;
+            }
+            Work::Inbox(item) => {
+                let trigger = Trigger::Inbox(item.id);
+                let actor = Some(item.sender.clone());
+                let (input, record) = match item.message {
+                    InboxMessage::Start { definition, data } => {
+                        let created = self
+                            .create(
+                                fence,
+                                &item.tenant,
+                                &item.saga_id,
+                                &definition,
+                                data,
+                                &item.sender,
+                                trigger,
+                            )
+                            .await;
+                        return match created {
+                            Ok(_) => Ok(()),
+                            Err(EngineError::UnknownDefinition(_) | EngineError::Invalid(_)) => {
+                                tracing::warn!(saga = %item.saga_id, "dropping a start request that cannot start");
+                                Ok(self.store.discard(Some(fence), item.id).await?)
+                            }
+                            Err(e) => Err(e),
+                        };
+                    }
+                    InboxMessage::Completed { key, output } => {
+                        let Some(parsed) = parse_key(&key) else {
+                            return Ok(self.store.discard(Some(fence), item.id).await?);
+                        };
+                        (
+                            Input::Completed {
+                                key: parsed,
+                                output: output.clone(),
+                            },
+                            Record {
+                                kind: "completed".into(),
+                                actor,
+                                detail: json!({"task": key, "output": output}),
+                            },
+                        )
+                    }
+                    InboxMessage::Failed { key, error } => {
+                        let Some(parsed) = parse_key(&key) else {
+                            return Ok(self.store.discard(Some(fence), item.id).await?);
+                        };
+                        (
+                            Input::Failed {
+                                key: parsed,
+                                error: error.clone(),
+                            },
+                            Record {
+                                kind: "failed".into(),
+                                actor,
+                                detail: json!({"task": key, "error": error}),
+                            },
+                        )
+                    }
+                };
+                match self
+                    .advance(fence, &item.saga_id, trigger, input, record)
+                    .await
+                {
+                    Err(EngineError::UnknownSaga(_)) => {
+                        self.store.discard(Some(fence), item.id).await?;
+                    }
+                    other => {
+                        other?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn refresh_stalled(&self) {
+        let registry = self.registry();
+        let mut thresholds: BTreeMap<String, Duration> = BTreeMap::new();
+        for (name, version) in registry.names() {
+            if let Some(d) = registry.get(name, version) {
+                let t = thresholds.entry(name.to_owned()).or_insert(d.stuck_after);
+                *t = (*t).min(d.stuck_after);
+            }
+        }
+        for (name, threshold) in thresholds {
+            let since = Utc::now() - chrono::Duration::from_std(threshold).unwrap_or_default();
+            match self.store.count_stalled(&name, since).await {
+                Ok(n) => {
+                    self.metrics
+                        .stalled
+                        .get_or_create(&DefinitionLabel { definition: name })
+                        .set(n);
+                }
+                Err(err) => tracing::warn!(error = %err, "cannot count stalled sagas"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_keys_parse_back() {
+        let key = TaskKey {
+            saga: "s-1".into(),
+            step: "a/b".into(),
+            visit: 2,
+            attempt: 3,
+            compensation: true,
+        };
+        assert_eq!(parse_key(&key.to_string()), Some(key.clone()));
+        let plain = TaskKey {
+            compensation: false,
+            ..key
+        };
+        assert_eq!(parse_key(&plain.to_string()), Some(plain));
+        assert_eq!(parse_key("nonsense"), None);
+        assert_eq!(parse_key("s/STEP/x/1"), None);
+    }
+}

@@ -1,0 +1,165 @@
+//! Saga metrics: sagas started and ended per definition and outcome,
+//! duration and SLA breaches, per-step latency and retries, sagas stuck or
+//! stalled, and the engine's own pass latency.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DefinitionLabel {
+    pub definition: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub definition: String,
+    /// done, failed, compensated, aborted, stuck, timed_out
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub definition: String,
+    pub step: String,
+}
+
+fn seconds_histogram() -> Histogram {
+    Histogram::new([
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+    ])
+}
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub started: Family<DefinitionLabel, Counter>,
+    /// Sagas that reached a final state (or STUCK), and attempts that timed
+    /// out, per outcome.
+    pub ended: Family<OutcomeLabels, Counter>,
+    pub duration: Family<DefinitionLabel, Histogram, fn() -> Histogram>,
+    pub sla_breaches: Family<DefinitionLabel, Counter>,
+    pub step_latency: Family<StepLabels, Histogram, fn() -> Histogram>,
+    pub step_dispatched: Family<StepLabels, Counter>,
+    pub step_retries: Family<StepLabels, Counter>,
+    pub step_timeouts: Family<StepLabels, Counter>,
+    /// Open sagas without progress past their definition's threshold, or
+    /// STUCK (refreshed by the leader).
+    pub stalled: Family<DefinitionLabel, Gauge>,
+    pub transitions: Counter,
+    pub conflicts: Counter,
+    pub pass_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            started: Family::default(),
+            ended: Family::default(),
+            duration: Family::new_with_constructor(seconds_histogram),
+            sla_breaches: Family::default(),
+            step_latency: Family::new_with_constructor(seconds_histogram),
+            step_dispatched: Family::default(),
+            step_retries: Family::default(),
+            step_timeouts: Family::default(),
+            stalled: Family::default(),
+            transitions: Counter::default(),
+            conflicts: Counter::default(),
+            pass_seconds: seconds_histogram(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("saga");
+        r.register("started", "Sagas started", self.started.clone());
+        r.register(
+            "ended",
+            "Sagas that ended (done, failed, compensated, aborted) or got stuck",
+            self.ended.clone(),
+        );
+        r.register(
+            "duration_seconds",
+            "Start to final state",
+            self.duration.clone(),
+        );
+        r.register(
+            "sla_breaches",
+            "Sagas that ended later than their definition's SLA",
+            self.sla_breaches.clone(),
+        );
+        r.register(
+            "step_latency_seconds",
+            "Task dispatch to its reply, per step",
+            self.step_latency.clone(),
+        );
+        r.register(
+            "step_dispatched",
+            "Attempts dispatched, per step (first attempts and retries)",
+            self.step_dispatched.clone(),
+        );
+        r.register(
+            "step_retries",
+            "Attempts after the first, per step",
+            self.step_retries.clone(),
+        );
+        r.register(
+            "step_timeouts",
+            "Attempts that got no reply within the step's timeout",
+            self.step_timeouts.clone(),
+        );
+        r.register(
+            "stalled",
+            "Open sagas without progress past their threshold, or STUCK",
+            self.stalled.clone(),
+        );
+        r.register(
+            "transitions",
+            "Transitions committed by this engine",
+            self.transitions.clone(),
+        );
+        r.register(
+            "conflicts",
+            "Transitions refused because the saga changed first",
+            self.conflicts.clone(),
+        );
+        r.register(
+            "engine_pass_seconds",
+            "One engine pass over the inbox and the due timers",
+            self.pass_seconds.clone(),
+        );
+    }
+
+    pub fn outcome(&self, definition: &str, outcome: &str) {
+        self.ended
+            .get_or_create(&OutcomeLabels {
+                definition: definition.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn step(&self, definition: &str, step: &str) -> StepLabels {
+        StepLabels {
+            definition: definition.to_owned(),
+            step: step.to_owned(),
+        }
+    }
+
+    pub fn observe_duration(&self, definition: &str, took: Duration, sla: Option<Duration>) {
+        let label = DefinitionLabel {
+            definition: definition.to_owned(),
+        };
+        self.duration
+            .get_or_create(&label)
+            .observe(took.as_secs_f64());
+        if sla.is_some_and(|sla| took > sla) {
+            self.sla_breaches.get_or_create(&label).inc();
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The saga store port: what the engine and the agents' task queue need from
+//! storage, with the Postgres ([`pg`]) and embedded SQLite ([`sqlite`])
+//! adapters under one contract suite (`tests/tests/saga_store_contract.rs`).
+//!
+//! The engine owns instances, tasks, timers and history and changes them
+//! only through [`SagaStore::commit`], one transaction per transition that
+//! also consumes what triggered it (an inbox row or a due timer): if the
+//! trigger is already gone — a heartbeat pushed the deadline, another pass
+//! took the reply — nothing is written. Agents only read their tasks and
+//! write to the inbox ([`TaskQueue`]).
+
+pub mod pg;
+pub mod sqlite;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use statefabric_saga::machine::{Task, TimerKind};
+use statefabric_saga::{Definition, Instance, Status, TaskKey};
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("saga store unavailable: {0}")]
+    Unavailable(String),
+    /// A newer leader exists: this instance must stop writing.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    #[error("saga {0} changed concurrently")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("saga store: {0}")]
+    Backend(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The leader's term, checked in every transition's transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub lease: String,
+    pub epoch: u64,
+}
+
+/// An instance as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stored {
+    pub tenant: String,
+    pub instance: Instance,
+    pub revision: i64,
+    pub started_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub progressed_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+/// What a transition consumes; the commit writes nothing if it is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trigger {
+    /// Started or changed by a direct call (an operator).
+    Direct,
+    Inbox(i64),
+    /// A timer that must still be due.
+    Timer {
+        key: String,
+        kind: TimerKind,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    Dispatched,
+    Completed,
+    Failed,
+    TimedOut,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dispatched => "dispatched",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::TimedOut => "timed_out",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            "timed_out" => Self::TimedOut,
+            "cancelled" => Self::Cancelled,
+            _ => Self::Dispatched,
+        }
+    }
+}
+
+/// How the attempt a transition answers ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finish {
+    pub key: TaskKey,
+    pub status: TaskStatus,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+/// One line of a saga's history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Record {
+    pub kind: String,
+    pub actor: Option<String>,
+    pub detail: Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub tenant: String,
+    /// The new state.
+    pub instance: Instance,
+    /// The revision read (`None`: a new instance).
+    pub expected: Option<i64>,
+    pub trigger: Trigger,
+    pub finish: Option<Finish>,
+    pub dispatch: Vec<Task>,
+    pub timers: Vec<(TaskKey, TimerKind, Duration)>,
+    /// Attempts that are over: their timers go, a task still out is
+    /// cancelled.
+    pub cancel: Vec<TaskKey>,
+    pub history: Vec<Record>,
+    /// Moved forward (resets the stuck clock).
+    pub progressed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// Written; the new revision.
+    Written(i64),
+    /// The trigger was already consumed: nothing written.
+    TriggerGone,
+    /// A new instance whose id exists: nothing written.
+    Exists,
+}
+
+/// An inbox row: a reply or a start request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboxItem {
+    pub id: i64,
+    pub tenant: String,
+    pub saga_id: String,
+    pub message: InboxMessage,
+    pub sender: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum InboxMessage {
+    Start { definition: String, data: Value },
+    Completed { key: String, output: Value },
+    Failed { key: String, error: String },
+}
+
+impl InboxMessage {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Start { .. } => "start",
+            Self::Completed { .. } => "completed",
+            Self::Failed { .. } => "failed",
+        }
+    }
+
+    pub fn task_key(&self) -> Option<&str> {
+        match self {
+            Self::Start { .. } => None,
+            Self::Completed { key, .. } | Self::Failed { key, .. } => Some(key),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueTimer {
+    pub saga_id: String,
+    pub key: String,
+    pub kind: TimerKind,
+}
+
+/// One attempt of a step, as stored (a step execution).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskRow {
+    pub key: String,
+    pub saga_id: String,
+    pub tenant: String,
+    pub step: String,
+    pub visit: u32,
+    pub attempt: u32,
+    pub compensation: bool,
+    pub agent: String,
+    pub action: String,
+    pub input: Value,
+    pub timeout_ms: i64,
+    pub status: TaskStatus,
+    pub claimed_by: Option<String>,
+    pub dispatched_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HistoryEntry {
+    pub revision: i64,
+    pub at: DateTime<Utc>,
+    pub kind: String,
+    pub actor: Option<String>,
+    pub epoch: Option<i64>,
+    pub detail: Value,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Filter {
+    pub definition: Option<String>,
+    pub status: Option<Status>,
+    pub tenant: Option<String>,
+    /// Started before this.
+    pub started_before: Option<DateTime<Utc>>,
+    /// Still open and without progress since this (stuck candidates).
+    pub idle_since: Option<DateTime<Utc>>,
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    pub saga_id: String,
+    pub tenant: String,
+    pub definition: String,
+    pub version: u32,
+    pub status: Status,
+    pub paused: bool,
+    pub started_at: DateTime<Utc>,
+    pub progressed_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+/// The engine's side.
+#[async_trait]
+pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Records a definition version; the same version with other content is
+    /// refused (`Invalid`).
+    async fn save_definition(&self, definition: &Definition) -> Result<()>;
+
+    async fn definitions(&self) -> Result<Vec<Definition>>;
+
+    async fn load(&self, saga_id: &str) -> Result<Option<Stored>>;
+
+    async fn commit(&self, fence: Option<&Fence>, transition: Transition) -> Result<Committed>;
+
+    /// The oldest inbox rows.
+    async fn inbox(&self, limit: u32) -> Result<Vec<InboxItem>>;
+
+    /// Drops an inbox row that cannot be applied (a start for an unknown
+    /// definition, a reply for an unknown saga).
+    async fn discard(&self, fence: Option<&Fence>, inbox_id: i64) -> Result<()>;
+
+    /// Timers due now (by the store's clock), oldest first.
+    async fn due_timers(&self, limit: u32) -> Result<Vec<DueTimer>>;
+
+    async fn list(&self, filter: &Filter) -> Result<Vec<Summary>>;
+
+    async fn history(&self, saga_id: &str) -> Result<Vec<HistoryEntry>>;
+
+    async fn tasks(&self, saga_id: &str) -> Result<Vec<TaskRow>>;
+
+    /// Open sagas of `definition` without progress since `since`, and those
+    /// STUCK.
+    async fn count_stalled(&self, definition: &str, since: DateTime<Utc>) -> Result<i64>;
+
+    /// Changes when the inbox may have new rows. Subscribe before reading
+    /// the inbox, so nothing that arrives in between is missed.
+    fn inbox_signal(&self) -> watch::Receiver<u64>;
+}
+
+/// What happened to a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replied {
+    Accepted,
+    /// The same attempt's reply is already waiting.
+    Duplicate,
+    /// The attempt is over (answered, timed out, cancelled).
+    NotCurrent,
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartRequested {
+    Accepted,
+    /// A saga with this id exists or is being started.
+    Exists,
+    UnknownDefinition,
+}
+
+/// The agents' side, for one tenant (the sidecar's).
+#[async_trait]
+pub trait TaskQueue: Send + Sync + std::fmt::Debug + 'static {
+    /// Hands up to `max` open tasks of `agent` to `worker`, oldest first;
+    /// each task goes to one worker.
+    async fn claim(
+        &self,
+        tenant: &str,
+        agent: &str,
+        worker: &str,
+        max: u32,
+    ) -> Result<Vec<TaskRow>>;
+
+    /// Pushes the attempt's deadline a full timeout ahead; `None` when the
+    /// attempt is over (the worker should stop).
+    async fn heartbeat(&self, tenant: &str, key: &str) -> Result<Option<DateTime<Utc>>>;
+
+    async fn reply(
+        &self,
+        tenant: &str,
+        sender: &str,
+        saga_id: &str,
+        message: InboxMessage,
+    ) -> Result<Replied>;
+
+    async fn request_start(
+        &self,
+        tenant: &str,
+        sender: &str,
+        saga_id: &str,
+        definition: &str,
+        data: Value,
+    ) -> Result<StartRequested>;
+
+    /// Changes when tasks for `agent` may have arrived. Subscribe before
+    /// claiming, so nothing that arrives in between is missed.
+    fn tasks_signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64>;
+}
+
+/// Saga ids go into task keys (`saga/step/visit/attempt`) and URLs.
+pub fn check_saga_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "saga id {id:?} must be 1-128 characters of letters, digits, '-', '_', '.' or ':'"
+        ))
+    }
+}
+
+/// The saga id a task key starts with.
+pub fn saga_of(key: &str) -> &str {
+    key.split('/').next().unwrap_or_default()
+}
+
+pub(crate) fn timer_kind_str(kind: TimerKind) -> &'static str {
+    match kind {
+        TimerKind::Deadline => "deadline",
+        TimerKind::Retry => "retry",
+    }
+}
+
+pub(crate) fn parse_timer_kind(s: &str) -> TimerKind {
+    if s == "retry" {
+        TimerKind::Retry
+    } else {
+        TimerKind::Deadline
+    }
+}
+
+pub(crate) fn status_str(status: Status) -> String {
+    status.to_string()
+}
+
+pub(crate) fn parse_status(s: &str) -> Result<Status> {
+    serde_json::from_value(Value::String(s.to_owned()))
+        .map_err(|_| StoreError::Backend(format!("unknown saga status {s:?} in the store")))
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,688 @@
+//! The Postgres saga store (`migrations/postgres/0014_sagas.sql`).
+//!
+//! [`PgSagaStore`] is the engine's: it connects as a member of
+//! `statefabric_saga_engine_role` (every tenant's rows) and sends each
+//! transition as one call to `statefabric_saga_commit`, so a transition is one
+//! round trip and one transaction, fenced by the leader's epoch.
+//! [`PgTaskQueue`] is a sidecar's: it connects as the application role with
+//! its tenant set for the whole session, so Row-Level Security confines
+//! every statement to that tenant. Both listen for `NOTIFY`s (new inbox
+//! rows, new tasks) to wake their waiters at once instead of polling.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Row};
+use statefabric_saga::Definition;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Committed, DueTimer, Fence, Filter, HistoryEntry, InboxItem, InboxMessage, Replied, Result,
+    SagaStore, StartRequested, StoreError, Stored, Summary, TaskQueue, TaskRow, TaskStatus,
+    Transition, Trigger, duration_ms, parse_status, parse_timer_kind, status_str, timer_kind_str,
+};
+
+const INBOX_CHANNEL: &str = "statefabric_saga_inbox";
+const TASKS_CHANNEL: &str = "statefabric_saga_tasks";
+
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("SF001") => StoreError::Fenced(db.message().to_owned()),
+            Some("SF002") => StoreError::Conflict(db.message().to_owned()),
+            _ => StoreError::Backend(e.to_string()),
+        },
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Backend(e.to_string()),
+    }
+}
+
+async fn pool(url: &str, connections: u32, tenant: Option<&str>) -> Result<PgPool> {
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e: sqlx::Error| StoreError::Invalid(format!("postgres url: {e}")))?;
+    let mut settings = vec![("statement_timeout", "10000".to_owned())];
+    if let Some(tenant) = tenant {
+        settings.push(("statefabric.tenant", tenant.to_owned()));
+    }
+    let options = options
+        .options(settings.iter().map(|(k, v)| (*k, v.as_str())))
+        .application_name("statefabric-sagas");
+    PgPoolOptions::new()
+        .max_connections(connections)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))
+}
+
+/// Bumps `signal` on every notification on `channel` (and after each
+/// reconnect, when some may have been missed).
+fn listen(
+    pool: PgPool,
+    channel: &'static str,
+    on_payload: impl Fn(&str) + Send + 'static,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while !stop.is_cancelled() {
+            let mut listener = match PgListener::connect_with(&pool).await {
+                Ok(l) => l,
+                Err(err) => {
+                    tracing::warn!(error = %err, channel, "cannot listen; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            if let Err(err) = listener.listen(channel).await {
+                tracing::warn!(error = %err, channel, "LISTEN failed; retrying");
+                continue;
+            }
+            on_payload("");
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    received = listener.recv() => match received {
+                        Ok(n) => on_payload(n.payload()),
+                        Err(err) => {
+                            tracing::warn!(error = %err, channel, "listener lost; reconnecting");
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct PgSagaStore {
+    pool: PgPool,
+    inbox: Arc<watch::Sender<u64>>,
+}
+
+impl PgSagaStore {
+    /// Connects as the engine (a member of `statefabric_saga_engine_role`).
+    pub async fn connect(url: &str, connections: u32) -> Result<Self> {
+        Ok(Self {
+            pool: pool(url, connections, None).await?,
+            inbox: Arc::new(watch::channel(0).0),
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Wakes [`SagaStore::inbox_changed`] on new inbox rows until `stop`.
+    pub fn listen(&self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let signal = self.inbox.clone();
+        listen(
+            self.pool.clone(),
+            INBOX_CHANNEL,
+            move |_| {
+                signal.send_modify(|n| *n += 1);
+            },
+            stop,
+        )
+    }
+}
+
+/// The transition as the JSON document `statefabric_saga_commit` reads.
+fn document(t: &Transition) -> Result<Value> {
+    let state =
+        serde_json::to_value(&t.instance).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let (trigger, inbox_id, timer_key, timer_kind) = match &t.trigger {
+        Trigger::Direct => ("direct", None, None, None),
+        Trigger::Inbox(id) => ("inbox", Some(*id), None, None),
+        Trigger::Timer { key, kind } => (
+            "timer",
+            None,
+            Some(key.clone()),
+            Some(timer_kind_str(*kind)),
+        ),
+    };
+    let dispatch: Vec<Value> = t
+        .dispatch
+        .iter()
+        .map(|task| {
+            json!({
+                "task_key": task.key.to_string(),
+                "step": task.key.step,
+                "visit": task.key.visit,
+                "attempt": task.key.attempt,
+                "compensation": task.key.compensation,
+                "agent": task.agent,
+                "action": task.action,
+                "input": task.input,
+                "timeout_ms": duration_ms(task.timeout),
+            })
+        })
+        .collect();
+    let timers: Vec<Value> = t
+        .timers
+        .iter()
+        .map(|(key, kind, after)| {
+            json!({"task_key": key.to_string(), "kind": timer_kind_str(*kind), "after_ms": duration_ms(*after)})
+        })
+        .collect();
+    Ok(json!({
+        "saga_id": t.instance.id,
+        "tenant_id": t.tenant,
+        "definition": t.instance.definition,
+        "version": t.instance.version,
+        "status": status_str(t.instance.status),
+        "paused": t.instance.paused,
+        "final": t.instance.status.is_final(),
+        "progressed": t.progressed,
+        "state": state,
+        "expected": t.expected,
+        "trigger": trigger,
+        "inbox_id": inbox_id,
+        "timer_key": timer_key,
+        "timer_kind": timer_kind,
+        "finish": t.finish.as_ref().map(|f| json!({
+            "key": f.key.to_string(),
+            "status": f.status.as_str(),
+            "output": f.output,
+            "error": f.error,
+        })),
+        "cancel": t.cancel.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "dispatch": dispatch,
+        "timers": timers,
+        "history": t.history,
+    }))
+}
+
+fn fence_args(fence: Option<&Fence>) -> (Option<&str>, Option<i64>) {
+    match fence {
+        Some(f) => (
+            Some(f.lease.as_str()),
+            Some(i64::try_from(f.epoch).unwrap_or(i64::MAX)),
+        ),
+        None => (None, None),
+    }
+}
+
+fn stored(row: &PgRow) -> Result<Stored> {
+    let state: Value = row.try_get("state").map_err(map_err)?;
+    Ok(Stored {
+        tenant: row.try_get("tenant_id").map_err(map_err)?,
+        instance: serde_json::from_value(state)
+            .map_err(|e| StoreError::Backend(format!("stored saga state: {e}")))?,
+        revision: row.try_get("revision").map_err(map_err)?,
+        started_at: row.try_get("started_at").map_err(map_err)?,
+        updated_at: row.try_get("updated_at").map_err(map_err)?,
+        progressed_at: row.try_get("progressed_at").map_err(map_err)?,
+        ended_at: row.try_get("ended_at").map_err(map_err)?,
+    })
+}
+
+fn task_row(row: &PgRow) -> Result<TaskRow> {
+    let status: String = row.try_get("status").map_err(map_err)?;
+    let visit: i32 = row.try_get("visit").map_err(map_err)?;
+    let attempt: i32 = row.try_get("attempt").map_err(map_err)?;
+    Ok(TaskRow {
+        key: row.try_get("task_key").map_err(map_err)?,
+        saga_id: row.try_get("saga_id").map_err(map_err)?,
+        tenant: row.try_get("tenant_id").map_err(map_err)?,
+        step: row.try_get("step").map_err(map_err)?,
+        visit: u32::try_from(visit).unwrap_or_default(),
+        attempt: u32::try_from(attempt).unwrap_or_default(),
+        compensation: row.try_get("compensation").map_err(map_err)?,
+        agent: row.try_get("agent").map_err(map_err)?,
+        action: row.try_get("action").map_err(map_err)?,
+        input: row.try_get("input").map_err(map_err)?,
+        timeout_ms: row.try_get("timeout_ms").map_err(map_err)?,
+        status: TaskStatus::parse(&status),
+        claimed_by: row.try_get("claimed_by").map_err(map_err)?,
+        dispatched_at: row.try_get("dispatched_at").map_err(map_err)?,
+        finished_at: row.try_get("finished_at").map_err(map_err)?,
+        output: row.try_get("output").map_err(map_err)?,
+        error: row.try_get("error").map_err(map_err)?,
+    })
+}
+
+const TASK_COLUMNS: &str = "task_key, saga_id, tenant_id, step, visit, attempt, compensation, \
+     agent, action, input, timeout_ms, status, claimed_by, dispatched_at, finished_at, output, error";
+
+#[async_trait]
+impl SagaStore for PgSagaStore {
+    async fn save_definition(&self, definition: &Definition) -> Result<()> {
+        let body =
+            serde_json::to_value(definition).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let existing: Option<Value> = sqlx::query_scalar(
+            "INSERT INTO saga_definitions (name, version, body) VALUES ($1, $2, $3)
+             ON CONFLICT (name, version) DO UPDATE SET name = EXCLUDED.name
+             RETURNING body",
+        )
+        .bind(&definition.name)
+        .bind(i32::try_from(definition.version).unwrap_or(i32::MAX))
+        .bind(&body)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let same = existing
+            .and_then(|v| serde_json::from_value::<Definition>(v).ok())
+            .is_none_or(|d| d == *definition);
+        if same {
+            Ok(())
+        } else {
+            Err(StoreError::Invalid(format!(
+                "definition {} version {} is already stored with different content; publish a new version",
+                definition.name, definition.version
+            )))
+        }
+    }
+
+    async fn definitions(&self) -> Result<Vec<Definition>> {
+        let bodies: Vec<Value> =
+            sqlx::query_scalar("SELECT body FROM saga_definitions ORDER BY name, version")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_err)?;
+        bodies
+            .into_iter()
+            .map(|b| {
+                serde_json::from_value(b)
+                    .map_err(|e| StoreError::Backend(format!("stored definition: {e}")))
+            })
+            .collect()
+    }
+
+    async fn load(&self, saga_id: &str) -> Result<Option<Stored>> {
+        let row = sqlx::query(
+            "SELECT tenant_id, state, revision, started_at, updated_at, progressed_at, ended_at
+               FROM saga_instances WHERE saga_id = $1",
+        )
+        .bind(saga_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(stored).transpose()
+    }
+
+    async fn commit(&self, fence: Option<&Fence>, transition: Transition) -> Result<Committed> {
+        let doc = document(&transition)?;
+        let (lease, epoch) = fence_args(fence);
+        let revision: i64 = sqlx::query_scalar("SELECT statefabric_saga_commit($1, $2, $3)")
+            .bind(lease)
+            .bind(epoch)
+            .bind(&doc)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(match revision {
+            -1 => Committed::TriggerGone,
+            -2 => Committed::Exists,
+            r => Committed::Written(r),
+        })
+    }
+
+    async fn inbox(&self, limit: u32) -> Result<Vec<InboxItem>> {
+        let rows = sqlx::query(
+            "SELECT inbox_id, tenant_id, saga_id, body, sender FROM saga_inbox
+              ORDER BY inbox_id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                let body: Value = row.try_get("body").map_err(map_err)?;
+                Ok(InboxItem {
+                    id: row.try_get("inbox_id").map_err(map_err)?,
+                    tenant: row.try_get("tenant_id").map_err(map_err)?,
+                    saga_id: row.try_get("saga_id").map_err(map_err)?,
+                    message: serde_json::from_value(body)
+                        .map_err(|e| StoreError::Backend(format!("inbox row: {e}")))?,
+                    sender: row.try_get("sender").map_err(map_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn discard(&self, fence: Option<&Fence>, inbox_id: i64) -> Result<()> {
+        let (lease, epoch) = fence_args(fence);
+        sqlx::query("SELECT statefabric_saga_discard($1, $2, $3)")
+            .bind(lease)
+            .bind(epoch)
+            .bind(inbox_id)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn due_timers(&self, limit: u32) -> Result<Vec<DueTimer>> {
+        let rows = sqlx::query(
+            "SELECT saga_id, task_key, kind FROM saga_timers WHERE fire_at <= now()
+              ORDER BY fire_at LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                let kind: String = row.try_get("kind").map_err(map_err)?;
+                Ok(DueTimer {
+                    saga_id: row.try_get("saga_id").map_err(map_err)?,
+                    key: row.try_get("task_key").map_err(map_err)?,
+                    kind: parse_timer_kind(&kind),
+                })
+            })
+            .collect()
+    }
+
+    async fn list(&self, filter: &Filter) -> Result<Vec<Summary>> {
+        let rows = sqlx::query(
+            "SELECT saga_id, tenant_id, definition, version, status, paused, started_at,
+                    progressed_at, ended_at
+               FROM saga_instances
+              WHERE ($1::text IS NULL OR definition = $1)
+                AND ($2::text IS NULL OR status = $2)
+                AND ($3::text IS NULL OR tenant_id = $3)
+                AND ($4::timestamptz IS NULL OR started_at < $4)
+                AND ($5::timestamptz IS NULL OR (ended_at IS NULL
+                     AND (progressed_at < $5 OR status = 'STUCK')))
+              ORDER BY started_at DESC, saga_id LIMIT $6",
+        )
+        .bind(filter.definition.as_deref())
+        .bind(filter.status.map(status_str))
+        .bind(filter.tenant.as_deref())
+        .bind(filter.started_before)
+        .bind(filter.idle_since)
+        .bind(i64::from(filter.limit.unwrap_or(100)))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                let status: String = row.try_get("status").map_err(map_err)?;
+                let version: i32 = row.try_get("version").map_err(map_err)?;
+                Ok(Summary {
+                    saga_id: row.try_get("saga_id").map_err(map_err)?,
+                    tenant: row.try_get("tenant_id").map_err(map_err)?,
+                    definition: row.try_get("definition").map_err(map_err)?,
+                    version: u32::try_from(version).unwrap_or_default(),
+                    status: parse_status(&status)?,
+                    paused: row.try_get("paused").map_err(map_err)?,
+                    started_at: row.try_get("started_at").map_err(map_err)?,
+                    progressed_at: row.try_get("progressed_at").map_err(map_err)?,
+                    ended_at: row.try_get("ended_at").map_err(map_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn history(&self, saga_id: &str) -> Result<Vec<HistoryEntry>> {
+        let rows = sqlx::query(
+            "SELECT revision, at, kind, actor, epoch, detail FROM saga_history
+              WHERE saga_id = $1 ORDER BY revision, idx",
+        )
+        .bind(saga_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(HistoryEntry {
+                    revision: row.try_get("revision").map_err(map_err)?,
+                    at: row.try_get("at").map_err(map_err)?,
+                    kind: row.try_get("kind").map_err(map_err)?,
+                    actor: row.try_get("actor").map_err(map_err)?,
+                    epoch: row.try_get("epoch").map_err(map_err)?,
+                    detail: row.try_get("detail").map_err(map_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn tasks(&self, saga_id: &str) -> Result<Vec<TaskRow>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {TASK_COLUMNS} FROM saga_tasks WHERE saga_id = $1 ORDER BY dispatched_at, task_key"
+        )))
+        .bind(saga_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(task_row).collect()
+    }
+
+    async fn count_stalled(&self, definition: &str, since: DateTime<Utc>) -> Result<i64> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM saga_instances
+              WHERE definition = $1 AND ended_at IS NULL
+                AND (progressed_at < $2 OR status = 'STUCK')",
+        )
+        .bind(definition)
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)
+    }
+
+    fn inbox_signal(&self) -> watch::Receiver<u64> {
+        self.inbox.subscribe()
+    }
+}
+
+/// A sidecar's view: its tenant's tasks and inbox.
+#[derive(Debug, Clone)]
+pub struct PgTaskQueue {
+    pool: PgPool,
+    tenant: String,
+    signals: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
+}
+
+impl PgTaskQueue {
+    /// Connects as the application role, confined to `tenant`.
+    pub async fn connect(url: &str, tenant: &str, connections: u32) -> Result<Self> {
+        Ok(Self {
+            pool: pool(url, connections, Some(tenant)).await?,
+            tenant: tenant.to_owned(),
+            signals: Arc::default(),
+        })
+    }
+
+    /// Wakes [`TaskQueue::tasks_changed`] on new tasks until `stop`.
+    pub fn listen(&self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let signals = self.signals.clone();
+        listen(
+            self.pool.clone(),
+            TASKS_CHANNEL,
+            move |payload| {
+                let Ok(signals) = signals.lock() else { return };
+                for (key, tx) in signals.iter() {
+                    if payload.is_empty() || payload == key {
+                        tx.send_modify(|n| *n += 1);
+                    }
+                }
+            },
+            stop,
+        )
+    }
+
+    fn check_tenant(&self, tenant: &str) -> Result<()> {
+        if tenant == self.tenant {
+            Ok(())
+        } else {
+            Err(StoreError::Invalid(format!(
+                "this queue serves tenant {:?}, not {tenant:?}",
+                self.tenant
+            )))
+        }
+    }
+
+    fn signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
+        // One sender per agent type this sidecar serves.
+        let key = format!("{tenant}/{agent}");
+        let mut signals = self
+            .signals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        signals
+            .entry(key)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+}
+
+#[async_trait]
+impl TaskQueue for PgTaskQueue {
+    async fn claim(
+        &self,
+        tenant: &str,
+        agent: &str,
+        worker: &str,
+        max: u32,
+    ) -> Result<Vec<TaskRow>> {
+        self.check_tenant(tenant)?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE saga_tasks SET claimed_by = $3, claimed_at = now()
+              WHERE task_key IN (
+                    SELECT task_key FROM saga_tasks
+                     WHERE tenant_id = $1 AND agent = $2 AND status = 'dispatched'
+                       AND claimed_by IS NULL
+                     ORDER BY dispatched_at LIMIT $4
+                       FOR UPDATE SKIP LOCKED)
+                AND status = 'dispatched'
+             RETURNING {TASK_COLUMNS}"
+        )))
+        .bind(tenant)
+        .bind(agent)
+        .bind(worker)
+        .bind(i64::from(max))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let mut tasks = rows.iter().map(task_row).collect::<Result<Vec<_>>>()?;
+        tasks.sort_by_key(|t| t.dispatched_at);
+        Ok(tasks)
+    }
+
+    async fn heartbeat(&self, tenant: &str, key: &str) -> Result<Option<DateTime<Utc>>> {
+        self.check_tenant(tenant)?;
+        sqlx::query_scalar(
+            "UPDATE saga_timers tm SET fire_at = now() + t.timeout_ms * interval '1 millisecond'
+               FROM saga_tasks t
+              WHERE tm.task_key = $1 AND tm.kind = 'deadline'
+                AND t.task_key = tm.task_key AND t.status = 'dispatched'
+             RETURNING tm.fire_at",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)
+    }
+
+    async fn reply(
+        &self,
+        tenant: &str,
+        sender: &str,
+        saga_id: &str,
+        message: InboxMessage,
+    ) -> Result<Replied> {
+        self.check_tenant(tenant)?;
+        let Some(key) = message.task_key().map(str::to_owned) else {
+            return Err(StoreError::Invalid("a reply names its task".into()));
+        };
+        let body =
+            serde_json::to_value(&message).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let inserted: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO saga_inbox (tenant_id, saga_id, kind, task_key, body, sender)
+             SELECT $1, t.saga_id, $3, $4, $5, $6 FROM saga_tasks t
+              WHERE t.task_key = $4 AND t.saga_id = $2 AND t.status = 'dispatched'
+             ON CONFLICT (task_key) WHERE task_key IS NOT NULL DO NOTHING
+             RETURNING inbox_id",
+        )
+        .bind(tenant)
+        .bind(saga_id)
+        .bind(message.kind())
+        .bind(&key)
+        .bind(&body)
+        .bind(sender)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        if inserted.is_some() {
+            return Ok(Replied::Accepted);
+        }
+        let status: Option<String> = sqlx::query_scalar(
+            "SELECT status FROM saga_tasks WHERE task_key = $1 AND saga_id = $2",
+        )
+        .bind(&key)
+        .bind(saga_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(match status.as_deref().map(TaskStatus::parse) {
+            None => Replied::Unknown,
+            Some(TaskStatus::Dispatched) => Replied::Duplicate,
+            Some(_) => Replied::NotCurrent,
+        })
+    }
+
+    async fn request_start(
+        &self,
+        tenant: &str,
+        sender: &str,
+        saga_id: &str,
+        definition: &str,
+        data: Value,
+    ) -> Result<StartRequested> {
+        self.check_tenant(tenant)?;
+        let known: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM saga_definitions WHERE name = $1)")
+                .bind(definition)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(map_err)?;
+        if !known {
+            return Ok(StartRequested::UnknownDefinition);
+        }
+        let message = InboxMessage::Start {
+            definition: definition.to_owned(),
+            data,
+        };
+        let body =
+            serde_json::to_value(&message).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let inserted: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO saga_inbox (tenant_id, saga_id, kind, body, sender)
+             SELECT $1, $2, 'start', $3, $4
+              WHERE NOT EXISTS (SELECT 1 FROM saga_instances WHERE saga_id = $2)
+             ON CONFLICT (saga_id) WHERE kind = 'start' DO NOTHING
+             RETURNING inbox_id",
+        )
+        .bind(tenant)
+        .bind(saga_id)
+        .bind(&body)
+        .bind(sender)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(if inserted.is_some() {
+            StartRequested::Accepted
+        } else {
+            StartRequested::Exists
+        })
+    }
+
+    fn tasks_signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
+        self.signal(tenant, agent)
+    }
+}

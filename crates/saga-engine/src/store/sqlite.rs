@@ -1,0 +1,668 @@
+//! The embedded saga store: the saga tables in the SQLite file of the
+//! embedded event store (`migrations/sqlite/0004_sagas.sql`), written through
+//! its single writer connection. One process owns the file, so there is no
+//! leader epoch to check (the fence is ignored) and no row security (every
+//! statement names its tenant). Waiters are woken in-process: the engine's
+//! commits wake the agents' claimers and their replies wake the engine, which
+//! makes this also the in-process bus of the embedded mode.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqlitePool};
+use statefabric_saga::Definition;
+use tokio::sync::watch;
+
+use super::{
+    Committed, DueTimer, Fence, Filter, HistoryEntry, InboxItem, InboxMessage, Replied, Result,
+    SagaStore, StartRequested, StoreError, Stored, Summary, TaskQueue, TaskRow, TaskStatus,
+    Transition, Trigger, duration_ms, parse_status, parse_timer_kind, status_str, timer_kind_str,
+};
+
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Backend(e.to_string()),
+    }
+}
+
+fn json_err(e: serde_json::Error) -> StoreError {
+    StoreError::Backend(format!("stored JSON: {e}"))
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+#[derive(Debug, Clone)]
+pub struct SqliteSagaStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    inbox: Arc<watch::Sender<u64>>,
+    tasks: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
+}
+
+impl SqliteSagaStore {
+    /// Over the embedded event store's pools (its migrations create the
+    /// saga tables): `writer` must be its single writer connection.
+    pub fn new(writer: SqlitePool, reader: SqlitePool) -> Self {
+        Self {
+            writer,
+            reader,
+            inbox: Arc::new(watch::channel(0).0),
+            tasks: Arc::default(),
+        }
+    }
+
+    fn task_sender(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
+        let mut tasks = self
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        tasks
+            .entry(format!("{tenant}/{agent}"))
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn wake_agents(&self, tenant: &str, agents: impl Iterator<Item = String>) {
+        let tasks = self
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for agent in agents {
+            if let Some(tx) = tasks.get(&format!("{tenant}/{agent}")) {
+                tx.send_modify(|n| *n += 1);
+            }
+        }
+    }
+}
+
+fn stored(row: &SqliteRow) -> Result<Stored> {
+    let state: String = row.try_get("state").map_err(map_err)?;
+    let ended: Option<i64> = row.try_get("ended_at").map_err(map_err)?;
+    Ok(Stored {
+        tenant: row.try_get("tenant_id").map_err(map_err)?,
+        instance: serde_json::from_str(&state).map_err(json_err)?,
+        revision: row.try_get("revision").map_err(map_err)?,
+        started_at: time(row.try_get("started_at").map_err(map_err)?),
+        updated_at: time(row.try_get("updated_at").map_err(map_err)?),
+        progressed_at: time(row.try_get("progressed_at").map_err(map_err)?),
+        ended_at: ended.map(time),
+    })
+}
+
+fn opt_json(s: Option<String>) -> Result<Option<Value>> {
+    s.map(|s| serde_json::from_str(&s).map_err(json_err))
+        .transpose()
+}
+
+fn task_row(row: &SqliteRow) -> Result<TaskRow> {
+    let status: String = row.try_get("status").map_err(map_err)?;
+    let input: String = row.try_get("input").map_err(map_err)?;
+    let visit: i64 = row.try_get("visit").map_err(map_err)?;
+    let attempt: i64 = row.try_get("attempt").map_err(map_err)?;
+    let finished: Option<i64> = row.try_get("finished_at").map_err(map_err)?;
+    Ok(TaskRow {
+        key: row.try_get("task_key").map_err(map_err)?,
+        saga_id: row.try_get("saga_id").map_err(map_err)?,
+        tenant: row.try_get("tenant_id").map_err(map_err)?,
+        step: row.try_get("step").map_err(map_err)?,
+        visit: u32::try_from(visit).unwrap_or_default(),
+        attempt: u32::try_from(attempt).unwrap_or_default(),
+        compensation: row.try_get("compensation").map_err(map_err)?,
+        agent: row.try_get("agent").map_err(map_err)?,
+        action: row.try_get("action").map_err(map_err)?,
+        input: serde_json::from_str(&input).map_err(json_err)?,
+        timeout_ms: row.try_get("timeout_ms").map_err(map_err)?,
+        status: TaskStatus::parse(&status),
+        claimed_by: row.try_get("claimed_by").map_err(map_err)?,
+        dispatched_at: time(row.try_get("dispatched_at").map_err(map_err)?),
+        finished_at: finished.map(time),
+        output: opt_json(row.try_get("output").map_err(map_err)?)?,
+        error: row.try_get("error").map_err(map_err)?,
+    })
+}
+
+const TASK_COLUMNS: &str = "task_key, saga_id, tenant_id, step, visit, attempt, compensation, \
+     agent, action, input, timeout_ms, status, claimed_by, dispatched_at, finished_at, output, error";
+
+#[async_trait]
+impl SagaStore for SqliteSagaStore {
+    async fn save_definition(&self, definition: &Definition) -> Result<()> {
+        let body = serde_json::to_string(definition).map_err(json_err)?;
+        let version = i64::from(definition.version);
+        sqlx::query(
+            "INSERT INTO saga_definitions (name, version, body, created_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT (name, version) DO NOTHING",
+        )
+        .bind(&definition.name)
+        .bind(version)
+        .bind(&body)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await
+        .map_err(map_err)?;
+        let existing: String =
+            sqlx::query_scalar("SELECT body FROM saga_definitions WHERE name = ? AND version = ?")
+                .bind(&definition.name)
+                .bind(version)
+                .fetch_one(&self.writer)
+                .await
+                .map_err(map_err)?;
+        let same = serde_json::from_str::<Definition>(&existing).is_ok_and(|d| d == *definition);
+        if same {
+            Ok(())
+        } else {
+            Err(StoreError::Invalid(format!(
+                "definition {} version {} is already stored with different content; publish a new version",
+                definition.name, definition.version
+            )))
+        }
+    }
+
+    async fn definitions(&self) -> Result<Vec<Definition>> {
+        let bodies: Vec<String> =
+            sqlx::query_scalar("SELECT body FROM saga_definitions ORDER BY name, version")
+                .fetch_all(&self.reader)
+                .await
+                .map_err(map_err)?;
+        bodies
+            .iter()
+            .map(|b| serde_json::from_str(b).map_err(json_err))
+            .collect()
+    }
+
+    async fn load(&self, saga_id: &str) -> Result<Option<Stored>> {
+        // From the writer: the engine reads its own last commit.
+        let row = sqlx::query(
+            "SELECT tenant_id, state, revision, started_at, updated_at, progressed_at, ended_at
+               FROM saga_instances WHERE saga_id = ?",
+        )
+        .bind(saga_id)
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(stored).transpose()
+    }
+
+    async fn commit(&self, _fence: Option<&Fence>, t: Transition) -> Result<Committed> {
+        let now = now_ms();
+        let saga = t.instance.id.as_str();
+        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        let consumed = match &t.trigger {
+            Trigger::Direct => 1,
+            Trigger::Inbox(id) => sqlx::query("DELETE FROM saga_inbox WHERE inbox_id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?
+                .rows_affected(),
+            Trigger::Timer { key, kind } => sqlx::query(
+                "DELETE FROM saga_timers WHERE task_key = ? AND kind = ? AND fire_at <= ?",
+            )
+            .bind(key)
+            .bind(timer_kind_str(*kind))
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected(),
+        };
+        if consumed == 0 {
+            return Ok(Committed::TriggerGone);
+        }
+        let state = serde_json::to_string(&t.instance).map_err(json_err)?;
+        let status = status_str(t.instance.status);
+        let revision = if let Some(expected) = t.expected {
+            let ended = t.instance.status.is_final().then_some(now);
+            let updated = sqlx::query(
+                "UPDATE saga_instances SET status = ?, paused = ?, state = ?, revision = revision + 1,
+                        updated_at = ?, progressed_at = CASE WHEN ? THEN ? ELSE progressed_at END,
+                        ended_at = CASE WHEN ? IS NULL THEN NULL ELSE coalesce(ended_at, ?) END
+                  WHERE saga_id = ? AND revision = ?",
+            )
+            .bind(&status)
+            .bind(t.instance.paused)
+            .bind(&state)
+            .bind(now)
+            .bind(t.progressed)
+            .bind(now)
+            .bind(ended)
+            .bind(now)
+            .bind(saga)
+            .bind(expected)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            if updated.rows_affected() == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "saga {saga} changed concurrently"
+                )));
+            }
+            expected + 1
+        } else {
+            let inserted = sqlx::query(
+                "INSERT INTO saga_instances (saga_id, tenant_id, definition, version, status, paused,
+                        state, revision, started_at, updated_at, progressed_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT (saga_id) DO NOTHING",
+            )
+            .bind(saga)
+            .bind(&t.tenant)
+            .bind(&t.instance.definition)
+            .bind(i64::from(t.instance.version))
+            .bind(&status)
+            .bind(t.instance.paused)
+            .bind(&state)
+            .bind(now)
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            if inserted.rows_affected() == 0 {
+                tx.commit().await.map_err(map_err)?;
+                return Ok(Committed::Exists);
+            }
+            1
+        };
+        if let Some(f) = &t.finish {
+            let output = f
+                .output
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(json_err)?;
+            sqlx::query(
+                "UPDATE saga_tasks SET status = ?, output = ?, error = ?, finished_at = ?
+                  WHERE task_key = ? AND status = 'dispatched'",
+            )
+            .bind(f.status.as_str())
+            .bind(output)
+            .bind(&f.error)
+            .bind(now)
+            .bind(f.key.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for key in &t.cancel {
+            let key = key.to_string();
+            sqlx::query("DELETE FROM saga_timers WHERE task_key = ?")
+                .bind(&key)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            sqlx::query(
+                "UPDATE saga_tasks SET status = 'cancelled', finished_at = ?
+                  WHERE task_key = ? AND status = 'dispatched'",
+            )
+            .bind(now)
+            .bind(&key)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for task in &t.dispatch {
+            sqlx::query(
+                "INSERT INTO saga_tasks (task_key, saga_id, tenant_id, step, visit, attempt,
+                        compensation, agent, action, input, timeout_ms, status, dispatched_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'dispatched', ?)
+                 ON CONFLICT (task_key) DO NOTHING",
+            )
+            .bind(task.key.to_string())
+            .bind(saga)
+            .bind(&t.tenant)
+            .bind(&task.key.step)
+            .bind(i64::from(task.key.visit))
+            .bind(i64::from(task.key.attempt))
+            .bind(task.key.compensation)
+            .bind(&task.agent)
+            .bind(&task.action)
+            .bind(serde_json::to_string(&task.input).map_err(json_err)?)
+            .bind(duration_ms(task.timeout))
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for (key, kind, after) in &t.timers {
+            sqlx::query(
+                "INSERT INTO saga_timers (saga_id, tenant_id, task_key, kind, fire_at)
+                 VALUES (?, ?, ?, ?, ?)
+                 ON CONFLICT (task_key, kind) DO UPDATE SET fire_at = excluded.fire_at",
+            )
+            .bind(saga)
+            .bind(&t.tenant)
+            .bind(key.to_string())
+            .bind(timer_kind_str(*kind))
+            .bind(now.saturating_add(duration_ms(*after)))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for (idx, record) in t.history.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO saga_history (saga_id, revision, idx, tenant_id, at, kind, actor, detail)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(saga)
+            .bind(revision)
+            .bind(i64::try_from(idx).unwrap_or_default())
+            .bind(&t.tenant)
+            .bind(now)
+            .bind(&record.kind)
+            .bind(&record.actor)
+            .bind(serde_json::to_string(&record.detail).map_err(json_err)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        self.wake_agents(&t.tenant, t.dispatch.iter().map(|d| d.agent.clone()));
+        Ok(Committed::Written(revision))
+    }
+
+    async fn inbox(&self, limit: u32) -> Result<Vec<InboxItem>> {
+        let rows = sqlx::query(
+            "SELECT inbox_id, tenant_id, saga_id, body, sender FROM saga_inbox
+              ORDER BY inbox_id LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.writer)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                let body: String = row.try_get("body").map_err(map_err)?;
+                Ok(InboxItem {
+                    id: row.try_get("inbox_id").map_err(map_err)?,
+                    tenant: row.try_get("tenant_id").map_err(map_err)?,
+                    saga_id: row.try_get("saga_id").map_err(map_err)?,
+                    message: serde_json::from_str(&body).map_err(json_err)?,
+                    sender: row.try_get("sender").map_err(map_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn discard(&self, _fence: Option<&Fence>, inbox_id: i64) -> Result<()> {
+        sqlx::query("DELETE FROM saga_inbox WHERE inbox_id = ?")
+            .bind(inbox_id)
+            .execute(&self.writer)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn due_timers(&self, limit: u32) -> Result<Vec<DueTimer>> {
+        let rows = sqlx::query(
+            "SELECT saga_id, task_key, kind FROM saga_timers WHERE fire_at <= ?
+              ORDER BY fire_at LIMIT ?",
+        )
+        .bind(now_ms())
+        .bind(i64::from(limit))
+        .fetch_all(&self.writer)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                let kind: String = row.try_get("kind").map_err(map_err)?;
+                Ok(DueTimer {
+                    saga_id: row.try_get("saga_id").map_err(map_err)?,
+                    key: row.try_get("task_key").map_err(map_err)?,
+                    kind: parse_timer_kind(&kind),
+                })
+            })
+            .collect()
+    }
+
+    async fn list(&self, filter: &Filter) -> Result<Vec<Summary>> {
+        let rows = sqlx::query(
+            "SELECT saga_id, tenant_id, definition, version, status, paused, started_at,
+                    progressed_at, ended_at
+               FROM saga_instances
+              WHERE (?1 IS NULL OR definition = ?1)
+                AND (?2 IS NULL OR status = ?2)
+                AND (?3 IS NULL OR tenant_id = ?3)
+                AND (?4 IS NULL OR started_at < ?4)
+                AND (?5 IS NULL OR (ended_at IS NULL AND (progressed_at < ?5 OR status = 'STUCK')))
+              ORDER BY started_at DESC, saga_id LIMIT ?6",
+        )
+        .bind(filter.definition.as_deref())
+        .bind(filter.status.map(status_str))
+        .bind(filter.tenant.as_deref())
+        .bind(filter.started_before.map(|t| t.timestamp_millis()))
+        .bind(filter.idle_since.map(|t| t.timestamp_millis()))
+        .bind(i64::from(filter.limit.unwrap_or(100)))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                let status: String = row.try_get("status").map_err(map_err)?;
+                let version: i64 = row.try_get("version").map_err(map_err)?;
+                let ended: Option<i64> = row.try_get("ended_at").map_err(map_err)?;
+                Ok(Summary {
+                    saga_id: row.try_get("saga_id").map_err(map_err)?,
+                    tenant: row.try_get("tenant_id").map_err(map_err)?,
+                    definition: row.try_get("definition").map_err(map_err)?,
+                    version: u32::try_from(version).unwrap_or_default(),
+                    status: parse_status(&status)?,
+                    paused: row.try_get("paused").map_err(map_err)?,
+                    started_at: time(row.try_get("started_at").map_err(map_err)?),
+                    progressed_at: time(row.try_get("progressed_at").map_err(map_err)?),
+                    ended_at: ended.map(time),
+                })
+            })
+            .collect()
+    }
+
+    async fn history(&self, saga_id: &str) -> Result<Vec<HistoryEntry>> {
+        let rows = sqlx::query(
+            "SELECT revision, at, kind, actor, epoch, detail FROM saga_history
+              WHERE saga_id = ? ORDER BY revision, idx",
+        )
+        .bind(saga_id)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                let detail: String = row.try_get("detail").map_err(map_err)?;
+                Ok(HistoryEntry {
+                    revision: row.try_get("revision").map_err(map_err)?,
+                    at: time(row.try_get("at").map_err(map_err)?),
+                    kind: row.try_get("kind").map_err(map_err)?,
+                    actor: row.try_get("actor").map_err(map_err)?,
+                    epoch: row.try_get("epoch").map_err(map_err)?,
+                    detail: serde_json::from_str(&detail).map_err(json_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn tasks(&self, saga_id: &str) -> Result<Vec<TaskRow>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {TASK_COLUMNS} FROM saga_tasks WHERE saga_id = ? ORDER BY dispatched_at, task_key"
+        )))
+        .bind(saga_id)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(task_row).collect()
+    }
+
+    async fn count_stalled(&self, definition: &str, since: DateTime<Utc>) -> Result<i64> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM saga_instances
+              WHERE definition = ? AND ended_at IS NULL AND (progressed_at < ? OR status = 'STUCK')",
+        )
+        .bind(definition)
+        .bind(since.timestamp_millis())
+        .fetch_one(&self.reader)
+        .await
+        .map_err(map_err)
+    }
+
+    fn inbox_signal(&self) -> watch::Receiver<u64> {
+        self.inbox.subscribe()
+    }
+}
+
+#[async_trait]
+impl TaskQueue for SqliteSagaStore {
+    async fn claim(
+        &self,
+        tenant: &str,
+        agent: &str,
+        worker: &str,
+        max: u32,
+    ) -> Result<Vec<TaskRow>> {
+        // The single writer serializes claims: a task goes to one worker.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE saga_tasks SET claimed_by = ?3, claimed_at = ?5
+              WHERE task_key IN (
+                    SELECT task_key FROM saga_tasks
+                     WHERE tenant_id = ?1 AND agent = ?2 AND status = 'dispatched'
+                       AND claimed_by IS NULL
+                     ORDER BY dispatched_at LIMIT ?4)
+             RETURNING {TASK_COLUMNS}"
+        )))
+        .bind(tenant)
+        .bind(agent)
+        .bind(worker)
+        .bind(i64::from(max))
+        .bind(now_ms())
+        .fetch_all(&self.writer)
+        .await
+        .map_err(map_err)?;
+        let mut tasks = rows.iter().map(task_row).collect::<Result<Vec<_>>>()?;
+        tasks.sort_by_key(|t| t.dispatched_at);
+        Ok(tasks)
+    }
+
+    async fn heartbeat(&self, tenant: &str, key: &str) -> Result<Option<DateTime<Utc>>> {
+        let fire_at: Option<i64> = sqlx::query_scalar(
+            "UPDATE saga_timers SET fire_at = ?3 + (
+                    SELECT timeout_ms FROM saga_tasks t WHERE t.task_key = saga_timers.task_key)
+              WHERE task_key = ?1 AND kind = 'deadline' AND tenant_id = ?2
+                AND EXISTS (SELECT 1 FROM saga_tasks t
+                             WHERE t.task_key = saga_timers.task_key AND t.status = 'dispatched')
+             RETURNING fire_at",
+        )
+        .bind(key)
+        .bind(tenant)
+        .bind(now_ms())
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(map_err)?;
+        Ok(fire_at.map(time))
+    }
+
+    async fn reply(
+        &self,
+        tenant: &str,
+        sender: &str,
+        saga_id: &str,
+        message: InboxMessage,
+    ) -> Result<Replied> {
+        let Some(key) = message.task_key().map(str::to_owned) else {
+            return Err(StoreError::Invalid("a reply names its task".into()));
+        };
+        let body = serde_json::to_string(&message).map_err(json_err)?;
+        let inserted = sqlx::query(
+            "INSERT INTO saga_inbox (tenant_id, saga_id, kind, task_key, body, sender, at)
+             SELECT ?1, t.saga_id, ?3, ?4, ?5, ?6, ?7 FROM saga_tasks t
+              WHERE t.task_key = ?4 AND t.saga_id = ?2 AND t.tenant_id = ?1
+                AND t.status = 'dispatched'
+             ON CONFLICT (task_key) WHERE task_key IS NOT NULL DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(saga_id)
+        .bind(message.kind())
+        .bind(&key)
+        .bind(&body)
+        .bind(sender)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await
+        .map_err(map_err)?;
+        if inserted.rows_affected() > 0 {
+            self.inbox.send_modify(|n| *n += 1);
+            return Ok(Replied::Accepted);
+        }
+        let status: Option<String> = sqlx::query_scalar(
+            "SELECT status FROM saga_tasks WHERE task_key = ? AND saga_id = ? AND tenant_id = ?",
+        )
+        .bind(&key)
+        .bind(saga_id)
+        .bind(tenant)
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(map_err)?;
+        Ok(match status.as_deref().map(TaskStatus::parse) {
+            None => Replied::Unknown,
+            Some(TaskStatus::Dispatched) => Replied::Duplicate,
+            Some(_) => Replied::NotCurrent,
+        })
+    }
+
+    async fn request_start(
+        &self,
+        tenant: &str,
+        sender: &str,
+        saga_id: &str,
+        definition: &str,
+        data: Value,
+    ) -> Result<StartRequested> {
+        let known: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM saga_definitions WHERE name = ?)")
+                .bind(definition)
+                .fetch_one(&self.writer)
+                .await
+                .map_err(map_err)?;
+        if !known {
+            return Ok(StartRequested::UnknownDefinition);
+        }
+        let body = serde_json::to_string(&InboxMessage::Start {
+            definition: definition.to_owned(),
+            data,
+        })
+        .map_err(json_err)?;
+        let inserted = sqlx::query(
+            "INSERT INTO saga_inbox (tenant_id, saga_id, kind, body, sender, at)
+             SELECT ?1, ?2, 'start', ?3, ?4, ?5
+              WHERE NOT EXISTS (SELECT 1 FROM saga_instances WHERE saga_id = ?2)
+             ON CONFLICT (saga_id) WHERE kind = 'start' DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(saga_id)
+        .bind(&body)
+        .bind(sender)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await
+        .map_err(map_err)?;
+        if inserted.rows_affected() > 0 {
+            self.inbox.send_modify(|n| *n += 1);
+            Ok(StartRequested::Accepted)
+        } else {
+            Ok(StartRequested::Exists)
+        }
+    }
+
+    fn tasks_signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
+        self.task_sender(tenant, agent)
+    }
+}

@@ -1,0 +1,406 @@
+//! The `Tasks` gRPC service: the agent's side of sagas, for the sidecar's
+//! own tenant — start a saga, take the tasks dispatched to an agent type
+//! (poll or stream), heartbeat, complete, fail.
+//!
+//! Tasks are claimed from the saga store (`statefabric-saga-engine`'s
+//! [`TaskQueue`]): each goes to one worker. Answers go to the engine's
+//! inbox; the engine, not the sidecar, decides what they change. A stream
+//! hands out at most `max_in_flight` tasks not yet answered (or past their
+//! deadline) through this sidecar, so a slow agent is not buried: the rest
+//! wait in the store for another worker.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use serde_json::Value;
+use statefabric_proto::state::v1 as pb;
+use statefabric_proto::state::v1::tasks_server::Tasks;
+use statefabric_saga_engine::engine::parse_key;
+use statefabric_saga_engine::store::{
+    InboxMessage, Replied, StartRequested, StoreError, TaskQueue, TaskRow, check_saga_id,
+};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+const MAX_BATCH: u32 = 1000;
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// A stream re-checks the store this often even without a wake-up.
+const STREAM_RECHECK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct TasksService {
+    queue: Arc<dyn TaskQueue>,
+    tenant: String,
+    identity: String,
+    /// Tasks handed out by streams and not yet answered: key → (stream,
+    /// local deadline).
+    in_flight: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
+    next_stream: Arc<std::sync::atomic::AtomicU64>,
+    stop: CancellationToken,
+}
+
+fn from_store(err: StoreError) -> Status {
+    match err {
+        StoreError::Invalid(m) => Status::invalid_argument(m),
+        StoreError::Unavailable(m) => Status::unavailable(m),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+fn to_pb(task: TaskRow) -> pb::Task {
+    pb::Task {
+        key: task.key,
+        saga_id: task.saga_id,
+        step: task.step,
+        visit: task.visit,
+        attempt: task.attempt,
+        compensation: task.compensation,
+        agent_type: task.agent,
+        action: task.action,
+        input_json: serde_json::to_vec(&task.input).unwrap_or_default(),
+        timeout_ms: u64::try_from(task.timeout_ms).unwrap_or_default(),
+    }
+}
+
+fn agent_type(agent: &str) -> Result<&str, Status> {
+    let ok = !agent.is_empty()
+        && agent.len() <= 128
+        && agent
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(agent)
+    } else {
+        Err(Status::invalid_argument(format!(
+            "agent_type {agent:?} must be 1-128 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+fn task_key(key: &str) -> Result<String, Status> {
+    parse_key(key).map(|k| k.saga).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "task key {key:?} is not of the form saga/step/visit/attempt[/undo]"
+        ))
+    })
+}
+
+fn json(bytes: &[u8], what: &str) -> Result<Value, Status> {
+    if bytes.is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|e| Status::invalid_argument(format!("{what} is not valid JSON: {e}")))
+}
+
+impl TasksService {
+    pub fn new(
+        queue: Arc<dyn TaskQueue>,
+        tenant: String,
+        identity: String,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            queue,
+            tenant,
+            identity,
+            in_flight: Arc::default(),
+            next_stream: Arc::default(),
+            stop,
+        }
+    }
+
+    fn worker(&self, worker: &str) -> String {
+        if worker.is_empty() {
+            self.identity.clone()
+        } else {
+            worker.chars().take(256).collect()
+        }
+    }
+
+    fn answered(&self, key: &str) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+
+    async fn reply(&self, saga: &str, message: InboxMessage) -> Result<(), Status> {
+        let key = message.task_key().unwrap_or_default().to_owned();
+        let replied = self
+            .queue
+            .reply(&self.tenant, &self.identity, saga, message)
+            .await
+            .map_err(from_store)?;
+        self.answered(&key);
+        match replied {
+            // A repeat of an answer already waiting: nothing more to do.
+            Replied::Accepted | Replied::Duplicate => Ok(()),
+            Replied::NotCurrent => Err(Status::failed_precondition(format!(
+                "task {key} is no longer current (answered, timed out or cancelled); this answer changes nothing"
+            ))),
+            Replied::Unknown => Err(Status::not_found(format!("no task {key}"))),
+        }
+    }
+}
+
+/// Hands out tasks as they come, within the stream's in-flight budget.
+async fn stream_loop(
+    service: TasksService,
+    agent: String,
+    worker: String,
+    max_in_flight: usize,
+    tx: tokio::sync::mpsc::Sender<Result<pb::Task, Status>>,
+) {
+    let stream = service
+        .next_stream
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    loop {
+        let mut signal = service.queue.tasks_signal(&service.tenant, &agent);
+        let budget = {
+            let mut in_flight = service
+                .in_flight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now = Instant::now();
+            in_flight.retain(|_, (_, deadline)| *deadline > now);
+            max_in_flight.saturating_sub(in_flight.values().filter(|(s, _)| *s == stream).count())
+        };
+        if budget > 0 {
+            let max = u32::try_from(budget).unwrap_or(MAX_BATCH);
+            match service
+                .queue
+                .claim(&service.tenant, &agent, &worker, max)
+                .await
+            {
+                Ok(tasks) => {
+                    let got = !tasks.is_empty();
+                    for task in tasks {
+                        let deadline = Instant::now()
+                            + Duration::from_millis(u64::try_from(task.timeout_ms).unwrap_or(0));
+                        service
+                            .in_flight
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .insert(task.key.clone(), (stream, deadline));
+                        if tx.send(Ok(to_pb(task))).await.is_err() {
+                            return;
+                        }
+                    }
+                    if got {
+                        continue;
+                    }
+                }
+                Err(err) => {
+                    let _ = tx.send(Err(from_store(err))).await;
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            () = service.stop.cancelled() => return,
+            () = tx.closed() => return,
+            _ = signal.changed() => {}
+            () = tokio::time::sleep(STREAM_RECHECK) => {}
+        }
+    }
+}
+
+type TaskStream = Pin<Box<dyn Stream<Item = Result<pb::Task, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Tasks for TasksService {
+    async fn start_saga(
+        &self,
+        request: Request<pb::StartSagaRequest>,
+    ) -> Result<Response<pb::StartSagaResponse>, Status> {
+        let raw = request.into_inner();
+        let id = if raw.saga_id.is_empty() {
+            uuid::Uuid::now_v7().to_string()
+        } else {
+            raw.saga_id
+        };
+        check_saga_id(&id).map_err(Status::invalid_argument)?;
+        if raw.definition.is_empty() {
+            return Err(Status::invalid_argument("definition is required"));
+        }
+        let data = match json(&raw.data_json, "data_json")? {
+            Value::Null => Value::Object(serde_json::Map::new()),
+            Value::Object(map) => Value::Object(map),
+            _ => return Err(Status::invalid_argument("data_json must be a JSON object")),
+        };
+        match self
+            .queue
+            .request_start(&self.tenant, &self.identity, &id, &raw.definition, data)
+            .await
+            .map_err(from_store)?
+        {
+            StartRequested::Accepted => Ok(Response::new(pb::StartSagaResponse { saga_id: id })),
+            StartRequested::Exists => Err(Status::already_exists(format!(
+                "saga {id} exists or is being started"
+            ))),
+            StartRequested::UnknownDefinition => Err(Status::not_found(format!(
+                "no saga definition {:?}",
+                raw.definition
+            ))),
+        }
+    }
+
+    async fn poll_tasks(
+        &self,
+        request: Request<pb::PollTasksRequest>,
+    ) -> Result<Response<pb::PollTasksResponse>, Status> {
+        let raw = request.into_inner();
+        let agent = agent_type(&raw.agent_type)?;
+        if raw.max > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "max {} is over {MAX_BATCH}",
+                raw.max
+            )));
+        }
+        let wait = Duration::from_millis(u64::from(raw.wait_ms));
+        if wait > MAX_WAIT {
+            return Err(Status::invalid_argument(format!(
+                "wait_ms {} is over {}",
+                raw.wait_ms,
+                MAX_WAIT.as_millis()
+            )));
+        }
+        let worker = self.worker(&raw.worker);
+        let until = Instant::now() + wait;
+        loop {
+            let mut signal = self.queue.tasks_signal(&self.tenant, agent);
+            let tasks = self
+                .queue
+                .claim(&self.tenant, agent, &worker, raw.max.max(1))
+                .await
+                .map_err(from_store)?;
+            let now = Instant::now();
+            if !tasks.is_empty() || now >= until {
+                return Ok(Response::new(pb::PollTasksResponse {
+                    tasks: tasks.into_iter().map(to_pb).collect(),
+                }));
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return Err(Status::unavailable("the sidecar is shutting down")),
+                _ = signal.changed() => {}
+                () = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    type StreamTasksStream = TaskStream;
+
+    async fn stream_tasks(
+        &self,
+        request: Request<pb::StreamTasksRequest>,
+    ) -> Result<Response<Self::StreamTasksStream>, Status> {
+        let raw = request.into_inner();
+        let agent = agent_type(&raw.agent_type)?.to_owned();
+        if raw.max_in_flight > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "max_in_flight {} is over {MAX_BATCH}",
+                raw.max_in_flight
+            )));
+        }
+        let max_in_flight = if raw.max_in_flight == 0 {
+            16
+        } else {
+            raw.max_in_flight as usize
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(max_in_flight);
+        tokio::spawn(stream_loop(
+            self.clone(),
+            agent,
+            self.worker(&raw.worker),
+            max_in_flight,
+            tx,
+        ));
+        Ok(Response::new(Box::pin(tokio_stream_from_receiver(rx))))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let key = request.into_inner().key;
+        task_key(&key)?;
+        match self
+            .queue
+            .heartbeat(&self.tenant, &key)
+            .await
+            .map_err(from_store)?
+        {
+            Some(deadline) => {
+                let left = (deadline - chrono::Utc::now()).to_std().unwrap_or_default();
+                if let Some(entry) = self
+                    .in_flight
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get_mut(&key)
+                {
+                    entry.1 = Instant::now() + left;
+                }
+                Ok(Response::new(pb::HeartbeatResponse {
+                    deadline_in_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+                }))
+            }
+            None => {
+                self.answered(&key);
+                Err(Status::failed_precondition(format!(
+                    "task {key} is no longer current (answered, timed out or cancelled); stop working on it"
+                )))
+            }
+        }
+    }
+
+    async fn complete_task(
+        &self,
+        request: Request<pb::CompleteTaskRequest>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let raw = request.into_inner();
+        let saga = task_key(&raw.key)?;
+        let output = json(&raw.output_json, "output_json")?;
+        self.reply(
+            &saga,
+            InboxMessage::Completed {
+                key: raw.key,
+                output,
+            },
+        )
+        .await?;
+        Ok(Response::new(pb::CompleteTaskResponse {}))
+    }
+
+    async fn fail_task(
+        &self,
+        request: Request<pb::FailTaskRequest>,
+    ) -> Result<Response<pb::FailTaskResponse>, Status> {
+        let raw = request.into_inner();
+        let saga = task_key(&raw.key)?;
+        if raw.error.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "error is required: say why the task failed",
+            ));
+        }
+        self.reply(
+            &saga,
+            InboxMessage::Failed {
+                key: raw.key,
+                error: raw.error,
+            },
+        )
+        .await?;
+        Ok(Response::new(pb::FailTaskResponse {}))
+    }
+}
+
+fn tokio_stream_from_receiver(
+    mut rx: tokio::sync::mpsc::Receiver<Result<pb::Task, Status>>,
+) -> impl Stream<Item = Result<pb::Task, Status>> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -11,6 +11,7 @@
 pub mod kafka;
 pub mod lock_contract;
 pub mod process;
+pub mod saga_contract;
 pub mod session_contract;
 pub mod store_contract;
 pub mod updates_contract;

@@ -263,17 +263,24 @@ impl SagaStore for PgSagaStore {
     async fn save_definition(&self, definition: &Definition) -> Result<()> {
         let body =
             serde_json::to_value(definition).map_err(|e| StoreError::Backend(e.to_string()))?;
-        let existing: Option<Value> = sqlx::query_scalar(
+        let version = i32::try_from(definition.version).unwrap_or(i32::MAX);
+        sqlx::query(
             "INSERT INTO saga_definitions (name, version, body) VALUES ($1, $2, $3)
-             ON CONFLICT (name, version) DO UPDATE SET name = EXCLUDED.name
-             RETURNING body",
+             ON CONFLICT (name, version) DO NOTHING",
         )
         .bind(&definition.name)
-        .bind(i32::try_from(definition.version).unwrap_or(i32::MAX))
+        .bind(version)
         .bind(&body)
-        .fetch_optional(&self.pool)
+        .execute(&self.pool)
         .await
         .map_err(map_err)?;
+        let existing: Option<Value> =
+            sqlx::query_scalar("SELECT body FROM saga_definitions WHERE name = $1 AND version = $2")
+                .bind(&definition.name)
+                .bind(version)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map_err)?;
         let same = existing
             .and_then(|v| serde_json::from_value::<Definition>(v).ok())
             .is_none_or(|d| d == *definition);

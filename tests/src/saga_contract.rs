@@ -1,0 +1,308 @@
+//! The saga store contract, run against every adapter of `SagaStore` and
+//! `TaskQueue` (`tests/tests/saga_store.rs`): embedded SQLite and Postgres.
+//! Each test works in its own tenant, so tests sharing a database do not
+//! see each other's tasks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use statefabric_saga::machine::Effect;
+use statefabric_saga::{Definition, Input, Instance, Status, builtin};
+use statefabric_saga_engine::store::{
+    Committed, Fence, Filter, InboxMessage, Record, Replied, SagaStore, StartRequested,
+    StoreError, TaskQueue, TaskStatus, Transition, Trigger,
+};
+
+/// One adapter: the engine's side, the agents' side, and the tenant the
+/// agents' side serves.
+#[derive(Debug, Clone)]
+pub struct Fixture {
+    pub store: Arc<dyn SagaStore>,
+    pub queue: Arc<dyn TaskQueue>,
+    pub tenant: String,
+    pub fence: Option<Fence>,
+}
+
+#[macro_export]
+macro_rules! saga_contract_tests {
+    ($fixture:expr) => {
+        $crate::saga_contract_tests!(@each $fixture;
+            a_reply_is_applied_once_and_late_replies_change_nothing,
+            stale_revisions_and_existing_ids_are_refused,
+            deadlines_fire_when_due_and_heartbeats_push_them,
+            start_requests_are_idempotent_and_checked,
+            definition_versions_are_immutable,
+            sagas_are_listed_by_filter,
+        );
+    };
+    (@each $fixture:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> anyhow::Result<()> {
+                $crate::saga_contract::$name($fixture.await?).await
+            }
+        )*
+    };
+}
+
+fn id() -> String {
+    format!("saga-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The commit for `effects` of a transition of `instance`.
+pub fn transition(
+    tenant: &str,
+    instance: Instance,
+    expected: Option<i64>,
+    trigger: Trigger,
+    effects: &[Effect],
+) -> Transition {
+    let mut t = Transition {
+        tenant: tenant.to_owned(),
+        instance,
+        expected,
+        trigger,
+        finish: None,
+        dispatch: Vec::new(),
+        timers: Vec::new(),
+        cancel: Vec::new(),
+        history: vec![Record {
+            kind: "test".into(),
+            actor: Some("contract".into()),
+            detail: json!({}),
+        }],
+        progressed: true,
+    };
+    for effect in effects {
+        match effect {
+            Effect::Dispatch(task) => t.dispatch.push(task.clone()),
+            Effect::Timer { key, kind, after } => t.timers.push((key.clone(), *kind, *after)),
+            Effect::Cancel { key } => t.cancel.push(key.clone()),
+            Effect::Status(_) => {}
+        }
+    }
+    t
+}
+
+async fn started(f: &Fixture, definition: &Definition) -> anyhow::Result<Instance> {
+    f.store.save_definition(definition).await?;
+    let (instance, effects) = Instance::start(definition, &id(), json!({"task": "t"}));
+    let t = transition(&f.tenant, instance.clone(), None, Trigger::Direct, &effects);
+    assert_eq!(f.store.commit(f.fence.as_ref(), t).await?, Committed::Written(1));
+    Ok(instance)
+}
+
+pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
+    f: Fixture,
+) -> anyhow::Result<()> {
+    let def = builtin::plan_code_critique();
+    let instance = started(&f, &def).await?;
+    let stored = f.store.load(&instance.id).await?.expect("stored");
+    assert_eq!((stored.revision, stored.instance.status), (1, Status::Running));
+    let claimed = f.queue.claim(&f.tenant, "planner", "w1", 10).await?;
+    assert_eq!(claimed.len(), 1, "one PLAN task for this tenant");
+    let task = &claimed[0];
+    assert_eq!((task.step.as_str(), task.attempt, task.claimed_by.as_deref()), ("PLAN", 1, Some("w1")));
+    assert!(
+        f.queue.claim(&f.tenant, "planner", "w2", 10).await?.is_empty(),
+        "a task goes to one worker"
+    );
+    let reply = InboxMessage::Completed {
+        key: task.key.clone(),
+        output: json!({"plan": 1}),
+    };
+    let sent = f.queue.reply(&f.tenant, "w1", &instance.id, reply.clone()).await?;
+    assert_eq!(sent, Replied::Accepted);
+    assert_eq!(
+        f.queue.reply(&f.tenant, "w1", &instance.id, reply.clone()).await?,
+        Replied::Duplicate
+    );
+    let inbox = f.store.inbox(10_000).await?;
+    let item = inbox
+        .iter()
+        .find(|i| i.saga_id == instance.id)
+        .expect("the reply is in the inbox");
+    assert_eq!(item.message, reply);
+
+    let mut next = stored.instance.clone();
+    let key = statefabric_saga_engine::engine::parse_key(&task.key).expect("key");
+    let effects = next.apply(
+        &def,
+        Input::Completed {
+            key,
+            output: json!({"plan": 1}),
+        },
+        0.5,
+    )?;
+    let t = transition(&f.tenant, next.clone(), Some(1), Trigger::Inbox(item.id), &effects);
+    assert_eq!(f.store.commit(f.fence.as_ref(), t.clone()).await?, Committed::Written(2));
+    let again = Transition { expected: Some(2), ..t };
+    assert_eq!(
+        f.store.commit(f.fence.as_ref(), again).await?,
+        Committed::TriggerGone,
+        "the same inbox row cannot drive a second transition"
+    );
+    assert_eq!(f.store.load(&instance.id).await?.expect("saga").revision, 2);
+    let tasks = f.store.tasks(&instance.id).await?;
+    let code = tasks.iter().find(|t| t.step == "CODE").expect("CODE dispatched");
+    assert_eq!(code.status, TaskStatus::Dispatched);
+    assert_eq!(
+        f.queue.reply(&f.tenant, "w1", &instance.id, reply).await?,
+        Replied::NotCurrent,
+        "the PLAN attempt was cancelled by the transition"
+    );
+    let unknown = InboxMessage::Failed {
+        key: format!("{}/NOPE/1/1", instance.id),
+        error: "x".into(),
+    };
+    assert_eq!(
+        f.queue.reply(&f.tenant, "w1", &instance.id, unknown).await?,
+        Replied::Unknown
+    );
+    let history = f.store.history(&instance.id).await?;
+    assert_eq!(history.iter().map(|h| h.revision).collect::<Vec<_>>(), vec![1, 2]);
+    Ok(())
+}
+
+pub async fn stale_revisions_and_existing_ids_are_refused(f: Fixture) -> anyhow::Result<()> {
+    let def = builtin::plan_code_critique();
+    let instance = started(&f, &def).await?;
+    let mut paused = instance.clone();
+    paused.apply(&def, Input::Operator(statefabric_saga::OperatorAction::Pause), 0.0)?;
+    let t = transition(&f.tenant, paused, Some(1), Trigger::Direct, &[]);
+    assert_eq!(f.store.commit(f.fence.as_ref(), t.clone()).await?, Committed::Written(2));
+    match f.store.commit(f.fence.as_ref(), t).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => anyhow::bail!("a stale revision must conflict, got {other:?}"),
+    }
+    let fresh = transition(&f.tenant, instance.clone(), None, Trigger::Direct, &[]);
+    assert_eq!(f.store.commit(f.fence.as_ref(), fresh).await?, Committed::Exists);
+    let stored = f.store.load(&instance.id).await?.expect("saga");
+    assert!(stored.instance.paused && stored.revision == 2, "nothing else changed");
+    Ok(())
+}
+
+const SHORT: &str = r#"
+name: short-timeouts
+version: 1
+start: A
+steps:
+  A:
+    agent: worker
+    action: a
+    timeout: 1500ms
+    retry: {max_attempts: 2, initial_backoff: 10ms, max_backoff: 10ms, multiplier: 1, jitter: 0}
+    compensation: none
+"#;
+
+pub async fn deadlines_fire_when_due_and_heartbeats_push_them(f: Fixture) -> anyhow::Result<()> {
+    let def = Definition::from_yaml(SHORT)?;
+    let instance = started(&f, &def).await?;
+    let key = format!("{}/A/1/1", instance.id);
+    let ours = |timers: Vec<statefabric_saga_engine::store::DueTimer>| {
+        timers.into_iter().any(|t| t.key == key)
+    };
+    assert!(!ours(f.store.due_timers(10_000).await?), "not due yet");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(f.queue.heartbeat(&f.tenant, &key).await?.is_some(), "pushed");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(
+        !ours(f.store.due_timers(10_000).await?),
+        "the heartbeat pushed the deadline a full timeout ahead"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let due = f.store.due_timers(10_000).await?;
+    assert!(ours(due), "due after a full timeout without heartbeat");
+    let mut next = instance.clone();
+    let parsed = statefabric_saga_engine::engine::parse_key(&key).expect("key");
+    let effects = next.apply(&def, Input::TimedOut { key: parsed }, 0.0)?;
+    let trigger = Trigger::Timer {
+        key: key.clone(),
+        kind: statefabric_saga::machine::TimerKind::Deadline,
+    };
+    let t = transition(&f.tenant, next, Some(1), trigger, &effects);
+    assert_eq!(f.store.commit(f.fence.as_ref(), t.clone()).await?, Committed::Written(2));
+    let again = Transition { expected: Some(2), ..t };
+    assert_eq!(f.store.commit(f.fence.as_ref(), again).await?, Committed::TriggerGone);
+    assert!(
+        f.queue.heartbeat(&f.tenant, &key).await?.is_none(),
+        "the attempt is over"
+    );
+    Ok(())
+}
+
+pub async fn start_requests_are_idempotent_and_checked(f: Fixture) -> anyhow::Result<()> {
+    let saga = id();
+    let unknown = f
+        .queue
+        .request_start(&f.tenant, "w", &saga, "no-such-definition", json!({}))
+        .await?;
+    assert_eq!(unknown, StartRequested::UnknownDefinition);
+    f.store.save_definition(&builtin::plan_code_critique()).await?;
+    let asked = f
+        .queue
+        .request_start(&f.tenant, "w", &saga, "plan-code-critique", json!({"task": 1}))
+        .await?;
+    assert_eq!(asked, StartRequested::Accepted);
+    let again = f
+        .queue
+        .request_start(&f.tenant, "w", &saga, "plan-code-critique", json!({"task": 1}))
+        .await?;
+    assert_eq!(again, StartRequested::Exists);
+    let inbox = f.store.inbox(10_000).await?;
+    let item = inbox.iter().find(|i| i.saga_id == saga).expect("queued");
+    assert_eq!(item.tenant, f.tenant);
+    assert!(matches!(item.message, InboxMessage::Start { .. }));
+    f.store.discard(f.fence.as_ref(), item.id).await?;
+    Ok(())
+}
+
+pub async fn definition_versions_are_immutable(f: Fixture) -> anyhow::Result<()> {
+    let mut def = Definition::from_yaml(SHORT)?;
+    def.name = format!("immutable-{}", uuid::Uuid::new_v4().simple());
+    f.store.save_definition(&def).await?;
+    f.store.save_definition(&def).await?;
+    let mut changed = def.clone();
+    changed.stuck_after *= 2;
+    match f.store.save_definition(&changed).await {
+        Err(StoreError::Invalid(m)) => assert!(m.contains("new version"), "{m}"),
+        other => anyhow::bail!("a changed version must be refused, got {other:?}"),
+    }
+    changed.version = 2;
+    f.store.save_definition(&changed).await?;
+    let stored: Vec<_> = f
+        .store
+        .definitions()
+        .await?
+        .into_iter()
+        .filter(|d| d.name == def.name)
+        .collect();
+    assert_eq!(stored, vec![def, changed]);
+    Ok(())
+}
+
+pub async fn sagas_are_listed_by_filter(f: Fixture) -> anyhow::Result<()> {
+    let def = builtin::plan_code_critique();
+    let one = started(&f, &def).await?;
+    let two = started(&f, &def).await?;
+    let mine = Filter {
+        tenant: Some(f.tenant.clone()),
+        ..Filter::default()
+    };
+    let listed = f.store.list(&mine).await?;
+    let ids: Vec<&str> = listed.iter().map(|s| s.saga_id.as_str()).collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(ids.contains(&one.id.as_str()) && ids.contains(&two.id.as_str()));
+    let done = Filter {
+        status: Some(Status::Done),
+        ..mine.clone()
+    };
+    assert!(f.store.list(&done).await?.is_empty());
+    let idle = Filter {
+        idle_since: Some(chrono::Utc::now() + chrono::Duration::seconds(5)),
+        ..mine
+    };
+    assert_eq!(f.store.list(&idle).await?.len(), 2, "both idle since before then");
+    Ok(())
+}

@@ -1,0 +1,129 @@
+//! The saga store contract (`statefabric_tests::saga_contract`) on the
+//! embedded SQLite file and on the real Postgres (engine login with
+//! `statefabric_saga_engine_role`, agents' side as the application role
+//! under Row-Level Security, writes fenced by a real leader lease).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use statefabric_domain::TenantId;
+use statefabric_leader::Elector;
+use statefabric_leader::pg::PgElector;
+use statefabric_saga_engine::store::Fence;
+use statefabric_saga_engine::store::pg::{PgSagaStore, PgTaskQueue};
+use statefabric_saga_engine::store::sqlite::SqliteSagaStore;
+use statefabric_store::sqlite::{SqliteConfig, SqliteEventStore};
+use statefabric_tests as env;
+use statefabric_tests::saga_contract::Fixture;
+
+async fn sqlite() -> anyhow::Result<Fixture> {
+    let dir = tempfile::tempdir()?;
+    let events = SqliteEventStore::open(SqliteConfig {
+        path: dir.path().join("events.db"),
+        ..SqliteConfig::default()
+    })
+    .await?;
+    // The file outlives the test's handle on the directory.
+    std::mem::forget(dir);
+    let store = SqliteSagaStore::new(events.writer_pool().clone(), events.reader().clone());
+    Ok(Fixture {
+        store: Arc::new(store.clone()),
+        queue: Arc::new(store),
+        tenant: "t-embedded".into(),
+        fence: None,
+    })
+}
+
+async fn postgres() -> anyhow::Result<Fixture> {
+    let admin = env::pg_admin_url();
+    statefabric_store::pg::migrate(&admin).await?;
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    statefabric_store::pg::create_tenant(&admin, &TenantId::new(tenant.clone())?, "").await?;
+    let store = PgSagaStore::connect(&env::pg_control_url(), 4).await?;
+    let queue = PgTaskQueue::connect(&env::pg_app_url(), &tenant, 2).await?;
+    let lease = format!("saga-contract-{}", uuid::Uuid::new_v4().simple());
+    let elector = PgElector::new(store.pool().clone(), &lease, "contract");
+    let epoch = elector
+        .acquire(Duration::from_secs(120))
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("a fresh lease is free"))?;
+    Ok(Fixture {
+        store: Arc::new(store),
+        queue: Arc::new(queue),
+        tenant,
+        fence: Some(Fence { lease, epoch }),
+    })
+}
+
+mod embedded {
+    statefabric_tests::saga_contract_tests!(super::sqlite());
+}
+
+mod on_postgres {
+    statefabric_tests::saga_contract_tests!(super::postgres());
+}
+
+/// A stale epoch is refused by the database, and nothing is written.
+#[tokio::test]
+async fn a_stale_epoch_writes_nothing() -> anyhow::Result<()> {
+    let mut f = postgres().await?;
+    let fence = f.fence.clone().expect("fenced");
+    f.fence = Some(Fence {
+        epoch: fence.epoch + 1,
+        ..fence
+    });
+    let def = statefabric_saga::builtin::plan_code_critique();
+    f.store.save_definition(&def).await?;
+    let id = format!("saga-{}", uuid::Uuid::new_v4().simple());
+    let (instance, effects) = statefabric_saga::Instance::start(&def, &id, serde_json::json!({}));
+    let t = statefabric_tests::saga_contract::transition(
+        &f.tenant,
+        instance,
+        None,
+        statefabric_saga_engine::store::Trigger::Direct,
+        &effects,
+    );
+    match f.store.commit(f.fence.as_ref(), t).await {
+        Err(statefabric_saga_engine::store::StoreError::Fenced(m)) => {
+            assert!(m.contains("stale leader epoch"), "{m}")
+        }
+        other => anyhow::bail!("expected a fence error, got {other:?}"),
+    }
+    assert!(f.store.load(&id).await?.is_none());
+    Ok(())
+}
+
+/// The agents' side sees only its tenant's tasks.
+#[tokio::test]
+async fn a_sidecar_sees_only_its_tenant() -> anyhow::Result<()> {
+    let f = postgres().await?;
+    let other = postgres().await?;
+    let def = statefabric_saga::builtin::plan_code_critique();
+    f.store.save_definition(&def).await?;
+    let id = format!("saga-{}", uuid::Uuid::new_v4().simple());
+    let (instance, effects) = statefabric_saga::Instance::start(&def, &id, serde_json::json!({}));
+    let t = statefabric_tests::saga_contract::transition(
+        &f.tenant,
+        instance,
+        None,
+        statefabric_saga_engine::store::Trigger::Direct,
+        &effects,
+    );
+    f.store.commit(f.fence.as_ref(), t).await?;
+    let key = format!("{id}/PLAN/1/1");
+    assert!(
+        other.queue.claim(&f.tenant, "planner", "x", 10).await.is_err(),
+        "a queue refuses another tenant's name"
+    );
+    assert!(other.queue.heartbeat(&other.tenant, &key).await?.is_none(), "invisible");
+    let reply = statefabric_saga_engine::store::InboxMessage::Completed {
+        key: key.clone(),
+        output: serde_json::json!(1),
+    };
+    assert_eq!(
+        other.queue.reply(&other.tenant, "x", &id, reply).await?,
+        statefabric_saga_engine::store::Replied::Unknown
+    );
+    assert_eq!(f.queue.claim(&f.tenant, "planner", "x", 10).await?.len(), 1);
+    Ok(())
+}

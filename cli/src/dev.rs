@@ -20,6 +20,7 @@ use statefabric_leader::{LeaseSettings, Solo};
 use statefabric_runtime::{
     AdminConfig, Issues, ServiceConfig, ServiceContext, ShutdownConfig, TelemetryConfig,
 };
+use statefabric_saga_engine::TaskQueue;
 use statefabric_saga_engine::store::sqlite::SqliteSagaStore;
 use statefabric_sidecar::SidecarConfig;
 use statefabric_sidecar::config::{Backend, SessionsConfig, SidecarSection, StorageConfig};
@@ -124,6 +125,12 @@ pub async fn serve(ctx: ServiceContext<DevConfig>, demo: bool) -> anyhow::Result
         .with_context(|| format!("opening {}", path.display()))?;
     events.create_tenant(&tenant, "").await?;
     let sagas = SqliteSagaStore::new(events.writer_pool().clone(), events.reader().clone());
+    // One process owns the file: claims from before a restart are held by
+    // workers that are gone, so their tasks are offered again at once.
+    let released = sagas.release(tenant.as_str(), None).await?;
+    if released > 0 {
+        tracing::info!(released, "offered tasks claimed before the restart again");
+    }
     let storage = statefabric_sidecar::Storage {
         events: Arc::new(events.clone()),
         context: Arc::new(events),

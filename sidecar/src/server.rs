@@ -62,6 +62,9 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
             // tenant is registered on first start.
             store.create_tenant(&tenant, "").await?;
             let sagas = SqliteSagaStore::new(store.writer_pool().clone(), store.reader().clone());
+            // One process owns the file: claims from before a restart are
+            // held by workers that are gone.
+            sagas.release(tenant.as_str(), None).await?;
             Ok(Storage {
                 events: Arc::new(store.clone()),
                 context: Arc::new(store),
@@ -279,7 +282,7 @@ pub async fn serve_with(
         )
         .add_service(LocksServer::new(locks.clone()))
         .add_service(SessionsServer::new(sessions).max_decoding_message_size(max))
-        .add_service(TasksServer::new(tasks).max_decoding_message_size(max))
+        .add_service(TasksServer::new(tasks.clone()).max_decoding_message_size(max))
         .add_service(
             SharedContextServer::new(context)
                 .max_decoding_message_size(max)
@@ -296,8 +299,10 @@ pub async fn serve_with(
         )
         .await
         .context("gRPC server failed")?;
-    // Let go of held locks now rather than make others wait out the leases.
+    // Let go of held locks now rather than make others wait out the leases,
+    // and offer unanswered tasks to other workers.
     locks.release_all().await;
+    tasks.release_unanswered().await;
     Ok(())
 }
 

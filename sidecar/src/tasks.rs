@@ -30,14 +30,16 @@ const MAX_BATCH: u32 = 1000;
 const MAX_WAIT: Duration = Duration::from_secs(60);
 /// A stream re-checks the store this often even without a wake-up.
 const STREAM_RECHECK: Duration = Duration::from_secs(1);
+/// The `in_flight` owner of tasks handed out by `PollTasks`.
+const POLLED: u64 = u64::MAX;
 
 #[derive(Debug, Clone)]
 pub struct TasksService {
     queue: Arc<dyn TaskQueue>,
     tenant: String,
     identity: String,
-    /// Tasks handed out by streams and not yet answered: key → (stream,
-    /// local deadline).
+    /// Tasks handed out and not yet answered: key → (stream, or
+    /// [`POLLED`]; local deadline).
     in_flight: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
     next_stream: Arc<std::sync::atomic::AtomicU64>,
     stop: CancellationToken,
@@ -122,6 +124,37 @@ impl TasksService {
         }
     }
 
+    fn handed_out(&self, owner: u64, task: &TaskRow) {
+        let deadline =
+            Instant::now() + Duration::from_millis(u64::try_from(task.timeout_ms).unwrap_or(0));
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(task.key.clone(), (owner, deadline));
+    }
+
+    /// Offers the tasks handed out through this sidecar and not answered to
+    /// other workers at once (clean shutdown), instead of letting them wait
+    /// out their deadlines.
+    pub async fn release_unanswered(&self) {
+        let keys: Vec<String> = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain()
+            .map(|(k, _)| k)
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        match self.queue.release(&self.tenant, Some(&keys)).await {
+            Ok(n) => tracing::info!(released = n, "offered unanswered tasks to other workers"),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not release unanswered tasks; they wait out their deadlines")
+            }
+        }
+    }
+
     fn answered(&self, key: &str) {
         self.in_flight
             .lock()
@@ -180,13 +213,7 @@ async fn stream_loop(
                 Ok(tasks) => {
                     let got = !tasks.is_empty();
                     for task in tasks {
-                        let deadline = Instant::now()
-                            + Duration::from_millis(u64::try_from(task.timeout_ms).unwrap_or(0));
-                        service
-                            .in_flight
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .insert(task.key.clone(), (stream, deadline));
+                        service.handed_out(stream, &task);
                         if tx.send(Ok(to_pb(task))).await.is_err() {
                             return;
                         }
@@ -279,6 +306,9 @@ impl Tasks for TasksService {
                 .claim(&self.tenant, agent, &worker, raw.max.max(1))
                 .await
                 .map_err(from_store)?;
+            for task in &tasks {
+                self.handed_out(POLLED, task);
+            }
             let now = Instant::now();
             if !tasks.is_empty() || now >= until {
                 return Ok(Response::new(pb::PollTasksResponse {

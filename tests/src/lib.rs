@@ -228,10 +228,24 @@ pub async fn http(
     content_type: Option<&str>,
     body: Option<String>,
 ) -> anyhow::Result<HttpResponse> {
+    let headers: Vec<(&str, &str)> = content_type
+        .map(|ct| ("content-type", ct))
+        .into_iter()
+        .collect();
+    http_with(method, url, &headers, body).await
+}
+
+/// [`http`] with any request headers.
+pub async fn http_with(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> anyhow::Result<HttpResponse> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut request = hyper::Request::builder().method(method).uri(url);
-    if let Some(ct) = content_type {
-        request = request.header(hyper::header::CONTENT_TYPE, ct);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let request = request
         .body(Full::new(Bytes::from(body.unwrap_or_default())))

@@ -10,8 +10,8 @@ use serde_json::json;
 use statefabric_saga::machine::Effect;
 use statefabric_saga::{Definition, Input, Instance, Status, builtin};
 use statefabric_saga_engine::store::{
-    Committed, Fence, Filter, InboxMessage, Record, Replied, SagaStore, StartRequested,
-    StoreError, TaskQueue, TaskStatus, Transition, Trigger,
+    Committed, Fence, Filter, InboxMessage, Record, Replied, SagaStore, StartRequested, StoreError,
+    TaskQueue, TaskStatus, Transition, Trigger,
 };
 
 /// One adapter: the engine's side, the agents' side, and the tenant the
@@ -89,7 +89,10 @@ async fn started(f: &Fixture, definition: &Definition) -> anyhow::Result<Instanc
     f.store.save_definition(definition).await?;
     let (instance, effects) = Instance::start(definition, &id(), json!({"task": "t"}));
     let t = transition(&f.tenant, instance.clone(), None, Trigger::Direct, &effects);
-    assert_eq!(f.store.commit(f.fence.as_ref(), t).await?, Committed::Written(1));
+    assert_eq!(
+        f.store.commit(f.fence.as_ref(), t).await?,
+        Committed::Written(1)
+    );
     Ok(instance)
 }
 
@@ -99,23 +102,37 @@ pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
     let def = builtin::plan_code_critique();
     let instance = started(&f, &def).await?;
     let stored = f.store.load(&instance.id).await?.expect("stored");
-    assert_eq!((stored.revision, stored.instance.status), (1, Status::Running));
+    assert_eq!(
+        (stored.revision, stored.instance.status),
+        (1, Status::Running)
+    );
     let claimed = f.queue.claim(&f.tenant, "planner", "w1", 10).await?;
     assert_eq!(claimed.len(), 1, "one PLAN task for this tenant");
     let task = &claimed[0];
-    assert_eq!((task.step.as_str(), task.attempt, task.claimed_by.as_deref()), ("PLAN", 1, Some("w1")));
+    assert_eq!(
+        (task.step.as_str(), task.attempt, task.claimed_by.as_deref()),
+        ("PLAN", 1, Some("w1"))
+    );
     assert!(
-        f.queue.claim(&f.tenant, "planner", "w2", 10).await?.is_empty(),
+        f.queue
+            .claim(&f.tenant, "planner", "w2", 10)
+            .await?
+            .is_empty(),
         "a task goes to one worker"
     );
     let reply = InboxMessage::Completed {
         key: task.key.clone(),
         output: json!({"plan": 1}),
     };
-    let sent = f.queue.reply(&f.tenant, "w1", &instance.id, reply.clone()).await?;
+    let sent = f
+        .queue
+        .reply(&f.tenant, "w1", &instance.id, reply.clone())
+        .await?;
     assert_eq!(sent, Replied::Accepted);
     assert_eq!(
-        f.queue.reply(&f.tenant, "w1", &instance.id, reply.clone()).await?,
+        f.queue
+            .reply(&f.tenant, "w1", &instance.id, reply.clone())
+            .await?,
         Replied::Duplicate
     );
     let inbox = f.store.inbox(10_000).await?;
@@ -135,9 +152,21 @@ pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
         },
         0.5,
     )?;
-    let t = transition(&f.tenant, next.clone(), Some(1), Trigger::Inbox(item.id), &effects);
-    assert_eq!(f.store.commit(f.fence.as_ref(), t.clone()).await?, Committed::Written(2));
-    let again = Transition { expected: Some(2), ..t };
+    let t = transition(
+        &f.tenant,
+        next.clone(),
+        Some(1),
+        Trigger::Inbox(item.id),
+        &effects,
+    );
+    assert_eq!(
+        f.store.commit(f.fence.as_ref(), t.clone()).await?,
+        Committed::Written(2)
+    );
+    let again = Transition {
+        expected: Some(2),
+        ..t
+    };
     assert_eq!(
         f.store.commit(f.fence.as_ref(), again).await?,
         Committed::TriggerGone,
@@ -145,7 +174,10 @@ pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
     );
     assert_eq!(f.store.load(&instance.id).await?.expect("saga").revision, 2);
     let tasks = f.store.tasks(&instance.id).await?;
-    let code = tasks.iter().find(|t| t.step == "CODE").expect("CODE dispatched");
+    let code = tasks
+        .iter()
+        .find(|t| t.step == "CODE")
+        .expect("CODE dispatched");
     assert_eq!(code.status, TaskStatus::Dispatched);
     assert_eq!(
         f.queue.reply(&f.tenant, "w1", &instance.id, reply).await?,
@@ -157,11 +189,16 @@ pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
         error: "x".into(),
     };
     assert_eq!(
-        f.queue.reply(&f.tenant, "w1", &instance.id, unknown).await?,
+        f.queue
+            .reply(&f.tenant, "w1", &instance.id, unknown)
+            .await?,
         Replied::Unknown
     );
     let history = f.store.history(&instance.id).await?;
-    assert_eq!(history.iter().map(|h| h.revision).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(
+        history.iter().map(|h| h.revision).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
     Ok(())
 }
 
@@ -169,17 +206,30 @@ pub async fn stale_revisions_and_existing_ids_are_refused(f: Fixture) -> anyhow:
     let def = builtin::plan_code_critique();
     let instance = started(&f, &def).await?;
     let mut paused = instance.clone();
-    paused.apply(&def, Input::Operator(statefabric_saga::OperatorAction::Pause), 0.0)?;
+    paused.apply(
+        &def,
+        Input::Operator(statefabric_saga::OperatorAction::Pause),
+        0.0,
+    )?;
     let t = transition(&f.tenant, paused, Some(1), Trigger::Direct, &[]);
-    assert_eq!(f.store.commit(f.fence.as_ref(), t.clone()).await?, Committed::Written(2));
+    assert_eq!(
+        f.store.commit(f.fence.as_ref(), t.clone()).await?,
+        Committed::Written(2)
+    );
     match f.store.commit(f.fence.as_ref(), t).await {
         Err(StoreError::Conflict(_)) => {}
         other => anyhow::bail!("a stale revision must conflict, got {other:?}"),
     }
     let fresh = transition(&f.tenant, instance.clone(), None, Trigger::Direct, &[]);
-    assert_eq!(f.store.commit(f.fence.as_ref(), fresh).await?, Committed::Exists);
+    assert_eq!(
+        f.store.commit(f.fence.as_ref(), fresh).await?,
+        Committed::Exists
+    );
     let stored = f.store.load(&instance.id).await?.expect("saga");
-    assert!(stored.instance.paused && stored.revision == 2, "nothing else changed");
+    assert!(
+        stored.instance.paused && stored.revision == 2,
+        "nothing else changed"
+    );
     Ok(())
 }
 
@@ -205,7 +255,10 @@ pub async fn deadlines_fire_when_due_and_heartbeats_push_them(f: Fixture) -> any
     };
     assert!(!ours(f.store.due_timers(10_000).await?), "not due yet");
     tokio::time::sleep(Duration::from_millis(900)).await;
-    assert!(f.queue.heartbeat(&f.tenant, &key).await?.is_some(), "pushed");
+    assert!(
+        f.queue.heartbeat(&f.tenant, &key).await?.is_some(),
+        "pushed"
+    );
     tokio::time::sleep(Duration::from_millis(900)).await;
     assert!(
         !ours(f.store.due_timers(10_000).await?),
@@ -222,9 +275,18 @@ pub async fn deadlines_fire_when_due_and_heartbeats_push_them(f: Fixture) -> any
         kind: statefabric_saga::machine::TimerKind::Deadline,
     };
     let t = transition(&f.tenant, next, Some(1), trigger, &effects);
-    assert_eq!(f.store.commit(f.fence.as_ref(), t.clone()).await?, Committed::Written(2));
-    let again = Transition { expected: Some(2), ..t };
-    assert_eq!(f.store.commit(f.fence.as_ref(), again).await?, Committed::TriggerGone);
+    assert_eq!(
+        f.store.commit(f.fence.as_ref(), t.clone()).await?,
+        Committed::Written(2)
+    );
+    let again = Transition {
+        expected: Some(2),
+        ..t
+    };
+    assert_eq!(
+        f.store.commit(f.fence.as_ref(), again).await?,
+        Committed::TriggerGone
+    );
     assert!(
         f.queue.heartbeat(&f.tenant, &key).await?.is_none(),
         "the attempt is over"
@@ -239,15 +301,29 @@ pub async fn start_requests_are_idempotent_and_checked(f: Fixture) -> anyhow::Re
         .request_start(&f.tenant, "w", &saga, "no-such-definition", json!({}))
         .await?;
     assert_eq!(unknown, StartRequested::UnknownDefinition);
-    f.store.save_definition(&builtin::plan_code_critique()).await?;
+    f.store
+        .save_definition(&builtin::plan_code_critique())
+        .await?;
     let asked = f
         .queue
-        .request_start(&f.tenant, "w", &saga, "plan-code-critique", json!({"task": 1}))
+        .request_start(
+            &f.tenant,
+            "w",
+            &saga,
+            "plan-code-critique",
+            json!({"task": 1}),
+        )
         .await?;
     assert_eq!(asked, StartRequested::Accepted);
     let again = f
         .queue
-        .request_start(&f.tenant, "w", &saga, "plan-code-critique", json!({"task": 1}))
+        .request_start(
+            &f.tenant,
+            "w",
+            &saga,
+            "plan-code-critique",
+            json!({"task": 1}),
+        )
         .await?;
     assert_eq!(again, StartRequested::Exists);
     let inbox = f.store.inbox(10_000).await?;
@@ -303,6 +379,10 @@ pub async fn sagas_are_listed_by_filter(f: Fixture) -> anyhow::Result<()> {
         idle_since: Some(chrono::Utc::now() + chrono::Duration::seconds(5)),
         ..mine
     };
-    assert_eq!(f.store.list(&idle).await?.len(), 2, "both idle since before then");
+    assert_eq!(
+        f.store.list(&idle).await?.len(),
+        2,
+        "both idle since before then"
+    );
     Ok(())
 }

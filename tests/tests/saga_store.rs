@@ -112,10 +112,17 @@ async fn a_sidecar_sees_only_its_tenant() -> anyhow::Result<()> {
     f.store.commit(f.fence.as_ref(), t).await?;
     let key = format!("{id}/PLAN/1/1");
     assert!(
-        other.queue.claim(&f.tenant, "planner", "x", 10).await.is_err(),
+        other
+            .queue
+            .claim(&f.tenant, "planner", "x", 10)
+            .await
+            .is_err(),
         "a queue refuses another tenant's name"
     );
-    assert!(other.queue.heartbeat(&other.tenant, &key).await?.is_none(), "invisible");
+    assert!(
+        other.queue.heartbeat(&other.tenant, &key).await?.is_none(),
+        "invisible"
+    );
     let reply = statefabric_saga_engine::store::InboxMessage::Completed {
         key: key.clone(),
         output: serde_json::json!(1),

@@ -340,6 +340,11 @@ pub trait TaskQueue: Send + Sync + std::fmt::Debug + 'static {
         data: Value,
     ) -> Result<StartRequested>;
 
+    /// Offers claimed, unanswered tasks to other workers again: `keys`, or
+    /// every claim of the tenant (`None`: at start of the embedded mode,
+    /// where no earlier worker can still be alive). Returns how many.
+    async fn release(&self, tenant: &str, keys: Option<&[String]>) -> Result<u64>;
+
     /// Changes when tasks for `agent` may have arrived. Subscribe before
     /// claiming, so nothing that arrives in between is missed.
     fn tasks_signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64>;

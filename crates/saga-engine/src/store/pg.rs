@@ -274,13 +274,14 @@ impl SagaStore for PgSagaStore {
         .execute(&self.pool)
         .await
         .map_err(map_err)?;
-        let existing: Option<Value> =
-            sqlx::query_scalar("SELECT body FROM saga_definitions WHERE name = $1 AND version = $2")
-                .bind(&definition.name)
-                .bind(version)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(map_err)?;
+        let existing: Option<Value> = sqlx::query_scalar(
+            "SELECT body FROM saga_definitions WHERE name = $1 AND version = $2",
+        )
+        .bind(&definition.name)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
         let same = existing
             .and_then(|v| serde_json::from_value::<Definition>(v).ok())
             .is_none_or(|d| d == *definition);
@@ -687,6 +688,22 @@ impl TaskQueue for PgTaskQueue {
         } else {
             StartRequested::Exists
         })
+    }
+
+    async fn release(&self, tenant: &str, keys: Option<&[String]>) -> Result<u64> {
+        self.check_tenant(tenant)?;
+        let released = sqlx::query(
+            "UPDATE saga_tasks SET claimed_by = NULL, claimed_at = NULL
+              WHERE tenant_id = $1 AND status = 'dispatched' AND claimed_by IS NOT NULL
+                AND ($2::text[] IS NULL OR task_key = ANY ($2))",
+        )
+        .bind(tenant)
+        .bind(keys)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        Ok(released)
     }
 
     fn tasks_signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {

@@ -662,6 +662,29 @@ impl TaskQueue for SqliteSagaStore {
         }
     }
 
+    async fn release(&self, tenant: &str, keys: Option<&[String]>) -> Result<u64> {
+        let keys = keys
+            .map(|k| serde_json::to_string(k).map_err(json_err))
+            .transpose()?;
+        let released = sqlx::query(
+            "UPDATE saga_tasks SET claimed_by = NULL, claimed_at = NULL
+              WHERE tenant_id = ?1 AND status = 'dispatched' AND claimed_by IS NOT NULL
+                AND (?2 IS NULL OR task_key IN (SELECT value FROM json_each(?2)))
+             RETURNING agent",
+        )
+        .bind(tenant)
+        .bind(keys)
+        .fetch_all(&self.writer)
+        .await
+        .map_err(map_err)?;
+        let agents: std::collections::BTreeSet<String> = released
+            .iter()
+            .filter_map(|r| r.try_get::<String, _>("agent").ok())
+            .collect();
+        self.wake_agents(tenant, agents.into_iter());
+        Ok(released.len() as u64)
+    }
+
     fn tasks_signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
         self.task_sender(tenant, agent)
     }

@@ -117,6 +117,8 @@ impl ServiceConfig for DevConfig {
 /// Runs the embedded fabric until shutdown; with `demo`, also the demo
 /// agents and sample sagas.
 pub async fn serve(ctx: ServiceContext<DevConfig>, demo: bool) -> anyhow::Result<()> {
+    // Not ready until the State API listens (set by the sidecar).
+    let _opening = ctx.readiness.check("state_api");
     let sidecar = ctx.config.sidecar_config();
     let tenant = sidecar.tenant()?;
     let path = &sidecar.storage.sqlite.path;

@@ -108,6 +108,9 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
 
 /// Runs the sidecar until shutdown is requested.
 pub async fn serve(ctx: ServiceContext<SidecarConfig>) -> anyhow::Result<()> {
+    // Not ready while storage opens (migrations can take a while); the
+    // check is set once the API listens.
+    let _opening = ctx.readiness.check("state_api");
     let storage = open_storage(&ctx).await?;
     serve_with(ctx, storage).await
 }

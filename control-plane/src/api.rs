@@ -448,10 +448,13 @@ async fn act(
         },
         "compensate" => OperatorAction::Compensate,
         "abort" => OperatorAction::Abort,
-        "amend" => OperatorAction::Amend {
-            data: body
-                .data
-                .ok_or_else(|| bad("amend needs {\"data\": {…}}: the saga's new data"))?,
+        "amend" => match body.data {
+            Some(data) if data.is_object() => OperatorAction::Amend { data },
+            _ => {
+                return Err(bad(
+                    "amend needs {\"data\": {…}}: the saga's new data, a JSON object",
+                ));
+            }
         },
         other => {
             return Err(ApiError(

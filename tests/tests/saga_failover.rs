@@ -146,7 +146,11 @@ async fn check_exactly_once(run: &Run, sagas: usize) -> anyhow::Result<()> {
     .bind(&run.tenant)
     .fetch_one(&pool)
     .await?;
-    assert_eq!(completed, 3 * sagas as i64, "PLAN, CODE, CRITIQUE once each");
+    assert_eq!(
+        completed,
+        3 * sagas as i64,
+        "PLAN, CODE, CRITIQUE once each"
+    );
     let repeated = sqlx::query(
         "SELECT saga_id, step, visit FROM saga_tasks WHERE tenant_id = $1
           GROUP BY saga_id, step, visit HAVING count(*) FILTER (WHERE status = 'completed') <> 1",
@@ -154,7 +158,11 @@ async fn check_exactly_once(run: &Run, sagas: usize) -> anyhow::Result<()> {
     .bind(&run.tenant)
     .fetch_all(&pool)
     .await?;
-    assert!(repeated.is_empty(), "{} steps completed other than once", repeated.len());
+    assert!(
+        repeated.is_empty(),
+        "{} steps completed other than once",
+        repeated.len()
+    );
     let effects = run
         .effects
         .lock()
@@ -162,7 +170,10 @@ async fn check_exactly_once(run: &Run, sagas: usize) -> anyhow::Result<()> {
         .clone();
     let twice: Vec<_> = effects.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "tasks handed out twice: {twice:?}");
-    let mine = effects.keys().filter(|k| k.starts_with(&run.tenant)).count();
+    let mine = effects
+        .keys()
+        .filter(|k| k.starts_with(&run.tenant))
+        .count();
     assert!(mine >= 3 * sagas, "{mine} effects for {sagas} sagas");
     let backwards: i64 = sqlx::query(
         "SELECT count(*) AS n FROM saga_history h JOIN saga_instances i USING (saga_id)
@@ -173,7 +184,10 @@ async fn check_exactly_once(run: &Run, sagas: usize) -> anyhow::Result<()> {
     .fetch_one(&pool)
     .await?
     .try_get("n")?;
-    assert_eq!(backwards, 0, "a write under an older epoch after a newer one");
+    assert_eq!(
+        backwards, 0,
+        "a write under an older epoch after a newer one"
+    );
     Ok(())
 }
 

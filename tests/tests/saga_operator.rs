@@ -1,0 +1,315 @@
+//! The operator API over HTTP (on `fabric dev` with an operator token): it
+//! is authenticated; bad input and actions that do not fit a saga's state
+//! get clear 4xx errors and change nothing; pause, amend, resume, retry of a
+//! stuck compensation and the stuck filter work; every action is in the
+//! saga's history under the operator's name; graphs come as JSON, Mermaid
+//! and DOT; the saga metrics count what happened. Agents answer through the
+//! sidecar's task API (SDK).
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+use statefabric_sdk::{StateClient, Task, TaskClient};
+use statefabric_tests as env;
+use statefabric_tests::process::{self, Service};
+
+const TOKEN: &str = "alice-token-0123456789";
+
+const DEFINITION: &str = r#"{
+  "name": "ops-test", "version": 1, "start": "A", "stuck_after": "1h",
+  "steps": {
+    "A": {"agent": "worker", "action": "a", "timeout": "30s",
+          "input": {"n": "$/data/n"},
+          "retry": {"max_attempts": 1},
+          "compensation": {"action": "undo_a"}, "on_success": "B"},
+    "B": {"agent": "worker", "action": "b", "timeout": "30s",
+          "input": {"n": "$/data/n"},
+          "retry": {"max_attempts": 1}, "compensation": "none"}
+  }
+}"#;
+
+struct Api {
+    base: String,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let auth = format!("Bearer {TOKEN}");
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        let r = env::http_with(
+            method,
+            &format!("{}{path}", self.base),
+            &headers,
+            body.map(|b| b.to_string()),
+        )
+        .await?;
+        let value = serde_json::from_str(&r.body).unwrap_or(Value::String(r.body));
+        Ok((r.status, value))
+    }
+
+    async fn saga(&self, id: &str) -> anyhow::Result<Value> {
+        let (status, body) = self.call("GET", &format!("/v1/sagas/{id}"), None).await?;
+        anyhow::ensure!(status == 200, "GET {id}: {status} {body}");
+        Ok(body)
+    }
+}
+
+async fn fabric() -> anyhow::Result<Service> {
+    let mut service = process::spawn(
+        "fabric",
+        &["dev"],
+        &[
+            ("STATEFABRIC_API__ALLOW_ANONYMOUS", "false"),
+            ("STATEFABRIC_API__OPERATORS__ALICE", TOKEN),
+        ],
+    )?;
+    service.ready().await?;
+    Ok(service)
+}
+
+async fn next_task(tasks: &mut TaskClient) -> anyhow::Result<Task> {
+    let got = tasks.poll("worker", 1, Duration::from_secs(10)).await?;
+    got.into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no task within 10 s"))
+}
+
+fn status_of(saga: &Value) -> &str {
+    saga["saga"]["instance"]["status"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_act_on_sagas_and_bad_input_changes_nothing() -> anyhow::Result<()> {
+    let service = fabric().await?;
+    let api = Api {
+        base: service.api.clone(),
+    };
+    // Authentication.
+    let open = env::http("GET", &format!("{}/v1/sagas", service.api), None, None).await?;
+    assert_eq!(open.status, 401, "{}", open.body);
+    let wrong = env::http_with(
+        "GET",
+        &format!("{}/v1/sagas", service.api),
+        &[("authorization", "Bearer nope")],
+        None,
+    )
+    .await?;
+    assert_eq!(wrong.status, 401);
+
+    // Definitions: refused with the definition and step named, then added.
+    let broken = DEFINITION.replace(r#""on_success": "B""#, r#""on_success": "NOWHERE""#);
+    let (code, body) = api
+        .call(
+            "POST",
+            "/v1/definitions",
+            Some(serde_json::from_str(&broken)?),
+        )
+        .await?;
+    assert_eq!(code, 400, "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("ops-test") && message.contains("NOWHERE"),
+        "{message}"
+    );
+    let (code, body) = api
+        .call(
+            "POST",
+            "/v1/definitions",
+            Some(serde_json::from_str(DEFINITION)?),
+        )
+        .await?;
+    assert_eq!(code, 201, "{body}");
+
+    // Starting: bad data, unknown definition, then a saga, then its id again.
+    let start = |data: Value, def: &str| json!({"tenant": "default", "definition": def, "saga_id": "ops-1", "data": data});
+    let (code, body) = api
+        .call("POST", "/v1/sagas", Some(start(json!([1]), "ops-test")))
+        .await?;
+    assert_eq!(code, 400, "{body}");
+    let (code, _) = api
+        .call("POST", "/v1/sagas", Some(start(json!({}), "nope")))
+        .await?;
+    assert_eq!(code, 404);
+    let (code, body) = api
+        .call(
+            "POST",
+            "/v1/sagas",
+            Some(start(json!({"n": 1}), "ops-test")),
+        )
+        .await?;
+    assert_eq!(code, 201, "{body}");
+    let (code, _) = api
+        .call(
+            "POST",
+            "/v1/sagas",
+            Some(start(json!({"n": 1}), "ops-test")),
+        )
+        .await?;
+    assert_eq!(code, 409, "the id is taken");
+    let (code, _) = api.call("GET", "/v1/sagas/no-such-saga", None).await?;
+    assert_eq!(code, 404);
+
+    // Actions that do not fit: refused, nothing changes.
+    let before = api.saga("ops-1").await?;
+    for (action, body, expected) in [
+        ("resume", None, 409),
+        ("skip", Some(json!({"output": 1})), 409),
+        ("skip", None, 400),
+        ("amend", Some(json!({"data": {"n": 2}})), 409),
+        ("explode", None, 404),
+    ] {
+        let (code, answer) = api
+            .call("POST", &format!("/v1/sagas/ops-1/{action}"), body)
+            .await?;
+        assert_eq!(code, expected, "{action}: {answer}");
+        assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    let (code, _) = api
+        .call("POST", "/v1/sagas/no-such-saga/pause", None)
+        .await?;
+    assert_eq!(code, 404);
+    assert_eq!(
+        api.saga("ops-1").await?["saga"]["revision"],
+        before["saga"]["revision"]
+    );
+
+    // Pause, amend, answer A (held while paused), resume: B sees the new data.
+    let client = StateClient::connect(service.grpc.clone()).await?;
+    let mut tasks = client.tasks();
+    let a = next_task(&mut tasks).await?;
+    assert_eq!((a.step.as_str(), a.input["n"].clone()), ("A", json!(1)));
+    let (code, _) = api.call("POST", "/v1/sagas/ops-1/pause", None).await?;
+    assert_eq!(code, 200);
+    let (code, _) = api
+        .call("POST", "/v1/sagas/ops-1/amend", Some(json!({"data": [1]})))
+        .await?;
+    assert_eq!(code, 400, "amended data must be an object");
+    let (code, _) = api
+        .call(
+            "POST",
+            "/v1/sagas/ops-1/amend",
+            Some(json!({"data": {"n": 2}})),
+        )
+        .await?;
+    assert_eq!(code, 200);
+    tasks.complete(&a.key, &json!({"a": "done"})).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        tasks
+            .poll("worker", 1, Duration::from_millis(300))
+            .await?
+            .is_empty(),
+        "nothing dispatched while paused"
+    );
+    let (code, _) = api.call("POST", "/v1/sagas/ops-1/resume", None).await?;
+    assert_eq!(code, 200);
+    let b = next_task(&mut tasks).await?;
+    assert_eq!((b.step.as_str(), b.input["n"].clone()), ("B", json!(2)));
+    let late = tasks.complete(&a.key, &json!({})).await;
+    assert!(late.is_err_and(|e| e.is_conflict()), "A's attempt is over");
+
+    // B fails for good → compensate A; the undo fails → STUCK; retry → done.
+    tasks.fail(&b.key, "B cannot").await?;
+    let undo = next_task(&mut tasks).await?;
+    assert!(undo.compensation && undo.step == "A" && undo.action == "undo_a");
+    tasks.fail(&undo.key, "undo failed").await?;
+    env::eventually("the saga is STUCK", Duration::from_secs(10), || async {
+        Ok((status_of(&api.saga("ops-1").await?) == "STUCK").then_some(()))
+    })
+    .await?;
+    let (code, stuck) = api
+        .call("GET", "/v1/sagas?stuck=true&definition=ops-test", None)
+        .await?;
+    assert_eq!(code, 200);
+    assert!(
+        stuck["sagas"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["saga_id"] == "ops-1"))
+    );
+    let (code, _) = api.call("POST", "/v1/sagas/ops-1/retry", None).await?;
+    assert_eq!(code, 200);
+    let again = next_task(&mut tasks).await?;
+    assert!(again.compensation && again.attempt == 2, "{again:?}");
+    tasks.complete(&again.key, &json!({"undone": true})).await?;
+    env::eventually(
+        "the saga is COMPENSATED",
+        Duration::from_secs(10),
+        || async { Ok((status_of(&api.saga("ops-1").await?) == "COMPENSATED").then_some(())) },
+    )
+    .await?;
+    let (code, _) = api.call("POST", "/v1/sagas/ops-1/resume", None).await?;
+    assert_eq!(code, 409, "an ended saga takes no action");
+
+    // The audit trail: every action under the operator's name.
+    let saga = api.saga("ops-1").await?;
+    let by_alice: Vec<&str> = saga["history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|h| h["actor"] == "alice")
+        .filter_map(|h| h["kind"].as_str())
+        .collect();
+    assert_eq!(
+        by_alice,
+        [
+            "started",
+            "operator_pause",
+            "operator_amend",
+            "operator_resume",
+            "operator_retry"
+        ]
+    );
+
+    // Graphs.
+    let (code, graph) = api.call("GET", "/v1/sagas/ops-1/graph", None).await?;
+    assert_eq!(code, 200);
+    assert_eq!(graph["status"], "COMPENSATED");
+    assert!(
+        graph["timings"]["A"]["attempts"] == 1 && graph["timings"]["B"]["duration_ms"].is_number()
+    );
+    let (_, mermaid) = api
+        .call("GET", "/v1/sagas/ops-1/graph?format=mermaid", None)
+        .await?;
+    assert!(
+        mermaid.as_str().is_some_and(|m| m.starts_with("flowchart")),
+        "{mermaid}"
+    );
+    let (_, dot) = api
+        .call("GET", "/v1/definitions/ops-test/graph?format=dot", None)
+        .await?;
+    assert!(
+        dot.as_str().is_some_and(|d| d.starts_with("digraph")),
+        "{dot}"
+    );
+    let (code, _) = api
+        .call("GET", "/v1/sagas/ops-1/graph?format=png", None)
+        .await?;
+    assert_eq!(code, 400);
+
+    // Metrics.
+    let metrics = env::http("GET", &format!("{}/metrics", service.admin), None, None)
+        .await?
+        .body;
+    for line in [
+        r#"statefabric_saga_started_total{definition="ops-test"} 1"#,
+        r#"statefabric_saga_ended_total{definition="ops-test",outcome="stuck"} 1"#,
+        r#"statefabric_saga_ended_total{definition="ops-test",outcome="compensated"} 1"#,
+        r#"statefabric_saga_step_retries_total{definition="ops-test",step="A"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+    let (code, _) = service.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    Ok(())
+}

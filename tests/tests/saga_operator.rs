@@ -313,3 +313,86 @@ async fn operators_act_on_sagas_and_bad_input_changes_nothing() -> anyhow::Resul
     assert_eq!(code, 0);
     Ok(())
 }
+
+const TIMEOUTS: &str = r#"{
+  "name": "timeouts-test", "version": 1, "start": "T",
+  "steps": {
+    "T": {"agent": "slow", "action": "t", "timeout": "800ms",
+          "retry": {"max_attempts": 3, "initial_backoff": "100ms", "max_backoff": "100ms",
+                    "multiplier": 1, "jitter": 0},
+          "compensation": "none"}
+  }
+}"#;
+
+/// A task that is neither answered nor heartbeated times out and is retried
+/// after its backoff (a new attempt); one that heartbeats outlives its
+/// timeout; the late answer to the expired attempt changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_attempts_time_out_and_heartbeats_keep_tasks_alive() -> anyhow::Result<()> {
+    let service = fabric().await?;
+    let api = Api {
+        base: service.api.clone(),
+    };
+    let (code, body) = api
+        .call(
+            "POST",
+            "/v1/definitions",
+            Some(serde_json::from_str(TIMEOUTS)?),
+        )
+        .await?;
+    assert_eq!(code, 201, "{body}");
+    let start = json!({"tenant": "default", "definition": "timeouts-test", "saga_id": "slow-1"});
+    let (code, body) = api.call("POST", "/v1/sagas", Some(start)).await?;
+    assert_eq!(code, 201, "{body}");
+    let client = StateClient::connect(service.grpc.clone()).await?;
+    let mut tasks = client.tasks();
+    let first = tasks.poll("slow", 1, Duration::from_secs(5)).await?;
+    let first = first.into_iter().next().expect("attempt 1");
+    assert_eq!(first.attempt, 1);
+    // Silence: the deadline passes, the retry comes as attempt 2.
+    let second = tasks.poll("slow", 1, Duration::from_secs(5)).await?;
+    let second = second.into_iter().next().expect("attempt 2");
+    assert_eq!((second.attempt, second.step.as_str()), (2, "T"));
+    assert!(
+        tasks
+            .heartbeat(&first.key)
+            .await
+            .is_err_and(|e| e.is_conflict()),
+        "the expired attempt cannot be renewed"
+    );
+    // Heartbeats carry attempt 2 well past its 800 ms timeout.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        tasks.heartbeat(&second.key).await?;
+    }
+    tasks.complete(&second.key, &json!({"ok": true})).await?;
+    let late = tasks.complete(&first.key, &json!({"late": true})).await;
+    assert!(late.is_err_and(|e| e.is_conflict()));
+    env::eventually("DONE", Duration::from_secs(5), || async {
+        Ok((status_of(&api.saga("slow-1").await?) == "DONE").then_some(()))
+    })
+    .await?;
+    let saga = api.saga("slow-1").await?;
+    let statuses: Vec<&str> = saga["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["status"].as_str())
+        .collect();
+    assert_eq!(statuses, ["timed_out", "completed"]);
+    assert_eq!(
+        saga["saga"]["instance"]["outputs"]["T"],
+        json!({"ok": true})
+    );
+    let metrics = env::http("GET", &format!("{}/metrics", service.admin), None, None)
+        .await?
+        .body;
+    assert!(
+        metrics.contains(
+            r#"statefabric_saga_step_timeouts_total{definition="timeouts-test",step="T"} 1"#
+        ),
+        "{metrics}"
+    );
+    service.stop_with(Signal::SIGTERM).await?;
+    Ok(())
+}

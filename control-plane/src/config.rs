@@ -13,6 +13,7 @@ use statefabric_runtime::{AdminConfig, Issues, ServiceConfig, ShutdownConfig, Te
 
 pub const DEFAULT_ADMIN_PORT: u16 = 7501;
 pub const DEFAULT_API_PORT: u16 = 7502;
+pub const DEFAULT_API_GRPC_PORT: u16 = 7503;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -91,7 +92,10 @@ impl Default for SagasConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
+    /// REST with JSON, and the saga page (`/ui`).
     pub listen: SocketAddr,
+    /// gRPC (`statefabric.control.v1.Sagas`).
+    pub grpc_listen: SocketAddr,
     /// Operator name → bearer token. The name is recorded with each action.
     pub operators: BTreeMap<String, String>,
     /// Serve without tokens (the embedded `fabric dev` on localhost only).
@@ -102,6 +106,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT)),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_GRPC_PORT)),
             operators: BTreeMap::new(),
             allow_anonymous: false,
         }
@@ -132,10 +137,12 @@ impl SagasConfig {
 
 impl ApiConfig {
     pub fn check(&self, issues: &mut Issues) {
-        if self.allow_anonymous && !self.listen.ip().is_loopback() {
+        if self.allow_anonymous
+            && !(self.listen.ip().is_loopback() && self.grpc_listen.ip().is_loopback())
+        {
             issues.push(
                 "api.allow_anonymous",
-                "only on a loopback address (api.listen)",
+                "only on loopback addresses (api.listen, api.grpc_listen)",
             );
         }
         for (name, token) in &self.operators {

@@ -11,6 +11,8 @@
 
 pub mod api;
 pub mod config;
+pub mod grpc;
+pub mod operator;
 pub mod sagas;
 mod ui;
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use statefabric_leader::Leadership;
+use statefabric_proto::control::v1::sagas_server::SagasServer;
 use statefabric_runtime::ServiceContext;
 use statefabric_saga::{Definition, builtin};
 use statefabric_saga_engine::store::pg::PgSagaStore;
@@ -100,8 +101,26 @@ pub async fn run<C>(
     let listener = tokio::net::TcpListener::bind(api.listen)
         .await
         .with_context(|| format!("binding api.listen {}", api.listen))?;
-    tracing::info!(listen = %api.listen, "operator API and saga page listening (/ui)");
+    tracing::info!(listen = %api.listen, grpc = %api.grpc_listen, "operator API (REST, gRPC) and saga page listening (/ui)");
     let router = crate::api::router(engine.clone(), api);
+    let grpc = tokio::net::TcpListener::bind(api.grpc_listen)
+        .await
+        .with_context(|| format!("binding api.grpc_listen {}", api.grpc_listen))?;
+    let service =
+        crate::grpc::SagasService::new(crate::operator::Operator::new(engine.clone(), api));
+    let stop = ctx.shutdown.token();
+    ctx.shutdown.spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(SagasServer::new(service))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                async move { stop.cancelled().await },
+            )
+            .await;
+        if let Err(err) = served {
+            tracing::error!(error = %err, "operator gRPC API failed");
+        }
+    });
     let stop = ctx.shutdown.token();
     ctx.shutdown.spawn(async move {
         let served = axum::serve(listener, router)

@@ -10,6 +10,12 @@ pub mod state {
     }
 }
 
+pub mod control {
+    pub mod v1 {
+        tonic::include_proto!("statefabric.control.v1");
+    }
+}
+
 /// The encoded file descriptor set, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("statefabric_descriptor");

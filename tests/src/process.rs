@@ -19,6 +19,8 @@ pub struct Service {
     pub grpc: String,
     /// The control plane's operator API (ignored by other binaries).
     pub api: String,
+    /// Its gRPC form.
+    pub api_grpc: String,
     /// Holds the embedded store's files for the process's lifetime.
     _data: tempfile::TempDir,
 }
@@ -29,6 +31,7 @@ pub fn spawn(binary: &str, args: &[&str], extra_env: &[(&str, &str)]) -> anyhow:
     let admin_port = crate::free_port();
     let grpc_port = crate::free_port();
     let api_port = crate::free_port();
+    let api_grpc_port = crate::free_port();
     let data = tempfile::tempdir()?;
     let mut command = Command::new(crate::binary(binary));
     command
@@ -46,6 +49,10 @@ pub fn spawn(binary: &str, args: &[&str], extra_env: &[(&str, &str)]) -> anyhow:
             data.path().join("events.db"),
         )
         .env("STATEFABRIC_API__LISTEN", format!("127.0.0.1:{api_port}"))
+        .env(
+            "STATEFABRIC_API__GRPC_LISTEN",
+            format!("127.0.0.1:{api_grpc_port}"),
+        )
         .env(
             "STATEFABRIC_SAGAS__SQLITE_PATH",
             data.path().join("events.db"),
@@ -66,6 +73,7 @@ pub fn spawn(binary: &str, args: &[&str], extra_env: &[(&str, &str)]) -> anyhow:
         admin: format!("http://127.0.0.1:{admin_port}"),
         grpc: format!("http://127.0.0.1:{grpc_port}"),
         api: format!("http://127.0.0.1:{api_port}"),
+        api_grpc: format!("http://127.0.0.1:{api_grpc_port}"),
         _data: data,
     })
 }

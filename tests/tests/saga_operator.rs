@@ -396,3 +396,171 @@ async fn silent_attempts_time_out_and_heartbeats_keep_tasks_alive() -> anyhow::R
     service.stop_with(Signal::SIGTERM).await?;
     Ok(())
 }
+
+fn authed<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("ascii"),
+    );
+    request
+}
+
+/// The same operations over gRPC, with gRPC codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_operator_api_authenticates_and_maps_errors() -> anyhow::Result<()> {
+    use statefabric_proto::control::v1 as pb;
+    use statefabric_proto::control::v1::sagas_client::SagasClient;
+    use tonic::Code;
+
+    let service = fabric().await?;
+    let mut client = SagasClient::connect(service.api_grpc.clone()).await?;
+    let open = client.list_sagas(pb::ListSagasRequest::default()).await;
+    assert_eq!(open.err().map(|s| s.code()), Some(Code::Unauthenticated));
+
+    let started = client
+        .start_saga(authed(pb::StartSagaRequest {
+            tenant: "default".into(),
+            definition: "plan-code-critique".into(),
+            saga_id: "grpc-1".into(),
+            data_json: br#"{"task": "x"}"#.to_vec(),
+        }))
+        .await?
+        .into_inner();
+    assert_eq!(
+        (started.saga_id.as_str(), started.status.as_str()),
+        ("grpc-1", "RUNNING")
+    );
+    let again = client
+        .start_saga(authed(pb::StartSagaRequest {
+            tenant: "default".into(),
+            definition: "plan-code-critique".into(),
+            saga_id: "grpc-1".into(),
+            data_json: Vec::new(),
+        }))
+        .await;
+    assert_eq!(again.err().map(|s| s.code()), Some(Code::AlreadyExists));
+    let missing = client
+        .get_saga(authed(pb::GetSagaRequest {
+            saga_id: "nope".into(),
+        }))
+        .await;
+    assert_eq!(missing.err().map(|s| s.code()), Some(Code::NotFound));
+    let act = |action: pb::Action, data: &[u8]| {
+        authed(pb::ActRequest {
+            saga_id: "grpc-1".into(),
+            action: action as i32,
+            output_json: Vec::new(),
+            data_json: data.to_vec(),
+        })
+    };
+    let resume = client.act(act(pb::Action::Resume, b"")).await;
+    assert_eq!(
+        resume.err().map(|s| s.code()),
+        Some(Code::FailedPrecondition)
+    );
+    let unspecified = client.act(act(pb::Action::Unspecified, b"")).await;
+    assert_eq!(
+        unspecified.err().map(|s| s.code()),
+        Some(Code::InvalidArgument)
+    );
+    let paused = client.act(act(pb::Action::Pause, b"")).await?.into_inner();
+    assert!(paused.paused);
+    let bad = client.act(act(pb::Action::Amend, b"[1]")).await;
+    assert_eq!(bad.err().map(|s| s.code()), Some(Code::InvalidArgument));
+    client
+        .act(act(pb::Action::Amend, br#"{"task": "y"}"#))
+        .await?;
+    let listed = client
+        .list_sagas(authed(pb::ListSagasRequest {
+            status: "running".into(),
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+    assert!(
+        listed
+            .sagas
+            .iter()
+            .any(|s| s.saga_id == "grpc-1" && s.paused)
+    );
+    let detail = client
+        .get_saga(authed(pb::GetSagaRequest {
+            saga_id: "grpc-1".into(),
+        }))
+        .await?
+        .into_inner();
+    let detail: Value = serde_json::from_slice(&detail.detail_json)?;
+    assert_eq!(detail["saga"]["instance"]["data"], json!({"task": "y"}));
+    let graph = client
+        .get_graph(authed(pb::GetGraphRequest {
+            saga_id: "grpc-1".into(),
+            format: "mermaid".into(),
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+    assert!(graph.body.starts_with("flowchart"), "{}", graph.body);
+    service.stop_with(Signal::SIGTERM).await?;
+    Ok(())
+}
+
+/// `fabric sagas …` against the operator API: readable output, and the
+/// API's error with a failing exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_wraps_the_operator_api() -> anyhow::Result<()> {
+    let service = fabric().await?;
+    let fabric = |args: &[&str]| {
+        let output = std::process::Command::new(env::binary("fabric"))
+            .arg("sagas")
+            .args(["--api", &service.api, "--token", TOKEN])
+            .args(args)
+            .output()
+            .expect("fabric runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = fabric(&[
+        "start",
+        "--tenant",
+        "default",
+        "--id",
+        "cli-1",
+        "--data",
+        r#"{"task":"x"}"#,
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "started cli-1\n");
+    let (ok, out, _) = fabric(&["list"]);
+    assert!(
+        ok && out.starts_with("SAGA") && out.contains("cli-1") && out.contains("RUNNING"),
+        "{out}"
+    );
+    let (ok, out, _) = fabric(&["pause", "cli-1"]);
+    assert!(ok && out == "saga cli-1 is RUNNING (paused)\n", "{out}");
+    let (ok, out, _) = fabric(&["resume", "cli-1"]);
+    assert!(ok && out == "saga cli-1 is RUNNING\n", "{out}");
+    let (ok, _, err) = fabric(&["resume", "cli-1"]);
+    assert!(
+        !ok && err.contains("409") && err.contains("not paused"),
+        "{err}"
+    );
+    let (ok, _, err) = fabric(&["skip", "cli-1", "--output", "not json"]);
+    assert!(!ok && err.contains("--output is not valid JSON"), "{err}");
+    let (ok, out, _) = fabric(&["show", "cli-1"]);
+    assert!(
+        ok && out.contains("tasks:")
+            && out.contains("cli-1/PLAN/1/1")
+            && out.contains("operator_pause"),
+        "{out}"
+    );
+    let (ok, out, _) = fabric(&["graph", "cli-1", "--format", "dot"]);
+    assert!(ok && out.starts_with("digraph"), "{out}");
+    let (ok, _, err) = fabric(&["show", "nope"]);
+    assert!(!ok && err.contains("404"), "{err}");
+    service.stop_with(Signal::SIGTERM).await?;
+    Ok(())
+}

@@ -1,0 +1,392 @@
+//! What operators can do, once for both APIs (REST in [`crate::api`], gRPC
+//! in [`crate::grpc`]): authenticate, list and show sagas, start one, act on
+//! one, and draw a saga or a definition as a graph. Each API only
+//! translates its wire format and maps [`OpError`] to its status codes.
+//!
+//! Every action is recorded in the saga's history under the operator's
+//! name (the audit trail: append-only, with time and leader epoch); refused
+//! actions change nothing and are logged under the `audit` target.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::{Value, json};
+use statefabric_saga::graph::{self, Graph};
+use statefabric_saga::machine::OperatorAction;
+use statefabric_saga::{Definition, Status};
+use statefabric_saga_engine::store::{Filter, StoreError, Stored, Summary, TaskRow};
+use statefabric_saga_engine::{Engine, EngineError};
+
+use crate::config::ApiConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Unauthenticated,
+    Invalid,
+    NotFound,
+    /// Does not fit the current state (or an id in use).
+    Conflict,
+    /// Not the leader, or storage unreachable: retry (on the leader).
+    Unavailable,
+    Internal,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct OpError {
+    pub kind: Kind,
+    pub message: String,
+}
+
+impl OpError {
+    pub fn new(kind: Kind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(Kind::Invalid, message)
+    }
+}
+
+impl From<EngineError> for OpError {
+    fn from(e: EngineError) -> Self {
+        let kind = match &e {
+            EngineError::NotLeader => Kind::Unavailable,
+            EngineError::UnknownSaga(_) | EngineError::UnknownDefinition(_) => Kind::NotFound,
+            EngineError::Exists(_) | EngineError::NotAllowed(_) => Kind::Conflict,
+            EngineError::Invalid(_) | EngineError::Definition(_) => Kind::Invalid,
+            EngineError::Store(s) => match s {
+                StoreError::Fenced(_) | StoreError::Unavailable(_) => Kind::Unavailable,
+                StoreError::Conflict(_) => Kind::Conflict,
+                StoreError::Invalid(_) => Kind::Invalid,
+                StoreError::Backend(_) => Kind::Internal,
+            },
+        };
+        Self::new(kind, e.to_string())
+    }
+}
+
+impl From<StoreError> for OpError {
+    fn from(e: StoreError) -> Self {
+        EngineError::from(e).into()
+    }
+}
+
+pub type OpResult<T> = Result<T, OpError>;
+
+/// Compares without stopping at the first difference.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Which list to show.
+#[derive(Debug, Clone, Default)]
+pub struct ListParams {
+    pub definition: Option<String>,
+    pub status: Option<String>,
+    pub tenant: Option<String>,
+    pub older_than: Option<Duration>,
+    /// Only sagas flagged stuck: STUCK, or no progress for `idle_for` (by
+    /// default the definition's `stuck_after`).
+    pub stuck: bool,
+    pub idle_for: Option<Duration>,
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Operator {
+    engine: Arc<Engine>,
+    operators: Arc<BTreeMap<String, String>>,
+    anonymous: bool,
+}
+
+impl Operator {
+    pub fn new(engine: Arc<Engine>, config: &ApiConfig) -> Self {
+        Self {
+            engine,
+            operators: Arc::new(config.operators.clone()),
+            anonymous: config.allow_anonymous,
+        }
+    }
+
+    /// The operator a bearer token belongs to.
+    pub fn authenticate(&self, bearer: Option<&str>) -> OpResult<String> {
+        if let Some(token) = bearer {
+            return self
+                .operators
+                .iter()
+                .find(|(_, secret)| same(token.as_bytes(), secret.as_bytes()))
+                .map(|(name, _)| name.clone())
+                .ok_or_else(|| OpError::new(Kind::Unauthenticated, "unknown bearer token"));
+        }
+        if self.anonymous {
+            return Ok("local".into());
+        }
+        Err(OpError::new(
+            Kind::Unauthenticated,
+            if self.operators.is_empty() {
+                "no operators are configured ([api] operators); the API is closed"
+            } else {
+                "an operator's bearer token is required (Authorization: Bearer …)"
+            },
+        ))
+    }
+
+    pub fn definitions(&self) -> Vec<Arc<Definition>> {
+        let registry = self.engine.registry();
+        registry
+            .names()
+            .filter_map(|(n, v)| registry.get(n, v))
+            .collect()
+    }
+
+    pub async fn add_definition(
+        &self,
+        definition: Definition,
+        actor: &str,
+    ) -> OpResult<Arc<Definition>> {
+        let added = self.engine.register(definition).await?;
+        tracing::info!(target: "audit", operator = %actor, definition = %added.name, version = added.version, "definition registered");
+        Ok(added)
+    }
+
+    pub async fn list(&self, p: ListParams) -> OpResult<Vec<Summary>> {
+        let status = p
+            .status
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                serde_json::from_value::<Status>(Value::String(s.to_uppercase()))
+                    .map_err(|_| OpError::invalid(format!("status {s:?} is not a saga status")))
+            })
+            .transpose()?;
+        if p.limit.is_some_and(|l| l == 0 || l > 1000) {
+            return Err(OpError::invalid("limit must be 1-1000"));
+        }
+        let ago = |d: Duration| Utc::now() - chrono::Duration::from_std(d).unwrap_or_default();
+        let mut filter = Filter {
+            definition: p.definition.clone(),
+            status,
+            tenant: p.tenant,
+            started_before: p.older_than.map(ago),
+            idle_since: None,
+            limit: p.limit,
+        };
+        if !p.stuck {
+            return Ok(self.engine.store().list(&filter).await?);
+        }
+        let registry = self.engine.registry();
+        let names: Vec<String> = match &p.definition {
+            Some(d) => vec![d.clone()],
+            None => {
+                let mut n: Vec<String> = registry.names().map(|(n, _)| n.to_owned()).collect();
+                n.dedup();
+                n
+            }
+        };
+        let mut sagas = Vec::new();
+        for name in names {
+            let threshold = p
+                .idle_for
+                .or_else(|| registry.latest(&name).map(|d| d.stuck_after))
+                .unwrap_or(Duration::from_secs(600));
+            filter.definition = Some(name);
+            filter.idle_since = Some(ago(threshold));
+            sagas.extend(self.engine.store().list(&filter).await?);
+        }
+        Ok(sagas)
+    }
+
+    pub async fn saga(&self, id: &str) -> OpResult<Stored> {
+        self.engine
+            .store()
+            .load(id)
+            .await?
+            .ok_or_else(|| EngineError::UnknownSaga(id.to_owned()).into())
+    }
+
+    /// The saga with its tasks (step executions) and history.
+    pub async fn show(&self, id: &str) -> OpResult<Value> {
+        let saga = self.saga(id).await?;
+        let tasks = self.engine.store().tasks(id).await?;
+        let history = self.engine.store().history(id).await?;
+        Ok(json!({"saga": saga, "tasks": tasks, "history": history}))
+    }
+
+    pub async fn start(
+        &self,
+        tenant: &str,
+        definition: &str,
+        saga_id: Option<String>,
+        data: Value,
+        actor: &str,
+    ) -> OpResult<Stored> {
+        let saga = self
+            .engine
+            .start(tenant, saga_id, definition, data, actor)
+            .await?;
+        tracing::info!(target: "audit", operator = %actor, saga = %saga.instance.id, "saga started");
+        Ok(saga)
+    }
+
+    /// `action` by name, with `output` (skip) or `data` (amend).
+    pub fn action(
+        name: &str,
+        output: Option<Value>,
+        data: Option<Value>,
+    ) -> OpResult<OperatorAction> {
+        Ok(match name {
+            "pause" => OperatorAction::Pause,
+            "resume" => OperatorAction::Resume,
+            "retry" => OperatorAction::RetryStep,
+            "skip" => OperatorAction::Skip {
+                output: output.ok_or_else(|| {
+                    OpError::invalid("skip needs an output: what the step would have returned")
+                })?,
+            },
+            "compensate" => OperatorAction::Compensate,
+            "abort" => OperatorAction::Abort,
+            "amend" => match data {
+                Some(data) if data.is_object() => OperatorAction::Amend { data },
+                _ => {
+                    return Err(OpError::invalid(
+                        "amend needs data: the saga's new data, a JSON object",
+                    ));
+                }
+            },
+            other => {
+                return Err(OpError::new(
+                    Kind::NotFound,
+                    format!(
+                        "no action {other:?}; actions: pause, resume, retry, skip, compensate, abort, amend"
+                    ),
+                ));
+            }
+        })
+    }
+
+    pub async fn act(&self, id: &str, action: OperatorAction, actor: &str) -> OpResult<Stored> {
+        let name = action.name();
+        match self.engine.operate(id, action, actor).await {
+            Ok(saga) => {
+                tracing::info!(target: "audit", operator = %actor, saga = %id, action = name, "operator action applied");
+                Ok(saga)
+            }
+            Err(err) => {
+                tracing::info!(target: "audit", operator = %actor, saga = %id, action = name, error = %err, "operator action refused");
+                Err(err.into())
+            }
+        }
+    }
+
+    /// A definition's graph (latest version unless `version`).
+    pub fn definition_graph(
+        &self,
+        name: &str,
+        version: Option<u32>,
+        format: Option<&str>,
+    ) -> OpResult<Rendered> {
+        let registry = self.engine.registry();
+        let definition = match version {
+            Some(v) => registry.get(name, v),
+            None => registry.latest(name),
+        }
+        .ok_or_else(|| OpError::from(EngineError::UnknownDefinition(name.to_owned())))?;
+        render(&graph::graph(&definition, None), None, format)
+    }
+
+    /// A saga's graph with each step's state and timings.
+    pub async fn saga_graph(&self, id: &str, format: Option<&str>) -> OpResult<Rendered> {
+        let saga = self.saga(id).await?;
+        let definition = self
+            .engine
+            .registry()
+            .get(&saga.instance.definition, saga.instance.version)
+            .ok_or_else(|| {
+                OpError::from(EngineError::UnknownDefinition(
+                    saga.instance.definition.clone(),
+                ))
+            })?;
+        let tasks = self.engine.store().tasks(id).await?;
+        let extra = json!({
+            "saga_id": id,
+            "paused": saga.instance.paused,
+            "last_error": saga.instance.last_error,
+            "started_at": saga.started_at,
+            "ended_at": saga.ended_at,
+            "timings": timings(&tasks),
+        });
+        render(
+            &graph::graph(&definition, Some(&saga.instance)),
+            Some(extra),
+            format,
+        )
+    }
+}
+
+/// A graph in the asked format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+fn render(graph: &Graph, extra: Option<Value>, format: Option<&str>) -> OpResult<Rendered> {
+    match format.filter(|f| !f.is_empty()).unwrap_or("json") {
+        "json" => {
+            let mut body = json!(graph);
+            if let (Some(Value::Object(extra)), Some(map)) = (extra, body.as_object_mut()) {
+                map.extend(extra);
+            }
+            Ok(Rendered {
+                content_type: "application/json",
+                body: body.to_string(),
+            })
+        }
+        "mermaid" => Ok(Rendered {
+            content_type: "text/plain; charset=utf-8",
+            body: graph::mermaid(graph),
+        }),
+        "dot" => Ok(Rendered {
+            content_type: "text/vnd.graphviz; charset=utf-8",
+            body: graph::dot(graph),
+        }),
+        other => Err(OpError::invalid(format!(
+            "format {other:?} is not one of json, mermaid, dot"
+        ))),
+    }
+}
+
+/// A step's attempts, first dispatch and last answer.
+type StepTimes = (u32, chrono::DateTime<Utc>, Option<chrono::DateTime<Utc>>);
+
+/// Per step: attempts, first dispatch, last answer, and time spent.
+fn timings(tasks: &[TaskRow]) -> Value {
+    let mut steps: BTreeMap<&str, StepTimes> = BTreeMap::new();
+    for t in tasks.iter().filter(|t| !t.compensation) {
+        let entry = steps
+            .entry(t.step.as_str())
+            .or_insert((0, t.dispatched_at, None));
+        entry.0 += 1;
+        entry.1 = entry.1.min(t.dispatched_at);
+        if let Some(f) = t.finished_at {
+            entry.2 = Some(entry.2.map_or(f, |e| e.max(f)));
+        }
+    }
+    let map: serde_json::Map<String, Value> = steps
+        .into_iter()
+        .map(|(step, (attempts, first, last))| {
+            let ms = last.map(|l| (l - first).num_milliseconds());
+            (
+                step.to_owned(),
+                json!({"attempts": attempts, "first_dispatched_at": first, "last_finished_at": last, "duration_ms": ms}),
+            )
+        })
+        .collect();
+    Value::Object(map)
+}

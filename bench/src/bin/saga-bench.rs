@@ -73,6 +73,7 @@ async fn control_plane() -> anyhow::Result<Child> {
             format!("bench-{}", uuid::Uuid::new_v4().simple()),
         )
         .env("STATEFABRIC_TELEMETRY__LOG_LEVEL", "warn")
+        .envs(std::env::vars().filter(|(k, _)| k.starts_with("STATEFABRIC_SAGAS__")))
         .kill_on_drop(true)
         .spawn()?;
     wait_ready(admin).await?;

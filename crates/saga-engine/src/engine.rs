@@ -91,7 +91,15 @@ pub struct Engine {
     shards: Vec<tokio::sync::Mutex<()>>,
     /// When each attempt this process dispatched went out (step latency).
     sent: Mutex<HashMap<String, Instant>>,
+    /// Open sagas as last written by this leader, to skip a read per
+    /// transition. Only the leader writes, and every write checks the
+    /// revision it read, so a stale entry (a former leader's late write)
+    /// costs one conflict and a fresh read; cleared at each new term.
+    cache: Mutex<HashMap<String, Stored>>,
 }
+
+/// Past this many cached sagas the cache starts afresh.
+const CACHE_LIMIT: usize = 200_000;
 
 /// What drives one transition.
 #[derive(Debug, Clone)]
@@ -144,6 +152,7 @@ impl Engine {
             metrics: Metrics::default(),
             shards: (0..SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
             sent: Mutex::default(),
+            cache: Mutex::default(),
         };
         engine.reload().await?;
         for definition in definitions {
@@ -205,6 +214,36 @@ impl Engine {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .latest(name)
+    }
+
+    fn cached(&self, saga: &str) -> Option<Stored> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(saga)
+            .cloned()
+    }
+
+    fn remember(&self, stored: Stored) {
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if stored.instance.status.is_final() {
+            cache.remove(&stored.instance.id);
+            return;
+        }
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(stored.instance.id.clone(), stored);
+    }
+
+    fn forget(&self, saga: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(saga);
     }
 
     fn fence(&self) -> Result<Fence> {
@@ -286,10 +325,21 @@ impl Engine {
             actor: Some(actor.to_owned()),
             detail: json!({"definition": def.name, "version": def.version, "data": data}),
         };
-        let mut transition = self.transition(tenant, None, trigger, instance, &effects, record);
+        let mut transition =
+            self.transition(tenant, None, trigger, instance.clone(), &effects, record);
         transition.progressed = true;
         let committed = self.store.commit(Some(fence), transition).await?;
         if matches!(committed, Committed::Written(_)) {
+            let now = Utc::now();
+            self.remember(Stored {
+                tenant: tenant.to_owned(),
+                instance,
+                revision: 1,
+                started_at: now,
+                updated_at: now,
+                progressed_at: now,
+                ended_at: None,
+            });
             self.metrics
                 .started
                 .get_or_create(&DefinitionLabel {
@@ -331,6 +381,8 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownSaga(saga_id.to_owned()))
     }
 
+    /// The commit for `effects`, with one history line: what came in
+    /// (`record`), plus the tasks dispatched and the status reached.
     fn transition(
         &self,
         tenant: &str,
@@ -338,7 +390,7 @@ impl Engine {
         trigger: Trigger,
         instance: Instance,
         effects: &[Effect],
-        record: Record,
+        mut record: Record,
     ) -> Transition {
         let mut t = Transition {
             tenant: tenant.to_owned(),
@@ -349,30 +401,33 @@ impl Engine {
             dispatch: Vec::new(),
             timers: Vec::new(),
             cancel: Vec::new(),
-            history: vec![record],
+            history: Vec::new(),
             progressed: false,
         };
+        let mut dispatched = Vec::new();
         for effect in effects {
             match effect {
                 Effect::Dispatch(task) => {
-                    t.history.push(Record {
-                        kind: "dispatched".into(),
-                        actor: None,
-                        detail: json!({"task": task.key.to_string(), "agent": task.agent, "action": task.action}),
-                    });
+                    dispatched.push(json!({"task": task.key.to_string(), "agent": task.agent, "action": task.action}));
                     t.dispatch.push(task.clone());
                 }
                 Effect::Timer { key, kind, after } => {
                     t.timers.push((key.clone(), *kind, *after));
                 }
                 Effect::Cancel { key } => t.cancel.push(key.clone()),
-                Effect::Status(status) => t.history.push(Record {
-                    kind: "status".into(),
-                    actor: None,
-                    detail: json!({"status": status}),
-                }),
+                Effect::Status(status) => {
+                    if let Some(detail) = record.detail.as_object_mut() {
+                        detail.insert("status".into(), json!(status));
+                    }
+                }
             }
         }
+        if !dispatched.is_empty()
+            && let Some(detail) = record.detail.as_object_mut()
+        {
+            detail.insert("dispatched".into(), Value::Array(dispatched));
+        }
+        t.history.push(record);
         t
     }
 
@@ -386,11 +441,14 @@ impl Engine {
         input: Input,
         mut record: Record,
     ) -> Result<bool> {
-        let stored = self
-            .store
-            .load(saga_id)
-            .await?
-            .ok_or_else(|| EngineError::UnknownSaga(saga_id.to_owned()))?;
+        let stored = match self.cached(saga_id) {
+            Some(stored) => stored,
+            None => self
+                .store
+                .load(saga_id)
+                .await?
+                .ok_or_else(|| EngineError::UnknownSaga(saga_id.to_owned()))?,
+        };
         let instance = &stored.instance;
         let def = self
             .definition(&instance.definition, instance.version)
@@ -422,7 +480,7 @@ impl Engine {
             &stored.tenant,
             Some(stored.revision),
             trigger,
-            next,
+            next.clone(),
             &effects,
             record,
         );
@@ -436,13 +494,27 @@ impl Engine {
             });
         }
         match self.store.commit(Some(fence), transition).await {
-            Ok(Committed::Written(_)) => {}
+            Ok(Committed::Written(revision)) => {
+                let now = Utc::now();
+                self.remember(Stored {
+                    instance: next,
+                    revision,
+                    updated_at: now,
+                    progressed_at: if accepted { now } else { stored.progressed_at },
+                    ended_at: None,
+                    ..stored.clone()
+                });
+            }
             Ok(_) => return Ok(false),
             Err(StoreError::Conflict(e)) => {
+                self.forget(saga_id);
                 self.metrics.conflicts.inc();
                 return Err(StoreError::Conflict(e).into());
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                self.forget(saga_id);
+                return Err(e.into());
+            }
         }
         self.metrics.transitions.inc();
         if accepted && let Some((key, status)) = answered {
@@ -523,6 +595,10 @@ impl Engine {
             }
             if !was_leader {
                 was_leader = true;
+                self.cache
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clear();
                 // A new term: definitions another leader added are in the store.
                 if let Err(err) = self.reload().await {
                     tracing::warn!(error = %err, "cannot reload saga definitions");

@@ -45,6 +45,17 @@ pub enum SagaBackend {
     Postgres,
 }
 
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaTransport {
+    /// Sidecars claim tasks from the saga tables and answer into the inbox.
+    #[default]
+    Tables,
+    /// Tasks go through the outbox and the relay to Kafka; replies come back
+    /// on `sagas.replies` (needs `[relay] enabled`).
+    Kafka,
+}
+
 /// The saga engine (runs on the leader).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -52,6 +63,7 @@ pub struct SagasConfig {
     pub enabled: bool,
     /// Default: postgres with `leader.backend = postgres`, else sqlite.
     pub store: Option<SagaBackend>,
+    pub transport: SagaTransport,
     /// A login that is a member of `statefabric_saga_engine_role` (default:
     /// `leader.postgres_url`).
     pub postgres_url: String,
@@ -76,6 +88,7 @@ impl Default for SagasConfig {
         Self {
             enabled: true,
             store: None,
+            transport: SagaTransport::Tables,
             postgres_url: String::new(),
             connections: 16,
             sqlite_path: PathBuf::from("statefabric-data/events.db"),
@@ -322,6 +335,12 @@ impl ServiceConfig for ControlPlaneConfig {
                     "sqlite is single-node: use it with leader.backend = solo",
                 ),
                 _ => {}
+            }
+            if sagas.transport == SagaTransport::Kafka && !self.relay.enabled {
+                issues.push(
+                    "sagas.transport",
+                    "kafka needs the outbox relay ([relay] enabled = true)",
+                );
             }
         }
         let r = &self.relay;

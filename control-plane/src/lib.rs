@@ -22,6 +22,7 @@ use std::time::Duration;
 use anyhow::Context;
 use statefabric_kafka::lag::{LagMonitor, topics};
 use statefabric_kafka::relay::{Relay, RelaySettings};
+use statefabric_kafka::saga_transport::ReplyConsumer;
 use statefabric_leader::pg::PgElector;
 use statefabric_leader::{Elector, LeaseSettings, Solo};
 use statefabric_runtime::ServiceContext;
@@ -83,13 +84,26 @@ pub async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()
         let store = sagas::open_store(&ctx, &ctx.config.sagas, leader).await?;
         sagas::run(
             &ctx,
-            store,
+            store.clone(),
             leadership.clone(),
             &ctx.config.sagas,
             &ctx.config.api,
             &leader.name,
         )
         .await?;
+        if ctx.config.sagas.transport == config::SagaTransport::Kafka {
+            let relay = &ctx.config.relay;
+            let registry = Arc::new(RegistryClient::new(&relay.registry_url, relay.timeout));
+            let replies = ReplyConsumer {
+                bootstrap: relay.kafka_bootstrap.clone(),
+                codec: Arc::new(AvroCodec::new(registry)),
+                store,
+                topics: relay.topics,
+                timeout: relay.timeout,
+            };
+            ctx.shutdown
+                .spawn(replies.run(leadership.clone(), ctx.shutdown.token()));
+        }
     }
     let relay = &ctx.config.relay;
     if relay.enabled {

@@ -16,7 +16,7 @@ use statefabric_saga_engine::store::sqlite::SqliteSagaStore;
 use statefabric_saga_engine::{Engine, EngineSettings, SagaStore};
 use statefabric_store::sqlite::{SqliteConfig, SqliteEventStore};
 
-use crate::config::{ApiConfig, LeaderConfig, SagaBackend, SagasConfig};
+use crate::config::{ApiConfig, LeaderConfig, SagaBackend, SagaTransport, SagasConfig};
 
 /// Opens the configured saga store.
 pub async fn open_store<C>(
@@ -85,6 +85,7 @@ pub async fn run<C>(
         definitions.push(read_definition(path)?);
     }
     let settings = EngineSettings {
+        outbox: config.transport == SagaTransport::Kafka,
         lease: lease.to_owned(),
         batch: config.batch,
         concurrency: config.concurrency,

@@ -36,6 +36,47 @@ pub struct SidecarConfig {
     pub sessions: SessionsConfig,
     #[serde(default)]
     pub updates: UpdatesConfig,
+    #[serde(default)]
+    pub tasks: TasksConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskTransport {
+    /// Claimed from the saga tables (embedded, or Postgres without Kafka).
+    #[default]
+    Tables,
+    /// From the tenant's command topics; replies to `sagas.replies`
+    /// (Postgres storage only; the control plane's `[sagas] transport`
+    /// must match).
+    Kafka,
+}
+
+/// Where saga tasks come from and answers go.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TasksConfig {
+    pub transport: TaskTransport,
+    pub kafka_bootstrap: String,
+    /// The Schema Registry's Confluent-compatible API root.
+    pub registry_url: String,
+    /// Tasks buffered per agent type before consumption pauses.
+    pub buffer: usize,
+    /// Deadline of each Kafka and registry call.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        Self {
+            transport: TaskTransport::Tables,
+            kafka_bootstrap: String::new(),
+            registry_url: String::new(),
+            buffer: 256,
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Where a Redis-capable building block keeps its state.
@@ -211,6 +252,7 @@ impl SidecarConfig {
             locks: LocksConfig::default(),
             sessions: SessionsConfig::default(),
             updates: UpdatesConfig::default(),
+            tasks: TasksConfig::default(),
         }
     }
 
@@ -245,6 +287,7 @@ impl ServiceConfig for SidecarConfig {
         "locks",
         "sessions",
         "updates",
+        "tasks",
     ];
 
     fn admin(&self) -> &AdminConfig {
@@ -281,6 +324,22 @@ impl ServiceConfig for SidecarConfig {
                 "sidecar.cache_max_entries",
                 "the cache bounds must be at least 1",
             );
+        }
+        if self.tasks.transport == TaskTransport::Kafka {
+            if self.storage.backend != Backend::Postgres {
+                issues.push("tasks.transport", "kafka needs storage.backend = postgres");
+            }
+            if self.tasks.kafka_bootstrap.is_empty() {
+                issues.push("tasks.kafka_bootstrap", "must name at least one broker");
+            }
+            if !self.tasks.registry_url.starts_with("http://")
+                && !self.tasks.registry_url.starts_with("https://")
+            {
+                issues.push("tasks.registry_url", "must be an http(s):// URL");
+            }
+            if self.tasks.buffer == 0 || self.tasks.timeout.is_zero() {
+                issues.push("tasks.buffer", "buffer and timeout must be positive");
+            }
         }
         if !(1..=64).contains(&self.sidecar.task_connections) {
             issues.push("sidecar.task_connections", "must be 1 to 64");

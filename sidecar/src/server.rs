@@ -23,13 +23,15 @@ use crate::cache::ContextCache;
 use statefabric_updates::Retention;
 
 use crate::backends;
-use crate::config::{Backend, RedisBackend, SidecarConfig};
+use crate::config::{Backend, RedisBackend, SidecarConfig, TaskTransport};
 use crate::context::ContextService;
 use crate::events::{EventsService, SubscriptionSettings};
 use crate::follow::{self, Publisher, StreamFollow};
 use crate::locks::LocksService;
 use crate::sessions::SessionsService;
 use crate::tasks::TasksService;
+use statefabric_kafka::saga_transport::KafkaTaskQueue;
+use statefabric_schema::{AvroCodec, RegistryClient};
 
 /// How often readiness re-checks storage.
 const READINESS_PROBE_INTERVAL: Duration = Duration::from_secs(5);
@@ -96,11 +98,26 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
                     let _ = listening.await;
                 }
             });
+            let tasks: Arc<dyn TaskQueue> = match config.tasks.transport {
+                TaskTransport::Tables => Arc::new(tasks),
+                TaskTransport::Kafka => {
+                    let t = &config.tasks;
+                    let registry = Arc::new(RegistryClient::new(&t.registry_url, t.timeout));
+                    Arc::new(KafkaTaskQueue::new(
+                        Arc::new(tasks),
+                        &t.kafka_bootstrap,
+                        Arc::new(AvroCodec::new(registry)),
+                        t.buffer,
+                        t.timeout,
+                        ctx.shutdown.token(),
+                    )?)
+                }
+            };
             Ok(Storage {
                 events: Arc::new(store.clone()),
                 context: Arc::new(store),
                 notifications: Some(config.storage.postgres.url.clone()),
-                tasks: Arc::new(tasks),
+                tasks,
             })
         }
     }

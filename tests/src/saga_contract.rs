@@ -73,6 +73,7 @@ pub fn transition(
             detail: json!({}),
         }],
         progressed: true,
+        outbox: false,
     };
     for effect in effects {
         match effect {

@@ -13,6 +13,9 @@
 //!
 //! Kafka to Postgres exactly once: [`inbox`].
 //!
+//! Saga tasks and replies over Kafka (the saga engine's production
+//! transport): [`saga_transport`].
+//!
 //! Partial (the Kafka issue): Kafka to Kafka in one transaction is proven
 //! by a test program (`tests/src/bin/eos-forwarder.rs`) but not packaged as
 //! a reusable consumer framework here, there is no backpressure by pausing
@@ -23,4 +26,5 @@ pub mod dead_letter;
 pub mod inbox;
 pub mod lag;
 pub mod relay;
+pub mod saga_transport;
 pub mod topics;

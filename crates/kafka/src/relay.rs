@@ -1,7 +1,10 @@
 //! The built-in outbox relay: while this instance leads, committed outbox
 //! rows go to `events.<aggregate type>` in commit order, keyed by aggregate
 //! id, as Avro [`EventEnvelope`]s (Confluent framing), with the event id,
-//! tenant and trace context in headers.
+//! tenant and trace context in headers. Saga tasks written to the outbox by
+//! the saga engine (aggregate type [`SAGA_COMMAND`]) go instead to their
+//! tenant's command topic for the agent type, as Avro [`SagaCommand`]s keyed
+//! by saga id.
 //!
 //! One batch is one Kafka transaction (idempotent, transactional producer);
 //! once committed, the rows are deleted in a Postgres transaction that first
@@ -33,10 +36,15 @@ use statefabric_leader::{Leadership, Role};
 use statefabric_resilience::{Breaker, BreakerConfig};
 use statefabric_schema::AvroCodec;
 use statefabric_schema::codec::WriterSchema;
-use statefabric_schema::messages::{EventEnvelope, event_envelope_schema};
+use statefabric_schema::messages::{
+    EventEnvelope, SagaCommand, event_envelope_schema, saga_command_schema,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::topics::{self, Planned, TopicClass, TopicSettings};
+
+/// The outbox aggregate type of saga tasks (written by the saga engine).
+pub const SAGA_COMMAND: &str = "saga.command";
 
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
@@ -106,6 +114,7 @@ struct Session {
     epoch: u64,
     producer: FutureProducer,
     writer: WriterSchema,
+    command_writer: WriterSchema,
     /// A Kafka transaction is open (begun, not yet committed or aborted).
     open: AtomicBool,
 }
@@ -249,11 +258,14 @@ impl Relay {
         producer.init_transactions(self.settings.kafka_timeout)?;
         let (subject, schema) = event_envelope_schema();
         let writer = self.codec.writer(subject, schema).await?;
+        let (subject, schema) = saga_command_schema();
+        let command_writer = self.codec.writer(subject, schema).await?;
         tracing::info!(epoch, "relay producing");
         Ok(Session {
             epoch,
             producer,
             writer,
+            command_writer,
             open: AtomicBool::new(false),
         })
     }
@@ -265,14 +277,11 @@ impl Relay {
     ) -> Result<(), RelayError> {
         let missing: Vec<Planned> = rows
             .iter()
-            .map(|r| topics::events_topic(&r.aggregatetype))
-            .filter(|t| !known.contains(t))
-            .collect::<std::collections::BTreeSet<_>>()
+            .map(topic)
+            .filter(|(t, _)| !known.contains(t))
+            .collect::<std::collections::BTreeMap<_, _>>()
             .into_iter()
-            .map(|name| Planned {
-                name,
-                class: TopicClass::Events,
-            })
+            .map(|(name, class)| Planned { name, class })
             .collect();
         if missing.is_empty() {
             return Ok(());
@@ -310,13 +319,12 @@ impl Relay {
         self.ensure_topics(&rows, known).await?;
         let mut records = Vec::with_capacity(rows.len());
         for row in &rows {
-            let envelope = envelope(row)?;
-            let value = self.codec.encode(&session.writer, &envelope)?;
-            records.push((
-                topics::events_topic(&row.aggregatetype),
-                value,
-                headers(row),
-            ));
+            let value = if row.aggregatetype == SAGA_COMMAND {
+                self.codec.encode(&session.command_writer, &command(row)?)?
+            } else {
+                self.codec.encode(&session.writer, &envelope(row)?)?
+            };
+            records.push((topic(row).0, value, headers(row)));
         }
         let producer = &session.producer;
         producer.begin_transaction()?;
@@ -380,6 +388,67 @@ impl Relay {
         }
         Ok(rows.len())
     }
+}
+
+/// Where a row goes, and the class of that topic.
+fn topic(row: &Row) -> (String, TopicClass) {
+    if row.aggregatetype == SAGA_COMMAND {
+        let agent = row
+            .payload
+            .get("agent_type")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        (
+            topics::tenant_commands_topic(agent, &row.tenant_id),
+            TopicClass::Commands,
+        )
+    } else {
+        (topics::events_topic(&row.aggregatetype), TopicClass::Events)
+    }
+}
+
+/// The saga engine's outbox payload (migration 0018) as the Avro record.
+fn command(row: &Row) -> Result<SagaCommand, RelayError> {
+    let p = &row.payload;
+    let bad = |field: &str| RelayError::BadRow {
+        id: row.id.to_string(),
+        reason: format!("saga command without {field}"),
+    };
+    let text = |field: &str| {
+        p.get(field)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| bad(field))
+    };
+    let number = |field: &str| {
+        p.get(field)
+            .and_then(Value::as_i64)
+            .ok_or_else(|| bad(field))
+    };
+    Ok(SagaCommand {
+        idempotency_key: text("task_key")?,
+        tenant_id: row.tenant_id.clone(),
+        saga_id: row.aggregateid.clone(),
+        step: text("step")?,
+        visit: i32::try_from(number("visit")?).map_err(|_| bad("visit"))?,
+        attempt: i32::try_from(number("attempt")?).map_err(|_| bad("attempt"))?,
+        compensation: p
+            .get("compensation")
+            .and_then(Value::as_bool)
+            .ok_or_else(|| bad("compensation"))?,
+        agent_type: text("agent_type")?,
+        action: text("action")?,
+        input: p
+            .get("input")
+            .map(|v| v.to_string().into_bytes())
+            .unwrap_or_default(),
+        timeout_ms: number("timeout_ms")?,
+        issued_at: p
+            .get("issued_at")
+            .and_then(Value::as_str)
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map_or(0, |t| t.timestamp_millis()),
+    })
 }
 
 fn headers(row: &Row) -> OwnedHeaders {

@@ -116,6 +116,13 @@ pub fn commands_topic(agent_type: &str) -> String {
     format!("sagas.commands.{}", sanitize(agent_type))
 }
 
+/// One tenant's commands for an agent type: `sagas.commands.<agent>.<tenant>`.
+/// Each tenant's sidecars read only their own topic (and ACLs can grant the
+/// prefix per tenant), so no tenant sees another's tasks.
+pub fn tenant_commands_topic(agent_type: &str, tenant: &str) -> String {
+    format!("{}.{}", commands_topic(agent_type), sanitize(tenant))
+}
+
 pub const REPLIES_TOPIC: &str = "sagas.replies";
 
 pub fn dead_letter_topic(consumed: &str) -> String {

@@ -65,6 +65,10 @@ pub struct EngineSettings {
     pub tick: Duration,
     /// How often the stalled-sagas gauge is refreshed.
     pub stalled_every: Duration,
+    /// Tasks also go through the transactional outbox to Kafka (the Kafka
+    /// transport); otherwise agents' sidecars take them from the tasks
+    /// table.
+    pub outbox: bool,
 }
 
 impl Default for EngineSettings {
@@ -75,6 +79,7 @@ impl Default for EngineSettings {
             concurrency: 32,
             tick: Duration::from_millis(50),
             stalled_every: Duration::from_secs(15),
+            outbox: false,
         }
     }
 }
@@ -403,6 +408,7 @@ impl Engine {
             cancel: Vec::new(),
             history: Vec::new(),
             progressed: false,
+            outbox: self.settings.outbox,
         };
         let mut dispatched = Vec::new();
         for effect in effects {

@@ -31,3 +31,64 @@ pub fn event_envelope_schema() -> (&'static str, &'static str) {
         include_str!("../../../schemas/avro/event_envelope.avsc"),
     )
 }
+
+/// `io.statefabric.v1.SagaCommand`: one attempt of a saga step for an agent
+/// type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaCommand {
+    /// saga/step/visit/attempt[/undo]
+    pub idempotency_key: String,
+    pub tenant_id: String,
+    pub saga_id: String,
+    pub step: String,
+    pub visit: i32,
+    pub attempt: i32,
+    pub compensation: bool,
+    pub agent_type: String,
+    pub action: String,
+    /// JSON.
+    #[serde(with = "apache_avro::serde_avro_bytes")]
+    pub input: Vec<u8>,
+    pub timeout_ms: i64,
+    /// Milliseconds since the epoch.
+    pub issued_at: i64,
+}
+
+pub fn saga_command_schema() -> (&'static str, &'static str) {
+    (
+        "io.statefabric.v1.SagaCommand",
+        include_str!("../../../schemas/avro/saga_command.avsc"),
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    #[serde(rename = "COMPLETED")]
+    Completed,
+    #[serde(rename = "FAILED")]
+    Failed,
+}
+
+/// `io.statefabric.v1.SagaReply`: an agent's answer to a [`SagaCommand`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaReply {
+    pub idempotency_key: String,
+    pub tenant_id: String,
+    pub saga_id: String,
+    pub outcome: Outcome,
+    /// JSON, when completed.
+    #[serde(with = "apache_avro::serde_avro_bytes_opt")]
+    pub output: Option<Vec<u8>>,
+    pub error: Option<String>,
+    /// The sidecar identity that answered.
+    pub agent: String,
+    /// Milliseconds since the epoch.
+    pub answered_at: i64,
+}
+
+pub fn saga_reply_schema() -> (&'static str, &'static str) {
+    (
+        "io.statefabric.v1.SagaReply",
+        include_str!("../../../schemas/avro/saga_reply.avsc"),
+    )
+}

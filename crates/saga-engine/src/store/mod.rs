@@ -137,6 +137,9 @@ pub struct Transition {
     pub history: Vec<Record>,
     /// Moved forward (resets the stuck clock).
     pub progressed: bool,
+    /// Also write each dispatched task to the transactional outbox (the
+    /// Kafka transport; Postgres only).
+    pub outbox: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,6 +267,16 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// The oldest inbox rows.
     async fn inbox(&self, limit: u32) -> Result<Vec<InboxItem>>;
+
+    /// Records an agent's reply that arrived over Kafka, as
+    /// [`TaskQueue::reply`] does for the sidecars (same checks, any tenant).
+    async fn accept_reply(
+        &self,
+        tenant: &str,
+        sender: &str,
+        saga_id: &str,
+        message: InboxMessage,
+    ) -> Result<Replied>;
 
     /// Drops an inbox row that cannot be applied (a start for an unknown
     /// definition, a reply for an unknown saga).

@@ -187,6 +187,7 @@ fn document(t: &Transition) -> Result<Value> {
         "paused": t.instance.paused,
         "final": t.instance.status.is_final(),
         "progressed": t.progressed,
+        "outbox": t.outbox,
         "state": state,
         "expected": t.expected,
         "trigger": trigger,
@@ -361,6 +362,16 @@ impl SagaStore for PgSagaStore {
                 })
             })
             .collect()
+    }
+
+    async fn accept_reply(
+        &self,
+        tenant: &str,
+        sender: &str,
+        saga_id: &str,
+        message: InboxMessage,
+    ) -> Result<Replied> {
+        insert_reply(&self.pool, tenant, sender, saga_id, message).await
     }
 
     async fn discard(&self, fence: Option<&Fence>, inbox_id: i64) -> Result<()> {
@@ -606,43 +617,7 @@ impl TaskQueue for PgTaskQueue {
         message: InboxMessage,
     ) -> Result<Replied> {
         self.check_tenant(tenant)?;
-        let Some(key) = message.task_key().map(str::to_owned) else {
-            return Err(StoreError::Invalid("a reply names its task".into()));
-        };
-        let body =
-            serde_json::to_value(&message).map_err(|e| StoreError::Backend(e.to_string()))?;
-        let inserted: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO saga_inbox (tenant_id, saga_id, kind, task_key, body, sender)
-             SELECT $1, t.saga_id, $3, $4, $5, $6 FROM saga_tasks t
-              WHERE t.task_key = $4 AND t.saga_id = $2 AND t.status = 'dispatched'
-             ON CONFLICT (task_key) WHERE task_key IS NOT NULL DO NOTHING
-             RETURNING inbox_id",
-        )
-        .bind(tenant)
-        .bind(saga_id)
-        .bind(message.kind())
-        .bind(&key)
-        .bind(&body)
-        .bind(sender)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
-        if inserted.is_some() {
-            return Ok(Replied::Accepted);
-        }
-        let status: Option<String> = sqlx::query_scalar(
-            "SELECT status FROM saga_tasks WHERE task_key = $1 AND saga_id = $2",
-        )
-        .bind(&key)
-        .bind(saga_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
-        Ok(match status.as_deref().map(TaskStatus::parse) {
-            None => Replied::Unknown,
-            Some(TaskStatus::Dispatched) => Replied::Duplicate,
-            Some(_) => Replied::NotCurrent,
-        })
+        insert_reply(&self.pool, tenant, sender, saga_id, message).await
     }
 
     async fn request_start(
@@ -654,59 +629,118 @@ impl TaskQueue for PgTaskQueue {
         data: Value,
     ) -> Result<StartRequested> {
         self.check_tenant(tenant)?;
-        let known: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM saga_definitions WHERE name = $1)")
-                .bind(definition)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(map_err)?;
-        if !known {
-            return Ok(StartRequested::UnknownDefinition);
-        }
-        let message = InboxMessage::Start {
-            definition: definition.to_owned(),
-            data,
-        };
-        let body =
-            serde_json::to_value(&message).map_err(|e| StoreError::Backend(e.to_string()))?;
-        let inserted: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO saga_inbox (tenant_id, saga_id, kind, body, sender)
-             SELECT $1, $2, 'start', $3, $4
-              WHERE NOT EXISTS (SELECT 1 FROM saga_instances WHERE saga_id = $2)
-             ON CONFLICT (saga_id) WHERE kind = 'start' DO NOTHING
-             RETURNING inbox_id",
-        )
-        .bind(tenant)
-        .bind(saga_id)
-        .bind(&body)
-        .bind(sender)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
-        Ok(if inserted.is_some() {
-            StartRequested::Accepted
-        } else {
-            StartRequested::Exists
-        })
+        request_start(&self.pool, tenant, sender, saga_id, definition, data).await
     }
 
     async fn release(&self, tenant: &str, keys: Option<&[String]>) -> Result<u64> {
         self.check_tenant(tenant)?;
-        let released = sqlx::query(
-            "UPDATE saga_tasks SET claimed_by = NULL, claimed_at = NULL
-              WHERE tenant_id = $1 AND status = 'dispatched' AND claimed_by IS NOT NULL
-                AND ($2::text[] IS NULL OR task_key = ANY ($2))",
-        )
-        .bind(tenant)
-        .bind(keys)
-        .execute(&self.pool)
-        .await
-        .map_err(map_err)?
-        .rows_affected();
-        Ok(released)
+        release(&self.pool, tenant, keys).await
     }
 
     fn tasks_signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
         self.signal(tenant, agent)
     }
+}
+
+/// A reply into the inbox, if its attempt is still out; otherwise why not.
+async fn insert_reply(
+    pool: &PgPool,
+    tenant: &str,
+    sender: &str,
+    saga_id: &str,
+    message: InboxMessage,
+) -> Result<Replied> {
+    let Some(key) = message.task_key().map(str::to_owned) else {
+        return Err(StoreError::Invalid("a reply names its task".into()));
+    };
+    let body = serde_json::to_value(&message).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO saga_inbox (tenant_id, saga_id, kind, task_key, body, sender)
+             SELECT $1, t.saga_id, $3, $4, $5, $6 FROM saga_tasks t
+              WHERE t.task_key = $4 AND t.saga_id = $2 AND t.status = 'dispatched'
+             ON CONFLICT (task_key) WHERE task_key IS NOT NULL DO NOTHING
+             RETURNING inbox_id",
+    )
+    .bind(tenant)
+    .bind(saga_id)
+    .bind(message.kind())
+    .bind(&key)
+    .bind(&body)
+    .bind(sender)
+    .fetch_optional(pool)
+    .await
+    .map_err(map_err)?;
+    if inserted.is_some() {
+        return Ok(Replied::Accepted);
+    }
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM saga_tasks WHERE task_key = $1 AND saga_id = $2")
+            .bind(&key)
+            .bind(saga_id)
+            .fetch_optional(pool)
+            .await
+            .map_err(map_err)?;
+    Ok(match status.as_deref().map(TaskStatus::parse) {
+        None => Replied::Unknown,
+        Some(TaskStatus::Dispatched) => Replied::Duplicate,
+        Some(_) => Replied::NotCurrent,
+    })
+}
+
+async fn request_start(
+    pool: &PgPool,
+    tenant: &str,
+    sender: &str,
+    saga_id: &str,
+    definition: &str,
+    data: Value,
+) -> Result<StartRequested> {
+    let known: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM saga_definitions WHERE name = $1)")
+            .bind(definition)
+            .fetch_one(pool)
+            .await
+            .map_err(map_err)?;
+    if !known {
+        return Ok(StartRequested::UnknownDefinition);
+    }
+    let message = InboxMessage::Start {
+        definition: definition.to_owned(),
+        data,
+    };
+    let body = serde_json::to_value(&message).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO saga_inbox (tenant_id, saga_id, kind, body, sender)
+             SELECT $1, $2, 'start', $3, $4
+              WHERE NOT EXISTS (SELECT 1 FROM saga_instances WHERE saga_id = $2)
+             ON CONFLICT (saga_id) WHERE kind = 'start' DO NOTHING
+             RETURNING inbox_id",
+    )
+    .bind(tenant)
+    .bind(saga_id)
+    .bind(&body)
+    .bind(sender)
+    .fetch_optional(pool)
+    .await
+    .map_err(map_err)?;
+    Ok(if inserted.is_some() {
+        StartRequested::Accepted
+    } else {
+        StartRequested::Exists
+    })
+}
+
+async fn release(pool: &PgPool, tenant: &str, keys: Option<&[String]>) -> Result<u64> {
+    let released = sqlx::query(
+        "UPDATE saga_tasks SET claimed_by = NULL, claimed_at = NULL
+              WHERE tenant_id = $1 AND status = 'dispatched' AND claimed_by IS NOT NULL
+                AND ($2::text[] IS NULL OR task_key = ANY ($2))",
+    )
+    .bind(tenant)
+    .bind(keys)
+    .execute(pool)
+    .await
+    .map_err(map_err)?
+    .rows_affected();
+    Ok(released)
 }

@@ -396,6 +396,16 @@ impl SagaStore for SqliteSagaStore {
             .collect()
     }
 
+    async fn accept_reply(
+        &self,
+        tenant: &str,
+        sender: &str,
+        saga_id: &str,
+        message: InboxMessage,
+    ) -> Result<Replied> {
+        TaskQueue::reply(self, tenant, sender, saga_id, message).await
+    }
+
     async fn discard(&self, _fence: Option<&Fence>, inbox_id: i64) -> Result<()> {
         sqlx::query("DELETE FROM saga_inbox WHERE inbox_id = ?")
             .bind(inbox_id)

@@ -1,0 +1,496 @@
+//! Saga tasks and replies over Kafka (the production transport).
+//!
+//! The way out is the outbox: the saga engine writes each task it
+//! dispatches to `event_outbox` in the transition's own transaction
+//! (migration 0018), and the relay publishes it to the tenant's command
+//! topic for the agent type (`sagas.commands.<agent>.<tenant>`, Avro
+//! `SagaCommand`, keyed by saga id). The way back is `sagas.replies` (Avro
+//! `SagaReply`, keyed by saga id), which the leader's [`ReplyConsumer`] turns
+//! into inbox rows — the same checks as the tables transport, so a
+//! duplicate or late reply has no effect.
+//!
+//! [`KafkaTaskQueue`] is a sidecar's side: one consumer per agent type it
+//! is asked for (group `statefabric-agents.<agent>.<tenant>`), feeding a
+//! bounded buffer; when the buffer is full the consumer pauses its
+//! partitions instead of buffering more, and resumes at half. A task is
+//! handed to one worker; the offset is stored once the task is buffered, so
+//! a sidecar that dies with tasks in its buffer loses them to their
+//! deadlines, after which the engine retries them (the lease is the
+//! recovery, as for a worker that dies). Heartbeats and start requests go to
+//! the saga tables directly (`heartbeat` pushes a deadline, which only the
+//! database can do atomically with the engine's timer check).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::Value;
+use statefabric_leader::{Leadership, Role};
+use statefabric_saga_engine::store::{
+    InboxMessage, Replied, Result, SagaStore, StartRequested, StoreError, TaskQueue, TaskRow,
+    TaskStatus,
+};
+use statefabric_schema::AvroCodec;
+use statefabric_schema::codec::WriterSchema;
+use statefabric_schema::messages::{Outcome, SagaCommand, SagaReply, saga_reply_schema};
+use tokio::sync::{Notify, OnceCell, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::topics::{self, Planned, TopicClass, TopicSettings};
+
+/// A failure that is only logged (and the loop restarted).
+type Logged = std::result::Result<(), String>;
+
+/// The engine's consumer group on the reply topic.
+pub const ENGINE_GROUP: &str = "statefabric-saga-engine";
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("Kafka: {e}"))
+}
+
+/// One agent type's tasks, consumed and waiting for a worker.
+#[derive(Debug)]
+struct Feed {
+    queue: Mutex<VecDeque<TaskRow>>,
+    signal: watch::Sender<u64>,
+    /// Wakes a paused consumer when workers take tasks.
+    space: Notify,
+}
+
+#[derive(Clone)]
+pub struct KafkaTaskQueue {
+    /// Heartbeats and start requests (the saga tables).
+    tables: Arc<dyn TaskQueue>,
+    bootstrap: String,
+    codec: Arc<AvroCodec>,
+    producer: FutureProducer,
+    reply_writer: Arc<OnceCell<WriterSchema>>,
+    feeds: Arc<Mutex<HashMap<String, Arc<Feed>>>>,
+    /// Tasks buffered per agent type before its consumer pauses.
+    buffer: usize,
+    timeout: Duration,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for KafkaTaskQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTaskQueue")
+            .field("bootstrap", &self.bootstrap)
+            .field("buffer", &self.buffer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaTaskQueue {
+    pub fn new(
+        tables: Arc<dyn TaskQueue>,
+        bootstrap: &str,
+        codec: Arc<AvroCodec>,
+        buffer: usize,
+        timeout: Duration,
+        stop: CancellationToken,
+    ) -> Result<Self> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("message.timeout.ms", timeout.as_millis().to_string())
+            .create()
+            .map_err(unavailable)?;
+        Ok(Self {
+            tables,
+            bootstrap: bootstrap.to_owned(),
+            codec,
+            producer,
+            reply_writer: Arc::default(),
+            feeds: Arc::default(),
+            buffer: buffer.max(1),
+            timeout,
+            stop,
+        })
+    }
+
+    fn feed(&self, tenant: &str, agent: &str) -> Result<Arc<Feed>> {
+        let key = format!("{tenant}/{agent}");
+        let mut feeds = self
+            .feeds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(feed) = feeds.get(&key) {
+            return Ok(feed.clone());
+        }
+        let topic = topics::tenant_commands_topic(agent, tenant);
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", format!("statefabric-agents.{agent}.{tenant}"))
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            // The relay creates command topics on first use: notice soon.
+            .set("topic.metadata.refresh.interval.ms", "1000")
+            .create()
+            .map_err(unavailable)?;
+        consumer.subscribe(&[&topic]).map_err(unavailable)?;
+        let feed = Arc::new(Feed {
+            queue: Mutex::default(),
+            signal: watch::channel(0).0,
+            space: Notify::new(),
+        });
+        feeds.insert(key, feed.clone());
+        tokio::spawn(consume(
+            consumer,
+            feed.clone(),
+            self.codec.clone(),
+            self.buffer,
+            tenant.to_owned(),
+            self.stop.clone(),
+        ));
+        tracing::info!(%topic, "taking saga tasks from Kafka");
+        Ok(feed)
+    }
+
+    async fn reply_writer(&self) -> Result<&WriterSchema> {
+        self.reply_writer
+            .get_or_try_init(|| async {
+                let (subject, schema) = saga_reply_schema();
+                self.codec
+                    .writer(subject, schema)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await
+    }
+}
+
+fn task_row(command: SagaCommand) -> TaskRow {
+    let input = serde_json::from_slice(&command.input).unwrap_or(Value::Null);
+    TaskRow {
+        key: command.idempotency_key,
+        saga_id: command.saga_id,
+        tenant: command.tenant_id,
+        step: command.step,
+        visit: u32::try_from(command.visit).unwrap_or_default(),
+        attempt: u32::try_from(command.attempt).unwrap_or_default(),
+        compensation: command.compensation,
+        agent: command.agent_type,
+        action: command.action,
+        input,
+        timeout_ms: command.timeout_ms,
+        status: TaskStatus::Dispatched,
+        claimed_by: None,
+        dispatched_at: DateTime::from_timestamp_millis(command.issued_at).unwrap_or_default(),
+        finished_at: None,
+        output: None,
+        error: None,
+    }
+}
+
+/// Moves commands into the feed, pausing the partitions while it is full.
+async fn consume(
+    consumer: StreamConsumer,
+    feed: Arc<Feed>,
+    codec: Arc<AvroCodec>,
+    limit: usize,
+    tenant: String,
+    stop: CancellationToken,
+) {
+    let mut paused = false;
+    loop {
+        let queued = feed
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        if let Ok(assignment) = consumer.assignment() {
+            if !paused && queued >= limit {
+                paused = consumer.pause(&assignment).is_ok();
+            } else if paused && queued <= limit / 2 {
+                paused = consumer.resume(&assignment).is_err();
+            }
+        }
+        let message = tokio::select! {
+            () = stop.cancelled() => break,
+            () = feed.space.notified(), if paused => continue,
+            received = tokio::time::timeout(Duration::from_millis(500), consumer.recv()) => received,
+        };
+        let message = match message {
+            Err(_) => continue,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "saga command consumer error");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Ok(Ok(message)) => message,
+        };
+        let decoded = match message.payload() {
+            Some(bytes) => codec
+                .decode::<SagaCommand>(bytes, None)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("empty message".to_owned()),
+        };
+        match decoded {
+            Ok(command) if command.tenant_id == tenant => {
+                feed.queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push_back(task_row(command));
+                feed.signal.send_modify(|n| *n += 1);
+            }
+            Ok(command) => tracing::warn!(
+                saga = %command.saga_id,
+                "skipping another tenant's saga command"
+            ),
+            // The engine retries the attempt after its deadline.
+            Err(err) => tracing::warn!(error = %err, "skipping an undecodable saga command"),
+        }
+        if let Err(err) = consumer.store_offset_from_message(&message) {
+            tracing::warn!(error = %err, "cannot store the command offset");
+        }
+    }
+    // Leave the group at once, so another sidecar takes the partitions.
+    let _ = consumer.commit_consumer_state(CommitMode::Sync);
+    consumer.unsubscribe();
+}
+
+#[async_trait]
+impl TaskQueue for KafkaTaskQueue {
+    async fn claim(
+        &self,
+        tenant: &str,
+        agent: &str,
+        worker: &str,
+        max: u32,
+    ) -> Result<Vec<TaskRow>> {
+        let feed = self.feed(tenant, agent)?;
+        let mut queue = feed
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = queue.len().min(max as usize);
+        let tasks: Vec<TaskRow> = queue
+            .drain(..n)
+            .map(|mut t| {
+                t.claimed_by = Some(worker.to_owned());
+                t
+            })
+            .collect();
+        drop(queue);
+        if !tasks.is_empty() {
+            feed.space.notify_one();
+        }
+        Ok(tasks)
+    }
+
+    async fn heartbeat(&self, tenant: &str, key: &str) -> Result<Option<DateTime<Utc>>> {
+        self.tables.heartbeat(tenant, key).await
+    }
+
+    async fn reply(
+        &self,
+        tenant: &str,
+        sender: &str,
+        saga_id: &str,
+        message: InboxMessage,
+    ) -> Result<Replied> {
+        let (key, outcome, output, error) = match message {
+            InboxMessage::Completed { key, output } => (
+                key,
+                Outcome::Completed,
+                Some(output.to_string().into_bytes()),
+                None,
+            ),
+            InboxMessage::Failed { key, error } => (key, Outcome::Failed, None, Some(error)),
+            InboxMessage::Start { .. } => {
+                return Err(StoreError::Invalid("a reply names its task".into()));
+            }
+        };
+        let reply = SagaReply {
+            idempotency_key: key,
+            tenant_id: tenant.to_owned(),
+            saga_id: saga_id.to_owned(),
+            outcome,
+            output,
+            error,
+            agent: sender.to_owned(),
+            answered_at: Utc::now().timestamp_millis(),
+        };
+        let writer = self.reply_writer().await?;
+        let value = self
+            .codec
+            .encode(writer, &reply)
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let record = FutureRecord::to(topics::REPLIES_TOPIC)
+            .key(saga_id)
+            .payload(&value);
+        self.producer
+            .send(record, self.timeout)
+            .await
+            .map_err(|(e, _)| unavailable(e))?;
+        // Whether the attempt is still current is the engine's to decide.
+        Ok(Replied::Accepted)
+    }
+
+    async fn request_start(
+        &self,
+        tenant: &str,
+        sender: &str,
+        saga_id: &str,
+        definition: &str,
+        data: Value,
+    ) -> Result<StartRequested> {
+        self.tables
+            .request_start(tenant, sender, saga_id, definition, data)
+            .await
+    }
+
+    /// Kafka deliveries cannot be handed back: unanswered tasks wait out
+    /// their deadlines and are retried.
+    async fn release(&self, _tenant: &str, _keys: Option<&[String]>) -> Result<u64> {
+        Ok(0)
+    }
+
+    fn tasks_signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
+        match self.feed(tenant, agent) {
+            Ok(feed) => feed.signal.subscribe(),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot consume saga commands");
+                watch::channel(0).1
+            }
+        }
+    }
+}
+
+/// The leader's side of the way back: replies from Kafka into the inbox.
+#[derive(Debug)]
+pub struct ReplyConsumer {
+    pub bootstrap: String,
+    pub codec: Arc<AvroCodec>,
+    pub store: Arc<dyn SagaStore>,
+    pub topics: TopicSettings,
+    pub timeout: Duration,
+}
+
+impl ReplyConsumer {
+    /// Consumes while this instance leads, until `stop`.
+    pub async fn run(self, leadership: Leadership, stop: CancellationToken) {
+        while !stop.is_cancelled() {
+            if let Role::Follower = leadership.role() {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                }
+            }
+            if let Err(err) = self.lead(&leadership, &stop).await {
+                tracing::warn!(error = %err, "saga reply consumer failed; restarting");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+
+    async fn lead(&self, leadership: &Leadership, stop: &CancellationToken) -> Logged {
+        let admin = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .map_err(|e| e.to_string())?;
+        topics::apply(
+            &admin,
+            &[Planned {
+                name: topics::REPLIES_TOPIC.to_owned(),
+                class: TopicClass::Replies,
+            }],
+            &self.topics,
+            self.timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", ENGINE_GROUP)
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .map_err(|e| e.to_string())?;
+        consumer
+            .subscribe(&[topics::REPLIES_TOPIC])
+            .map_err(|e| e.to_string())?;
+        tracing::info!("taking saga replies from Kafka");
+        let outcome = loop {
+            if !matches!(leadership.role(), Role::Leader { .. }) {
+                break Ok(());
+            }
+            let message = tokio::select! {
+                () = stop.cancelled() => break Ok(()),
+                received = tokio::time::timeout(Duration::from_millis(500), consumer.recv()) => received,
+            };
+            let message = match message {
+                Err(_) => continue,
+                Ok(Err(err)) => break Err(err.to_string()),
+                Ok(Ok(message)) => message,
+            };
+            // Until the inbox has it, the offset stays: a failure here is
+            // retried from the same message after a restart of the loop.
+            self.accept(message.payload()).await?;
+            consumer
+                .store_offset_from_message(&message)
+                .map_err(|e| e.to_string())?;
+        };
+        let _ = consumer.commit_consumer_state(CommitMode::Sync);
+        consumer.unsubscribe();
+        outcome
+    }
+
+    async fn accept(&self, payload: Option<&[u8]>) -> Logged {
+        let reply = match payload {
+            Some(bytes) => self.codec.decode::<SagaReply>(bytes, None).await,
+            None => {
+                tracing::warn!("skipping an empty saga reply");
+                return Ok(());
+            }
+        };
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(err) => {
+                tracing::warn!(error = %err, "skipping an undecodable saga reply");
+                return Ok(());
+            }
+        };
+        let message = match reply.outcome {
+            Outcome::Completed => InboxMessage::Completed {
+                key: reply.idempotency_key,
+                output: reply
+                    .output
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice(b).ok())
+                    .unwrap_or(Value::Null),
+            },
+            Outcome::Failed => InboxMessage::Failed {
+                key: reply.idempotency_key,
+                error: reply.error.unwrap_or_else(|| "failed".into()),
+            },
+        };
+        match self
+            .store
+            .accept_reply(&reply.tenant_id, &reply.agent, &reply.saga_id, message)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(StoreError::Invalid(m)) => {
+                tracing::warn!(error = %m, "skipping an invalid saga reply");
+                Ok(())
+            }
+            Err(err) => Err(err.to_string()),
+        }
+    }
+}

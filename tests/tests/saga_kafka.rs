@@ -1,0 +1,145 @@
+//! Sagas on the Kafka transport, with real processes and services: the
+//! engine writes each task to the outbox in its transition, the control
+//! plane's relay publishes it to the tenant's command topic, a sidecar
+//! consumes it for its agent (SDK), and the answer goes back over
+//! `sagas.replies` to the leader's reply consumer. Every saga ends DONE, the
+//! tasks were never claimed from the tables, and the command topic holds
+//! the Avro commands.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde_json::{Value, json};
+use statefabric_domain::TenantId;
+use statefabric_sdk::{StateClient, Task};
+use statefabric_tests as env;
+use statefabric_tests::process::{self, Storage};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_and_replies_travel_through_the_outbox_and_kafka() -> anyhow::Result<()> {
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let (control, admin) = (env::pg_control_url(), env::pg_admin_url());
+    let (bootstrap, registry) = (env::kafka_bootstrap(), env::registry_url());
+    let lease = format!("sagas-kafka-{run}");
+    let txid = format!("saga-relay-{run}");
+    let cp = process::spawn(
+        "statefabric-control-plane",
+        &[],
+        &[
+            ("STATEFABRIC_LEADER__BACKEND", "postgres"),
+            ("STATEFABRIC_LEADER__POSTGRES_URL", control.as_str()),
+            ("STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL", admin.as_str()),
+            ("STATEFABRIC_LEADER__NAME", lease.as_str()),
+            ("STATEFABRIC_RELAY__ENABLED", "true"),
+            ("STATEFABRIC_RELAY__KAFKA_BOOTSTRAP", bootstrap.as_str()),
+            ("STATEFABRIC_RELAY__REGISTRY_URL", registry.as_str()),
+            ("STATEFABRIC_RELAY__TRANSACTIONAL_ID", txid.as_str()),
+            ("STATEFABRIC_RELAY__TOPICS__REPLICATION", "1"),
+            ("STATEFABRIC_RELAY__TOPICS__MIN_INSYNC_REPLICAS", "1"),
+            ("STATEFABRIC_SAGAS__TRANSPORT", "kafka"),
+            ("STATEFABRIC_API__ALLOW_ANONYMOUS", "true"),
+        ],
+    );
+    let mut cp = cp?;
+    cp.ready().await?;
+
+    let tenant = format!("t{}", &run[..12]);
+    statefabric_store::pg::create_tenant(&admin, &TenantId::new(tenant.clone())?, "").await?;
+    let sidecar = process::sidecar(
+        Storage::Postgres,
+        &tenant,
+        "kafka-agents",
+        &[
+            ("STATEFABRIC_TASKS__TRANSPORT", "kafka"),
+            ("STATEFABRIC_TASKS__KAFKA_BOOTSTRAP", bootstrap.as_str()),
+            ("STATEFABRIC_TASKS__REGISTRY_URL", registry.as_str()),
+        ],
+    )
+    .await?;
+    let client = StateClient::connect(sidecar.grpc.clone()).await?;
+    let stop = CancellationToken::new();
+    for agent in ["planner", "coder", "critic"] {
+        let tasks = client.tasks();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let handler = |task: Task| async move {
+                    Ok::<Value, String>(if task.action == "critique" {
+                        json!({"verdict": "approved"})
+                    } else {
+                        json!({"by": task.agent_type, "input": task.input})
+                    })
+                };
+                if tasks.work(agent, 16, stop.clone(), handler).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+    }
+    const SAGAS: usize = 20;
+    let mut tasks = client.tasks();
+    for i in 0..SAGAS {
+        tasks
+            .start_saga(
+                "plan-code-critique",
+                Some(&format!("{tenant}-{i}")),
+                &json!({"task": format!("task {i}")}),
+            )
+            .await?;
+    }
+    let pool = sqlx::PgPool::connect(&admin).await?;
+    env::eventually("every saga is DONE", Duration::from_secs(90), || async {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM saga_instances WHERE tenant_id = $1 AND status = 'DONE'",
+        )
+        .bind(&tenant)
+        .fetch_one(&pool)
+        .await?;
+        Ok((done == SAGAS as i64).then_some(()))
+    })
+    .await?;
+    let (completed, claimed): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'completed'), count(claimed_by)
+           FROM saga_tasks WHERE tenant_id = $1",
+    )
+    .bind(&tenant)
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(completed, 3 * SAGAS as i64);
+    assert_eq!(claimed, 0, "no task was taken from the tables");
+    // The plan's output carries the input the agent got from the command.
+    let plan: Value = sqlx::query_scalar(
+        "SELECT output FROM saga_tasks WHERE saga_id = $1 AND step = 'PLAN' AND status = 'completed'",
+    )
+    .bind(format!("{tenant}-0"))
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(plan["input"]["task"], "task 0");
+
+    let topic = format!("sagas.commands.planner.{tenant}");
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", format!("check-{run}"))
+        .create()?;
+    let (low, high) = consumer.fetch_watermarks(&topic, 0, Duration::from_secs(10))?;
+    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+    let mut messages = high - low;
+    for p in metadata.topics()[0].partitions().iter().skip(1) {
+        let (l, h) = consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+        messages += h - l;
+    }
+    assert!(
+        messages >= SAGAS as i64,
+        "{messages} planner commands on {topic}"
+    );
+
+    stop.cancel();
+    drop(client);
+    sidecar.stop_with(Signal::SIGTERM).await?;
+    let (code, _) = cp.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    Ok(())
+}

@@ -23,6 +23,13 @@ testenv/up.sh
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The embedded main job builds with nothing but the Rust toolchain: no
+# librdkafka (cmake, curl and OpenSSL headers) in its dependency tree.
+cargo check -p statefabric-cli --no-default-features --locked
+if cargo tree -p statefabric-cli --no-default-features -e normal,build --locked | grep -qE 'rdkafka|openssl-sys'; then
+  echo "fabric dev (--no-default-features) must not need librdkafka or OpenSSL" >&2
+  exit 1
+fi
 # The process tests drive the real binaries, found next to the test executables.
 cargo build --workspace --bins --locked
 

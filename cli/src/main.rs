@@ -83,6 +83,13 @@ enum DlqCommand {
     },
 }
 
+#[cfg(not(feature = "kafka"))]
+async fn dlq(_command: DlqCommand) -> ExitCode {
+    eprintln!("fabric dlq: this fabric was built without Kafka (build it with --features kafka)");
+    ExitCode::FAILURE
+}
+
+#[cfg(feature = "kafka")]
 async fn dlq(command: DlqCommand) -> ExitCode {
     use statefabric_kafka::dead_letter;
     let timeout = Duration::from_secs(10);

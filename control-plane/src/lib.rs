@@ -12,21 +12,17 @@
 pub mod api;
 pub mod config;
 pub mod grpc;
+mod kafka;
 pub mod operator;
 pub mod sagas;
 mod ui;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use statefabric_kafka::lag::{LagMonitor, topics};
-use statefabric_kafka::relay::{Relay, RelaySettings};
-use statefabric_kafka::saga_transport::ReplyConsumer;
 use statefabric_leader::pg::PgElector;
 use statefabric_leader::{Elector, LeaseSettings, Solo};
 use statefabric_runtime::ServiceContext;
-use statefabric_schema::{AvroCodec, RegistryClient};
 
 pub use crate::config::ControlPlaneConfig;
 use crate::config::LeaderBackend;
@@ -80,6 +76,7 @@ pub async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()
         ));
     });
     let (leadership, task) = kept.context("leader election did not start")?;
+    let mut saga_store = None;
     if ctx.config.sagas.enabled {
         let store = sagas::open_store(&ctx, &ctx.config.sagas, leader).await?;
         sagas::run(
@@ -91,55 +88,9 @@ pub async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()
             &leader.name,
         )
         .await?;
-        if ctx.config.sagas.transport == config::SagaTransport::Kafka {
-            let relay = &ctx.config.relay;
-            let registry = Arc::new(RegistryClient::new(&relay.registry_url, relay.timeout));
-            let replies = ReplyConsumer {
-                bootstrap: relay.kafka_bootstrap.clone(),
-                codec: Arc::new(AvroCodec::new(registry)),
-                store,
-                topics: relay.topics,
-                timeout: relay.timeout,
-            };
-            ctx.shutdown
-                .spawn(replies.run(leadership.clone(), ctx.shutdown.token()));
-        }
+        saga_store = Some(store);
     }
-    let relay = &ctx.config.relay;
-    if relay.enabled {
-        let pool = pool.context("the relay needs the Postgres leader backend")?;
-        let registry = Arc::new(RegistryClient::new(&relay.registry_url, relay.timeout));
-        let relay = Relay::new(
-            RelaySettings {
-                bootstrap: relay.kafka_bootstrap.clone(),
-                transactional_id: relay.transactional_id.clone(),
-                lease: leader.name.clone(),
-                batch: relay.batch,
-                idle_poll: relay.idle_poll,
-                kafka_timeout: relay.timeout,
-                topics: relay.topics,
-            },
-            pool,
-            Arc::new(AvroCodec::new(registry)),
-        );
-        ctx.register_metrics(|registry| relay.register_metrics(registry));
-        ctx.shutdown
-            .spawn(relay.run(leadership.clone(), ctx.shutdown.token()));
-    }
-    let lag = &ctx.config.lag;
-    if !lag.groups.is_empty() {
-        let monitor = LagMonitor::new(
-            &lag.kafka_bootstrap,
-            lag.groups
-                .iter()
-                .map(|(group, list)| (group.clone(), topics(list)))
-                .collect(),
-            Duration::from_secs(10),
-        );
-        ctx.register_metrics(|registry| monitor.register_metrics(registry));
-        ctx.shutdown
-            .spawn(monitor.run(lag.interval, ctx.shutdown.token()));
-    }
+    kafka::start(&ctx, pool, &leadership, saga_store)?;
     ctx.shutdown.requested().await;
     // The task releases the lease when the token is cancelled.
     task.await.context("leader election task failed")?;

@@ -30,7 +30,9 @@ use crate::follow::{self, Publisher, StreamFollow};
 use crate::locks::LocksService;
 use crate::sessions::SessionsService;
 use crate::tasks::TasksService;
+#[cfg(feature = "kafka")]
 use statefabric_kafka::saga_transport::KafkaTaskQueue;
+#[cfg(feature = "kafka")]
 use statefabric_schema::{AvroCodec, RegistryClient};
 
 /// How often readiness re-checks storage.
@@ -100,6 +102,13 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
             });
             let tasks: Arc<dyn TaskQueue> = match config.tasks.transport {
                 TaskTransport::Tables => Arc::new(tasks),
+                #[cfg(not(feature = "kafka"))]
+                TaskTransport::Kafka => {
+                    anyhow::bail!(
+                        "tasks.transport = kafka, but this sidecar was built without Kafka (feature `kafka`)"
+                    )
+                }
+                #[cfg(feature = "kafka")]
                 TaskTransport::Kafka => {
                     let t = &config.tasks;
                     let registry = Arc::new(RegistryClient::new(&t.registry_url, t.timeout));

@@ -22,9 +22,19 @@
 //! partitions, and no ACLs. (Debezium's connector is
 //! configuration: `k8s/kafka/`.)
 
+// Everything that talks to a broker needs librdkafka (the `client`
+// feature, on by default); the topic plan's names and settings do not, so
+// the embedded build can do without native Kafka libraries.
+#[cfg(feature = "client")]
 pub mod dead_letter;
+#[cfg(feature = "client")]
 pub mod inbox;
+#[cfg(feature = "client")]
 pub mod lag;
+#[cfg(feature = "client")]
 pub mod relay;
+#[cfg(feature = "client")]
 pub mod saga_transport;
+#[cfg(feature = "client")]
+mod topic_admin;
 pub mod topics;

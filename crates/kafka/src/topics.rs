@@ -13,11 +13,6 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{
-    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
-};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::types::RDKafkaErrorCode;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +80,8 @@ impl TopicSettings {
         }
     }
 
-    fn class(&self, class: TopicClass) -> ClassSettings {
+    /// The settings of one class.
+    pub fn class(&self, class: TopicClass) -> ClassSettings {
         match class {
             TopicClass::Events => self.events,
             TopicClass::Commands => self.commands,
@@ -158,105 +154,8 @@ pub fn plan(aggregate_types: &[&str], agent_types: &[&str]) -> Vec<Planned> {
     out
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum TopicError {
-    #[error("Kafka admin: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("topic {topic}: {code}")]
-    Topic {
-        topic: String,
-        code: RDKafkaErrorCode,
-    },
-}
-
-/// What `apply` did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Applied {
-    pub created: Vec<String>,
-    pub updated: Vec<String>,
-}
-
-/// Creates missing topics and (re)sets the configuration of existing ones;
-/// safe to run again. Partition counts of existing topics are left alone
-/// (raising them would move keys between partitions).
-pub async fn apply(
-    admin: &AdminClient<DefaultClientContext>,
-    topics: &[Planned],
-    settings: &TopicSettings,
-    timeout: Duration,
-) -> Result<Applied, TopicError> {
-    let options = AdminOptions::new().operation_timeout(Some(timeout));
-    let configs: Vec<(String, [(String, String); 3])> = topics
-        .iter()
-        .map(|t| {
-            let class = settings.class(t.class);
-            (
-                t.name.clone(),
-                [
-                    ("cleanup.policy".to_owned(), "delete".to_owned()),
-                    (
-                        "retention.ms".to_owned(),
-                        class.retention.as_millis().to_string(),
-                    ),
-                    (
-                        "min.insync.replicas".to_owned(),
-                        settings.min_insync_replicas.to_string(),
-                    ),
-                ],
-            )
-        })
-        .collect();
-    let new_topics: Vec<NewTopic> = topics
-        .iter()
-        .zip(&configs)
-        .map(|(t, (_, config))| {
-            config.iter().fold(
-                NewTopic::new(
-                    &t.name,
-                    settings.class(t.class).partitions,
-                    TopicReplication::Fixed(settings.replication),
-                ),
-                |topic, (k, v)| topic.set(k, v),
-            )
-        })
-        .collect();
-    let mut applied = Applied::default();
-    let mut existing = Vec::new();
-    for result in admin.create_topics(&new_topics, &options).await? {
-        match result {
-            Ok(name) => applied.created.push(name),
-            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => existing.push(name),
-            Err((topic, code)) => return Err(TopicError::Topic { topic, code }),
-        }
-    }
-    let alters: Vec<AlterConfig> = configs
-        .iter()
-        .filter(|(name, _)| existing.contains(name))
-        .map(|(name, config)| {
-            config.iter().fold(
-                AlterConfig::new(ResourceSpecifier::Topic(name)),
-                |alter, (k, v)| alter.set(k, v),
-            )
-        })
-        .collect();
-    if !alters.is_empty() {
-        for result in admin.alter_configs(&alters, &options).await? {
-            match result {
-                Ok(rdkafka::admin::OwnedResourceSpecifier::Topic(name)) => {
-                    applied.updated.push(name);
-                }
-                Ok(_) => {}
-                Err((spec, code)) => {
-                    return Err(TopicError::Topic {
-                        topic: format!("{spec:?}"),
-                        code,
-                    });
-                }
-            }
-        }
-    }
-    Ok(applied)
-}
+#[cfg(feature = "client")]
+pub use crate::topic_admin::{Applied, TopicError, apply};
 
 #[cfg(test)]
 mod tests {

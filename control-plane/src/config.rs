@@ -81,6 +81,9 @@ pub struct SagasConfig {
     /// The longest pause between passes (timer resolution).
     #[serde(with = "humantime_serde")]
     pub tick: Duration,
+    /// How often the stalled-sagas gauge is counted.
+    #[serde(with = "humantime_serde")]
+    pub stalled_every: Duration,
 }
 
 impl Default for SagasConfig {
@@ -97,6 +100,7 @@ impl Default for SagasConfig {
             batch: 512,
             concurrency: 32,
             tick: Duration::from_millis(50),
+            stalled_every: Duration::from_secs(15),
         }
     }
 }

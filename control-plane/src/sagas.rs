@@ -90,6 +90,7 @@ pub async fn run<C>(
         batch: config.batch,
         concurrency: config.concurrency,
         tick: config.tick,
+        stalled_every: config.stalled_every,
         ..EngineSettings::default()
     };
     let engine = Arc::new(

@@ -70,6 +70,7 @@ async fn fabric() -> anyhow::Result<Service> {
         &[
             ("STATEFABRIC_API__ALLOW_ANONYMOUS", "false"),
             ("STATEFABRIC_API__OPERATORS__ALICE", TOKEN),
+            ("STATEFABRIC_SAGAS__STALLED_EVERY", "100ms"),
         ],
     )?;
     service.ready().await?;
@@ -227,6 +228,19 @@ async fn operators_act_on_sagas_and_bad_input_changes_nothing() -> anyhow::Resul
     env::eventually("the saga is STUCK", Duration::from_secs(10), || async {
         Ok((status_of(&api.saga("ops-1").await?) == "STUCK").then_some(()))
     })
+    .await?;
+    env::eventually(
+        "the stalled gauge counts it",
+        Duration::from_secs(5),
+        || async {
+            let metrics = env::http("GET", &format!("{}/metrics", service.admin), None, None)
+                .await?
+                .body;
+            Ok(metrics
+                .contains(r#"statefabric_saga_stalled{definition="ops-test"} 1"#)
+                .then_some(()))
+        },
+    )
     .await?;
     let (code, stuck) = api
         .call("GET", "/v1/sagas?stuck=true&definition=ops-test", None)
@@ -501,6 +515,37 @@ async fn the_grpc_operator_api_authenticates_and_maps_errors() -> anyhow::Result
         .await?
         .into_inner();
     assert!(graph.body.starts_with("flowchart"), "{}", graph.body);
+    // Forced compensation (nothing completed yet: it ends at once), then
+    // nothing more; abort another.
+    let compensated = client
+        .act(act(pb::Action::Compensate, b""))
+        .await?
+        .into_inner();
+    assert_eq!(compensated.status, "COMPENSATED");
+    let after = client.act(act(pb::Action::Abort, b"")).await;
+    assert_eq!(
+        after.err().map(|s| s.code()),
+        Some(Code::FailedPrecondition)
+    );
+    let other = client
+        .start_saga(authed(pb::StartSagaRequest {
+            tenant: "default".into(),
+            definition: "plan-code-critique".into(),
+            saga_id: "grpc-2".into(),
+            data_json: Vec::new(),
+        }))
+        .await?
+        .into_inner();
+    let aborted = client
+        .act(authed(pb::ActRequest {
+            saga_id: other.saga_id,
+            action: pb::Action::Abort as i32,
+            output_json: Vec::new(),
+            data_json: Vec::new(),
+        }))
+        .await?
+        .into_inner();
+    assert_eq!(aborted.status, "ABORTED");
     service.stop_with(Signal::SIGTERM).await?;
     Ok(())
 }

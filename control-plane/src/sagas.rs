@@ -91,7 +91,6 @@ pub async fn run<C>(
         concurrency: config.concurrency,
         tick: config.tick,
         stalled_every: config.stalled_every,
-        ..EngineSettings::default()
     };
     let engine = Arc::new(
         Engine::new(store, leadership, settings, definitions)

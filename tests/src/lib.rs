@@ -8,6 +8,7 @@
 //! writes to its `env.sh`. Nothing here fakes a service: when one is not
 //! running, the test fails and says to run `testenv/up.sh`.
 
+pub mod agents;
 pub mod kafka;
 pub mod lock_contract;
 pub mod process;

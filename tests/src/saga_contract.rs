@@ -58,32 +58,15 @@ pub fn transition(
     trigger: Trigger,
     effects: &[Effect],
 ) -> Transition {
-    let mut t = Transition {
-        tenant: tenant.to_owned(),
-        instance,
-        expected,
-        trigger,
-        finish: None,
-        dispatch: Vec::new(),
-        timers: Vec::new(),
-        cancel: Vec::new(),
-        history: vec![Record {
-            kind: "test".into(),
-            actor: Some("contract".into()),
-            detail: json!({}),
-        }],
-        progressed: true,
-        outbox: false,
+    let record = Record {
+        kind: "test".into(),
+        actor: Some("contract".into()),
+        detail: json!({}),
     };
-    for effect in effects {
-        match effect {
-            Effect::Dispatch(task) => t.dispatch.push(task.clone()),
-            Effect::Timer { key, kind, after } => t.timers.push((key.clone(), *kind, *after)),
-            Effect::Cancel { key } => t.cancel.push(key.clone()),
-            Effect::Status(_) => {}
-        }
+    Transition {
+        progressed: true,
+        ..Transition::of(tenant, expected, trigger, instance, effects, record)
     }
-    t
 }
 
 async fn started(f: &Fixture, definition: &Definition) -> anyhow::Result<Instance> {

@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::Row;
 use statefabric_domain::TenantId;
-use statefabric_sdk::{StateClient, Task};
+use statefabric_sdk::StateClient;
 use statefabric_tests as env;
 use statefabric_tests::process::{self, Service, Storage};
 use tokio_util::sync::CancellationToken;
@@ -55,34 +55,14 @@ async fn leads(service: &Service) -> anyhow::Result<bool> {
 type Effects = Arc<Mutex<HashMap<String, u32>>>;
 
 fn agents(client: &StateClient, effects: &Effects, stop: &CancellationToken) {
-    for agent in ["planner", "coder", "critic"] {
-        let tasks = client.tasks();
-        let effects = effects.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            while !stop.is_cancelled() {
-                let effects = effects.clone();
-                let handler = move |task: Task| {
-                    let effects = effects.clone();
-                    async move {
-                        *effects
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .entry(task.key.clone())
-                            .or_default() += 1;
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        Ok::<Value, String>(match task.action.as_str() {
-                            "critique" => json!({"verdict": "approved"}),
-                            _ => json!({"by": task.agent_type}),
-                        })
-                    }
-                };
-                if tasks.work(agent, 32, stop.clone(), handler).await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        });
-    }
+    let effects = effects.clone();
+    env::agents::approving(client, 32, Duration::from_millis(20), stop, move |task| {
+        *effects
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(task.key.clone())
+            .or_default() += 1;
+    });
 }
 
 struct Run {

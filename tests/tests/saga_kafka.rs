@@ -13,7 +13,7 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::{Value, json};
 use statefabric_domain::TenantId;
-use statefabric_sdk::{StateClient, Task};
+use statefabric_sdk::StateClient;
 use statefabric_tests as env;
 use statefabric_tests::process::{self, Storage};
 use tokio_util::sync::CancellationToken;
@@ -61,24 +61,7 @@ async fn tasks_and_replies_travel_through_the_outbox_and_kafka() -> anyhow::Resu
     .await?;
     let client = StateClient::connect(sidecar.grpc.clone()).await?;
     let stop = CancellationToken::new();
-    for agent in ["planner", "coder", "critic"] {
-        let tasks = client.tasks();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            while !stop.is_cancelled() {
-                let handler = |task: Task| async move {
-                    Ok::<Value, String>(if task.action == "critique" {
-                        json!({"verdict": "approved"})
-                    } else {
-                        json!({"by": task.agent_type, "input": task.input})
-                    })
-                };
-                if tasks.work(agent, 16, stop.clone(), handler).await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        });
-    }
+    env::agents::approving(&client, 16, Duration::ZERO, &stop, |_| {});
     const SAGAS: usize = 20;
     let mut tasks = client.tasks();
     for i in 0..SAGAS {

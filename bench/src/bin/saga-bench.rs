@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use clap::Parser;
 use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::Row;
 use statefabric_bench::{Latencies, Sidecar, fresh_tenant, report};
-use statefabric_sdk::{StateClient, Task};
+use statefabric_sdk::StateClient;
 use statefabric_tests as env;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -82,28 +82,7 @@ async fn control_plane() -> anyhow::Result<Child> {
 
 /// Agents answering at once: the critic approves.
 fn agents(client: &StateClient, stop: &CancellationToken) {
-    for agent in ["planner", "coder", "critic"] {
-        let tasks = client.tasks();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            while !stop.is_cancelled() {
-                let handler = |task: Task| async move {
-                    Ok::<Value, String>(if task.action == "critique" {
-                        json!({"verdict": "approved"})
-                    } else {
-                        json!({"ok": true})
-                    })
-                };
-                if tasks
-                    .work(agent, 1000, stop.clone(), handler)
-                    .await
-                    .is_err()
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        });
-    }
+    env::agents::approving(client, 1000, Duration::ZERO, stop, |_| {});
 }
 
 /// Starts `n` sagas through `clients` (round robin), 64 requests at a time;

@@ -386,8 +386,7 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownSaga(saga_id.to_owned()))
     }
 
-    /// The commit for `effects`, with one history line: what came in
-    /// (`record`), plus the tasks dispatched and the status reached.
+    /// [`Transition::of`], through the outbox when configured.
     fn transition(
         &self,
         tenant: &str,
@@ -395,46 +394,12 @@ impl Engine {
         trigger: Trigger,
         instance: Instance,
         effects: &[Effect],
-        mut record: Record,
+        record: Record,
     ) -> Transition {
-        let mut t = Transition {
-            tenant: tenant.to_owned(),
-            instance,
-            expected,
-            trigger,
-            finish: None,
-            dispatch: Vec::new(),
-            timers: Vec::new(),
-            cancel: Vec::new(),
-            history: Vec::new(),
-            progressed: false,
+        Transition {
             outbox: self.settings.outbox,
-        };
-        let mut dispatched = Vec::new();
-        for effect in effects {
-            match effect {
-                Effect::Dispatch(task) => {
-                    dispatched.push(json!({"task": task.key.to_string(), "agent": task.agent, "action": task.action}));
-                    t.dispatch.push(task.clone());
-                }
-                Effect::Timer { key, kind, after } => {
-                    t.timers.push((key.clone(), *kind, *after));
-                }
-                Effect::Cancel { key } => t.cancel.push(key.clone()),
-                Effect::Status(status) => {
-                    if let Some(detail) = record.detail.as_object_mut() {
-                        detail.insert("status".into(), json!(status));
-                    }
-                }
-            }
+            ..Transition::of(tenant, expected, trigger, instance, effects, record)
         }
-        if !dispatched.is_empty()
-            && let Some(detail) = record.detail.as_object_mut()
-        {
-            detail.insert("dispatched".into(), Value::Array(dispatched));
-        }
-        t.history.push(record);
-        t
     }
 
     /// Applies `input` to the saga and commits. Returns `false` when the

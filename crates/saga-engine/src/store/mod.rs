@@ -17,8 +17,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
-use statefabric_saga::machine::{Task, TimerKind};
+use serde_json::{Value, json};
+use statefabric_saga::machine::{Effect, Task, TimerKind};
 use statefabric_saga::{Definition, Instance, Status, TaskKey};
 use tokio::sync::watch;
 
@@ -140,6 +140,59 @@ pub struct Transition {
     /// Also write each dispatched task to the transactional outbox (the
     /// Kafka transport; Postgres only).
     pub outbox: bool,
+}
+
+impl Transition {
+    /// The commit of `instance`'s new state and `effects`, with one history
+    /// line: what came in (`record`), plus the tasks dispatched and the
+    /// status reached. Not yet progressed, nothing finished.
+    pub fn of(
+        tenant: &str,
+        expected: Option<i64>,
+        trigger: Trigger,
+        instance: Instance,
+        effects: &[Effect],
+        mut record: Record,
+    ) -> Self {
+        let mut t = Self {
+            tenant: tenant.to_owned(),
+            instance,
+            expected,
+            trigger,
+            finish: None,
+            dispatch: Vec::new(),
+            timers: Vec::new(),
+            cancel: Vec::new(),
+            history: Vec::new(),
+            progressed: false,
+            outbox: false,
+        };
+        let mut dispatched = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Dispatch(task) => {
+                    dispatched.push(json!({"task": task.key.to_string(), "agent": task.agent, "action": task.action}));
+                    t.dispatch.push(task.clone());
+                }
+                Effect::Timer { key, kind, after } => {
+                    t.timers.push((key.clone(), *kind, *after));
+                }
+                Effect::Cancel { key } => t.cancel.push(key.clone()),
+                Effect::Status(status) => {
+                    if let Some(detail) = record.detail.as_object_mut() {
+                        detail.insert("status".into(), json!(status));
+                    }
+                }
+            }
+        }
+        if !dispatched.is_empty()
+            && let Some(detail) = record.detail.as_object_mut()
+        {
+            detail.insert("dispatched".into(), Value::Array(dispatched));
+        }
+        t.history.push(record);
+        t
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -479,5 +479,24 @@ mod tests {
         assert!(config.uses_redis());
         assert_eq!(config.redis.url_list().len(), 3);
         assert_eq!(config.sessions.namespaces["task"].expiry, Expiry::Absolute);
+        assert_eq!(config.tasks.transport, TaskTransport::Kafka);
+    }
+
+    #[test]
+    fn kafka_tasks_need_postgres_a_broker_and_a_registry() {
+        let err = load_from(
+            SidecarConfig::defaults(),
+            None,
+            [("STATEFABRIC_TASKS__TRANSPORT", "kafka")].map(|(k, v)| (k.to_owned(), v.to_owned())),
+        )
+        .expect_err("incomplete");
+        let text = err.to_string();
+        for field in [
+            "tasks.transport",
+            "tasks.kafka_bootstrap",
+            "tasks.registry_url",
+        ] {
+            assert!(text.contains(field), "{field}: {text}");
+        }
     }
 }

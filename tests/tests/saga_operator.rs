@@ -217,7 +217,10 @@ async fn operators_act_on_sagas_and_bad_input_changes_nothing() -> anyhow::Resul
     assert_eq!(code, 200);
     let b = next_task(&mut tasks).await?;
     assert_eq!((b.step.as_str(), b.input["n"].clone()), ("B", json!(2)));
-    let late = tasks.complete(&a.key, &json!({})).await;
+    // A repeat of A's answer is accepted and changes nothing; a different
+    // answer to the finished attempt is refused.
+    tasks.complete(&a.key, &json!({"a": "again"})).await?;
+    let late = tasks.fail(&a.key, "too late").await;
     assert!(late.is_err_and(|e| e.is_conflict()), "A's attempt is over");
 
     // B fails for good → compensate A; the undo fails → STUCK; retry → done.

@@ -357,7 +357,8 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Replied {
     Accepted,
-    /// The same attempt's reply is already waiting.
+    /// The same answer for this attempt is already recorded (waiting in the
+    /// inbox, or applied): a repeat, with no second effect.
     Duplicate,
     /// The attempt is over (answered, timed out, cancelled).
     NotCurrent,
@@ -414,6 +415,18 @@ pub trait TaskQueue: Send + Sync + std::fmt::Debug + 'static {
     /// Changes when tasks for `agent` may have arrived. Subscribe before
     /// claiming, so nothing that arrives in between is missed.
     fn tasks_signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64>;
+}
+
+/// Why a reply was not queued, from what its attempt's row says now.
+pub(crate) fn not_queued(kind: &str, status: Option<TaskStatus>) -> Replied {
+    match status {
+        None => Replied::Unknown,
+        // Another answer for it waits in the inbox.
+        Some(TaskStatus::Dispatched) => Replied::Duplicate,
+        Some(TaskStatus::Completed) if kind == "completed" => Replied::Duplicate,
+        Some(TaskStatus::Failed) if kind == "failed" => Replied::Duplicate,
+        Some(_) => Replied::NotCurrent,
+    }
 }
 
 /// Saga ids go into task keys (`saga/step/visit/attempt`) and URLs.

@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Committed, DueTimer, Fence, Filter, HistoryEntry, InboxItem, InboxMessage, Replied, Result,
     SagaStore, StartRequested, StoreError, Stored, Summary, TaskQueue, TaskRow, TaskStatus,
-    Transition, Trigger, duration_ms, parse_status, parse_timer_kind, status_str, timer_kind_str,
+    Transition, Trigger, duration_ms, not_queued, parse_status, parse_timer_kind, status_str,
+    timer_kind_str,
 };
 
 const INBOX_CHANNEL: &str = "statefabric_saga_inbox";
@@ -680,11 +681,10 @@ async fn insert_reply(
             .fetch_optional(pool)
             .await
             .map_err(map_err)?;
-    Ok(match status.as_deref().map(TaskStatus::parse) {
-        None => Replied::Unknown,
-        Some(TaskStatus::Dispatched) => Replied::Duplicate,
-        Some(_) => Replied::NotCurrent,
-    })
+    Ok(not_queued(
+        message.kind(),
+        status.as_deref().map(TaskStatus::parse),
+    ))
 }
 
 async fn request_start(

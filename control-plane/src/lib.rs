@@ -51,7 +51,7 @@ pub async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()
             }
             let connected = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(4)
-                .acquire_timeout(leader.renew_every)
+                .acquire_timeout(leader.ttl / 2)
                 .connect(&leader.postgres_url)
                 .await
                 .context("connecting to Postgres (leader.postgres_url)")?;

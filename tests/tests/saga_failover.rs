@@ -193,7 +193,10 @@ async fn sigkill_mid_flight_loses_nothing_and_repeats_nothing() -> anyhow::Resul
 
     let second = control_plane(&lease, "second").await?;
     check_exactly_once(&run, SAGAS).await?;
-    assert!(leads(&second).await?);
+    env::eventually("second leads", Duration::from_secs(10), || async {
+        Ok(leads(&second).await?.then_some(()))
+    })
+    .await?;
     run.stop.cancel();
     drop(run.client);
     run.sidecar.stop_with(Signal::SIGTERM).await?;
@@ -226,7 +229,12 @@ async fn a_paused_leader_is_replaced_and_steps_down_without_writing() -> anyhow:
     })
     .await?;
     check_exactly_once(&run, SAGAS).await?;
-    assert!(leads(&second).await? && !leads(&first).await?);
+    // One leader at the end (a renewal that lapses under load may hand the
+    // lease over again; that is a new term, not two leaders).
+    env::eventually("one leader", Duration::from_secs(10), || async {
+        Ok((leads(&second).await? != leads(&first).await?).then_some(()))
+    })
+    .await?;
     run.stop.cancel();
     drop(run.client);
     run.sidecar.stop_with(Signal::SIGTERM).await?;

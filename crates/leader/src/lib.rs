@@ -147,7 +147,10 @@ pub fn keep(
             let asked = Instant::now();
             let held = tokio::select! {
                 () = stop.cancelled() => break,
-                held = tokio::time::timeout(settings.renew_every, elector.acquire(settings.ttl)) => held,
+                // Up to half the lease: a renewal that is merely slow (a busy
+                // database) still counts, and the term it grants is measured
+                // from when it was asked, so waiting longer is never unsafe.
+                held = tokio::time::timeout(settings.ttl / 2, elector.acquire(settings.ttl)) => held,
             };
             let before = view.role();
             match held {

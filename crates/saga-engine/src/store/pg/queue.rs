@@ -1,0 +1,263 @@
+//! [`PgTaskQueue`]: a sidecar's side of the Postgres saga store — claim
+//! its agent types' tasks, push deadlines, answer into the inbox, ask for
+//! starts — confined to its tenant by Row-Level Security.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{TASK_COLUMNS, TASKS_CHANNEL, listen, map_err, pool, task_row};
+use crate::store::{
+    InboxMessage, Replied, Result, StartRequested, StoreError, TaskQueue, TaskRow, TaskStatus,
+    not_queued,
+};
+
+/// A sidecar's view: its tenant's tasks and inbox.
+#[derive(Debug, Clone)]
+pub struct PgTaskQueue {
+    pool: PgPool,
+    tenant: String,
+    signals: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
+}
+
+impl PgTaskQueue {
+    /// Connects as the application role, confined to `tenant`.
+    pub async fn connect(url: &str, tenant: &str, connections: u32) -> Result<Self> {
+        Ok(Self {
+            pool: pool(url, connections, Some(tenant)).await?,
+            tenant: tenant.to_owned(),
+            signals: Arc::default(),
+        })
+    }
+
+    /// Wakes [`TaskQueue::tasks_changed`] on new tasks until `stop`.
+    pub fn listen(&self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let signals = self.signals.clone();
+        listen(
+            self.pool.clone(),
+            TASKS_CHANNEL,
+            move |payload| {
+                let Ok(signals) = signals.lock() else { return };
+                for (key, tx) in signals.iter() {
+                    if payload.is_empty() || payload == key {
+                        tx.send_modify(|n| *n += 1);
+                    }
+                }
+            },
+            stop,
+        )
+    }
+
+    fn check_tenant(&self, tenant: &str) -> Result<()> {
+        if tenant == self.tenant {
+            Ok(())
+        } else {
+            Err(StoreError::Invalid(format!(
+                "this queue serves tenant {:?}, not {tenant:?}",
+                self.tenant
+            )))
+        }
+    }
+
+    fn signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
+        // One sender per agent type this sidecar serves.
+        let key = format!("{tenant}/{agent}");
+        let mut signals = self
+            .signals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        signals
+            .entry(key)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+}
+
+#[async_trait]
+impl TaskQueue for PgTaskQueue {
+    async fn claim(
+        &self,
+        tenant: &str,
+        agent: &str,
+        worker: &str,
+        max: u32,
+    ) -> Result<Vec<TaskRow>> {
+        self.check_tenant(tenant)?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE saga_tasks SET claimed_by = $3, claimed_at = now()
+              WHERE task_key IN (
+                    SELECT task_key FROM saga_tasks
+                     WHERE tenant_id = $1 AND agent = $2 AND status = 'dispatched'
+                       AND claimed_by IS NULL
+                     ORDER BY dispatched_at LIMIT $4
+                       FOR UPDATE SKIP LOCKED)
+                AND status = 'dispatched'
+             RETURNING {TASK_COLUMNS}"
+        )))
+        .bind(tenant)
+        .bind(agent)
+        .bind(worker)
+        .bind(i64::from(max))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let mut tasks = rows.iter().map(task_row).collect::<Result<Vec<_>>>()?;
+        tasks.sort_by_key(|t| t.dispatched_at);
+        Ok(tasks)
+    }
+
+    async fn heartbeat(&self, tenant: &str, key: &str) -> Result<Option<DateTime<Utc>>> {
+        self.check_tenant(tenant)?;
+        sqlx::query_scalar(
+            "UPDATE saga_timers tm SET fire_at = now() + t.timeout_ms * interval '1 millisecond'
+               FROM saga_tasks t
+              WHERE tm.task_key = $1 AND tm.kind = 'deadline'
+                AND t.task_key = tm.task_key AND t.status = 'dispatched'
+             RETURNING tm.fire_at",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)
+    }
+
+    async fn reply(
+        &self,
+        tenant: &str,
+        sender: &str,
+        saga_id: &str,
+        message: InboxMessage,
+    ) -> Result<Replied> {
+        self.check_tenant(tenant)?;
+        insert_reply(&self.pool, tenant, sender, saga_id, message).await
+    }
+
+    async fn request_start(
+        &self,
+        tenant: &str,
+        sender: &str,
+        saga_id: &str,
+        definition: &str,
+        data: Value,
+    ) -> Result<StartRequested> {
+        self.check_tenant(tenant)?;
+        request_start(&self.pool, tenant, sender, saga_id, definition, data).await
+    }
+
+    async fn release(&self, tenant: &str, keys: Option<&[String]>) -> Result<u64> {
+        self.check_tenant(tenant)?;
+        release(&self.pool, tenant, keys).await
+    }
+
+    fn tasks_signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
+        self.signal(tenant, agent)
+    }
+}
+
+/// A reply into the inbox, if its attempt is still out; otherwise why not.
+pub(super) async fn insert_reply(
+    pool: &PgPool,
+    tenant: &str,
+    sender: &str,
+    saga_id: &str,
+    message: InboxMessage,
+) -> Result<Replied> {
+    let Some(key) = message.task_key().map(str::to_owned) else {
+        return Err(StoreError::Invalid("a reply names its task".into()));
+    };
+    let body = serde_json::to_value(&message).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO saga_inbox (tenant_id, saga_id, kind, task_key, body, sender)
+             SELECT $1, t.saga_id, $3, $4, $5, $6 FROM saga_tasks t
+              WHERE t.task_key = $4 AND t.saga_id = $2 AND t.status = 'dispatched'
+             ON CONFLICT (task_key) WHERE task_key IS NOT NULL DO NOTHING
+             RETURNING inbox_id",
+    )
+    .bind(tenant)
+    .bind(saga_id)
+    .bind(message.kind())
+    .bind(&key)
+    .bind(&body)
+    .bind(sender)
+    .fetch_optional(pool)
+    .await
+    .map_err(map_err)?;
+    if inserted.is_some() {
+        return Ok(Replied::Accepted);
+    }
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM saga_tasks WHERE task_key = $1 AND saga_id = $2")
+            .bind(&key)
+            .bind(saga_id)
+            .fetch_optional(pool)
+            .await
+            .map_err(map_err)?;
+    Ok(not_queued(
+        message.kind(),
+        status.as_deref().map(TaskStatus::parse),
+    ))
+}
+
+async fn request_start(
+    pool: &PgPool,
+    tenant: &str,
+    sender: &str,
+    saga_id: &str,
+    definition: &str,
+    data: Value,
+) -> Result<StartRequested> {
+    let known: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM saga_definitions WHERE name = $1)")
+            .bind(definition)
+            .fetch_one(pool)
+            .await
+            .map_err(map_err)?;
+    if !known {
+        return Ok(StartRequested::UnknownDefinition);
+    }
+    let message = InboxMessage::Start {
+        definition: definition.to_owned(),
+        data,
+    };
+    let body = serde_json::to_value(&message).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO saga_inbox (tenant_id, saga_id, kind, body, sender)
+             SELECT $1, $2, 'start', $3, $4
+              WHERE NOT EXISTS (SELECT 1 FROM saga_instances WHERE saga_id = $2)
+             ON CONFLICT (saga_id) WHERE kind = 'start' DO NOTHING
+             RETURNING inbox_id",
+    )
+    .bind(tenant)
+    .bind(saga_id)
+    .bind(&body)
+    .bind(sender)
+    .fetch_optional(pool)
+    .await
+    .map_err(map_err)?;
+    Ok(if inserted.is_some() {
+        StartRequested::Accepted
+    } else {
+        StartRequested::Exists
+    })
+}
+
+async fn release(pool: &PgPool, tenant: &str, keys: Option<&[String]>) -> Result<u64> {
+    let released = sqlx::query(
+        "UPDATE saga_tasks SET claimed_by = NULL, claimed_at = NULL
+              WHERE tenant_id = $1 AND status = 'dispatched' AND claimed_by IS NOT NULL
+                AND ($2::text[] IS NULL OR task_key = ANY ($2))",
+    )
+    .bind(tenant)
+    .bind(keys)
+    .execute(pool)
+    .await
+    .map_err(map_err)?
+    .rows_affected();
+    Ok(released)
+}

@@ -177,6 +177,20 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// A TCP port free at the time of the call, for a child process to bind.
+/// `N` different free ports: all bound at once, then released, so two of
+/// them can never be the same port.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    std::array::from_fn(|i| {
+        listeners[i]
+            .local_addr()
+            .map(|a| a.port())
+            .expect("a bound port")
+    })
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

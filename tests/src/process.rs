@@ -1,6 +1,7 @@
 //! Running the real binaries as child processes.
 
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -21,17 +22,44 @@ pub struct Service {
     pub api: String,
     /// Its gRPC form.
     pub api_grpc: String,
+    /// Everything written to stderr so far (the last `STDERR_KEEP` bytes),
+    /// read as it comes: a child must never block on a full pipe.
+    stderr: Arc<Mutex<Vec<u8>>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
     /// Holds the embedded store's files for the process's lifetime.
     _data: tempfile::TempDir,
+}
+
+/// How much of a child's stderr is kept.
+const STDERR_KEEP: usize = 256 * 1024;
+
+/// Drains `pipe` into `into`, keeping the tail.
+fn drain(
+    mut pipe: tokio::process::ChildStderr,
+    into: Arc<Mutex<Vec<u8>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut chunk = [0u8; 8192];
+        while let Ok(n) = pipe.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+            let mut kept = into
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            kept.extend_from_slice(&chunk[..n]);
+            if kept.len() > STDERR_KEEP {
+                let cut = kept.len() - STDERR_KEEP;
+                kept.drain(..cut);
+            }
+        }
+    })
 }
 
 /// Starts `binary` with free admin and gRPC ports, a private data directory
 /// and a 5 s drain deadline, plus `extra_env`.
 pub fn spawn(binary: &str, args: &[&str], extra_env: &[(&str, &str)]) -> anyhow::Result<Service> {
-    let admin_port = crate::free_port();
-    let grpc_port = crate::free_port();
-    let api_port = crate::free_port();
-    let api_grpc_port = crate::free_port();
+    let [admin_port, grpc_port, api_port, api_grpc_port] = crate::free_ports();
     let data = tempfile::tempdir()?;
     let mut command = Command::new(crate::binary(binary));
     command
@@ -65,11 +93,15 @@ pub fn spawn(binary: &str, args: &[&str], extra_env: &[(&str, &str)]) -> anyhow:
     for (k, v) in extra_env {
         command.env(k, v);
     }
-    let child = command
+    let mut child = command
         .spawn()
         .with_context(|| format!("spawning {binary}"))?;
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let reader = child.stderr.take().map(|pipe| drain(pipe, stderr.clone()));
     Ok(Service {
         child,
+        stderr,
+        reader,
         admin: format!("http://127.0.0.1:{admin_port}"),
         grpc: format!("http://127.0.0.1:{grpc_port}"),
         api: format!("http://127.0.0.1:{api_port}"),
@@ -121,12 +153,16 @@ impl Service {
         Ok(())
     }
 
+    /// What the process wrote to stderr (all of it once it has exited).
     async fn stderr(&mut self) -> String {
-        let mut stderr = String::new();
-        if let Some(mut pipe) = self.child.stderr.take() {
-            let _ = pipe.read_to_string(&mut stderr).await;
+        if let Some(reader) = self.reader.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
         }
-        stderr
+        let kept = self
+            .stderr
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        String::from_utf8_lossy(&kept).into_owned()
     }
 }
 

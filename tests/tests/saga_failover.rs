@@ -183,10 +183,20 @@ async fn sigkill_mid_flight_loses_nothing_and_repeats_nothing() -> anyhow::Resul
     const SAGAS: usize = 200;
     let run = start_run(SAGAS).await?;
     let pool = sqlx::PgPool::connect(&env::pg_admin_url()).await?;
-    env::eventually("some sagas done", Duration::from_secs(30), || async {
+    let started = env::eventually("some sagas done", Duration::from_secs(60), || async {
         Ok((count(&pool, &run.tenant, "DONE").await? >= 10).then_some(()))
     })
-    .await?;
+    .await;
+    if let Err(err) = started {
+        let statuses: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT status, count(*) FROM saga_instances WHERE tenant_id = $1 GROUP BY 1",
+        )
+        .bind(&run.tenant)
+        .fetch_all(&pool)
+        .await?;
+        let (_, stderr) = first.stop_with(Signal::SIGTERM).await?;
+        anyhow::bail!("{err}: sagas by status {statuses:?}; control plane:\n{stderr}");
+    }
     let done = count(&pool, &run.tenant, "DONE").await?;
     assert!(done < SAGAS as i64, "killed in the middle ({done} done)");
     first.stop_with(Signal::SIGKILL).await.ok();

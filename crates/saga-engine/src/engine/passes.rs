@@ -205,7 +205,12 @@ impl Engine {
                     .advance(fence, &item.saga_id, trigger, input, record)
                     .await
                 {
-                    Err(EngineError::UnknownSaga(_)) => {
+                    // Replies that can never apply are dropped, so they
+                    // cannot crowd the head of the inbox pass after pass.
+                    Err(
+                        err @ (EngineError::UnknownSaga(_) | EngineError::UnknownDefinition(_)),
+                    ) => {
+                        tracing::warn!(saga = %item.saga_id, error = %err, "dropping a reply that cannot apply");
                         self.store.discard(Some(fence), item.id).await?;
                     }
                     other => {

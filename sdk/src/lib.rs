@@ -37,7 +37,8 @@
 //! saga, and take and answer an agent type's tasks — [`TaskClient::work`]
 //! runs a handler per task with heartbeats.
 //!
-//! See `examples/quickstart.rs` for a runnable tour.
+//! See `examples/quickstart.rs` for a runnable tour, and `examples/agent.rs`
+//! for agents on the task API running a saga.
 
 mod client;
 pub mod context;

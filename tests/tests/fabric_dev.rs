@@ -166,3 +166,31 @@ async fn page_draws_the_saga(service: &Service) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The SDK's agent example (workers and a saga) runs against `fabric dev`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_agent_example_runs_a_saga() -> anyhow::Result<()> {
+    let mut service = process::spawn("fabric", &["dev"], &[])?;
+    service.ready().await?;
+    let output = tokio::process::Command::new(env::binary("examples/agent"))
+        .arg(&service.grpc)
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "agent example failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for line in [
+        "planner plan",
+        "coder code",
+        "critic critique",
+        "critique approved",
+    ] {
+        assert!(stdout.contains(line), "{line}:\n{stdout}");
+    }
+    let (code, _) = service.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    Ok(())
+}

@@ -177,6 +177,22 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// A TCP port free at the time of the call, for a child process to bind.
+/// Runs one of the SDK's examples (`examples/<name>`) against `endpoint`
+/// and returns what it printed; fails with its output if it fails.
+pub async fn run_example(name: &str, endpoint: &str) -> anyhow::Result<String> {
+    let output = tokio::process::Command::new(binary(&format!("examples/{name}")))
+        .arg(endpoint)
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    anyhow::ensure!(
+        output.status.success(),
+        "example {name} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(stdout)
+}
+
 /// `N` different free ports: all bound at once, then released, so two of
 /// them can never be the same port.
 pub fn free_ports<const N: usize>() -> [u16; N] {

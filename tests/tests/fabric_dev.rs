@@ -172,16 +172,7 @@ async fn page_draws_the_saga(service: &Service) -> anyhow::Result<()> {
 async fn the_sdk_agent_example_runs_a_saga() -> anyhow::Result<()> {
     let mut service = process::spawn("fabric", &["dev"], &[])?;
     service.ready().await?;
-    let output = tokio::process::Command::new(env::binary("examples/agent"))
-        .arg(&service.grpc)
-        .output()
-        .await?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "agent example failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = env::run_example("agent", &service.grpc).await?;
     for line in [
         "planner plan",
         "coder code",

@@ -54,9 +54,11 @@ async fn leads(service: &Service) -> anyhow::Result<bool> {
 /// Effects applied by the test agents, per task key.
 type Effects = Arc<Mutex<HashMap<String, u32>>>;
 
+/// Slow enough (8 at a time per agent type, 50 ms each) that a kill lands
+/// with most sagas still in flight.
 fn agents(client: &StateClient, effects: &Effects, stop: &CancellationToken) {
     let effects = effects.clone();
-    env::agents::approving(client, 32, Duration::from_millis(20), stop, move |task| {
+    env::agents::approving(client, 8, Duration::from_millis(50), stop, move |task| {
         *effects
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

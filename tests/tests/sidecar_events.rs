@@ -505,17 +505,7 @@ async fn health_and_reflection_are_served() -> anyhow::Result<()> {
 #[tokio::test]
 async fn the_sdk_quickstart_example_runs() -> anyhow::Result<()> {
     let service = sidecar(Backend::Sqlite, &tenant(), &[]).await?;
-    let example = env::binary("examples/quickstart");
-    let output = tokio::process::Command::new(example)
-        .arg(&service.grpc)
-        .output()
-        .await?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "quickstart failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = env::run_example("quickstart", &service.grpc).await?;
     assert!(stdout.contains("stale write refused"), "{stdout}");
     assert!(stdout.contains("retry replayed: true"), "{stdout}");
     assert!(stdout.contains("feed delivered all 3 events"), "{stdout}");

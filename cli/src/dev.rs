@@ -20,11 +20,8 @@ use statefabric_leader::{LeaseSettings, Solo};
 use statefabric_runtime::{
     AdminConfig, Issues, ServiceConfig, ServiceContext, ShutdownConfig, TelemetryConfig,
 };
-use statefabric_saga_engine::TaskQueue;
-use statefabric_saga_engine::store::sqlite::SqliteSagaStore;
 use statefabric_sidecar::SidecarConfig;
 use statefabric_sidecar::config::{Backend, SessionsConfig, SidecarSection, StorageConfig};
-use statefabric_store::sqlite::SqliteEventStore;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -119,26 +116,17 @@ impl ServiceConfig for DevConfig {
 pub async fn serve(ctx: ServiceContext<DevConfig>, demo: bool) -> anyhow::Result<()> {
     // Not ready until the State API listens (set by the sidecar).
     let _opening = ctx.readiness.check("state_api");
-    let sidecar = ctx.config.sidecar_config();
-    let tenant = sidecar.tenant()?;
-    let path = &sidecar.storage.sqlite.path;
-    let events = SqliteEventStore::open(sidecar.storage.sqlite.clone())
-        .await
-        .with_context(|| format!("opening {}", path.display()))?;
-    events.create_tenant(&tenant, "").await?;
-    let sagas = SqliteSagaStore::new(events.writer_pool().clone(), events.reader().clone());
-    // One process owns the file: claims from before a restart are held by
-    // workers that are gone, so their tasks are offered again at once.
-    let released = sagas.release(tenant.as_str(), None).await?;
-    if released > 0 {
-        tracing::info!(released, "offered tasks claimed before the restart again");
-    }
-    let storage = statefabric_sidecar::Storage {
-        events: Arc::new(events.clone()),
-        context: Arc::new(events),
-        notifications: None,
-        tasks: Arc::new(sagas.clone()),
+    let sidecar_ctx = ServiceContext {
+        config: ctx.config.sidecar_config(),
+        readiness: ctx.readiness.clone(),
+        shutdown: ctx.shutdown.clone(),
+        metrics: ctx.metrics.clone(),
     };
+    let storage = statefabric_sidecar::open_storage(&sidecar_ctx).await?;
+    let sagas = storage
+        .sagas
+        .clone()
+        .context("fabric dev runs on the embedded store")?;
     let mut kept = None;
     ctx.register_metrics(|registry| {
         kept = Some(statefabric_leader::keep(
@@ -168,7 +156,7 @@ pub async fn serve(ctx: ServiceContext<DevConfig>, demo: bool) -> anyhow::Result
         operator_api = %api,
         saga_page = %format!("{api}/ui"),
         admin = %ctx.config.admin.listen,
-        data = %path.display(),
+        data = %sidecar_ctx.config.storage.sqlite.path.display(),
         "fabric dev running; Ctrl-C to stop"
     );
     if demo {
@@ -176,15 +164,9 @@ pub async fn serve(ctx: ServiceContext<DevConfig>, demo: bool) -> anyhow::Result
             grpc,
             engine,
             format!("{api}/ui"),
-            sidecar.sidecar.tenant.clone(),
+            sidecar_ctx.config.sidecar.tenant.clone(),
             ctx.shutdown.token(),
         ));
     }
-    let sidecar_ctx = ServiceContext {
-        config: sidecar,
-        readiness: ctx.readiness.clone(),
-        shutdown: ctx.shutdown.clone(),
-        metrics: ctx.metrics.clone(),
-    };
     statefabric_sidecar::serve_with(sidecar_ctx, storage).await
 }

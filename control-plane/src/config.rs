@@ -415,4 +415,35 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn saga_and_api_settings_that_cannot_work_are_named() {
+        let err = load_from(
+            ControlPlaneConfig::defaults(),
+            None,
+            [
+                ("STATEFABRIC_SAGAS__STORE", "postgres"),
+                ("STATEFABRIC_SAGAS__TRANSPORT", "kafka"),
+                ("STATEFABRIC_SAGAS__TICK", "0s"),
+                ("STATEFABRIC_API__LISTEN", "0.0.0.0:7502"),
+                ("STATEFABRIC_API__ALLOW_ANONYMOUS", "true"),
+                ("STATEFABRIC_API__OPERATORS__ALICE", "short"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for (field, why) in [
+            ("sagas.store", "leader.backend = postgres"),
+            ("sagas.transport", "relay"),
+            ("sagas.tick", "between"),
+            ("api.allow_anonymous", "loopback"),
+            ("api.operators", "16 characters"),
+        ] {
+            assert!(
+                text.contains(field) && text.contains(why),
+                "{field}: {text}"
+            );
+        }
+    }
 }

@@ -34,10 +34,7 @@ pub async fn open_store<C>(
             let store = PgSagaStore::connect(url, config.connections)
                 .await
                 .context("connecting the saga store to Postgres")?;
-            let listening = store.listen(ctx.shutdown.token());
-            ctx.shutdown.spawn(async move {
-                let _ = listening.await;
-            });
+            ctx.shutdown.spawn(store.listen(ctx.shutdown.token()));
             Arc::new(store)
         }
         SagaBackend::Sqlite => {

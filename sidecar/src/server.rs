@@ -50,6 +50,10 @@ pub struct Storage {
     pub notifications: Option<String>,
     /// Saga tasks for this tenant's agents.
     pub tasks: Arc<dyn TaskQueue>,
+    /// The embedded saga store behind `tasks` (SQLite only), for an engine
+    /// in the same process (`fabric dev`): it must be this very store, whose
+    /// in-process signals connect the engine and the task API.
+    pub sagas: Option<SqliteSagaStore>,
 }
 
 /// Opens the configured storage, applying migrations where this process is
@@ -67,13 +71,17 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
             store.create_tenant(&tenant, "").await?;
             let sagas = SqliteSagaStore::new(store.writer_pool().clone(), store.reader().clone());
             // One process owns the file: claims from before a restart are
-            // held by workers that are gone.
-            sagas.release(tenant.as_str(), None).await?;
+            // held by workers that are gone, so their tasks are offered again.
+            let released = sagas.release(tenant.as_str(), None).await?;
+            if released > 0 {
+                tracing::info!(released, "offered tasks claimed before the restart again");
+            }
             Ok(Storage {
                 events: Arc::new(store.clone()),
                 context: Arc::new(store),
                 notifications: None,
-                tasks: Arc::new(sagas),
+                tasks: Arc::new(sagas.clone()),
+                sagas: Some(sagas),
             })
         }
         Backend::Postgres => {
@@ -94,12 +102,7 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
             )
             .await
             .context("connecting the task queue to Postgres")?;
-            ctx.shutdown.spawn({
-                let listening = tasks.listen(ctx.shutdown.token());
-                async move {
-                    let _ = listening.await;
-                }
-            });
+            ctx.shutdown.spawn(tasks.listen(ctx.shutdown.token()));
             let tasks: Arc<dyn TaskQueue> = match config.tasks.transport {
                 TaskTransport::Tables => Arc::new(tasks),
                 #[cfg(not(feature = "kafka"))]
@@ -127,6 +130,7 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
                 context: Arc::new(store),
                 notifications: Some(config.storage.postgres.url.clone()),
                 tasks,
+                sagas: None,
             })
         }
     }

@@ -70,45 +70,44 @@ async fn pool(url: &str, connections: u32, tenant: Option<&str>) -> Result<PgPoo
         .map_err(|e| StoreError::Unavailable(e.to_string()))
 }
 
-/// Bumps `signal` on every notification on `channel` (and after each
-/// reconnect, when some may have been missed).
-fn listen(
+/// Calls `on_payload` on every notification on `channel` (and with an
+/// empty payload after each (re)connect, when some may have been missed),
+/// until `stop`. The caller spawns it where its other tasks live.
+async fn listen(
     pool: PgPool,
     channel: &'static str,
     on_payload: impl Fn(&str) + Send + 'static,
     stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        while !stop.is_cancelled() {
-            let mut listener = match PgListener::connect_with(&pool).await {
-                Ok(l) => l,
-                Err(err) => {
-                    tracing::warn!(error = %err, channel, "cannot listen; retrying");
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
-            };
-            if let Err(err) = listener.listen(channel).await {
-                tracing::warn!(error = %err, channel, "LISTEN failed; retrying");
-                continue;
-            }
-            on_payload("");
-            loop {
+) {
+    while !stop.is_cancelled() {
+        let listener = match PgListener::connect_with(&pool).await {
+            Ok(mut l) => l.listen(channel).await.map(|()| l),
+            Err(err) => Err(err),
+        };
+        let mut listener = match listener {
+            Ok(l) => l,
+            Err(err) => {
+                tracing::warn!(error = %err, channel, "cannot listen; retrying");
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    received = listener.recv() => match received {
-                        Ok(n) => on_payload(n.payload()),
-                        Err(err) => {
-                            tracing::warn!(error = %err, channel, "listener lost; reconnecting");
-                            break;
-                        }
-                    },
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 }
             }
+        };
+        on_payload("");
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                received = listener.recv() => match received {
+                    Ok(n) => on_payload(n.payload()),
+                    Err(err) => {
+                        tracing::warn!(error = %err, channel, "listener lost; reconnecting");
+                        break;
+                    }
+                },
+            }
         }
-    })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -130,8 +129,11 @@ impl PgSagaStore {
         &self.pool
     }
 
-    /// Wakes [`SagaStore::inbox_changed`] on new inbox rows until `stop`.
-    pub fn listen(&self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    /// Wakes [`SagaStore::inbox_signal`] on new inbox rows until `stop`.
+    pub fn listen(
+        &self,
+        stop: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let signal = self.inbox.clone();
         listen(
             self.pool.clone(),

@@ -36,8 +36,11 @@ impl PgTaskQueue {
         })
     }
 
-    /// Wakes [`TaskQueue::tasks_changed`] on new tasks until `stop`.
-    pub fn listen(&self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    /// Wakes [`TaskQueue::tasks_signal`] on new tasks until `stop`.
+    pub fn listen(
+        &self,
+        stop: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let signals = self.signals.clone();
         listen(
             self.pool.clone(),

@@ -40,13 +40,15 @@ install_packages() {
 # ---------------------------------------------------------------- jars
 fetch_jars() {
   local mvn=(mvn -B -q -Dmaven.repo.local="${MAVEN_REPO:-$HOME/.m2/repository}")
-  if [[ ! -f $JARS/kafka/.done-$KAFKA_VERSION ]]; then
+  # The marker names the version and the pom's hash: a changed pom refetches.
+  local kafka_done; kafka_done=$JARS/kafka/.done-$KAFKA_VERSION-$(sha1sum "$TESTENV_DIR/maven/kafka/pom.xml" | cut -c1-12)
+  if [[ ! -f $kafka_done ]]; then
     log "fetching Kafka $KAFKA_VERSION jars from Maven Central"
     rm -rf "$JARS/kafka"
     "${mvn[@]}" -f "$TESTENV_DIR/maven/kafka/pom.xml" dependency:copy-dependencies \
       -Dkafka.version="$KAFKA_VERSION" -DincludeScope=runtime -DoutputDirectory="$JARS/kafka" \
       >"$LOGS/maven-kafka.log" 2>&1 || die "Maven fetch of Kafka failed; see $LOGS/maven-kafka.log"
-    touch "$JARS/kafka/.done-$KAFKA_VERSION"
+    touch "$kafka_done"
   fi
   local plugin=$JARS/connect-plugins/debezium-connector-postgres
   if [[ ! -f $plugin/.done-$DEBEZIUM_VERSION ]]; then
@@ -209,18 +211,53 @@ EOF
 
 JVM_COMMON=(-Xms64m -XX:+UseSerialGC -Djava.awt.headless=true)
 
+# SCRAM users exist from the storage format on (KRaft keeps them in its
+# metadata), so a change of users or of the listener layout reformats the
+# test broker: its data is disposable. The controller listener uses PLAIN
+# (SCRAM is not available to KRaft controllers); clients and inter-broker
+# traffic use SCRAM-SHA-512.
+kafka_layout() {
+  printf '%s\n' sasl-v1 "$KAFKA_SASL_MECHANISM" \
+    "$KAFKA_ADMIN_USER:$KAFKA_ADMIN_PASSWORD" "$KAFKA_CONTROL_USER:$KAFKA_CONTROL_PASSWORD" \
+    "$KAFKA_SIDECAR_USER:$KAFKA_SIDECAR_PASSWORD" "$KAFKA_CONNECT_USER:$KAFKA_CONNECT_PASSWORD" \
+    "$KAFKA_INTRUDER_USER:$KAFKA_INTRUDER_PASSWORD" | sha1sum | cut -c1-16
+}
+
+# scram_jaas USER PASSWORD: a client login for the SCRAM listener.
+scram_jaas() {
+  printf 'org.apache.kafka.common.security.scram.ScramLoginModule required username="%s" password="%s";' "$1" "$2"
+}
+
+# client_props PREFIX USER PASSWORD: client settings for Kafka's own tools
+# and for Connect (which takes them once per client kind, by prefix).
+client_props() {
+  printf '%ssecurity.protocol=SASL_PLAINTEXT\n%ssasl.mechanism=%s\n%ssasl.jaas.config=%s\n' \
+    "$1" "$1" "$KAFKA_SASL_MECHANISM" "$1" "$(scram_jaas "$2" "$3")"
+}
+
 start_kafka() {
-  local dir=$STATE/kafka props=$STATE/kafka/server.properties
+  local dir=$STATE/kafka props=$STATE/kafka/server.properties layout; layout=$(kafka_layout)
   mkdir -p "$dir"
+  local plain_jaas="org.apache.kafka.common.security.plain.PlainLoginModule required username=\"$KAFKA_ADMIN_USER\" password=\"$KAFKA_ADMIN_PASSWORD\" user_$KAFKA_ADMIN_USER=\"$KAFKA_ADMIN_PASSWORD\";"
+  local mech_lower; mech_lower=$(tr 'A-Z' 'a-z' <<<"$KAFKA_SASL_MECHANISM")
   cat > "$props" <<EOF
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listeners=CLIENT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=CLIENT://127.0.0.1:$KAFKA_PORT
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=CLIENT
+listener.security.protocol.map=CLIENT:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT
+sasl.enabled.mechanisms=$KAFKA_SASL_MECHANISM
+sasl.mechanism.inter.broker.protocol=$KAFKA_SASL_MECHANISM
+listener.name.client.$mech_lower.sasl.jaas.config=$(scram_jaas "$KAFKA_ADMIN_USER" "$KAFKA_ADMIN_PASSWORD")
+sasl.mechanism.controller.protocol=PLAIN
+listener.name.controller.sasl.enabled.mechanisms=PLAIN
+listener.name.controller.plain.sasl.jaas.config=$plain_jaas
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:$KAFKA_ADMIN_USER
+allow.everyone.if.no.acl.found=false
 log.dirs=$dir/data
 num.partitions=3
 offsets.topic.replication.factor=1
@@ -233,17 +270,57 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=true
 EOF
+  client_props "" "$KAFKA_ADMIN_USER" "$KAFKA_ADMIN_PASSWORD" > "$dir/admin.properties"
+  if [[ $(cat "$dir/layout" 2>/dev/null) != "$layout" ]]; then
+    stop_pid connect   # its state topics go with the broker's data
+    stop_pid kafka
+    rm -rf "$dir/data" "$dir/acls.applied"
+  fi
   pid_alive kafka && port_open "$KAFKA_PORT" && return 0
   if [[ ! -f $dir/data/meta.properties ]]; then
     local id; id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
-    log "formatting Kafka storage (cluster $id)"
+    local scram=() u
+    for u in ADMIN CONTROL SIDECAR CONNECT INTRUDER; do
+      local user=KAFKA_${u}_USER password=KAFKA_${u}_PASSWORD
+      scram+=(--add-scram "$KAFKA_SASL_MECHANISM=[name=${!user},password=${!password}]")
+    done
+    log "formatting Kafka storage (cluster $id) with the SCRAM users"
     "$JAVA" "${JVM_COMMON[@]}" -Dlog4j2.configurationFile="$STATE/log4j2.properties" -cp "$JARS/kafka/*" \
-      kafka.tools.StorageTool format -t "$id" -c "$props" >"$LOGS/kafka-format.log" 2>&1 \
+      kafka.tools.StorageTool format -t "$id" -c "$props" "${scram[@]}" >"$LOGS/kafka-format.log" 2>&1 \
       || die "Kafka storage format failed; see $LOGS/kafka-format.log"
+    echo "$layout" > "$dir/layout"
   fi
   log "starting Kafka on $KAFKA_PORT"
   start_java kafka "$LOGS/kafka.log" "${JVM_COMMON[@]}" -Xmx768m \
     -Dlog4j2.configurationFile="$STATE/log4j2.properties" -cp "$JARS/kafka/*" kafka.Kafka "$props"
+}
+
+# Applies testenv/kafka-acls.tsv (once per content: each line is a JVM run).
+apply_kafka_acls() {
+  local dir=$STATE/kafka table=$TESTENV_DIR/kafka-acls.tsv digest
+  digest=$(sha1sum "$table" | cut -c1-16)
+  [[ $(cat "$dir/acls.applied" 2>/dev/null) == "$digest" ]] && return 0
+  log "applying the Kafka ACLs ($table)"
+  local principal resource pattern name ops
+  while IFS=$'\t' read -r principal resource pattern name ops; do
+    [[ -z $principal || $principal == \#* ]] && continue
+    local user_var=KAFKA_${principal^^}_USER args op op_list
+    args=(--bootstrap-server "127.0.0.1:$KAFKA_PORT" --command-config "$dir/admin.properties"
+          --add --force --allow-principal "User:${!user_var}" --resource-pattern-type "$pattern")
+    case $resource in
+      topic) args+=(--topic "$name") ;;
+      group) args+=(--group "$name") ;;
+      transactionalId) args+=(--transactional-id "$name") ;;
+      cluster) args+=(--cluster) ;;
+      *) die "kafka-acls.tsv: unknown resource $resource" ;;
+    esac
+    IFS=, read -r -a op_list <<< "$ops"
+    for op in "${op_list[@]}"; do args+=(--operation "$op"); done
+    "$JAVA" "${JVM_COMMON[@]}" -Dlog4j2.configurationFile="$STATE/log4j2.properties" -cp "$JARS/kafka/*" \
+      org.apache.kafka.tools.AclCommand "${args[@]}" >>"$LOGS/kafka-acls.log" 2>&1 \
+      || die "applying a Kafka ACL failed ($principal $resource $name); see $LOGS/kafka-acls.log"
+  done < "$table"
+  echo "$digest" > "$dir/acls.applied"
 }
 
 kafka_ready() { port_open "$KAFKA_PORT" && grep -q "Kafka Server started" "$LOGS/kafka.log"; }
@@ -252,6 +329,10 @@ start_connect() {
   local props=$STATE/connect.properties
   cat > "$props" <<EOF
 bootstrap.servers=127.0.0.1:$KAFKA_PORT
+$(client_props "" "$KAFKA_CONNECT_USER" "$KAFKA_CONNECT_PASSWORD")
+$(client_props producer. "$KAFKA_CONNECT_USER" "$KAFKA_CONNECT_PASSWORD")
+$(client_props consumer. "$KAFKA_CONNECT_USER" "$KAFKA_CONNECT_PASSWORD")
+$(client_props admin. "$KAFKA_CONNECT_USER" "$KAFKA_CONNECT_PASSWORD")
 group.id=statefabric-connect
 listeners=http://127.0.0.1:$CONNECT_PORT
 rest.advertised.host.name=127.0.0.1
@@ -301,6 +382,7 @@ start_redis
 start_kafka
 start_registry            # independent of Kafka: boots while the broker does
 wait_for "Kafka" 120 kafka_ready
+apply_kafka_acls
 start_connect
 wait_for "Schema Registry" 120 registry_ready
 wait_for "Kafka Connect (with Debezium)" 180 connect_ready

@@ -58,12 +58,38 @@ enum Command {
     },
 }
 
+/// How `fabric` reaches Kafka (SASL/SCRAM when a username is given).
+#[derive(Debug, clap::Args)]
+struct KafkaArgs {
+    #[arg(long, env = "STATEFABRIC_KAFKA_BOOTSTRAP")]
+    bootstrap: String,
+    #[arg(long, env = "STATEFABRIC_KAFKA_USERNAME", default_value = "")]
+    username: String,
+    #[arg(
+        long,
+        env = "STATEFABRIC_KAFKA_PASSWORD",
+        default_value = "",
+        hide_env_values = true
+    )]
+    password: String,
+}
+
+#[cfg(feature = "kafka")]
+impl KafkaArgs {
+    fn brokers(&self) -> statefabric_kafka::brokers::Brokers {
+        statefabric_kafka::brokers::Brokers::new(
+            &self.bootstrap,
+            statefabric_kafka::brokers::KafkaAuth::scram(&self.username, &self.password),
+        )
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum DlqCommand {
     /// Lists a dead-letter topic: position, why, and the original message.
     List {
-        #[arg(long, env = "STATEFABRIC_KAFKA_BOOTSTRAP")]
-        bootstrap: String,
+        #[command(flatten)]
+        kafka: KafkaArgs,
         /// The dead-letter topic (dlq.<consumed topic>).
         #[arg(long)]
         topic: String,
@@ -72,8 +98,8 @@ enum DlqCommand {
     },
     /// Sends one dead letter back to the topic it came from.
     Replay {
-        #[arg(long, env = "STATEFABRIC_KAFKA_BOOTSTRAP")]
-        bootstrap: String,
+        #[command(flatten)]
+        kafka: KafkaArgs,
         #[arg(long)]
         topic: String,
         #[arg(long)]
@@ -95,12 +121,12 @@ async fn dlq(command: DlqCommand) -> ExitCode {
     let timeout = Duration::from_secs(10);
     match command {
         DlqCommand::List {
-            bootstrap,
+            kafka,
             topic,
             limit,
         } => {
             let listed = tokio::task::spawn_blocking(move || {
-                dead_letter::list(&bootstrap, &topic, limit, timeout)
+                dead_letter::list(&kafka.brokers(), &topic, limit, timeout)
             })
             .await;
             match listed {
@@ -133,20 +159,22 @@ async fn dlq(command: DlqCommand) -> ExitCode {
             }
         }
         DlqCommand::Replay {
-            bootstrap,
+            kafka,
             topic,
             partition,
             offset,
-        } => match dead_letter::replay(&bootstrap, &topic, partition, offset, timeout).await {
-            Ok(origin) => {
-                println!("replayed {topic}/{partition}/{offset} to {origin}");
-                ExitCode::SUCCESS
+        } => {
+            match dead_letter::replay(&kafka.brokers(), &topic, partition, offset, timeout).await {
+                Ok(origin) => {
+                    println!("replayed {topic}/{partition}/{offset} to {origin}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("fabric dlq replay: {err}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(err) => {
-                eprintln!("fabric dlq replay: {err}");
-                ExitCode::FAILURE
-            }
-        },
+        }
     }
 }
 

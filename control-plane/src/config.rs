@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use statefabric_kafka::brokers::{Brokers, KafkaAuth};
 use statefabric_kafka::topics::TopicSettings;
 use statefabric_runtime::{AdminConfig, Issues, ServiceConfig, ShutdownConfig, TelemetryConfig};
 
@@ -33,6 +34,9 @@ pub struct ControlPlaneConfig {
     pub sagas: SagasConfig,
     #[serde(default)]
     pub api: ApiConfig,
+    /// This process's Kafka login (relay, reply consumer, lag monitor).
+    #[serde(default)]
+    pub kafka: KafkaAuth,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -217,6 +221,12 @@ pub struct RelayConfig {
     pub topics: TopicSettings,
 }
 
+impl RelayConfig {
+    pub fn brokers(&self, auth: &KafkaAuth) -> Brokers {
+        Brokers::new(&self.kafka_bootstrap, auth.clone())
+    }
+}
+
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
@@ -288,6 +298,7 @@ impl ControlPlaneConfig {
             lag: LagConfig::default(),
             sagas: SagasConfig::default(),
             api: ApiConfig::default(),
+            kafka: KafkaAuth::default(),
         }
     }
 }
@@ -302,6 +313,7 @@ impl ServiceConfig for ControlPlaneConfig {
         "lag",
         "sagas",
         "api",
+        "kafka",
     ];
 
     fn admin(&self) -> &AdminConfig {
@@ -346,6 +358,9 @@ impl ServiceConfig for ControlPlaneConfig {
                     "kafka needs the outbox relay ([relay] enabled = true)",
                 );
             }
+        }
+        if let Some(problem) = self.kafka.problem() {
+            issues.push("kafka.password", problem);
         }
         let r = &self.relay;
         if r.enabled {
@@ -428,6 +443,7 @@ mod tests {
                 ("STATEFABRIC_API__LISTEN", "0.0.0.0:7502"),
                 ("STATEFABRIC_API__ALLOW_ANONYMOUS", "true"),
                 ("STATEFABRIC_API__OPERATORS__ALICE", "short"),
+                ("STATEFABRIC_KAFKA__USERNAME", "statefabric-control-plane"),
             ]
             .map(|(k, v)| (k.to_owned(), v.to_owned())),
         )
@@ -439,6 +455,7 @@ mod tests {
             ("sagas.tick", "between"),
             ("api.allow_anonymous", "loopback"),
             ("api.operators", "16 characters"),
+            ("kafka.password", "needs a password"),
         ] {
             assert!(
                 text.contains(field) && text.contains(why),

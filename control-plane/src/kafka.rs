@@ -33,7 +33,7 @@ pub fn start(
     };
     if let (Some(store), SagaTransport::Kafka) = (saga_store, ctx.config.sagas.transport) {
         let replies = ReplyConsumer {
-            bootstrap: relay.kafka_bootstrap.clone(),
+            brokers: relay.brokers(&ctx.config.kafka),
             codec: codec(),
             store,
             topics: relay.topics,
@@ -46,7 +46,7 @@ pub fn start(
         let pool = pool.context("the relay needs the Postgres leader backend")?;
         let running = Relay::new(
             RelaySettings {
-                bootstrap: relay.kafka_bootstrap.clone(),
+                brokers: relay.brokers(&ctx.config.kafka),
                 transactional_id: relay.transactional_id.clone(),
                 lease: ctx.config.leader.name.clone(),
                 batch: relay.batch,
@@ -64,7 +64,10 @@ pub fn start(
     let lag = &ctx.config.lag;
     if !lag.groups.is_empty() {
         let monitor = LagMonitor::new(
-            &lag.kafka_bootstrap,
+            statefabric_kafka::brokers::Brokers::new(
+                &lag.kafka_bootstrap,
+                ctx.config.kafka.clone(),
+            ),
             lag.groups
                 .iter()
                 .map(|(group, list)| (group.clone(), topics(list)))

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use statefabric_domain::{AgentId, TenantId};
+use statefabric_kafka::brokers::KafkaAuth;
 use statefabric_redis::RedisConfig;
 use statefabric_runtime::{AdminConfig, Issues, ServiceConfig, ShutdownConfig, TelemetryConfig};
 use statefabric_session::{Expiry, Policy};
@@ -38,6 +39,9 @@ pub struct SidecarConfig {
     pub updates: UpdatesConfig,
     #[serde(default)]
     pub tasks: TasksConfig,
+    /// This sidecar's Kafka login (the Kafka task transport).
+    #[serde(default)]
+    pub kafka: KafkaAuth,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -253,6 +257,7 @@ impl SidecarConfig {
             sessions: SessionsConfig::default(),
             updates: UpdatesConfig::default(),
             tasks: TasksConfig::default(),
+            kafka: KafkaAuth::default(),
         }
     }
 
@@ -288,6 +293,7 @@ impl ServiceConfig for SidecarConfig {
         "sessions",
         "updates",
         "tasks",
+        "kafka",
     ];
 
     fn admin(&self) -> &AdminConfig {
@@ -324,6 +330,9 @@ impl ServiceConfig for SidecarConfig {
                 "sidecar.cache_max_entries",
                 "the cache bounds must be at least 1",
             );
+        }
+        if let Some(problem) = self.kafka.problem() {
+            issues.push("kafka.password", problem);
         }
         if self.tasks.transport == TaskTransport::Kafka {
             if self.storage.backend != Backend::Postgres {

@@ -117,7 +117,10 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
                     let registry = Arc::new(RegistryClient::new(&t.registry_url, t.timeout));
                     Arc::new(KafkaTaskQueue::new(
                         Arc::new(tasks),
-                        &t.kafka_bootstrap,
+                        &statefabric_kafka::brokers::Brokers::new(
+                            &t.kafka_bootstrap,
+                            config.kafka.clone(),
+                        ),
                         Arc::new(AvroCodec::new(registry)),
                         t.buffer,
                         t.timeout,

@@ -6,12 +6,68 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use serde_json::{Value, json};
+use statefabric_kafka::brokers::{Brokers, KafkaAuth};
+
+/// The test broker's principals (`testenv/services.env`; their ACLs are in
+/// `testenv/kafka-acls.tsv`). Tests set up and check with the admin; the
+/// processes under test log in as the component they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Principal {
+    /// The super user.
+    Admin,
+    ControlPlane,
+    Sidecar,
+    Connect,
+    /// Holds no ACL at all.
+    Intruder,
+}
+
+impl Principal {
+    fn key(self) -> &'static str {
+        match self {
+            Self::Admin => "ADMIN",
+            Self::ControlPlane => "CONTROL",
+            Self::Sidecar => "SIDECAR",
+            Self::Connect => "CONNECT",
+            Self::Intruder => "INTRUDER",
+        }
+    }
+
+    pub fn auth(self) -> KafkaAuth {
+        let key = self.key();
+        KafkaAuth::scram(
+            crate::setting(&format!("KAFKA_{key}_USER")),
+            crate::setting(&format!("KAFKA_{key}_PASSWORD")),
+        )
+    }
+
+    pub fn brokers(self) -> Brokers {
+        Brokers::new(crate::kafka_bootstrap(), self.auth())
+    }
+
+    /// A client configuration logged in as this principal.
+    pub fn client(self) -> ClientConfig {
+        self.brokers().client()
+    }
+
+    /// The environment that logs a Statefabric process in as this principal.
+    pub fn process_env(self) -> Vec<(&'static str, String)> {
+        let auth = self.auth();
+        vec![
+            ("STATEFABRIC_KAFKA__USERNAME", auth.username),
+            ("STATEFABRIC_KAFKA__PASSWORD", auth.password),
+        ]
+    }
+}
+
+/// A client configuration for the tests' own setup and checks (the admin).
+pub fn admin() -> ClientConfig {
+    Principal::Admin.client()
+}
 
 /// Creates `name` with `partitions` partitions on the test broker.
 pub async fn create_topic(name: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", crate::kafka_bootstrap())
-        .create()?;
+    let admin: AdminClient<DefaultClientContext> = admin().create()?;
     for result in admin
         .create_topics(
             &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
@@ -75,6 +131,19 @@ pub async fn register_debezium() -> anyhow::Result<()> {
         "registering the connector: {} {}",
         put.status,
         put.body
+    );
+    // A task that failed in an earlier run (Connect keeps it across runs)
+    // starts again; a running one is left alone.
+    let restart = format!(
+        "{}/connectors/{DEBEZIUM_CONNECTOR}/restart?includeTasks=true&onlyFailed=true",
+        crate::connect_url()
+    );
+    let restarted = crate::http("POST", &restart, None, None).await?;
+    anyhow::ensure!(
+        matches!(restarted.status, 200..=204),
+        "restarting the connector's failed tasks: {} {}",
+        restarted.status,
+        restarted.body
     );
     Ok(())
 }

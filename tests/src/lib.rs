@@ -44,7 +44,7 @@ fn services() -> &'static HashMap<String, String> {
     })
 }
 
-fn setting(key: &str) -> String {
+pub(crate) fn setting(key: &str) -> String {
     services()
         .get(key)
         .cloned()

@@ -12,7 +12,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use statefabric_kafka::dead_letter::{self, DeadLetters, Failure, Handled, RetryPolicy};
 use statefabric_tests as env;
 
@@ -21,11 +21,12 @@ async fn failing_messages_are_dead_lettered_and_can_be_replayed() -> anyhow::Res
     let run = uuid::Uuid::new_v4().simple().to_string();
     let topic = format!("dlq-test-{run}");
     let group = format!("dlq-group-{run}");
-    let bootstrap = env::kafka_bootstrap();
+    let (bootstrap, brokers) = (
+        env::kafka_bootstrap(),
+        env::kafka::Principal::Admin.brokers(),
+    );
     env::kafka::create_topic(&topic, 1).await?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()?;
+    let producer: FutureProducer = env::kafka::admin().create()?;
     for payload in ["ok-1", "garbage", "ok-2", "poison", "ok-3"] {
         producer
             .send(
@@ -38,14 +39,13 @@ async fn failing_messages_are_dead_lettered_and_can_be_replayed() -> anyhow::Res
             .await
             .map_err(|(e, _)| e)?;
     }
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
+    let consumer: StreamConsumer = env::kafka::admin()
         .set("group.id", &group)
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()?;
     consumer.subscribe(&[&topic])?;
-    let dead = DeadLetters::new(&bootstrap, &group, Duration::from_secs(10))?;
+    let dead = DeadLetters::new(&brokers, &group, Duration::from_secs(10))?;
     let policy = RetryPolicy {
         max_attempts: 3,
         initial_backoff: Duration::from_millis(20),
@@ -111,9 +111,9 @@ async fn failing_messages_are_dead_lettered_and_can_be_replayed() -> anyhow::Res
 
     let dlq = format!("dlq.{topic}");
     let letters = {
-        let (bootstrap, dlq) = (bootstrap.clone(), dlq.clone());
+        let (brokers, dlq) = (brokers.clone(), dlq.clone());
         tokio::task::spawn_blocking(move || {
-            dead_letter::list(&bootstrap, &dlq, 100, Duration::from_secs(10))
+            dead_letter::list(&brokers, &dlq, 100, Duration::from_secs(10))
         })
         .await??
     };
@@ -143,6 +143,8 @@ async fn failing_messages_are_dead_lettered_and_can_be_replayed() -> anyhow::Res
     // The operator lists them with the CLI, then replays the poison.
     let listed = tokio::process::Command::new(env::binary("fabric"))
         .args(["dlq", "list", "--bootstrap", &bootstrap, "--topic", &dlq])
+        .args(["--username", &brokers.auth.username])
+        .env("STATEFABRIC_KAFKA_PASSWORD", &brokers.auth.password)
         .output()
         .await?;
     assert!(
@@ -165,7 +167,10 @@ async fn failing_messages_are_dead_lettered_and_can_be_replayed() -> anyhow::Res
             &poison.partition.to_string(),
             "--offset",
             &poison.offset.to_string(),
+            "--username",
+            &brokers.auth.username,
         ])
+        .env("STATEFABRIC_KAFKA_PASSWORD", &brokers.auth.password)
         .output()
         .await?;
     assert!(
@@ -174,8 +179,7 @@ async fn failing_messages_are_dead_lettered_and_can_be_replayed() -> anyhow::Res
         String::from_utf8_lossy(&replayed.stderr)
     );
     // It is back on the original topic, after the five.
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
+    let reader: BaseConsumer = env::kafka::admin()
         .set("group.id", format!("dlq-check-{run}"))
         .create()?;
     let mut tpl = TopicPartitionList::new();

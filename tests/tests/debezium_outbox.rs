@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use serde_json::{Value, json};
@@ -89,8 +88,7 @@ async fn an_appended_event_arrives_on_its_routed_topic() -> anyhow::Result<()> {
     let _ = written;
 
     let topic = format!("cdc.events.{stream_type}");
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", env::kafka_bootstrap())
+    let consumer: StreamConsumer = env::kafka::admin()
         .set("group.id", format!("cdc-test-{run}"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")

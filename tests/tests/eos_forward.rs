@@ -11,13 +11,12 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use statefabric_tests as env;
 
 /// Every message on `topic` (one partition) as `isolation` sees it.
 fn read_all(topic: &str, isolation: &str) -> anyhow::Result<Vec<String>> {
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", env::kafka_bootstrap())
+    let reader: BaseConsumer = env::kafka::admin()
         .set(
             "group.id",
             format!("reader-{}", uuid::Uuid::new_v4().simple()),
@@ -45,12 +44,9 @@ fn read_all(topic: &str, isolation: &str) -> anyhow::Result<Vec<String>> {
 async fn a_forwarder_killed_before_commit_forwards_each_message_once() -> anyhow::Result<()> {
     let run = uuid::Uuid::new_v4().simple().to_string();
     let (input, output) = (format!("eos-in-{run}"), format!("eos-out-{run}"));
-    let bootstrap = env::kafka_bootstrap();
     env::kafka::create_topic(&input, 1).await?;
     env::kafka::create_topic(&output, 1).await?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()?;
+    let producer: FutureProducer = env::kafka::admin().create()?;
     for i in 0..10 {
         producer
             .send(
@@ -63,7 +59,6 @@ async fn a_forwarder_killed_before_commit_forwards_each_message_once() -> anyhow
     let forwarder = |crash_after: Option<&str>| {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_eos-forwarder"));
         command
-            .env("BOOTSTRAP", &bootstrap)
             .env("IN_TOPIC", &input)
             .env("OUT_TOPIC", &output)
             .env("GROUP", format!("eos-group-{run}"))

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use statefabric_tests as env;
 
@@ -27,11 +26,8 @@ async fn a_consumer_killed_between_effect_and_commit_applies_nothing_twice() -> 
     .execute(&owner)
     .await?;
 
-    let bootstrap = env::kafka_bootstrap();
     env::kafka::create_topic(&topic, 2).await?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()?;
+    let producer: FutureProducer = env::kafka::admin().create()?;
     for i in 0..10 {
         producer
             .send(
@@ -47,7 +43,6 @@ async fn a_consumer_killed_between_effect_and_commit_applies_nothing_twice() -> 
     let consumer = |crash_after: Option<&str>| {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_inbox-consumer"));
         command
-            .env("BOOTSTRAP", &bootstrap)
             .env("TOPIC", &topic)
             .env("GROUP", &group)
             .env("PG_URL", env::pg_admin_url())

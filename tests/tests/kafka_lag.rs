@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use statefabric_kafka::lag::LagMonitor;
 use statefabric_tests as env;
 
 fn commit(group: &str, topic: &str, offset: i64) -> anyhow::Result<()> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", env::kafka_bootstrap())
+    let consumer: BaseConsumer = env::kafka::admin()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()?;
@@ -29,9 +28,7 @@ async fn lag_is_what_a_group_has_not_committed() -> anyhow::Result<()> {
     let run = uuid::Uuid::new_v4().simple().to_string();
     let topic = format!("lag-test-{run}");
     env::kafka::create_topic(&topic, 2).await?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", env::kafka_bootstrap())
-        .create()?;
+    let producer: FutureProducer = env::kafka::admin().create()?;
     for i in 0..10 {
         producer
             .send(
@@ -52,7 +49,8 @@ async fn lag_is_what_a_group_has_not_committed() -> anyhow::Result<()> {
     commit(&behind, &topic, 4)?;
     commit(&caught_up, &topic, 10)?;
     let monitor = LagMonitor::new(
-        &env::kafka_bootstrap(),
+        // As the control plane, whose ACLs it runs under.
+        env::kafka::Principal::ControlPlane.brokers(),
         BTreeMap::from([
             (caught_up.clone(), vec![topic.clone()]),
             (behind.clone(), vec![topic.clone()]),

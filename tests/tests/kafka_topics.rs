@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use serde_json::Value;
@@ -15,9 +14,7 @@ use statefabric_tests as env;
 #[tokio::test]
 async fn the_plan_is_applied_idempotently_with_each_class_settings() -> anyhow::Result<()> {
     let run = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", env::kafka_bootstrap())
-        .create()?;
+    let admin: AdminClient<DefaultClientContext> = env::kafka::admin().create()?;
     let aggregate = format!("plan_{run}");
     let agent = format!("agent_{run}");
     let planned: Vec<_> = topics::plan(&[&aggregate], &[&agent])

@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use serde_json::json;
@@ -34,7 +33,8 @@ async fn appended_events_reach_their_topic_once_and_in_order() -> anyhow::Result
     let lease = format!("relay-{run}");
     let bootstrap = env::kafka_bootstrap();
     let registry = env::registry_url();
-    let txid = format!("relay-test-{run}");
+    let txid = format!("statefabric-outbox-relay-test-{run}");
+    let login = env::kafka::Principal::ControlPlane.process_env();
     // The consumer's group, watched by the control plane's lag monitor.
     let group = format!("relaygroup{run}");
     let lag_var = format!("STATEFABRIC_LAG__GROUPS__{}", group.to_uppercase());
@@ -60,6 +60,8 @@ async fn appended_events_reach_their_topic_once_and_in_order() -> anyhow::Result
             ("STATEFABRIC_LAG__KAFKA_BOOTSTRAP", bootstrap.as_str()),
             ("STATEFABRIC_LAG__INTERVAL", "200ms"),
             (lag_var.as_str(), topic.as_str()),
+            (login[0].0, login[0].1.as_str()),
+            (login[1].0, login[1].1.as_str()),
         ],
     )?;
     cp.ready().await?;
@@ -97,8 +99,7 @@ async fn appended_events_reach_their_topic_once_and_in_order() -> anyhow::Result
         w.await??;
     }
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
+    let consumer: StreamConsumer = env::kafka::admin()
         .set("group.id", &group)
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")

@@ -9,7 +9,6 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::{Value, json};
 use statefabric_domain::TenantId;
@@ -24,7 +23,11 @@ async fn tasks_and_replies_travel_through_the_outbox_and_kafka() -> anyhow::Resu
     let (control, admin) = (env::pg_control_url(), env::pg_admin_url());
     let (bootstrap, registry) = (env::kafka_bootstrap(), env::registry_url());
     let lease = format!("sagas-kafka-{run}");
-    let txid = format!("saga-relay-{run}");
+    let txid = format!("statefabric-outbox-relay-sagas-{run}");
+    let (control_login, sidecar_login) = (
+        env::kafka::Principal::ControlPlane.process_env(),
+        env::kafka::Principal::Sidecar.process_env(),
+    );
     let cp = process::spawn(
         "statefabric-control-plane",
         &[],
@@ -41,6 +44,8 @@ async fn tasks_and_replies_travel_through_the_outbox_and_kafka() -> anyhow::Resu
             ("STATEFABRIC_RELAY__TOPICS__MIN_INSYNC_REPLICAS", "1"),
             ("STATEFABRIC_SAGAS__TRANSPORT", "kafka"),
             ("STATEFABRIC_API__ALLOW_ANONYMOUS", "true"),
+            (control_login[0].0, control_login[0].1.as_str()),
+            (control_login[1].0, control_login[1].1.as_str()),
         ],
     );
     let mut cp = cp?;
@@ -56,6 +61,8 @@ async fn tasks_and_replies_travel_through_the_outbox_and_kafka() -> anyhow::Resu
             ("STATEFABRIC_TASKS__TRANSPORT", "kafka"),
             ("STATEFABRIC_TASKS__KAFKA_BOOTSTRAP", bootstrap.as_str()),
             ("STATEFABRIC_TASKS__REGISTRY_URL", registry.as_str()),
+            (sidecar_login[0].0, sidecar_login[0].1.as_str()),
+            (sidecar_login[1].0, sidecar_login[1].1.as_str()),
         ],
     )
     .await?;
@@ -103,8 +110,7 @@ async fn tasks_and_replies_travel_through_the_outbox_and_kafka() -> anyhow::Resu
     assert_eq!(plan["input"]["task"], "task 0");
 
     let topic = format!("sagas.commands.planner.{tenant}");
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
+    let consumer: BaseConsumer = env::kafka::admin()
         .set("group.id", format!("check-{run}"))
         .create()?;
     let (low, high) = consumer.fetch_watermarks(&topic, 0, Duration::from_secs(10))?;

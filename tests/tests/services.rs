@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -171,12 +170,10 @@ async fn slot_owners(
 /// `read_committed` consumer; its aborted batch never is.
 #[tokio::test]
 async fn kafka_transactions_hide_aborted_batches() -> anyhow::Result<()> {
-    let bootstrap = env::kafka_bootstrap();
+    let _bootstrap = env::kafka_bootstrap();
     let topic = format!("smoke-tx-{}", uuid::Uuid::new_v4());
 
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()?;
+    let admin: AdminClient<DefaultClientContext> = env::kafka::admin().create()?;
     let created = admin
         .create_topics(
             &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
@@ -188,8 +185,7 @@ async fn kafka_transactions_hide_aborted_batches() -> anyhow::Result<()> {
         result.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
     }
 
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
+    let producer: FutureProducer = env::kafka::admin()
         .set(
             "transactional.id",
             format!("smoke-{}", uuid::Uuid::new_v4()),
@@ -238,8 +234,7 @@ async fn kafka_transactions_hide_aborted_batches() -> anyhow::Result<()> {
         .map_err(|(e, _)| anyhow::anyhow!("send end: {e}"))?;
     producer.commit_transaction(timeout)?;
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
+    let consumer: StreamConsumer = env::kafka::admin()
         .set("group.id", format!("smoke-{}", uuid::Uuid::new_v4()))
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -49,8 +48,7 @@ fn since(micros: i64) -> Duration {
 }
 
 fn consumer(group: &str, committed_only: bool) -> anyhow::Result<StreamConsumer> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", env::kafka_bootstrap())
+    Ok(env::kafka::admin()
         .set("group.id", group)
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
@@ -119,10 +117,11 @@ async fn start_control_plane(run: &str) -> anyhow::Result<tokio::process::Child>
         .env("STATEFABRIC_LEADER__NAME", format!("bench-{run}"))
         .env("STATEFABRIC_RELAY__ENABLED", "true")
         .env("STATEFABRIC_RELAY__KAFKA_BOOTSTRAP", env::kafka_bootstrap())
+        .envs(env::kafka::Principal::ControlPlane.process_env())
         .env("STATEFABRIC_RELAY__REGISTRY_URL", env::registry_url())
         .env(
             "STATEFABRIC_RELAY__TRANSACTIONAL_ID",
-            format!("bench-{run}"),
+            format!("statefabric-outbox-relay-bench-{run}"),
         )
         .env("STATEFABRIC_RELAY__BATCH", "2000")
         .env("STATEFABRIC_RELAY__IDLE_POLL", "2ms")
@@ -235,8 +234,7 @@ async fn main() -> anyhow::Result<()> {
     // The raw baseline: produce and consume at the same rate.
     let topic = format!("bench-raw-{run}");
     let raw_consumer = consumer(&format!("bench-raw-{run}"), false)?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", env::kafka_bootstrap())
+    let producer: FutureProducer = env::kafka::admin()
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "1")

@@ -6,12 +6,13 @@
 //! dead letters and replay one to its original topic ([`list`],
 //! [`replay`]; also `fabric dlq`).
 
+use crate::brokers::Brokers;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::topics::dead_letter_topic;
 
@@ -101,13 +102,13 @@ fn random() -> f64 {
 
 impl DeadLetters {
     pub fn new(
-        bootstrap: &str,
+        brokers: &Brokers,
         group: &str,
         timeout: Duration,
     ) -> rdkafka::error::KafkaResult<Self> {
         Ok(Self {
-            producer: ClientConfig::new()
-                .set("bootstrap.servers", bootstrap)
+            producer: brokers
+                .client()
                 .set("acks", "all")
                 .set("enable.idempotence", "true")
                 .create()?,
@@ -215,13 +216,13 @@ pub struct DeadLetter {
 /// Reads a dead-letter topic from the start to its current end (at most
 /// `limit` messages), without joining any group.
 pub fn list(
-    bootstrap: &str,
+    brokers: &Brokers,
     dlq_topic: &str,
     limit: usize,
     timeout: Duration,
 ) -> rdkafka::error::KafkaResult<Vec<DeadLetter>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let consumer: BaseConsumer = brokers
+        .client()
         .set("group.id", "statefabric-dlq-reader")
         .set("enable.auto.commit", "false")
         .create()?;
@@ -291,13 +292,13 @@ pub enum ReplayError {
 /// Sends one dead letter back to the topic it came from (key, value and
 /// its original headers; the `dlq.*` ones dropped). Returns that topic.
 pub async fn replay(
-    bootstrap: &str,
+    brokers: &Brokers,
     dlq_topic: &str,
     partition: i32,
     offset: i64,
     timeout: Duration,
 ) -> Result<String, ReplayError> {
-    let letters = list(bootstrap, dlq_topic, usize::MAX, timeout)?;
+    let letters = list(brokers, dlq_topic, usize::MAX, timeout)?;
     let letter = letters
         .into_iter()
         .find(|l| l.partition == partition && l.offset == offset)
@@ -311,10 +312,7 @@ pub async fn replay(
         .get("topic")
         .cloned()
         .ok_or(ReplayError::NoOrigin)?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("acks", "all")
-        .create()?;
+    let producer: FutureProducer = brokers.client().set("acks", "all").create()?;
     let headers = OwnedHeaders::new().insert(Header {
         key: "replayed_from",
         value: Some(format!("{dlq_topic}/{partition}/{offset}").as_str()),

@@ -7,6 +7,7 @@
 //! cheap "all offsets of every group" call in librdkafka's client, and
 //! naming them keeps the label set bounded.
 
+use crate::brokers::Brokers;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -16,7 +17,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -31,7 +32,7 @@ pub type Lags = BTreeMap<(String, String, i32), i64>;
 
 #[derive(Clone)]
 pub struct LagMonitor {
-    bootstrap: String,
+    brokers: Brokers,
     /// group → topics.
     targets: BTreeMap<String, Vec<String>>,
     timeout: Duration,
@@ -50,9 +51,13 @@ impl std::fmt::Debug for LagMonitor {
 }
 
 impl LagMonitor {
-    pub fn new(bootstrap: &str, targets: BTreeMap<String, Vec<String>>, timeout: Duration) -> Self {
+    pub fn new(
+        brokers: Brokers,
+        targets: BTreeMap<String, Vec<String>>,
+        timeout: Duration,
+    ) -> Self {
         Self {
-            bootstrap: bootstrap.to_owned(),
+            brokers,
             targets,
             timeout,
             gauges: Family::default(),
@@ -132,8 +137,8 @@ impl LagMonitor {
             return Ok(reader.clone());
         }
         let reader: Arc<BaseConsumer> = Arc::new(
-            ClientConfig::new()
-                .set("bootstrap.servers", &self.bootstrap)
+            self.brokers
+                .client()
                 .set("group.id", group)
                 .set("enable.auto.commit", "false")
                 .create()?,

@@ -16,15 +16,19 @@
 //! Saga tasks and replies over Kafka (the saga engine's production
 //! transport): [`saga_transport`].
 //!
+//! Every client starts from [`brokers::Brokers`]: bootstrap list and SASL
+//! login.
+//!
 //! Partial (the Kafka issue): Kafka to Kafka in one transaction is proven
 //! by a test program (`tests/src/bin/eos-forwarder.rs`) but not packaged as
 //! a reusable consumer framework here, there is no backpressure by pausing
-//! partitions, and no ACLs. (Debezium's connector is
+//! partitions. (Debezium's connector is
 //! configuration: `k8s/kafka/`.)
 
 // Everything that talks to a broker needs librdkafka (the `client`
 // feature, on by default); the topic plan's names and settings do not, so
 // the embedded build can do without native Kafka libraries.
+pub mod brokers;
 #[cfg(feature = "client")]
 pub mod dead_letter;
 #[cfg(feature = "client")]

@@ -19,6 +19,7 @@
 //! then waits for a probe instead of piling up timeouts. A transaction left
 //! open (shutdown, lost leadership, a failure) is aborted explicitly.
 
+use crate::brokers::Brokers;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +28,6 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::Value;
@@ -48,7 +48,7 @@ pub const SAGA_COMMAND: &str = "saga.command";
 
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
-    pub bootstrap: String,
+    pub brokers: Brokers,
     /// Shared by every replica (Kafka fences the older producer).
     pub transactional_id: String,
     /// The leader lease whose epoch guards the deletes.
@@ -244,8 +244,10 @@ impl Relay {
     }
 
     async fn open(&self, epoch: u64) -> Result<Session, RelayError> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &self.settings.bootstrap)
+        let producer: FutureProducer = self
+            .settings
+            .brokers
+            .client()
             .set("transactional.id", &self.settings.transactional_id)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -286,9 +288,7 @@ impl Relay {
         if missing.is_empty() {
             return Ok(());
         }
-        let admin = ClientConfig::new()
-            .set("bootstrap.servers", &self.settings.bootstrap)
-            .create()?;
+        let admin = self.settings.brokers.client().create()?;
         topics::apply(
             &admin,
             &missing,

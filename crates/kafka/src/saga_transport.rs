@@ -20,13 +20,13 @@
 //! the saga tables directly (`heartbeat` pushes a deadline, which only the
 //! database can do atomically with the engine's timer check).
 
+use crate::brokers::Brokers;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -67,7 +67,7 @@ struct Feed {
 pub struct KafkaTaskQueue {
     /// Heartbeats and start requests (the saga tables).
     tables: Arc<dyn TaskQueue>,
-    bootstrap: String,
+    brokers: Brokers,
     codec: Arc<AvroCodec>,
     producer: FutureProducer,
     reply_writer: Arc<OnceCell<WriterSchema>>,
@@ -81,7 +81,7 @@ pub struct KafkaTaskQueue {
 impl std::fmt::Debug for KafkaTaskQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaTaskQueue")
-            .field("bootstrap", &self.bootstrap)
+            .field("bootstrap", &self.brokers.bootstrap)
             .field("buffer", &self.buffer)
             .finish_non_exhaustive()
     }
@@ -90,14 +90,14 @@ impl std::fmt::Debug for KafkaTaskQueue {
 impl KafkaTaskQueue {
     pub fn new(
         tables: Arc<dyn TaskQueue>,
-        bootstrap: &str,
+        brokers: &Brokers,
         codec: Arc<AvroCodec>,
         buffer: usize,
         timeout: Duration,
         stop: CancellationToken,
     ) -> Result<Self> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
+        let producer: FutureProducer = brokers
+            .client()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "1")
@@ -106,7 +106,7 @@ impl KafkaTaskQueue {
             .map_err(unavailable)?;
         Ok(Self {
             tables,
-            bootstrap: bootstrap.to_owned(),
+            brokers: brokers.clone(),
             codec,
             producer,
             reply_writer: Arc::default(),
@@ -127,8 +127,9 @@ impl KafkaTaskQueue {
             return Ok(feed.clone());
         }
         let topic = topics::tenant_commands_topic(agent, tenant);
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
+        let consumer: StreamConsumer = self
+            .brokers
+            .client()
             .set("group.id", format!("statefabric-agents.{agent}.{tenant}"))
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")
@@ -371,7 +372,7 @@ impl TaskQueue for KafkaTaskQueue {
 /// The leader's side of the way back: replies from Kafka into the inbox.
 #[derive(Debug)]
 pub struct ReplyConsumer {
-    pub bootstrap: String,
+    pub brokers: Brokers,
     pub codec: Arc<AvroCodec>,
     pub store: Arc<dyn SagaStore>,
     pub topics: TopicSettings,
@@ -399,10 +400,7 @@ impl ReplyConsumer {
     }
 
     async fn lead(&self, leadership: &Leadership, stop: &CancellationToken) -> Logged {
-        let admin = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .create()
-            .map_err(|e| e.to_string())?;
+        let admin = self.brokers.client().create().map_err(|e| e.to_string())?;
         topics::apply(
             &admin,
             &[Planned {
@@ -414,8 +412,9 @@ impl ReplyConsumer {
         )
         .await
         .map_err(|e| e.to_string())?;
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
+        let consumer: StreamConsumer = self
+            .brokers
+            .client()
             .set("group.id", ENGINE_GROUP)
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")

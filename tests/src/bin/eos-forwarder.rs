@@ -11,7 +11,7 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 fn var(name: &str) -> anyhow::Result<String> {
     std::env::var(name).map_err(|_| anyhow::anyhow!("{name} is not set"))
@@ -19,14 +19,12 @@ fn var(name: &str) -> anyhow::Result<String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let bootstrap = var("BOOTSTRAP")?;
     let (input, output, group) = (var("IN_TOPIC")?, var("OUT_TOPIC")?, var("GROUP")?);
     let crash_after: Option<u64> = std::env::var("CRASH_AFTER")
         .ok()
         .and_then(|v| v.parse().ok());
     let timeout = Duration::from_secs(10);
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
+    let consumer: StreamConsumer = statefabric_tests::kafka::admin()
         .set("group.id", &group)
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
@@ -34,8 +32,7 @@ async fn main() -> anyhow::Result<()> {
         .set("session.timeout.ms", "6000")
         .create()?;
     consumer.subscribe(&[&input])?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
+    let producer: FutureProducer = statefabric_tests::kafka::admin()
         .set("transactional.id", var("TXID")?)
         .set("enable.idempotence", "true")
         .create()?;

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use statefabric_kafka::inbox::Inbox;
@@ -17,7 +16,7 @@ fn var(name: &str) -> anyhow::Result<String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let (bootstrap, topic, group) = (var("BOOTSTRAP")?, var("TOPIC")?, var("GROUP")?);
+    let (topic, group) = (var("TOPIC")?, var("GROUP")?);
     let table = var("EFFECTS_TABLE")?;
     let crash_after: Option<u64> = std::env::var("CRASH_AFTER")
         .ok()
@@ -27,8 +26,7 @@ async fn main() -> anyhow::Result<()> {
         .connect(&var("PG_URL")?)
         .await?;
     let inbox = Inbox::new(pool, &group);
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
+    let consumer: StreamConsumer = statefabric_tests::kafka::admin()
         .set("group.id", &group)
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")

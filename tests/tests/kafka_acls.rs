@@ -1,0 +1,221 @@
+//! Kafka security on the real broker, which the test environment runs with
+//! SASL/SCRAM and the standard ACL authorizer: the Strimzi users in
+//! `k8s/kafka/users.yaml` grant what the test broker grants, and a
+//! principal is refused where it holds no ACL, with nothing written.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+use statefabric_tests as env;
+use statefabric_tests::kafka::Principal;
+
+/// (user, resource type, pattern, name, operation)
+type Grant = (String, String, String, String, String);
+
+fn repo_file(path: &str) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path),
+    )?)
+}
+
+fn principal(short: &str) -> anyhow::Result<Principal> {
+    Ok(match short {
+        "control" => Principal::ControlPlane,
+        "sidecar" => Principal::Sidecar,
+        "connect" => Principal::Connect,
+        other => anyhow::bail!("kafka-acls.tsv names an unknown principal {other:?}"),
+    })
+}
+
+fn test_broker_grants() -> anyhow::Result<BTreeSet<Grant>> {
+    let mut grants = BTreeSet::new();
+    for line in repo_file("testenv/kafka-acls.tsv")?.lines() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split('\t').collect();
+        let [who, resource, pattern, name, operations] = fields[..] else {
+            anyhow::bail!("kafka-acls.tsv: not five tab-separated fields: {line:?}");
+        };
+        let user = principal(who)?.auth().username;
+        let pattern = if pattern == "prefixed" {
+            "prefix"
+        } else {
+            pattern
+        };
+        for op in operations.split(',') {
+            grants.insert((
+                user.clone(),
+                resource.to_owned(),
+                pattern.to_owned(),
+                name.to_owned(),
+                op.to_owned(),
+            ));
+        }
+    }
+    Ok(grants)
+}
+
+fn strimzi_grants() -> anyhow::Result<BTreeSet<Grant>> {
+    let mut grants = BTreeSet::new();
+    for doc in repo_file("k8s/kafka/users.yaml")?.split("\n---\n").skip(1) {
+        let user: Value = yaml_serde::from_str(doc)?;
+        assert_eq!(user["kind"], "KafkaUser");
+        assert_eq!(user["spec"]["authentication"]["type"], "scram-sha-512");
+        assert_eq!(user["spec"]["authorization"]["type"], "simple");
+        let name = user["metadata"]["name"].as_str().unwrap_or_default();
+        let acls = user["spec"]["authorization"]["acls"].as_array();
+        for acl in acls.into_iter().flatten() {
+            let resource = &acl["resource"];
+            let kind = resource["type"].as_str().unwrap_or_default();
+            let (pattern, target) = if kind == "cluster" {
+                ("literal", "kafka-cluster")
+            } else {
+                (
+                    resource["patternType"].as_str().unwrap_or("literal"),
+                    resource["name"].as_str().unwrap_or_default(),
+                )
+            };
+            for op in acl["operations"].as_array().into_iter().flatten() {
+                grants.insert((
+                    name.to_owned(),
+                    kind.to_owned(),
+                    pattern.to_owned(),
+                    target.to_owned(),
+                    op.as_str().unwrap_or_default().to_owned(),
+                ));
+            }
+        }
+    }
+    Ok(grants)
+}
+
+#[test]
+fn the_strimzi_users_grant_what_the_test_broker_grants() -> anyhow::Result<()> {
+    let (test, production) = (test_broker_grants()?, strimzi_grants()?);
+    assert!(test.len() > 20, "{test:?}");
+    assert_eq!(
+        production.difference(&test).collect::<Vec<_>>(),
+        Vec::<&Grant>::new(),
+        "granted in k8s only"
+    );
+    assert_eq!(
+        test.difference(&production).collect::<Vec<_>>(),
+        Vec::<&Grant>::new(),
+        "granted in the test environment only"
+    );
+    Ok(())
+}
+
+async fn produce(who: Principal, topic: &str) -> Result<(), KafkaError> {
+    let producer: FutureProducer = who.client().set("message.timeout.ms", "15000").create()?;
+    producer
+        .send(
+            FutureRecord::to(topic)
+                .key("k")
+                .payload(who.auth().username.as_bytes()),
+            Duration::from_secs(20),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| e)
+}
+
+fn refused(result: Result<(), KafkaError>, what: &str) {
+    match result {
+        Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::TopicAuthorizationFailed) => {}
+        other => panic!("{what}: expected TopicAuthorizationFailed, got {other:?}"),
+    }
+}
+
+fn end_offset(topic: &str) -> anyhow::Result<i64> {
+    let reader: BaseConsumer = env::kafka::admin().create()?;
+    let (_, high) = reader.fetch_watermarks(topic, 0, Duration::from_secs(10))?;
+    Ok(high)
+}
+
+/// Reads partition 0 from the start without a group (so only the topic's
+/// Read ACL is in play), returning the first error or message count.
+fn read(who: Principal, topic: &str) -> anyhow::Result<Result<usize, KafkaError>> {
+    let consumer: BaseConsumer = who
+        .client()
+        .set("group.id", "unused-assign-only")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, 0, Offset::Beginning)?;
+    consumer.assign(&assignment)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut read = 0;
+    while std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(_)) => read += 1,
+            Some(Err(e)) => return Ok(Err(e)),
+            None if read > 0 => break,
+            None => {}
+        }
+    }
+    Ok(Ok(read))
+}
+
+#[tokio::test]
+async fn a_principal_without_an_acl_is_refused_and_nothing_is_written() -> anyhow::Result<()> {
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let events = format!("events.acltest_{}", &run[..12]);
+    env::kafka::create_topic(&events, 1).await?;
+
+    // The control plane may write event topics: the positive control, so the
+    // refusals below are about ACLs and not about the login or the topic.
+    produce(Principal::ControlPlane, &events).await?;
+    // A principal with no ACL at all, and a sidecar (which may touch only
+    // saga command and reply topics), are refused on the event topic.
+    refused(
+        produce(Principal::Intruder, &events).await,
+        "the intruder writing events",
+    );
+    refused(
+        produce(Principal::Sidecar, &events).await,
+        "a sidecar writing events",
+    );
+    assert_eq!(end_offset(&events)?, 1, "only the allowed write landed");
+
+    // The control plane may describe every topic but read none of the
+    // event topics; the admin reads the one message.
+    let blocking = |who: Principal| {
+        let topic = events.clone();
+        tokio::task::spawn_blocking(move || read(who, &topic))
+    };
+    match blocking(Principal::ControlPlane).await?? {
+        Err(e) => assert_eq!(
+            e.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::TopicAuthorizationFailed),
+            "{e}"
+        ),
+        Ok(n) => panic!("the control plane read {n} event(s) it has no ACL for"),
+    }
+    assert_eq!(
+        blocking(Principal::Admin)
+            .await??
+            .map_err(|e| e.to_string()),
+        Ok(1)
+    );
+
+    // A wrong password is not a login at all.
+    let mut forged = Principal::Sidecar.brokers();
+    forged.auth.password = "not-the-password".to_owned();
+    let probe: BaseConsumer = forged.client().create()?;
+    let refused_login = tokio::task::spawn_blocking(move || {
+        probe
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map(|_| ())
+    })
+    .await?;
+    assert!(refused_login.is_err(), "a forged password logged in");
+    Ok(())
+}

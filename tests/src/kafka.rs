@@ -60,6 +60,34 @@ impl Principal {
     }
 }
 
+/// Every payload of `topic`'s first `partitions` partitions, as a reader
+/// with `isolation` (`read_committed` or `read_uncommitted`) sees them;
+/// blocking, done when the topic has been quiet for two seconds.
+pub fn read_all(topic: &str, partitions: i32, isolation: &str) -> anyhow::Result<Vec<String>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let reader: BaseConsumer = admin()
+        .set("group.id", "unused-assign-only")
+        .set("isolation.level", isolation)
+        .create()?;
+    let mut list = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+    }
+    reader.assign(&list)?;
+    let (mut out, mut idle) = (Vec::new(), 0);
+    while idle < 8 {
+        match reader.poll(std::time::Duration::from_millis(250)) {
+            Some(m) => {
+                idle = 0;
+                out.push(String::from_utf8_lossy(m?.payload().unwrap_or_default()).into_owned());
+            }
+            None => idle += 1,
+        }
+    }
+    Ok(out)
+}
+
 /// A client configuration for the tests' own setup and checks (the admin).
 pub fn admin() -> ClientConfig {
     Principal::Admin.client()

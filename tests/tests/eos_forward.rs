@@ -8,37 +8,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use statefabric_tests as env;
-
-/// Every message on `topic` (one partition) as `isolation` sees it.
-fn read_all(topic: &str, isolation: &str) -> anyhow::Result<Vec<String>> {
-    let reader: BaseConsumer = env::kafka::admin()
-        .set(
-            "group.id",
-            format!("reader-{}", uuid::Uuid::new_v4().simple()),
-        )
-        .set("isolation.level", isolation)
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
-    reader.assign(&tpl)?;
-    let mut out = Vec::new();
-    let mut idle = 0;
-    while idle < 10 {
-        match reader.poll(Duration::from_millis(300)) {
-            Some(m) => {
-                idle = 0;
-                out.push(String::from_utf8_lossy(m?.payload().unwrap_or_default()).into_owned());
-            }
-            None => idle += 1,
-        }
-    }
-    Ok(out)
-}
 
 #[tokio::test]
 async fn a_forwarder_killed_before_commit_forwards_each_message_once() -> anyhow::Result<()> {
@@ -85,8 +56,8 @@ async fn a_forwarder_killed_before_commit_forwards_each_message_once() -> anyhow
         let output = output.clone();
         tokio::task::spawn_blocking(move || {
             anyhow::Ok((
-                read_all(&output, "read_committed")?,
-                read_all(&output, "read_uncommitted")?,
+                env::kafka::read_all(&output, 1, "read_committed")?,
+                env::kafka::read_all(&output, 1, "read_uncommitted")?,
             ))
         })
         .await??

@@ -125,6 +125,48 @@ async fn tasks_and_replies_travel_through_the_outbox_and_kafka() -> anyhow::Resu
         "{messages} planner commands on {topic}"
     );
 
+    // A reply that does not decode goes to the reply topic's dead letters
+    // (the engine's consumer runs on the consumer framework) and the
+    // engine goes on.
+    let garbage = format!("garbage-{run}");
+    let producer: rdkafka::producer::FutureProducer =
+        env::kafka::Principal::Sidecar.client().create()?;
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to("sagas.replies")
+                .key(&garbage)
+                .payload(&garbage),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    env::eventually(
+        "the garbage reply is a dead letter",
+        Duration::from_secs(60),
+        || {
+            let garbage = garbage.clone();
+            async move {
+                let letters = tokio::task::spawn_blocking(|| {
+                    statefabric_kafka::dead_letter::list(
+                        &env::kafka::Principal::Admin.brokers(),
+                        "dlq.sagas.replies",
+                        usize::MAX,
+                        Duration::from_secs(10),
+                    )
+                })
+                .await??;
+                Ok(letters
+                    .iter()
+                    .find(|l| l.payload.as_deref() == Some(garbage.as_bytes()))
+                    .map(|l| {
+                        assert_eq!(l.why["group"], "statefabric-saga-engine");
+                        assert!(l.why["error"].starts_with("undecodable"), "{:?}", l.why);
+                    }))
+            }
+        },
+    )
+    .await?;
+
     stop.cancel();
     drop(client);
     sidecar.stop_with(Signal::SIGTERM).await?;

@@ -23,6 +23,9 @@ pub enum Failure {
     Undecodable(String),
     /// Handling failed; it may work on a retry.
     Failed(String),
+    /// It decodes but can never be applied (a reply naming an invalid
+    /// saga, say): no point retrying either.
+    Rejected(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -125,34 +128,7 @@ impl DeadLetters {
         error: &str,
         attempts: u32,
     ) -> rdkafka::error::KafkaResult<()> {
-        let (partition, offset) = (
-            message.partition().to_string(),
-            message.offset().to_string(),
-        );
-        let (attempts, time) = (attempts.to_string(), now_millis());
-        let mut headers = OwnedHeaders::new();
-        if let Some(original) = message.headers() {
-            for h in original.iter() {
-                headers = headers.insert(Header {
-                    key: h.key,
-                    value: h.value,
-                });
-            }
-        }
-        for (key, value) in [
-            ("dlq.error", error),
-            ("dlq.attempts", attempts.as_str()),
-            ("dlq.topic", message.topic()),
-            ("dlq.partition", partition.as_str()),
-            ("dlq.offset", offset.as_str()),
-            ("dlq.group", self.group.as_str()),
-            ("dlq.time", time.as_str()),
-        ] {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value),
-            });
-        }
+        let headers = letter_headers(message, error, attempts, &self.group);
         let topic = dead_letter_topic(message.topic());
         let mut record = FutureRecord::to(&topic).headers(headers);
         if let Some(key) = message.key() {
@@ -174,32 +150,87 @@ impl DeadLetters {
         &self,
         message: &OwnedMessage,
         policy: &RetryPolicy,
-        mut handler: F,
+        handler: F,
     ) -> rdkafka::error::KafkaResult<Handled>
     where
         F: FnMut(&OwnedMessage) -> Fut,
         Fut: std::future::Future<Output = Result<(), Failure>>,
     {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let error = match handler(message).await {
-                Ok(()) => return Ok(Handled::Done { attempts: attempt }),
-                Err(Failure::Undecodable(e)) => format!("undecodable: {e}"),
-                Err(Failure::Failed(e)) if attempt < policy.max_attempts => {
-                    tracing::debug!(attempt, error = %e, "handling failed; retrying");
-                    tokio::time::sleep(policy.backoff(attempt, random())).await;
-                    continue;
-                }
-                Err(Failure::Failed(e)) => e,
-            };
-            self.send(message, &error, attempt).await?;
-            return Ok(Handled::DeadLettered {
-                attempts: attempt,
-                error,
+        match attempt(message, policy, handler).await {
+            Ok(((), attempts)) => Ok(Handled::Done { attempts }),
+            Err((error, attempts)) => {
+                self.send(message, &error, attempts).await?;
+                Ok(Handled::DeadLettered { attempts, error })
+            }
+        }
+    }
+}
+
+/// Runs `handler` under `policy`: `Ok(attempts)` once it succeeds,
+/// `Err((error, attempts))` when the message is to be dead-lettered (it
+/// does not decode, or every try failed).
+pub async fn attempt<M, T, F, Fut>(
+    message: &M,
+    policy: &RetryPolicy,
+    mut handler: F,
+) -> Result<(T, u32), (String, u32)>
+where
+    F: FnMut(&M) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Failure>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match handler(message).await {
+            Ok(value) => return Ok((value, attempt)),
+            Err(Failure::Undecodable(e)) => return Err((format!("undecodable: {e}"), attempt)),
+            Err(Failure::Rejected(e)) => return Err((format!("rejected: {e}"), attempt)),
+            Err(Failure::Failed(e)) if attempt < policy.max_attempts => {
+                tracing::debug!(attempt, error = %e, "handling failed; retrying");
+                tokio::time::sleep(policy.backoff(attempt, random())).await;
+            }
+            Err(Failure::Failed(e)) => return Err((e, attempt)),
+        }
+    }
+}
+
+/// A dead letter's headers: the original ones, then where it came from and
+/// why (`dlq.*`).
+pub fn letter_headers(
+    message: &OwnedMessage,
+    error: &str,
+    attempts: u32,
+    group: &str,
+) -> OwnedHeaders {
+    let (partition, offset) = (
+        message.partition().to_string(),
+        message.offset().to_string(),
+    );
+    let (attempts, time) = (attempts.to_string(), now_millis());
+    let mut headers = OwnedHeaders::new();
+    if let Some(original) = message.headers() {
+        for h in original.iter() {
+            headers = headers.insert(Header {
+                key: h.key,
+                value: h.value,
             });
         }
     }
+    for (key, value) in [
+        ("dlq.error", error),
+        ("dlq.attempts", attempts.as_str()),
+        ("dlq.topic", message.topic()),
+        ("dlq.partition", partition.as_str()),
+        ("dlq.offset", offset.as_str()),
+        ("dlq.group", group),
+        ("dlq.time", time.as_str()),
+    ] {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    headers
 }
 
 /// A dead letter as listed for an operator.

@@ -19,16 +19,18 @@
 //! Every client starts from [`brokers::Brokers`]: bootstrap list and SASL
 //! login.
 //!
-//! Partial (the Kafka issue): Kafka to Kafka in one transaction is proven
-//! by a test program (`tests/src/bin/eos-forwarder.rs`) but not packaged as
-//! a reusable consumer framework here, there is no backpressure by pausing
-//! partitions. (Debezium's connector is
-//! configuration: `k8s/kafka/`.)
+//! How Statefabric consumes — per-partition workers with backpressure by
+//! pausing, retries and dead letters, Kafka to Kafka in one transaction,
+//! clean stops — is written once in [`consumer`].
+//!
+//! (Debezium's connector is configuration: `k8s/kafka/`.)
 
 // Everything that talks to a broker needs librdkafka (the `client`
 // feature, on by default); the topic plan's names and settings do not, so
 // the embedded build can do without native Kafka libraries.
 pub mod brokers;
+#[cfg(feature = "client")]
+pub mod consumer;
 #[cfg(feature = "client")]
 pub mod dead_letter;
 #[cfg(feature = "client")]

@@ -7,7 +7,10 @@
 //! `SagaCommand`, keyed by saga id). The way back is `sagas.replies` (Avro
 //! `SagaReply`, keyed by saga id), which the leader's [`ReplyConsumer`] turns
 //! into inbox rows — the same checks as the tables transport, so a
-//! duplicate or late reply has no effect.
+//! duplicate or late reply has no effect. It runs on the consumer framework
+//! ([`crate::consumer`]): a reply that does not decode or names an invalid
+//! saga goes to `dlq.sagas.replies` at once, one that keeps failing (the
+//! database is down) after retries with backoff.
 //!
 //! [`KafkaTaskQueue`] is a sidecar's side: one consumer per agent type it
 //! is asked for (group `statefabric-agents.<agent>.<tenant>`), feeding a
@@ -28,7 +31,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 use statefabric_leader::{Leadership, Role};
@@ -42,6 +45,9 @@ use statefabric_schema::messages::{Outcome, SagaCommand, SagaReply, saga_reply_s
 use tokio::sync::{Notify, OnceCell, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::consumer::partitioned::PartitionedConsumer;
+use crate::consumer::{ConsumerSettings, Handler};
+use crate::dead_letter::{Failure, RetryPolicy};
 use crate::topics::{self, Planned, TopicClass, TopicSettings};
 
 /// A failure that is only logged (and the loop restarted).
@@ -399,6 +405,8 @@ impl ReplyConsumer {
         }
     }
 
+    /// Runs the reply consumer (on the consumer framework) until this
+    /// instance stops leading or `stop`.
     async fn lead(&self, leadership: &Leadership, stop: &CancellationToken) -> Logged {
         let admin = self.brokers.client().create().map_err(|e| e.to_string())?;
         topics::apply(
@@ -412,59 +420,70 @@ impl ReplyConsumer {
         )
         .await
         .map_err(|e| e.to_string())?;
-        let consumer: StreamConsumer = self
-            .brokers
-            .client()
-            .set("group.id", ENGINE_GROUP)
-            .set("enable.auto.commit", "true")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .map_err(|e| e.to_string())?;
-        consumer
-            .subscribe(&[topics::REPLIES_TOPIC])
-            .map_err(|e| e.to_string())?;
+        let mut settings =
+            ConsumerSettings::new(self.brokers.clone(), ENGINE_GROUP, &[topics::REPLIES_TOPIC]);
+        // A database outage is waited out for a while before a reply goes to
+        // `dlq.sagas.replies` (from where an operator replays it).
+        settings.retry = RetryPolicy {
+            max_attempts: 8,
+            ..RetryPolicy::default()
+        };
+        settings.timeout = self.timeout;
+        let consumer = PartitionedConsumer::new(
+            settings,
+            REPLIES_IN_FLIGHT,
+            Replies {
+                codec: self.codec.clone(),
+                store: self.store.clone(),
+            },
+        );
+        let leading = stop.child_token();
+        let mut running = tokio::spawn(consumer.run(leading.clone()));
         tracing::info!("taking saga replies from Kafka");
-        let outcome = loop {
-            if !matches!(leadership.role(), Role::Leader { .. }) {
-                break Ok(());
+        let ended = loop {
+            tokio::select! {
+                () = stop.cancelled() => break None,
+                ended = &mut running => break Some(ended),
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if !matches!(leadership.role(), Role::Leader { .. }) {
+                        break None;
+                    }
+                }
             }
-            let message = tokio::select! {
-                () = stop.cancelled() => break Ok(()),
-                received = tokio::time::timeout(Duration::from_millis(500), consumer.recv()) => received,
-            };
-            let message = match message {
-                Err(_) => continue,
-                Ok(Err(err)) => break Err(err.to_string()),
-                Ok(Ok(message)) => message,
-            };
-            // Until the inbox has it, the offset stays: a failure here is
-            // retried from the same message after a restart of the loop.
-            self.accept(message.payload()).await?;
-            consumer
-                .store_offset_from_message(&message)
-                .map_err(|e| e.to_string())?;
         };
-        let _ = consumer.commit_consumer_state(CommitMode::Sync);
-        consumer.unsubscribe();
-        outcome
+        leading.cancel();
+        let ended = match ended {
+            Some(ended) => ended,
+            None => running.await,
+        };
+        match ended {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(err) => Err(err.to_string()),
+        }
     }
+}
 
-    async fn accept(&self, payload: Option<&[u8]>) -> Logged {
-        let reply = match payload {
-            Some(bytes) => self.codec.decode::<SagaReply>(bytes, None).await,
-            None => {
-                tracing::warn!("skipping an empty saga reply");
-                return Ok(());
-            }
-        };
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(err) => {
-                tracing::warn!(error = %err, "skipping an undecodable saga reply");
-                return Ok(());
-            }
-        };
+/// Replies taken at once per partition of `sagas.replies`.
+const REPLIES_IN_FLIGHT: usize = 64;
+
+/// Turns one reply into an inbox row.
+struct Replies {
+    codec: Arc<AvroCodec>,
+    store: Arc<dyn SagaStore>,
+}
+
+#[async_trait]
+impl Handler for Replies {
+    async fn handle(&self, message: &OwnedMessage) -> std::result::Result<(), Failure> {
+        let bytes = message
+            .payload()
+            .ok_or_else(|| Failure::Undecodable("an empty saga reply".into()))?;
+        let reply = self
+            .codec
+            .decode::<SagaReply>(bytes, None)
+            .await
+            .map_err(|e| Failure::Undecodable(e.to_string()))?;
         let message = match reply.outcome {
             Outcome::Completed => InboxMessage::Completed {
                 key: reply.idempotency_key,
@@ -485,11 +504,8 @@ impl ReplyConsumer {
             .await
         {
             Ok(_) => Ok(()),
-            Err(StoreError::Invalid(m)) => {
-                tracing::warn!(error = %m, "skipping an invalid saga reply");
-                Ok(())
-            }
-            Err(err) => Err(err.to_string()),
+            Err(StoreError::Invalid(m)) => Err(Failure::Rejected(m)),
+            Err(err) => Err(Failure::Failed(err.to_string())),
         }
     }
 }

@@ -482,13 +482,23 @@ mod tests {
     #[test]
     fn the_example_file_is_valid() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sidecar.example.toml");
-        let config = load_from(SidecarConfig::defaults(), Some(&path), std::iter::empty())
-            .expect("sidecar.example.toml");
+        // The password comes from the environment, as in a deployment.
+        let env = [(
+            "STATEFABRIC_KAFKA__PASSWORD".to_owned(),
+            "from-a-secret".to_owned(),
+        )];
+        let config =
+            load_from(SidecarConfig::defaults(), Some(&path), env).expect("sidecar.example.toml");
         assert_eq!(config.storage.backend, Backend::Postgres);
         assert!(config.uses_redis());
         assert_eq!(config.redis.url_list().len(), 3);
         assert_eq!(config.sessions.namespaces["task"].expiry, Expiry::Absolute);
         assert_eq!(config.tasks.transport, TaskTransport::Kafka);
+        assert_eq!(config.kafka.username, "statefabric-sidecar");
+        assert_eq!(config.kafka.password, "from-a-secret");
+        let without = load_from(SidecarConfig::defaults(), Some(&path), std::iter::empty())
+            .expect_err("a username without a password");
+        assert!(without.to_string().contains("kafka.password"), "{without}");
     }
 
     #[test]

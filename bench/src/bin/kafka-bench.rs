@@ -3,9 +3,12 @@
 //! outbox connector (logical decoding, EventRouter), with a raw rdkafka
 //! produce-to-consume baseline at the same rate.
 //!
-//! Events are appended to the real Postgres at a fixed rate (batches every
-//! 10 ms over several aggregates); each carries the wall-clock time just
-//! before its append, and each consumer records now minus that time.
+//! Events are appended to the real Postgres at a fixed rate (one appender
+//! per aggregate, a batch every 10 ms, catching up after a slow append);
+//! the harness notes when each append committed (its call returned), and
+//! each consumer records the time from that commit to receiving the event.
+//! The relay's time per stage (read, encode, produce, commit, delete) is
+//! read from the control plane's metrics at the end.
 //!
 //! Run against the test environment (testenv/up.sh), release build:
 //!   cargo build --release -p statefabric-control-plane -p statefabric-bench
@@ -45,6 +48,33 @@ fn now_micros() -> i64 {
 
 fn since(micros: i64) -> Duration {
     Duration::from_micros(u64::try_from(now_micros() - micros).unwrap_or(0))
+}
+
+/// When each append committed, by (aggregate, batch number).
+#[derive(Clone, Default)]
+struct Commits(Arc<std::sync::Mutex<std::collections::HashMap<(u64, u64), i64>>>);
+
+impl Commits {
+    fn note(&self, aggregate: u64, batch: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((aggregate, batch), now_micros());
+    }
+
+    /// Commit to now for the event whose data is `data`. An event seen
+    /// before its append call returned counts from now (zero).
+    fn latency(&self, data: &Value) -> Option<Duration> {
+        let key = (data["a"].as_u64()?, data["b"].as_u64()?);
+        let committed = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+            .copied()
+            .unwrap_or_else(now_micros);
+        Some(since(committed))
+    }
 }
 
 fn consumer(group: &str, committed_only: bool) -> anyhow::Result<StreamConsumer> {
@@ -98,7 +128,8 @@ async fn collect(
     Ok(latencies)
 }
 
-async fn start_control_plane(run: &str) -> anyhow::Result<tokio::process::Child> {
+/// The control plane's process and admin port.
+async fn start_control_plane(run: &str) -> anyhow::Result<(tokio::process::Child, u16)> {
     let exe = std::env::current_exe()?.with_file_name("statefabric-control-plane");
     anyhow::ensure!(
         exe.is_file(),
@@ -135,7 +166,7 @@ async fn start_control_plane(run: &str) -> anyhow::Result<tokio::process::Child>
         async move { Ok((env::http("GET", &ready, None, None).await?.status == 200).then_some(())) }
     })
     .await?;
-    Ok(child)
+    Ok((child, admin_port))
 }
 
 #[tokio::main]
@@ -145,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
     let tenant = statefabric_bench::fresh_tenant().await?;
     let stream_type = format!("bench_{}", &run[..8]);
     let total = usize::try_from(args.rate * args.seconds)?;
-    let _control_plane = start_control_plane(&run).await?;
+    let (_control_plane, admin_port) = start_control_plane(&run).await?;
     env::kafka::register_debezium().await?;
     let store = Arc::new(
         PgEventStore::connect(PgConfig {
@@ -160,17 +191,20 @@ async fn main() -> anyhow::Result<()> {
         &env::registry_url(),
         Duration::from_secs(10),
     ))));
+    let commits = Commits::default();
+    let relay_commits = commits.clone();
+    let cdc_commits = commits.clone();
     let relay = tokio::spawn(collect(
         consumer(&format!("bench-relay-{run}"), true)?,
         format!("events.{stream_type}"),
         total,
         deadline,
         move |bytes| {
-            let (codec, bytes) = (codec.clone(), bytes.to_vec());
+            let (codec, bytes, commits) = (codec.clone(), bytes.to_vec(), relay_commits.clone());
             Box::pin(async move {
                 let e: EventEnvelope = codec.decode(&bytes, None).await.ok()?;
                 let data: Value = serde_json::from_slice(&e.payload).ok()?;
-                Some(since(data["t"].as_i64()?))
+                commits.latency(&data)
             })
         },
     ));
@@ -179,36 +213,36 @@ async fn main() -> anyhow::Result<()> {
         format!("cdc.events.{stream_type}"),
         total,
         deadline,
-        |bytes| {
-            let bytes = bytes.to_vec();
+        move |bytes| {
+            let (bytes, commits) = (bytes.to_vec(), cdc_commits.clone());
             Box::pin(async move {
                 let v: Value = serde_json::from_slice(&bytes).ok()?;
                 let v: Value = match v {
                     Value::String(s) => serde_json::from_str(&s).ok()?,
                     other => other,
                 };
-                Some(since(v["data"]["t"].as_i64()?))
+                commits.latency(&v["data"])
             })
         },
     ));
 
-    // Append at the rate: a batch per aggregate every 10 ms.
+    // Append at the rate: each aggregate's appender writes a batch every
+    // 10 ms, bursting to catch up after a slow append.
     let aggregates = 8u64;
     let per_tick = (args.rate / 100).max(aggregates);
-    let per_batch = usize::try_from(per_tick / aggregates)?;
+    let per_batch = per_tick / aggregates;
+    let batches = u64::try_from(total)? / (per_batch * aggregates);
     let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    let mut appended = 0usize;
-    while appended < total {
-        tick.tick().await;
-        let mut writes = Vec::new();
-        for a in 0..aggregates {
-            let (store, scope) = (store.clone(), Scope::new(tenant.clone(), "bench"));
-            let stream_type = stream_type.clone();
-            writes.push(tokio::spawn(async move {
-                let t = now_micros();
+    let mut appenders = Vec::new();
+    for a in 0..aggregates {
+        let (store, scope) = (store.clone(), Scope::new(tenant.clone(), "bench"));
+        let (stream_type, commits) = (stream_type.clone(), commits.clone());
+        appenders.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            for b in 0..batches {
+                tick.tick().await;
                 let events = (0..per_batch)
-                    .map(|i| NewEvent::new("Measured", json!({"t": t, "i": i})))
+                    .map(|i| NewEvent::new("Measured", json!({"a": a, "b": b, "i": i})))
                     .collect();
                 store
                     .append(
@@ -221,14 +255,15 @@ async fn main() -> anyhow::Result<()> {
                         ),
                     )
                     .await?;
-                anyhow::Ok(())
-            }));
-        }
-        for w in writes {
-            w.await??;
-        }
-        appended += per_batch * usize::try_from(aggregates)?;
+                commits.note(a, b);
+            }
+            anyhow::Ok(())
+        }));
     }
+    for appender in appenders {
+        appender.await??;
+    }
+    let appended = usize::try_from(batches * per_batch * aggregates)?;
     let append_secs = started.elapsed().as_secs_f64();
 
     // The raw baseline: produce and consume at the same rate.
@@ -276,7 +311,16 @@ async fn main() -> anyhow::Result<()> {
     }
     let raw_secs = raw_started.elapsed().as_secs_f64();
 
-    let (relay, debezium, raw) = (relay.await??, debezium.await??, raw.await??);
+    let relay = tokio::time::timeout(Duration::from_secs(120), relay).await???;
+    let (debezium, raw) = (debezium.await??, raw.await??);
+    let metrics = env::http(
+        "GET",
+        &format!("http://127.0.0.1:{admin_port}/metrics"),
+        None,
+        None,
+    )
+    .await?
+    .body;
     println!(
         "{} events appended in {append_secs:.1} s (target {} /s, {} aggregates), release build\n",
         appended, args.rate, aggregates
@@ -308,5 +352,25 @@ async fn main() -> anyhow::Result<()> {
     let (_, r95, _) = relay.percentiles_ms();
     let (_, b95, _) = raw.percentiles_ms();
     println!("relay p95 is {:.1}x the raw p95", r95 / b95.max(0.001));
+    println!("relay time per batch by stage (mean ms over the run):");
+    let stage_value = |stage: &str, suffix: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| {
+                l.contains(&format!(
+                    "relay_stage_seconds_{suffix}{{stage=\"{stage}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    for stage in ["read", "encode", "produce", "commit", "delete"] {
+        let (sum, count) = (stage_value(stage, "sum"), stage_value(stage, "count"));
+        println!(
+            "  {stage:<8} {:>7.2} ms  ({count} batches)",
+            1000.0 * sum / count.max(1.0)
+        );
+    }
     Ok(())
 }

@@ -7,8 +7,10 @@
 //! by saga id.
 //!
 //! One batch is one Kafka transaction (idempotent, transactional producer);
-//! once committed, the rows are deleted in a Postgres transaction that first
-//! checks the leader epoch. Delivery is at-least-once: a crash between the
+//! once committed, the relay moves its cursor past the batch and reads the
+//! next (`statefabric_relay_batch_after`, migration 0019), while a deleter
+//! removes the sent rows in the background, in a Postgres transaction that
+//! first checks the leader epoch. Delivery is at-least-once: a crash between the
 //! Kafka commit and the delete sends the batch again, and consumers
 //! deduplicate by event id. Order per aggregate holds: rows come in commit
 //! order (`statefabric_relay_batch`, the event store's gap-free rule) and
@@ -23,10 +25,13 @@ use crate::brokers::Brokers;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -39,6 +44,8 @@ use statefabric_schema::codec::WriterSchema;
 use statefabric_schema::messages::{
     EventEnvelope, SagaCommand, event_envelope_schema, saga_command_schema,
 };
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::topics::{self, Planned, TopicClass, TopicSettings};
@@ -77,12 +84,46 @@ pub enum RelayError {
     Deposed(u64),
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabel {
+    /// read | encode | produce | commit | delete
+    stage: &'static str,
+}
+
+#[derive(Debug, Clone)]
 struct Metrics {
     sent: Counter,
     batches: Counter,
     failures: Counter,
     lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Where a batch's time goes.
+    stages: Family<StageLabel, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            sent: Counter::default(),
+            batches: Counter::default(),
+            failures: Counter::default(),
+            lag_seconds: Gauge::default(),
+            // 100 µs .. ~1.6 s
+            stages: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+            }),
+        }
+    }
+}
+
+impl Metrics {
+    /// Records the time since `*mark` under `stage` and moves the mark.
+    fn stage(&self, stage: &'static str, mark: &mut Instant) {
+        let now = Instant::now();
+        self.stages
+            .get_or_create(&StageLabel { stage })
+            .observe((now - *mark).as_secs_f64());
+        *mark = now;
+    }
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -96,6 +137,8 @@ struct Row {
     payload: Value,
     headers: Value,
     global_position: i64,
+    /// The writing transaction's id (commit order), as text.
+    commit_id: String,
 }
 
 /// The relay; run it with [`Relay::run`].
@@ -117,9 +160,29 @@ struct Session {
     command_writer: WriterSchema,
     /// A Kafka transaction is open (begun, not yet committed or aborted).
     open: AtomicBool,
+    /// The last row sent: (transaction id, position). Reads continue after
+    /// it, so sent rows need not be deleted before the next batch.
+    cursor: std::sync::Mutex<Option<(String, i64)>>,
+    /// Sent rows on their way to the session's deleter.
+    sent: mpsc::Sender<Vec<uuid::Uuid>>,
+    deleter: JoinHandle<()>,
+    /// Set by the deleter when the epoch check refused a delete.
+    deposed: Arc<AtomicBool>,
 }
 
 impl Session {
+    /// Ends the session: aborts a transaction left open and lets the deleter
+    /// finish what was sent (for at most `timeout`; rows it did not delete
+    /// are sent again by the next session — at least once).
+    async fn close(self, timeout: Duration) {
+        self.abort_open(timeout);
+        drop(self.sent);
+        let mut deleter = self.deleter;
+        if tokio::time::timeout(timeout, &mut deleter).await.is_err() {
+            deleter.abort();
+        }
+    }
+
     /// Aborts a transaction left open (its batch was interrupted: shutdown,
     /// lost leadership, a failure), so nothing waits for it to time out.
     fn abort_open(&self, timeout: Duration) {
@@ -161,6 +224,12 @@ impl Relay {
             "Batches that failed and were retried",
             m.failures.clone(),
         );
+        registry.register(
+            "relay_stage_seconds",
+            "Time per batch in each stage: read the outbox, encode, produce and \
+             await acknowledgements, commit the Kafka transaction, delete the rows",
+            m.stages.clone(),
+        );
         registry
             .sub_registry_with_label(("stage".into(), "relay".into()))
             .register(
@@ -181,7 +250,7 @@ impl Relay {
             }
             let Role::Leader { epoch } = leadership.role() else {
                 if let Some(old) = session.take() {
-                    old.abort_open(timeout);
+                    old.close(timeout).await;
                     tracing::info!("relay stopped: not the leader");
                 }
                 tokio::select! {
@@ -200,7 +269,7 @@ impl Relay {
             if session.as_ref().is_some_and(|s| s.epoch != epoch)
                 && let Some(old) = session.take()
             {
-                old.abort_open(timeout);
+                old.close(timeout).await;
             }
             let outcome = async {
                 if session.is_none() {
@@ -229,7 +298,7 @@ impl Relay {
                     self.metrics.failures.inc();
                     tracing::warn!(error = %err, "relay batch failed; retrying");
                     if let Some(old) = session.take() {
-                        old.abort_open(timeout);
+                        old.close(timeout).await;
                     }
                     tokio::select! {
                         () = stop.cancelled() => break,
@@ -239,7 +308,7 @@ impl Relay {
             }
         }
         if let Some(old) = session.take() {
-            old.abort_open(timeout);
+            old.close(timeout).await;
         }
     }
 
@@ -263,12 +332,27 @@ impl Relay {
         let (subject, schema) = saga_command_schema();
         let command_writer = self.codec.writer(subject, schema).await?;
         tracing::info!(epoch, "relay producing");
+        // Bounded: a deleter that falls behind holds the relay back.
+        let (sent, batches) = mpsc::channel(16);
+        let deposed = Arc::new(AtomicBool::new(false));
+        let deleter = tokio::spawn(delete_sent(
+            self.pool.clone(),
+            self.settings.lease.clone(),
+            epoch,
+            batches,
+            deposed.clone(),
+            self.metrics.clone(),
+        ));
         Ok(Session {
             epoch,
             producer,
             writer,
             command_writer,
             open: AtomicBool::new(false),
+            cursor: std::sync::Mutex::default(),
+            sent,
+            deleter,
+            deposed,
         })
     }
 
@@ -306,16 +390,29 @@ impl Relay {
         session: &Session,
         known: &mut std::collections::BTreeSet<String>,
     ) -> Result<usize, RelayError> {
+        if session.deposed.load(Ordering::SeqCst) {
+            return Err(RelayError::Deposed(session.epoch));
+        }
+        let mut mark = Instant::now();
+        let cursor = session
+            .cursor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT id, tenant_id, aggregatetype, aggregateid, type, payload, headers, global_position \
-             FROM statefabric_relay_batch($1)",
+            "SELECT id, tenant_id, aggregatetype, aggregateid, type, payload, headers, \
+                    global_position, commit_id \
+             FROM statefabric_relay_batch_after($1, $2, $3)",
         )
         .bind(i32::try_from(self.settings.batch).unwrap_or(i32::MAX))
+        .bind(cursor.as_ref().map(|(tx, _)| tx.clone()))
+        .bind(cursor.as_ref().map(|(_, pos)| *pos))
         .fetch_all(&self.pool)
         .await?;
         if rows.is_empty() {
             return Ok(0);
         }
+        self.metrics.stage("read", &mut mark);
         self.ensure_topics(&rows, known).await?;
         let mut records = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -326,6 +423,7 @@ impl Relay {
             };
             records.push((topic(row).0, value, headers(row)));
         }
+        self.metrics.stage("encode", &mut mark);
         let producer = &session.producer;
         producer.begin_transaction()?;
         session.open.store(true, Ordering::SeqCst);
@@ -350,8 +448,10 @@ impl Relay {
                     }
                 }
             }
+            self.metrics.stage("produce", &mut mark);
             producer.commit_transaction(self.settings.kafka_timeout)?;
             session.open.store(false, Ordering::SeqCst);
+            self.metrics.stage("commit", &mut mark);
             Ok(())
         }
         .await;
@@ -364,19 +464,16 @@ impl Relay {
             .filter_map(|r| r.payload.get("created_at").and_then(Value::as_str))
             .filter_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             .min();
+        if let Some(last) = rows.last() {
+            *session
+                .cursor
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some((last.commit_id.clone(), last.global_position));
+        }
         let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.id).collect();
-        let deleted = sqlx::query_scalar::<_, i64>("SELECT statefabric_relay_delete($1, $2, $3)")
-            .bind(&ids)
-            .bind(&self.settings.lease)
-            .bind(i64::try_from(session.epoch).unwrap_or(i64::MAX))
-            .fetch_one(&self.pool)
-            .await;
-        match deleted {
-            Ok(_) => {}
-            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("SF001") => {
-                return Err(RelayError::Deposed(session.epoch));
-            }
-            Err(err) => return Err(err.into()),
+        if session.sent.send(ids).await.is_err() {
+            return Err(RelayError::Deposed(session.epoch));
         }
         self.metrics.sent.inc_by(rows.len() as u64);
         self.metrics.batches.inc();
@@ -387,6 +484,50 @@ impl Relay {
             self.metrics.lag_seconds.set(lag as f64 / 1000.0);
         }
         Ok(rows.len())
+    }
+}
+
+/// Deletes sent rows after their Kafka commit, off the relay's path:
+/// whatever has queued up goes in one call, which checks the leader epoch
+/// first. A refused epoch marks the session deposed; other failures are
+/// retried (the rows stay until deleted, and a later session would send
+/// them again).
+async fn delete_sent(
+    pool: PgPool,
+    lease: String,
+    epoch: u64,
+    mut batches: mpsc::Receiver<Vec<uuid::Uuid>>,
+    deposed: Arc<AtomicBool>,
+    metrics: Metrics,
+) {
+    while let Some(mut ids) = batches.recv().await {
+        while let Ok(more) = batches.try_recv() {
+            ids.extend(more);
+        }
+        loop {
+            let mut mark = Instant::now();
+            let deleted =
+                sqlx::query_scalar::<_, i64>("SELECT statefabric_relay_delete($1, $2, $3)")
+                    .bind(&ids)
+                    .bind(&lease)
+                    .bind(i64::try_from(epoch).unwrap_or(i64::MAX))
+                    .fetch_one(&pool)
+                    .await;
+            match deleted {
+                Ok(_) => {
+                    metrics.stage("delete", &mut mark);
+                    break;
+                }
+                Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("SF001") => {
+                    deposed.store(true, Ordering::SeqCst);
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "deleting sent outbox rows failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
     }
 }
 

@@ -395,6 +395,9 @@ export STATEFABRIC_TEST_PG_CONTROL_URL=postgres://$PG_CONTROL_USER:$PG_CONTROL_P
 export STATEFABRIC_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT
 export STATEFABRIC_TEST_REDIS_CLUSTER=$(IFS=,; for p in $REDIS_CLUSTER_PORTS; do printf 'redis://127.0.0.1:%s,' "$p"; done | sed 's/,$//')
 export STATEFABRIC_TEST_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT
+# Kafka's own tools (Java), for what librdkafka cannot ask the broker.
+export STATEFABRIC_TEST_KAFKA_TOOLS_CLASSPATH='$JARS/kafka/*'
+export STATEFABRIC_TEST_KAFKA_ADMIN_PROPERTIES=$STATE/kafka/admin.properties
 export STATEFABRIC_TEST_CONNECT_URL=http://127.0.0.1:$CONNECT_PORT
 export STATEFABRIC_TEST_REGISTRY_URL=http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7
 EOF

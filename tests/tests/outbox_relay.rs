@@ -316,3 +316,111 @@ async fn with_kafka_unreachable_the_breaker_opens_and_nothing_is_lost() -> anyho
     assert_eq!(left, 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_stopped_mid_transaction_aborts_it() -> anyhow::Result<()> {
+    let _alone = ONE_RELAY.lock().await;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let stream_type = format!("relaystop_{}", &run[..8]);
+    let (admin, control) = (env::pg_admin_url(), env::pg_control_url());
+    let (bootstrap, registry) = (env::kafka_bootstrap(), env::registry_url());
+    let login = env::kafka::Principal::ControlPlane.process_env();
+    let tenant = TenantId::new(format!("t-{}", &run[..12]))?;
+    pg::create_tenant(&admin, &tenant, "relay stop").await?;
+    let store = Arc::new(
+        PgEventStore::connect(PgConfig {
+            url: env::pg_app_url(),
+            ..PgConfig::default()
+        })
+        .await?,
+    );
+    // A stop lands mid-transaction only some of the time (the relay also
+    // reads the outbox between transactions): try until one does. Each
+    // try also checks that a stop between transactions leaves none open.
+    let mut aborted = false;
+    for attempt in 0..8 {
+        let lease = format!("relay-stop-{run}-{attempt}");
+        let txid = format!("statefabric-outbox-relay-stop-{run}-{attempt}");
+        let cp = process::spawn(
+            "statefabric-control-plane",
+            &[],
+            &[
+                ("STATEFABRIC_LEADER__BACKEND", "postgres"),
+                ("STATEFABRIC_SAGAS__ENABLED", "false"),
+                ("STATEFABRIC_LEADER__POSTGRES_URL", control.as_str()),
+                ("STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL", admin.as_str()),
+                ("STATEFABRIC_LEADER__NAME", lease.as_str()),
+                ("STATEFABRIC_RELAY__ENABLED", "true"),
+                ("STATEFABRIC_RELAY__KAFKA_BOOTSTRAP", bootstrap.as_str()),
+                ("STATEFABRIC_RELAY__REGISTRY_URL", registry.as_str()),
+                ("STATEFABRIC_RELAY__TRANSACTIONAL_ID", txid.as_str()),
+                ("STATEFABRIC_RELAY__TOPICS__REPLICATION", "1"),
+                ("STATEFABRIC_RELAY__TOPICS__MIN_INSYNC_REPLICAS", "1"),
+                // Small batches: many transactions, each open a while.
+                ("STATEFABRIC_RELAY__BATCH", "20"),
+                ("STATEFABRIC_RELAY__IDLE_POLL", "1ms"),
+                (login[0].0, login[0].1.as_str()),
+                (login[1].0, login[1].1.as_str()),
+            ],
+        );
+        let mut cp = cp?;
+        cp.ready().await?;
+        let stop_writing = tokio_util::sync::CancellationToken::new();
+        let writer = {
+            let (store, tenant, stream_type, stop) = (
+                store.clone(),
+                tenant.clone(),
+                stream_type.clone(),
+                stop_writing.clone(),
+            );
+            tokio::spawn(async move {
+                let id = StreamId::new("agg-0")?;
+                let mut n = 0;
+                while !stop.is_cancelled() {
+                    let events = (0..5)
+                        .map(|i| NewEvent::new("Happened", json!({"n": n * 5 + i})))
+                        .collect();
+                    store
+                        .append(
+                            &Scope::new(tenant.clone(), "relay-test"),
+                            AppendRequest::new(
+                                id.clone(),
+                                &stream_type,
+                                ExpectedVersion::Any,
+                                events,
+                            ),
+                        )
+                        .await?;
+                    n += 1;
+                }
+                anyhow::Ok(())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(1500 + 150 * attempt)).await;
+        let (code, log) = cp.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
+        stop_writing.cancel();
+        writer.await??;
+        assert_eq!(code, 0, "{log}");
+        // Nothing fences this relay's transactional id now (no successor
+        // starts), so a transaction it left open would stay `Ongoing` — and
+        // hold every `read_committed` reader of its partitions back — for
+        // its whole timeout (a minute).
+        let state = {
+            let txid = txid.clone();
+            tokio::task::spawn_blocking(move || env::kafka::transaction_state(&txid)).await??
+        };
+        assert!(
+            matches!(
+                state.as_str(),
+                "CompleteAbort" | "CompleteCommit" | "Empty" | "PrepareAbort"
+            ),
+            "the relay's transaction is {state} after its stop"
+        );
+        if log.contains("aborted the open relay transaction") {
+            aborted = true;
+            break;
+        }
+    }
+    assert!(aborted, "no stop landed inside a transaction in 8 tries");
+    Ok(())
+}

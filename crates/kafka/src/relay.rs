@@ -10,11 +10,11 @@
 //! once committed, the relay moves its cursor past the batch and reads the
 //! next (`statefabric_relay_batch_after`, migration 0019), while a deleter
 //! removes the sent rows in the background, in a Postgres transaction that
-//! first checks the leader epoch. Delivery is at-least-once: a crash between the
-//! Kafka commit and the delete sends the batch again, and consumers
-//! deduplicate by event id. Order per aggregate holds: rows come in commit
-//! order (`statefabric_relay_batch`, the event store's gap-free rule) and
-//! one key maps to one partition. The transactional id is the same on every
+//! first checks the leader epoch. Delivery is at-least-once: a crash
+//! between the Kafka commit and the delete sends the batch again, and
+//! consumers deduplicate by event id. Order per aggregate holds: rows come
+//! in commit order (below the oldest running transaction: the event store's
+//! gap-free rule) and one key maps to one partition. The transactional id is the same on every
 //! replica, so Kafka fences a former leader's producer as soon as the new
 //! leader initializes its own. Repeated Kafka failures open a circuit
 //! breaker (`statefabric_circuit_state{dependency="kafka"}`): the relay

@@ -197,6 +197,35 @@ pub fn redis_vars_at(mode: &str, urls: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Environment of a control plane leading on Postgres under `lease` with
+/// the outbox relay on (transactional id `txid`, single-broker topics),
+/// logged in to Kafka as the control plane.
+pub fn relay_vars(lease: &str, txid: &str) -> Vec<(&'static str, String)> {
+    let mut vars = vec![
+        ("STATEFABRIC_LEADER__BACKEND", "postgres".to_owned()),
+        ("STATEFABRIC_LEADER__POSTGRES_URL", crate::pg_control_url()),
+        (
+            "STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL",
+            crate::pg_admin_url(),
+        ),
+        ("STATEFABRIC_LEADER__NAME", lease.to_owned()),
+        ("STATEFABRIC_RELAY__ENABLED", "true".to_owned()),
+        (
+            "STATEFABRIC_RELAY__KAFKA_BOOTSTRAP",
+            crate::kafka_bootstrap(),
+        ),
+        ("STATEFABRIC_RELAY__REGISTRY_URL", crate::registry_url()),
+        ("STATEFABRIC_RELAY__TRANSACTIONAL_ID", txid.to_owned()),
+        ("STATEFABRIC_RELAY__TOPICS__REPLICATION", "1".to_owned()),
+        (
+            "STATEFABRIC_RELAY__TOPICS__MIN_INSYNC_REPLICAS",
+            "1".to_owned(),
+        ),
+    ];
+    vars.extend(crate::kafka::Principal::ControlPlane.process_env());
+    vars
+}
+
 /// Borrows owned variables for [`sidecar`]'s `extra`.
 pub fn borrowed<'a>(vars: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     vars.iter().map(|(k, v)| (*k, v.as_str())).collect()

@@ -29,41 +29,27 @@ async fn appended_events_reach_their_topic_once_and_in_order() -> anyhow::Result
     let run = uuid::Uuid::new_v4().simple().to_string();
     let stream_type = format!("relaytest_{}", &run[..8]);
     let topic = format!("events.{stream_type}");
-    let (admin, control) = (env::pg_admin_url(), env::pg_control_url());
+    let admin = env::pg_admin_url();
     let lease = format!("relay-{run}");
     let bootstrap = env::kafka_bootstrap();
     let registry = env::registry_url();
     let txid = format!("statefabric-outbox-relay-test-{run}");
-    let login = env::kafka::Principal::ControlPlane.process_env();
     // The consumer's group, watched by the control plane's lag monitor.
     let group = format!("relaygroup{run}");
     let lag_var = format!("STATEFABRIC_LAG__GROUPS__{}", group.to_uppercase());
-    let mut cp = process::spawn(
-        "statefabric-control-plane",
-        &[],
-        &[
-            ("STATEFABRIC_LEADER__BACKEND", "postgres"),
-            // Saga engines run only in the saga tests (one per database).
-            ("STATEFABRIC_SAGAS__ENABLED", "false"),
-            ("STATEFABRIC_LEADER__POSTGRES_URL", control.as_str()),
-            ("STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL", admin.as_str()),
-            ("STATEFABRIC_LEADER__NAME", lease.as_str()),
-            ("STATEFABRIC_LEADER__TTL", "3s"),
-            ("STATEFABRIC_LEADER__RENEW_EVERY", "500ms"),
-            ("STATEFABRIC_RELAY__ENABLED", "true"),
-            ("STATEFABRIC_RELAY__KAFKA_BOOTSTRAP", bootstrap.as_str()),
-            ("STATEFABRIC_RELAY__REGISTRY_URL", registry.as_str()),
-            ("STATEFABRIC_RELAY__TRANSACTIONAL_ID", txid.as_str()),
-            ("STATEFABRIC_RELAY__TOPICS__REPLICATION", "1"),
-            ("STATEFABRIC_RELAY__TOPICS__MIN_INSYNC_REPLICAS", "1"),
-            ("STATEFABRIC_RELAY__BATCH", "2000"),
-            ("STATEFABRIC_LAG__KAFKA_BOOTSTRAP", bootstrap.as_str()),
-            ("STATEFABRIC_LAG__INTERVAL", "200ms"),
-            (lag_var.as_str(), topic.as_str()),
-            (login[0].0, login[0].1.as_str()),
-            (login[1].0, login[1].1.as_str()),
-        ],
-    )?;
+    let mut vars = process::relay_vars(&lease, &txid);
+    vars.extend([
+        // Saga engines run only in the saga tests (one per database).
+        ("STATEFABRIC_SAGAS__ENABLED", "false".to_owned()),
+        ("STATEFABRIC_LEADER__TTL", "3s".to_owned()),
+        ("STATEFABRIC_LEADER__RENEW_EVERY", "500ms".to_owned()),
+        ("STATEFABRIC_RELAY__BATCH", "2000".to_owned()),
+        ("STATEFABRIC_LAG__KAFKA_BOOTSTRAP", bootstrap.clone()),
+        ("STATEFABRIC_LAG__INTERVAL", "200ms".to_owned()),
+    ]);
+    let mut env_vars: Vec<(&str, &str)> = process::borrowed(&vars);
+    env_vars.push((&lag_var, &topic));
+    let mut cp = process::spawn("statefabric-control-plane", &[], &env_vars)?;
     cp.ready().await?;
 
     let tenant = TenantId::new(format!("t-{}", &run[..12]))?;
@@ -322,9 +308,7 @@ async fn a_relay_stopped_mid_transaction_aborts_it() -> anyhow::Result<()> {
     let _alone = ONE_RELAY.lock().await;
     let run = uuid::Uuid::new_v4().simple().to_string();
     let stream_type = format!("relaystop_{}", &run[..8]);
-    let (admin, control) = (env::pg_admin_url(), env::pg_control_url());
-    let (bootstrap, registry) = (env::kafka_bootstrap(), env::registry_url());
-    let login = env::kafka::Principal::ControlPlane.process_env();
+    let admin = env::pg_admin_url();
     let tenant = TenantId::new(format!("t-{}", &run[..12]))?;
     pg::create_tenant(&admin, &tenant, "relay stop").await?;
     let store = Arc::new(
@@ -341,28 +325,14 @@ async fn a_relay_stopped_mid_transaction_aborts_it() -> anyhow::Result<()> {
     for attempt in 0..8 {
         let lease = format!("relay-stop-{run}-{attempt}");
         let txid = format!("statefabric-outbox-relay-stop-{run}-{attempt}");
-        let cp = process::spawn(
-            "statefabric-control-plane",
-            &[],
-            &[
-                ("STATEFABRIC_LEADER__BACKEND", "postgres"),
-                ("STATEFABRIC_SAGAS__ENABLED", "false"),
-                ("STATEFABRIC_LEADER__POSTGRES_URL", control.as_str()),
-                ("STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL", admin.as_str()),
-                ("STATEFABRIC_LEADER__NAME", lease.as_str()),
-                ("STATEFABRIC_RELAY__ENABLED", "true"),
-                ("STATEFABRIC_RELAY__KAFKA_BOOTSTRAP", bootstrap.as_str()),
-                ("STATEFABRIC_RELAY__REGISTRY_URL", registry.as_str()),
-                ("STATEFABRIC_RELAY__TRANSACTIONAL_ID", txid.as_str()),
-                ("STATEFABRIC_RELAY__TOPICS__REPLICATION", "1"),
-                ("STATEFABRIC_RELAY__TOPICS__MIN_INSYNC_REPLICAS", "1"),
-                // Small batches: many transactions, each open a while.
-                ("STATEFABRIC_RELAY__BATCH", "20"),
-                ("STATEFABRIC_RELAY__IDLE_POLL", "1ms"),
-                (login[0].0, login[0].1.as_str()),
-                (login[1].0, login[1].1.as_str()),
-            ],
-        );
+        let mut vars = process::relay_vars(&lease, &txid);
+        vars.extend([
+            ("STATEFABRIC_SAGAS__ENABLED", "false".to_owned()),
+            // Small batches: many transactions, each open a while.
+            ("STATEFABRIC_RELAY__BATCH", "20".to_owned()),
+            ("STATEFABRIC_RELAY__IDLE_POLL", "1ms".to_owned()),
+        ]);
+        let cp = process::spawn("statefabric-control-plane", &[], &process::borrowed(&vars));
         let mut cp = cp?;
         cp.ready().await?;
         let stop_writing = tokio_util::sync::CancellationToken::new();

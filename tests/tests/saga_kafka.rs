@@ -20,34 +20,17 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tasks_and_replies_travel_through_the_outbox_and_kafka() -> anyhow::Result<()> {
     let run = uuid::Uuid::new_v4().simple().to_string();
-    let (control, admin) = (env::pg_control_url(), env::pg_admin_url());
+    let admin = env::pg_admin_url();
     let (bootstrap, registry) = (env::kafka_bootstrap(), env::registry_url());
     let lease = format!("sagas-kafka-{run}");
     let txid = format!("statefabric-outbox-relay-sagas-{run}");
-    let (control_login, sidecar_login) = (
-        env::kafka::Principal::ControlPlane.process_env(),
-        env::kafka::Principal::Sidecar.process_env(),
-    );
-    let cp = process::spawn(
-        "statefabric-control-plane",
-        &[],
-        &[
-            ("STATEFABRIC_LEADER__BACKEND", "postgres"),
-            ("STATEFABRIC_LEADER__POSTGRES_URL", control.as_str()),
-            ("STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL", admin.as_str()),
-            ("STATEFABRIC_LEADER__NAME", lease.as_str()),
-            ("STATEFABRIC_RELAY__ENABLED", "true"),
-            ("STATEFABRIC_RELAY__KAFKA_BOOTSTRAP", bootstrap.as_str()),
-            ("STATEFABRIC_RELAY__REGISTRY_URL", registry.as_str()),
-            ("STATEFABRIC_RELAY__TRANSACTIONAL_ID", txid.as_str()),
-            ("STATEFABRIC_RELAY__TOPICS__REPLICATION", "1"),
-            ("STATEFABRIC_RELAY__TOPICS__MIN_INSYNC_REPLICAS", "1"),
-            ("STATEFABRIC_SAGAS__TRANSPORT", "kafka"),
-            ("STATEFABRIC_API__ALLOW_ANONYMOUS", "true"),
-            (control_login[0].0, control_login[0].1.as_str()),
-            (control_login[1].0, control_login[1].1.as_str()),
-        ],
-    );
+    let sidecar_login = env::kafka::Principal::Sidecar.process_env();
+    let mut vars = process::relay_vars(&lease, &txid);
+    vars.extend([
+        ("STATEFABRIC_SAGAS__TRANSPORT", "kafka".to_owned()),
+        ("STATEFABRIC_API__ALLOW_ANONYMOUS", "true".to_owned()),
+    ]);
+    let cp = process::spawn("statefabric-control-plane", &[], &process::borrowed(&vars));
     let mut cp = cp?;
     cp.ready().await?;
 

@@ -1,28 +1,33 @@
 //! The built-in outbox relay: while this instance leads, committed outbox
 //! rows go to `events.<aggregate type>` in commit order, keyed by aggregate
-//! id, as Avro [`EventEnvelope`]s (Confluent framing), with the event id,
+//! id, as Avro `EventEnvelope`s (Confluent framing), with the event id,
 //! tenant and trace context in headers. Saga tasks written to the outbox by
 //! the saga engine (aggregate type [`SAGA_COMMAND`]) go instead to their
-//! tenant's command topic for the agent type, as Avro [`SagaCommand`]s keyed
+//! tenant's command topic for the agent type, as Avro `SagaCommand`s keyed
 //! by saga id.
 //!
-//! One batch is one Kafka transaction (idempotent, transactional producer);
-//! once committed, the relay moves its cursor past the batch and reads the
-//! next (`statefabric_relay_batch_after`, migration 0019), while a deleter
-//! removes the sent rows in the background, in a Postgres transaction that
-//! first checks the leader epoch. Delivery is at-least-once: a crash
-//! between the Kafka commit and the delete sends the batch again, and
-//! consumers deduplicate by event id. Order per aggregate holds: rows come
-//! in commit order (below the oldest running transaction: the event store's
-//! gap-free rule) and one key maps to one partition. The transactional id is the same on every
+//! A session (per leader epoch, or after a failure) runs three parts:
+//! - `read.rs`: outbox rows after a cursor of the last row read
+//!   (`statefabric_relay_batch_after`, migration 0019: commit order, below
+//!   the oldest running transaction — the event store's gap-free rule),
+//!   encoded one batch ahead;
+//! - the producing loop here: one batch is one Kafka transaction
+//!   (idempotent, transactional producer);
+//! - `delete.rs`: once a batch is committed its rows are deleted in the
+//!   background, each call checking the leader epoch first.
+//!
+//! Delivery is at-least-once: a crash, or a new session, between a Kafka
+//! commit and its delete sends those rows again, and consumers deduplicate
+//! by event id. Order per aggregate holds: rows come in commit order and
+//! one key maps to one partition. The transactional id is the same on every
 //! replica, so Kafka fences a former leader's producer as soon as the new
 //! leader initializes its own. Repeated Kafka failures open a circuit
 //! breaker (`statefabric_circuit_state{dependency="kafka"}`): the relay
 //! then waits for a probe instead of piling up timeouts. A transaction left
-//! open (shutdown, lost leadership, a failure) is aborted explicitly.
+//! open (shutdown, lost leadership, a failure) is aborted explicitly. Time
+//! per stage is exported as `relay_stage_seconds{stage}`.
 
 use crate::brokers::Brokers;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -33,22 +38,22 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use serde_json::Value;
 use sqlx::PgPool;
 use statefabric_leader::{Leadership, Role};
 use statefabric_resilience::{Breaker, BreakerConfig};
 use statefabric_schema::AvroCodec;
-use statefabric_schema::codec::WriterSchema;
-use statefabric_schema::messages::{
-    EventEnvelope, SagaCommand, event_envelope_schema, saga_command_schema,
-};
+use statefabric_schema::messages::{event_envelope_schema, saga_command_schema};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::topics::{self, Planned, TopicClass, TopicSettings};
+mod delete;
+mod read;
+
+use self::delete::delete_sent;
+use self::read::{Prepared, Reader};
+use crate::topics::{self, TopicSettings};
 
 /// The outbox aggregate type of saga tasks (written by the saga engine).
 pub const SAGA_COMMAND: &str = "saga.command";
@@ -82,6 +87,8 @@ pub enum RelayError {
     BadRow { id: String, reason: String },
     #[error("lost leadership (epoch {0} is stale)")]
     Deposed(u64),
+    #[error("the outbox reader stopped")]
+    ReaderStopped,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -126,21 +133,6 @@ impl Metrics {
     }
 }
 
-#[derive(Debug, sqlx::FromRow)]
-struct Row {
-    id: uuid::Uuid,
-    tenant_id: String,
-    aggregatetype: String,
-    aggregateid: String,
-    #[sqlx(rename = "type")]
-    event_type: String,
-    payload: Value,
-    headers: Value,
-    global_position: i64,
-    /// The writing transaction's id (commit order), as text.
-    commit_id: String,
-}
-
 /// The relay; run it with [`Relay::run`].
 #[derive(Debug)]
 pub struct Relay {
@@ -156,13 +148,11 @@ pub struct Relay {
 struct Session {
     epoch: u64,
     producer: FutureProducer,
-    writer: WriterSchema,
-    command_writer: WriterSchema,
     /// A Kafka transaction is open (begun, not yet committed or aborted).
     open: AtomicBool,
-    /// The last row sent: (transaction id, position). Reads continue after
-    /// it, so sent rows need not be deleted before the next batch.
-    cursor: std::sync::Mutex<Option<(String, i64)>>,
+    /// Batches read and encoded ahead by the session's reader.
+    prepared: mpsc::Receiver<Result<Prepared, RelayError>>,
+    reader: JoinHandle<()>,
     /// Sent rows on their way to the session's deleter.
     sent: mpsc::Sender<Vec<uuid::Uuid>>,
     deleter: JoinHandle<()>,
@@ -175,6 +165,7 @@ impl Session {
     /// finish what was sent (for at most `timeout`; rows it did not delete
     /// are sent again by the next session — at least once).
     async fn close(self, timeout: Duration) {
+        self.reader.abort();
         self.abort_open(timeout);
         drop(self.sent);
         let mut deleter = self.deleter;
@@ -243,7 +234,6 @@ impl Relay {
     pub async fn run(self, leadership: Leadership, stop: CancellationToken) {
         let timeout = self.settings.kafka_timeout;
         let mut session: Option<Session> = None;
-        let mut known_topics = std::collections::BTreeSet::new();
         loop {
             if stop.is_cancelled() {
                 break;
@@ -275,8 +265,8 @@ impl Relay {
                 if session.is_none() {
                     session = Some(self.open(epoch).await?);
                 }
-                let s = session.as_ref().ok_or(RelayError::Deposed(epoch))?;
-                self.batch(s, &mut known_topics).await
+                let s = session.as_mut().ok_or(RelayError::Deposed(epoch))?;
+                self.batch(s).await
             };
             let result = tokio::select! {
                 () = stop.cancelled() => break,
@@ -287,12 +277,7 @@ impl Relay {
                 _ => permit.success(),
             }
             match result {
-                Ok(0) => {
-                    tokio::select! {
-                        () = stop.cancelled() => break,
-                        () = tokio::time::sleep(self.settings.idle_poll) => {}
-                    }
-                }
+                // The reader waits out an empty outbox itself.
                 Ok(_) => {}
                 Err(err) => {
                     self.metrics.failures.inc();
@@ -332,6 +317,19 @@ impl Relay {
         let (subject, schema) = saga_command_schema();
         let command_writer = self.codec.writer(subject, schema).await?;
         tracing::info!(epoch, "relay producing");
+        // One batch waits while the previous is produced.
+        let (ready, prepared) = mpsc::channel(1);
+        let reader = tokio::spawn(
+            Reader {
+                pool: self.pool.clone(),
+                codec: self.codec.clone(),
+                writer,
+                command_writer,
+                settings: self.settings.clone(),
+                metrics: self.metrics.clone(),
+            }
+            .run(ready),
+        );
         // Bounded: a deleter that falls behind holds the relay back.
         let (sent, batches) = mpsc::channel(16);
         let deposed = Arc::new(AtomicBool::new(false));
@@ -346,94 +344,39 @@ impl Relay {
         Ok(Session {
             epoch,
             producer,
-            writer,
-            command_writer,
             open: AtomicBool::new(false),
-            cursor: std::sync::Mutex::default(),
+            prepared,
+            reader,
             sent,
             deleter,
             deposed,
         })
     }
 
-    async fn ensure_topics(
-        &self,
-        rows: &[Row],
-        known: &mut std::collections::BTreeSet<String>,
-    ) -> Result<(), RelayError> {
-        let missing: Vec<Planned> = rows
-            .iter()
-            .map(topic)
-            .filter(|(t, _)| !known.contains(t))
-            .collect::<std::collections::BTreeMap<_, _>>()
-            .into_iter()
-            .map(|(name, class)| Planned { name, class })
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let admin = self.settings.brokers.client().create()?;
-        topics::apply(
-            &admin,
-            &missing,
-            &self.settings.topics,
-            self.settings.kafka_timeout,
-        )
-        .await?;
-        known.extend(missing.into_iter().map(|p| p.name));
-        Ok(())
-    }
-
-    /// One transaction's worth; how many events it sent.
-    async fn batch(
-        &self,
-        session: &Session,
-        known: &mut std::collections::BTreeSet<String>,
-    ) -> Result<usize, RelayError> {
+    /// Produces the next prepared batch in one Kafka transaction; how many
+    /// events it sent (0: none was ready within a short wait).
+    async fn batch(&self, session: &mut Session) -> Result<usize, RelayError> {
         if session.deposed.load(Ordering::SeqCst) {
             return Err(RelayError::Deposed(session.epoch));
         }
-        let mut mark = Instant::now();
-        let cursor = session
-            .cursor
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT id, tenant_id, aggregatetype, aggregateid, type, payload, headers, \
-                    global_position, commit_id \
-             FROM statefabric_relay_batch_after($1, $2, $3)",
-        )
-        .bind(i32::try_from(self.settings.batch).unwrap_or(i32::MAX))
-        .bind(cursor.as_ref().map(|(tx, _)| tx.clone()))
-        .bind(cursor.as_ref().map(|(_, pos)| *pos))
-        .fetch_all(&self.pool)
-        .await?;
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        self.metrics.stage("read", &mut mark);
-        self.ensure_topics(&rows, known).await?;
-        let mut records = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let value = if row.aggregatetype == SAGA_COMMAND {
-                self.codec.encode(&session.command_writer, &command(row)?)?
-            } else {
-                self.codec.encode(&session.writer, &envelope(row)?)?
+        // A short wait, so the loop looks at leadership and stop often.
+        let prepared =
+            match tokio::time::timeout(Duration::from_millis(100), session.prepared.recv()).await {
+                Err(_) => return Ok(0),
+                Ok(None) => return Err(RelayError::ReaderStopped),
+                Ok(Some(prepared)) => prepared?,
             };
-            records.push((topic(row).0, value, headers(row)));
-        }
-        self.metrics.stage("encode", &mut mark);
+        let mut mark = Instant::now();
         let producer = &session.producer;
         producer.begin_transaction()?;
         session.open.store(true, Ordering::SeqCst);
         let sent = async {
-            let mut deliveries = Vec::with_capacity(records.len());
-            for ((topic, value, headers), row) in records.iter().zip(&rows) {
-                let record = FutureRecord::to(topic)
-                    .key(&row.aggregateid)
-                    .payload(value)
-                    .headers(headers.clone());
+            let mut deliveries = Vec::with_capacity(prepared.records.len());
+            for r in &prepared.records {
+                let record = FutureRecord::to(&r.topic)
+                    .key(&r.key)
+                    .payload(&r.value)
+                    .headers(r.headers.clone());
                 match producer.send_result(record) {
                     Ok(delivery) => deliveries.push(delivery),
                     Err((err, _)) => return Err(RelayError::Kafka(err)),
@@ -459,218 +402,18 @@ impl Relay {
             session.abort_open(self.settings.kafka_timeout);
             return Err(err);
         }
-        let oldest = rows
-            .iter()
-            .filter_map(|r| r.payload.get("created_at").and_then(Value::as_str))
-            .filter_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-            .min();
-        if let Some(last) = rows.last() {
-            *session
-                .cursor
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                Some((last.commit_id.clone(), last.global_position));
-        }
-        let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.id).collect();
-        if session.sent.send(ids).await.is_err() {
+        let count = prepared.ids.len();
+        if session.sent.send(prepared.ids).await.is_err() {
             return Err(RelayError::Deposed(session.epoch));
         }
-        self.metrics.sent.inc_by(rows.len() as u64);
+        self.metrics.sent.inc_by(count as u64);
         self.metrics.batches.inc();
-        if let Some(oldest) = oldest {
+        if let Some(oldest) = prepared.oldest {
             let lag = (chrono::Utc::now() - oldest.with_timezone(&chrono::Utc))
                 .num_milliseconds()
                 .max(0);
             self.metrics.lag_seconds.set(lag as f64 / 1000.0);
         }
-        Ok(rows.len())
+        Ok(count)
     }
-}
-
-/// Deletes sent rows after their Kafka commit, off the relay's path:
-/// whatever has queued up goes in one call, which checks the leader epoch
-/// first. A refused epoch marks the session deposed; other failures are
-/// retried (the rows stay until deleted, and a later session would send
-/// them again).
-async fn delete_sent(
-    pool: PgPool,
-    lease: String,
-    epoch: u64,
-    mut batches: mpsc::Receiver<Vec<uuid::Uuid>>,
-    deposed: Arc<AtomicBool>,
-    metrics: Metrics,
-) {
-    while let Some(mut ids) = batches.recv().await {
-        while let Ok(more) = batches.try_recv() {
-            ids.extend(more);
-        }
-        loop {
-            let mut mark = Instant::now();
-            let deleted =
-                sqlx::query_scalar::<_, i64>("SELECT statefabric_relay_delete($1, $2, $3)")
-                    .bind(&ids)
-                    .bind(&lease)
-                    .bind(i64::try_from(epoch).unwrap_or(i64::MAX))
-                    .fetch_one(&pool)
-                    .await;
-            match deleted {
-                Ok(_) => {
-                    metrics.stage("delete", &mut mark);
-                    break;
-                }
-                Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("SF001") => {
-                    deposed.store(true, Ordering::SeqCst);
-                    return;
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "deleting sent outbox rows failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    }
-}
-
-/// Where a row goes, and the class of that topic.
-fn topic(row: &Row) -> (String, TopicClass) {
-    if row.aggregatetype == SAGA_COMMAND {
-        let agent = row
-            .payload
-            .get("agent_type")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        (
-            topics::tenant_commands_topic(agent, &row.tenant_id),
-            TopicClass::Commands,
-        )
-    } else {
-        (topics::events_topic(&row.aggregatetype), TopicClass::Events)
-    }
-}
-
-/// The saga engine's outbox payload (migration 0018) as the Avro record.
-fn command(row: &Row) -> Result<SagaCommand, RelayError> {
-    let p = &row.payload;
-    let bad = |field: &str| RelayError::BadRow {
-        id: row.id.to_string(),
-        reason: format!("saga command without {field}"),
-    };
-    let text = |field: &str| {
-        p.get(field)
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .ok_or_else(|| bad(field))
-    };
-    let number = |field: &str| {
-        p.get(field)
-            .and_then(Value::as_i64)
-            .ok_or_else(|| bad(field))
-    };
-    Ok(SagaCommand {
-        idempotency_key: text("task_key")?,
-        tenant_id: row.tenant_id.clone(),
-        saga_id: row.aggregateid.clone(),
-        step: text("step")?,
-        visit: i32::try_from(number("visit")?).map_err(|_| bad("visit"))?,
-        attempt: i32::try_from(number("attempt")?).map_err(|_| bad("attempt"))?,
-        compensation: p
-            .get("compensation")
-            .and_then(Value::as_bool)
-            .ok_or_else(|| bad("compensation"))?,
-        agent_type: text("agent_type")?,
-        action: text("action")?,
-        input: p
-            .get("input")
-            .map(|v| v.to_string().into_bytes())
-            .unwrap_or_default(),
-        timeout_ms: number("timeout_ms")?,
-        issued_at: p
-            .get("issued_at")
-            .and_then(Value::as_str)
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-            .map_or(0, |t| t.timestamp_millis()),
-    })
-}
-
-fn headers(row: &Row) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new()
-        .insert(Header {
-            key: "event_id",
-            value: Some(&row.id.to_string()),
-        })
-        .insert(Header {
-            key: "event_type",
-            value: Some(&row.event_type),
-        });
-    if let Some(map) = row.headers.as_object() {
-        for (key, value) in map {
-            if let Some(text) = value.as_str() {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(text),
-                });
-            } else {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(&value.to_string()),
-                });
-            }
-        }
-    }
-    headers
-}
-
-fn envelope(row: &Row) -> Result<EventEnvelope, RelayError> {
-    let bad = |reason: &str| RelayError::BadRow {
-        id: row.id.to_string(),
-        reason: reason.to_owned(),
-    };
-    let p = &row.payload;
-    let metadata: BTreeMap<String, String> = p
-        .get("metadata")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        v.as_str().map_or_else(|| v.to_string(), str::to_owned),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let vector_clock: BTreeMap<String, i64> = p
-        .pointer("/metadata/vector_clock")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| v.as_i64().map(|n| (k.clone(), n)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let recorded_at = p
-        .get("created_at")
-        .and_then(Value::as_str)
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| t.timestamp_millis())
-        .ok_or_else(|| bad("created_at missing or not a timestamp"))?;
-    Ok(EventEnvelope {
-        event_id: row.id.to_string(),
-        tenant_id: row.tenant_id.clone(),
-        stream_id: row.aggregateid.clone(),
-        stream_type: row.aggregatetype.clone(),
-        version: p
-            .get("stream_version")
-            .and_then(Value::as_i64)
-            .ok_or_else(|| bad("stream_version missing"))?,
-        commit_position: row.global_position,
-        event_type: row.event_type.clone(),
-        content_type: "application/json".to_owned(),
-        payload: serde_json::to_vec(p.get("data").unwrap_or(&Value::Null))
-            .map_err(|e| bad(&e.to_string()))?,
-        metadata,
-        vector_clock,
-        recorded_at,
-    })
 }

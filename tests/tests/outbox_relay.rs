@@ -375,17 +375,21 @@ async fn a_relay_stopped_mid_transaction_aborts_it() -> anyhow::Result<()> {
         // starts), so a transaction it left open would stay `Ongoing` — and
         // hold every `read_committed` reader of its partitions back — for
         // its whole timeout (a minute).
-        let state = {
-            let txid = txid.clone();
-            tokio::task::spawn_blocking(move || env::kafka::transaction_state(&txid)).await??
-        };
-        assert!(
-            matches!(
-                state.as_str(),
-                "CompleteAbort" | "CompleteCommit" | "Empty" | "PrepareAbort"
-            ),
-            "the relay's transaction is {state} after its stop"
-        );
+        for producer in 0..2 {
+            // The relay's two producers take turns (`<id>.0`, `<id>.1`).
+            let id = format!("{txid}.{producer}");
+            let state = {
+                let id = id.clone();
+                tokio::task::spawn_blocking(move || env::kafka::transaction_state(&id)).await??
+            };
+            assert!(
+                matches!(
+                    state.as_str(),
+                    "CompleteAbort" | "CompleteCommit" | "Empty" | "PrepareAbort"
+                ),
+                "the relay's transaction {id} is {state} after its stop"
+            );
+        }
         if log.contains("aborted the open relay transaction") {
             aborted = true;
             break;

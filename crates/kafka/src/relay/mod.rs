@@ -12,16 +12,16 @@
 //!   the oldest running transaction — the event store's gap-free rule),
 //!   encoded one batch ahead;
 //! - the producing loop here: one batch is one Kafka transaction
-//!   (idempotent, transactional producer);
+//!   (idempotent, transactional producers — two, taking turns, see `Txn`);
 //! - `delete.rs`: once a batch is committed its rows are deleted in the
 //!   background, each call checking the leader epoch first.
 //!
 //! Delivery is at-least-once: a crash, or a new session, between a Kafka
 //! commit and its delete sends those rows again, and consumers deduplicate
 //! by event id. Order per aggregate holds: rows come in commit order and
-//! one key maps to one partition. The transactional id is the same on every
-//! replica, so Kafka fences a former leader's producer as soon as the new
-//! leader initializes its own. Repeated Kafka failures open a circuit
+//! one key maps to one partition. The transactional ids (`<id>.0`,
+//! `<id>.1`) are the same on every replica, so Kafka fences a former
+//! leader's producers as soon as the new leader initializes its own. Repeated Kafka failures open a circuit
 //! breaker (`statefabric_circuit_state{dependency="kafka"}`): the relay
 //! then waits for a probe instead of piling up timeouts. A transaction left
 //! open (shutdown, lost leadership, a failure) is aborted explicitly. Time
@@ -61,7 +61,8 @@ pub const SAGA_COMMAND: &str = "saga.command";
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
     pub brokers: Brokers,
-    /// Shared by every replica (Kafka fences the older producer).
+    /// Shared by every replica (Kafka fences the older producer); the relay's
+    /// two producers use `<id>.0` and `<id>.1`.
     pub transactional_id: String,
     /// The leader lease whose epoch guards the deletes.
     pub lease: String,
@@ -145,11 +146,24 @@ pub struct Relay {
     breaker: Breaker,
 }
 
+/// One transactional producer. The relay keeps two and alternates: after a
+/// commit, the coordinator still writes the commit markers, and a new
+/// transaction on the same transactional id meanwhile is refused with
+/// CONCURRENT_TRANSACTIONS, which librdkafka retries only after 20 ms —
+/// a fixed 20 ms per batch. The other producer's id has no such wait.
+/// Order holds: a batch is produced (acknowledged) before the next begins,
+/// so the log keeps commit order whichever transaction commits first.
+struct Txn {
+    producer: FutureProducer,
+    /// A transaction is open (begun, not yet committed or aborted).
+    open: AtomicBool,
+}
+
 struct Session {
     epoch: u64,
-    producer: FutureProducer,
-    /// A Kafka transaction is open (begun, not yet committed or aborted).
-    open: AtomicBool,
+    /// Two transactional producers, taking turns (see [`Txn`]).
+    txns: [Txn; 2],
+    turn: usize,
     /// Batches read and encoded ahead by the session's reader.
     prepared: mpsc::Receiver<Result<Prepared, RelayError>>,
     reader: JoinHandle<()>,
@@ -174,13 +188,17 @@ impl Session {
         }
     }
 
-    /// Aborts a transaction left open (its batch was interrupted: shutdown,
+    /// Aborts the transactions left open (a batch was interrupted: shutdown,
     /// lost leadership, a failure), so nothing waits for it to time out.
     fn abort_open(&self, timeout: Duration) {
-        if self.open.swap(false, Ordering::SeqCst) {
-            match self.producer.abort_transaction(timeout) {
-                Ok(()) => tracing::info!("aborted the open relay transaction"),
-                Err(err) => tracing::warn!(error = %err, "could not abort the relay transaction"),
+        for txn in &self.txns {
+            if txn.open.swap(false, Ordering::SeqCst) {
+                match txn.producer.abort_transaction(timeout) {
+                    Ok(()) => tracing::info!("aborted the open relay transaction"),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not abort the relay transaction");
+                    }
+                }
             }
         }
     }
@@ -297,12 +315,17 @@ impl Relay {
         }
     }
 
-    async fn open(&self, epoch: u64) -> Result<Session, RelayError> {
+    /// A transactional producer for `<transactional id>.<n>`, initialized
+    /// (which fences that id's producer in a former leader).
+    fn txn(&self, n: usize) -> Result<Txn, RelayError> {
         let producer: FutureProducer = self
             .settings
             .brokers
             .client()
-            .set("transactional.id", &self.settings.transactional_id)
+            .set(
+                "transactional.id",
+                format!("{}.{n}", self.settings.transactional_id),
+            )
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "1")
@@ -312,6 +335,14 @@ impl Relay {
             )
             .create()?;
         producer.init_transactions(self.settings.kafka_timeout)?;
+        Ok(Txn {
+            producer,
+            open: AtomicBool::new(false),
+        })
+    }
+
+    async fn open(&self, epoch: u64) -> Result<Session, RelayError> {
+        let txns = [self.txn(0)?, self.txn(1)?];
         let (subject, schema) = event_envelope_schema();
         let writer = self.codec.writer(subject, schema).await?;
         let (subject, schema) = saga_command_schema();
@@ -343,8 +374,8 @@ impl Relay {
         ));
         Ok(Session {
             epoch,
-            producer,
-            open: AtomicBool::new(false),
+            txns,
+            turn: 0,
             prepared,
             reader,
             sent,
@@ -367,9 +398,11 @@ impl Relay {
                 Ok(Some(prepared)) => prepared?,
             };
         let mut mark = Instant::now();
-        let producer = &session.producer;
+        let txn = &session.txns[session.turn];
+        session.turn = 1 - session.turn;
+        let producer = &txn.producer;
         producer.begin_transaction()?;
-        session.open.store(true, Ordering::SeqCst);
+        txn.open.store(true, Ordering::SeqCst);
         let sent = async {
             let mut deliveries = Vec::with_capacity(prepared.records.len());
             for r in &prepared.records {
@@ -393,7 +426,7 @@ impl Relay {
             }
             self.metrics.stage("produce", &mut mark);
             producer.commit_transaction(self.settings.kafka_timeout)?;
-            session.open.store(false, Ordering::SeqCst);
+            txn.open.store(false, Ordering::SeqCst);
             self.metrics.stage("commit", &mut mark);
             Ok(())
         }

@@ -12,15 +12,15 @@
 //!   the oldest running transaction — the event store's gap-free rule),
 //!   encoded one batch ahead;
 //! - the producing loop here: one batch is one Kafka transaction
-//!   (idempotent, transactional producers — two, taking turns, see `Txn`);
+//!   (idempotent, transactional producers taking turns, see `Txn`);
 //! - `delete.rs`: once a batch is committed its rows are deleted in the
 //!   background, each call checking the leader epoch first.
 //!
 //! Delivery is at-least-once: a crash, or a new session, between a Kafka
 //! commit and its delete sends those rows again, and consumers deduplicate
 //! by event id. Order per aggregate holds: rows come in commit order and
-//! one key maps to one partition. The transactional ids (`<id>.0`,
-//! `<id>.1`) are the same on every replica, so Kafka fences a former
+//! one key maps to one partition. The transactional ids (`<id>.0` …
+//! `<id>.3`) are the same on every replica, so Kafka fences a former
 //! leader's producers as soon as the new leader initializes its own. Repeated Kafka failures open a circuit
 //! breaker (`statefabric_circuit_state{dependency="kafka"}`): the relay
 //! then waits for a probe instead of piling up timeouts. A transaction left
@@ -62,7 +62,7 @@ pub const SAGA_COMMAND: &str = "saga.command";
 pub struct RelaySettings {
     pub brokers: Brokers,
     /// Shared by every replica (Kafka fences the older producer); the relay's
-    /// two producers use `<id>.0` and `<id>.1`.
+    /// producers use `<id>.0` … `<id>.3` ([`PRODUCERS`]).
     pub transactional_id: String,
     /// The leader lease whose epoch guards the deletes.
     pub lease: String,
@@ -146,13 +146,18 @@ pub struct Relay {
     breaker: Breaker,
 }
 
-/// One transactional producer. The relay keeps two and alternates: after a
-/// commit, the coordinator still writes the commit markers, and a new
-/// transaction on the same transactional id meanwhile is refused with
-/// CONCURRENT_TRANSACTIONS, which librdkafka retries only after 20 ms —
-/// a fixed 20 ms per batch. The other producer's id has no such wait.
-/// Order holds: a batch is produced (acknowledged) before the next begins,
-/// so the log keeps commit order whichever transaction commits first.
+/// How many transactional producers a relay session takes turns with
+/// (transactional ids `<id>.0` … `<id>.3`).
+pub const PRODUCERS: usize = 4;
+
+/// One transactional producer. The relay keeps [`PRODUCERS`] of them and
+/// takes turns: after a commit the coordinator still writes the commit
+/// markers, and a new transaction on the same transactional id meanwhile is
+/// refused with CONCURRENT_TRANSACTIONS, which librdkafka retries only after
+/// 20 ms — up to 20 ms per batch. By the time a producer's turn comes again
+/// its markers are written. Order holds: a batch is produced (acknowledged)
+/// before the next begins, so the log keeps commit order whichever
+/// transaction commits first.
 struct Txn {
     producer: FutureProducer,
     /// A transaction is open (begun, not yet committed or aborted).
@@ -161,8 +166,8 @@ struct Txn {
 
 struct Session {
     epoch: u64,
-    /// Two transactional producers, taking turns (see [`Txn`]).
-    txns: [Txn; 2],
+    /// [`PRODUCERS`] transactional producers, taking turns (see [`Txn`]).
+    txns: Vec<Txn>,
     turn: usize,
     /// Batches read and encoded ahead by the session's reader.
     prepared: mpsc::Receiver<Result<Prepared, RelayError>>,
@@ -342,7 +347,9 @@ impl Relay {
     }
 
     async fn open(&self, epoch: u64) -> Result<Session, RelayError> {
-        let txns = [self.txn(0)?, self.txn(1)?];
+        let txns = (0..PRODUCERS)
+            .map(|n| self.txn(n))
+            .collect::<Result<Vec<_>, _>>()?;
         let (subject, schema) = event_envelope_schema();
         let writer = self.codec.writer(subject, schema).await?;
         let (subject, schema) = saga_command_schema();
@@ -399,7 +406,7 @@ impl Relay {
             };
         let mut mark = Instant::now();
         let txn = &session.txns[session.turn];
-        session.turn = 1 - session.turn;
+        session.turn = (session.turn + 1) % PRODUCERS;
         let producer = &txn.producer;
         producer.begin_transaction()?;
         txn.open.store(true, Ordering::SeqCst);

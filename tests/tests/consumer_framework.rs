@@ -273,3 +273,76 @@ async fn transactional_batches_dead_letter_and_survive_an_abort() -> anyhow::Res
     assert_eq!(dead, ["poison"]);
     Ok(())
 }
+
+/// Counts what it handles.
+struct Counting(Arc<Mutex<Vec<String>>>);
+
+#[async_trait]
+impl Handler for Counting {
+    async fn handle(&self, message: &OwnedMessage) -> Result<(), Failure> {
+        let payload = String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned();
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(payload);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_consumer_leaves_its_group_at_once() -> anyhow::Result<()> {
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let (topic, group) = (format!("fw-leave-{run}"), format!("fw-leave-{run}"));
+    env::kafka::create_topic(&topic, 2).await?;
+    let first: Vec<(i32, String)> = (0..20).map(|i| (i % 2, format!("a{i:02}"))).collect();
+    produce(&topic, &first).await?;
+    // A long session timeout: a member that vanished without leaving would
+    // hold its partitions for a minute.
+    let settings = || {
+        let mut s = ConsumerSettings::new(Principal::Admin.brokers(), &group, &[&topic]);
+        s.session_timeout = Duration::from_secs(60);
+        s
+    };
+    let seen_a = Arc::new(Mutex::new(Vec::new()));
+    let a = PartitionedConsumer::new(settings(), 8, Counting(seen_a.clone()));
+    let a_metrics = a.metrics();
+    let stop_a = CancellationToken::new();
+    let running_a = tokio::spawn(a.run(stop_a.clone()));
+    env::eventually(
+        "the first consumer handled its 20",
+        Duration::from_secs(30),
+        || {
+            let (m, g) = (a_metrics.clone(), group.clone());
+            async move { Ok((m.get(&g, "handled") == 20).then_some(())) }
+        },
+    )
+    .await?;
+    stop_a.cancel();
+    running_a.await??;
+
+    // The successor gets both partitions from the committed offsets and
+    // handles only what came after, well inside the session timeout.
+    let second: Vec<(i32, String)> = (0..10).map(|i| (i % 2, format!("b{i:02}"))).collect();
+    produce(&topic, &second).await?;
+    let seen_b = Arc::new(Mutex::new(Vec::new()));
+    let b = PartitionedConsumer::new(settings(), 8, Counting(seen_b.clone()));
+    let b_metrics = b.metrics();
+    let stop_b = CancellationToken::new();
+    let running_b = tokio::spawn(b.run(stop_b.clone()));
+    env::eventually(
+        "the successor handled the next 10",
+        Duration::from_secs(30),
+        || {
+            let (m, g) = (b_metrics.clone(), group.clone());
+            async move { Ok((m.get(&g, "handled") >= 10).then_some(())) }
+        },
+    )
+    .await?;
+    stop_b.cancel();
+    running_b.await??;
+    let mut got = seen_b.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    got.sort();
+    let expected: Vec<String> = second.iter().map(|(_, m)| m.clone()).collect();
+    assert_eq!(got, expected, "only the new messages, each once");
+    Ok(())
+}

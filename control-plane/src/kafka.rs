@@ -38,7 +38,9 @@ pub fn start(
             store,
             topics: relay.topics,
             timeout: relay.timeout,
+            metrics: Default::default(),
         };
+        ctx.register_metrics(|registry| replies.metrics.register(registry));
         ctx.shutdown
             .spawn(replies.run(leadership.clone(), ctx.shutdown.token()));
     }

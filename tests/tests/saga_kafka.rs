@@ -150,6 +150,21 @@ async fn tasks_and_replies_travel_through_the_outbox_and_kafka() -> anyhow::Resu
     )
     .await?;
 
+    // The reply consumer's counts are exported by the control plane.
+    let metrics = env::http("GET", &format!("{}/metrics", cp.admin), None, None)
+        .await?
+        .body;
+    let dead_lettered = metrics
+        .lines()
+        .find(|l| {
+            l.contains("consumer_messages_total{")
+                && l.contains("group=\"statefabric-saga-engine\"")
+                && l.contains("outcome=\"dead_lettered\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(dead_lettered >= Some(1.0), "{metrics}");
+
     stop.cancel();
     drop(client);
     sidecar.stop_with(Signal::SIGTERM).await?;

@@ -46,7 +46,7 @@ use tokio::sync::{Notify, OnceCell, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::partitioned::PartitionedConsumer;
-use crate::consumer::{ConsumerSettings, Handler};
+use crate::consumer::{ConsumerMetrics, ConsumerSettings, Handler};
 use crate::dead_letter::{Failure, RetryPolicy};
 use crate::topics::{self, Planned, TopicClass, TopicSettings};
 
@@ -383,6 +383,8 @@ pub struct ReplyConsumer {
     pub store: Arc<dyn SagaStore>,
     pub topics: TopicSettings,
     pub timeout: Duration,
+    /// The reply consumer's counts (register them once).
+    pub metrics: ConsumerMetrics,
 }
 
 impl ReplyConsumer {
@@ -436,7 +438,8 @@ impl ReplyConsumer {
                 codec: self.codec.clone(),
                 store: self.store.clone(),
             },
-        );
+        )
+        .with_metrics(self.metrics.clone());
         let leading = stop.child_token();
         let mut running = tokio::spawn(consumer.run(leading.clone()));
         tracing::info!("taking saga replies from Kafka");

@@ -101,6 +101,13 @@ impl<H: Handler> PartitionedConsumer<H> {
         self.metrics.clone()
     }
 
+    /// Counts into `metrics` (shared, e.g. registered once by a caller that
+    /// runs consumers one after another).
+    pub fn with_metrics(mut self, metrics: ConsumerMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
     /// Consumes until `stop`, then finishes the work in hand (for at most
     /// the settings' timeout), commits and leaves the group.
     pub async fn run(self, stop: CancellationToken) -> KafkaResult<()> {

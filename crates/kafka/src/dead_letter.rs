@@ -364,7 +364,63 @@ pub async fn replay(
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
     use super::*;
+
+    fn quick(max_attempts: u32) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+            jitter: 0.0,
+        }
+    }
+
+    #[tokio::test]
+    async fn failures_are_retried_up_to_the_limit_and_others_not_at_all() {
+        let tries = Cell::new(0);
+        let failing = |_: &()| {
+            tries.set(tries.get() + 1);
+            async { Err::<(), _>(Failure::Failed("down".into())) }
+        };
+        assert_eq!(
+            attempt(&(), &quick(3), failing).await,
+            Err(("down".into(), 3))
+        );
+        assert_eq!(tries.get(), 3);
+
+        let tries = Cell::new(0);
+        let flaky = |_: &()| {
+            tries.set(tries.get() + 1);
+            let n = tries.get();
+            async move {
+                if n < 2 {
+                    Err(Failure::Failed("once".into()))
+                } else {
+                    Ok(n)
+                }
+            }
+        };
+        assert_eq!(attempt(&(), &quick(3), flaky).await, Ok((2, 2)));
+
+        for (failure, prefix) in [
+            (Failure::Undecodable("x".into()), "undecodable: x"),
+            (Failure::Rejected("y".into()), "rejected: y"),
+        ] {
+            let tries = Cell::new(0);
+            let refusing = |_: &()| {
+                tries.set(tries.get() + 1);
+                let failure = failure.clone();
+                async move { Err::<(), _>(failure) }
+            };
+            assert_eq!(
+                attempt(&(), &quick(5), refusing).await,
+                Err((prefix.into(), 1))
+            );
+            assert_eq!(tries.get(), 1, "{prefix}: never retried");
+        }
+    }
 
     #[test]
     fn backoff_grows_caps_and_jitters_down() {

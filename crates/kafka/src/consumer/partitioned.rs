@@ -321,3 +321,61 @@ async fn run_lane<H: Handler>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::Timestamp;
+
+    use super::*;
+
+    fn message(offset: i64) -> OwnedMessage {
+        OwnedMessage::new(
+            None,
+            None,
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            offset,
+            None,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_lane_queues_up_to_its_bound_and_the_rest_waits_in_order() {
+        let (queue, mut worker) = mpsc::channel(2);
+        let mut lane = Lane {
+            queue,
+            waiting: (0..3).map(message).collect(),
+            paused: true,
+            cancel: CancellationToken::new(),
+            worker: tokio::spawn(async {}),
+        };
+        refill(&mut lane);
+        assert_eq!(lane.waiting.len(), 1, "the bound holds");
+        let first = worker.recv().await.map(|m| m.offset());
+        assert_eq!(first, Some(0));
+        refill(&mut lane);
+        assert!(lane.waiting.is_empty());
+        let rest: Vec<i64> = [worker.recv().await, worker.recv().await]
+            .into_iter()
+            .flatten()
+            .map(|m| m.offset())
+            .collect();
+        assert_eq!(rest, [1, 2], "offset order kept");
+    }
+
+    #[tokio::test]
+    async fn a_closed_lane_keeps_its_messages() {
+        let (queue, worker) = mpsc::channel(2);
+        drop(worker);
+        let mut lane = Lane {
+            queue,
+            waiting: (0..2).map(message).collect(),
+            paused: false,
+            cancel: CancellationToken::new(),
+            worker: tokio::spawn(async {}),
+        };
+        refill(&mut lane);
+        assert_eq!(lane.waiting.len(), 2, "nothing is dropped on the floor");
+    }
+}

@@ -66,12 +66,11 @@ impl KafkaAuth {
 
     /// What is wrong with the login, if anything.
     pub fn problem(&self) -> Option<&'static str> {
-        (self.is_enabled() && self.password.is_empty())
-            .then_some("a username needs a password (STATEFABRIC_KAFKA__PASSWORD)")
-            .or_else(|| {
-                (!self.is_enabled() && !self.password.is_empty())
-                    .then_some("a password without a username")
-            })
+        match (self.is_enabled(), self.password.is_empty()) {
+            (true, true) => Some("a username needs a password (STATEFABRIC_KAFKA__PASSWORD)"),
+            (false, false) => Some("a password without a username"),
+            _ => None,
+        }
     }
 }
 
@@ -88,11 +87,6 @@ impl Brokers {
             bootstrap: bootstrap.into(),
             auth,
         }
-    }
-
-    /// A broker without authentication.
-    pub fn plaintext(bootstrap: impl Into<String>) -> Self {
-        Self::new(bootstrap, KafkaAuth::default())
     }
 
     /// A client configuration with the bootstrap list and the login set.
@@ -144,7 +138,7 @@ mod tests {
         let client = Brokers::new("b:1", KafkaAuth::scram("u", "p")).client();
         assert_eq!(client.get("security.protocol"), Some("SASL_PLAINTEXT"));
         assert_eq!(client.get("sasl.username"), Some("u"));
-        let plain = Brokers::plaintext("b:1").client();
+        let plain = Brokers::new("b:1", KafkaAuth::default()).client();
         assert_eq!(plain.get("security.protocol"), None);
         assert_eq!(plain.get("bootstrap.servers"), Some("b:1"));
     }

@@ -398,12 +398,15 @@ impl Relay {
             return Err(RelayError::Deposed(session.epoch));
         }
         // A short wait, so the loop looks at leadership and stop often.
-        let prepared =
-            match tokio::time::timeout(Duration::from_millis(100), session.prepared.recv()).await {
-                Err(_) => return Ok(0),
-                Ok(None) => return Err(RelayError::ReaderStopped),
-                Ok(Some(prepared)) => prepared?,
-            };
+        let Prepared {
+            records,
+            ids,
+            oldest,
+        } = match tokio::time::timeout(Duration::from_millis(100), session.prepared.recv()).await {
+            Err(_) => return Ok(0),
+            Ok(None) => return Err(RelayError::ReaderStopped),
+            Ok(Some(prepared)) => prepared?,
+        };
         let mut mark = Instant::now();
         let txn = &session.txns[session.turn];
         session.turn = (session.turn + 1) % PRODUCERS;
@@ -411,12 +414,13 @@ impl Relay {
         producer.begin_transaction()?;
         txn.open.store(true, Ordering::SeqCst);
         let sent = async {
-            let mut deliveries = Vec::with_capacity(prepared.records.len());
-            for r in &prepared.records {
+            let mut deliveries = Vec::with_capacity(records.len());
+            // librdkafka copies what it is given: each record is used once.
+            for r in records {
                 let record = FutureRecord::to(&r.topic)
                     .key(&r.key)
                     .payload(&r.value)
-                    .headers(r.headers.clone());
+                    .headers(r.headers);
                 match producer.send_result(record) {
                     Ok(delivery) => deliveries.push(delivery),
                     Err((err, _)) => return Err(RelayError::Kafka(err)),
@@ -442,13 +446,13 @@ impl Relay {
             session.abort_open(self.settings.kafka_timeout);
             return Err(err);
         }
-        let count = prepared.ids.len();
-        if session.sent.send(prepared.ids).await.is_err() {
+        let count = ids.len();
+        if session.sent.send(ids).await.is_err() {
             return Err(RelayError::Deposed(session.epoch));
         }
         self.metrics.sent.inc_by(count as u64);
         self.metrics.batches.inc();
-        if let Some(oldest) = prepared.oldest {
+        if let Some(oldest) = oldest {
             let lag = (chrono::Utc::now() - oldest.with_timezone(&chrono::Utc))
                 .num_milliseconds()
                 .max(0);

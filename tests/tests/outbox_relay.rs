@@ -385,9 +385,13 @@ async fn a_relay_stopped_mid_transaction_aborts_it() -> anyhow::Result<()> {
             assert!(
                 matches!(
                     state.as_str(),
-                    "CompleteAbort" | "CompleteCommit" | "Empty" | "PrepareAbort"
+                    "CompleteAbort" | "CompleteCommit" | "Empty" | "PrepareAbort" | "PrepareCommit"
                 ),
-                "the relay's transaction {id} is {state} after its stop"
+                "the relay's transaction {id} is {state} after its stop; its log:\n{}",
+                log.lines()
+                    .filter(|l| l.contains("relay"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
         }
         if log.contains("aborted the open relay transaction") {

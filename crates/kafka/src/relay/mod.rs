@@ -160,8 +160,12 @@ pub const PRODUCERS: usize = 4;
 /// transaction commits first.
 struct Txn {
     producer: FutureProducer,
+    /// What made it, to make the fencing producer at the session's end.
+    config: rdkafka::ClientConfig,
     /// A transaction is open (begun, not yet committed or aborted).
     open: AtomicBool,
+    /// A transaction of this session was aborted.
+    aborted: AtomicBool,
 }
 
 struct Session {
@@ -186,6 +190,24 @@ impl Session {
     async fn close(self, timeout: Duration) {
         self.reader.abort();
         self.abort_open(timeout);
+        // An abort can race librdkafka's retry of AddPartitionsToTxn (after
+        // CONCURRENT_TRANSACTIONS): the abort ends locally, then the retry
+        // registers the partitions and the coordinator holds an `Ongoing`
+        // transaction nobody will end. Initializing the same transactional
+        // id once more ends whatever the coordinator still holds for it.
+        for txn in self
+            .txns
+            .iter()
+            .filter(|t| t.aborted.load(Ordering::SeqCst))
+        {
+            let fenced = txn
+                .config
+                .create::<FutureProducer>()
+                .and_then(|fence| fence.init_transactions(timeout));
+            if let Err(err) = fenced {
+                tracing::warn!(error = %err, "could not end the relay's aborted transaction");
+            }
+        }
         drop(self.sent);
         let mut deleter = self.deleter;
         if tokio::time::timeout(timeout, &mut deleter).await.is_err() {
@@ -198,6 +220,7 @@ impl Session {
     fn abort_open(&self, timeout: Duration) {
         for txn in &self.txns {
             if txn.open.swap(false, Ordering::SeqCst) {
+                txn.aborted.store(true, Ordering::SeqCst);
                 match txn.producer.abort_transaction(timeout) {
                     Ok(()) => tracing::info!("aborted the open relay transaction"),
                     Err(err) => {
@@ -323,10 +346,8 @@ impl Relay {
     /// A transactional producer for `<transactional id>.<n>`, initialized
     /// (which fences that id's producer in a former leader).
     fn txn(&self, n: usize) -> Result<Txn, RelayError> {
-        let producer: FutureProducer = self
-            .settings
-            .brokers
-            .client()
+        let mut config = self.settings.brokers.client();
+        config
             .set(
                 "transactional.id",
                 format!("{}.{n}", self.settings.transactional_id),
@@ -337,12 +358,14 @@ impl Relay {
             .set(
                 "transaction.timeout.ms",
                 (self.settings.kafka_timeout * 6).as_millis().to_string(),
-            )
-            .create()?;
+            );
+        let producer: FutureProducer = config.create()?;
         producer.init_transactions(self.settings.kafka_timeout)?;
         Ok(Txn {
             producer,
+            config,
             open: AtomicBool::new(false),
+            aborted: AtomicBool::new(false),
         })
     }
 

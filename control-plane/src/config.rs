@@ -80,7 +80,9 @@ pub struct SagasConfig {
     pub definitions: Vec<PathBuf>,
     /// Inbox rows and due timers per engine pass.
     pub batch: u32,
-    /// Sagas advanced at once.
+    /// Sagas whose transitions are committed in one transaction.
+    pub commit_batch: usize,
+    /// Batches committed at once.
     pub concurrency: usize,
     /// The longest pause between passes (timer resolution).
     #[serde(with = "humantime_serde")]
@@ -102,7 +104,8 @@ impl Default for SagasConfig {
             builtin: true,
             definitions: Vec::new(),
             batch: 512,
-            concurrency: 32,
+            commit_batch: 64,
+            concurrency: 4,
             tick: Duration::from_millis(50),
             stalled_every: Duration::from_secs(15),
         }
@@ -144,10 +147,14 @@ impl SagasConfig {
 
     /// Every problem, with the field it is in.
     pub fn check(&self, issues: &mut Issues) {
-        if self.connections == 0 || self.batch == 0 || self.concurrency == 0 {
+        if self.connections == 0
+            || self.batch == 0
+            || self.commit_batch == 0
+            || self.concurrency == 0
+        {
             issues.push(
                 "sagas.batch",
-                "batch, concurrency and connections must be positive",
+                "batch, commit_batch, concurrency and connections must be positive",
             );
         }
         if self.tick.is_zero() || self.tick > Duration::from_secs(10) {

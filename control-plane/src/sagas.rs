@@ -85,6 +85,7 @@ pub async fn run<C>(
         outbox: config.transport == SagaTransport::Kafka,
         lease: lease.to_owned(),
         batch: config.batch,
+        commit_batch: config.commit_batch,
         concurrency: config.concurrency,
         tick: config.tick,
         stalled_every: config.stalled_every,

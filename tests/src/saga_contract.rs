@@ -34,6 +34,7 @@ macro_rules! saga_contract_tests {
             start_requests_are_idempotent_and_checked,
             definition_versions_are_immutable,
             sagas_are_listed_by_filter,
+            a_batch_commits_each_transition_or_says_why_not,
         );
     };
     (@each $fixture:expr; $($name:ident),* $(,)?) => {
@@ -367,6 +368,75 @@ pub async fn sagas_are_listed_by_filter(f: Fixture) -> anyhow::Result<()> {
         f.store.list(&idle).await?.len(),
         2,
         "both idle since before then"
+    );
+    Ok(())
+}
+
+pub async fn a_batch_commits_each_transition_or_says_why_not(f: Fixture) -> anyhow::Result<()> {
+    let def = builtin::plan_code_critique();
+    f.store.save_definition(&def).await?;
+    let (a, a_effects) = Instance::start(&def, &id(), json!({"task": "a"}));
+    let (b, b_effects) = Instance::start(&def, &id(), json!({"task": "b"}));
+    let starts = vec![
+        transition(&f.tenant, a.clone(), None, Trigger::Direct, &a_effects),
+        transition(&f.tenant, b.clone(), None, Trigger::Direct, &b_effects),
+    ];
+    assert_eq!(
+        f.store.commit_many(f.fence.as_ref(), starts).await?,
+        vec![Committed::Written(1), Committed::Written(1)]
+    );
+    assert_eq!(
+        f.queue.claim(&f.tenant, "planner", "w", 10).await?.len(),
+        2,
+        "both sagas' first tasks were dispatched"
+    );
+
+    let operate = |instance: &Instance, action| -> anyhow::Result<Instance> {
+        let mut next = instance.clone();
+        next.apply(&def, Input::Operator(action), 0.0)?;
+        Ok(next)
+    };
+    let a_paused = operate(&a, statefabric_saga::OperatorAction::Pause)?;
+    let a_resumed = operate(&a_paused, statefabric_saga::OperatorAction::Resume)?;
+    let b_paused = operate(&b, statefabric_saga::OperatorAction::Pause)?;
+    let batch = vec![
+        // Two transitions of one saga, the second on top of the first.
+        transition(&f.tenant, a_paused, Some(1), Trigger::Direct, &[]),
+        transition(&f.tenant, a_resumed, Some(2), Trigger::Direct, &[]),
+        // A stale revision, and what was planned on top of it.
+        transition(&f.tenant, b_paused.clone(), Some(5), Trigger::Direct, &[]),
+        transition(&f.tenant, b_paused.clone(), Some(6), Trigger::Direct, &[]),
+        // A trigger that is not there.
+        transition(&f.tenant, b_paused, Some(1), Trigger::Inbox(-42), &[]),
+        // An id that exists.
+        transition(&f.tenant, a.clone(), None, Trigger::Direct, &[]),
+    ];
+    assert_eq!(
+        f.store.commit_many(f.fence.as_ref(), batch).await?,
+        vec![
+            Committed::Written(2),
+            Committed::Written(3),
+            Committed::Conflict,
+            Committed::Conflict,
+            Committed::TriggerGone,
+            Committed::Exists,
+        ]
+    );
+    let a_now = f.store.load(&a.id).await?.expect("a");
+    assert_eq!((a_now.revision, a_now.instance.paused), (3, false));
+    assert_eq!(f.store.history(&a.id).await?.len(), 3);
+    let b_now = f.store.load(&b.id).await?.expect("b");
+    assert_eq!(
+        (b_now.revision, b_now.instance.paused),
+        (1, false),
+        "nothing of b's refused transitions was written"
+    );
+    assert_eq!(f.store.history(&b.id).await?.len(), 1);
+    assert!(
+        f.store
+            .commit_many(f.fence.as_ref(), Vec::new())
+            .await?
+            .is_empty()
     );
     Ok(())
 }

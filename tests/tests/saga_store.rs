@@ -83,11 +83,17 @@ async fn a_stale_epoch_writes_nothing() -> anyhow::Result<()> {
         statefabric_saga_engine::store::Trigger::Direct,
         &effects,
     );
-    match f.store.commit(f.fence.as_ref(), t).await {
+    match f.store.commit(f.fence.as_ref(), t.clone()).await {
         Err(statefabric_saga_engine::store::StoreError::Fenced(m)) => {
             assert!(m.contains("stale leader epoch"), "{m}")
         }
         other => anyhow::bail!("expected a fence error, got {other:?}"),
+    }
+    match f.store.commit_many(f.fence.as_ref(), vec![t]).await {
+        Err(statefabric_saga_engine::store::StoreError::Fenced(m)) => {
+            assert!(m.contains("stale leader epoch"), "{m}")
+        }
+        other => anyhow::bail!("expected a fence error for the batch, got {other:?}"),
     }
     assert!(f.store.load(&id).await?.is_none());
     Ok(())

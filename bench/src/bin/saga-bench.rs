@@ -115,26 +115,29 @@ struct Outcome {
     latencies: Latencies,
 }
 
-/// Waits until every saga of `prefix` is DONE, then reads when each ended.
+/// Waits until every saga of `prefix` is DONE (polling `done`, a cheap
+/// count, so that watching costs the database little), then reads when each
+/// ended.
 async fn finished(
+    done: impl Fn() -> futures::future::BoxFuture<'static, anyhow::Result<usize>>,
     ended: impl Fn()
         -> futures::future::BoxFuture<'static, anyhow::Result<Vec<(String, DateTime<Utc>)>>>,
     started: &HashMap<String, DateTime<Utc>>,
 ) -> anyhow::Result<Outcome> {
     let deadline = Instant::now() + Duration::from_secs(600);
-    let rows = loop {
-        let rows = ended().await?;
-        if rows.len() >= started.len() {
-            break rows;
+    loop {
+        let n = done().await?;
+        if n >= started.len() {
+            break;
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "{} of {} done after 10 min",
-            rows.len(),
+            "{n} of {} done after 10 min",
             started.len()
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rows = ended().await?;
     let first = started.values().min().copied().unwrap_or_else(Utc::now);
     let last = rows.iter().map(|(_, t)| *t).max().unwrap_or(first);
     let mut latencies = Latencies::default();
@@ -190,9 +193,23 @@ async fn on_postgres(args: &Args, n: usize) -> anyhow::Result<()> {
     }
     let pool = sqlx::PgPool::connect(&env::pg_admin_url()).await?;
     let started = start_all(&clients, tenant.as_str(), n).await?;
-    let query_pool = pool.clone();
+    let (count_pool, query_pool) = (pool.clone(), pool.clone());
     let t = tenant.to_string();
+    let count_tenant = t.clone();
     let outcome = finished(
+        move || {
+            let pool = count_pool.clone();
+            let t = count_tenant.clone();
+            Box::pin(async move {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM saga_instances WHERE tenant_id = $1 AND status = 'DONE'",
+                )
+                .bind(&t)
+                .fetch_one(&pool)
+                .await?;
+                Ok(usize::try_from(n).unwrap_or_default())
+            })
+        },
         move || {
             let pool = query_pool.clone();
             let t = t.clone();
@@ -302,7 +319,18 @@ async fn embedded(n: usize) -> anyhow::Result<()> {
                 .read_only(true),
         )
         .await?;
+    let counter = reader.clone();
     let outcome = finished(
+        move || {
+            let pool = counter.clone();
+            Box::pin(async move {
+                let n: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM saga_instances WHERE status = 'DONE'")
+                        .fetch_one(&pool)
+                        .await?;
+                Ok(usize::try_from(n).unwrap_or_default())
+            })
+        },
         move || {
             let pool = reader.clone();
             Box::pin(async move {

@@ -2,16 +2,17 @@
 //!
 //! A pass reads the inbox (replies, start requests) and the due timers
 //! (deadlines, retry delays), groups them by saga, and applies each to its
-//! saga in order: load, [`Instance::apply`], commit the new state with the
-//! effects and the consumed trigger in one fenced transaction. Sagas are
-//! handled concurrently, one transition at a time per saga (a sharded lock,
-//! shared with operator calls). Nothing lives only in memory: after a crash
-//! or a change of leader the next pass finds the same inbox rows and timers
-//! and carries on; a trigger already consumed is skipped, so no reply has a
-//! second effect.
+//! saga in order ([`Instance::apply`] on the state last written), each
+//! giving a transition: the new state with the effects and the consumed
+//! trigger. The pass commits its transitions in batches, a batch in one
+//! fenced transaction ([`SagaStore::commit_many`]), a few batches at once;
+//! a saga is in one batch at a time and an operator call on it waits for
+//! that batch. Nothing lives only in memory: after a crash or a change of
+//! leader the next pass finds the same inbox rows and timers and carries
+//! on; a trigger already consumed is skipped, so no reply has a second
+//! effect.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,7 @@ use crate::store::{
     Trigger, check_saga_id,
 };
 
+mod busy;
 mod passes;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +61,9 @@ pub struct EngineSettings {
     pub lease: String,
     /// Inbox rows and due timers read per pass.
     pub batch: u32,
-    /// Sagas advanced at once.
+    /// Sagas whose transitions are committed together, in one transaction.
+    pub commit_batch: usize,
+    /// Batches committed at once.
     pub concurrency: usize,
     /// The longest wait between passes (timers are checked this often).
     pub tick: Duration,
@@ -76,15 +80,14 @@ impl Default for EngineSettings {
         Self {
             lease: "control-plane".into(),
             batch: 512,
-            concurrency: 32,
+            commit_batch: 64,
+            concurrency: 4,
             tick: Duration::from_millis(50),
             stalled_every: Duration::from_secs(15),
             outbox: false,
         }
     }
 }
-
-const SHARDS: usize = 256;
 
 #[derive(Debug)]
 pub struct Engine {
@@ -93,7 +96,7 @@ pub struct Engine {
     leadership: Leadership,
     settings: EngineSettings,
     metrics: Metrics,
-    shards: Vec<tokio::sync::Mutex<()>>,
+    busy: busy::Busy,
     /// When each attempt this process dispatched went out (step latency).
     sent: Mutex<HashMap<String, Instant>>,
     /// Open sagas as last written by this leader, to skip a read per
@@ -101,6 +104,24 @@ pub struct Engine {
     /// revision it read, so a stale entry (a former leader's late write)
     /// costs one conflict and a fresh read; cleared at each new term.
     cache: Mutex<HashMap<String, Stored>>,
+}
+
+/// A transition computed from a saga's state, not yet committed.
+struct Planned {
+    transition: Transition,
+    after: After,
+}
+
+/// What the engine records once a planned transition is written.
+struct After {
+    /// The saga as it will be stored (the store says its revision).
+    next: Stored,
+    def: Arc<Definition>,
+    effects: Vec<Effect>,
+    /// The attempt the transition answered, when it was accepted.
+    answered: Option<(TaskKey, TaskStatus)>,
+    /// A new saga.
+    started: bool,
 }
 
 /// Past this many cached sagas the cache starts afresh.
@@ -139,7 +160,7 @@ impl Engine {
             leadership,
             settings,
             metrics: Metrics::default(),
-            shards: (0..SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            busy: busy::Busy::default(),
             sent: Mutex::default(),
             cache: Mutex::default(),
         };
@@ -245,13 +266,6 @@ impl Engine {
         }
     }
 
-    fn shard(&self, saga: &str) -> &tokio::sync::Mutex<()> {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        saga.hash(&mut hasher);
-        let i = usize::try_from(hasher.finish() % SHARDS as u64).unwrap_or_default();
-        &self.shards[i]
-    }
-
     /// Starts a saga now (the operator API). `id` defaults to a new UUID.
     pub async fn start(
         &self,
@@ -267,39 +281,33 @@ impl Engine {
             return Err(EngineError::Invalid("a saga needs a tenant".into()));
         }
         let fence = self.fence()?;
-        let _turn = self.shard(&id).lock().await;
-        match self
-            .create(
-                &fence,
-                tenant,
-                &id,
-                definition,
-                data,
-                actor,
-                Trigger::Direct,
-            )
-            .await?
-        {
+        let _turn = self.busy.take(&id).await;
+        let Planned { transition, after } =
+            self.plan_start(tenant, &id, definition, data, actor, Trigger::Direct)?;
+        match self.store.commit(Some(&fence), transition).await? {
             Committed::Exists => Err(EngineError::Exists(id)),
-            _ => self
-                .store
-                .load(&id)
-                .await?
-                .ok_or(EngineError::UnknownSaga(id)),
+            committed => {
+                if let Committed::Written(revision) = committed {
+                    self.settle(after, revision);
+                }
+                self.store
+                    .load(&id)
+                    .await?
+                    .ok_or(EngineError::UnknownSaga(id))
+            }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn create(
+    /// A new saga's first transition.
+    fn plan_start(
         &self,
-        fence: &Fence,
         tenant: &str,
         id: &str,
         definition: &str,
         data: Value,
         actor: &str,
         trigger: Trigger,
-    ) -> Result<Committed> {
+    ) -> Result<Planned> {
         let def = self
             .latest(definition)
             .ok_or_else(|| EngineError::UnknownDefinition(definition.to_owned()))?;
@@ -317,27 +325,25 @@ impl Engine {
         let mut transition =
             self.transition(tenant, None, trigger, instance.clone(), &effects, record);
         transition.progressed = true;
-        let committed = self.store.commit(Some(fence), transition).await?;
-        if matches!(committed, Committed::Written(_)) {
-            let now = Utc::now();
-            self.remember(Stored {
-                tenant: tenant.to_owned(),
-                instance,
-                revision: 1,
-                started_at: now,
-                updated_at: now,
-                progressed_at: now,
-                ended_at: None,
-            });
-            self.metrics
-                .started
-                .get_or_create(&DefinitionLabel {
-                    definition: def.name.clone(),
-                })
-                .inc();
-            self.observe(&def, &effects, Utc::now());
-        }
-        Ok(committed)
+        let now = Utc::now();
+        Ok(Planned {
+            transition,
+            after: After {
+                next: Stored {
+                    tenant: tenant.to_owned(),
+                    instance,
+                    revision: 1,
+                    started_at: now,
+                    updated_at: now,
+                    progressed_at: now,
+                    ended_at: None,
+                },
+                def,
+                effects,
+                answered: None,
+                started: true,
+            },
+        })
     }
 
     /// An operator's action on a saga; refused (and nothing changes) when it
@@ -349,7 +355,7 @@ impl Engine {
         actor: &str,
     ) -> Result<Stored> {
         let fence = self.fence()?;
-        let _turn = self.shard(saga_id).lock().await;
+        let _turn = self.busy.take(saga_id).await;
         let detail = json!({"operator": serde_json::to_value(&action).unwrap_or(Value::Null)});
         let record = Record {
             kind: format!("operator_{}", action.name()),
@@ -394,16 +400,50 @@ impl Engine {
         saga_id: &str,
         trigger: Trigger,
         input: Input,
-        mut record: Record,
+        record: Record,
     ) -> Result<bool> {
-        let stored = match self.cached(saga_id) {
-            Some(stored) => stored,
-            None => self
-                .store
-                .load(saga_id)
-                .await?
-                .ok_or_else(|| EngineError::UnknownSaga(saga_id.to_owned()))?,
-        };
+        let mut current = None;
+        let stored = self.current(&mut current, saga_id).await?;
+        let Planned { transition, after } = self.plan(stored, trigger, input, record)?;
+        match self.store.commit(Some(fence), transition).await {
+            Ok(Committed::Written(revision)) => {
+                self.settle(after, revision);
+                Ok(true)
+            }
+            Ok(_) => Ok(false),
+            Err(StoreError::Conflict(e)) => {
+                self.forget(saga_id);
+                self.metrics.conflicts.inc();
+                Err(StoreError::Conflict(e).into())
+            }
+            Err(e) => {
+                self.forget(saga_id);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The saga in `slot`, read into it (from the cache or the store) when
+    /// empty.
+    async fn current<'s>(&self, slot: &'s mut Option<Stored>, saga_id: &str) -> Result<&'s Stored> {
+        if slot.is_none() {
+            *slot = match self.cached(saga_id) {
+                Some(stored) => Some(stored),
+                None => self.store.load(saga_id).await?,
+            };
+        }
+        slot.as_ref()
+            .ok_or_else(|| EngineError::UnknownSaga(saga_id.to_owned()))
+    }
+
+    /// The transition `input` makes from `stored`.
+    fn plan(
+        &self,
+        stored: &Stored,
+        trigger: Trigger,
+        input: Input,
+        mut record: Record,
+    ) -> Result<Planned> {
         let instance = &stored.instance;
         let def = self
             .definition(&instance.definition, instance.version)
@@ -440,7 +480,8 @@ impl Engine {
             record,
         );
         transition.progressed = accepted;
-        if accepted && let Some((key, status)) = &answered {
+        let answered = answered.filter(|_| accepted);
+        if let Some((key, status)) = &answered {
             transition.finish = Some(Finish {
                 key: key.clone(),
                 status: *status,
@@ -448,35 +489,51 @@ impl Engine {
                 error,
             });
         }
-        match self.store.commit(Some(fence), transition).await {
-            Ok(Committed::Written(revision)) => {
-                let now = Utc::now();
-                self.remember(Stored {
+        let now = Utc::now();
+        Ok(Planned {
+            transition,
+            after: After {
+                next: Stored {
                     instance: next,
-                    revision,
+                    revision: stored.revision + 1,
                     updated_at: now,
                     progressed_at: if accepted { now } else { stored.progressed_at },
                     ended_at: None,
                     ..stored.clone()
-                });
-            }
-            Ok(_) => return Ok(false),
-            Err(StoreError::Conflict(e)) => {
-                self.forget(saga_id);
-                self.metrics.conflicts.inc();
-                return Err(StoreError::Conflict(e).into());
-            }
-            Err(e) => {
-                self.forget(saga_id);
-                return Err(e.into());
-            }
+                },
+                def,
+                effects,
+                answered,
+                started: false,
+            },
+        })
+    }
+
+    /// Records a committed transition: the cache, metrics, step timings.
+    fn settle(&self, after: After, revision: i64) {
+        let After {
+            next,
+            def,
+            effects,
+            answered,
+            started,
+        } = after;
+        let started_at = next.started_at;
+        self.remember(Stored { revision, ..next });
+        if started {
+            self.metrics
+                .started
+                .get_or_create(&DefinitionLabel {
+                    definition: def.name.clone(),
+                })
+                .inc();
+        } else {
+            self.metrics.transitions.inc();
         }
-        self.metrics.transitions.inc();
-        if accepted && let Some((key, status)) = answered {
+        if let Some((key, status)) = answered {
             self.observe_answer(&def, &key, status);
         }
-        self.observe(&def, &effects, stored.started_at);
-        Ok(true)
+        self.observe(&def, &effects, started_at);
     }
 
     fn observe_answer(&self, def: &Definition, key: &TaskKey, status: TaskStatus) {

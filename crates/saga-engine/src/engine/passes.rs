@@ -2,7 +2,7 @@
 //! timers, each saga's items in order, sagas side by side; and the stalled
 //! gauge.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,9 +13,10 @@ use statefabric_leader::Role;
 use statefabric_saga::machine::{Input, TimerKind};
 use tokio_util::sync::CancellationToken;
 
-use super::{Engine, EngineError, Result, parse_key};
+use super::busy::Turn;
+use super::{Engine, EngineError, Planned, Result, parse_key};
 use crate::metrics::DefinitionLabel;
-use crate::store::{DueTimer, Fence, InboxItem, InboxMessage, Record, Trigger};
+use crate::store::{Committed, DueTimer, Fence, InboxItem, InboxMessage, Record, Stored, Trigger};
 
 /// What drives one transition.
 #[derive(Debug, Clone)]
@@ -105,15 +106,24 @@ impl Engine {
         {
             groups.entry(work.saga().to_owned()).or_default().push(work);
         }
-        futures::stream::iter(groups)
-            .for_each_concurrent(self.settings.concurrency, |(saga, works)| {
+        // A saga an operator call is changing waits for the next pass.
+        let taken: Vec<(Turn<'_>, Vec<Work>)> = groups
+            .into_iter()
+            .filter_map(|(saga, works)| self.busy.try_take(&saga).map(|turn| (turn, works)))
+            .collect();
+        let mut batches: Vec<Vec<(Turn<'_>, Vec<Work>)>> = Vec::new();
+        for item in taken {
+            match batches.last_mut() {
+                Some(batch) if batch.len() < self.settings.commit_batch.max(1) => batch.push(item),
+                _ => batches.push(vec![item]),
+            }
+        }
+        futures::stream::iter(batches)
+            .for_each_concurrent(self.settings.concurrency, |batch| {
                 let fence = &fence;
                 async move {
-                    let _turn = self.shard(&saga).lock().await;
-                    for work in works {
-                        if let Err(err) = self.handle(fence, work).await {
-                            tracing::warn!(saga = %saga, error = %err, "saga transition failed");
-                        }
+                    if let Err(err) = self.advance_batch(fence, &batch).await {
+                        tracing::warn!(error = %err, sagas = batch.len(), "saga transitions failed");
                     }
                 }
             })
@@ -121,15 +131,91 @@ impl Engine {
         Ok(read)
     }
 
-    async fn handle(&self, fence: &Fence, work: Work) -> Result<()> {
-        match work {
+    /// Plans every saga's transitions in `batch` and commits them in one
+    /// transaction.
+    async fn advance_batch(&self, fence: &Fence, batch: &[(Turn<'_>, Vec<Work>)]) -> Result<()> {
+        let mut planned = Vec::new();
+        for (turn, works) in batch {
+            self.plan_saga(fence, turn.saga(), works, &mut planned)
+                .await;
+        }
+        if planned.is_empty() {
+            return Ok(());
+        }
+        let (transitions, afters): (Vec<_>, Vec<_>) =
+            planned.into_iter().map(|p| (p.transition, p.after)).unzip();
+        let outcomes = match self.store.commit_many(Some(fence), transitions).await {
+            Ok(outcomes) => outcomes,
+            Err(err) => {
+                for after in &afters {
+                    self.forget(&after.next.instance.id);
+                }
+                return Err(err.into());
+            }
+        };
+        // After a saga's first transition that was not written, its later
+        // ones (planned on top of it) were not written either.
+        let mut stopped: HashSet<String> = HashSet::new();
+        for (after, outcome) in afters.into_iter().zip(outcomes) {
+            let saga = &after.next.instance.id;
+            if stopped.contains(saga) {
+                continue;
+            }
+            match outcome {
+                Committed::Written(revision) => self.settle(after, revision),
+                other => {
+                    if other == Committed::Conflict {
+                        self.metrics.conflicts.inc();
+                    }
+                    self.forget(saga);
+                    stopped.insert(saga.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans `works` in order, each on top of the last, into `out`. Stops at
+    /// a saga's first failure (the rest waits for the next pass) and after a
+    /// start (what follows it waits until it is written).
+    async fn plan_saga(&self, fence: &Fence, saga: &str, works: &[Work], out: &mut Vec<Planned>) {
+        let mut current = None;
+        for work in works {
+            match self.plan_work(fence, &mut current, saga, work).await {
+                Ok(Some(planned)) => {
+                    let started = planned.after.started;
+                    current = Some(planned.after.next.clone());
+                    out.push(planned);
+                    if started {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(saga = %saga, error = %err, "saga transition failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The transition `work` makes, or `None` when it makes none (a
+    /// request that can never apply is discarded from the inbox).
+    async fn plan_work(
+        &self,
+        fence: &Fence,
+        current: &mut Option<Stored>,
+        saga: &str,
+        work: &Work,
+    ) -> Result<Option<Planned>> {
+        let item = match work {
             Work::Timer(timer) => {
                 let Some(key) = parse_key(&timer.key) else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 let (input, kind) = match timer.kind {
-                    TimerKind::Deadline => (Input::TimedOut { key: key.clone() }, "timed_out"),
-                    TimerKind::Retry => (Input::RetryDue { key: key.clone() }, "retry_due"),
+                    TimerKind::Deadline => (Input::TimedOut { key }, "timed_out"),
+                    TimerKind::Retry => (Input::RetryDue { key }, "retry_due"),
                 };
                 let record = Record {
                     kind: kind.into(),
@@ -140,86 +226,81 @@ impl Engine {
                     key: timer.key.clone(),
                     kind: timer.kind,
                 };
-                self.advance(fence, &timer.saga_id, trigger, input, record)
-                    .await?;
+                let stored = self.current(current, saga).await?;
+                return self.plan(stored, trigger, input, record).map(Some);
             }
-            Work::Inbox(item) => {
-                let trigger = Trigger::Inbox(item.id);
-                let actor = Some(item.sender.clone());
-                let (input, record) = match item.message {
-                    InboxMessage::Start { definition, data } => {
-                        let created = self
-                            .create(
-                                fence,
-                                &item.tenant,
-                                &item.saga_id,
-                                &definition,
-                                data,
-                                &item.sender,
-                                trigger,
-                            )
-                            .await;
-                        return match created {
-                            Ok(_) => Ok(()),
-                            Err(EngineError::UnknownDefinition(_) | EngineError::Invalid(_)) => {
-                                tracing::warn!(saga = %item.saga_id, "dropping a start request that cannot start");
-                                Ok(self.store.discard(Some(fence), item.id).await?)
-                            }
-                            Err(e) => Err(e),
-                        };
-                    }
-                    InboxMessage::Completed { key, output } => {
-                        let Some(parsed) = parse_key(&key) else {
-                            return Ok(self.store.discard(Some(fence), item.id).await?);
-                        };
-                        (
-                            Input::Completed {
-                                key: parsed,
-                                output: output.clone(),
-                            },
-                            Record {
-                                kind: "completed".into(),
-                                actor,
-                                detail: json!({"task": key, "output": output}),
-                            },
-                        )
-                    }
-                    InboxMessage::Failed { key, error } => {
-                        let Some(parsed) = parse_key(&key) else {
-                            return Ok(self.store.discard(Some(fence), item.id).await?);
-                        };
-                        (
-                            Input::Failed {
-                                key: parsed,
-                                error: error.clone(),
-                            },
-                            Record {
-                                kind: "failed".into(),
-                                actor,
-                                detail: json!({"task": key, "error": error}),
-                            },
-                        )
-                    }
-                };
-                match self
-                    .advance(fence, &item.saga_id, trigger, input, record)
-                    .await
-                {
-                    // Replies that can never apply are dropped, so they
-                    // cannot crowd the head of the inbox pass after pass.
-                    Err(
-                        err @ (EngineError::UnknownSaga(_) | EngineError::UnknownDefinition(_)),
-                    ) => {
-                        tracing::warn!(saga = %item.saga_id, error = %err, "dropping a reply that cannot apply");
+            Work::Inbox(item) => item,
+        };
+        let trigger = Trigger::Inbox(item.id);
+        let actor = Some(item.sender.clone());
+        let (input, record) = match &item.message {
+            InboxMessage::Start { definition, data } => {
+                return match self.plan_start(
+                    &item.tenant,
+                    &item.saga_id,
+                    definition,
+                    data.clone(),
+                    &item.sender,
+                    trigger,
+                ) {
+                    Ok(planned) => Ok(Some(planned)),
+                    Err(EngineError::UnknownDefinition(_) | EngineError::Invalid(_)) => {
+                        tracing::warn!(saga = %item.saga_id, "dropping a start request that cannot start");
                         self.store.discard(Some(fence), item.id).await?;
+                        Ok(None)
                     }
-                    other => {
-                        other?;
-                    }
-                }
+                    Err(e) => Err(e),
+                };
             }
+            InboxMessage::Completed { key, output } => {
+                let Some(parsed) = parse_key(key) else {
+                    self.store.discard(Some(fence), item.id).await?;
+                    return Ok(None);
+                };
+                (
+                    Input::Completed {
+                        key: parsed,
+                        output: output.clone(),
+                    },
+                    Record {
+                        kind: "completed".into(),
+                        actor,
+                        detail: json!({"task": key, "output": output}),
+                    },
+                )
+            }
+            InboxMessage::Failed { key, error } => {
+                let Some(parsed) = parse_key(key) else {
+                    self.store.discard(Some(fence), item.id).await?;
+                    return Ok(None);
+                };
+                (
+                    Input::Failed {
+                        key: parsed,
+                        error: error.clone(),
+                    },
+                    Record {
+                        kind: "failed".into(),
+                        actor,
+                        detail: json!({"task": key, "error": error}),
+                    },
+                )
+            }
+        };
+        let planned = match self.current(current, saga).await {
+            Ok(stored) => self.plan(stored, trigger, input, record),
+            Err(e) => Err(e),
+        };
+        match planned {
+            // Replies that can never apply are dropped, so they cannot
+            // crowd the head of the inbox pass after pass.
+            Err(err @ (EngineError::UnknownSaga(_) | EngineError::UnknownDefinition(_))) => {
+                tracing::warn!(saga = %item.saga_id, error = %err, "dropping a reply that cannot apply");
+                self.store.discard(Some(fence), item.id).await?;
+                Ok(None)
+            }
+            other => other.map(Some),
         }
-        Ok(())
     }
 
     async fn refresh_stalled(&self) {

@@ -3,8 +3,9 @@
 //! adapters under one contract suite (`tests/tests/saga_store_contract.rs`).
 //!
 //! The engine owns instances, tasks, timers and history and changes them
-//! only through [`SagaStore::commit`], one transaction per transition that
-//! also consumes what triggered it (an inbox row or a due timer): if the
+//! only through [`SagaStore::commit`] (or [`SagaStore::commit_many`], many
+//! at once), each transition consuming what triggered it in the same
+//! transaction (an inbox row or a due timer): if the
 //! trigger is already gone — a heartbeat pushed the deadline, another pass
 //! took the reply — nothing is written. Agents only read their tasks and
 //! write to the inbox ([`TaskQueue`]).
@@ -201,8 +202,12 @@ pub enum Committed {
     Written(i64),
     /// The trigger was already consumed: nothing written.
     TriggerGone,
-    /// A new instance whose id exists: nothing written.
+    /// A new instance whose id exists: only the trigger was consumed.
     Exists,
+    /// The saga changed since the revision read: nothing written. Only
+    /// [`SagaStore::commit_many`] reports it so; [`SagaStore::commit`]
+    /// returns [`StoreError::Conflict`].
+    Conflict,
 }
 
 /// An inbox row: a reply or a start request.
@@ -317,6 +322,18 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
     async fn load(&self, saga_id: &str) -> Result<Option<Stored>>;
 
     async fn commit(&self, fence: Option<&Fence>, transition: Transition) -> Result<Committed>;
+
+    /// Commits `transitions` in order in one transaction, one outcome each
+    /// (the engine's passes: one round trip and one flush for many). A
+    /// transition whose saga changed writes nothing and comes back as
+    /// [`Committed::Conflict`] while the others commit; so does every later
+    /// one of the same saga, whose expected revision it no longer matches.
+    /// An error (fenced, unavailable) means nothing was written.
+    async fn commit_many(
+        &self,
+        fence: Option<&Fence>,
+        transitions: Vec<Transition>,
+    ) -> Result<Vec<Committed>>;
 
     /// The oldest inbox rows.
     async fn inbox(&self, limit: u32) -> Result<Vec<InboxItem>>;

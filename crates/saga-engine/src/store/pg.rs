@@ -1,9 +1,10 @@
 //! The Postgres saga store (`migrations/postgres/0014_sagas.sql`).
 //!
 //! [`PgSagaStore`] is the engine's: it connects as a member of
-//! `statefabric_saga_engine_role` (every tenant's rows) and sends each
-//! transition as one call to `statefabric_saga_commit`, so a transition is one
-//! round trip and one transaction, fenced by the leader's epoch.
+//! `statefabric_saga_engine_role` (every tenant's rows) and sends a
+//! transition as one call to `statefabric_saga_commit` (a batch of them to
+//! `statefabric_saga_commit_many`), so it is one round trip and one
+//! transaction, fenced by the leader's epoch.
 //! [`PgTaskQueue`] is a sidecar's: it connects as the application role with
 //! its tenant set for the whole session, so Row-Level Security confines
 //! every statement to that tenant. Both listen for `NOTIFY`s (new inbox
@@ -213,6 +214,16 @@ fn document(t: &Transition) -> Result<Value> {
     }))
 }
 
+/// `statefabric_saga_apply`'s result codes.
+fn committed(result: i64) -> Committed {
+    match result {
+        -1 => Committed::TriggerGone,
+        -2 => Committed::Exists,
+        -3 => Committed::Conflict,
+        revision => Committed::Written(revision),
+    }
+}
+
 fn fence_args(fence: Option<&Fence>) -> (Option<&str>, Option<i64>) {
     match fence {
         Some(f) => (
@@ -339,11 +350,35 @@ impl SagaStore for PgSagaStore {
             .fetch_one(&self.pool)
             .await
             .map_err(map_err)?;
-        Ok(match revision {
-            -1 => Committed::TriggerGone,
-            -2 => Committed::Exists,
-            r => Committed::Written(r),
-        })
+        Ok(committed(revision))
+    }
+
+    async fn commit_many(
+        &self,
+        fence: Option<&Fence>,
+        transitions: Vec<Transition>,
+    ) -> Result<Vec<Committed>> {
+        let docs = transitions
+            .iter()
+            .map(document)
+            .collect::<Result<Vec<_>>>()?;
+        let (lease, epoch) = fence_args(fence);
+        let results: Vec<i64> =
+            sqlx::query_scalar("SELECT statefabric_saga_commit_many($1, $2, $3)")
+                .bind(lease)
+                .bind(epoch)
+                .bind(Value::Array(docs))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(map_err)?;
+        if results.len() != transitions.len() {
+            return Err(StoreError::Backend(format!(
+                "{} outcomes for {} transitions",
+                results.len(),
+                transitions.len()
+            )));
+        }
+        Ok(results.into_iter().map(committed).collect())
     }
 
     async fn inbox(&self, limit: u32) -> Result<Vec<InboxItem>> {

@@ -19,11 +19,12 @@ use tokio::sync::watch;
 
 use super::{
     Committed, DueTimer, Fence, Filter, HistoryEntry, InboxItem, InboxMessage, Replied, Result,
-    SagaStore, StoreError, Stored, Summary, TaskQueue, TaskRow, TaskStatus, Transition, Trigger,
-    duration_ms, parse_status, parse_timer_kind, status_str, timer_kind_str,
+    SagaStore, StoreError, Stored, Summary, TaskQueue, TaskRow, TaskStatus, Transition,
+    parse_status, parse_timer_kind, status_str,
 };
 
 mod queue;
+mod write;
 
 fn map_err(e: sqlx::Error) -> StoreError {
     match &e {
@@ -199,180 +200,47 @@ impl SagaStore for SqliteSagaStore {
     }
 
     async fn commit(&self, _fence: Option<&Fence>, t: Transition) -> Result<Committed> {
-        let now = now_ms();
-        let saga = t.instance.id.as_str();
         let mut tx = self.writer.begin().await.map_err(map_err)?;
-        let consumed = match &t.trigger {
-            Trigger::Direct => 1,
-            Trigger::Inbox(id) => sqlx::query("DELETE FROM saga_inbox WHERE inbox_id = ?")
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?
-                .rows_affected(),
-            Trigger::Timer { key, kind } => sqlx::query(
-                "DELETE FROM saga_timers WHERE task_key = ? AND kind = ? AND fire_at <= ?",
-            )
-            .bind(key)
-            .bind(timer_kind_str(*kind))
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?
-            .rows_affected(),
-        };
-        if consumed == 0 {
-            return Ok(Committed::TriggerGone);
+        let committed = write::transition(&mut tx, now_ms(), &t).await?;
+        match committed {
+            // Nothing was written.
+            Committed::TriggerGone | Committed::Conflict => return Ok(committed),
+            Committed::Exists | Committed::Written(_) => tx.commit().await.map_err(map_err)?,
         }
-        let state = serde_json::to_string(&t.instance).map_err(json_err)?;
-        let status = status_str(t.instance.status);
-        let revision = if let Some(expected) = t.expected {
-            let ended = t.instance.status.is_final().then_some(now);
-            let updated = sqlx::query(
-                "UPDATE saga_instances SET status = ?, paused = ?, state = ?, revision = revision + 1,
-                        updated_at = ?, progressed_at = CASE WHEN ? THEN ? ELSE progressed_at END,
-                        ended_at = CASE WHEN ? IS NULL THEN NULL ELSE coalesce(ended_at, ?) END
-                  WHERE saga_id = ? AND revision = ?",
-            )
-            .bind(&status)
-            .bind(t.instance.paused)
-            .bind(&state)
-            .bind(now)
-            .bind(t.progressed)
-            .bind(now)
-            .bind(ended)
-            .bind(now)
-            .bind(saga)
-            .bind(expected)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            if updated.rows_affected() == 0 {
-                return Err(StoreError::Conflict(format!(
-                    "saga {saga} changed concurrently"
-                )));
+        self.wake_agents(&t.tenant, t.dispatch.iter().map(|d| d.agent.clone()));
+        Ok(committed)
+    }
+
+    async fn commit_many(
+        &self,
+        _fence: Option<&Fence>,
+        transitions: Vec<Transition>,
+    ) -> Result<Vec<Committed>> {
+        let now = now_ms();
+        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        let mut outcomes = Vec::with_capacity(transitions.len());
+        for t in &transitions {
+            // A savepoint each, so a conflict undoes only its own writes.
+            let mut one = sqlx::Connection::begin(&mut *tx).await.map_err(map_err)?;
+            match write::transition(&mut one, now, t).await {
+                Ok(committed) => {
+                    one.commit().await.map_err(map_err)?;
+                    outcomes.push(committed);
+                }
+                Err(StoreError::Conflict(_)) => {
+                    one.rollback().await.map_err(map_err)?;
+                    outcomes.push(Committed::Conflict);
+                }
+                Err(e) => return Err(e),
             }
-            expected + 1
-        } else {
-            let inserted = sqlx::query(
-                "INSERT INTO saga_instances (saga_id, tenant_id, definition, version, status, paused,
-                        state, revision, started_at, updated_at, progressed_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT (saga_id) DO NOTHING",
-            )
-            .bind(saga)
-            .bind(&t.tenant)
-            .bind(&t.instance.definition)
-            .bind(i64::from(t.instance.version))
-            .bind(&status)
-            .bind(t.instance.paused)
-            .bind(&state)
-            .bind(now)
-            .bind(now)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            if inserted.rows_affected() == 0 {
-                tx.commit().await.map_err(map_err)?;
-                return Ok(Committed::Exists);
-            }
-            1
-        };
-        if let Some(f) = &t.finish {
-            let output = f
-                .output
-                .as_ref()
-                .map(serde_json::to_string)
-                .transpose()
-                .map_err(json_err)?;
-            sqlx::query(
-                "UPDATE saga_tasks SET status = ?, output = ?, error = ?, finished_at = ?
-                  WHERE task_key = ? AND status = 'dispatched'",
-            )
-            .bind(f.status.as_str())
-            .bind(output)
-            .bind(&f.error)
-            .bind(now)
-            .bind(f.key.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        }
-        for key in &t.cancel {
-            let key = key.to_string();
-            sqlx::query("DELETE FROM saga_timers WHERE task_key = ?")
-                .bind(&key)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            sqlx::query(
-                "UPDATE saga_tasks SET status = 'cancelled', finished_at = ?
-                  WHERE task_key = ? AND status = 'dispatched'",
-            )
-            .bind(now)
-            .bind(&key)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        }
-        for task in &t.dispatch {
-            sqlx::query(
-                "INSERT INTO saga_tasks (task_key, saga_id, tenant_id, step, visit, attempt,
-                        compensation, agent, action, input, timeout_ms, status, dispatched_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'dispatched', ?)
-                 ON CONFLICT (task_key) DO NOTHING",
-            )
-            .bind(task.key.to_string())
-            .bind(saga)
-            .bind(&t.tenant)
-            .bind(&task.key.step)
-            .bind(i64::from(task.key.visit))
-            .bind(i64::from(task.key.attempt))
-            .bind(task.key.compensation)
-            .bind(&task.agent)
-            .bind(&task.action)
-            .bind(serde_json::to_string(&task.input).map_err(json_err)?)
-            .bind(duration_ms(task.timeout))
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        }
-        for (key, kind, after) in &t.timers {
-            sqlx::query(
-                "INSERT INTO saga_timers (saga_id, tenant_id, task_key, kind, fire_at)
-                 VALUES (?, ?, ?, ?, ?)
-                 ON CONFLICT (task_key, kind) DO UPDATE SET fire_at = excluded.fire_at",
-            )
-            .bind(saga)
-            .bind(&t.tenant)
-            .bind(key.to_string())
-            .bind(timer_kind_str(*kind))
-            .bind(now.saturating_add(duration_ms(*after)))
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        }
-        for (idx, record) in t.history.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO saga_history (saga_id, revision, idx, tenant_id, at, kind, actor, detail)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(saga)
-            .bind(revision)
-            .bind(i64::try_from(idx).unwrap_or_default())
-            .bind(&t.tenant)
-            .bind(now)
-            .bind(&record.kind)
-            .bind(&record.actor)
-            .bind(serde_json::to_string(&record.detail).map_err(json_err)?)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
         }
         tx.commit().await.map_err(map_err)?;
-        self.wake_agents(&t.tenant, t.dispatch.iter().map(|d| d.agent.clone()));
-        Ok(Committed::Written(revision))
+        for (t, outcome) in transitions.iter().zip(&outcomes) {
+            if matches!(outcome, Committed::Written(_)) {
+                self.wake_agents(&t.tenant, t.dispatch.iter().map(|d| d.agent.clone()));
+            }
+        }
+        Ok(outcomes)
     }
 
     async fn inbox(&self, limit: u32) -> Result<Vec<InboxItem>> {

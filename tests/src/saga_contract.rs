@@ -35,6 +35,7 @@ macro_rules! saga_contract_tests {
             definition_versions_are_immutable,
             sagas_are_listed_by_filter,
             a_batch_commits_each_transition_or_says_why_not,
+            concurrent_answers_and_starts_each_get_their_own_outcome,
         );
     };
     (@each $fixture:expr; $($name:ident),* $(,)?) => {
@@ -438,5 +439,101 @@ pub async fn a_batch_commits_each_transition_or_says_why_not(f: Fixture) -> anyh
             .await?
             .is_empty()
     );
+    Ok(())
+}
+
+/// Many answers and start requests at once (a sidecar writes concurrent
+/// ones together): each, repeats within the same moment included, gets the
+/// outcome it would have had alone.
+pub async fn concurrent_answers_and_starts_each_get_their_own_outcome(
+    f: Fixture,
+) -> anyhow::Result<()> {
+    const N: usize = 40;
+    let def = builtin::plan_code_critique();
+    let mut sagas = Vec::new();
+    for _ in 0..N {
+        sagas.push(started(&f, &def).await?);
+    }
+    let tasks = f.queue.claim(&f.tenant, "planner", "w", 1000).await?;
+    assert_eq!(tasks.len(), N);
+    // Each task answered twice at once, and one answer to no task.
+    let mut answers: Vec<(String, InboxMessage)> = Vec::new();
+    for task in tasks.iter().chain(tasks.iter()) {
+        let message = InboxMessage::Completed {
+            key: task.key.clone(),
+            output: json!({"plan": task.saga_id}),
+        };
+        answers.push((task.saga_id.clone(), message));
+    }
+    let ghost = &sagas[0].id;
+    answers.push((
+        ghost.clone(),
+        InboxMessage::Completed {
+            key: format!("{ghost}/NOPE/1/1"),
+            output: json!(null),
+        },
+    ));
+    let replies = futures::future::join_all(
+        answers
+            .iter()
+            .map(|(saga, message)| f.queue.reply(&f.tenant, "w", saga, message.clone())),
+    )
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
+    let count = |r: Replied| replies.iter().filter(|x| **x == r).count();
+    assert_eq!(
+        (
+            count(Replied::Accepted),
+            count(Replied::Duplicate),
+            count(Replied::Unknown)
+        ),
+        (N, N, 1),
+        "{replies:?}"
+    );
+    let inbox = f.store.inbox(100_000).await?;
+    for task in &tasks {
+        assert_eq!(
+            inbox
+                .iter()
+                .filter(|i| i.message.task_key() == Some(task.key.as_str()))
+                .count(),
+            1,
+            "one inbox row per answered task"
+        );
+    }
+
+    // Start requests: each new id twice, an existing saga, an unknown
+    // definition.
+    let fresh: Vec<String> = (0..N).map(|_| id()).collect();
+    let mut asks: Vec<(String, &str)> = Vec::new();
+    for saga in fresh.iter().chain(fresh.iter()) {
+        asks.push((saga.clone(), "plan-code-critique"));
+    }
+    asks.push((sagas[1].id.clone(), "plan-code-critique"));
+    asks.push((id(), "no-such-definition"));
+    let outcomes = futures::future::join_all(asks.iter().map(|(saga, definition)| {
+        f.queue
+            .request_start(&f.tenant, "w", saga, definition, json!({"task": 1}))
+    }))
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
+    let count = |r: StartRequested| outcomes.iter().filter(|x| **x == r).count();
+    assert_eq!(
+        (
+            count(StartRequested::Accepted),
+            count(StartRequested::Exists),
+            count(StartRequested::UnknownDefinition)
+        ),
+        (N, N + 1, 1),
+        "{outcomes:?}"
+    );
+    // Leave no start request behind for the engines of other tests.
+    for item in f.store.inbox(100_000).await? {
+        if fresh.contains(&item.saga_id) {
+            f.store.discard(f.fence.as_ref(), item.id).await?;
+        }
+    }
     Ok(())
 }

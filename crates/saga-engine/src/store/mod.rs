@@ -23,7 +23,7 @@ use statefabric_saga::machine::{Effect, Task, TimerKind};
 use statefabric_saga::{Definition, Instance, Status, TaskKey};
 use tokio::sync::watch;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("saga store unavailable: {0}")]
     Unavailable(String),

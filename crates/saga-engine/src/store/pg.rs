@@ -28,6 +28,8 @@ use super::{
     parse_status, parse_timer_kind, status_str, timer_kind_str,
 };
 
+mod batched;
+mod coalesce;
 mod queue;
 
 pub use queue::PgTaskQueue;

@@ -12,18 +12,26 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{TASK_COLUMNS, TASKS_CHANNEL, listen, map_err, pool, task_row};
+use super::coalesce::Coalescer;
+use super::{TASK_COLUMNS, TASKS_CHANNEL, batched, listen, map_err, pool, task_row};
 use crate::store::{
     InboxMessage, Replied, Result, StartRequested, StoreError, TaskQueue, TaskRow, TaskStatus,
     not_queued,
 };
 
-/// A sidecar's view: its tenant's tasks and inbox.
+/// At most this many answers or start requests per statement.
+const BATCH: usize = 256;
+
+/// A sidecar's view: its tenant's tasks and inbox. Concurrent answers (and
+/// start requests) are written together, one statement for all that
+/// arrived while the previous one was being written.
 #[derive(Debug, Clone)]
 pub struct PgTaskQueue {
     pool: PgPool,
     tenant: String,
     signals: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
+    replies: Arc<Coalescer<batched::Reply, Replied>>,
+    starts: Arc<Coalescer<batched::Start, StartRequested>>,
 }
 
 impl PgTaskQueue {
@@ -33,6 +41,8 @@ impl PgTaskQueue {
             pool: pool(url, connections, Some(tenant)).await?,
             tenant: tenant.to_owned(),
             signals: Arc::default(),
+            replies: Arc::new(Coalescer::new(BATCH)),
+            starts: Arc::new(Coalescer::new(BATCH)),
         })
     }
 
@@ -138,7 +148,20 @@ impl TaskQueue for PgTaskQueue {
         message: InboxMessage,
     ) -> Result<Replied> {
         self.check_tenant(tenant)?;
-        insert_reply(&self.pool, tenant, sender, saga_id, message).await
+        let Some(key) = message.task_key().map(str::to_owned) else {
+            return Err(StoreError::Invalid("a reply names its task".into()));
+        };
+        let reply = batched::Reply {
+            saga_id: saga_id.to_owned(),
+            sender: sender.to_owned(),
+            key,
+            message,
+        };
+        self.replies
+            .call(reply, |batch| {
+                batched::replies(self.pool.clone(), self.tenant.clone(), batch)
+            })
+            .await
     }
 
     async fn request_start(
@@ -150,7 +173,17 @@ impl TaskQueue for PgTaskQueue {
         data: Value,
     ) -> Result<StartRequested> {
         self.check_tenant(tenant)?;
-        request_start(&self.pool, tenant, sender, saga_id, definition, data).await
+        let start = batched::Start {
+            saga_id: saga_id.to_owned(),
+            sender: sender.to_owned(),
+            definition: definition.to_owned(),
+            data,
+        };
+        self.starts
+            .call(start, |batch| {
+                batched::starts(self.pool.clone(), self.tenant.clone(), batch)
+            })
+            .await
     }
 
     async fn release(&self, tenant: &str, keys: Option<&[String]>) -> Result<u64> {
@@ -205,49 +238,6 @@ pub(super) async fn insert_reply(
         message.kind(),
         status.as_deref().map(TaskStatus::parse),
     ))
-}
-
-async fn request_start(
-    pool: &PgPool,
-    tenant: &str,
-    sender: &str,
-    saga_id: &str,
-    definition: &str,
-    data: Value,
-) -> Result<StartRequested> {
-    let known: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM saga_definitions WHERE name = $1)")
-            .bind(definition)
-            .fetch_one(pool)
-            .await
-            .map_err(map_err)?;
-    if !known {
-        return Ok(StartRequested::UnknownDefinition);
-    }
-    let message = InboxMessage::Start {
-        definition: definition.to_owned(),
-        data,
-    };
-    let body = serde_json::to_value(&message).map_err(|e| StoreError::Backend(e.to_string()))?;
-    let inserted: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO saga_inbox (tenant_id, saga_id, kind, body, sender)
-             SELECT $1, $2, 'start', $3, $4
-              WHERE NOT EXISTS (SELECT 1 FROM saga_instances WHERE saga_id = $2)
-             ON CONFLICT (saga_id) WHERE kind = 'start' DO NOTHING
-             RETURNING inbox_id",
-    )
-    .bind(tenant)
-    .bind(saga_id)
-    .bind(&body)
-    .bind(sender)
-    .fetch_optional(pool)
-    .await
-    .map_err(map_err)?;
-    Ok(if inserted.is_some() {
-        StartRequested::Accepted
-    } else {
-        StartRequested::Exists
-    })
 }
 
 async fn release(pool: &PgPool, tenant: &str, keys: Option<&[String]>) -> Result<u64> {

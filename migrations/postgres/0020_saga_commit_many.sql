@@ -4,14 +4,21 @@
 -- each — on a small machine the per-transaction cost, not the rows, bounds
 -- how many sagas advance per second.
 --
--- statefabric_saga_apply holds the body of a transition (0018) with two
--- changes: cancelled attempts are found by index (below), and the saga's
--- revision is checked, and its row locked, before
+-- statefabric_saga_apply holds the body of a transition (0018) with one
+-- change: the saga's revision is checked, and its row locked, before
 -- anything is written, so a transition that conflicts returns -3 having
 -- changed nothing and the rest of its batch still commits (no exception,
 -- hence no subtransaction per transition). Results: the new revision, -1
 -- the trigger is gone, -2 the new saga exists, -3 the saga changed
 -- concurrently.
+--
+-- Every statement of a transition reaches its rows by key, and the
+-- functions run with sequential scans off: PL/pgSQL keeps one plan per
+-- statement, made when a table may be nearly empty (the timers and the
+-- inbox empty out whenever the fleet is idle), and a sequential scan
+-- planned then is kept as the table grows — under load the deadline
+-- timers' delete scanned the whole table each time and took half of each
+-- batch's time.
 
 CREATE OR REPLACE FUNCTION statefabric_saga_apply(p_epoch bigint, t jsonb)
 RETURNS bigint LANGUAGE plpgsql SET search_path = public AS $$
@@ -66,8 +73,6 @@ BEGIN
      WHERE task_key = t->'finish'->>'key' AND status = 'dispatched';
   END IF;
 
-  -- `= ANY (ARRAY(...))`, not `IN (SELECT ...)`: the generic plan of the
-  -- latter guessed a hundred keys and scanned the whole timers table.
   IF jsonb_array_length(t->'cancel') > 0 THEN
     DELETE FROM saga_timers
      WHERE task_key = ANY (ARRAY(SELECT jsonb_array_elements_text(t->'cancel')));
@@ -120,7 +125,8 @@ $$;
 
 -- One transition, as before: a conflict is an error (SF002).
 CREATE OR REPLACE FUNCTION statefabric_saga_commit(p_lease text, p_epoch bigint, t jsonb)
-RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = public AS $$
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = public SET enable_seqscan = off AS $$
 DECLARE
   v_rev bigint;
 BEGIN
@@ -137,7 +143,8 @@ $$;
 
 -- Many transitions, in order, one result each; the epoch is checked once.
 CREATE OR REPLACE FUNCTION statefabric_saga_commit_many(p_lease text, p_epoch bigint, ts jsonb)
-RETURNS bigint[] LANGUAGE plpgsql SECURITY DEFINER SET search_path = public AS $$
+RETURNS bigint[] LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = public SET enable_seqscan = off AS $$
 DECLARE
   t       jsonb;
   results bigint[] := '{}';

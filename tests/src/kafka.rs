@@ -214,5 +214,27 @@ pub async fn register_debezium() -> anyhow::Result<()> {
         restarted.status,
         restarted.body
     );
+    // Running, if a benchmark paused it (and stopped before resuming).
+    connector_state("resume").await
+}
+
+/// Pauses the test connector (a benchmark measuring the relay alone);
+/// [`register_debezium`] resumes it.
+pub async fn pause_debezium() -> anyhow::Result<()> {
+    connector_state("pause").await
+}
+
+async fn connector_state(action: &str) -> anyhow::Result<()> {
+    let url = format!(
+        "{}/connectors/{DEBEZIUM_CONNECTOR}/{action}",
+        crate::connect_url()
+    );
+    let response = crate::http("PUT", &url, None, None).await?;
+    anyhow::ensure!(
+        matches!(response.status, 200..=204),
+        "{action} the connector: {} {}",
+        response.status,
+        response.body
+    );
     Ok(())
 }

@@ -3,12 +3,16 @@
 //! outbox connector (logical decoding, EventRouter), with a raw rdkafka
 //! produce-to-consume baseline at the same rate.
 //!
+//! The paths are measured one after the other, each alone on the machine
+//! (2 cores shared with Postgres and three JVMs): first the relay with the
+//! connector paused, then Debezium with no relay running (resumed, and
+//! caught up with what it skipped before measuring), then the baseline.
 //! Events are appended to the real Postgres at a fixed rate (one appender
 //! per aggregate, a batch every 10 ms, catching up after a slow append);
 //! the harness notes when each append committed (its call returned), and
 //! each consumer records the time from that commit to receiving the event.
 //! The relay's time per stage (read, encode, produce, commit, delete) is
-//! read from the control plane's metrics at the end.
+//! read from the control plane's metrics at the end of its phase.
 //!
 //! Run against the test environment (testenv/up.sh), release build:
 //!   cargo build --release -p statefabric-control-plane -p statefabric-bench
@@ -169,74 +173,26 @@ async fn start_control_plane(run: &str) -> anyhow::Result<(tokio::process::Child
     Ok((child, admin_port))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let tenant = statefabric_bench::fresh_tenant().await?;
-    let stream_type = format!("bench_{}", &run[..8]);
-    let total = usize::try_from(args.rate * args.seconds)?;
-    let (_control_plane, admin_port) = start_control_plane(&run).await?;
-    env::kafka::register_debezium().await?;
-    let store = Arc::new(
-        PgEventStore::connect(PgConfig {
-            url: env::pg_app_url(),
-            max_connections: 8,
-            ..PgConfig::default()
-        })
-        .await?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(args.seconds + 60);
-    let codec = Arc::new(AvroCodec::new(Arc::new(RegistryClient::new(
-        &env::registry_url(),
-        Duration::from_secs(10),
-    ))));
-    let commits = Commits::default();
-    let relay_commits = commits.clone();
-    let cdc_commits = commits.clone();
-    let relay = tokio::spawn(collect(
-        consumer(&format!("bench-relay-{run}"), true)?,
-        format!("events.{stream_type}"),
-        total,
-        deadline,
-        move |bytes| {
-            let (codec, bytes, commits) = (codec.clone(), bytes.to_vec(), relay_commits.clone());
-            Box::pin(async move {
-                let e: EventEnvelope = codec.decode(&bytes, None).await.ok()?;
-                let data: Value = serde_json::from_slice(&e.payload).ok()?;
-                commits.latency(&data)
-            })
-        },
-    ));
-    let debezium = tokio::spawn(collect(
-        consumer(&format!("bench-cdc-{run}"), false)?,
-        format!("cdc.events.{stream_type}"),
-        total,
-        deadline,
-        move |bytes| {
-            let (bytes, commits) = (bytes.to_vec(), cdc_commits.clone());
-            Box::pin(async move {
-                let v: Value = serde_json::from_slice(&bytes).ok()?;
-                let v: Value = match v {
-                    Value::String(s) => serde_json::from_str(&s).ok()?,
-                    other => other,
-                };
-                commits.latency(&v["data"])
-            })
-        },
-    ));
-
-    // Append at the rate: each aggregate's appender writes a batch every
-    // 10 ms, bursting to catch up after a slow append.
-    let aggregates = 8u64;
-    let per_tick = (args.rate / 100).max(aggregates);
-    let per_batch = per_tick / aggregates;
-    let batches = u64::try_from(total)? / (per_batch * aggregates);
+/// Appends `total` events of `stream_type` at the rate (one appender per
+/// aggregate, a batch every 10 ms, bursting to catch up after a slow
+/// append), noting when each append committed; returns how many were
+/// appended and in how many seconds.
+async fn append_at_rate(
+    store: Arc<PgEventStore>,
+    tenant: &statefabric_domain::TenantId,
+    stream_type: &str,
+    args: &Args,
+    commits: &Commits,
+) -> anyhow::Result<(usize, f64)> {
+    let total = args.rate * args.seconds;
+    let per_tick = (args.rate / 100).max(AGGREGATES);
+    let per_batch = per_tick / AGGREGATES;
+    let batches = total / (per_batch * AGGREGATES);
     let started = Instant::now();
     let mut appenders = Vec::new();
-    for a in 0..aggregates {
+    for a in 0..AGGREGATES {
         let (store, scope) = (store.clone(), Scope::new(tenant.clone(), "bench"));
-        let (stream_type, commits) = (stream_type.clone(), commits.clone());
+        let (stream_type, commits) = (stream_type.to_owned(), commits.clone());
         appenders.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(10));
             for b in 0..batches {
@@ -248,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
                     .append(
                         &scope,
                         AppendRequest::new(
-                            StreamId::new(format!("agg-{a}"))?,
+                            StreamId::new(format!("{stream_type}-{a}"))?,
                             &stream_type,
                             ExpectedVersion::Any,
                             events,
@@ -263,19 +219,153 @@ async fn main() -> anyhow::Result<()> {
     for appender in appenders {
         appender.await??;
     }
-    let appended = usize::try_from(batches * per_batch * aggregates)?;
-    let append_secs = started.elapsed().as_secs_f64();
+    Ok((
+        usize::try_from(batches * per_batch * AGGREGATES)?,
+        started.elapsed().as_secs_f64(),
+    ))
+}
 
-    // The raw baseline: produce and consume at the same rate.
+const AGGREGATES: u64 = 8;
+
+/// Phase 1: the relay alone (the Debezium connector paused). Returns the
+/// latencies, events appended, seconds, and the control plane's metrics.
+async fn relay_phase(
+    args: &Args,
+    run: &str,
+    store: Arc<PgEventStore>,
+    tenant: &statefabric_domain::TenantId,
+) -> anyhow::Result<(Latencies, usize, f64, String)> {
+    env::kafka::pause_debezium().await?;
+    let (_control_plane, admin_port) = start_control_plane(run).await?;
+    let stream_type = format!("bench_{}", &run[..8]);
+    warm_up(
+        &store,
+        tenant,
+        &stream_type,
+        &format!("events.{stream_type}"),
+        true,
+    )
+    .await?;
+    let total = usize::try_from(args.rate * args.seconds)?;
+    let codec = Arc::new(AvroCodec::new(Arc::new(RegistryClient::new(
+        &env::registry_url(),
+        Duration::from_secs(10),
+    ))));
+    let commits = Commits::default();
+    let seen = commits.clone();
+    let relay = tokio::spawn(collect(
+        consumer(&format!("bench-relay-{run}"), true)?,
+        format!("events.{stream_type}"),
+        total,
+        Instant::now() + Duration::from_secs(args.seconds + 60),
+        move |bytes| {
+            let (codec, bytes, commits) = (codec.clone(), bytes.to_vec(), seen.clone());
+            Box::pin(async move {
+                let e: EventEnvelope = codec.decode(&bytes, None).await.ok()?;
+                let data: Value = serde_json::from_slice(&e.payload).ok()?;
+                commits.latency(&data)
+            })
+        },
+    ));
+    let (appended, secs) = append_at_rate(store, tenant, &stream_type, args, &commits).await?;
+    let latencies = tokio::time::timeout(Duration::from_secs(120), relay).await???;
+    let metrics = env::http(
+        "GET",
+        &format!("http://127.0.0.1:{admin_port}/metrics"),
+        None,
+        None,
+    )
+    .await?
+    .body;
+    Ok((latencies, appended, secs, metrics))
+}
+
+/// Appends one event of `stream_type` and waits until it arrives on
+/// `topic`: the path is up (topic made, schema registered, producers
+/// initialized, a paused connector caught up) before anything is measured.
+async fn warm_up(
+    store: &PgEventStore,
+    tenant: &statefabric_domain::TenantId,
+    stream_type: &str,
+    topic: &str,
+    committed_only: bool,
+) -> anyhow::Result<()> {
+    store
+        .append(
+            &Scope::new(tenant.clone(), "bench"),
+            AppendRequest::new(
+                StreamId::new(format!("{stream_type}-warm-up"))?,
+                stream_type,
+                ExpectedVersion::Any,
+                vec![NewEvent::new("WarmUp", json!({}))],
+            ),
+        )
+        .await?;
+    let group = format!("bench-warm-up-{}", uuid::Uuid::new_v4().simple());
+    let seen = collect(
+        consumer(&group, committed_only)?,
+        topic.to_owned(),
+        1,
+        Instant::now() + Duration::from_secs(180),
+        |_| Box::pin(async { Some(Duration::ZERO) }),
+    )
+    .await?;
+    anyhow::ensure!(seen.count() == 1, "the warm-up event never reached {topic}");
+    Ok(())
+}
+
+fn cdc_data(bytes: &[u8]) -> Option<Value> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
+    let v: Value = match v {
+        Value::String(s) => serde_json::from_str(&s).ok()?,
+        other => other,
+    };
+    Some(v["data"].clone())
+}
+
+/// Phase 2: Debezium alone (no relay running; the connector resumed and
+/// caught up with what it skipped while paused).
+async fn debezium_phase(
+    args: &Args,
+    run: &str,
+    store: Arc<PgEventStore>,
+    tenant: &statefabric_domain::TenantId,
+) -> anyhow::Result<(Latencies, usize, f64)> {
+    env::kafka::register_debezium().await?;
+    let stream_type = format!("cdc_{}", &run[..8]);
+    let topic = format!("cdc.events.{stream_type}");
+    // When this arrives, the backlog of phase 1 is behind.
+    warm_up(&store, tenant, &stream_type, &topic, false).await?;
+    let total = usize::try_from(args.rate * args.seconds)?;
+    let commits = Commits::default();
+    let seen = commits.clone();
+    let debezium = tokio::spawn(collect(
+        consumer(&format!("bench-cdc-{run}"), false)?,
+        topic,
+        total,
+        Instant::now() + Duration::from_secs(args.seconds + 60),
+        move |bytes| {
+            let (bytes, commits) = (bytes.to_vec(), seen.clone());
+            Box::pin(async move { commits.latency(&cdc_data(&bytes)?) })
+        },
+    ));
+    let (appended, secs) = append_at_rate(store, tenant, &stream_type, args, &commits).await?;
+    let latencies = tokio::time::timeout(Duration::from_secs(120), debezium).await???;
+    Ok((latencies, appended, secs))
+}
+
+/// Phase 3: a raw idempotent producer and a consumer at the same rate.
+async fn raw_phase(args: &Args, run: &str) -> anyhow::Result<(Latencies, usize, f64)> {
+    let total = usize::try_from(args.rate * args.seconds)?;
+    let per_tick = usize::try_from((args.rate / 100).max(AGGREGATES))?;
     let topic = format!("bench-raw-{run}");
-    let raw_consumer = consumer(&format!("bench-raw-{run}"), false)?;
     let producer: FutureProducer = env::kafka::admin()
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "1")
         .create()?;
     let raw = tokio::spawn(collect(
-        raw_consumer,
+        consumer(&format!("bench-raw-{run}"), false)?,
         topic.clone(),
         total,
         Instant::now() + Duration::from_secs(args.seconds + 60),
@@ -287,12 +377,12 @@ async fn main() -> anyhow::Result<()> {
             })
         },
     ));
-    let raw_started = Instant::now();
+    let started = Instant::now();
     let mut sent = 0usize;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     while sent < total {
         tick.tick().await;
-        let messages: Vec<(String, String)> = (0..usize::try_from(per_tick)?)
+        let messages: Vec<(String, String)> = (0..per_tick)
             .map(|i| (format!("agg-{}", i % 8), now_micros().to_string()))
             .collect();
         let deliveries: Vec<_> = messages
@@ -307,23 +397,40 @@ async fn main() -> anyhow::Result<()> {
         for d in futures::future::join_all(deliveries).await {
             d.map_err(|(e, _)| e)?;
         }
-        sent += usize::try_from(per_tick)?;
+        sent += per_tick;
     }
-    let raw_secs = raw_started.elapsed().as_secs_f64();
+    let secs = started.elapsed().as_secs_f64();
+    Ok((raw.await??, sent, secs))
+}
 
-    let relay = tokio::time::timeout(Duration::from_secs(120), relay).await???;
-    let (debezium, raw) = (debezium.await??, raw.await??);
-    let metrics = env::http(
-        "GET",
-        &format!("http://127.0.0.1:{admin_port}/metrics"),
-        None,
-        None,
-    )
-    .await?
-    .body;
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let tenant = statefabric_bench::fresh_tenant().await?;
+    let store = Arc::new(
+        PgEventStore::connect(PgConfig {
+            url: env::pg_app_url(),
+            max_connections: 8,
+            ..PgConfig::default()
+        })
+        .await?,
+    );
+    env::kafka::register_debezium().await?;
+    let relayed = relay_phase(&args, &run, store.clone(), &tenant).await;
+    // Whatever happened, the connector runs again for what follows.
+    let (debezium, cdc_appended, cdc_secs) = debezium_phase(&args, &run, store, &tenant).await?;
+    // Phase 2 ran with no relay: its outbox rows go by hand.
+    sqlx::query("DELETE FROM event_outbox WHERE tenant_id = $1")
+        .bind(tenant.as_str())
+        .execute(&sqlx::PgPool::connect(&env::pg_admin_url()).await?)
+        .await?;
+    let (relay, appended, append_secs, metrics) = relayed?;
+    let (raw, sent, raw_secs) = raw_phase(&args, &run).await?;
+
     println!(
-        "{} events appended in {append_secs:.1} s (target {} /s, {} aggregates), release build\n",
-        appended, args.rate, aggregates
+        "per path: {appended} events appended in {append_secs:.1} s for the relay, {cdc_appended} in {cdc_secs:.1} s for Debezium (target {} /s, {AGGREGATES} aggregates), release build\n",
+        args.rate
     );
     report(
         "relay: commit -> consumer",
@@ -333,7 +440,7 @@ async fn main() -> anyhow::Result<()> {
     );
     report(
         "debezium: commit -> consumer",
-        debezium.count() as f64 / append_secs,
+        debezium.count() as f64 / cdc_secs,
         "events",
         Some(&debezium),
     );
@@ -344,7 +451,7 @@ async fn main() -> anyhow::Result<()> {
         Some(&raw),
     );
     println!(
-        "received: relay {} / {appended}, debezium {} / {appended}, raw {} / {sent}",
+        "received: relay {} / {appended}, debezium {} / {cdc_appended}, raw {} / {sent}",
         relay.count(),
         debezium.count(),
         raw.count()

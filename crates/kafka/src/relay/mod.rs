@@ -10,9 +10,12 @@
 //! - `read.rs`: outbox rows after a cursor of the last row read
 //!   (`statefabric_relay_batch_after`, migration 0019: commit order, below
 //!   the oldest running transaction — the event store's gap-free rule),
-//!   encoded one batch ahead;
+//!   encoded ahead while a batch is produced: it keeps reading what was
+//!   committed since, and the producing side takes everything read by the
+//!   time it is free as its next batch;
 //! - the producing loop here: one batch is one Kafka transaction
-//!   (idempotent, transactional producers taking turns, see `Txn`);
+//!   (idempotent, transactional producers taking turns, see `Txn`), whose
+//!   commit runs while the next batch is produced;
 //! - `delete.rs`: once a batch is committed its rows are deleted in the
 //!   background, each call checking the leader epoch first.
 //!
@@ -146,6 +149,9 @@ pub struct Relay {
     breaker: Breaker,
 }
 
+/// Reads waiting for the producing side.
+const READ_AHEAD: usize = 8;
+
 /// How many transactional producers a relay session takes turns with
 /// (transactional ids `<id>.0` … `<id>.3`).
 pub const PRODUCERS: usize = 4;
@@ -158,6 +164,10 @@ pub const PRODUCERS: usize = 4;
 /// its markers are written. Order holds: a batch is produced (acknowledged)
 /// before the next begins, so the log keeps commit order whichever
 /// transaction commits first.
+///
+/// A batch's commit runs while the next batch is produced (see
+/// [`Pending`]); the next commits only after it succeeded, so a consumer
+/// reading committed records never sees a batch without the one before it.
 struct Txn {
     producer: FutureProducer,
     /// What made it, to make the fencing producer at the session's end.
@@ -168,11 +178,22 @@ struct Txn {
     aborted: AtomicBool,
 }
 
+/// A batch whose records are acknowledged and whose commit is under way.
+struct Pending {
+    /// The commit, off the async threads (librdkafka blocks), and how long
+    /// it took.
+    commit: JoinHandle<(Result<(), rdkafka::error::KafkaError>, Duration)>,
+    ids: Vec<uuid::Uuid>,
+    oldest: Option<chrono::DateTime<chrono::FixedOffset>>,
+}
+
 struct Session {
     epoch: u64,
     /// [`PRODUCERS`] transactional producers, taking turns (see [`Txn`]).
-    txns: Vec<Txn>,
+    txns: Vec<Arc<Txn>>,
     turn: usize,
+    /// The previous batch, committing.
+    pending: Option<Pending>,
     /// Batches read and encoded ahead by the session's reader.
     prepared: mpsc::Receiver<Result<Prepared, RelayError>>,
     reader: JoinHandle<()>,
@@ -187,8 +208,14 @@ impl Session {
     /// Ends the session: aborts a transaction left open and lets the deleter
     /// finish what was sent (for at most `timeout`; rows it did not delete
     /// are sent again by the next session — at least once).
-    async fn close(self, timeout: Duration) {
+    async fn close(mut self, timeout: Duration) {
         self.reader.abort();
+        // A commit under way ends first; if it succeeded its rows are sent.
+        if let Some(pending) = self.pending.take()
+            && let Ok(Ok((Ok(()), _))) = tokio::time::timeout(timeout, pending.commit).await
+        {
+            let _ = self.sent.send(pending.ids).await;
+        }
         self.abort_open(timeout);
         // An abort can race librdkafka's retry of AddPartitionsToTxn (after
         // CONCURRENT_TRANSACTIONS): the abort ends locally, then the retry
@@ -345,7 +372,7 @@ impl Relay {
 
     /// A transactional producer for `<transactional id>.<n>`, initialized
     /// (which fences that id's producer in a former leader).
-    fn txn(&self, n: usize) -> Result<Txn, RelayError> {
+    fn txn(&self, n: usize) -> Result<Arc<Txn>, RelayError> {
         let mut config = self.settings.brokers.client();
         config
             .set(
@@ -361,12 +388,12 @@ impl Relay {
             );
         let producer: FutureProducer = config.create()?;
         producer.init_transactions(self.settings.kafka_timeout)?;
-        Ok(Txn {
+        Ok(Arc::new(Txn {
             producer,
             config,
             open: AtomicBool::new(false),
             aborted: AtomicBool::new(false),
-        })
+        }))
     }
 
     async fn open(&self, epoch: u64) -> Result<Session, RelayError> {
@@ -378,8 +405,9 @@ impl Relay {
         let (subject, schema) = saga_command_schema();
         let command_writer = self.codec.writer(subject, schema).await?;
         tracing::info!(epoch, "relay producing");
-        // One batch waits while the previous is produced.
-        let (ready, prepared) = mpsc::channel(1);
+        // Reads made while a batch is produced wait here; the next batch
+        // is all of them (bounded: a slow Kafka holds the reader back).
+        let (ready, prepared) = mpsc::channel(READ_AHEAD);
         let reader = tokio::spawn(
             Reader {
                 pool: self.pool.clone(),
@@ -406,6 +434,7 @@ impl Relay {
             epoch,
             txns,
             turn: 0,
+            pending: None,
             prepared,
             reader,
             sent,
@@ -414,29 +443,43 @@ impl Relay {
         })
     }
 
-    /// Produces the next prepared batch in one Kafka transaction; how many
-    /// events it sent (0: none was ready within a short wait).
+    /// Produces the next prepared batch in one Kafka transaction and starts
+    /// its commit once the previous batch's has succeeded; how many events
+    /// it sent (0: none was ready within a short wait).
     async fn batch(&self, session: &mut Session) -> Result<usize, RelayError> {
         if session.deposed.load(Ordering::SeqCst) {
             return Err(RelayError::Deposed(session.epoch));
         }
         // A short wait, so the loop looks at leadership and stop often.
+        let mut prepared =
+            match tokio::time::timeout(Duration::from_millis(100), session.prepared.recv()).await {
+                Err(_) => {
+                    self.settle(session).await?;
+                    return Ok(0);
+                }
+                Ok(None) => return Err(RelayError::ReaderStopped),
+                Ok(Some(prepared)) => prepared?,
+            };
+        // Everything else read meanwhile joins it, in commit order: an event
+        // committed while the last batch was produced waits for one
+        // transaction, not two.
+        while prepared.ids.len() < self.settings.batch as usize {
+            let Ok(next) = session.prepared.try_recv() else {
+                break;
+            };
+            prepared.absorb(next?);
+        }
         let Prepared {
             records,
             ids,
             oldest,
-        } = match tokio::time::timeout(Duration::from_millis(100), session.prepared.recv()).await {
-            Err(_) => return Ok(0),
-            Ok(None) => return Err(RelayError::ReaderStopped),
-            Ok(Some(prepared)) => prepared?,
-        };
+        } = prepared;
         let mut mark = Instant::now();
-        let txn = &session.txns[session.turn];
+        let txn = session.txns[session.turn].clone();
         session.turn = (session.turn + 1) % PRODUCERS;
-        let producer = &txn.producer;
-        producer.begin_transaction()?;
+        txn.producer.begin_transaction()?;
         txn.open.store(true, Ordering::SeqCst);
-        let sent = async {
+        let produced = async {
             let mut deliveries = Vec::with_capacity(records.len());
             // librdkafka copies what it is given: each record is used once.
             for r in records {
@@ -444,7 +487,7 @@ impl Relay {
                     .key(&r.key)
                     .payload(&r.value)
                     .headers(r.headers);
-                match producer.send_result(record) {
+                match txn.producer.send_result(record) {
                     Ok(delivery) => deliveries.push(delivery),
                     Err((err, _)) => return Err(RelayError::Kafka(err)),
                 }
@@ -459,16 +502,53 @@ impl Relay {
                 }
             }
             self.metrics.stage("produce", &mut mark);
-            producer.commit_transaction(self.settings.kafka_timeout)?;
-            txn.open.store(false, Ordering::SeqCst);
-            self.metrics.stage("commit", &mut mark);
             Ok(())
         }
         .await;
-        if let Err(err) = sent {
+        // This batch may commit only after the one before it has.
+        let settled = self.settle(session).await;
+        if let Err(err) = produced.and(settled) {
             session.abort_open(self.settings.kafka_timeout);
             return Err(err);
         }
+        let timeout = self.settings.kafka_timeout;
+        let committing = txn.clone();
+        let commit = tokio::task::spawn_blocking(move || {
+            let began = Instant::now();
+            let result = committing.producer.commit_transaction(timeout);
+            if result.is_ok() {
+                committing.open.store(false, Ordering::SeqCst);
+            }
+            (result, began.elapsed())
+        });
+        let count = ids.len();
+        session.pending = Some(Pending {
+            commit,
+            ids,
+            oldest,
+        });
+        Ok(count)
+    }
+
+    /// Waits for the previous batch's commit; once it succeeded, its rows go
+    /// to the deleter.
+    async fn settle(&self, session: &mut Session) -> Result<(), RelayError> {
+        let Some(Pending {
+            commit,
+            ids,
+            oldest,
+        }) = session.pending.take()
+        else {
+            return Ok(());
+        };
+        let (committed, took) = commit
+            .await
+            .map_err(|_| RelayError::Kafka(rdkafka::error::KafkaError::Canceled))?;
+        committed?;
+        self.metrics
+            .stages
+            .get_or_create(&StageLabel { stage: "commit" })
+            .observe(took.as_secs_f64());
         let count = ids.len();
         if session.sent.send(ids).await.is_err() {
             return Err(RelayError::Deposed(session.epoch));
@@ -481,6 +561,6 @@ impl Relay {
                 .max(0);
             self.metrics.lag_seconds.set(lag as f64 / 1000.0);
         }
-        Ok(count)
+        Ok(())
     }
 }

@@ -165,6 +165,21 @@ start_redis_node() {
 
 cluster_ok() { redis-cli -p "$1" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; }
 
+# A slot left open on a node (importing or migrating: a slot move cut
+# short, or a failover in the middle of one) makes that node ignore news of
+# the slot's owner and report the cluster down to every client it serves.
+# Closing it lets the node take the owner the others agree on.
+close_open_slots() {
+  local p slot
+  for p in "$@"; do
+    for slot in $(redis-cli -p "$p" cluster nodes 2>/dev/null | awk '/myself/' \
+        | grep -o '\[[0-9]*-[<>]-' | tr -d '[' | cut -d- -f1); do
+      log "closing open slot $slot on Redis cluster node $p"
+      redis-cli -p "$p" cluster setslot "$slot" stable >/dev/null
+    done
+  done
+}
+
 start_redis() {
   start_redis_node "$REDIS_PORT"
   local ports; IFS=, read -r -a ports <<< "$REDIS_CLUSTER_PORTS"
@@ -180,6 +195,7 @@ start_redis() {
         >"$LOGS/redis-cluster-create.log" 2>&1 || die "cluster create failed; see $LOGS/redis-cluster-create.log"
     fi
   fi
+  close_open_slots "${ports[@]}"
   for p in "${ports[@]}"; do wait_for "Redis cluster node $p" 60 cluster_ok "$p"; done
   # A memory cap (for the 80 % alert) on every node; in the cluster, let a
   # replica take over however long it was cut off (the failover test pauses

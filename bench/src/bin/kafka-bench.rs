@@ -459,7 +459,7 @@ async fn main() -> anyhow::Result<()> {
     let (_, r95, _) = relay.percentiles_ms();
     let (_, b95, _) = raw.percentiles_ms();
     println!("relay p95 is {:.1}x the raw p95", r95 / b95.max(0.001));
-    println!("relay time per batch by stage (mean ms over the run):");
+    println!("relay time per batch by stage (mean, and the bucket holding the p95):");
     let stage_value = |stage: &str, suffix: &str| -> f64 {
         metrics
             .lines()
@@ -475,9 +475,26 @@ async fn main() -> anyhow::Result<()> {
     for stage in ["read", "encode", "produce", "commit", "delete"] {
         let (sum, count) = (stage_value(stage, "sum"), stage_value(stage, "count"));
         println!(
-            "  {stage:<8} {:>7.2} ms  ({count} batches)",
-            1000.0 * sum / count.max(1.0)
+            "  {stage:<8} {:>7.2} ms  p95 <= {:>6.1} ms  ({count} batches)",
+            1000.0 * sum / count.max(1.0),
+            1000.0 * bucket_p95(&metrics, stage, count)
         );
     }
     Ok(())
+}
+
+/// The upper bound of the histogram bucket that holds the 95th percentile
+/// of `stage` (Prometheus buckets are cumulative).
+fn bucket_p95(metrics: &str, stage: &str, count: f64) -> f64 {
+    let label = format!("stage=\"{stage}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("relay_stage_seconds_bucket{") && l.contains(&label))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let n: f64 = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le.parse::<f64>().unwrap_or(f64::INFINITY), n))
+        })
+        .find(|(_, n)| *n >= 0.95 * count)
+        .map_or(f64::NAN, |(le, _)| le)
 }

@@ -489,7 +489,7 @@ fn bucket_p95(metrics: &str, stage: &str, count: f64) -> f64 {
     let label = format!("stage=\"{stage}\"");
     metrics
         .lines()
-        .filter(|l| l.starts_with("relay_stage_seconds_bucket{") && l.contains(&label))
+        .filter(|l| l.contains("relay_stage_seconds_bucket{") && l.contains(&label))
         .filter_map(|l| {
             let le = l.split("le=\"").nth(1)?.split('"').next()?;
             let n: f64 = l.rsplit(' ').next()?.parse().ok()?;

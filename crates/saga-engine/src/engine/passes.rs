@@ -111,18 +111,11 @@ impl Engine {
             .into_iter()
             .filter_map(|(saga, works)| self.busy.try_take(&saga).map(|turn| (turn, works)))
             .collect();
-        let mut batches: Vec<Vec<(Turn<'_>, Vec<Work>)>> = Vec::new();
-        for item in taken {
-            match batches.last_mut() {
-                Some(batch) if batch.len() < self.settings.commit_batch.max(1) => batch.push(item),
-                _ => batches.push(vec![item]),
-            }
-        }
-        futures::stream::iter(batches)
+        futures::stream::iter(taken.chunks(self.settings.commit_batch.max(1)))
             .for_each_concurrent(self.settings.concurrency, |batch| {
                 let fence = &fence;
                 async move {
-                    if let Err(err) = self.advance_batch(fence, &batch).await {
+                    if let Err(err) = self.advance_batch(fence, batch).await {
                         tracing::warn!(error = %err, sagas = batch.len(), "saga transitions failed");
                     }
                 }
@@ -287,10 +280,10 @@ impl Engine {
                 )
             }
         };
-        let planned = match self.current(current, saga).await {
-            Ok(stored) => self.plan(stored, trigger, input, record),
-            Err(e) => Err(e),
-        };
+        let planned = self
+            .current(current, saga)
+            .await
+            .and_then(|stored| self.plan(stored, trigger, input, record));
         match planned {
             // Replies that can never apply are dropped, so they cannot
             // crowd the head of the inbox pass after pass.

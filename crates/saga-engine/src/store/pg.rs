@@ -33,7 +33,6 @@ mod coalesce;
 mod queue;
 
 pub use queue::PgTaskQueue;
-use queue::insert_reply;
 
 const INBOX_CHANNEL: &str = "statefabric_saga_inbox";
 const TASKS_CHANNEL: &str = "statefabric_saga_tasks";
@@ -414,7 +413,11 @@ impl SagaStore for PgSagaStore {
         saga_id: &str,
         message: InboxMessage,
     ) -> Result<Replied> {
-        insert_reply(&self.pool, tenant, sender, saga_id, message).await
+        let reply = batched::Reply::new(saga_id, sender, message)?;
+        batched::replies(self.pool.clone(), tenant.to_owned(), vec![reply])
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::Backend("no outcome for the reply".into()))
     }
 
     async fn discard(&self, fence: Option<&Fence>, inbox_id: i64) -> Result<()> {

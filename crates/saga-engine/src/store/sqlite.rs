@@ -202,12 +202,15 @@ impl SagaStore for SqliteSagaStore {
     async fn commit(&self, _fence: Option<&Fence>, t: Transition) -> Result<Committed> {
         let mut tx = self.writer.begin().await.map_err(map_err)?;
         let committed = write::transition(&mut tx, now_ms(), &t).await?;
-        match committed {
+        if committed == Committed::TriggerGone {
             // Nothing was written.
-            Committed::TriggerGone | Committed::Conflict => return Ok(committed),
-            Committed::Exists | Committed::Written(_) => tx.commit().await.map_err(map_err)?,
+            return Ok(committed);
         }
-        self.wake_agents(&t.tenant, t.dispatch.iter().map(|d| d.agent.clone()));
+        // `Exists` consumed its trigger: that much is kept.
+        tx.commit().await.map_err(map_err)?;
+        if let Committed::Written(_) = committed {
+            self.wake_agents(&t.tenant, t.dispatch.iter().map(|d| d.agent.clone()));
+        }
         Ok(committed)
     }
 

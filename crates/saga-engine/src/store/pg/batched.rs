@@ -22,6 +22,21 @@ pub(super) struct Reply {
     pub message: InboxMessage,
 }
 
+impl Reply {
+    /// `message` from `sender`; it must name its task.
+    pub(super) fn new(saga_id: &str, sender: &str, message: InboxMessage) -> Result<Self> {
+        let Some(key) = message.task_key().map(str::to_owned) else {
+            return Err(StoreError::Invalid("a reply names its task".into()));
+        };
+        Ok(Self {
+            saga_id: saga_id.to_owned(),
+            sender: sender.to_owned(),
+            key,
+            message,
+        })
+    }
+}
+
 /// A start request, as queued.
 #[derive(Debug)]
 pub(super) struct Start {

@@ -14,10 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::coalesce::Coalescer;
 use super::{TASK_COLUMNS, TASKS_CHANNEL, batched, listen, map_err, pool, task_row};
-use crate::store::{
-    InboxMessage, Replied, Result, StartRequested, StoreError, TaskQueue, TaskRow, TaskStatus,
-    not_queued,
-};
+use crate::store::{InboxMessage, Replied, Result, StartRequested, StoreError, TaskQueue, TaskRow};
 
 /// At most this many answers or start requests per statement.
 const BATCH: usize = 256;
@@ -148,15 +145,7 @@ impl TaskQueue for PgTaskQueue {
         message: InboxMessage,
     ) -> Result<Replied> {
         self.check_tenant(tenant)?;
-        let Some(key) = message.task_key().map(str::to_owned) else {
-            return Err(StoreError::Invalid("a reply names its task".into()));
-        };
-        let reply = batched::Reply {
-            saga_id: saga_id.to_owned(),
-            sender: sender.to_owned(),
-            key,
-            message,
-        };
+        let reply = batched::Reply::new(saga_id, sender, message)?;
         self.replies
             .call(reply, |batch| {
                 batched::replies(self.pool.clone(), self.tenant.clone(), batch)
@@ -194,50 +183,6 @@ impl TaskQueue for PgTaskQueue {
     fn tasks_signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
         self.signal(tenant, agent)
     }
-}
-
-/// A reply into the inbox, if its attempt is still out; otherwise why not.
-pub(super) async fn insert_reply(
-    pool: &PgPool,
-    tenant: &str,
-    sender: &str,
-    saga_id: &str,
-    message: InboxMessage,
-) -> Result<Replied> {
-    let Some(key) = message.task_key().map(str::to_owned) else {
-        return Err(StoreError::Invalid("a reply names its task".into()));
-    };
-    let body = serde_json::to_value(&message).map_err(|e| StoreError::Backend(e.to_string()))?;
-    let inserted: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO saga_inbox (tenant_id, saga_id, kind, task_key, body, sender)
-             SELECT $1, t.saga_id, $3, $4, $5, $6 FROM saga_tasks t
-              WHERE t.task_key = $4 AND t.saga_id = $2 AND t.status = 'dispatched'
-             ON CONFLICT (task_key) WHERE task_key IS NOT NULL DO NOTHING
-             RETURNING inbox_id",
-    )
-    .bind(tenant)
-    .bind(saga_id)
-    .bind(message.kind())
-    .bind(&key)
-    .bind(&body)
-    .bind(sender)
-    .fetch_optional(pool)
-    .await
-    .map_err(map_err)?;
-    if inserted.is_some() {
-        return Ok(Replied::Accepted);
-    }
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM saga_tasks WHERE task_key = $1 AND saga_id = $2")
-            .bind(&key)
-            .bind(saga_id)
-            .fetch_optional(pool)
-            .await
-            .map_err(map_err)?;
-    Ok(not_queued(
-        message.kind(),
-        status.as_deref().map(TaskStatus::parse),
-    ))
 }
 
 async fn release(pool: &PgPool, tenant: &str, keys: Option<&[String]>) -> Result<u64> {

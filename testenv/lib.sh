@@ -40,11 +40,24 @@ pid_alive() {
 }
 
 # start_java NAME LOGFILE ARGS...: starts a JVM in its own session, detached
-# from this shell, and records its pid.
+# from this shell, and records its pid and command line.
 start_java() {
   local name=$1 logfile=$2; shift 2
   setsid nohup "$JAVA" "$@" >"$logfile" 2>&1 < /dev/null &
   echo $! > "$STATE/$name.pid"
+  printf '%s\n' "$@" > "$STATE/$name.args"
+}
+
+# java_current NAME ARGS...: true if NAME runs with exactly these arguments.
+# One that runs with others (a changed heap or collector) is stopped, so the
+# caller starts it again as it is now declared.
+java_current() {
+  local name=$1; shift
+  pid_alive "$name" || return 1
+  [[ $(cat "$STATE/$name.args" 2>/dev/null) == "$(printf '%s\n' "$@")" ]] && return 0
+  log "restarting $name: its JVM arguments changed"
+  stop_pid "$name"
+  return 1
 }
 
 stop_pid() {

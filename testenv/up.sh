@@ -292,7 +292,17 @@ EOF
     stop_pid kafka
     rm -rf "$dir/data" "$dir/acls.applied"
   fi
-  pid_alive kafka && port_open "$KAFKA_PORT" && return 0
+  # Kafka's own defaults for a broker (kafka-server-start.sh and
+  # kafka-run-class.sh): a fixed 1 GiB heap and G1 aiming at 20 ms pauses.
+  # The serial collector the other JVMs use stopped the broker for 20-80 ms
+  # per young collection and ~300 ms per full one under the benchmarks' load,
+  # which every client's latency then showed. GC pauses go to kafka-gc.log.
+  local jvm=(-Xms1g -Xmx1g -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+    -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent
+    -Xlog:gc:file="$LOGS/kafka-gc.log":time,uptime:filecount=2,filesize=20m
+    -Djava.awt.headless=true
+    -Dlog4j2.configurationFile="$STATE/log4j2.properties" -cp "$JARS/kafka/*" kafka.Kafka "$props")
+  java_current kafka "${jvm[@]}" && port_open "$KAFKA_PORT" && return 0
   if [[ ! -f $dir/data/meta.properties ]]; then
     local id; id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
     local scram=() u
@@ -307,8 +317,7 @@ EOF
     echo "$layout" > "$dir/layout"
   fi
   log "starting Kafka on $KAFKA_PORT"
-  start_java kafka "$LOGS/kafka.log" "${JVM_COMMON[@]}" -Xmx768m \
-    -Dlog4j2.configurationFile="$STATE/log4j2.properties" -cp "$JARS/kafka/*" kafka.Kafka "$props"
+  start_java kafka "$LOGS/kafka.log" "${jvm[@]}"
 }
 
 # Applies testenv/kafka-acls.tsv (once per content: each line is a JVM run).
@@ -364,11 +373,12 @@ key.converter=org.apache.kafka.connect.json.JsonConverter
 value.converter=org.apache.kafka.connect.json.JsonConverter
 plugin.path=$JARS/connect-plugins
 EOF
-  pid_alive connect && port_open "$CONNECT_PORT" && return 0
+  local jvm=("${JVM_COMMON[@]}" -Xmx768m
+    -Dlog4j2.configurationFile="$STATE/log4j2.properties" -cp "$JARS/kafka/*"
+    org.apache.kafka.connect.cli.ConnectDistributed "$props")
+  java_current connect "${jvm[@]}" && port_open "$CONNECT_PORT" && return 0
   log "starting Kafka Connect on $CONNECT_PORT"
-  start_java connect "$LOGS/connect.log" "${JVM_COMMON[@]}" -Xmx768m \
-    -Dlog4j2.configurationFile="$STATE/log4j2.properties" -cp "$JARS/kafka/*" \
-    org.apache.kafka.connect.cli.ConnectDistributed "$props"
+  start_java connect "$LOGS/connect.log" "${jvm[@]}"
 }
 
 connect_ready() {
@@ -377,13 +387,14 @@ connect_ready() {
 
 # ---------------------------------------------------------------- registry
 start_registry() {
-  pid_alive registry && port_open "$REGISTRY_PORT" && return 0
-  log "starting Apicurio Registry on $REGISTRY_PORT"
   # In-memory (H2) storage: a test environment keeps no registry state across
   # restarts; schemas are registered idempotently by whatever needs them.
-  start_java registry "$LOGS/registry.log" "${JVM_COMMON[@]}" -Xmx512m \
-    -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$REGISTRY_PORT" \
-    -jar "$JARS/registry/apicurio-registry-app-$APICURIO_VERSION-runner.jar"
+  local jvm=("${JVM_COMMON[@]}" -Xmx512m
+    -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$REGISTRY_PORT"
+    -jar "$JARS/registry/apicurio-registry-app-$APICURIO_VERSION-runner.jar")
+  java_current registry "${jvm[@]}" && port_open "$REGISTRY_PORT" && return 0
+  log "starting Apicurio Registry on $REGISTRY_PORT"
+  start_java registry "$LOGS/registry.log" "${jvm[@]}"
 }
 
 registry_ready() { curl -fsS "http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7/subjects" >/dev/null; }

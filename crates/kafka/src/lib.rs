@@ -19,6 +19,9 @@
 //! Every client starts from [`brokers::Brokers`]: bootstrap list and SASL
 //! login.
 //!
+//! Every transaction commits through [`txn::commit`] (rust-rdkafka's own
+//! commit can stall for 100 ms).
+//!
 //! How Statefabric consumes — per-partition workers with backpressure by
 //! pausing, retries and dead letters, Kafka to Kafka in one transaction,
 //! clean stops — is written once in [`consumer`].
@@ -44,3 +47,5 @@ pub mod saga_transport;
 #[cfg(feature = "client")]
 mod topic_admin;
 pub mod topics;
+#[cfg(feature = "client")]
+pub mod txn;

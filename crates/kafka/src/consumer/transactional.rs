@@ -268,7 +268,7 @@ impl<T: Transform> TransactionalConsumer<T> {
             })
             .await
             .map_err(BatchError::Vetoed)?;
-        producer.commit_transaction(s.timeout)?;
+        crate::txn::commit(producer, s.timeout)?;
         self.metrics
             .count(&s.group, "handled", (batch.len() - dead_lettered) as u64)
             .count(&s.group, "dead_lettered", dead_lettered as u64);

@@ -97,7 +97,7 @@ pub enum RelayError {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageLabel {
-    /// read | encode | produce | commit | delete
+    /// read | encode | wait | begin | produce | commit | delete
     stage: &'static str,
 }
 
@@ -290,8 +290,9 @@ impl Relay {
         );
         registry.register(
             "relay_stage_seconds",
-            "Time per batch in each stage: read the outbox, encode, produce and \
-             await acknowledgements, commit the Kafka transaction, delete the rows",
+            "Time per batch in each stage: read the outbox, encode, wait for the \
+             producing side, begin the Kafka transaction, produce and await \
+             acknowledgements, commit it, delete the rows",
             m.stages.clone(),
         );
         registry
@@ -473,12 +474,15 @@ impl Relay {
             records,
             ids,
             oldest,
+            ready_at,
         } = prepared;
-        let mut mark = Instant::now();
+        let mut mark = ready_at;
+        self.metrics.stage("wait", &mut mark);
         let txn = session.txns[session.turn].clone();
         session.turn = (session.turn + 1) % PRODUCERS;
         txn.producer.begin_transaction()?;
         txn.open.store(true, Ordering::SeqCst);
+        self.metrics.stage("begin", &mut mark);
         let produced = async {
             let mut deliveries = Vec::with_capacity(records.len());
             // librdkafka copies what it is given: each record is used once.
@@ -515,7 +519,7 @@ impl Relay {
         let committing = txn.clone();
         let commit = tokio::task::spawn_blocking(move || {
             let began = Instant::now();
-            let result = committing.producer.commit_transaction(timeout);
+            let result = crate::txn::commit(&committing.producer, timeout);
             if result.is_ok() {
                 committing.open.store(false, Ordering::SeqCst);
             }

@@ -49,6 +49,9 @@ pub(super) struct Prepared {
     pub ids: Vec<uuid::Uuid>,
     /// The oldest event's creation time (for the processing-lag gauge).
     pub oldest: Option<DateTime<FixedOffset>>,
+    /// When its first read was encoded (how long it waited for the
+    /// producing side is the `wait` stage).
+    pub ready_at: Instant,
 }
 
 impl Prepared {
@@ -140,6 +143,7 @@ impl Reader {
         }
         self.metrics.stage("encode", &mut mark);
         Ok(Some(Prepared {
+            ready_at: mark,
             records,
             ids: rows.iter().map(|r| r.id).collect(),
             oldest: rows
@@ -340,6 +344,7 @@ mod tests {
                 .collect(),
             ids: keys.iter().map(|_| uuid::Uuid::new_v4()).collect(),
             oldest: oldest.map(|t| DateTime::parse_from_rfc3339(t).expect("time")),
+            ready_at: Instant::now(),
         }
     }
 

@@ -214,14 +214,36 @@ pub async fn register_debezium() -> anyhow::Result<()> {
         restarted.status,
         restarted.body
     );
-    // Running, if a benchmark paused it (and stopped before resuming).
+    // Running, if a benchmark stopped it.
     connector_state("resume").await
 }
 
-/// Pauses the test connector (a benchmark measuring the relay alone);
-/// [`register_debezium`] resumes it.
-pub async fn pause_debezium() -> anyhow::Result<()> {
-    connector_state("pause").await
+/// Stops the test connector (a benchmark measuring the relay alone) and
+/// waits until its task is gone; [`register_debezium`] starts it again,
+/// where it left off. A paused connector is not enough: its task keeps
+/// reading the replication slot (and Postgres keeps decoding for it) until
+/// its queue is full, which costs the machine a fifth of a core.
+pub async fn stop_debezium() -> anyhow::Result<()> {
+    connector_state("stop").await?;
+    let status = format!(
+        "{}/connectors/{DEBEZIUM_CONNECTOR}/status",
+        crate::connect_url()
+    );
+    crate::eventually(
+        "the Debezium connector stopped",
+        std::time::Duration::from_secs(60),
+        || {
+            let status = status.clone();
+            async move {
+                let response = crate::http("GET", &status, None, None).await?;
+                let body: serde_json::Value = serde_json::from_str(&response.body)?;
+                let stopped = body["connector"]["state"] == "STOPPED"
+                    && body["tasks"].as_array().is_some_and(Vec::is_empty);
+                Ok(stopped.then_some(()))
+            }
+        },
+    )
+    .await
 }
 
 async fn connector_state(action: &str) -> anyhow::Result<()> {

@@ -5,7 +5,7 @@
 //!
 //! The paths are measured one after the other, each alone on the machine
 //! (2 cores shared with Postgres and three JVMs): first the relay with the
-//! connector paused, then Debezium with no relay running (resumed, and
+//! connector stopped, then Debezium with no relay running (resumed, and
 //! caught up with what it skipped before measuring), then the baseline.
 //! Events are appended to the real Postgres at a fixed rate (one appender
 //! per aggregate, a batch every 10 ms, catching up after a slow append);
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::{Value, json};
 use statefabric_bench::{Latencies, report};
 use statefabric_domain::{ExpectedVersion, NewEvent, StreamId};
@@ -42,6 +42,13 @@ struct Args {
     /// Events per second appended.
     #[arg(long, default_value_t = 5000)]
     rate: u64,
+    /// Aggregates appended to at once (one appender each, a batch every
+    /// 10 ms): the write transactions per second are 100 times this.
+    #[arg(long, default_value_t = 8)]
+    aggregates: u64,
+    /// Only the two raw baselines: what this broker gives, without Postgres.
+    #[arg(long)]
+    baselines_only: bool,
 }
 
 fn now_micros() -> i64 {
@@ -66,9 +73,9 @@ impl Commits {
             .insert((aggregate, batch), now_micros());
     }
 
-    /// Commit to now for the event whose data is `data`. An event seen
-    /// before its append call returned counts from now (zero).
-    fn latency(&self, data: &Value) -> Option<Duration> {
+    /// When the event whose data is `data` committed. An event seen before
+    /// its append call returned counts from now (zero).
+    fn committed(&self, data: &Value) -> Option<i64> {
         let key = (data["a"].as_u64()?, data["b"].as_u64()?);
         let committed = self
             .0
@@ -77,7 +84,7 @@ impl Commits {
             .get(&key)
             .copied()
             .unwrap_or_else(now_micros);
-        Some(since(committed))
+        Some(committed)
     }
 }
 
@@ -98,15 +105,25 @@ fn consumer(group: &str, committed_only: bool) -> anyhow::Result<StreamConsumer>
         .create()?)
 }
 
-/// Subscribes once the topic exists; collects `expected` latencies (or
-/// what arrives before `deadline`).
+/// What a consumer saw: each message's time from its source (commit, or
+/// creation for the baselines) to receipt, and to the record's timestamp
+/// (set by the producer when the record was handed to it).
+#[derive(Default)]
+struct Received {
+    total: Latencies,
+    to_producer: Latencies,
+}
+
+/// Subscribes once the topic exists; collects `expected` messages (or what
+/// arrives before `deadline`). `source` gives a message's source time (µs
+/// since the epoch) from its payload.
 async fn collect(
     consumer: StreamConsumer,
     topic: String,
     expected: usize,
     deadline: Instant,
-    latency: impl Fn(&[u8]) -> futures::future::BoxFuture<'static, Option<Duration>> + Send + 'static,
-) -> anyhow::Result<Latencies> {
+    source: impl Fn(&[u8]) -> futures::future::BoxFuture<'static, Option<i64>> + Send + 'static,
+) -> anyhow::Result<Received> {
     while !consumer
         .fetch_metadata(Some(&topic), Duration::from_secs(2))
         .is_ok_and(|m| {
@@ -119,17 +136,22 @@ async fn collect(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     consumer.subscribe(&[&topic])?;
-    let mut latencies = Latencies::default();
-    while (latencies.count() as usize) < expected && Instant::now() < deadline {
+    let mut received = Received::default();
+    while (received.total.count() as usize) < expected && Instant::now() < deadline {
         let Ok(message) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
         else {
             continue;
         };
-        if let Some(d) = latency(message?.payload().unwrap_or_default()).await {
-            latencies.record(d);
+        let message = message?;
+        if let Some(from) = source(message.payload().unwrap_or_default()).await {
+            received.total.record(since(from));
+            if let Some(ms) = message.timestamp().to_millis() {
+                let micros = u64::try_from(ms * 1000 - from).unwrap_or(0);
+                received.to_producer.record(Duration::from_micros(micros));
+            }
         }
     }
-    Ok(latencies)
+    Ok(received)
 }
 
 /// The control plane's process and admin port.
@@ -150,6 +172,9 @@ async fn start_control_plane(run: &str) -> anyhow::Result<(tokio::process::Child
         .env("STATEFABRIC_LEADER__BACKEND", "postgres")
         .env("STATEFABRIC_LEADER__POSTGRES_URL", env::pg_control_url())
         .env("STATEFABRIC_LEADER__NAME", format!("bench-{run}"))
+        // The relay alone: the engine would also drive whatever sagas
+        // earlier tests left running in the shared database.
+        .env("STATEFABRIC_SAGAS__ENABLED", "false")
         .env("STATEFABRIC_RELAY__ENABLED", "true")
         .env("STATEFABRIC_RELAY__KAFKA_BOOTSTRAP", env::kafka_bootstrap())
         .envs(env::kafka::Principal::ControlPlane.process_env())
@@ -185,12 +210,13 @@ async fn append_at_rate(
     commits: &Commits,
 ) -> anyhow::Result<(usize, f64)> {
     let total = args.rate * args.seconds;
-    let per_tick = (args.rate / 100).max(AGGREGATES);
-    let per_batch = per_tick / AGGREGATES;
-    let batches = total / (per_batch * AGGREGATES);
+    let aggregates = args.aggregates.max(1);
+    let per_tick = (args.rate / 100).max(aggregates);
+    let per_batch = per_tick / aggregates;
+    let batches = total / (per_batch * aggregates);
     let started = Instant::now();
     let mut appenders = Vec::new();
-    for a in 0..AGGREGATES {
+    for a in 0..aggregates {
         let (store, scope) = (store.clone(), Scope::new(tenant.clone(), "bench"));
         let (stream_type, commits) = (stream_type.to_owned(), commits.clone());
         appenders.push(tokio::spawn(async move {
@@ -220,22 +246,20 @@ async fn append_at_rate(
         appender.await??;
     }
     Ok((
-        usize::try_from(batches * per_batch * AGGREGATES)?,
+        usize::try_from(batches * per_batch * aggregates)?,
         started.elapsed().as_secs_f64(),
     ))
 }
 
-const AGGREGATES: u64 = 8;
-
-/// Phase 1: the relay alone (the Debezium connector paused). Returns the
+/// Phase 1: the relay alone (the Debezium connector stopped). Returns the
 /// latencies, events appended, seconds, and the control plane's metrics.
 async fn relay_phase(
     args: &Args,
     run: &str,
     store: Arc<PgEventStore>,
     tenant: &statefabric_domain::TenantId,
-) -> anyhow::Result<(Latencies, usize, f64, String)> {
-    env::kafka::pause_debezium().await?;
+) -> anyhow::Result<(Received, usize, f64, String)> {
+    env::kafka::stop_debezium().await?;
     let (_control_plane, admin_port) = start_control_plane(run).await?;
     let stream_type = format!("bench_{}", &run[..8]);
     warm_up(
@@ -263,7 +287,7 @@ async fn relay_phase(
             Box::pin(async move {
                 let e: EventEnvelope = codec.decode(&bytes, None).await.ok()?;
                 let data: Value = serde_json::from_slice(&e.payload).ok()?;
-                commits.latency(&data)
+                commits.committed(&data)
             })
         },
     ));
@@ -282,7 +306,7 @@ async fn relay_phase(
 
 /// Appends one event of `stream_type` and waits until it arrives on
 /// `topic`: the path is up (topic made, schema registered, producers
-/// initialized, a paused connector caught up) before anything is measured.
+/// initialized, a stopped connector caught up) before anything is measured.
 async fn warm_up(
     store: &PgEventStore,
     tenant: &statefabric_domain::TenantId,
@@ -307,10 +331,13 @@ async fn warm_up(
         topic.to_owned(),
         1,
         Instant::now() + Duration::from_secs(180),
-        |_| Box::pin(async { Some(Duration::ZERO) }),
+        |_| Box::pin(async { Some(now_micros()) }),
     )
     .await?;
-    anyhow::ensure!(seen.count() == 1, "the warm-up event never reached {topic}");
+    anyhow::ensure!(
+        seen.total.count() == 1,
+        "the warm-up event never reached {topic}"
+    );
     Ok(())
 }
 
@@ -324,7 +351,7 @@ fn cdc_data(bytes: &[u8]) -> Option<Value> {
 }
 
 /// Phase 2: Debezium alone (no relay running; the connector resumed and
-/// caught up with what it skipped while paused).
+/// caught up with what it skipped while stopped).
 async fn debezium_phase(
     args: &Args,
     run: &str,
@@ -346,18 +373,42 @@ async fn debezium_phase(
         Instant::now() + Duration::from_secs(args.seconds + 60),
         move |bytes| {
             let (bytes, commits) = (bytes.to_vec(), seen.clone());
-            Box::pin(async move { commits.latency(&cdc_data(&bytes)?) })
+            Box::pin(async move { commits.committed(&cdc_data(&bytes)?) })
         },
     ));
     let (appended, secs) = append_at_rate(store, tenant, &stream_type, args, &commits).await?;
     let latencies = tokio::time::timeout(Duration::from_secs(120), debezium).await???;
-    Ok((latencies, appended, secs))
+    Ok((latencies.total, appended, secs))
+}
+
+/// A baseline message's payload: when it was made (µs since the epoch).
+fn made_at(payload: &[u8]) -> Option<i64> {
+    std::str::from_utf8(payload).ok()?.parse().ok()
+}
+
+/// Sends (key, payload) pairs to `topic` and waits for every acknowledgement.
+async fn send_all(
+    producer: &FutureProducer,
+    topic: &str,
+    messages: &[(String, String)],
+) -> anyhow::Result<()> {
+    let deliveries = messages.iter().map(|(key, payload)| {
+        producer.send(
+            FutureRecord::to(topic).key(key).payload(payload),
+            Duration::from_secs(10),
+        )
+    });
+    for delivery in futures::future::join_all(deliveries).await {
+        delivery.map_err(|(e, _)| e)?;
+    }
+    Ok(())
 }
 
 /// Phase 3: a raw idempotent producer and a consumer at the same rate.
 async fn raw_phase(args: &Args, run: &str) -> anyhow::Result<(Latencies, usize, f64)> {
     let total = usize::try_from(args.rate * args.seconds)?;
-    let per_tick = usize::try_from((args.rate / 100).max(AGGREGATES))?;
+    let keys = usize::try_from(args.aggregates.max(1))?;
+    let per_tick = usize::try_from(args.rate / 100)?.max(keys);
     let topic = format!("bench-raw-{run}");
     let producer: FutureProducer = env::kafka::admin()
         .set("acks", "all")
@@ -369,13 +420,7 @@ async fn raw_phase(args: &Args, run: &str) -> anyhow::Result<(Latencies, usize, 
         topic.clone(),
         total,
         Instant::now() + Duration::from_secs(args.seconds + 60),
-        |bytes| {
-            let bytes = bytes.to_vec();
-            Box::pin(async move {
-                let t: i64 = std::str::from_utf8(&bytes).ok()?.parse().ok()?;
-                Some(since(t))
-            })
-        },
+        |bytes| Box::pin(std::future::ready(made_at(bytes))),
     ));
     let started = Instant::now();
     let mut sent = 0usize;
@@ -383,30 +428,86 @@ async fn raw_phase(args: &Args, run: &str) -> anyhow::Result<(Latencies, usize, 
     while sent < total {
         tick.tick().await;
         let messages: Vec<(String, String)> = (0..per_tick)
-            .map(|i| (format!("agg-{}", i % 8), now_micros().to_string()))
+            .map(|i| (format!("agg-{}", i % keys), now_micros().to_string()))
             .collect();
-        let deliveries: Vec<_> = messages
-            .iter()
-            .map(|(key, t)| {
-                producer.send(
-                    FutureRecord::to(&topic).key(key).payload(t),
-                    Duration::from_secs(10),
-                )
-            })
-            .collect();
-        for d in futures::future::join_all(deliveries).await {
-            d.map_err(|(e, _)| e)?;
-        }
+        send_all(&producer, &topic, &messages).await?;
         sent += per_tick;
     }
     let secs = started.elapsed().as_secs_f64();
-    Ok((raw.await??, sent, secs))
+    Ok((raw.await??.total, sent, secs))
+}
+
+/// Phase 4: what Kafka transactions cost without the relay. Messages are
+/// made at the rate (timestamped when made, as an outbox row is when
+/// committed); one transactional producer sends everything made by the time
+/// it is free as one transaction, as the relay does, to a topic with the
+/// relay's partitions; a `read_committed` consumer receives them.
+async fn raw_txn_phase(args: &Args, run: &str) -> anyhow::Result<(Latencies, usize, f64)> {
+    let total = usize::try_from(args.rate * args.seconds)?;
+    let keys = usize::try_from(args.aggregates.max(1))?;
+    let per_tick = usize::try_from(args.rate / 100)?.max(keys);
+    let topic = format!("bench-raw-txn-{run}");
+    env::kafka::create_topic(&topic, 12).await?;
+    let producer: FutureProducer = env::kafka::admin()
+        .set("transactional.id", format!("bench-raw-txn-{run}"))
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .create()?;
+    let producer = Arc::new(producer);
+    let init = producer.clone();
+    tokio::task::spawn_blocking(move || init.init_transactions(Duration::from_secs(30))).await??;
+    let raw = tokio::spawn(collect(
+        consumer(&format!("bench-raw-txn-{run}"), true)?,
+        topic.clone(),
+        total,
+        Instant::now() + Duration::from_secs(args.seconds + 60),
+        |bytes| Box::pin(std::future::ready(made_at(bytes))),
+    ));
+    let (made, mut ready) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    let maker = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut sent = 0;
+        while sent < total {
+            tick.tick().await;
+            for i in 0..per_tick {
+                let _ = made.send((format!("agg-{}", i % keys), now_micros().to_string()));
+            }
+            sent += per_tick;
+        }
+    });
+    let started = Instant::now();
+    let mut sent = 0usize;
+    while let Some(first) = ready.recv().await {
+        let mut batch = vec![first];
+        while let Ok(next) = ready.try_recv() {
+            batch.push(next);
+        }
+        producer.begin_transaction()?;
+        send_all(&producer, &topic, &batch).await?;
+        let committing = producer.clone();
+        // As the relay commits (rust-rdkafka's own commit can stall 100 ms).
+        tokio::task::spawn_blocking(move || {
+            statefabric_kafka::txn::commit(&*committing, Duration::from_secs(10))
+        })
+        .await??;
+        sent += batch.len();
+    }
+    maker.await?;
+    let secs = started.elapsed().as_secs_f64();
+    Ok((raw.await??.total, sent, secs))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let run = uuid::Uuid::new_v4().simple().to_string();
+    if args.baselines_only {
+        let (raw, sent, raw_secs) = raw_phase(&args, &run).await?;
+        let (raw_txn, txn_sent, txn_secs) = raw_txn_phase(&args, &run).await?;
+        report_baselines((&raw, sent, raw_secs), (&raw_txn, txn_sent, txn_secs));
+        return Ok(());
+    }
     let tenant = statefabric_bench::fresh_tenant().await?;
     let store = Arc::new(
         PgEventStore::connect(PgConfig {
@@ -427,16 +528,23 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let (relay, appended, append_secs, metrics) = relayed?;
     let (raw, sent, raw_secs) = raw_phase(&args, &run).await?;
+    let (raw_txn, txn_sent, txn_secs) = raw_txn_phase(&args, &run).await?;
 
     println!(
-        "per path: {appended} events appended in {append_secs:.1} s for the relay, {cdc_appended} in {cdc_secs:.1} s for Debezium (target {} /s, {AGGREGATES} aggregates), release build\n",
-        args.rate
+        "per path: {appended} events appended in {append_secs:.1} s for the relay, {cdc_appended} in {cdc_secs:.1} s for Debezium (target {} /s, {} aggregates), release build\n",
+        args.rate, args.aggregates
     );
     report(
         "relay: commit -> consumer",
-        relay.count() as f64 / append_secs,
+        relay.total.count() as f64 / append_secs,
         "events",
-        Some(&relay),
+        Some(&relay.total),
+    );
+    report(
+        "  of which commit -> handed to producer",
+        relay.to_producer.count() as f64 / append_secs,
+        "events",
+        Some(&relay.to_producer),
     );
     report(
         "debezium: commit -> consumer",
@@ -444,21 +552,20 @@ async fn main() -> anyhow::Result<()> {
         "events",
         Some(&debezium),
     );
-    report(
-        "raw rdkafka: produce -> consume",
-        raw.count() as f64 / raw_secs,
-        "msgs",
-        Some(&raw),
-    );
+    report_baselines((&raw, sent, raw_secs), (&raw_txn, txn_sent, txn_secs));
     println!(
-        "received: relay {} / {appended}, debezium {} / {cdc_appended}, raw {} / {sent}",
-        relay.count(),
+        "received: relay {} / {appended}, debezium {} / {cdc_appended}",
+        relay.total.count(),
         debezium.count(),
-        raw.count()
     );
-    let (_, r95, _) = relay.percentiles_ms();
+    let (_, r95, _) = relay.total.percentiles_ms();
     let (_, b95, _) = raw.percentiles_ms();
-    println!("relay p95 is {:.1}x the raw p95", r95 / b95.max(0.001));
+    let (_, t95, _) = raw_txn.percentiles_ms();
+    println!(
+        "relay p95 is {:.1}x the raw p95 and {:.1}x the raw transactional p95",
+        r95 / b95.max(0.001),
+        r95 / t95.max(0.001)
+    );
     println!("relay time per batch by stage (mean, and the bucket holding the p95):");
     let stage_value = |stage: &str, suffix: &str| -> f64 {
         metrics
@@ -472,7 +579,9 @@ async fn main() -> anyhow::Result<()> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0)
     };
-    for stage in ["read", "encode", "produce", "commit", "delete"] {
+    for stage in [
+        "read", "encode", "wait", "begin", "produce", "commit", "delete",
+    ] {
         let (sum, count) = (stage_value(stage, "sum"), stage_value(stage, "count"));
         println!(
             "  {stage:<8} {:>7.2} ms  p95 <= {:>6.1} ms  ({count} batches)",
@@ -481,6 +590,29 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn report_baselines(
+    (raw, sent, raw_secs): (&Latencies, usize, f64),
+    (raw_txn, txn_sent, txn_secs): (&Latencies, usize, f64),
+) {
+    report(
+        "raw rdkafka: produce -> consume",
+        raw.count() as f64 / raw_secs,
+        "msgs",
+        Some(raw),
+    );
+    report(
+        "raw rdkafka transactions: produce -> consume",
+        raw_txn.count() as f64 / txn_secs,
+        "msgs",
+        Some(raw_txn),
+    );
+    println!(
+        "received: raw {} / {sent}, raw transactions {} / {txn_sent}",
+        raw.count(),
+        raw_txn.count()
+    );
 }
 
 /// The upper bound of the histogram bucket that holds the 95th percentile

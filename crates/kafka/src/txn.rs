@@ -23,7 +23,9 @@ const RECHECK: Duration = Duration::from_micros(100);
 /// Commits `producer`'s open transaction once librdkafka holds no message
 /// of it (delivered or not) — blocking, like `commit_transaction`. Messages
 /// not yet acknowledged are waited for here, for at most `timeout`, as the
-/// flush would.
+/// flush would. For a producer whose events a thread polls (a
+/// `FutureProducer` or `ThreadedProducer`, as everywhere here); a
+/// `BaseProducer` nobody polls would keep its count and time out.
 pub fn commit<P, C>(producer: &P, timeout: Duration) -> KafkaResult<()>
 where
     P: Producer<C>,

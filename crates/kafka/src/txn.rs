@@ -40,3 +40,34 @@ where
     }
     producer.commit_transaction(deadline.saturating_duration_since(Instant::now()))
 }
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    use super::*;
+
+    #[test]
+    fn a_message_librdkafka_still_holds_keeps_the_commit_back_until_the_deadline() {
+        // Nothing listens there: the message stays queued.
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("message.timeout.ms", "60000")
+            .create()
+            .expect("producer");
+        let _queued = producer
+            .send_result(FutureRecord::to("t").key("k").payload("v"))
+            .map_err(|(e, _)| e)
+            .expect("queued");
+        assert!(producer.in_flight_count() > 0);
+        let result = commit(&producer, Duration::from_millis(50));
+        assert!(
+            matches!(
+                result,
+                Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+            ),
+            "{result:?}"
+        );
+    }
+}

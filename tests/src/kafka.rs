@@ -203,19 +203,9 @@ pub async fn register_debezium() -> anyhow::Result<()> {
     );
     // A task that failed in an earlier run (Connect keeps it across runs)
     // starts again; a running one is left alone.
-    let restart = format!(
-        "{}/connectors/{DEBEZIUM_CONNECTOR}/restart?includeTasks=true&onlyFailed=true",
-        crate::connect_url()
-    );
-    let restarted = crate::http("POST", &restart, None, None).await?;
-    anyhow::ensure!(
-        matches!(restarted.status, 200..=204),
-        "restarting the connector's failed tasks: {} {}",
-        restarted.status,
-        restarted.body
-    );
+    connector_call("POST", "restart?includeTasks=true&onlyFailed=true").await?;
     // Running, if a benchmark stopped it.
-    connector_state("resume").await
+    connector_call("PUT", "resume").await
 }
 
 /// Stops the test connector (a benchmark measuring the relay alone) and
@@ -224,7 +214,7 @@ pub async fn register_debezium() -> anyhow::Result<()> {
 /// reading the replication slot (and Postgres keeps decoding for it) until
 /// its queue is full, which costs the machine a fifth of a core.
 pub async fn stop_debezium() -> anyhow::Result<()> {
-    connector_state("stop").await?;
+    connector_call("PUT", "stop").await?;
     let status = format!(
         "{}/connectors/{DEBEZIUM_CONNECTOR}/status",
         crate::connect_url()
@@ -246,15 +236,16 @@ pub async fn stop_debezium() -> anyhow::Result<()> {
     .await
 }
 
-async fn connector_state(action: &str) -> anyhow::Result<()> {
+/// `method` on the test connector's `action` (Connect's REST API).
+async fn connector_call(method: &str, action: &str) -> anyhow::Result<()> {
     let url = format!(
         "{}/connectors/{DEBEZIUM_CONNECTOR}/{action}",
         crate::connect_url()
     );
-    let response = crate::http("PUT", &url, None, None).await?;
+    let response = crate::http(method, &url, None, None).await?;
     anyhow::ensure!(
         matches!(response.status, 200..=204),
-        "{action} the connector: {} {}",
+        "{method} connectors/{DEBEZIUM_CONNECTOR}/{action}: {} {}",
         response.status,
         response.body
     );

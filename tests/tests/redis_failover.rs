@@ -120,9 +120,12 @@ fn open_slots(nodes: &str) -> Vec<u16> {
 /// callers hold `DISTURBING`): a node with an open slot ignores news of its
 /// owner and reports the cluster down.
 async fn cluster_whole() -> anyhow::Result<()> {
-    for url in env::redis_cluster_urls() {
-        let port = url.rsplit(':').next().unwrap_or_default().to_owned();
-        let mut conn = node(&port).await?;
+    let ports: Vec<String> = env::redis_cluster_urls()
+        .iter()
+        .map(|url| url.rsplit(':').next().unwrap_or_default().to_owned())
+        .collect();
+    for port in &ports {
+        let mut conn = node(port).await?;
         let nodes: String = redis::cmd("CLUSTER")
             .arg("NODES")
             .query_async(&mut conn)
@@ -136,8 +139,7 @@ async fn cluster_whole() -> anyhow::Result<()> {
                 .await?;
         }
     }
-    for url in env::redis_cluster_urls() {
-        let port = url.rsplit(':').next().unwrap_or_default().to_owned();
+    for port in ports {
         env::eventually(
             "cluster whole and replicas in sync",
             Duration::from_secs(60),

@@ -10,14 +10,16 @@
 //! - `read.rs`: outbox rows after a cursor of the last row read
 //!   (`statefabric_relay_batch_after`, migration 0019: commit order, below
 //!   the oldest running transaction — the event store's gap-free rule),
-//!   encoded ahead while a batch is produced: it keeps reading what was
-//!   committed since, and the producing side takes everything read by the
-//!   time it is free as its next batch;
-//! - the producing loop here: one batch is one Kafka transaction
-//!   (idempotent, transactional producers taking turns, see `Txn`), whose
-//!   commit runs while the next batch is produced;
-//! - `delete.rs`: once a batch is committed its rows are deleted in the
-//!   background, each call checking the leader epoch first.
+//!   read and encoded continuously, a few reads ahead of the producing side;
+//! - the producing loop here: each read goes into the open Kafka
+//!   transaction as soon as it arrives (idempotent, transactional producers
+//!   taking turns, see `Txn`). A transaction commits as soon as the one
+//!   before it has committed and all its own records are acknowledged; the
+//!   next read then opens a transaction on the next producer, so records
+//!   are produced while the previous transaction commits. No read waits for
+//!   a batch to finish before it is handed to Kafka;
+//! - `delete.rs`: once a transaction is committed its rows are deleted in
+//!   the background, each call checking the leader epoch first.
 //!
 //! Delivery is at-least-once: a crash, or a new session, between a Kafka
 //! commit and its delete sends those rows again, and consumers deduplicate
@@ -35,13 +37,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use sqlx::PgPool;
 use statefabric_leader::{Leadership, Role};
 use statefabric_resilience::{Breaker, BreakerConfig};
@@ -69,6 +74,8 @@ pub struct RelaySettings {
     pub transactional_id: String,
     /// The leader lease whose epoch guards the deletes.
     pub lease: String,
+    /// Rows per read of the outbox; a transaction takes no more reads once
+    /// it holds this many events.
     pub batch: u32,
     /// Pause when the outbox is empty.
     pub idle_poll: Duration,
@@ -107,7 +114,7 @@ struct Metrics {
     batches: Counter,
     failures: Counter,
     lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
-    /// Where a batch's time goes.
+    /// Where a read's and a transaction's time goes.
     stages: Family<StageLabel, Histogram>,
 }
 
@@ -160,14 +167,16 @@ pub const PRODUCERS: usize = 4;
 /// takes turns: after a commit the coordinator still writes the commit
 /// markers, and a new transaction on the same transactional id meanwhile is
 /// refused with CONCURRENT_TRANSACTIONS, which librdkafka retries only after
-/// 20 ms — up to 20 ms per batch. By the time a producer's turn comes again
-/// its markers are written. Order holds: a batch is produced (acknowledged)
-/// before the next begins, so the log keeps commit order whichever
-/// transaction commits first.
+/// 20 ms — up to 20 ms per transaction. By the time a producer's turn comes
+/// again its markers are written. Order holds: a transaction takes no more
+/// records once it may commit, and the next one (on the next producer)
+/// begins only after all its records are acknowledged, so the log keeps
+/// commit order whichever transaction commits first.
 ///
-/// A batch's commit runs while the next batch is produced (see
+/// A transaction's commit runs while the next one is produced (see
 /// [`Pending`]); the next commits only after it succeeded, so a consumer
-/// reading committed records never sees a batch without the one before it.
+/// reading committed records never sees a transaction without the one
+/// before it.
 struct Txn {
     producer: FutureProducer,
     /// What made it, to make the fencing producer at the session's end.
@@ -178,13 +187,37 @@ struct Txn {
     aborted: AtomicBool,
 }
 
-/// A batch whose records are acknowledged and whose commit is under way.
+/// How a commit ended, and how long it took.
+type CommitOutcome = (Result<(), rdkafka::error::KafkaError>, Duration);
+
+/// The transaction records are produced into.
+struct Open {
+    txn: Arc<Txn>,
+    /// Acknowledgements still to come.
+    deliveries: FuturesUnordered<DeliveryFuture>,
+    /// The outbox rows of its records.
+    ids: Vec<uuid::Uuid>,
+    /// The oldest event's creation time (for the processing-lag gauge).
+    oldest: Option<chrono::DateTime<chrono::FixedOffset>>,
+    /// When it began (its `produce` stage runs until it may commit).
+    began: Instant,
+}
+
+/// A transaction whose records are acknowledged and whose commit is under
+/// way.
 struct Pending {
-    /// The commit, off the async threads (librdkafka blocks), and how long
-    /// it took.
-    commit: JoinHandle<(Result<(), rdkafka::error::KafkaError>, Duration)>,
+    /// The commit, off the async threads (librdkafka blocks).
+    commit: JoinHandle<CommitOutcome>,
     ids: Vec<uuid::Uuid>,
     oldest: Option<chrono::DateTime<chrono::FixedOffset>>,
+}
+
+/// What one step of the producing side waited for.
+enum Event {
+    Committed(Result<CommitOutcome, tokio::task::JoinError>),
+    Acked(Option<Result<OwnedDeliveryResult, futures::channel::oneshot::Canceled>>),
+    Read(Option<Result<Prepared, RelayError>>),
+    Idle,
 }
 
 struct Session {
@@ -192,7 +225,9 @@ struct Session {
     /// [`PRODUCERS`] transactional producers, taking turns (see [`Txn`]).
     txns: Vec<Arc<Txn>>,
     turn: usize,
-    /// The previous batch, committing.
+    /// The transaction records go to.
+    open: Option<Open>,
+    /// The previous transaction, committing.
     pending: Option<Pending>,
     /// Batches read and encoded ahead by the session's reader.
     prepared: mpsc::Receiver<Result<Prepared, RelayError>>,
@@ -242,7 +277,7 @@ impl Session {
         }
     }
 
-    /// Aborts the transactions left open (a batch was interrupted: shutdown,
+    /// Aborts the transactions left open (one was interrupted: shutdown,
     /// lost leadership, a failure), so nothing waits for it to time out.
     fn abort_open(&self, timeout: Duration) {
         for txn in &self.txns {
@@ -290,16 +325,18 @@ impl Relay {
         );
         registry.register(
             "relay_stage_seconds",
-            "Time per batch in each stage: read the outbox, encode, wait for the \
-             producing side, begin the Kafka transaction, produce and await \
-             acknowledgements, commit it, delete the rows",
+            "Time in each stage: per read of the outbox, read it, encode it and \
+             wait for the producing side to take it; per Kafka transaction, \
+             begin it, produce (from its begin until it may commit: the one \
+             before it committed and its records acknowledged), commit it, \
+             delete its rows",
             m.stages.clone(),
         );
         registry
             .sub_registry_with_label(("stage".into(), "relay".into()))
             .register(
                 "event_processing_lag_seconds",
-                "Age of the oldest event in the last batch when it was handled",
+                "Age of the oldest event in the last transaction when it was committed",
                 m.lag_seconds.clone(),
             );
     }
@@ -340,7 +377,7 @@ impl Relay {
                     session = Some(self.open(epoch).await?);
                 }
                 let s = session.as_mut().ok_or(RelayError::Deposed(epoch))?;
-                self.batch(s).await
+                self.step(s).await
             };
             let result = tokio::select! {
                 () = stop.cancelled() => break,
@@ -406,8 +443,8 @@ impl Relay {
         let (subject, schema) = saga_command_schema();
         let command_writer = self.codec.writer(subject, schema).await?;
         tracing::info!(epoch, "relay producing");
-        // Reads made while a batch is produced wait here; the next batch
-        // is all of them (bounded: a slow Kafka holds the reader back).
+        // Reads the producing side has not taken yet wait here (bounded: a
+        // slow Kafka holds the reader back).
         let (ready, prepared) = mpsc::channel(READ_AHEAD);
         let reader = tokio::spawn(
             Reader {
@@ -435,6 +472,7 @@ impl Relay {
             epoch,
             txns,
             turn: 0,
+            open: None,
             pending: None,
             prepared,
             reader,
@@ -444,110 +482,165 @@ impl Relay {
         })
     }
 
-    /// Produces the next prepared batch in one Kafka transaction and starts
-    /// its commit once the previous batch's has succeeded; how many events
-    /// it sent (0: none was ready within a short wait).
-    async fn batch(&self, session: &mut Session) -> Result<usize, RelayError> {
+    /// One step of the producing side: the previous transaction's commit
+    /// ends, or a read goes to the open transaction, or an acknowledgement
+    /// comes in (or nothing within a short wait, so the caller looks at
+    /// leadership and stop often). Then, once the previous commit succeeded
+    /// and every record of the open transaction is acknowledged, that
+    /// transaction's commit starts and the next read opens the next one.
+    async fn step(&self, session: &mut Session) -> Result<(), RelayError> {
         if session.deposed.load(Ordering::SeqCst) {
             return Err(RelayError::Deposed(session.epoch));
         }
-        // A short wait, so the loop looks at leadership and stop often.
-        let mut prepared =
-            match tokio::time::timeout(Duration::from_millis(100), session.prepared.recv()).await {
-                Err(_) => {
-                    self.settle(session).await?;
-                    return Ok(0);
+        let cap = self.settings.batch as usize;
+        let Session {
+            pending,
+            open,
+            prepared,
+            ..
+        } = session;
+        // Reads join the open transaction while the previous one commits
+        // (it cannot commit before that anyway); once it may commit, it
+        // takes no more, so its acknowledgements can all come in.
+        let taking = match open {
+            None => true,
+            Some(open) => pending.is_some() && open.ids.len() < cap,
+        };
+        let event = tokio::select! {
+            biased;
+            committed = async {
+                match pending.as_mut() {
+                    Some(p) => (&mut p.commit).await,
+                    None => std::future::pending().await,
                 }
-                Ok(None) => return Err(RelayError::ReaderStopped),
-                Ok(Some(prepared)) => prepared?,
-            };
-        // Everything else read meanwhile joins it, in commit order: an event
-        // committed while the last batch was produced waits for one
-        // transaction, not two.
-        while prepared.ids.len() < self.settings.batch as usize {
-            let Ok(next) = session.prepared.try_recv() else {
-                break;
-            };
-            prepared.absorb(next?);
+            } => Event::Committed(committed),
+            acked = async {
+                match open.as_mut() {
+                    Some(o) if !o.deliveries.is_empty() => o.deliveries.next().await,
+                    _ => std::future::pending().await,
+                }
+            } => Event::Acked(acked),
+            read = async {
+                if taking {
+                    prepared.recv().await
+                } else {
+                    std::future::pending().await
+                }
+            } => Event::Read(read),
+            () = tokio::time::sleep(Duration::from_millis(100)) => Event::Idle,
+        };
+        match event {
+            Event::Committed(committed) => self.settle(session, committed).await?,
+            Event::Acked(Some(Ok(Ok(_)))) | Event::Idle => {}
+            Event::Acked(Some(Ok(Err((err, _))))) => return Err(RelayError::Kafka(err)),
+            Event::Acked(Some(Err(_)) | None) => {
+                return Err(RelayError::Kafka(rdkafka::error::KafkaError::Canceled));
+            }
+            Event::Read(None) => return Err(RelayError::ReaderStopped),
+            Event::Read(Some(read)) => self.produce(session, read?)?,
         }
+        self.maybe_commit(session);
+        Ok(())
+    }
+
+    /// Hands a read to the open transaction (opening one on the next
+    /// producer if none is open).
+    fn produce(&self, session: &mut Session, read: Prepared) -> Result<(), RelayError> {
         let Prepared {
             records,
             ids,
             oldest,
             ready_at,
-        } = prepared;
+        } = read;
         let mut mark = ready_at;
         self.metrics.stage("wait", &mut mark);
-        let txn = session.txns[session.turn].clone();
-        session.turn = (session.turn + 1) % PRODUCERS;
-        txn.producer.begin_transaction()?;
-        txn.open.store(true, Ordering::SeqCst);
-        self.metrics.stage("begin", &mut mark);
-        let produced = async {
-            let mut deliveries = Vec::with_capacity(records.len());
-            // librdkafka copies what it is given: each record is used once.
-            for r in records {
-                let record = FutureRecord::to(&r.topic)
-                    .key(&r.key)
-                    .payload(&r.value)
-                    .headers(r.headers);
-                match txn.producer.send_result(record) {
-                    Ok(delivery) => deliveries.push(delivery),
-                    Err((err, _)) => return Err(RelayError::Kafka(err)),
-                }
+        let open = match &mut session.open {
+            Some(open) => open,
+            None => {
+                let txn = session.txns[session.turn].clone();
+                session.turn = (session.turn + 1) % PRODUCERS;
+                txn.producer.begin_transaction()?;
+                txn.open.store(true, Ordering::SeqCst);
+                self.metrics.stage("begin", &mut mark);
+                session.open.insert(Open {
+                    txn,
+                    deliveries: FuturesUnordered::new(),
+                    ids: Vec::new(),
+                    oldest: None,
+                    began: mark,
+                })
             }
-            for delivery in deliveries {
-                match delivery.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err((err, _))) => return Err(RelayError::Kafka(err)),
-                    Err(_) => {
-                        return Err(RelayError::Kafka(rdkafka::error::KafkaError::Canceled));
-                    }
-                }
-            }
-            self.metrics.stage("produce", &mut mark);
-            Ok(())
+        };
+        // librdkafka copies what it is given: each record is used once.
+        for r in records {
+            let record = FutureRecord::to(&r.topic)
+                .key(&r.key)
+                .payload(&r.value)
+                .headers(r.headers);
+            let delivery = open
+                .txn
+                .producer
+                .send_result(record)
+                .map_err(|(err, _)| RelayError::Kafka(err))?;
+            open.deliveries.push(delivery);
         }
-        .await;
-        // This batch may commit only after the one before it has.
-        let settled = self.settle(session).await;
-        if let Err(err) = produced.and(settled) {
-            session.abort_open(self.settings.kafka_timeout);
-            return Err(err);
+        open.ids.extend(ids);
+        open.oldest = open.oldest.into_iter().chain(oldest).min();
+        Ok(())
+    }
+
+    /// Starts the open transaction's commit if it may: the previous one
+    /// has succeeded and all its records are acknowledged (so every record
+    /// of the next transaction, on another producer, follows them in the
+    /// log).
+    fn maybe_commit(&self, session: &mut Session) {
+        let ready = session.pending.is_none()
+            && session
+                .open
+                .as_ref()
+                .is_some_and(|o| !o.ids.is_empty() && o.deliveries.is_empty());
+        if !ready {
+            return;
         }
+        let Some(Open {
+            txn,
+            ids,
+            oldest,
+            mut began,
+            ..
+        }) = session.open.take()
+        else {
+            return;
+        };
+        self.metrics.stage("produce", &mut began);
         let timeout = self.settings.kafka_timeout;
-        let committing = txn.clone();
         let commit = tokio::task::spawn_blocking(move || {
             let began = Instant::now();
-            let result = crate::txn::commit(&committing.producer, timeout);
+            let result = crate::txn::commit(&txn.producer, timeout);
             if result.is_ok() {
-                committing.open.store(false, Ordering::SeqCst);
+                txn.open.store(false, Ordering::SeqCst);
             }
             (result, began.elapsed())
         });
-        let count = ids.len();
         session.pending = Some(Pending {
             commit,
             ids,
             oldest,
         });
-        Ok(count)
     }
 
-    /// Waits for the previous batch's commit; once it succeeded, its rows go
-    /// to the deleter.
-    async fn settle(&self, session: &mut Session) -> Result<(), RelayError> {
-        let Some(Pending {
-            commit,
-            ids,
-            oldest,
-        }) = session.pending.take()
-        else {
+    /// The previous transaction's commit has ended: once it succeeded, its
+    /// rows go to the deleter.
+    async fn settle(
+        &self,
+        session: &mut Session,
+        committed: Result<CommitOutcome, tokio::task::JoinError>,
+    ) -> Result<(), RelayError> {
+        let Some(Pending { ids, oldest, .. }) = session.pending.take() else {
             return Ok(());
         };
-        let (committed, took) = commit
-            .await
-            .map_err(|_| RelayError::Kafka(rdkafka::error::KafkaError::Canceled))?;
+        let (committed, took) =
+            committed.map_err(|_| RelayError::Kafka(rdkafka::error::KafkaError::Canceled))?;
         committed?;
         self.metrics
             .stages

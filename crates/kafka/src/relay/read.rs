@@ -54,18 +54,6 @@ pub(super) struct Prepared {
     pub ready_at: Instant,
 }
 
-impl Prepared {
-    /// Appends a batch read later: one batch, still in commit order.
-    pub(super) fn absorb(&mut self, later: Prepared) {
-        self.records.extend(later.records);
-        self.ids.extend(later.ids);
-        self.oldest = match (self.oldest, later.oldest) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-    }
-}
-
 /// Reads and encodes for one relay session.
 pub(super) struct Reader {
     pub pool: PgPool,
@@ -325,43 +313,4 @@ fn envelope(row: &Row) -> Result<EventEnvelope, RelayError> {
         vector_clock,
         recorded_at,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn batch(keys: &[&str], oldest: Option<&str>) -> Prepared {
-        Prepared {
-            records: keys
-                .iter()
-                .map(|k| Record {
-                    topic: "t".into(),
-                    key: (*k).into(),
-                    value: Vec::new(),
-                    headers: OwnedHeaders::new(),
-                })
-                .collect(),
-            ids: keys.iter().map(|_| uuid::Uuid::new_v4()).collect(),
-            oldest: oldest.map(|t| DateTime::parse_from_rfc3339(t).expect("time")),
-            ready_at: Instant::now(),
-        }
-    }
-
-    #[test]
-    fn absorbed_reads_stay_in_commit_order() {
-        let mut first = batch(&["a", "b"], Some("2026-01-01T00:00:02Z"));
-        let second = batch(&["c"], Some("2026-01-01T00:00:01Z"));
-        let ids: Vec<_> = first.ids.iter().chain(&second.ids).copied().collect();
-        first.absorb(second);
-        let keys: Vec<_> = first.records.iter().map(|r| r.key.as_str()).collect();
-        assert_eq!(keys, ["a", "b", "c"]);
-        assert_eq!(first.ids, ids);
-        assert_eq!(
-            first.oldest,
-            Some(DateTime::parse_from_rfc3339("2026-01-01T00:00:01Z").expect("time"))
-        );
-        first.absorb(batch(&[], None));
-        assert_eq!(first.ids.len(), 3, "an empty read adds nothing");
-    }
 }

@@ -13,8 +13,9 @@
 //! each consumer records the time from that commit to receiving the event
 //! (found by the `event_id` header both paths set, so the harness spends no
 //! CPU decoding what it receives).
-//! The relay's time per stage (read, encode, produce, commit, delete) is
-//! read from the control plane's metrics at the end of its phase.
+//! The relay's time per stage (read, encode, wait, begin, produce, commit,
+//! delete) is read from the control plane's metrics at the end of its
+//! phase.
 //!
 //! Run against the test environment (testenv/up.sh), release build:
 //!   cargo build --release -p statefabric-control-plane -p statefabric-bench
@@ -559,7 +560,10 @@ async fn main() -> anyhow::Result<()> {
         r95 / b95.max(0.001),
         r95 / t95.max(0.001)
     );
-    println!("relay time per batch by stage (mean, and the bucket holding the p95):");
+    println!(
+        "relay time by stage, per read (read, encode, wait) and per Kafka transaction \
+         (the rest): mean, and the bucket holding the p95"
+    );
     let stage_value = |stage: &str, suffix: &str| -> f64 {
         metrics
             .lines()
@@ -577,7 +581,7 @@ async fn main() -> anyhow::Result<()> {
     ] {
         let (sum, count) = (stage_value(stage, "sum"), stage_value(stage, "count"));
         println!(
-            "  {stage:<8} {:>7.2} ms  p95 <= {:>6.1} ms  ({count} batches)",
+            "  {stage:<8} {:>7.2} ms  p95 <= {:>6.1} ms  ({count} times)",
             1000.0 * sum / count.max(1.0),
             1000.0 * bucket_p95(&metrics, stage, count)
         );

@@ -60,7 +60,7 @@ mod delete;
 mod read;
 
 use self::delete::delete_sent;
-use self::read::{Prepared, Reader};
+use self::read::{Prepared, Reader, Record};
 use crate::topics::{self, TopicSettings};
 
 /// The outbox aggregate type of saga tasks (written by the saga engine).
@@ -572,7 +572,7 @@ impl Relay {
             }
         };
         // librdkafka copies what it is given: each record is used once.
-        for r in records {
+        for r in firsts_first(records) {
             let record = FutureRecord::to(&r.topic)
                 .key(&r.key)
                 .payload(&r.value)
@@ -659,5 +659,64 @@ impl Relay {
             self.metrics.lag_seconds.set(lag as f64 / 1000.0);
         }
         Ok(())
+    }
+}
+
+/// The records with each key's first one moved to the front, otherwise in
+/// order: order per key (per partition) is all the log must keep. librdkafka
+/// registers a transaction's partitions (AddPartitionsToTxn) as soon as the
+/// first record of a new partition is queued, and the partitions queued
+/// after that only once that request is answered: sending every key's
+/// first record before the rest lets one request carry them all, instead
+/// of one round trip for the first and another for the others.
+fn firsts_first(records: Vec<Record>) -> Vec<Record> {
+    let mut seen = std::collections::HashSet::new();
+    let (firsts, rest): (Vec<Record>, Vec<Record>) = records
+        .into_iter()
+        .partition(|r| seen.insert((r.topic.clone(), r.key.clone())));
+    firsts.into_iter().chain(rest).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::OwnedHeaders;
+
+    use super::*;
+
+    fn record(topic: &str, key: &str, n: u8) -> Record {
+        Record {
+            topic: topic.into(),
+            key: key.into(),
+            value: vec![n],
+            headers: OwnedHeaders::new(),
+        }
+    }
+
+    #[test]
+    fn firsts_first_keeps_the_order_of_every_key() {
+        let records = vec![
+            record("t", "a", 1),
+            record("t", "a", 2),
+            record("t", "b", 3),
+            record("u", "a", 4),
+            record("t", "b", 5),
+            record("t", "a", 6),
+        ];
+        let sent: Vec<(String, String, u8)> = firsts_first(records)
+            .into_iter()
+            .map(|r| (r.topic, r.key, r.value[0]))
+            .collect();
+        let tuple = |t: &str, k: &str, n| (t.to_owned(), k.to_owned(), n);
+        assert_eq!(
+            sent,
+            [
+                tuple("t", "a", 1),
+                tuple("t", "b", 3),
+                tuple("u", "a", 4),
+                tuple("t", "a", 2),
+                tuple("t", "b", 5),
+                tuple("t", "a", 6),
+            ]
+        );
     }
 }

@@ -515,11 +515,8 @@ async fn main() -> anyhow::Result<()> {
     let relayed = relay_phase(&args, &run, store.clone(), &tenant).await;
     // Whatever happened, the connector runs again for what follows.
     let (debezium, cdc_appended, cdc_secs) = debezium_phase(&args, &run, store, &tenant).await?;
-    // Phase 2 ran with no relay: its outbox rows go by hand.
-    sqlx::query("DELETE FROM event_outbox WHERE tenant_id = $1")
-        .bind(tenant.as_str())
-        .execute(&sqlx::PgPool::connect(&env::pg_admin_url()).await?)
-        .await?;
+    // Phase 2 ran with no relay: its outbox rows go with the rest.
+    statefabric_bench::drop_tenant(&tenant).await?;
     let (relay, appended, append_secs, metrics) = relayed?;
     let (raw, sent, raw_secs) = raw_phase(&args, &run).await?;
     let (raw_txn, txn_sent, txn_secs) = raw_txn_phase(&args, &run).await?;

@@ -13,6 +13,7 @@ LOGS=$STATE/logs
 JARS=$STATE/jars
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 JAVA=${JAVA:-java}
+JVM_COMMON=(-Xms64m -XX:+UseSerialGC -Djava.awt.headless=true)
 
 log() { printf '[testenv %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -58,6 +59,13 @@ java_current() {
   log "restarting $name: its JVM arguments changed"
   stop_pid "$name"
   return 1
+}
+
+# kafka_tool CLASS ARGS...: runs one of Kafka's command-line tools against
+# the test broker as the admin.
+kafka_tool() {
+  "$JAVA" "${JVM_COMMON[@]}" -Dlog4j2.configurationFile="$STATE/log4j2.properties" -cp "$JARS/kafka/*" \
+    "$@" --bootstrap-server "127.0.0.1:$KAFKA_PORT" --command-config "$STATE/kafka/admin.properties"
 }
 
 stop_pid() {

@@ -11,13 +11,12 @@ set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RUN_ID='.*[0-9a-f]{8}.*'
-kafka_tool() {
-  "$JAVA" -Xmx256m -Dlog4j2.configurationFile="$STATE/log4j2.properties" -cp "$JARS/kafka/*" "$@" \
-    --bootstrap-server "127.0.0.1:$KAFKA_PORT" --command-config "$STATE/kafka/admin.properties"
-}
+# A listed name carrying a run id (the tools also print log lines; names
+# have no spaces).
+NAME_WITH_RUN_ID='^[A-Za-z0-9._-]*[0-9a-f]{8}[A-Za-z0-9._-]*$'
 
 port_open "$KAFKA_PORT" || { log "Kafka is not running: nothing to prune"; exit 0; }
-count_topics() { kafka_tool org.apache.kafka.tools.TopicCommand --list 2>/dev/null | grep -cE "^$RUN_ID$"; }
+count_topics() { kafka_tool org.apache.kafka.tools.TopicCommand --list 2>/dev/null | grep -cE "$NAME_WITH_RUN_ID"; }
 topics=$(count_topics)
 if (( topics > 0 )); then
   # Fails harmlessly when a deletion already under way removed them all.
@@ -26,7 +25,7 @@ if (( topics > 0 )); then
   log "deleted $(( topics - left )) of $topics topics of earlier runs"
 fi
 mapfile -t groups < <(kafka_tool org.apache.kafka.tools.consumer.group.ConsumerGroupCommand --list 2>/dev/null \
-  | grep -E "^$RUN_ID$")
+  | grep -E "$NAME_WITH_RUN_ID")
 if (( ${#groups[@]} > 0 )); then
   args=()
   for g in "${groups[@]}"; do args+=(--group "$g"); done

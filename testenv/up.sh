@@ -225,8 +225,6 @@ logger.reflections.level = ERROR
 EOF
 }
 
-JVM_COMMON=(-Xms64m -XX:+UseSerialGC -Djava.awt.headless=true)
-
 # SCRAM users exist from the storage format on (KRaft keeps them in its
 # metadata), so a change of users or of the listener layout reformats the
 # test broker: its data is disposable. The controller listener uses PLAIN
@@ -330,8 +328,7 @@ apply_kafka_acls() {
   while IFS=$'\t' read -r principal resource pattern name ops; do
     [[ -z $principal || $principal == \#* ]] && continue
     local user_var=KAFKA_${principal^^}_USER args op op_list
-    args=(--bootstrap-server "127.0.0.1:$KAFKA_PORT" --command-config "$dir/admin.properties"
-          --add --force --allow-principal "User:${!user_var}" --resource-pattern-type "$pattern")
+    args=(--add --force --allow-principal "User:${!user_var}" --resource-pattern-type "$pattern")
     case $resource in
       topic) args+=(--topic "$name") ;;
       group) args+=(--group "$name") ;;
@@ -341,8 +338,7 @@ apply_kafka_acls() {
     esac
     IFS=, read -r -a op_list <<< "$ops"
     for op in "${op_list[@]}"; do args+=(--operation "$op"); done
-    "$JAVA" "${JVM_COMMON[@]}" -Dlog4j2.configurationFile="$STATE/log4j2.properties" -cp "$JARS/kafka/*" \
-      org.apache.kafka.tools.AclCommand "${args[@]}" >>"$LOGS/kafka-acls.log" 2>&1 \
+    kafka_tool org.apache.kafka.tools.AclCommand "${args[@]}" >>"$LOGS/kafka-acls.log" 2>&1 \
       || die "applying a Kafka ACL failed ($principal $resource $name); see $LOGS/kafka-acls.log"
   done < "$table"
   echo "$digest" > "$dir/acls.applied"

@@ -229,7 +229,7 @@ struct Session {
     open: Option<Open>,
     /// The previous transaction, committing.
     pending: Option<Pending>,
-    /// Batches read and encoded ahead by the session's reader.
+    /// Reads encoded ahead by the session's reader.
     prepared: mpsc::Receiver<Result<Prepared, RelayError>>,
     reader: JoinHandle<()>,
     /// Sent rows on their way to the session's deleter.
@@ -671,10 +671,12 @@ impl Relay {
 /// of one round trip for the first and another for the others.
 fn firsts_first(records: Vec<Record>) -> Vec<Record> {
     let mut seen = std::collections::HashSet::new();
-    let (firsts, rest): (Vec<Record>, Vec<Record>) = records
-        .into_iter()
-        .partition(|r| seen.insert((r.topic.clone(), r.key.clone())));
-    firsts.into_iter().chain(rest).collect()
+    let first: Vec<bool> = records
+        .iter()
+        .map(|r| seen.insert((r.topic.as_str(), r.key.as_str())))
+        .collect();
+    let (firsts, rest): (Vec<_>, Vec<_>) = records.into_iter().zip(first).partition(|(_, f)| *f);
+    firsts.into_iter().chain(rest).map(|(r, _)| r).collect()
 }
 
 #[cfg(test)]

@@ -195,21 +195,30 @@ pub async fn fresh_tenant() -> anyhow::Result<statefabric_domain::TenantId> {
     Ok(tenant)
 }
 
-/// Deletes what a benchmark wrote for `tenant` (its events, outbox rows,
-/// streams and audit rows) and the tenant, as the schema's owner: the
-/// shared test database otherwise grows by every run, and later runs are
-/// slower than earlier ones for that alone.
+/// Deletes everything a benchmark wrote for `tenant` — its rows in every
+/// table with a `tenant_id` column, found in the catalog so a new table is
+/// not missed — and then the tenant, as the schema's owner: the shared test
+/// database otherwise grows by every run, and later runs are slower than
+/// earlier ones for that alone. Foreign keys either cascade (saga children)
+/// or point at `tenants`, which goes last.
 pub async fn drop_tenant(tenant: &statefabric_domain::TenantId) -> anyhow::Result<()> {
     let pool = sqlx::PgPool::connect(&env::pg_admin_url()).await?;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT c.table_name::text FROM information_schema.columns c \
+           JOIN information_schema.tables t USING (table_schema, table_name) \
+          WHERE c.table_schema = 'public' AND c.column_name = 'tenant_id' \
+            AND t.table_type = 'BASE TABLE' AND c.table_name <> 'tenants'",
+    )
+    .fetch_all(&pool)
+    .await?;
     let mut tx = pool.begin().await?;
-    for statement in [
-        "DELETE FROM event_outbox WHERE tenant_id = $1",
-        "DELETE FROM event_store WHERE tenant_id = $1",
-        "DELETE FROM streams WHERE tenant_id = $1",
-        "DELETE FROM audit_log WHERE tenant_id = $1",
-        "DELETE FROM tenants WHERE tenant_id = $1",
-    ] {
-        sqlx::query(statement)
+    for table in tables.iter().map(String::as_str).chain(["tenants"]) {
+        // Names from the catalog, quoted: no input reaches the statement.
+        let statement = format!(
+            "DELETE FROM \"{}\" WHERE tenant_id = $1",
+            table.replace('"', "\"\"")
+        );
+        sqlx::query(sqlx::AssertSqlSafe(statement))
             .bind(tenant.as_str())
             .execute(&mut *tx)
             .await?;

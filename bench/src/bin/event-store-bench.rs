@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
-use statefabric_bench::{Latencies, report};
+use statefabric_bench::{Latencies, drop_tenant, report};
 use statefabric_domain::{Checkpoint, ExpectedVersion, NewEvent, StreamId, TenantId};
 use statefabric_store::pg::{self, PgConfig, PgEventStore};
 use statefabric_store::{AppendRequest, EventStore, Scope};
@@ -69,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
             let label = format!("append  {writers:>2} writers x {batch:>3} events/append");
             report(&label, rate, "events", Some(&latencies));
             store_rates.push(((writers, batch), rate));
+            drop_tenant(&tenant).await?;
         }
     }
 
@@ -89,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
         "events",
         None,
     );
+    drop_tenant(&tenant).await?;
 
     println!("\nbaseline: raw multi-row INSERT, same columns, no trigger/RLS/audit\n");
     let admin = PgPoolOptions::new()

@@ -269,5 +269,9 @@ async fn main() -> anyhow::Result<()> {
         a.rss_mib(),
         b.rss_mib()
     );
+    for mut sidecar in [a, b] {
+        sidecar.child.kill().await?;
+    }
+    statefabric_bench::drop_tenant(&tenant).await?;
     Ok(())
 }

@@ -175,7 +175,7 @@ fn print(label: &str, n: usize, o: &Outcome) {
 
 async fn on_postgres(args: &Args, n: usize) -> anyhow::Result<()> {
     let tenant = fresh_tenant().await?;
-    let _control = control_plane().await?;
+    let mut control = control_plane().await?;
     let mut sidecars = Vec::new();
     let mut clients = Vec::new();
     for _ in 0..args.sidecars {
@@ -235,6 +235,12 @@ async fn on_postgres(args: &Args, n: usize) -> anyhow::Result<()> {
         "  raw Postgres floor (4 one-row transactions per saga, 32 connections): {floor:.0} sagas/s; engine at {:.1}% of it",
         100.0 * outcome.per_sec / floor
     );
+    // The engine and the sidecars stop before their tenant's rows go.
+    control.kill().await?;
+    for mut sidecar in sidecars {
+        sidecar.child.kill().await?;
+    }
+    statefabric_bench::drop_tenant(&tenant).await?;
     Ok(())
 }
 

@@ -307,7 +307,9 @@ async fn main() -> anyhow::Result<()> {
         "sidecar resident memory: idle {idle_rss:.1} MiB, after cached-read load {loaded_rss:.1} MiB, now {:.1} MiB",
         cached.rss_mib()
     );
-    drop(uncached);
-    drop(cached);
+    for mut sidecar in [uncached, cached] {
+        sidecar.child.kill().await?;
+    }
+    statefabric_bench::drop_tenant(&tenant).await?;
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! `statefabric-injector`: the mutating admission webhook that adds the sidecar to annotated pods.
 //!
 //! Today it serves its admin endpoints (probes, metrics) and shuts down
-//! gracefully; the webhook itself arrives with the Kubernetes issue. See `docs/architecture.md`.
+//! gracefully; the webhook itself is planned, with no issue filed yet (see
+//! `docs/architecture.md`).
 
 use std::process::ExitCode;
 

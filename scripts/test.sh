@@ -39,8 +39,10 @@ set +e
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
-# The topics and groups the tests made would otherwise pile up run after run.
+# The topics, groups and tenants the tests made would otherwise pile up run
+# after run.
 testenv/prune-kafka.sh
+testenv/prune-postgres.sh
 
 # Sum the per-binary summaries: a green run that executed nothing is a failure.
 read -r passed failed < <(awk '/^test result:/ { p += $4; f += $6 } END { print p+0, f+0 }' "$log")

@@ -128,6 +128,13 @@ impl Sidecar {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
             .map_or(0.0, |kb| kb / 1024.0)
     }
+
+    /// Kills the sidecar and waits until it is gone (dropping it only sends
+    /// the signal), so nothing it does races what the caller does next.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
 }
 
 /// Runs `op(client index, iteration)` from `clients` tasks for `duration`.

@@ -269,8 +269,8 @@ async fn main() -> anyhow::Result<()> {
         a.rss_mib(),
         b.rss_mib()
     );
-    for mut sidecar in [a, b] {
-        sidecar.child.kill().await?;
+    for sidecar in [a, b] {
+        sidecar.stop().await?;
     }
     statefabric_bench::drop_tenant(&tenant).await?;
     Ok(())

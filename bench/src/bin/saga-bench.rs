@@ -237,8 +237,8 @@ async fn on_postgres(args: &Args, n: usize) -> anyhow::Result<()> {
     );
     // The engine and the sidecars stop before their tenant's rows go.
     control.kill().await?;
-    for mut sidecar in sidecars {
-        sidecar.child.kill().await?;
+    for sidecar in sidecars {
+        sidecar.stop().await?;
     }
     statefabric_bench::drop_tenant(&tenant).await?;
     Ok(())

@@ -307,8 +307,8 @@ async fn main() -> anyhow::Result<()> {
         "sidecar resident memory: idle {idle_rss:.1} MiB, after cached-read load {loaded_rss:.1} MiB, now {:.1} MiB",
         cached.rss_mib()
     );
-    for mut sidecar in [uncached, cached] {
-        sidecar.child.kill().await?;
+    for sidecar in [uncached, cached] {
+        sidecar.stop().await?;
     }
     statefabric_bench::drop_tenant(&tenant).await?;
     Ok(())

@@ -18,7 +18,9 @@ pub fn from_store(err: StoreError) -> Status {
             Status::failed_precondition(err.to_string())
         }
         err @ StoreError::IdempotencyKeyReused { .. } => Status::invalid_argument(err.to_string()),
-        err @ StoreError::IdempotencyInProgress { .. } => Status::aborted(err.to_string()),
+        err @ (StoreError::IdempotencyInProgress { .. } | StoreError::WriteOrder { .. }) => {
+            Status::aborted(err.to_string())
+        }
         err @ StoreError::DuplicateEventId => Status::already_exists(err.to_string()),
         err @ StoreError::Timeout(_) => Status::deadline_exceeded(err.to_string()),
         StoreError::Unavailable(source) => {
@@ -75,6 +77,12 @@ mod tests {
             (StoreError::DuplicateEventId, Code::AlreadyExists),
             (
                 StoreError::IdempotencyInProgress { key: "k".into() },
+                Code::Aborted,
+            ),
+            (
+                StoreError::WriteOrder {
+                    stream: StreamId::new("s").expect("id"),
+                },
                 Code::Aborted,
             ),
             (

@@ -503,3 +503,220 @@ async fn pool_metrics_are_exported() -> anyhow::Result<()> {
     assert_eq!(value("store_pool_waiting"), 0, "{text}");
     Ok(())
 }
+
+/// `stream`'s events in the order the feed delivers them (transaction id,
+/// then position: the relay reads the outbox in the same order), once all
+/// `count` are past the feed's horizon (other tests' open transactions hold
+/// it back).
+async fn feed_order(
+    store: &PgEventStore,
+    tenant: &TenantId,
+    stream: &StreamId,
+    count: usize,
+) -> anyhow::Result<Vec<(String, u64)>> {
+    for _ in 0..200 {
+        let events: Vec<(String, u64)> = store
+            .read_feed(tenant, Checkpoint::START, 1000)
+            .await?
+            .into_iter()
+            .filter(|e| &e.stream_id == stream)
+            .map(|e| (e.event_type, e.stream_version))
+            .collect();
+        if events.len() >= count {
+            return Ok(events);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the feed did not reach {count} events of {stream}")
+}
+
+/// A transaction takes its id at its first write. One that wrote something
+/// else first and then appends to a stream that a later transaction has
+/// meanwhile appended to and committed would land the next version with the
+/// smaller id: the feed and the relay would deliver version 3 before
+/// version 2. In a caller's transaction the append is refused instead, with
+/// a retryable error, and nothing is written.
+#[tokio::test]
+async fn an_append_overtaken_in_a_callers_transaction_is_refused() -> anyhow::Result<()> {
+    let store = store_with(config()).await;
+    let tenant = new_tenant().await;
+    let scope = scope(&tenant);
+    for expected in [
+        ExpectedVersion::Any,
+        ExpectedVersion::StreamExists,
+        ExpectedVersion::Exact(2),
+    ] {
+        let s = stream();
+        let append = |event: &str, expected| {
+            AppendRequest::new(
+                s.clone(),
+                "task",
+                expected,
+                vec![NewEvent::new(event, json!({}))],
+            )
+        };
+        store
+            .append(&scope, append("First", ExpectedVersion::Any))
+            .await?;
+        // The caller's transaction takes its id with a write elsewhere...
+        let mut tx = store.begin_for(&tenant).await?;
+        store.append_in(&mut tx, &scope, &elsewhere()).await?;
+        // ...and a later transaction appends to the stream and commits.
+        store
+            .append(&scope, append("Overtook", ExpectedVersion::Any))
+            .await?;
+
+        let err = store
+            .append_in(&mut tx, &scope, &append("Late", expected))
+            .await
+            .expect_err("an overtaken append must be refused");
+        assert!(
+            matches!(&err, statefabric_store::StoreError::WriteOrder { stream } if stream == &s),
+            "{expected:?}: {err}"
+        );
+        assert!(err.is_transient(), "{err}");
+        tx.rollback().await?;
+
+        // A stale expectation is still reported as such, not as write order.
+        let mut tx = store.begin_for(&tenant).await?;
+        store.append_in(&mut tx, &scope, &elsewhere()).await?;
+        let stale = store
+            .append_in(&mut tx, &scope, &append("Stale", ExpectedVersion::Exact(1)))
+            .await
+            .expect_err("a stale expectation must be refused");
+        assert!(
+            matches!(stale, statefabric_store::StoreError::Concurrency { .. }),
+            "{stale}"
+        );
+        tx.rollback().await?;
+
+        // Nothing was written; run again, the append lands after the other.
+        let mut tx = store.begin_for(&tenant).await?;
+        store
+            .append_in(&mut tx, &scope, &append("Late", expected))
+            .await?;
+        tx.commit().await?;
+        assert_eq!(
+            feed_order(&store, &tenant, &s, 3).await?,
+            [
+                ("First".to_owned(), 1),
+                ("Overtook".to_owned(), 2),
+                ("Late".to_owned(), 3)
+            ],
+            "{expected:?}"
+        );
+    }
+    Ok(())
+}
+
+/// An append to a stream of its own.
+fn elsewhere() -> AppendRequest {
+    AppendRequest::new(
+        stream(),
+        "task",
+        ExpectedVersion::Any,
+        vec![NewEvent::new("Elsewhere", json!({}))],
+    )
+}
+
+/// The same race through `EventStore::append`: an idempotent, fenced append
+/// claims its key (its first write, which gives its transaction an id),
+/// then waits for the fence row another transaction holds; meanwhile a
+/// plain append to the same stream comes in. The stream's events must
+/// still reach the feed and the outbox in version order: the plain append
+/// waits for the stream's lock, which the fenced one took first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_racing_on_a_stream_reach_the_feed_in_version_order() -> anyhow::Result<()> {
+    let store = Arc::new(store_with(config()).await);
+    let tenant = new_tenant().await;
+    let scope = scope(&tenant);
+    let s = stream();
+    let lock = format!("lock-{}", uuid::Uuid::new_v4().simple());
+    let event = |event_type: &str| vec![NewEvent::new(event_type, json!({}))];
+    store
+        .append(
+            &scope,
+            AppendRequest::new(s.clone(), "task", ExpectedVersion::Any, event("First"))
+                .fenced(&lock, 1),
+        )
+        .await?;
+
+    // Hold the fence row, so the fenced append waits after claiming its key.
+    let mut holder = PgConnection::connect(&env::pg_admin_url()).await?;
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut holder)
+        .await?;
+    sqlx::query("BEGIN").execute(&mut holder).await?;
+    sqlx::query("SELECT 1 FROM fences WHERE tenant_id = $1 AND lock_name = $2 FOR UPDATE")
+        .bind(tenant.as_str())
+        .bind(&lock)
+        .execute(&mut holder)
+        .await?;
+    let append = |request: AppendRequest| {
+        let (store, scope) = (store.clone(), scope.clone());
+        tokio::spawn(async move { store.append(&scope, request).await })
+    };
+    let fenced = append(
+        AppendRequest::new(s.clone(), "task", ExpectedVersion::Any, event("Fenced"))
+            .idempotent(statefabric_store::Idempotency::for_request(
+                format!("key-{lock}"),
+                &"fenced",
+            ))
+            .fenced(&lock, 2),
+    );
+    let mut admin = PgConnection::connect(&env::pg_admin_url()).await?;
+    let mut waiting = false;
+    for _ in 0..200 {
+        let waiters: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid))",
+        )
+        .bind(holder_pid)
+        .fetch_one(&mut admin)
+        .await?;
+        if waiters > 0 {
+            waiting = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(waiting, "the fenced append never waited for the fence row");
+
+    let plain = append(AppendRequest::new(
+        s.clone(),
+        "task",
+        ExpectedVersion::Any,
+        event("Plain"),
+    ));
+    // Time for the plain append to overtake, were it not held back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("ROLLBACK").execute(&mut holder).await?;
+    let fenced = fenced.await??;
+    let plain = plain.await??;
+    assert_eq!(
+        (fenced.result.last_version, plain.result.last_version),
+        (2, 3)
+    );
+
+    let in_order = [
+        ("First".to_owned(), 1),
+        ("Fenced".to_owned(), 2),
+        ("Plain".to_owned(), 3),
+    ];
+    assert_eq!(feed_order(&store, &tenant, &s, 3).await?, in_order);
+    // The relay's order: the outbox rows by transaction id, then position.
+    let outbox: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT type, (payload->>'stream_version')::bigint FROM event_outbox \
+          WHERE tenant_id = $1 AND aggregateid = $2 \
+          ORDER BY transaction_id, global_position",
+    )
+    .bind(tenant.as_str())
+    .bind(s.as_str())
+    .fetch_all(&mut admin)
+    .await?;
+    let outbox: Vec<(String, u64)> = outbox
+        .into_iter()
+        .map(|(t, v)| (t, u64::try_from(v).unwrap_or_default()))
+        .collect();
+    assert_eq!(outbox, in_order);
+    Ok(())
+}

@@ -45,6 +45,18 @@ pub enum StoreError {
         snapshot: u64,
         stream_version: u64,
     },
+    /// The stream's last writer committed with a larger transaction id than
+    /// this transaction's (which took its id with an earlier write, then
+    /// waited). Appending would put the stream's events out of order for
+    /// the readers in transaction-id order (the commit-ordered feed, the
+    /// outbox relay), so nothing was written. A new transaction succeeds:
+    /// [`crate::EventStore::append`] retries itself; callers of `append_in`
+    /// run their transaction again.
+    #[error(
+        "stream {stream} was appended to by a later transaction that committed first; \
+         run the transaction again"
+    )]
+    WriteOrder { stream: StreamId },
     /// The write carried a lock token older than one already used.
     #[error("lock {lock}: fencing token {token} is stale; token {current} was already used")]
     StaleFence {
@@ -91,7 +103,10 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Self::Timeout(_) | Self::Unavailable(_) | Self::IdempotencyInProgress { .. }
+            Self::Timeout(_)
+                | Self::Unavailable(_)
+                | Self::IdempotencyInProgress { .. }
+                | Self::WriteOrder { .. }
         )
     }
 }

@@ -23,8 +23,10 @@
 //!
 //! Delivery is at-least-once: a crash, or a new session, between a Kafka
 //! commit and its delete sends those rows again, and consumers deduplicate
-//! by event id. Order per aggregate holds: rows come in commit order and
-//! one key maps to one partition. The transactional ids (`<id>.0` …
+//! by event id. Order per aggregate holds: rows come in transaction-id
+//! order, a stream's writers have increasing transaction ids (the event
+//! store's stream lock and check, migration 0022), and one key maps to one
+//! partition. The transactional ids (`<id>.0` …
 //! `<id>.3`) are the same on every replica, so Kafka fences a former
 //! leader's producers as soon as the new leader initializes its own. Repeated Kafka failures open a circuit
 //! breaker (`statefabric_circuit_state{dependency="kafka"}`): the relay

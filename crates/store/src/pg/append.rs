@@ -1,6 +1,7 @@
 //! Writes: append (with idempotency) and snapshots.
 //!
-//! An append is one statement after the tenant is set: a data-modifying CTE
+//! An append is one statement after the tenant is set and the stream's lock
+//! taken (one statement too, see `STREAM_LOCK`): a data-modifying CTE
 //! that advances the stream row under the writer's expectation, inserts the
 //! events numbered from it, and writes the audit row. If the expectation
 //! fails, the stream CTE yields no row, so nothing else is inserted either;
@@ -10,7 +11,7 @@
 use serde_json::{Value, json};
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
-use statefabric_domain::{ExpectedVersion, Snapshot, TenantId};
+use statefabric_domain::{ExpectedVersion, Snapshot, StreamId, TenantId};
 use std::sync::LazyLock;
 
 use super::idempotency::{claim_key, complete_key};
@@ -18,21 +19,35 @@ use super::{PgConfig, map_err};
 use crate::error::{Result, StoreError};
 use crate::port::{AppendOutcome, AppendRequest, AppendResult, Scope};
 
-const STREAM_ANY: &str = "INSERT INTO streams (tenant_id, stream_id, stream_type, version) \
-     VALUES ($1, $2, $3, $4) \
+// Every stream statement also refuses a stream whose last writer has a
+// larger transaction id than this one (migration 0022): appending would put
+// the stream's events out of order for the readers in transaction-id order.
+// Under the stream's lock (`STREAM_LOCK`) that happens only to a transaction
+// that took its id before the lock.
+const STREAM_ANY: &str = "INSERT INTO streams (tenant_id, stream_id, stream_type, version, \
+                                               last_transaction_id) \
+     VALUES ($1, $2, $3, $4, pg_current_xact_id()) \
      ON CONFLICT (tenant_id, stream_id) DO UPDATE \
-       SET version = streams.version + EXCLUDED.version, updated_at = now() \
+       SET version = streams.version + EXCLUDED.version, updated_at = now(), \
+           last_transaction_id = EXCLUDED.last_transaction_id \
        WHERE streams.stream_type = EXCLUDED.stream_type \
+         AND (streams.last_transaction_id IS NULL \
+              OR streams.last_transaction_id <= EXCLUDED.last_transaction_id) \
      RETURNING version";
-const STREAM_NEW: &str = "INSERT INTO streams (tenant_id, stream_id, stream_type, version) \
-     VALUES ($1, $2, $3, $4) \
+const STREAM_NEW: &str = "INSERT INTO streams (tenant_id, stream_id, stream_type, version, \
+                                               last_transaction_id) \
+     VALUES ($1, $2, $3, $4, pg_current_xact_id()) \
      ON CONFLICT (tenant_id, stream_id) DO NOTHING \
      RETURNING version";
-const STREAM_EXISTS: &str = "UPDATE streams SET version = version + $4, updated_at = now() \
+const STREAM_EXISTS: &str = "UPDATE streams SET version = version + $4, updated_at = now(), \
+       last_transaction_id = pg_current_xact_id() \
      WHERE tenant_id = $1 AND stream_id = $2 AND stream_type = $3 \
+       AND (last_transaction_id IS NULL OR last_transaction_id <= pg_current_xact_id()) \
      RETURNING version";
-const STREAM_EXACT: &str = "UPDATE streams SET version = version + $4, updated_at = now() \
+const STREAM_EXACT: &str = "UPDATE streams SET version = version + $4, updated_at = now(), \
+       last_transaction_id = pg_current_xact_id() \
      WHERE tenant_id = $1 AND stream_id = $2 AND stream_type = $3 AND version = $9 \
+       AND (last_transaction_id IS NULL OR last_transaction_id <= pg_current_xact_id()) \
      RETURNING version";
 
 fn append_sql(stream_statement: &str) -> String {
@@ -56,6 +71,38 @@ fn append_sql(stream_statement: &str) -> String {
                 (SELECT max(global_position) FROM ins) \
            FROM s"
     )
+}
+
+/// Serializes an append with every other append to its stream, until
+/// commit. An advisory lock, because it is taken without giving the
+/// transaction an id: a transaction then takes its id (at its first write)
+/// only after the stream's last writer committed, so a stream's writers
+/// have increasing transaction ids — the order the commit-ordered feed and
+/// the outbox relay read in. A transaction that wrote before (`append_in`
+/// after other writes) already has its id; the stream statement's check
+/// catches it if it was overtaken (migration 0022).
+const STREAM_LOCK: &str =
+    "pg_advisory_xact_lock(hashtextextended('stream ' || $1 || ' ' || $2, 0))";
+
+/// The first statement of an append's own transaction: its tenant and its
+/// stream's lock, in one round trip.
+pub(super) static BEGIN_FOR_STREAM: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT set_config('statefabric.tenant', $1, true), {STREAM_LOCK}"));
+static LOCK_STREAM: LazyLock<String> = LazyLock::new(|| format!("SELECT {STREAM_LOCK}"));
+
+/// Takes `stream`'s lock in a transaction that is already under way.
+pub(super) async fn lock_stream(
+    tx: &mut Transaction<'static, Postgres>,
+    tenant: &TenantId,
+    stream: &StreamId,
+) -> Result<()> {
+    sqlx::query(LOCK_STREAM.as_str())
+        .bind(tenant.as_str())
+        .bind(stream.as_str())
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(())
 }
 
 static SQL_ANY: LazyLock<String> = LazyLock::new(|| append_sql(STREAM_ANY));
@@ -208,23 +255,43 @@ async fn diagnose(
     scope: &Scope,
     request: &AppendRequest,
 ) -> StoreError {
-    let current: std::result::Result<Option<(i64, String)>, _> = sqlx::query_as(
-        "SELECT version, stream_type FROM streams WHERE tenant_id = $1 AND stream_id = $2",
+    // `overtaken`: the last writer's transaction id is above this one's. No
+    // id yet means none was taken before the stream statement, which then
+    // could not have been overtaken.
+    let current: std::result::Result<Option<(i64, String, bool)>, _> = sqlx::query_as(
+        "SELECT version, stream_type, \
+                coalesce(last_transaction_id > pg_current_xact_id_if_assigned(), false) \
+           FROM streams WHERE tenant_id = $1 AND stream_id = $2",
     )
     .bind(scope.tenant.as_str())
     .bind(request.stream_id.as_str())
     .fetch_optional(&mut **tx)
     .await;
     match current {
-        Ok(Some((_, actual))) if actual != request.stream_type => StoreError::StreamTypeMismatch {
-            stream: request.stream_id.clone(),
-            actual,
-            requested: request.stream_type.clone(),
-        },
+        Ok(Some((_, actual, _))) if actual != request.stream_type => {
+            StoreError::StreamTypeMismatch {
+                stream: request.stream_id.clone(),
+                actual,
+                requested: request.stream_type.clone(),
+            }
+        }
+        // A stale expectation would fail again in a new transaction: that
+        // is the answer then.
+        Ok(Some((version, _, true)))
+            if match request.expected {
+                ExpectedVersion::Exact(expected) => to_u64(version) == expected,
+                ExpectedVersion::NoStream => false,
+                ExpectedVersion::Any | ExpectedVersion::StreamExists => true,
+            } =>
+        {
+            StoreError::WriteOrder {
+                stream: request.stream_id.clone(),
+            }
+        }
         Ok(current) => StoreError::Concurrency {
             stream: request.stream_id.clone(),
             expected: request.expected,
-            actual: current.map(|(v, _)| to_u64(v)),
+            actual: current.map(|(v, _, _)| to_u64(v)),
         },
         Err(err) => map_err(err),
     }

@@ -128,21 +128,39 @@ impl PgEventStore {
     /// Starts a transaction acting for `tenant`: every statement in it sees
     /// and writes only that tenant's rows.
     pub async fn begin_for(&self, tenant: &TenantId) -> Result<Transaction<'static, Postgres>> {
+        self.begin_with(tenant, None).await
+    }
+
+    /// [`Self::begin_for`], and with `stream`, the same statement also waits
+    /// for that stream's lock, before anything gives the transaction its id
+    /// (see [`append::lock_stream`]).
+    async fn begin_with(
+        &self,
+        tenant: &TenantId,
+        stream: Option<&StreamId>,
+    ) -> Result<Transaction<'static, Postgres>> {
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
         let tx = self.pool.begin().await;
         self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
         let mut tx = tx.map_err(map_err)?;
-        sqlx::query("SELECT set_config('statefabric.tenant', $1, true)")
-            .bind(tenant.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let query = match stream {
+            None => sqlx::query("SELECT set_config('statefabric.tenant', $1, true)")
+                .bind(tenant.as_str()),
+            Some(stream) => sqlx::query(append::BEGIN_FOR_STREAM.as_str())
+                .bind(tenant.as_str())
+                .bind(stream.as_str()),
+        };
+        query.execute(&mut *tx).await.map_err(map_err)?;
         Ok(tx)
     }
 
     /// Appends inside a caller's transaction (from [`Self::begin_for`]), so
     /// other writes (a saga transition, say) commit atomically with the
     /// events. The caller commits; [`EventStore::append`] is this plus commit.
+    ///
+    /// If the transaction wrote before, it may have been overtaken on the
+    /// stream meanwhile: the append is then refused with
+    /// [`StoreError::WriteOrder`] and the caller runs its transaction again.
     pub async fn append_in(
         &self,
         tx: &mut Transaction<'static, Postgres>,
@@ -150,6 +168,7 @@ impl PgEventStore {
         request: &AppendRequest,
     ) -> Result<AppendOutcome> {
         self.config.limits.check_append(request)?;
+        append::lock_stream(tx, &scope.tenant, &request.stream_id).await?;
         append::append(tx, &self.config, scope, request).await
     }
 
@@ -167,7 +186,9 @@ impl EventStore for PgEventStore {
         self.config.limits.check_append(&request)?;
         let outcome = self
             .timed(async {
-                let mut tx = self.begin_for(&scope.tenant).await?;
+                let mut tx = self
+                    .begin_with(&scope.tenant, Some(&request.stream_id))
+                    .await?;
                 let outcome = append::append(&mut tx, &self.config, scope, &request).await?;
                 if outcome.replayed {
                     tx.rollback().await.map_err(map_err)?;

@@ -6,7 +6,11 @@
 //! The paths are measured one after the other, each alone on the machine
 //! (2 cores shared with Postgres and three JVMs): first the relay with the
 //! connector stopped, then Debezium with no relay running (resumed, and
-//! caught up with what it skipped before measuring), then the baseline.
+//! caught up with what it skipped before measuring), then the baselines:
+//! raw Kafka transactions while the same appends load Postgres (no relay,
+//! no connector: the least the relay's Kafka half can cost under this
+//! write load), and, with the machine otherwise idle, a raw idempotent
+//! producer and raw transactions.
 //! Events are appended to the real Postgres at a fixed rate (one appender
 //! per aggregate, a batch every 10 ms, catching up after a slow append);
 //! the harness notes when each append committed (its call returned), and
@@ -398,7 +402,7 @@ async fn send_all(
     Ok(())
 }
 
-/// Phase 3: a raw idempotent producer and a consumer at the same rate.
+/// Phase 4: a raw idempotent producer and a consumer at the same rate.
 async fn raw_phase(args: &Args, run: &str) -> anyhow::Result<(Latencies, usize, f64)> {
     let total = usize::try_from(args.rate * args.seconds)?;
     let keys = usize::try_from(args.aggregates.max(1))?;
@@ -431,7 +435,7 @@ async fn raw_phase(args: &Args, run: &str) -> anyhow::Result<(Latencies, usize, 
     Ok((raw.await??.total, sent, secs))
 }
 
-/// Phase 4: what Kafka transactions cost without the relay. Messages are
+/// Phase 5 (and 3): what Kafka transactions cost without the relay. Messages are
 /// made at the rate (timestamped when made, as an outbox row is when
 /// committed); one transactional producer sends everything made by the time
 /// it is free as one transaction, as the relay does, to a topic with the
@@ -492,6 +496,26 @@ async fn raw_txn_phase(args: &Args, run: &str) -> anyhow::Result<(Latencies, usi
     Ok((raw.await??.total, sent, secs))
 }
 
+/// Phase 3: raw transactions (as in phase 5) while the appends of phases 1
+/// and 2 load Postgres at the same rate, with neither the relay nor the
+/// connector running: the floor for the relay on this machine at this
+/// write load.
+async fn loaded_raw_txn_phase(
+    args: &Args,
+    run: &str,
+    store: Arc<PgEventStore>,
+    tenant: &statefabric_domain::TenantId,
+) -> anyhow::Result<(Latencies, usize, f64)> {
+    env::kafka::stop_debezium().await?;
+    let stream_type = format!("load_{}", &run[..8]);
+    let (commits, txn_run) = (Commits::default(), format!("{run}-loaded"));
+    let (_, loaded) = tokio::try_join!(
+        append_at_rate(store, tenant, &stream_type, args, &commits),
+        raw_txn_phase(args, &txn_run),
+    )?;
+    Ok(loaded)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -514,12 +538,17 @@ async fn main() -> anyhow::Result<()> {
     env::kafka::register_debezium().await?;
     let relayed = relay_phase(&args, &run, store.clone(), &tenant).await;
     // Whatever happened, the connector runs again for what follows.
-    let (debezium, cdc_appended, cdc_secs) = debezium_phase(&args, &run, store, &tenant).await?;
-    // Phase 2 ran with no relay: its outbox rows go with the rest.
+    let (debezium, cdc_appended, cdc_secs) =
+        debezium_phase(&args, &run, store.clone(), &tenant).await?;
+    let loaded = loaded_raw_txn_phase(&args, &run, store, &tenant).await;
+    // Phases 2 and 3 ran with no relay: their outbox rows go with the rest.
     statefabric_bench::drop_tenant(&tenant).await?;
     let (relay, appended, append_secs, metrics) = relayed?;
+    let (loaded, loaded_sent, loaded_secs) = loaded?;
     let (raw, sent, raw_secs) = raw_phase(&args, &run).await?;
     let (raw_txn, txn_sent, txn_secs) = raw_txn_phase(&args, &run).await?;
+    // The connector runs again for whatever follows (tests, other runs).
+    env::kafka::register_debezium().await?;
 
     println!(
         "per path: {appended} events appended in {append_secs:.1} s for the relay, {cdc_appended} in {cdc_secs:.1} s for Debezium (target {} /s, {} aggregates), release build\n",
@@ -543,19 +572,30 @@ async fn main() -> anyhow::Result<()> {
         "events",
         Some(&debezium),
     );
+    report(
+        "raw transactions under the append load",
+        loaded.count() as f64 / loaded_secs,
+        "msgs",
+        Some(&loaded),
+    );
     report_baselines((&raw, sent, raw_secs), (&raw_txn, txn_sent, txn_secs));
     println!(
-        "received: relay {} / {appended}, debezium {} / {cdc_appended}",
+        "received: relay {} / {appended}, debezium {} / {cdc_appended}, \
+         raw transactions under load {} / {loaded_sent}",
         relay.total.count(),
         debezium.count(),
+        loaded.count(),
     );
     let (_, r95, _) = relay.total.percentiles_ms();
     let (_, b95, _) = raw.percentiles_ms();
     let (_, t95, _) = raw_txn.percentiles_ms();
+    let (_, l95, _) = loaded.percentiles_ms();
     println!(
-        "relay p95 is {:.1}x the raw p95 and {:.1}x the raw transactional p95",
+        "relay p95 is {:.1}x the raw p95, {:.1}x the raw transactional p95 and \
+         {:.1}x the raw transactional p95 under the append load",
         r95 / b95.max(0.001),
-        r95 / t95.max(0.001)
+        r95 / t95.max(0.001),
+        r95 / l95.max(0.001)
     );
     println!(
         "relay time by stage, per read (read, encode, wait) and per Kafka transaction \

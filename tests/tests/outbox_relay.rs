@@ -1,5 +1,6 @@
 //! The built-in outbox relay end to end on the real Postgres, Kafka and
-//! Schema Registry: events appended concurrently to several aggregates come
+//! Schema Registry: events appended concurrently to several aggregates (two
+//! idempotent writers racing on each) come
 //! out of a control plane (the leader) on `events.<aggregate type>`, keyed by
 //! aggregate id, Avro-encoded in the Confluent format, each exactly once in
 //! this run, in order per aggregate, read with `read_committed`; the outbox
@@ -61,20 +62,26 @@ async fn appended_events_reach_their_topic_once_and_in_order() -> anyhow::Result
         })
         .await?,
     );
-    // Three aggregates, each written by its own task in small batches.
+    // Three aggregates, each written by two tasks at once in small batches,
+    // with idempotency keys: claiming a key gives a transaction its id
+    // before it appends, the case in which a stream's writers could
+    // otherwise commit out of transaction-id order.
     let mut writers = Vec::new();
-    for a in 0..3 {
+    for (a, w) in (0..3).flat_map(|a| [(a, 0), (a, 1)]) {
         let (store, tenant, stream_type) = (store.clone(), tenant.clone(), stream_type.clone());
+        let run = run.clone();
         writers.push(tokio::spawn(async move {
             let id = StreamId::new(format!("agg-{a}"))?;
             for batch in 0..5 {
-                let events = (0..4)
-                    .map(|i| NewEvent::new("Happened", json!({"a": a, "n": batch * 4 + i})))
+                let events = (0..2)
+                    .map(|i| NewEvent::new("Happened", json!({"a": a, "w": w, "n": batch * 2 + i})))
                     .collect();
+                let key = format!("{run}-{a}-{w}-{batch}");
                 store
                     .append(
                         &Scope::new(tenant.clone(), "relay-test"),
-                        AppendRequest::new(id.clone(), &stream_type, ExpectedVersion::Any, events),
+                        AppendRequest::new(id.clone(), &stream_type, ExpectedVersion::Any, events)
+                            .idempotent(statefabric_store::Idempotency::for_request(key, &batch)),
                     )
                     .await?;
             }

@@ -42,7 +42,11 @@ pub struct PgConfig {
     #[serde(with = "humantime_serde")]
     pub query_timeout: Duration,
     /// How long a keyed request waits for a concurrent duplicate to finish
-    /// before being told it is still in progress.
+    /// before being told it is still in progress. Appends wait for the
+    /// stream's lock before they claim their key, so a duplicate append in
+    /// progress is waited for there, within `query_timeout`; this bounds
+    /// the wait on an uncommitted key row (keyed context writes, a key
+    /// reused for another stream).
     #[serde(with = "humantime_serde")]
     pub idempotency_wait: Duration,
     /// How long idempotency keys are kept.

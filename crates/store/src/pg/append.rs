@@ -255,9 +255,9 @@ async fn diagnose(
     scope: &Scope,
     request: &AppendRequest,
 ) -> StoreError {
-    // `overtaken`: the last writer's transaction id is above this one's. No
-    // id yet means none was taken before the stream statement, which then
-    // could not have been overtaken.
+    // `overtaken`: the stream's last writer has a larger transaction id
+    // than this transaction (one without an id has written nothing, so it
+    // cannot have been overtaken).
     let current: std::result::Result<Option<(i64, String, bool)>, _> = sqlx::query_as(
         "SELECT version, stream_type, \
                 coalesce(last_transaction_id > pg_current_xact_id_if_assigned(), false) \

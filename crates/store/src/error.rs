@@ -49,9 +49,10 @@ pub enum StoreError {
     /// this transaction's (which took its id with an earlier write, then
     /// waited). Appending would put the stream's events out of order for
     /// the readers in transaction-id order (the commit-ordered feed, the
-    /// outbox relay), so nothing was written. A new transaction succeeds:
-    /// [`crate::EventStore::append`] retries itself; callers of `append_in`
-    /// run their transaction again.
+    /// outbox relay), so nothing was written; run the transaction again.
+    /// Only a caller's transaction that wrote before `append_in` can meet
+    /// this: [`crate::EventStore::append`] takes the stream's lock before
+    /// anything gives its transaction an id.
     #[error(
         "stream {stream} was appended to by a later transaction that committed first; \
          run the transaction again"

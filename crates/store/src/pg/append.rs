@@ -1,7 +1,7 @@
 //! Writes: append (with idempotency) and snapshots.
 //!
 //! An append is one statement after the tenant is set and the stream's lock
-//! taken (one statement too, see `STREAM_LOCK`): a data-modifying CTE
+//! taken (one statement too, see `STREAM_LOCK_CALL`): a data-modifying CTE
 //! that advances the stream row under the writer's expectation, inserts the
 //! events numbered from it, and writes the audit row. If the expectation
 //! fails, the stream CTE yields no row, so nothing else is inserted either;
@@ -22,8 +22,8 @@ use crate::port::{AppendOutcome, AppendRequest, AppendResult, Scope};
 // Every stream statement also refuses a stream whose last writer has a
 // larger transaction id than this one (migration 0022): appending would put
 // the stream's events out of order for the readers in transaction-id order.
-// Under the stream's lock (`STREAM_LOCK`) that happens only to a transaction
-// that took its id before the lock.
+// Under the stream's lock (`STREAM_LOCK_CALL`) that happens only to a
+// transaction that took its id before the lock.
 const STREAM_ANY: &str = "INSERT INTO streams (tenant_id, stream_id, stream_type, version, \
                                                last_transaction_id) \
      VALUES ($1, $2, $3, $4, pg_current_xact_id()) \
@@ -81,14 +81,15 @@ fn append_sql(stream_statement: &str) -> String {
 /// the outbox relay read in. A transaction that wrote before (`append_in`
 /// after other writes) already has its id; the stream statement's check
 /// catches it if it was overtaken (migration 0022).
-const STREAM_LOCK: &str =
+const STREAM_LOCK_CALL: &str =
     "pg_advisory_xact_lock(hashtextextended('stream ' || $1 || ' ' || $2, 0))";
 
 /// The first statement of an append's own transaction: its tenant and its
 /// stream's lock, in one round trip.
-pub(super) static BEGIN_FOR_STREAM: LazyLock<String> =
-    LazyLock::new(|| format!("SELECT set_config('statefabric.tenant', $1, true), {STREAM_LOCK}"));
-static LOCK_STREAM: LazyLock<String> = LazyLock::new(|| format!("SELECT {STREAM_LOCK}"));
+pub(super) static BEGIN_FOR_STREAM: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT set_config('statefabric.tenant', $1, true), {STREAM_LOCK_CALL}")
+});
+static LOCK_STREAM_SQL: LazyLock<String> = LazyLock::new(|| format!("SELECT {STREAM_LOCK_CALL}"));
 
 /// Takes `stream`'s lock in a transaction that is already under way.
 pub(super) async fn lock_stream(
@@ -96,7 +97,7 @@ pub(super) async fn lock_stream(
     tenant: &TenantId,
     stream: &StreamId,
 ) -> Result<()> {
-    sqlx::query(LOCK_STREAM.as_str())
+    sqlx::query(LOCK_STREAM_SQL.as_str())
         .bind(tenant.as_str())
         .bind(stream.as_str())
         .execute(&mut **tx)

@@ -201,11 +201,33 @@ pub async fn register_debezium() -> anyhow::Result<()> {
         put.status,
         put.body
     );
+    // Connect answers the config PUT before its herder has written the new
+    // connector's status: a restart or resume sent now gets 404 ("Status for
+    // connector … not found") on a Connect that has never seen it. So act on
+    // the status once it exists, and only where it asks for it.
+    let status = crate::eventually(
+        "the Debezium connector's status",
+        std::time::Duration::from_secs(60),
+        connector_status,
+    )
+    .await?;
     // A task that failed in an earlier run (Connect keeps it across runs)
     // starts again; a running one is left alone.
-    connector_call("POST", "restart?includeTasks=true&onlyFailed=true").await?;
-    // Running, if a benchmark stopped it.
-    connector_call("PUT", "resume").await
+    let failed = |state: &serde_json::Value| state == "FAILED";
+    let any_task_failed = status["tasks"]
+        .as_array()
+        .is_some_and(|tasks| tasks.iter().any(|task| failed(&task["state"])));
+    if failed(&status["connector"]["state"]) || any_task_failed {
+        connector_call("POST", "restart?includeTasks=true&onlyFailed=true").await?;
+    }
+    // Running again, if a benchmark stopped or paused it.
+    if matches!(
+        status["connector"]["state"].as_str(),
+        Some("PAUSED" | "STOPPED")
+    ) {
+        connector_call("PUT", "resume").await?;
+    }
+    Ok(())
 }
 
 /// Stops the test connector (a benchmark measuring the relay alone) and
@@ -215,25 +237,33 @@ pub async fn register_debezium() -> anyhow::Result<()> {
 /// its queue is full, which costs the machine a fifth of a core.
 pub async fn stop_debezium() -> anyhow::Result<()> {
     connector_call("PUT", "stop").await?;
-    let status = format!(
-        "{}/connectors/{DEBEZIUM_CONNECTOR}/status",
-        crate::connect_url()
-    );
     crate::eventually(
         "the Debezium connector stopped",
         std::time::Duration::from_secs(60),
-        || {
-            let status = status.clone();
-            async move {
-                let response = crate::http("GET", &status, None, None).await?;
-                let body: serde_json::Value = serde_json::from_str(&response.body)?;
-                let stopped = body["connector"]["state"] == "STOPPED"
-                    && body["tasks"].as_array().is_some_and(Vec::is_empty);
-                Ok(stopped.then_some(()))
-            }
+        || async {
+            let stopped = connector_status().await?.is_some_and(|status| {
+                status["connector"]["state"] == "STOPPED"
+                    && status["tasks"].as_array().is_some_and(Vec::is_empty)
+            });
+            Ok(stopped.then_some(()))
         },
     )
     .await
+}
+
+/// The test connector's status from Connect's REST API; `None` while
+/// Connect has none for it yet (404).
+async fn connector_status() -> anyhow::Result<Option<serde_json::Value>> {
+    let url = format!(
+        "{}/connectors/{DEBEZIUM_CONNECTOR}/status",
+        crate::connect_url()
+    );
+    let response = crate::http("GET", &url, None, None).await?;
+    match response.status {
+        404 => Ok(None),
+        200 => Ok(Some(serde_json::from_str(&response.body)?)),
+        other => anyhow::bail!("GET {url}: {other} {}", response.body),
+    }
 }
 
 /// `method` on the test connector's `action` (Connect's REST API).

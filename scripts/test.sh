@@ -2,8 +2,20 @@
 # The whole test suite, from a fresh Debian machine: installs what is missing,
 # brings up the real services (testenv/up.sh), then formatting, lints, build
 # and every test. Fails if any step fails or if no test ran.
+#
+#   scripts/test.sh           the suite on the services as they are
+#   scripts/test.sh --fresh   first stops the services and deletes their data
+#                             (testenv/down.sh --purge: databases, topics,
+#                             connectors, subjects, the cluster's objects), so
+#                             the run meets what a new user's machine has
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+case ${1:-} in
+  --fresh) testenv/down.sh --purge ;;
+  "") ;;
+  *) echo "usage: scripts/test.sh [--fresh]" >&2; exit 2 ;;
+esac
 
 # Build output outside the clone, so CI's fresh clone reuses earlier builds.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/statefabric/target}
@@ -43,6 +55,7 @@ set -e
 # after run.
 testenv/prune-kafka.sh
 testenv/prune-postgres.sh
+testenv/prune-kubernetes.sh
 
 # Sum the per-binary summaries: a green run that executed nothing is a failure.
 read -r passed failed < <(awk '/^test result:/ { p += $4; f += $6 } END { print p+0, f+0 }' "$log")

@@ -40,26 +40,30 @@ pid_alive() {
   [[ -f $f ]] && kill -0 "$(cat "$f")" 2>/dev/null
 }
 
-# start_java NAME LOGFILE ARGS...: starts a JVM in its own session, detached
-# from this shell, and records its pid and command line.
-start_java() {
+# start_process NAME LOGFILE COMMAND...: starts COMMAND in its own session,
+# detached from this shell, and records its pid and command line.
+start_process() {
   local name=$1 logfile=$2; shift 2
-  setsid nohup "$JAVA" "$@" >"$logfile" 2>&1 < /dev/null &
+  setsid nohup "$@" >"$logfile" 2>&1 < /dev/null &
   echo $! > "$STATE/$name.pid"
   printf '%s\n' "$@" > "$STATE/$name.args"
 }
 
-# java_current NAME ARGS...: true if NAME runs with exactly these arguments.
-# One that runs with others (a changed heap or collector) is stopped, so the
-# caller starts it again as it is now declared.
-java_current() {
+# process_current NAME COMMAND...: true if NAME runs with exactly this
+# command line. One that runs with another (a changed heap, flag or binary)
+# is stopped, so the caller starts it again as it is now declared.
+process_current() {
   local name=$1; shift
   pid_alive "$name" || return 1
   [[ $(cat "$STATE/$name.args" 2>/dev/null) == "$(printf '%s\n' "$@")" ]] && return 0
-  log "restarting $name: its JVM arguments changed"
+  log "restarting $name: its command line changed"
   stop_pid "$name"
   return 1
 }
+
+# start_java / java_current: the same for a JVM (ARGS are the JVM's).
+start_java() { local name=$1 logfile=$2; shift 2; start_process "$name" "$logfile" "$JAVA" "$@"; }
+java_current() { local name=$1; shift; process_current "$name" "$JAVA" "$@"; }
 
 # kafka_tool CLASS ARGS...: runs one of Kafka's command-line tools against
 # the test broker as the admin.

@@ -4,11 +4,15 @@
 # /var/tmp/statefabric-env) with all logs in its logs/ folder:
 #   PostgreSQL 15 (wal_level=logical), Redis 7 standalone and a 6-node cluster,
 #   Kafka 4.x in KRaft mode, Kafka Connect with Debezium's Postgres connector,
-#   and Apicurio Registry (Confluent-compatible API).
-# Installs what is missing (Debian packages, Maven Central jars). Idempotent:
+#   Apicurio Registry (Confluent-compatible API), and a Kubernetes control
+#   plane (etcd, kube-apiserver, kube-controller-manager; testenv/kubernetes.sh).
+# Installs what is missing (Debian packages, Maven Central jars, Kubernetes
+# built from the Go module proxy into a cache outside the clone). Idempotent:
 # a service that already answers is left alone. Stop with testenv/down.sh.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=kubernetes.sh
+. "$TESTENV_DIR/kubernetes.sh"
 
 mkdir -p "$STATE" "$LOGS" "$JARS"
 chmod 755 "$STATE"
@@ -19,7 +23,7 @@ chmod 755 "$STATE"
 install_packages() {
   local wanted=(postgresql-15 redis-server redis-tools openjdk-17-jre-headless maven
                 protobuf-compiler cmake libcurl4-openssl-dev pkg-config libssl-dev
-                build-essential zlib1g-dev curl python3 prometheus chromium)
+                build-essential zlib1g-dev curl python3 prometheus chromium etcd-server openssl)
   local missing=()
   for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -407,6 +411,8 @@ start_registry            # independent of Kafka: boots while the broker does
 wait_for "Kafka" 120 kafka_ready
 apply_kafka_acls
 start_connect
+# Kubernetes starts while the JVMs boot (its first build takes minutes).
+start_kubernetes
 wait_for "Schema Registry" 120 registry_ready
 wait_for "Kafka Connect (with Debezium)" 180 connect_ready
 
@@ -423,5 +429,7 @@ export STATEFABRIC_TEST_KAFKA_TOOLS_CLASSPATH='$JARS/kafka/*'
 export STATEFABRIC_TEST_KAFKA_ADMIN_PROPERTIES=$STATE/kafka/admin.properties
 export STATEFABRIC_TEST_CONNECT_URL=http://127.0.0.1:$CONNECT_PORT
 export STATEFABRIC_TEST_REGISTRY_URL=http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7
+export STATEFABRIC_TEST_KUBECONFIG=$KUBE_STATE/admin.kubeconfig
+export STATEFABRIC_TEST_KUBECTL=$KUBE_TOOLS/kubectl
 EOF
 log "all services up in $(( SECONDS - started ))s; logs in $LOGS; addresses in $STATE/env.sh"

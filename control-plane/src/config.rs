@@ -141,7 +141,7 @@ impl SagasConfig {
     pub fn backend(&self, leader: LeaderBackend) -> SagaBackend {
         self.store.unwrap_or(match leader {
             LeaderBackend::Solo => SagaBackend::Sqlite,
-            LeaderBackend::Postgres => SagaBackend::Postgres,
+            LeaderBackend::Postgres | LeaderBackend::Kubernetes => SagaBackend::Postgres,
         })
     }
 
@@ -257,6 +257,17 @@ pub enum LeaderBackend {
     Solo,
     /// A lease row in Postgres, shared by the replicas.
     Postgres,
+    /// A Kubernetes Lease (`coordination.k8s.io/v1`) in
+    /// `kubernetes_namespace`; the Postgres lease row of the same name still
+    /// fences the writes, so `postgres_url` is needed too.
+    Kubernetes,
+}
+
+impl LeaderBackend {
+    /// Whether leaders' writes are fenced by an epoch in Postgres.
+    pub fn fenced_in_postgres(self) -> bool {
+        matches!(self, Self::Postgres | Self::Kubernetes)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -272,6 +283,9 @@ pub struct LeaderConfig {
     /// This replica's name in the lease (default: host, pid and a random
     /// suffix, unique per process).
     pub identity: String,
+    /// The Lease's namespace (kubernetes backend; default: the pod's own,
+    /// from its ServiceAccount mount, else `default`).
+    pub kubernetes_namespace: String,
     /// How long a lease lasts without renewal; a successor takes over this
     /// long after a leader stops renewing.
     #[serde(with = "humantime_serde")]
@@ -288,6 +302,7 @@ impl Default for LeaderConfig {
             postgres_migrate_url: None,
             name: "control-plane".to_owned(),
             identity: String::new(),
+            kubernetes_namespace: String::new(),
             ttl: Duration::from_secs(5),
             renew_every: Duration::from_secs(1),
         }
@@ -335,7 +350,7 @@ impl ServiceConfig for ControlPlaneConfig {
 
     fn validate(&self, issues: &mut Issues) {
         let l = &self.leader;
-        if l.backend == LeaderBackend::Postgres
+        if l.backend.fenced_in_postgres()
             && !l.postgres_url.starts_with("postgres://")
             && !l.postgres_url.starts_with("postgresql://")
         {
@@ -351,9 +366,9 @@ impl ServiceConfig for ControlPlaneConfig {
             match (sagas.backend(l.backend), l.backend) {
                 (SagaBackend::Postgres, LeaderBackend::Solo) => issues.push(
                     "sagas.store",
-                    "postgres needs leader.backend = postgres (its epoch fences the writes)",
+                    "postgres needs leader.backend = postgres or kubernetes (its epoch fences the writes)",
                 ),
-                (SagaBackend::Sqlite, LeaderBackend::Postgres) => issues.push(
+                (SagaBackend::Sqlite, LeaderBackend::Postgres | LeaderBackend::Kubernetes) => issues.push(
                     "sagas.store",
                     "sqlite is single-node: use it with leader.backend = solo",
                 ),
@@ -371,8 +386,11 @@ impl ServiceConfig for ControlPlaneConfig {
         }
         let r = &self.relay;
         if r.enabled {
-            if l.backend != LeaderBackend::Postgres {
-                issues.push("relay.enabled", "the relay needs leader.backend = postgres");
+            if !l.backend.fenced_in_postgres() {
+                issues.push(
+                    "relay.enabled",
+                    "the relay needs leader.backend = postgres or kubernetes",
+                );
             }
             if r.kafka_bootstrap.is_empty() {
                 issues.push("relay.kafka_bootstrap", "must name at least one broker");

@@ -1,8 +1,8 @@
 //! `statefabric-control-plane`: runs sagas and distributes mesh configuration
 //! (several replicas, one leader).
 //!
-//! Owns the process: leader election (a lease in Postgres with a fencing
-//! epoch, or alone in the embedded mode), the saga engine on the leader
+//! Owns the process: leader election (a lease in Postgres or a Kubernetes
+//! Lease, with a fencing epoch in Postgres, or alone in the embedded mode), the saga engine on the leader
 //! ([`sagas`], from `statefabric-saga-engine`), the operator API and the
 //! saga page ([`api`], [`ui`]), the outbox relay on the leader when
 //! `[relay] enabled`, consumer-lag monitoring, and the admin endpoints. It
@@ -20,6 +20,7 @@ mod ui;
 use std::sync::Arc;
 
 use anyhow::Context;
+use statefabric_leader::kube::KubeElector;
 use statefabric_leader::pg::PgElector;
 use statefabric_leader::{Elector, LeaseSettings, Solo};
 use statefabric_runtime::ServiceContext;
@@ -36,6 +37,19 @@ fn identity(configured: &str) -> String {
     format!("{host}-{}-{}", std::process::id(), &suffix[..8])
 }
 
+/// The Lease's namespace: configured, else the pod's own (its
+/// ServiceAccount mount), else `default`.
+fn lease_namespace(configured: &str) -> String {
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        .map(|n| n.trim().to_owned())
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".to_owned())
+}
+
 /// Runs the control plane until shutdown is requested.
 pub async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()> {
     let leader = &ctx.config.leader;
@@ -43,7 +57,7 @@ pub async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()
     let mut pool = None;
     let elector: Arc<dyn Elector> = match leader.backend {
         LeaderBackend::Solo => Arc::new(Solo),
-        LeaderBackend::Postgres => {
+        LeaderBackend::Postgres | LeaderBackend::Kubernetes => {
             if let Some(owner) = &leader.postgres_migrate_url {
                 statefabric_store::pg::migrate(owner)
                     .await
@@ -58,7 +72,17 @@ pub async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()
             let id = identity(&leader.identity);
             tracing::info!(identity = %id, lease = %leader.name, "electing");
             pool = Some(connected.clone());
-            Arc::new(PgElector::new(connected, &leader.name, &id))
+            let fence = PgElector::new(connected, &leader.name, &id);
+            if leader.backend == LeaderBackend::Kubernetes {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+                let namespace = lease_namespace(&leader.kubernetes_namespace);
+                tracing::info!(%namespace, "electing on a Kubernetes Lease");
+                Arc::new(KubeElector::new(client, &namespace, fence))
+            } else {
+                Arc::new(fence)
+            }
         }
     };
     backend_ready.set(true);

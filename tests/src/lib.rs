@@ -10,6 +10,7 @@
 
 pub mod agents;
 pub mod kafka;
+pub mod kube;
 pub mod lock_contract;
 pub mod process;
 pub mod saga_contract;

@@ -1,7 +1,8 @@
-//! Leader election among real control-plane processes on the real Postgres:
-//! one leader; a leader paused (SIGSTOP) past its lease is replaced by a new
-//! term; its old epoch is refused by the database fence; woken (SIGCONT), it
-//! steps down; a clean shutdown hands over at once.
+//! Leader election among real control-plane processes on the real Postgres,
+//! with the lease in Postgres or in a Kubernetes Lease on the real API
+//! server: one leader; a leader paused (SIGSTOP) past its lease is replaced
+//! by a new term; its old epoch is refused by the database fence; woken
+//! (SIGCONT), it steps down; a clean shutdown hands over at once.
 
 use std::time::Duration;
 
@@ -15,23 +16,40 @@ fn lease() -> String {
     format!("cp-{}", uuid::Uuid::new_v4().simple())
 }
 
-async fn control_plane(lease: &str, identity: &str) -> anyhow::Result<Service> {
+/// Where the lease lives: Postgres, or a Lease in this Kubernetes namespace.
+#[derive(Clone, Copy)]
+enum Backend<'a> {
+    Postgres,
+    Kubernetes { namespace: &'a str },
+}
+
+async fn control_plane(
+    lease: &str,
+    identity: &str,
+    backend: Backend<'_>,
+) -> anyhow::Result<Service> {
     let (app, admin) = (env::pg_app_url(), env::pg_admin_url());
-    let mut service = process::spawn(
-        "statefabric-control-plane",
-        &[],
-        &[
-            ("STATEFABRIC_LEADER__BACKEND", "postgres"),
-            // Saga engines run only in the saga tests (one per database).
-            ("STATEFABRIC_SAGAS__ENABLED", "false"),
-            ("STATEFABRIC_LEADER__POSTGRES_URL", app.as_str()),
-            ("STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL", admin.as_str()),
-            ("STATEFABRIC_LEADER__NAME", lease),
-            ("STATEFABRIC_LEADER__IDENTITY", identity),
-            ("STATEFABRIC_LEADER__TTL", "1500ms"),
-            ("STATEFABRIC_LEADER__RENEW_EVERY", "200ms"),
-        ],
-    )?;
+    let kubeconfig = env::kube::kubeconfig_path().display().to_string();
+    let mut vars = vec![];
+    match backend {
+        Backend::Postgres => vars.push(("STATEFABRIC_LEADER__BACKEND", "postgres")),
+        Backend::Kubernetes { namespace } => vars.extend([
+            ("STATEFABRIC_LEADER__BACKEND", "kubernetes"),
+            ("STATEFABRIC_LEADER__KUBERNETES_NAMESPACE", namespace),
+            ("KUBECONFIG", kubeconfig.as_str()),
+        ]),
+    }
+    vars.extend([
+        // Saga engines run only in the saga tests (one per database).
+        ("STATEFABRIC_SAGAS__ENABLED", "false"),
+        ("STATEFABRIC_LEADER__POSTGRES_URL", app.as_str()),
+        ("STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL", admin.as_str()),
+        ("STATEFABRIC_LEADER__NAME", lease),
+        ("STATEFABRIC_LEADER__IDENTITY", identity),
+        ("STATEFABRIC_LEADER__TTL", "1500ms"),
+        ("STATEFABRIC_LEADER__RENEW_EVERY", "200ms"),
+    ]);
+    let mut service = process::spawn("statefabric-control-plane", &[], &vars)?;
     service.ready().await?;
     Ok(service)
 }
@@ -104,8 +122,56 @@ async fn a_lease_has_one_holder_and_every_new_term_a_larger_epoch() -> anyhow::R
 
 #[tokio::test]
 async fn a_paused_leader_is_replaced_fenced_and_steps_down() -> anyhow::Result<()> {
+    paused_leader_is_replaced_fenced_and_steps_down(Backend::Postgres).await
+}
+
+#[tokio::test]
+async fn on_a_kubernetes_lease_a_paused_leader_is_replaced_fenced_and_steps_down()
+-> anyhow::Result<()> {
+    let client = env::kube::client().await?;
+    let namespace = env::kube::TestNamespace::create(&client).await?;
+    paused_leader_is_replaced_fenced_and_steps_down(Backend::Kubernetes {
+        namespace: &namespace.name,
+    })
+    .await?;
+    namespace.delete().await
+}
+
+#[tokio::test]
+async fn the_kubernetes_lease_names_its_holder_and_is_freed_at_shutdown() -> anyhow::Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let client = env::kube::client().await?;
+    let namespace = env::kube::TestNamespace::create(&client).await?;
     let name = lease();
-    let a = control_plane(&name, "cp-a").await?;
+    let a = control_plane(
+        &name,
+        "cp-a",
+        Backend::Kubernetes {
+            namespace: &namespace.name,
+        },
+    )
+    .await?;
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), &namespace.name);
+    let holder = |lease: Option<Lease>| lease.and_then(|l| l.spec).and_then(|s| s.holder_identity);
+    env::eventually("a holds the Lease", Duration::from_secs(10), || async {
+        Ok((holder(leases.get_opt(&name).await?).as_deref() == Some("cp-a")).then_some(()))
+    })
+    .await?;
+    let (code, _) = a.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    assert_eq!(
+        holder(leases.get_opt(&name).await?),
+        None,
+        "released at shutdown"
+    );
+    namespace.delete().await
+}
+
+async fn paused_leader_is_replaced_fenced_and_steps_down(
+    backend: Backend<'_>,
+) -> anyhow::Result<()> {
+    let name = lease();
+    let a = control_plane(&name, "cp-a", backend).await?;
     let first = env::eventually("a leads", Duration::from_secs(10), || async {
         Ok(match role(&a).await? {
             (true, epoch) => Some(epoch),
@@ -113,7 +179,7 @@ async fn a_paused_leader_is_replaced_fenced_and_steps_down() -> anyhow::Result<(
         })
     })
     .await?;
-    let b = control_plane(&name, "cp-b").await?;
+    let b = control_plane(&name, "cp-b", backend).await?;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(!role(&b).await?.0, "one leader at a time");
 

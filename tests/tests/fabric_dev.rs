@@ -136,7 +136,11 @@ async fn the_demo_ends_as_expected_and_a_restart_resumes() -> anyhow::Result<()>
 /// Headless Chromium runs the page's script against the live API.
 async fn page_draws_the_saga(service: &Service) -> anyhow::Result<()> {
     let url = format!("{}/ui/sagas/demo-2", service.api);
+    // A profile of its own: the same first-run state every time, whatever
+    // earlier runs (or a person's browser) left in ~/.config/chromium.
+    let profile = tempfile::tempdir()?;
     let output = tokio::process::Command::new("chromium")
+        .arg(format!("--user-data-dir={}", profile.path().display()))
         .args([
             "--headless",
             "--no-sandbox",

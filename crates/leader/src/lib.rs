@@ -2,9 +2,10 @@
 //!
 //! Owns the [`Elector`] port — take or extend a lease and learn its epoch —
 //! with [`pg::PgElector`] (a lease row in Postgres, judged by the database's
-//! clock; `migrations/postgres/0010_leader_leases.sql`) and [`Solo`] (the
-//! embedded single process, always leader), and [`keep`], the task that
-//! renews the lease and publishes the [`Role`].
+//! clock; `migrations/postgres/0010_leader_leases.sql`),
+//! [`kube::KubeElector`] (a Kubernetes Lease, fenced by the same Postgres
+//! row) and [`Solo`] (the embedded single process, always leader), and
+//! [`keep`], the task that renews the lease and publishes the [`Role`].
 //!
 //! The epoch is the fence: it grows with every new term, and a leader's
 //! writes check it in their own transaction (`statefabric_check_epoch`), so a
@@ -17,6 +18,7 @@
 //! It does not own what leaders do; the saga engine and outbox relay ask
 //! [`Leadership`] and pass the epoch to their writes.
 
+pub mod kube;
 pub mod pg;
 
 use std::sync::Arc;

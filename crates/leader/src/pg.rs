@@ -29,6 +29,11 @@ impl PgElector {
     pub fn holder(&self) -> &str {
         &self.holder
     }
+
+    /// The role elected for.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 fn unavailable(err: sqlx::Error) -> LeaderError {

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Deletes the namespaces test runs left on the test API server (`t-<hex>`:
+# every Kubernetes test makes its own and deletes it, but a failed or
+# killed test leaves it behind). The controller manager deletes their
+# objects. scripts/test.sh calls this after the suite; best effort.
+set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=kubernetes.sh
+. "$TESTENV_DIR/kubernetes.sh"
+
+kube_api_ready 2>/dev/null || { log "kube-apiserver is not running: nothing to prune"; exit 0; }
+kubectl=("$KUBE_TOOLS/kubectl" --kubeconfig "$KUBE_STATE/admin.kubeconfig")
+mapfile -t left < <("${kubectl[@]}" get namespaces -o name 2>/dev/null | sed 's|^namespace/||' | grep -E '^t-[0-9a-f]{8,}$')
+(( ${#left[@]} )) || exit 0
+if "${kubectl[@]}" delete namespace --wait=false "${left[@]}" >/dev/null 2>&1; then
+  log "deleted ${#left[@]} test namespaces of earlier runs"
+else
+  log "could not delete the test namespaces (${#left[@]})"
+fi

@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "statefabric/state/v1/sessions.proto",
         "statefabric/state/v1/tasks.proto",
         "statefabric/control/v1/sagas.proto",
+        "statefabric/control/v1/config.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("statefabric_descriptor.bin"))

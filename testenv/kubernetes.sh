@@ -94,6 +94,9 @@ subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,
   # system:masters is the admin group the API server trusts without RBAC rules.
   kube_cert admin "/O=system:masters/CN=statefabric-test-admin" "extendedKeyUsage=clientAuth"
   kube_cert controller-manager "/CN=system:kube-controller-manager" "extendedKeyUsage=clientAuth"
+  # The control plane's mesh configuration service, as the tests run it.
+  kube_cert mesh "/CN=statefabric-control-plane" "extendedKeyUsage=serverAuth
+subjectAltName=IP:127.0.0.1,DNS:localhost"
   # The key pair that signs and verifies ServiceAccount tokens.
   if [[ ! -f $dir/sa.key ]]; then
     openssl genrsa -out "$dir/sa.key" 2048 2>/dev/null

@@ -21,7 +21,9 @@ use statefabric_runtime::{
     AdminConfig, Issues, ServiceConfig, ServiceContext, ShutdownConfig, TelemetryConfig,
 };
 use statefabric_sidecar::SidecarConfig;
-use statefabric_sidecar::config::{Backend, SessionsConfig, SidecarSection, StorageConfig};
+use statefabric_sidecar::config::{
+    Backend, MeshClientConfig, SessionsConfig, SidecarSection, StorageConfig,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +43,9 @@ pub struct DevConfig {
     /// The saga engine (its store is the sidecar's SQLite file).
     #[serde(default)]
     pub sagas: SagasConfig,
+    /// Mesh resources from local YAML files (`files`), as on a cluster.
+    #[serde(default)]
+    pub mesh: MeshClientConfig,
 }
 
 impl DevConfig {
@@ -59,6 +64,7 @@ impl DevConfig {
                 ..ApiConfig::default()
             },
             sagas: SagasConfig::default(),
+            mesh: MeshClientConfig::default(),
         }
     }
 
@@ -71,6 +77,7 @@ impl DevConfig {
             sidecar: self.sidecar.clone(),
             storage: self.storage.clone(),
             sessions: self.sessions.clone(),
+            mesh: self.mesh.clone(),
             ..SidecarConfig::defaults()
         }
     }
@@ -86,6 +93,7 @@ impl ServiceConfig for DevConfig {
         "sessions",
         "api",
         "sagas",
+        "mesh",
     ];
 
     fn admin(&self) -> &AdminConfig {
@@ -104,6 +112,12 @@ impl ServiceConfig for DevConfig {
             issues.push(
                 "storage.backend",
                 "fabric dev is the embedded mode: sqlite only (run the sidecar and control plane for postgres)",
+            );
+        }
+        if self.mesh.enabled {
+            issues.push(
+                "mesh.enabled",
+                "fabric dev has no control plane to subscribe to: use mesh.files",
             );
         }
         self.sagas.check(issues);

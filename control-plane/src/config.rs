@@ -37,6 +37,43 @@ pub struct ControlPlaneConfig {
     /// This process's Kafka login (relay, reply consumer, lag monitor).
     #[serde(default)]
     pub kafka: KafkaAuth,
+    #[serde(default)]
+    pub mesh: MeshConfig,
+}
+
+pub const DEFAULT_MESH_PORT: u16 = 7504;
+
+/// Mesh configuration for the sidecars: watched on the Kubernetes API (every
+/// replica), served as a gRPC stream (`statefabric.control.v1.ConfigDistribution`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// PEM certificate chain and key for TLS (both or neither; a pod's
+    /// sidecars should only ever reach the stream over TLS).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// The audience sidecars' projected ServiceAccount tokens are minted
+    /// for; each token is checked with a TokenReview.
+    pub audience: String,
+    /// How often resources' status (Ready, sidecar counts) is written, at
+    /// most (leader only).
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_MESH_PORT)),
+            tls_cert: None,
+            tls_key: None,
+            audience: "statefabric".to_owned(),
+            status_interval: Duration::from_secs(1),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -321,6 +358,7 @@ impl ControlPlaneConfig {
             sagas: SagasConfig::default(),
             api: ApiConfig::default(),
             kafka: KafkaAuth::default(),
+            mesh: MeshConfig::default(),
         }
     }
 }
@@ -336,6 +374,7 @@ impl ServiceConfig for ControlPlaneConfig {
         "sagas",
         "api",
         "kafka",
+        "mesh",
     ];
 
     fn admin(&self) -> &AdminConfig {
@@ -355,6 +394,21 @@ impl ServiceConfig for ControlPlaneConfig {
             && !l.postgres_url.starts_with("postgresql://")
         {
             issues.push("leader.postgres_url", "must be a postgres:// URL");
+        }
+        let m = &self.mesh;
+        if m.enabled {
+            if m.tls_cert.is_some() != m.tls_key.is_some() {
+                issues.push(
+                    "mesh.tls_cert",
+                    "give both tls_cert and tls_key, or neither",
+                );
+            }
+            if m.audience.is_empty() {
+                issues.push("mesh.audience", "must not be empty");
+            }
+            if m.status_interval.is_zero() {
+                issues.push("mesh.status_interval", "must be positive");
+            }
         }
         if l.name.is_empty() || l.name.len() > 128 {
             issues.push("leader.name", "must be 1-128 characters");

@@ -13,6 +13,7 @@ pub mod api;
 pub mod config;
 pub mod grpc;
 mod kafka;
+pub mod mesh;
 pub mod operator;
 pub mod sagas;
 mod ui;
@@ -115,6 +116,9 @@ pub async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()
         saga_store = Some(store);
     }
     kafka::start(&ctx, pool, &leadership, saga_store)?;
+    if ctx.config.mesh.enabled {
+        mesh::start(&ctx, leadership.clone()).await?;
+    }
     ctx.shutdown.requested().await;
     // The task releases the lease when the token is cancelled.
     task.await.context("leader election task failed")?;

@@ -42,6 +42,56 @@ pub struct SidecarConfig {
     /// This sidecar's Kafka login (the Kafka task transport).
     #[serde(default)]
     pub kafka: KafkaAuth,
+    #[serde(default)]
+    pub mesh: MeshClientConfig,
+}
+
+/// Mesh configuration from the control plane (`src/mesh.rs`). The pod's
+/// identity is the injector's to set (from the downward API).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshClientConfig {
+    /// Subscribe to the control plane.
+    pub enabled: bool,
+    /// Or read the same documents from these local YAML files at start
+    /// (`fabric dev`: no Kubernetes, no control plane).
+    pub files: Vec<std::path::PathBuf>,
+    /// The control plane's configuration service (`https://…:7504`).
+    pub control_plane: String,
+    /// The CA that signed its certificate (https only).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The pod's projected ServiceAccount token (audience `statefabric`).
+    pub token_file: std::path::PathBuf,
+    pub namespace: String,
+    pub pod: String,
+    pub agent_type: String,
+    /// The FabricConfig the pod names, if any.
+    pub config_name: String,
+    /// Where the last applied configuration is kept.
+    pub state_file: std::path::PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for MeshClientConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            files: Vec::new(),
+            control_plane: String::new(),
+            ca_file: None,
+            token_file: "/var/run/secrets/statefabric.io/token".into(),
+            namespace: String::new(),
+            pod: String::new(),
+            agent_type: String::new(),
+            config_name: String::new(),
+            state_file: "statefabric-mesh.json".into(),
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -258,6 +308,7 @@ impl SidecarConfig {
             updates: UpdatesConfig::default(),
             tasks: TasksConfig::default(),
             kafka: KafkaAuth::default(),
+            mesh: MeshClientConfig::default(),
         }
     }
 
@@ -294,6 +345,7 @@ impl ServiceConfig for SidecarConfig {
         "updates",
         "tasks",
         "kafka",
+        "mesh",
     ];
 
     fn admin(&self) -> &AdminConfig {
@@ -307,6 +359,33 @@ impl ServiceConfig for SidecarConfig {
     }
 
     fn validate(&self, issues: &mut Issues) {
+        let m = &self.mesh;
+        if m.enabled && !m.files.is_empty() {
+            issues.push(
+                "mesh.files",
+                "use the control plane (enabled) or local files, not both",
+            );
+        }
+        if m.enabled {
+            if !m.control_plane.starts_with("https://") && !m.control_plane.starts_with("http://") {
+                issues.push("mesh.control_plane", "must be an https:// (or http://) URL");
+            }
+            if m.ca_file.is_some() && !m.control_plane.starts_with("https://") {
+                issues.push("mesh.ca_file", "applies only to an https:// control_plane");
+            }
+            if m.namespace.is_empty() || m.pod.is_empty() {
+                issues.push(
+                    "mesh.namespace",
+                    "namespace and pod are needed to subscribe",
+                );
+            }
+            if m.reconnect_min.is_zero() || m.reconnect_max < m.reconnect_min {
+                issues.push(
+                    "mesh.reconnect_min",
+                    "must be positive and at most reconnect_max",
+                );
+            }
+        }
         if let Err(err) = self.tenant() {
             issues.push("sidecar.tenant", err.to_string());
         }

@@ -17,7 +17,9 @@
 //! cache entries, an update stream feeds `WatchContext`. Each of these runs
 //! in-process (embedded) or on Redis, by configuration. The `Tasks` service
 //! ([`tasks`]) is the agents' side of sagas: start one, take, heartbeat and
-//! answer the tasks of an agent type (`statefabric-saga-engine`).
+//! answer the tasks of an agent type (`statefabric-saga-engine`). With
+//! `[mesh] enabled`, the sidecar subscribes to its configuration from the
+//! control plane and applies what is hot (`mesh.rs`).
 
 pub mod backends;
 pub mod cache;
@@ -27,6 +29,7 @@ pub mod convert;
 pub mod events;
 pub mod follow;
 pub mod locks;
+mod mesh;
 pub mod server;
 pub mod sessions;
 pub mod status;

@@ -28,7 +28,7 @@ use crate::context::ContextService;
 use crate::events::{EventsService, SubscriptionSettings};
 use crate::follow::{self, Publisher, StreamFollow};
 use crate::locks::LocksService;
-use crate::sessions::SessionsService;
+use crate::sessions::{SessionPolicies, SessionsService};
 use crate::tasks::TasksService;
 #[cfg(feature = "kafka")]
 use statefabric_kafka::saga_transport::KafkaTaskQueue;
@@ -273,11 +273,15 @@ pub async fn serve_with(
         config.tenant()?,
         config.identity()?.to_string(),
     );
+    let session_policies = SessionPolicies::new(config.sessions.namespaces.clone());
+    if config.mesh.enabled || !config.mesh.files.is_empty() {
+        crate::mesh::start(&ctx, session_policies.clone())?;
+    }
     let sessions = SessionsService::new(
         backends.sessions.clone(),
         config.tenant()?,
         config.sidecar.identity.clone(),
-        config.sessions.namespaces.clone(),
+        session_policies,
         backends.notifier.clone(),
     );
     let tasks = TasksService::new(

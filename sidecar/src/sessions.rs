@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use statefabric_domain::TenantId;
 use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::sessions_server::Sessions;
@@ -19,8 +20,38 @@ pub struct SessionsService {
     store: Arc<dyn SessionStore>,
     tenant: TenantId,
     identity: String,
-    namespaces: Arc<BTreeMap<String, Policy>>,
+    namespaces: SessionPolicies,
     notifier: Arc<dyn Notifier>,
+}
+
+/// The session namespaces agents may use: those of the sidecar's own
+/// configuration, and over them those of its FabricConfig, replaced
+/// whole without a restart (calls in flight keep the map they read).
+#[derive(Debug, Clone)]
+pub struct SessionPolicies {
+    configured: Arc<BTreeMap<String, Policy>>,
+    current: Arc<ArcSwap<BTreeMap<String, Policy>>>,
+}
+
+impl SessionPolicies {
+    pub fn new(configured: BTreeMap<String, Policy>) -> Self {
+        Self {
+            current: Arc::new(ArcSwap::from_pointee(configured.clone())),
+            configured: Arc::new(configured),
+        }
+    }
+
+    /// The configured namespaces with `mesh`'s on top (a name in both takes
+    /// the mesh's policy).
+    pub fn set_mesh(&self, mesh: BTreeMap<String, Policy>) {
+        let mut merged = (*self.configured).clone();
+        merged.extend(mesh);
+        self.current.store(Arc::new(merged));
+    }
+
+    fn load(&self) -> Arc<BTreeMap<String, Policy>> {
+        self.current.load_full()
+    }
 }
 
 fn from_session(err: SessionError) -> Status {
@@ -39,21 +70,22 @@ impl SessionsService {
         store: Arc<dyn SessionStore>,
         tenant: TenantId,
         identity: String,
-        namespaces: BTreeMap<String, Policy>,
+        namespaces: SessionPolicies,
         notifier: Arc<dyn Notifier>,
     ) -> Self {
         Self {
             store,
             tenant,
             identity,
-            namespaces: Arc::new(namespaces),
+            namespaces,
             notifier,
         }
     }
 
     fn resolve(&self, namespace: String, id: String) -> Result<(SessionKey, Policy), Status> {
-        let policy = *self.namespaces.get(&namespace).ok_or_else(|| {
-            let known: Vec<&str> = self.namespaces.keys().map(String::as_str).collect();
+        let namespaces = self.namespaces.load();
+        let policy = *namespaces.get(&namespace).ok_or_else(|| {
+            let known: Vec<&str> = namespaces.keys().map(String::as_str).collect();
             Status::invalid_argument(format!(
                 "namespace `{namespace}` is not configured (configured: {})",
                 known.join(", ")

@@ -31,6 +31,15 @@ pub fn kubeconfig_path() -> PathBuf {
     }))
 }
 
+/// The test cluster's certificates (`ca.crt`, and `mesh.crt`/`mesh.key`
+/// for a control plane's configuration service on 127.0.0.1).
+pub fn pki_dir() -> PathBuf {
+    kubeconfig_path()
+        .parent()
+        .map(|kube| kube.join("pki"))
+        .unwrap_or_default()
+}
+
 /// `kubectl` built with the API server, of its version.
 pub fn kubectl_path() -> PathBuf {
     PathBuf::from(overridable("STATEFABRIC_TEST_KUBECTL", || {

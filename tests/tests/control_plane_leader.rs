@@ -153,10 +153,16 @@ async fn the_kubernetes_lease_names_its_holder_and_is_freed_at_shutdown() -> any
     .await?;
     let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), &namespace.name);
     let holder = |lease: Option<Lease>| lease.and_then(|l| l.spec).and_then(|s| s.holder_identity);
-    env::eventually("a holds the Lease", Duration::from_secs(10), || async {
-        Ok((holder(leases.get_opt(&name).await?).as_deref() == Some("cp-a")).then_some(()))
+    // Leader once it holds both the Lease and the fence's term (a first
+    // renewal that is slow leaves it a follower until the next one).
+    env::eventually("a leads", Duration::from_secs(10), || async {
+        Ok(role(&a).await?.0.then_some(()))
     })
     .await?;
+    assert_eq!(
+        holder(leases.get_opt(&name).await?).as_deref(),
+        Some("cp-a")
+    );
     let (code, _) = a.stop_with(Signal::SIGTERM).await?;
     assert_eq!(code, 0);
     assert_eq!(

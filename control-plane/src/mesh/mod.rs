@@ -1,0 +1,77 @@
+//! Mesh configuration for the sidecars (`[mesh]`): every replica watches
+//! the `statefabric.io` resources ([`catalog`]) and serves each subscribed
+//! sidecar its effective configuration ([`distribution`]); the leader
+//! writes the resources' status ([`status`]).
+//!
+//! Partial (see docs/kubernetes.md): SagaDefinitions are watched and
+//! checked, not yet registered with the engine.
+
+pub mod catalog;
+pub mod distribution;
+pub mod status;
+
+use anyhow::Context;
+use statefabric_leader::Leadership;
+use statefabric_proto::control::v1::config_distribution_server::ConfigDistributionServer;
+use statefabric_runtime::ServiceContext;
+
+use crate::ControlPlaneConfig;
+
+/// Starts watching, serving and status writing; returns once listening.
+pub async fn start(
+    ctx: &ServiceContext<ControlPlaneConfig>,
+    leadership: Leadership,
+) -> anyhow::Result<()> {
+    let mesh = &ctx.config.mesh;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API for [mesh] (in-cluster or KUBECONFIG)")?;
+    let catalog = catalog::watch(&client, ctx.shutdown.token());
+    let sidecars = distribution::Sidecars::default();
+    let service = distribution::Distribution::new(
+        catalog.clone(),
+        sidecars.clone(),
+        client.clone(),
+        mesh.audience.clone(),
+        ctx.shutdown.token(),
+    );
+    ctx.shutdown.spawn(status::run(
+        client,
+        catalog,
+        sidecars,
+        leadership,
+        mesh.status_interval,
+        ctx.shutdown.token(),
+    ));
+    let mut server = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&mesh.tls_cert, &mesh.tls_key) {
+        let cert = std::fs::read(cert)
+            .with_context(|| format!("reading mesh.tls_cert {}", cert.display()))?;
+        let key = std::fs::read(key)
+            .with_context(|| format!("reading mesh.tls_key {}", key.display()))?;
+        server = server
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(cert, key)),
+            )
+            .context("mesh TLS configuration")?;
+    }
+    let listener = tokio::net::TcpListener::bind(mesh.listen)
+        .await
+        .with_context(|| format!("binding mesh.listen {}", mesh.listen))?;
+    tracing::info!(listen = %mesh.listen, tls = mesh.tls_cert.is_some(), "mesh configuration service listening");
+    let stop = ctx.shutdown.token();
+    let router = server.add_service(ConfigDistributionServer::new(service));
+    ctx.shutdown.spawn(async move {
+        let served = router
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async move { stop.cancelled().await },
+            )
+            .await;
+        if let Err(err) = served {
+            tracing::error!(error = %err, "mesh configuration service failed");
+        }
+    });
+    Ok(())
+}

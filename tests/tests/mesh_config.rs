@@ -1,0 +1,432 @@
+//! Mesh configuration from the Kubernetes API to running sidecars, with the
+//! real API server, a real control plane and real sidecar processes:
+//! - a FabricConfig applied with kubectl changes what a running sidecar
+//!   does within seconds, and the resource's status counts it as applied;
+//! - a configuration the sidecar refuses shows as a NACK in the status,
+//!   and the sidecar keeps its last good configuration;
+//! - with the control plane killed, the sidecar keeps serving with its
+//!   configuration, a sidecar restarted meanwhile starts from its local
+//!   copy, and changes made meanwhile arrive when the control plane returns;
+//! - a token of another namespace, another pod, or none gets nothing.
+//!
+//! Each test runs its own control plane, and each leads alone and writes
+//! the status of every mesh resource it watches (all namespaces): the tests
+//! take turns, as two leaders would otherwise overwrite each other's counts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use statefabric_proto::control::v1::config_distribution_client::ConfigDistributionClient;
+use statefabric_proto::control::v1::subscribe_request::Kind;
+use statefabric_proto::control::v1::{Ack, Hello, SubscribeRequest};
+use statefabric_sdk::StateClient;
+use statefabric_tests as env;
+use statefabric_tests::kube::{TestNamespace, client, install_crds, kubectl, pki_dir};
+use statefabric_tests::process::{self, Service, Storage};
+
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A namespace with a ServiceAccount and a (Pending) pod that runs as it.
+async fn agent_pod(namespace: &str, pod: &str) -> anyhow::Result<()> {
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: agent, namespace: {namespace}}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {pod}
+  namespace: {namespace}
+  labels: {{app: agents}}
+  annotations: {{statefabric.io/agent-type: coder}}
+spec:
+  serviceAccountName: agent
+  containers: [{{name: agent, image: agent:test}}]
+"#
+    );
+    // The ServiceAccount admission plugin needs the account to exist first.
+    env::eventually("the pod admitted", Duration::from_secs(30), || {
+        let manifest = manifest.clone();
+        async move { Ok(kubectl(&["apply", "-f", "-"], Some(&manifest)).await.ok()) }
+    })
+    .await?;
+    Ok(())
+}
+
+/// A projected-style token for the pod (audience `statefabric`, bound to
+/// it), written to a file as the kubelet would.
+async fn token_file(dir: &Path, namespace: &str, pod: &str) -> anyhow::Result<PathBuf> {
+    let token = kubectl(
+        &[
+            "create",
+            "token",
+            "agent",
+            "-n",
+            namespace,
+            "--audience",
+            "statefabric",
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            pod,
+            "--duration",
+            "1h",
+        ],
+        None,
+    )
+    .await?;
+    let path = dir.join(format!("{namespace}-{pod}.token"));
+    std::fs::write(&path, token.trim())?;
+    Ok(path)
+}
+
+async fn control_plane(port: u16) -> anyhow::Result<Service> {
+    let pki = pki_dir();
+    let kubeconfig = env::kube::kubeconfig_path().display().to_string();
+    let (cert, key) = (
+        pki.join("mesh.crt").display().to_string(),
+        pki.join("mesh.key").display().to_string(),
+    );
+    let listen = format!("127.0.0.1:{port}");
+    let mut service = process::spawn(
+        "statefabric-control-plane",
+        &[],
+        &[
+            ("KUBECONFIG", kubeconfig.as_str()),
+            ("STATEFABRIC_SAGAS__ENABLED", "false"),
+            ("STATEFABRIC_MESH__ENABLED", "true"),
+            ("STATEFABRIC_MESH__LISTEN", listen.as_str()),
+            ("STATEFABRIC_MESH__TLS_CERT", cert.as_str()),
+            ("STATEFABRIC_MESH__TLS_KEY", key.as_str()),
+            ("STATEFABRIC_MESH__STATUS_INTERVAL", "200ms"),
+        ],
+    )?;
+    service.ready().await?;
+    Ok(service)
+}
+
+async fn sidecar(
+    port: u16,
+    namespace: &str,
+    pod: &str,
+    token: &Path,
+    state: &Path,
+) -> anyhow::Result<Service> {
+    let control = format!("https://127.0.0.1:{port}");
+    let ca = pki_dir().join("ca.crt").display().to_string();
+    let (token, state) = (token.display().to_string(), state.display().to_string());
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    process::sidecar(
+        Storage::Sqlite,
+        &tenant,
+        pod,
+        &[
+            ("STATEFABRIC_MESH__ENABLED", "true"),
+            ("STATEFABRIC_MESH__CONTROL_PLANE", control.as_str()),
+            ("STATEFABRIC_MESH__CA_FILE", ca.as_str()),
+            ("STATEFABRIC_MESH__TOKEN_FILE", token.as_str()),
+            ("STATEFABRIC_MESH__NAMESPACE", namespace),
+            ("STATEFABRIC_MESH__POD", pod),
+            ("STATEFABRIC_MESH__STATE_FILE", state.as_str()),
+            ("STATEFABRIC_MESH__RECONNECT_MAX", "500ms"),
+        ],
+    )
+    .await
+}
+
+fn fabric_config(namespace: &str, sessions: &str) -> String {
+    format!(
+        "apiVersion: statefabric.io/v1alpha1\nkind: FabricConfig\nmetadata: {{name: agents, namespace: {namespace}}}\n\
+         spec: {{default: true, sessions: {sessions}}}\n"
+    )
+}
+
+/// The session TTL a write in `namespace` gets, or the refusal.
+async fn session_ttl(
+    sidecar: &Service,
+    namespace: &str,
+) -> anyhow::Result<Result<Duration, String>> {
+    let mut sessions = StateClient::connect(sidecar.grpc.clone()).await?.sessions();
+    Ok(sessions
+        // A new session each time: an absolute expiry counts from creation.
+        .put(
+            namespace,
+            &uuid::Uuid::new_v4().to_string(),
+            b"v".to_vec(),
+            None,
+        )
+        .await
+        .map_err(|e| e.to_string()))
+}
+
+/// Waits until writes in `namespace` get about `ttl`.
+async fn ttl_becomes(sidecar: &Service, namespace: &str, ttl: Duration) -> anyhow::Result<()> {
+    env::eventually(
+        &format!("{namespace} sessions live {ttl:?}"),
+        Duration::from_secs(15),
+        || async {
+            Ok(match session_ttl(sidecar, namespace).await? {
+                Ok(left) if left <= ttl && left + Duration::from_secs(5) >= ttl => Some(()),
+                _ => None,
+            })
+        },
+    )
+    .await
+}
+
+/// The FabricConfig's status, once it satisfies `check`.
+async fn status_where(
+    namespace: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    env::eventually(what, Duration::from_secs(15), || async {
+        let printed = kubectl(
+            &[
+                "get",
+                "fabricconfig",
+                "agents",
+                "-n",
+                namespace,
+                "-o",
+                "json",
+            ],
+            None,
+        )
+        .await?;
+        let resource: Value = serde_json::from_str(&printed)?;
+        Ok(check(&resource["status"]).then(|| resource["status"].clone()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn configuration_reaches_running_sidecars_and_survives_a_control_plane_outage()
+-> anyhow::Result<()> {
+    let admin = client().await?;
+    install_crds(&admin).await?;
+    let namespace = TestNamespace::create(&admin).await?;
+    let ns = namespace.name.as_str();
+    agent_pod(ns, "agent-0").await?;
+    let dir = tempfile::tempdir()?;
+    let token = token_file(dir.path(), ns, "agent-0").await?;
+    let state = dir.path().join("mesh.json");
+    let port = env::free_port();
+    let cp = control_plane(port).await?;
+    let mut agent = sidecar(port, ns, "agent-0", &token, &state).await?;
+
+    // Not configured yet: the namespace is refused, naming it.
+    let refused = session_ttl(&agent, "chat")
+        .await?
+        .expect_err("no chat namespace yet");
+    assert!(refused.contains("chat"), "{refused}");
+
+    // kubectl apply → the running sidecar serves the namespace.
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&fabric_config(ns, "{chat: {ttl: 30m}}")),
+    )
+    .await?;
+    ttl_becomes(&agent, "chat", Duration::from_secs(1800)).await?;
+    let status = status_where(ns, "the FabricConfig counted as applied", |s| {
+        s["sidecars"]["applied"] == 1
+    })
+    .await?;
+    assert_eq!(status["conditions"][0]["type"], "Ready");
+    assert_eq!(status["conditions"][0]["status"], "True");
+
+    // A change takes effect without a restart.
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&fabric_config(ns, "{chat: {ttl: 5m}}")),
+    )
+    .await?;
+    ttl_becomes(&agent, "chat", Duration::from_secs(300)).await?;
+
+    // One the sidecar refuses: a NACK in the status, the old policy kept.
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&fabric_config(ns, "{chat: {ttl: 0s}}")),
+    )
+    .await?;
+    let status = status_where(ns, "the NACK in the status", |s| {
+        s["sidecars"]["refused"] == 1
+    })
+    .await?;
+    let reason = status["sidecars"]["nacks"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("spec.sessions.chat.ttl must be positive"),
+        "{status}"
+    );
+    assert_eq!(status["sidecars"]["nacks"][0]["pod"], "agent-0");
+    ttl_becomes(&agent, "chat", Duration::from_secs(300)).await?;
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&fabric_config(ns, "{chat: {ttl: 5m}}")),
+    )
+    .await?;
+    status_where(ns, "the NACK cleared", |s| {
+        s["sidecars"]["refused"] == 0 && s["sidecars"]["applied"] == 1
+    })
+    .await?;
+
+    // What the API server cannot refuse (a reference to a missing policy)
+    // is reported Ready=False naming the field, and reaches no sidecar.
+    let broken = format!(
+        "apiVersion: statefabric.io/v1alpha1\nkind: Upstream\nmetadata: {{name: broken, namespace: {ns}}}\n\
+         spec: {{url: 'https://example.com', policy: missing}}\n"
+    );
+    kubectl(&["apply", "-f", "-"], Some(&broken)).await?;
+    let condition = env::eventually(
+        "the Upstream's Ready=False",
+        Duration::from_secs(15),
+        || async {
+            let printed =
+                kubectl(&["get", "upstream", "broken", "-n", ns, "-o", "json"], None).await?;
+            let resource: Value = serde_json::from_str(&printed)?;
+            let ready = resource["status"]["conditions"][0].clone();
+            Ok((ready["status"] == "False").then_some(ready))
+        },
+    )
+    .await?;
+    let message = condition["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("spec.policy: ResiliencyPolicy \"missing\""),
+        "{condition}"
+    );
+
+    // The control plane dies: the sidecar keeps serving its configuration.
+    let (_, _) = cp.stop_with(Signal::SIGKILL).await?;
+    ttl_becomes(&agent, "chat", Duration::from_secs(300)).await?;
+    // A sidecar restarted meanwhile starts from its local copy.
+    let (code, _) = agent.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    agent = sidecar(port, ns, "agent-0", &token, &state).await?;
+    ttl_becomes(&agent, "chat", Duration::from_secs(300)).await?;
+    // A change made while the control plane is down arrives once it is back.
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&fabric_config(ns, "{chat: {ttl: 5m}, notes: {ttl: 1h}}")),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        session_ttl(&agent, "notes").await?.is_err(),
+        "no control plane, no change"
+    );
+    let cp = control_plane(port).await?;
+    ttl_becomes(&agent, "notes", Duration::from_secs(3600)).await?;
+
+    let (code, _) = agent.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    let (code, _) = cp.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    namespace.delete().await
+}
+
+#[tokio::test]
+async fn only_the_pods_own_token_gets_its_configuration() -> anyhow::Result<()> {
+    let _turn = TURN.lock().await;
+    let admin = client().await?;
+    install_crds(&admin).await?;
+    let ours = TestNamespace::create(&admin).await?;
+    let theirs = TestNamespace::create(&admin).await?;
+    agent_pod(&ours.name, "agent-0").await?;
+    agent_pod(&ours.name, "agent-1").await?;
+    agent_pod(&theirs.name, "agent-0").await?;
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&fabric_config(&ours.name, "{chat: {ttl: 30m}}")),
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let port = env::free_port();
+    let cp = control_plane(port).await?;
+    let ca = std::fs::read(pki_dir().join("ca.crt"))?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+        )?
+        .connect()
+        .await?;
+    let subscribe = |hello: Option<Hello>| {
+        let mut client = ConfigDistributionClient::new(channel.clone());
+        async move {
+            let first = match hello {
+                Some(hello) => SubscribeRequest {
+                    kind: Some(Kind::Hello(hello)),
+                },
+                None => SubscribeRequest {
+                    kind: Some(Kind::Ack(Ack {
+                        version: "x".into(),
+                    })),
+                },
+            };
+            let requests = futures::stream::iter([first]).chain(futures::stream::pending());
+            let answer = async move {
+                client
+                    .subscribe(requests)
+                    .await?
+                    .into_inner()
+                    .message()
+                    .await
+            };
+            tokio::time::timeout(Duration::from_secs(20), answer)
+                .await
+                .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in 20 s")))
+        }
+    };
+    let hello = |namespace: &str, pod: &str, token: String| Hello {
+        namespace: namespace.to_owned(),
+        pod: pod.to_owned(),
+        token,
+        ..Hello::default()
+    };
+    let read = |path: PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+
+    // Its own token: its namespace's configuration.
+    let own = read(token_file(dir.path(), &ours.name, "agent-0").await?);
+    let snapshot = subscribe(Some(hello(&ours.name, "agent-0", own.clone())))
+        .await?
+        .expect("a snapshot");
+    let config: Value = serde_json::from_str(&snapshot.config_json)?;
+    assert_eq!(config["namespace"], ours.name.as_str());
+    assert_eq!(config["fabricConfig"]["name"], "agents");
+
+    // Another namespace's token, presented for ours.
+    let foreign = read(token_file(dir.path(), &theirs.name, "agent-0").await?);
+    let refused = subscribe(Some(hello(&ours.name, "agent-0", foreign)))
+        .await
+        .expect_err("foreign");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains(&theirs.name), "{refused:?}");
+    // Another pod's token of the same namespace.
+    let sibling = read(token_file(dir.path(), &ours.name, "agent-1").await?);
+    let refused = subscribe(Some(hello(&ours.name, "agent-0", sibling)))
+        .await
+        .expect_err("sibling");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // No token, a forged one, no Hello.
+    let refused = subscribe(Some(hello(&ours.name, "agent-0", String::new())))
+        .await
+        .expect_err("none");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let refused = subscribe(Some(hello(&ours.name, "agent-0", format!("{own}x"))))
+        .await
+        .expect_err("forged");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let refused = subscribe(None).await.expect_err("no hello");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+
+    let (code, _) = cp.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    theirs.delete().await?;
+    ours.delete().await
+}

@@ -102,22 +102,25 @@ pub async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()
     });
     let (leadership, task) = kept.context("leader election did not start")?;
     let mut saga_store = None;
+    let mut engine = None;
     if ctx.config.sagas.enabled {
         let store = sagas::open_store(&ctx, &ctx.config.sagas, leader).await?;
-        sagas::run(
-            &ctx,
-            store.clone(),
-            leadership.clone(),
-            &ctx.config.sagas,
-            &ctx.config.api,
-            &leader.name,
-        )
-        .await?;
+        engine = Some(
+            sagas::run(
+                &ctx,
+                store.clone(),
+                leadership.clone(),
+                &ctx.config.sagas,
+                &ctx.config.api,
+                &leader.name,
+            )
+            .await?,
+        );
         saga_store = Some(store);
     }
     kafka::start(&ctx, pool, &leadership, saga_store)?;
     if ctx.config.mesh.enabled {
-        mesh::start(&ctx, leadership.clone()).await?;
+        mesh::start(&ctx, leadership.clone(), engine).await?;
     }
     ctx.shutdown.requested().await;
     // The task releases the lease when the token is cancelled.

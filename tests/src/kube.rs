@@ -207,3 +207,50 @@ impl TestNamespace {
         Ok(())
     }
 }
+
+/// Applies the control plane's ServiceAccount and RBAC (`k8s/control-plane/rbac.yaml`).
+pub async fn install_control_plane_rbac() -> anyhow::Result<()> {
+    let rbac = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../k8s/control-plane/rbac.yaml");
+    kubectl(&["apply", "-f", &rbac.display().to_string()], None).await?;
+    Ok(())
+}
+
+/// A kubeconfig in `dir` that authenticates as a ServiceAccount with a
+/// fresh token, so a process runs with exactly that account's RBAC.
+pub async fn kubeconfig_as_service_account(
+    dir: &std::path::Path,
+    namespace: &str,
+    account: &str,
+) -> anyhow::Result<PathBuf> {
+    let token = kubectl(
+        &[
+            "create",
+            "token",
+            account,
+            "-n",
+            namespace,
+            "--duration",
+            "1h",
+        ],
+        None,
+    )
+    .await?;
+    let admin = std::fs::read_to_string(kubeconfig_path())?;
+    let server = admin
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .context("the admin kubeconfig names no server")?;
+    let ca = pki_dir().join("ca.crt");
+    let path = dir.join(format!("{namespace}-{account}.kubeconfig"));
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    \
+             certificate-authority: {}\nusers:\n- name: {account}\n  user:\n    token: {}\ncontexts:\n\
+             - name: test\n  context: {{cluster: test, user: {account}}}\ncurrent-context: test\n",
+            ca.display(),
+            token.trim()
+        ),
+    )?;
+    Ok(path)
+}

@@ -189,3 +189,41 @@ async fn the_sdk_agent_example_runs_a_saga() -> anyhow::Result<()> {
     assert_eq!(code, 0);
     Ok(())
 }
+
+/// `fabric dev` reads the mesh resources from local files, the same
+/// documents as on a cluster: the FabricConfig's session namespaces apply.
+#[tokio::test]
+async fn mesh_resources_from_local_files_configure_fabric_dev() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        "apiVersion: statefabric.io/v1alpha1\nkind: FabricConfig\nmetadata: {name: laptop}\n\
+         spec: {default: true, sessions: {scratch: {ttl: 20m}}}\n",
+    )?;
+    let config = dir.path().join("dev.toml");
+    std::fs::write(
+        &config,
+        format!("[mesh]\nfiles = [{:?}]\n", mesh.display().to_string()),
+    )?;
+    let config = config.display().to_string();
+    let mut service = process::spawn("fabric", &["dev", "--config", &config], &[])?;
+    service.ready().await?;
+    let mut sessions = statefabric_sdk::StateClient::connect(service.grpc.clone())
+        .await?
+        .sessions();
+    let left = sessions.put("scratch", "s", b"v".to_vec(), None).await?;
+    assert!(
+        left <= Duration::from_secs(1200) && left > Duration::from_secs(1190),
+        "{left:?}"
+    );
+    let (code, _) = service.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+
+    // A file that is not a mesh document stops it with the reason.
+    std::fs::write(&mesh, "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n")?;
+    let mut bad = process::spawn("fabric", &["dev", "--config", &config], &[])?;
+    let status = tokio::time::timeout(Duration::from_secs(20), bad.child.wait()).await??;
+    assert!(!status.success());
+    Ok(())
+}

@@ -404,3 +404,81 @@ async fn rbac_refuses_an_identity_without_grants() -> anyhow::Result<()> {
     .await?;
     namespace.delete().await
 }
+
+/// `kubectl auth can-i` as the control plane's ServiceAccount (it answers
+/// `yes`, or `no` with exit code 1). `resource` may end in `/<subresource>`.
+async fn control_plane_may(verb: &str, resource: &str, namespace: &str) -> anyhow::Result<bool> {
+    let (resource, subresource) = match resource.split_once('/') {
+        Some((resource, sub)) => (resource, Some(sub)),
+        None => (resource, None),
+    };
+    let mut command = tokio::process::Command::new(statefabric_tests::kube::kubectl_path());
+    command
+        .arg("--kubeconfig")
+        .arg(statefabric_tests::kube::kubeconfig_path())
+        .args(["auth", "can-i", verb, resource, "-n", namespace])
+        .args([
+            "--as",
+            "system:serviceaccount:statefabric-system:statefabric-control-plane",
+        ]);
+    if let Some(sub) = subresource {
+        command.arg(format!("--subresource={sub}"));
+    }
+    let output = command.output().await?;
+    match String::from_utf8_lossy(&output.stdout).trim() {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        other => anyhow::bail!(
+            "kubectl auth can-i {verb} {resource}: {other} {}",
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    }
+}
+
+#[tokio::test]
+async fn the_control_planes_rbac_allows_what_it_needs_and_nothing_else() -> anyhow::Result<()> {
+    let client = client().await?;
+    install_crds(&client).await?;
+    let rbac = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../k8s/control-plane/rbac.yaml"
+    );
+    kubectl(&["apply", "-f", rbac], None).await?;
+    let agents = TestNamespace::create(&client).await?;
+    let (home, elsewhere) = ("statefabric-system", agents.name.as_str());
+    for (verb, resource, namespace) in [
+        ("watch", "fabricconfigs.statefabric.io", elsewhere),
+        ("list", "sagadefinitions.statefabric.io", elsewhere),
+        ("patch", "upstreams.statefabric.io/status", elsewhere),
+        (
+            "update",
+            "resiliencypolicies.statefabric.io/status",
+            elsewhere,
+        ),
+        ("create", "tokenreviews.authentication.k8s.io", elsewhere),
+        ("get", "pods", elsewhere),
+        ("create", "events", elsewhere),
+        ("update", "leases.coordination.k8s.io", home),
+        ("create", "leases.coordination.k8s.io", home),
+    ] {
+        assert!(
+            control_plane_may(verb, resource, namespace).await?,
+            "the control plane may not {verb} {resource} in {namespace}"
+        );
+    }
+    for (verb, resource, namespace) in [
+        ("get", "secrets", elsewhere),
+        ("get", "secrets", home),
+        ("patch", "fabricconfigs.statefabric.io", elsewhere),
+        ("delete", "sagadefinitions.statefabric.io", elsewhere),
+        ("update", "leases.coordination.k8s.io", elsewhere),
+        ("list", "pods", elsewhere),
+        ("create", "pods", elsewhere),
+    ] {
+        assert!(
+            !control_plane_may(verb, resource, namespace).await?,
+            "the control plane may {verb} {resource} in {namespace}"
+        );
+    }
+    agents.delete().await
+}

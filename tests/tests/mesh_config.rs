@@ -84,9 +84,21 @@ async fn token_file(dir: &Path, namespace: &str, pod: &str) -> anyhow::Result<Pa
     Ok(path)
 }
 
-async fn control_plane(port: u16) -> anyhow::Result<Service> {
+/// A kubeconfig as the control plane's own ServiceAccount: the processes
+/// under test run with exactly the RBAC of `k8s/control-plane/rbac.yaml`.
+async fn control_plane_kubeconfig(dir: &Path) -> anyhow::Result<String> {
+    env::kube::install_control_plane_rbac().await?;
+    let path = env::kube::kubeconfig_as_service_account(
+        dir,
+        "statefabric-system",
+        "statefabric-control-plane",
+    )
+    .await?;
+    Ok(path.display().to_string())
+}
+
+async fn control_plane(port: u16, kubeconfig: &str) -> anyhow::Result<Service> {
     let pki = pki_dir();
-    let kubeconfig = env::kube::kubeconfig_path().display().to_string();
     let (cert, key) = (
         pki.join("mesh.crt").display().to_string(),
         pki.join("mesh.key").display().to_string(),
@@ -96,7 +108,7 @@ async fn control_plane(port: u16) -> anyhow::Result<Service> {
         "statefabric-control-plane",
         &[],
         &[
-            ("KUBECONFIG", kubeconfig.as_str()),
+            ("KUBECONFIG", kubeconfig),
             ("STATEFABRIC_SAGAS__ENABLED", "false"),
             ("STATEFABRIC_MESH__ENABLED", "true"),
             ("STATEFABRIC_MESH__LISTEN", listen.as_str()),
@@ -216,7 +228,8 @@ async fn configuration_reaches_running_sidecars_and_survives_a_control_plane_out
     let token = token_file(dir.path(), ns, "agent-0").await?;
     let state = dir.path().join("mesh.json");
     let port = env::free_port();
-    let cp = control_plane(port).await?;
+    let kubeconfig = control_plane_kubeconfig(dir.path()).await?;
+    let cp = control_plane(port, &kubeconfig).await?;
     let mut agent = sidecar(port, ns, "agent-0", &token, &state).await?;
 
     // Not configured yet: the namespace is refused, naming it.
@@ -320,7 +333,7 @@ async fn configuration_reaches_running_sidecars_and_survives_a_control_plane_out
         session_ttl(&agent, "notes").await?.is_err(),
         "no control plane, no change"
     );
-    let cp = control_plane(port).await?;
+    let cp = control_plane(port, &kubeconfig).await?;
     ttl_becomes(&agent, "notes", Duration::from_secs(3600)).await?;
 
     let (code, _) = agent.stop_with(Signal::SIGTERM).await?;
@@ -347,7 +360,8 @@ async fn only_the_pods_own_token_gets_its_configuration() -> anyhow::Result<()> 
     .await?;
     let dir = tempfile::tempdir()?;
     let port = env::free_port();
-    let cp = control_plane(port).await?;
+    let kubeconfig = control_plane_kubeconfig(dir.path()).await?;
+    let cp = control_plane(port, &kubeconfig).await?;
     let ca = std::fs::read(pki_dir().join("ca.crt"))?;
     let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
         .tls_config(
@@ -429,4 +443,167 @@ async fn only_the_pods_own_token_gets_its_configuration() -> anyhow::Result<()> 
     assert_eq!(code, 0);
     theirs.delete().await?;
     ours.delete().await
+}
+
+async fn saga_control_plane(port: u16, kubeconfig: &str) -> anyhow::Result<Service> {
+    let (control, admin) = (env::pg_control_url(), env::pg_admin_url());
+    let lease = format!("cp-{}", uuid::Uuid::new_v4().simple());
+    let listen = format!("127.0.0.1:{port}");
+    let mut service = process::spawn(
+        "statefabric-control-plane",
+        &[],
+        &[
+            ("KUBECONFIG", kubeconfig),
+            ("STATEFABRIC_LEADER__BACKEND", "postgres"),
+            ("STATEFABRIC_LEADER__POSTGRES_URL", control.as_str()),
+            ("STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL", admin.as_str()),
+            ("STATEFABRIC_LEADER__NAME", lease.as_str()),
+            ("STATEFABRIC_API__ALLOW_ANONYMOUS", "true"),
+            ("STATEFABRIC_MESH__ENABLED", "true"),
+            ("STATEFABRIC_MESH__LISTEN", listen.as_str()),
+            ("STATEFABRIC_MESH__STATUS_INTERVAL", "200ms"),
+        ],
+    )?;
+    service.ready().await?;
+    Ok(service)
+}
+
+fn saga_definition(
+    namespace: &str,
+    name: &str,
+    code_timeout: &str,
+    review_goes_to: &str,
+) -> String {
+    format!(
+        r#"apiVersion: statefabric.io/v1alpha1
+kind: SagaDefinition
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  start: plan
+  steps:
+    plan: {{agent: planner, action: plan, timeout: 30s, compensation: none, on_success: code}}
+    code: {{agent: coder, action: write, timeout: {code_timeout}, compensation: {{action: revert}}, on_success: review}}
+    review: {{agent: critic, action: review, timeout: 30s, compensation: none, on_success: {review_goes_to}}}
+"#
+    )
+}
+
+/// The SagaDefinition's status, once `check` holds.
+async fn saga_status(
+    namespace: &str,
+    name: &str,
+    check: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    env::eventually(
+        &format!("SagaDefinition {name} status"),
+        Duration::from_secs(20),
+        || async {
+            let printed = kubectl(
+                &["get", "sagadefinition", name, "-n", namespace, "-o", "json"],
+                None,
+            )
+            .await?;
+            let resource: Value = serde_json::from_str(&printed)?;
+            Ok(check(&resource["status"]).then(|| resource["status"].clone()))
+        },
+    )
+    .await
+}
+
+/// The definition version a saga runs on, from the operator API, once the
+/// engine has taken the start the sidecar queued.
+async fn saga_version(cp: &Service, saga: &str) -> anyhow::Result<Value> {
+    let url = format!("{}/v1/sagas/{saga}", cp.api);
+    let body = env::eventually(
+        &format!("saga {saga} started"),
+        Duration::from_secs(10),
+        || async {
+            let response = env::http("GET", &url, None, None).await?;
+            if response.status == 404 {
+                return Ok(None);
+            }
+            anyhow::ensure!(
+                response.status == 200,
+                "GET saga: {} {}",
+                response.status,
+                response.body
+            );
+            Ok(Some(serde_json::from_str::<Value>(&response.body)?))
+        },
+    )
+    .await?;
+    Ok(body["saga"]["instance"]["version"].clone())
+}
+
+#[tokio::test]
+async fn a_saga_definition_applied_with_kubectl_is_registered_and_started_through_a_sidecar()
+-> anyhow::Result<()> {
+    let _turn = TURN.lock().await;
+    let admin = client().await?;
+    install_crds(&admin).await?;
+    let namespace = TestNamespace::create(&admin).await?;
+    let ns = namespace.name.as_str();
+    // Definition names are shared by the whole engine (and database).
+    let name = format!(
+        "feature-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = control_plane_kubeconfig(dir.path()).await?;
+    let cp = saga_control_plane(env::free_port(), &kubeconfig).await?;
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let agent = process::sidecar(Storage::Postgres, &tenant, "planner-0", &[]).await?;
+    let mut tasks = StateClient::connect(agent.grpc.clone()).await?.tasks();
+
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&saga_definition(ns, &name, "60s", "DONE")),
+    )
+    .await?;
+    let status = saga_status(ns, &name, |s| s["registeredVersion"] == 1).await?;
+    assert_eq!(status["conditions"][0]["status"], "True", "{status}");
+    let first = env::eventually("the saga started", Duration::from_secs(10), || async {
+        Ok(tasks
+            .clone()
+            .start_saga(&name, None, &serde_json::json!({"goal": "x"}))
+            .await
+            .ok())
+    })
+    .await?;
+    assert_eq!(saga_version(&cp, &first).await?, 1);
+
+    // An edit registers a new version; the running saga keeps its own.
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&saga_definition(ns, &name, "90s", "DONE")),
+    )
+    .await?;
+    saga_status(ns, &name, |s| s["registeredVersion"] == 2).await?;
+    let second = tasks
+        .start_saga(&name, None, &serde_json::json!({"goal": "y"}))
+        .await?;
+    assert_eq!(saga_version(&cp, &second).await?, 2);
+    assert_eq!(saga_version(&cp, &first).await?, 1);
+
+    // One the validator refuses: Ready=False naming the step; version 2 stays.
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&saga_definition(ns, &name, "90s", "nowhere")),
+    )
+    .await?;
+    let status = saga_status(ns, &name, |s| s["conditions"][0]["status"] == "False").await?;
+    let message = status["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.starts_with("spec.steps.review:") && message.contains("nowhere"),
+        "{status}"
+    );
+    assert_eq!(status["registeredVersion"], 2);
+
+    let (code, _) = agent.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    let (code, _) = cp.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    namespace.delete().await
 }

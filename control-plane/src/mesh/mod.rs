@@ -3,17 +3,21 @@
 //! sidecar its effective configuration ([`distribution`]); the leader
 //! writes the resources' status ([`status`]).
 //!
-//! Partial (see docs/kubernetes.md): SagaDefinitions are watched and
-//! checked, not yet registered with the engine.
+//! With the saga engine on, the leader also registers SagaDefinitions
+//! ([`sagas`]).
 
 pub mod catalog;
 pub mod distribution;
+pub mod sagas;
 pub mod status;
+
+use std::sync::Arc;
 
 use anyhow::Context;
 use statefabric_leader::Leadership;
 use statefabric_proto::control::v1::config_distribution_server::ConfigDistributionServer;
 use statefabric_runtime::ServiceContext;
+use statefabric_saga_engine::engine::Engine;
 
 use crate::ControlPlaneConfig;
 
@@ -21,6 +25,7 @@ use crate::ControlPlaneConfig;
 pub async fn start(
     ctx: &ServiceContext<ControlPlaneConfig>,
     leadership: Leadership,
+    engine: Option<Arc<Engine>>,
 ) -> anyhow::Result<()> {
     let mesh = &ctx.config.mesh;
     let client = kube::Client::try_default()
@@ -35,6 +40,16 @@ pub async fn start(
         mesh.audience.clone(),
         ctx.shutdown.token(),
     );
+    if let Some(engine) = engine {
+        ctx.shutdown.spawn(sagas::run(
+            client.clone(),
+            catalog.clone(),
+            engine,
+            leadership.clone(),
+            mesh.status_interval,
+            ctx.shutdown.token(),
+        ));
+    }
     ctx.shutdown.spawn(status::run(
         client,
         catalog,

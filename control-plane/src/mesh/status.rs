@@ -128,7 +128,13 @@ async fn write_all<K>(
         let generation = resource.meta().generation;
         let status = MeshStatus {
             observed_generation: generation,
-            conditions: vec![condition(previous, ready, generation)],
+            conditions: vec![condition(
+                previous
+                    .map(|p| p.conditions.as_slice())
+                    .unwrap_or_default(),
+                ready,
+                generation,
+            )],
             sidecars: Some(counts),
         };
         if previous == Some(&status) {
@@ -159,13 +165,14 @@ fn count<'a>(states: impl Iterator<Item = &'a &'a SidecarState>) -> u32 {
 }
 
 /// `Ready` as it is now, keeping the transition time while it holds.
-fn condition(
-    previous: Option<&MeshStatus>,
+pub(super) fn condition(
+    previous: &[Condition],
     (status, reason, message): (&str, &str, String),
     generation: Option<i64>,
 ) -> Condition {
     let before = previous
-        .and_then(|p| p.conditions.iter().find(|c| c.type_ == READY))
+        .iter()
+        .find(|c| c.type_ == READY)
         .filter(|c| c.status == status);
     Condition {
         type_: READY.to_owned(),

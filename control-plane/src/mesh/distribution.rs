@@ -97,6 +97,11 @@ impl Sidecars {
     }
 }
 
+/// TokenReviews (and pod reads) in flight at once. A fleet resubscribing
+/// after a control-plane restart would otherwise open a connection to the
+/// API server per sidecar at the same moment.
+const IDENTIFY_CONCURRENCY: usize = 8;
+
 /// The service; clones share the catalog, the registry and the client.
 #[derive(Clone)]
 pub struct Distribution {
@@ -104,6 +109,7 @@ pub struct Distribution {
     sidecars: Sidecars,
     client: Client,
     audience: String,
+    identifying: Arc<tokio::sync::Semaphore>,
     stop: CancellationToken,
 }
 
@@ -128,6 +134,7 @@ impl Distribution {
             sidecars,
             client,
             audience,
+            identifying: Arc::new(tokio::sync::Semaphore::new(IDENTIFY_CONCURRENCY)),
             stop,
         }
     }
@@ -143,6 +150,11 @@ impl Distribution {
                 "Hello carries no ServiceAccount token",
             ));
         }
+        let _permit = self
+            .identifying
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?;
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: hello.token.clone(),

@@ -11,7 +11,7 @@
 //!
 //! Needs the test environment (`testenv/up.sh`) and a release build:
 //!   cargo build --release -p statefabric-control-plane -p statefabric-bench
-//!   target/release/mesh-bench --subscribers 1,100,1000 --updates 20
+//!   "${CARGO_TARGET_DIR:-target}"/release/mesh-bench --subscribers 1,100,1000 --updates 20
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -70,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
     apply_config(&configs, 0).await?;
 
     let port = env::free_port();
-    let (cp, admin) = start_control_plane(port).await?;
+    let cp = start_control_plane(port).await?;
     let mut pods = Vec::new();
     println!("mesh-bench: config propagation, namespace {ns}");
     for &n in &args.subscribers {
@@ -80,17 +80,7 @@ async fn main() -> anyhow::Result<()> {
                 pods.push(made?);
             }
         }
-        scenario(
-            &client,
-            &configs,
-            &ns,
-            port,
-            &pods[..n],
-            &cp,
-            &admin,
-            args.updates,
-        )
-        .await?;
+        scenario(&configs, &ns, port, &pods[..n], &cp, args.updates).await?;
     }
     drop(cp);
     namespace.delete().await
@@ -113,7 +103,7 @@ async fn apply_config(configs: &Api<FabricConfig>, round: u32) -> anyhow::Result
     Ok(())
 }
 
-async fn start_control_plane(port: u16) -> anyhow::Result<(Child, String)> {
+async fn start_control_plane(port: u16) -> anyhow::Result<Child> {
     let binary = std::env::current_exe()?.with_file_name("statefabric-control-plane");
     anyhow::ensure!(
         binary.is_file(),
@@ -144,7 +134,7 @@ async fn start_control_plane(port: u16) -> anyhow::Result<(Child, String)> {
         async move { Ok((env::http("GET", &ready, None, None).await?.status == 200).then_some(())) }
     })
     .await?;
-    Ok((child, admin.to_string()))
+    Ok(child)
 }
 
 /// A Pending pod and a token bound to it.
@@ -201,15 +191,12 @@ fn rss_kib(child: &Child) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn scenario(
-    client: &Client,
     configs: &Api<FabricConfig>,
     ns: &str,
     port: u16,
     pods: &[(String, String)],
     cp: &Child,
-    _admin: &str,
     updates: u32,
 ) -> anyhow::Result<()> {
     let n = pods.len();
@@ -305,7 +292,6 @@ async fn scenario(
         rss_before / 1024.0,
         (rss_after - rss_before) / n as f64
     );
-    let _ = client;
     // Let the control plane see the streams close before the next scenario.
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok(())

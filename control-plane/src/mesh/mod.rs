@@ -12,14 +12,47 @@ pub mod sagas;
 pub mod status;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use statefabric_leader::Leadership;
+use statefabric_leader::{Leadership, Role};
+use statefabric_mesh::Catalog;
 use statefabric_proto::control::v1::config_distribution_server::ConfigDistributionServer;
 use statefabric_runtime::ServiceContext;
 use statefabric_saga_engine::engine::Engine;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::ControlPlaneConfig;
+
+/// On the leader, at most once per `interval`: SagaDefinitions into the
+/// engine, then every resource's status.
+async fn reconcile(
+    client: kube::Client,
+    mut catalog: watch::Receiver<Option<Arc<Catalog>>>,
+    sidecars: distribution::Sidecars,
+    engine: Option<Arc<Engine>>,
+    leadership: Leadership,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        if !matches!(leadership.role(), Role::Leader { .. }) {
+            continue;
+        }
+        let Some(current) = catalog.borrow_and_update().clone() else {
+            continue;
+        };
+        if let Some(engine) = &engine {
+            sagas::register_all(&client, &current, engine).await;
+        }
+        status::write(&client, &current, &sidecars).await;
+    }
+}
 
 /// Starts watching, serving and status writing; returns once listening.
 pub async fn start(
@@ -40,20 +73,11 @@ pub async fn start(
         mesh.audience.clone(),
         ctx.shutdown.token(),
     );
-    if let Some(engine) = engine {
-        ctx.shutdown.spawn(sagas::run(
-            client.clone(),
-            catalog.clone(),
-            engine,
-            leadership.clone(),
-            mesh.status_interval,
-            ctx.shutdown.token(),
-        ));
-    }
-    ctx.shutdown.spawn(status::run(
+    ctx.shutdown.spawn(reconcile(
         client,
         catalog,
         sidecars,
+        engine,
         leadership,
         mesh.status_interval,
         ctx.shutdown.token(),

@@ -5,58 +5,33 @@
 //! the resource's status. Running sagas keep the version they started on.
 //! Definition names are the engine's, shared by all namespaces.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
-use statefabric_leader::{Leadership, Role};
 use statefabric_mesh::status::SagaDefinitionStatus;
 use statefabric_mesh::{Catalog, SagaDefinition};
 use statefabric_saga_engine::engine::Engine;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use super::status::condition;
 
-/// Runs until `stop`, looking again at most once per `interval`.
-pub async fn run(
-    client: Client,
-    mut catalog: watch::Receiver<Option<Arc<Catalog>>>,
-    engine: Arc<Engine>,
-    leadership: Leadership,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-        if !matches!(leadership.role(), Role::Leader { .. }) {
+/// One pass over every SagaDefinition.
+pub async fn register_all(client: &Client, current: &Catalog, engine: &Engine) {
+    for saga in &current.sagas {
+        let status = register(engine, saga).await;
+        if saga.status.as_ref() == Some(&status) {
             continue;
         }
-        let Some(current) = catalog.borrow_and_update().clone() else {
-            continue;
-        };
-        for saga in &current.sagas {
-            let status = register(&engine, saga).await;
-            if saga.status.as_ref() == Some(&status) {
-                continue;
-            }
-            let namespace = saga.namespace().unwrap_or_default();
-            let api: Api<SagaDefinition> = Api::namespaced(client.clone(), &namespace);
-            if let Err(err) = api
-                .patch_status(
-                    &saga.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({ "status": status })),
-                )
-                .await
-            {
-                tracing::warn!(%namespace, name = %saga.name_any(), error = %err, "writing SagaDefinition status");
-            }
+        let namespace = saga.namespace().unwrap_or_default();
+        let api: Api<SagaDefinition> = Api::namespaced(client.clone(), &namespace);
+        if let Err(err) = api
+            .patch_status(
+                &saga.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            )
+            .await
+        {
+            tracing::warn!(%namespace, name = %saga.name_any(), error = %err, "writing SagaDefinition status");
         }
     }
 }

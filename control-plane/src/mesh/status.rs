@@ -10,8 +10,6 @@
 //! replicas each sees only the sidecars connected to it.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -20,41 +18,19 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use statefabric_leader::{Leadership, Role};
 use statefabric_mesh::status::{MeshStatus, Nack, READY, SidecarCounts};
 use statefabric_mesh::validate::{Problem, problems};
 use statefabric_mesh::{Catalog, FabricConfig, ResiliencyPolicy, Upstream};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use super::distribution::{SidecarState, Sidecars};
 
-/// Runs until `stop`.
-pub async fn run(
-    client: Client,
-    mut catalog: watch::Receiver<Option<Arc<Catalog>>>,
-    sidecars: Sidecars,
-    leadership: Leadership,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-        if !matches!(leadership.role(), Role::Leader { .. }) {
-            continue;
-        }
-        let Some(current) = catalog.borrow_and_update().clone() else {
-            continue;
-        };
-        let refused = problems(&current);
-        let states = sidecars.snapshot();
-        write_all(&client, &current.fabric_configs, &refused, &states).await;
-        write_all(&client, &current.policies, &refused, &states).await;
-        write_all(&client, &current.upstreams, &refused, &states).await;
-    }
+/// One pass over every FabricConfig, ResiliencyPolicy and Upstream.
+pub async fn write(client: &Client, current: &Catalog, sidecars: &Sidecars) {
+    let refused = problems(current);
+    let states = sidecars.snapshot();
+    write_all(client, &current.fabric_configs, &refused, &states).await;
+    write_all(client, &current.policies, &refused, &states).await;
+    write_all(client, &current.upstreams, &refused, &states).await;
 }
 
 /// Whether the sidecar's configuration includes this resource.

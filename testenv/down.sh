@@ -28,5 +28,5 @@ fi
 
 if [[ ${1:-} == --purge ]]; then
   rm -rf "$STATE/postgres" "$STATE/redis" "$STATE/kafka" "$STATE/kube" "$STATE/logs" "$STATE"/*.pid "$STATE"/*.args "$STATE/env.sh"
-  log "purged service data under $STATE (jars kept)"
+  log "purged service data under $STATE (jars and built tools kept)"
 fi

@@ -118,15 +118,7 @@ impl Sidecar {
 
     /// Resident memory, MiB.
     pub fn rss_mib(&self) -> f64 {
-        let Some(pid) = self.child.id() else {
-            return 0.0;
-        };
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
+        self.child.id().map_or(0.0, |pid| rss_kib(pid) / 1024.0)
     }
 
     /// Kills the sidecar and waits until it is gone (dropping it only sends
@@ -135,6 +127,16 @@ impl Sidecar {
         self.child.kill().await?;
         Ok(())
     }
+}
+
+/// A process's resident memory in KiB (`VmRSS` in `/proc`; 0 if gone).
+pub fn rss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
 }
 
 /// Runs `op(client index, iteration)` from `clients` tasks for `duration`.

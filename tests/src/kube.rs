@@ -235,11 +235,7 @@ pub async fn kubeconfig_as_service_account(
         None,
     )
     .await?;
-    let admin = std::fs::read_to_string(kubeconfig_path())?;
-    let server = admin
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("server: "))
-        .context("the admin kubeconfig names no server")?;
+    let server = format!("https://127.0.0.1:{}", setting("KUBE_API_PORT"));
     let ca = pki_dir().join("ca.crt");
     let path = dir.join(format!("{namespace}-{account}.kubeconfig"));
     std::fs::write(

@@ -182,13 +182,7 @@ async fn create_pod(client: &Client, ns: &str, index: usize) -> anyhow::Result<(
 }
 
 fn rss_kib(child: &Child) -> f64 {
-    let Some(pid) = child.id() else { return 0.0 };
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
+    child.id().map_or(0.0, statefabric_bench::rss_kib)
 }
 
 async fn scenario(

@@ -296,27 +296,33 @@ impl Distribution {
                     }
                 }
             }
-            tokio::select! {
-                () = self.stop.cancelled() => return,
-                () = tx.closed() => return,
-                changed = catalog.changed() => if changed.is_err() { return },
-                message = inbound.message() => match message {
-                    Ok(Some(SubscribeRequest { kind: Some(kind) })) => {
-                        if let Kind::Nack(nack) = &kind {
-                            tracing::warn!(
-                                namespace = %identity.namespace,
-                                pod = %identity.pod,
-                                version = %nack.version,
-                                reason = %nack.reason,
-                                "a sidecar refused its configuration"
-                            );
+            // Until the catalog changes, only answers arrive: record them
+            // without computing the configuration again.
+            loop {
+                tokio::select! {
+                    () = self.stop.cancelled() => return,
+                    () = tx.closed() => return,
+                    changed = catalog.changed() => match changed {
+                        Ok(()) => break,
+                        Err(_) => return,
+                    },
+                    message = inbound.message() => match message {
+                        Ok(Some(SubscribeRequest { kind: Some(kind) })) => {
+                            if let Kind::Nack(nack) = &kind {
+                                tracing::warn!(
+                                    namespace = %identity.namespace,
+                                    pod = %identity.pod,
+                                    version = %nack.version,
+                                    reason = %nack.reason,
+                                    "a sidecar refused its configuration"
+                                );
+                            }
+                            self.sidecars.answered(&identity, kind);
                         }
-                        self.sidecars.answered(&identity, kind);
-                        continue;
-                    }
-                    Ok(Some(SubscribeRequest { kind: None })) => continue,
-                    Ok(None) | Err(_) => return,
-                },
+                        Ok(Some(SubscribeRequest { kind: None })) => {}
+                        Ok(None) | Err(_) => return,
+                    },
+                }
             }
         }
     }

@@ -511,6 +511,32 @@ mod tests {
     }
 
     #[test]
+    fn mesh_settings_that_cannot_work_are_named() {
+        let err = load_from(
+            ControlPlaneConfig::defaults(),
+            None,
+            [
+                ("STATEFABRIC_MESH__ENABLED", "true"),
+                ("STATEFABRIC_MESH__TLS_CERT", "/etc/mesh.crt"),
+                ("STATEFABRIC_MESH__AUDIENCE", ""),
+                ("STATEFABRIC_MESH__STATUS_INTERVAL", "0s"),
+                ("STATEFABRIC_LEADER__BACKEND", "kubernetes"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for key in [
+            "mesh.tls_cert",
+            "mesh.audience",
+            "mesh.status_interval",
+            "leader.postgres_url",
+        ] {
+            assert!(text.contains(key), "{key} missing from:\n{text}");
+        }
+    }
+
+    #[test]
     fn saga_and_api_settings_that_cannot_work_are_named() {
         let err = load_from(
             ControlPlaneConfig::defaults(),

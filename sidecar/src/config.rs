@@ -508,6 +508,28 @@ mod tests {
     }
 
     #[test]
+    fn mesh_problems_are_named() {
+        let err = load(&[
+            ("STATEFABRIC_MESH__ENABLED", "true"),
+            ("STATEFABRIC_MESH__FILES", "[\"mesh.yaml\"]"),
+            ("STATEFABRIC_MESH__CONTROL_PLANE", "control-plane:7504"),
+            ("STATEFABRIC_MESH__CA_FILE", "/etc/ca.crt"),
+            ("STATEFABRIC_MESH__RECONNECT_MIN", "0s"),
+        ])
+        .expect_err("invalid");
+        let text = err.to_string();
+        for key in [
+            "mesh.files",
+            "mesh.control_plane",
+            "mesh.ca_file",
+            "mesh.namespace",
+            "mesh.reconnect_min",
+        ] {
+            assert!(text.contains(key), "{key} missing from:\n{text}");
+        }
+    }
+
+    #[test]
     fn every_sidecar_problem_is_named() {
         let err = load(&[
             ("STATEFABRIC_SIDECAR__TENANT", "Not Valid"),

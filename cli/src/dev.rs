@@ -132,6 +132,7 @@ pub async fn serve(ctx: ServiceContext<DevConfig>, demo: bool) -> anyhow::Result
     let _opening = ctx.readiness.check("state_api");
     let sidecar_ctx = ServiceContext {
         config: ctx.config.sidecar_config(),
+        log_filter: ctx.log_filter.clone(),
         readiness: ctx.readiness.clone(),
         shutdown: ctx.shutdown.clone(),
         metrics: ctx.metrics.clone(),

@@ -56,6 +56,7 @@ pub async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()
     let leader = &ctx.config.leader;
     let backend_ready = ctx.readiness.check("leader_election");
     let mut pool = None;
+    let replica = identity(&leader.identity);
     let elector: Arc<dyn Elector> = match leader.backend {
         LeaderBackend::Solo => Arc::new(Solo),
         LeaderBackend::Postgres | LeaderBackend::Kubernetes => {
@@ -70,10 +71,9 @@ pub async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()
                 .connect(&leader.postgres_url)
                 .await
                 .context("connecting to Postgres (leader.postgres_url)")?;
-            let id = identity(&leader.identity);
-            tracing::info!(identity = %id, lease = %leader.name, "electing");
+            tracing::info!(identity = %replica, lease = %leader.name, "electing");
             pool = Some(connected.clone());
-            let fence = PgElector::new(connected, &leader.name, &id);
+            let fence = PgElector::new(connected, &leader.name, &replica);
             if leader.backend == LeaderBackend::Kubernetes {
                 let client = kube::Client::try_default()
                     .await
@@ -118,9 +118,14 @@ pub async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()
         );
         saga_store = Some(store);
     }
+    // Subscribers of every replica, for the leader's status writes.
+    let directory = match &pool {
+        Some(pool) => mesh::directory::Directory::postgres(pool.clone(), &leader.name, &replica),
+        None => mesh::directory::Directory::solo(),
+    };
     kafka::start(&ctx, pool, &leadership, saga_store)?;
     if ctx.config.mesh.enabled {
-        mesh::start(&ctx, leadership.clone(), engine).await?;
+        mesh::start(&ctx, leadership.clone(), directory, engine).await?;
     }
     ctx.shutdown.requested().await;
     // The task releases the lease when the token is cancelled.

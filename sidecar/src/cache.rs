@@ -36,17 +36,25 @@ pub struct CacheMetrics {
 #[derive(Debug)]
 pub struct ContextCache {
     inner: Mutex<Inner>,
-    max_entries: usize,
-    max_bytes: usize,
-    max_age: Duration,
     trusted: AtomicBool,
     metrics: CacheMetrics,
+}
+
+/// The cache's bounds; changeable while it runs (a FabricConfig's `cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheLimits {
+    pub max_entries: usize,
+    pub max_bytes: usize,
+    pub max_age: Duration,
 }
 
 #[derive(Debug)]
 struct Inner {
     lru: LruCache<String, (Arc<ContextDocument>, usize, Instant)>,
     bytes: usize,
+    /// Under the same lock as the entries: a shrink and a put never
+    /// interleave into a cache over its bounds.
+    limits: CacheLimits,
 }
 
 impl ContextCache {
@@ -55,12 +63,44 @@ impl ContextCache {
             inner: Mutex::new(Inner {
                 lru: LruCache::unbounded(),
                 bytes: 0,
+                limits: CacheLimits {
+                    max_entries: max_entries.max(1),
+                    max_bytes: max_bytes.max(1),
+                    max_age,
+                },
             }),
-            max_entries: max_entries.max(1),
-            max_bytes: max_bytes.max(1),
-            max_age,
             trusted: AtomicBool::new(true),
             metrics: CacheMetrics::default(),
+        }
+    }
+
+    pub fn limits(&self) -> CacheLimits {
+        self.lock().limits
+    }
+
+    /// New bounds, applied at once: entries beyond them are evicted now,
+    /// least recently used first.
+    pub fn set_limits(&self, limits: CacheLimits) {
+        let mut inner = self.lock();
+        inner.limits = CacheLimits {
+            max_entries: limits.max_entries.max(1),
+            max_bytes: limits.max_bytes.max(1),
+            max_age: limits.max_age,
+        };
+        self.evict(&mut inner);
+        self.publish(&inner);
+    }
+
+    /// Drops least recently used entries until the bounds hold.
+    fn evict(&self, inner: &mut Inner) {
+        while inner.lru.len() > inner.limits.max_entries || inner.bytes > inner.limits.max_bytes {
+            match inner.lru.pop_lru() {
+                Some((_, (_, freed, _))) => {
+                    inner.bytes -= freed;
+                    self.metrics.evictions.inc();
+                }
+                None => break,
+            }
         }
     }
 
@@ -113,8 +153,9 @@ impl ContextCache {
 
     pub fn get(&self, id: &str) -> Option<Arc<ContextDocument>> {
         let found = if self.trusted.load(Ordering::SeqCst) {
-            let max_age = self.max_age;
-            self.lock()
+            let mut inner = self.lock();
+            let max_age = inner.limits.max_age;
+            inner
                 .lru
                 .get(id)
                 .filter(|(_, _, at)| at.elapsed() <= max_age)
@@ -132,10 +173,13 @@ impl ContextCache {
     /// Caches `doc` unless a newer revision is already cached.
     pub fn put(&self, doc: Arc<ContextDocument>) {
         let size = serde_json::to_vec(&doc.content).map_or(0, |v| v.len()) + doc.id.len();
-        if size > self.max_bytes || !self.trusted.load(Ordering::SeqCst) {
+        if !self.trusted.load(Ordering::SeqCst) {
             return;
         }
         let mut inner = self.lock();
+        if size > inner.limits.max_bytes {
+            return;
+        }
         if let Some((cached, _, _)) = inner.lru.peek(&doc.id)
             && cached.revision > doc.revision
         {
@@ -145,15 +189,7 @@ impl ContextCache {
             inner.bytes -= old;
         }
         inner.bytes += size;
-        while inner.lru.len() > self.max_entries || inner.bytes > self.max_bytes {
-            match inner.lru.pop_lru() {
-                Some((_, (_, freed, _))) => {
-                    inner.bytes -= freed;
-                    self.metrics.evictions.inc();
-                }
-                None => break,
-            }
-        }
+        self.evict(&mut inner);
         self.publish(&inner);
     }
 
@@ -268,5 +304,28 @@ mod tests {
         assert!(cache.get("a").is_some());
         tokio::time::advance(Duration::from_secs(31)).await;
         assert!(cache.get("a").is_none(), "past max_age");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_limits_evict_at_once_and_bound_what_follows() {
+        let cache = ContextCache::new(10, 10_000, Duration::from_secs(60));
+        for id in ["a", "b", "c", "d"] {
+            cache.put(doc(id, 1, json!(id)));
+        }
+        assert!(cache.get("a").is_some(), "a is now the most recent");
+        cache.set_limits(CacheLimits {
+            max_entries: 2,
+            max_bytes: 10_000,
+            max_age: Duration::from_secs(5),
+        });
+        assert!(cache.get("b").is_none() && cache.get("c").is_none());
+        assert!(cache.get("a").is_some() && cache.get("d").is_some());
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(cache.get("a").is_none(), "the new max_age applies");
+        cache.put(doc("e", 1, json!(1)));
+        cache.put(doc("f", 1, json!(1)));
+        cache.put(doc("g", 1, json!(1)));
+        assert_eq!(cache.limits().max_entries, 2);
+        assert!(cache.get("e").is_none(), "two entries at most");
     }
 }

@@ -4,6 +4,7 @@
 //! lease.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -13,8 +14,48 @@ use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::locks_server::Locks;
 use tonic::{Request, Response, Status};
 
-/// Longest lease and longest wait accepted.
-const MAX_MILLIS: u32 = 600_000;
+/// Longest lease and longest wait accepted, whatever a FabricConfig says.
+pub const MAX_MILLIS: u32 = 600_000;
+
+/// The longest lease and wait an agent may ask for; clones share them, and
+/// a FabricConfig's `locks` changes them while the sidecar runs.
+#[derive(Debug, Clone)]
+pub struct LockLimits {
+    max_lease_ms: Arc<AtomicU32>,
+    max_wait_ms: Arc<AtomicU32>,
+}
+
+impl Default for LockLimits {
+    fn default() -> Self {
+        Self {
+            max_lease_ms: Arc::new(AtomicU32::new(MAX_MILLIS)),
+            max_wait_ms: Arc::new(AtomicU32::new(MAX_MILLIS)),
+        }
+    }
+}
+
+impl LockLimits {
+    /// New bounds, each at most [`MAX_MILLIS`]; `None` restores that.
+    pub fn set(&self, max_lease: Option<Duration>, max_wait: Option<Duration>) {
+        let ms = |d: Option<Duration>| {
+            d.map_or(MAX_MILLIS, |d| {
+                u32::try_from(d.as_millis())
+                    .unwrap_or(u32::MAX)
+                    .min(MAX_MILLIS)
+            })
+        };
+        self.max_lease_ms.store(ms(max_lease), Ordering::Relaxed);
+        self.max_wait_ms.store(ms(max_wait), Ordering::Relaxed);
+    }
+
+    pub(crate) fn max_lease_ms(&self) -> u32 {
+        self.max_lease_ms.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn max_wait_ms(&self) -> u32 {
+        self.max_wait_ms.load(Ordering::Relaxed)
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct LocksService {
@@ -22,6 +63,7 @@ pub struct LocksService {
     tenant: TenantId,
     identity: String,
     held: Arc<Mutex<HashMap<String, Lease>>>,
+    limits: LockLimits,
 }
 
 fn status(err: LockError) -> Status {
@@ -32,10 +74,10 @@ fn status(err: LockError) -> Status {
     }
 }
 
-fn millis(field: &str, value: u32, allow_zero: bool) -> Result<Duration, Status> {
-    if (value == 0 && !allow_zero) || value > MAX_MILLIS {
+fn millis(field: &str, value: u32, allow_zero: bool, max: u32) -> Result<Duration, Status> {
+    if (value == 0 && !allow_zero) || value > max {
         return Err(Status::invalid_argument(format!(
-            "{field}: {value} is out of range {}..={MAX_MILLIS}",
+            "{field}: {value} is out of range {}..={max}",
             u32::from(!allow_zero)
         )));
     }
@@ -51,12 +93,18 @@ fn lease_to_proto(lease: &Lease) -> pb::Lease {
 }
 
 impl LocksService {
-    pub fn new(locks: Arc<dyn LockService>, tenant: TenantId, identity: String) -> Self {
+    pub fn new(
+        locks: Arc<dyn LockService>,
+        tenant: TenantId,
+        identity: String,
+        limits: LockLimits,
+    ) -> Self {
         Self {
             locks,
             tenant,
             identity,
             held: Arc::default(),
+            limits,
         }
     }
 
@@ -95,8 +143,8 @@ impl Locks for LocksService {
         request: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::AcquireResponse>, Status> {
         let raw = request.into_inner();
-        let ttl = millis("ttl_ms", raw.ttl_ms, false)?;
-        let wait = millis("wait_ms", raw.wait_ms, true)?;
+        let ttl = millis("ttl_ms", raw.ttl_ms, false, self.limits.max_lease_ms())?;
+        let wait = millis("wait_ms", raw.wait_ms, true, self.limits.max_wait_ms())?;
         let lease = self
             .locks
             .acquire(&self.tenant, &raw.name, &self.identity, ttl, wait)
@@ -116,7 +164,7 @@ impl Locks for LocksService {
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
         let raw = request.into_inner();
-        let ttl = millis("ttl_ms", raw.ttl_ms, false)?;
+        let ttl = millis("ttl_ms", raw.ttl_ms, false, self.limits.max_lease_ms())?;
         let lease = self.lease(raw.name, raw.token, ttl);
         let renewed = self.locks.renew(&lease, ttl).await.map_err(|e| {
             self.held().remove(&lease.name);

@@ -27,7 +27,7 @@ use crate::config::{Backend, RedisBackend, SidecarConfig, TaskTransport};
 use crate::context::ContextService;
 use crate::events::{EventsService, SubscriptionSettings};
 use crate::follow::{self, Publisher, StreamFollow};
-use crate::locks::LocksService;
+use crate::locks::{LockLimits, LocksService};
 use crate::sessions::{SessionPolicies, SessionsService};
 use crate::tasks::TasksService;
 #[cfg(feature = "kafka")]
@@ -253,6 +253,7 @@ pub async fn serve_with(
         },
         ctx.shutdown.clone(),
     );
+    let mesh_cache = cache.clone();
     let context = ContextService::new(
         storage.context,
         config.tenant()?,
@@ -268,14 +269,28 @@ pub async fn serve_with(
         },
         ctx.shutdown.clone(),
     );
+    let lock_limits = LockLimits::default();
     let locks = LocksService::new(
         backends.locks.clone(),
         config.tenant()?,
         config.identity()?.to_string(),
+        lock_limits.clone(),
     );
     let session_policies = SessionPolicies::new(config.sessions.namespaces.clone());
     if config.mesh.enabled || !config.mesh.files.is_empty() {
-        crate::mesh::start(&ctx, session_policies.clone())?;
+        crate::mesh::start(
+            &ctx,
+            crate::mesh::Hot {
+                sessions: session_policies.clone(),
+                cache: mesh_cache,
+                locks: lock_limits,
+                log_filter: ctx.log_filter.clone(),
+                redis: backends.redis.clone(),
+                link: Arc::new(arc_swap::ArcSwap::from_pointee(
+                    crate::mesh::LinkSettings::configured(&config.mesh),
+                )),
+            },
+        )?;
     }
     let sessions = SessionsService::new(
         backends.sessions.clone(),

@@ -15,6 +15,7 @@ pub mod lock_contract;
 pub mod process;
 pub mod saga_contract;
 pub mod session_contract;
+pub mod stall;
 pub mod store_contract;
 pub mod updates_contract;
 

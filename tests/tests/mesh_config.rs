@@ -7,7 +7,13 @@
 //! - with the control plane killed, the sidecar keeps serving with its
 //!   configuration, a sidecar restarted meanwhile starts from its local
 //!   copy, and changes made meanwhile arrive when the control plane returns;
-//! - a token of another namespace, another pod, or none gets nothing.
+//! - a token of another namespace, another pod, or none gets nothing;
+//! - a ResiliencyPolicy applied with kubectl changes a running sidecar's
+//!   deadline and circuit breaker on Redis (a real Redis behind a relay
+//!   that can stall), and what the sidecar does not apply is named in the
+//!   policy's status;
+//! - with two control-plane replicas, the leader's status counts the
+//!   sidecars subscribed to either.
 //!
 //! Each test runs its own control plane, and each leads alone and writes
 //! the status of every mesh resource it watches (all namespaces): the tests
@@ -98,25 +104,31 @@ async fn control_plane_kubeconfig(dir: &Path) -> anyhow::Result<String> {
 }
 
 async fn control_plane(port: u16, kubeconfig: &str) -> anyhow::Result<Service> {
+    control_plane_with(port, kubeconfig, &[]).await
+}
+
+async fn control_plane_with(
+    port: u16,
+    kubeconfig: &str,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<Service> {
     let pki = pki_dir();
     let (cert, key) = (
         pki.join("mesh.crt").display().to_string(),
         pki.join("mesh.key").display().to_string(),
     );
     let listen = format!("127.0.0.1:{port}");
-    let mut service = process::spawn(
-        "statefabric-control-plane",
-        &[],
-        &[
-            ("KUBECONFIG", kubeconfig),
-            ("STATEFABRIC_SAGAS__ENABLED", "false"),
-            ("STATEFABRIC_MESH__ENABLED", "true"),
-            ("STATEFABRIC_MESH__LISTEN", listen.as_str()),
-            ("STATEFABRIC_MESH__TLS_CERT", cert.as_str()),
-            ("STATEFABRIC_MESH__TLS_KEY", key.as_str()),
-            ("STATEFABRIC_MESH__STATUS_INTERVAL", "200ms"),
-        ],
-    )?;
+    let mut vars = vec![
+        ("KUBECONFIG", kubeconfig),
+        ("STATEFABRIC_SAGAS__ENABLED", "false"),
+        ("STATEFABRIC_MESH__ENABLED", "true"),
+        ("STATEFABRIC_MESH__LISTEN", listen.as_str()),
+        ("STATEFABRIC_MESH__TLS_CERT", cert.as_str()),
+        ("STATEFABRIC_MESH__TLS_KEY", key.as_str()),
+        ("STATEFABRIC_MESH__STATUS_INTERVAL", "200ms"),
+    ];
+    vars.extend_from_slice(extra);
+    let mut service = process::spawn("statefabric-control-plane", &[], &vars)?;
     service.ready().await?;
     Ok(service)
 }
@@ -128,26 +140,33 @@ async fn sidecar(
     token: &Path,
     state: &Path,
 ) -> anyhow::Result<Service> {
+    sidecar_with(port, namespace, pod, token, state, &[]).await
+}
+
+async fn sidecar_with(
+    port: u16,
+    namespace: &str,
+    pod: &str,
+    token: &Path,
+    state: &Path,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<Service> {
     let control = format!("https://127.0.0.1:{port}");
     let ca = pki_dir().join("ca.crt").display().to_string();
     let (token, state) = (token.display().to_string(), state.display().to_string());
     let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
-    process::sidecar(
-        Storage::Sqlite,
-        &tenant,
-        pod,
-        &[
-            ("STATEFABRIC_MESH__ENABLED", "true"),
-            ("STATEFABRIC_MESH__CONTROL_PLANE", control.as_str()),
-            ("STATEFABRIC_MESH__CA_FILE", ca.as_str()),
-            ("STATEFABRIC_MESH__TOKEN_FILE", token.as_str()),
-            ("STATEFABRIC_MESH__NAMESPACE", namespace),
-            ("STATEFABRIC_MESH__POD", pod),
-            ("STATEFABRIC_MESH__STATE_FILE", state.as_str()),
-            ("STATEFABRIC_MESH__RECONNECT_MAX", "500ms"),
-        ],
-    )
-    .await
+    let mut vars = vec![
+        ("STATEFABRIC_MESH__ENABLED", "true"),
+        ("STATEFABRIC_MESH__CONTROL_PLANE", control.as_str()),
+        ("STATEFABRIC_MESH__CA_FILE", ca.as_str()),
+        ("STATEFABRIC_MESH__TOKEN_FILE", token.as_str()),
+        ("STATEFABRIC_MESH__NAMESPACE", namespace),
+        ("STATEFABRIC_MESH__POD", pod),
+        ("STATEFABRIC_MESH__STATE_FILE", state.as_str()),
+        ("STATEFABRIC_MESH__RECONNECT_MAX", "500ms"),
+    ];
+    vars.extend_from_slice(extra);
+    process::sidecar(Storage::Sqlite, &tenant, pod, &vars).await
 }
 
 fn fabric_config(namespace: &str, sessions: &str) -> String {
@@ -196,39 +215,68 @@ async fn status_where(
     what: &str,
     check: impl Fn(&Value) -> bool,
 ) -> anyhow::Result<Value> {
+    resource_status_where("fabricconfig", "agents", namespace, what, check).await
+}
+
+/// A mesh resource's status, once it satisfies `check`.
+async fn resource_status_where(
+    kind: &str,
+    name: &str,
+    namespace: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
     env::eventually(what, Duration::from_secs(15), || async {
-        let printed = kubectl(
-            &[
-                "get",
-                "fabricconfig",
-                "agents",
-                "-n",
-                namespace,
-                "-o",
-                "json",
-            ],
-            None,
-        )
-        .await?;
+        let printed = kubectl(&["get", kind, name, "-n", namespace, "-o", "json"], None).await?;
         let resource: Value = serde_json::from_str(&printed)?;
         Ok(check(&resource["status"]).then(|| resource["status"].clone()))
     })
     .await
 }
 
+/// A test namespace with the pod `agent-0`, its token and local-copy
+/// path, and the control plane's kubeconfig.
+struct Setup {
+    namespace: TestNamespace,
+    dir: tempfile::TempDir,
+    token: PathBuf,
+    state: PathBuf,
+    kubeconfig: String,
+}
+
+impl Setup {
+    async fn new() -> anyhow::Result<Self> {
+        let admin = client().await?;
+        install_crds(&admin).await?;
+        let namespace = TestNamespace::create(&admin).await?;
+        agent_pod(&namespace.name, "agent-0").await?;
+        let dir = tempfile::tempdir()?;
+        let token = token_file(dir.path(), &namespace.name, "agent-0").await?;
+        let state = dir.path().join("mesh.json");
+        let kubeconfig = control_plane_kubeconfig(dir.path()).await?;
+        Ok(Self {
+            namespace,
+            dir,
+            token,
+            state,
+            kubeconfig,
+        })
+    }
+}
+
 #[tokio::test]
 async fn configuration_reaches_running_sidecars_and_survives_a_control_plane_outage()
 -> anyhow::Result<()> {
-    let admin = client().await?;
-    install_crds(&admin).await?;
-    let namespace = TestNamespace::create(&admin).await?;
+    let _turn = TURN.lock().await;
+    let Setup {
+        namespace,
+        dir: _dir, // kept: it holds the token and the local copy
+        token,
+        state,
+        kubeconfig,
+    } = Setup::new().await?;
     let ns = namespace.name.as_str();
-    agent_pod(ns, "agent-0").await?;
-    let dir = tempfile::tempdir()?;
-    let token = token_file(dir.path(), ns, "agent-0").await?;
-    let state = dir.path().join("mesh.json");
     let port = env::free_port();
-    let kubeconfig = control_plane_kubeconfig(dir.path()).await?;
     let cp = control_plane(port, &kubeconfig).await?;
     let mut agent = sidecar(port, ns, "agent-0", &token, &state).await?;
 
@@ -380,6 +428,7 @@ async fn only_the_pods_own_token_gets_its_configuration() -> anyhow::Result<()> 
                 None => SubscribeRequest {
                     kind: Some(Kind::Ack(Ack {
                         version: "x".into(),
+                        not_applied: Vec::new(),
                     })),
                 },
             };
@@ -605,5 +654,199 @@ async fn a_saga_definition_applied_with_kubectl_is_registered_and_started_throug
     assert_eq!(code, 0);
     let (code, _) = cp.stop_with(Signal::SIGTERM).await?;
     assert_eq!(code, 0);
+    namespace.delete().await
+}
+
+/// What a session write through the sidecar answers.
+async fn session_write(sidecar: &Service) -> anyhow::Result<Result<(), String>> {
+    let mut sessions = StateClient::connect(sidecar.grpc.clone()).await?.sessions();
+    Ok(sessions
+        .put("conversation", "c1", b"v".to_vec(), None)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string()))
+}
+
+#[tokio::test]
+async fn a_resiliency_policy_applied_with_kubectl_changes_a_running_sidecars_deadline_and_breaker()
+-> anyhow::Result<()> {
+    let _turn = TURN.lock().await;
+    let Setup {
+        namespace,
+        dir: _dir, // kept: it holds the token and the local copy
+        token,
+        state,
+        kubeconfig,
+    } = Setup::new().await?;
+    let ns = namespace.name.as_str();
+    let port = env::free_port();
+    let cp = control_plane(port, &kubeconfig).await?;
+    // Sessions on the real Redis, reached through a relay that can stall.
+    let redis = env::redis_url();
+    let stall = env::stall::Stall::start(redis.trim_start_matches("redis://")).await?;
+    let through = format!("redis://{}", stall.addr());
+    let agent = sidecar_with(
+        port,
+        ns,
+        "agent-0",
+        &token,
+        &state,
+        &[
+            ("STATEFABRIC_REDIS__MODE", "standalone"),
+            ("STATEFABRIC_REDIS__URLS", through.as_str()),
+            ("STATEFABRIC_SESSIONS__BACKEND", "redis"),
+            ("STATEFABRIC_REDIS__COMMAND_TIMEOUT", "3s"),
+            ("STATEFABRIC_REDIS__BREAKER_FAILURES", "100"),
+            ("STATEFABRIC_REDIS__BREAKER_OPEN_FOR", "1s"),
+        ],
+    )
+    .await?;
+    session_write(&agent)
+        .await?
+        .map_err(|e| anyhow::anyhow!("healthy Redis: {e}"))?;
+
+    // Its own settings: a stalled Redis costs a write the full 3 s.
+    stall.set_stalled(true);
+    let slow = session_write(&agent).await?.expect_err("stalled");
+    assert!(slow.contains("no answer in 3s"), "{slow}");
+    stall.set_stalled(false);
+    session_write(&agent)
+        .await?
+        .map_err(|e| anyhow::anyhow!("Redis back: {e}"))?;
+
+    // kubectl apply: a 200 ms deadline, and two failures open the circuit
+    // for a minute. The retry is named as not applied (Redis writes are
+    // not safe to repeat).
+    let policy = format!(
+        r#"apiVersion: statefabric.io/v1alpha1
+kind: ResiliencyPolicy
+metadata: {{name: deps, namespace: {ns}}}
+spec:
+  timeouts: {{fast: {{perTry: 200ms}}}}
+  retries: {{calm: {{maxAttempts: 3, initialBackoff: 100ms, maxBackoff: 1s}}}}
+  circuitBreakers: {{strict: {{consecutiveFailures: 2, openFor: 1m}}}}
+  targets: [{{dependency: redis, timeout: fast, circuitBreaker: strict, retry: calm}}]
+"#
+    );
+    kubectl(&["apply", "-f", "-"], Some(&policy)).await?;
+    let status = resource_status_where(
+        "resiliencypolicy",
+        "deps",
+        ns,
+        "the policy applied, its retry named as not applied",
+        |s| s["sidecars"]["applied"] == 1 && s["sidecars"]["notApplied"] == 1,
+    )
+    .await?;
+    let setting = status["sidecars"]["notAppliedSettings"][0]["setting"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        setting.starts_with("ResiliencyPolicy deps: spec.targets[0].retry: not applied to Redis"),
+        "{status}"
+    );
+    assert_eq!(
+        status["sidecars"]["notAppliedSettings"][0]["pod"],
+        "agent-0"
+    );
+
+    // The same stall now: cut at 200 ms, twice, then refused at once.
+    stall.set_stalled(true);
+    for _ in 0..2 {
+        let cut = session_write(&agent).await?.expect_err("stalled");
+        assert!(cut.contains("no answer in 200ms"), "{cut}");
+    }
+    let open = session_write(&agent).await?.expect_err("circuit open");
+    assert!(open.contains("circuit open"), "{open}");
+    // Redis is back, but the circuit stays open for the policy's minute,
+    // not the sidecar's own second.
+    stall.set_stalled(false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = session_write(&agent).await?.expect_err("still open");
+    assert!(still.contains("circuit open"), "{still}");
+
+    // The policy deleted: the sidecar's own settings return (open for 1 s
+    // from the opening, long past), so the next write probes and succeeds.
+    kubectl(&["delete", "resiliencypolicy", "deps", "-n", ns], None).await?;
+    env::eventually(
+        "writes succeed under the sidecar's own settings",
+        Duration::from_secs(15),
+        || async { Ok(session_write(&agent).await?.ok()) },
+    )
+    .await?;
+
+    let (code, _) = agent.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    let (code, _) = cp.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    namespace.delete().await
+}
+
+#[tokio::test]
+async fn the_status_counts_the_sidecars_of_every_replica() -> anyhow::Result<()> {
+    let _turn = TURN.lock().await;
+    let admin = client().await?;
+    install_crds(&admin).await?;
+    let namespace = TestNamespace::create(&admin).await?;
+    let ns = namespace.name.as_str();
+    agent_pod(ns, "agent-0").await?;
+    agent_pod(ns, "agent-1").await?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = control_plane_kubeconfig(dir.path()).await?;
+    // Two replicas electing on Postgres: one leads and writes the status.
+    let lease = format!("mesh-{}", uuid::Uuid::new_v4().simple());
+    let (app, migrate) = (env::pg_app_url(), env::pg_admin_url());
+    let mut replicas = Vec::new();
+    let mut ports = Vec::new();
+    for identity in ["replica-a", "replica-b"] {
+        let port = env::free_port();
+        replicas.push(
+            control_plane_with(
+                port,
+                &kubeconfig,
+                &[
+                    ("STATEFABRIC_LEADER__BACKEND", "postgres"),
+                    ("STATEFABRIC_LEADER__POSTGRES_URL", app.as_str()),
+                    ("STATEFABRIC_LEADER__POSTGRES_MIGRATE_URL", migrate.as_str()),
+                    ("STATEFABRIC_LEADER__NAME", lease.as_str()),
+                    ("STATEFABRIC_LEADER__IDENTITY", identity),
+                ],
+            )
+            .await?,
+        );
+        ports.push(port);
+    }
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&fabric_config(ns, "{chat: {ttl: 30m}}")),
+    )
+    .await?;
+    // One sidecar on each replica.
+    let mut agents = Vec::new();
+    for (pod, port) in ["agent-0", "agent-1"].into_iter().zip(&ports) {
+        let token = token_file(dir.path(), ns, pod).await?;
+        let state = dir.path().join(format!("{pod}.json"));
+        agents.push(sidecar(*port, ns, pod, &token, &state).await?);
+    }
+    let status = status_where(ns, "both sidecars counted", |s| {
+        s["sidecars"]["applied"] == 2
+    })
+    .await?;
+    let versions = status["sidecars"]["versions"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(versions.len(), 1, "one version: {status}");
+    assert_eq!(versions.values().next(), Some(&Value::from(2)), "{status}");
+
+    // One sidecar leaves: the count follows, whichever replica it was on.
+    let gone = agents.pop().expect("two agents");
+    let (code, _) = gone.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    status_where(ns, "one sidecar counted", |s| s["sidecars"]["applied"] == 1).await?;
+
+    for service in agents.into_iter().chain(replicas) {
+        let (code, _) = service.stop_with(Signal::SIGTERM).await?;
+        assert_eq!(code, 0);
+    }
     namespace.delete().await
 }

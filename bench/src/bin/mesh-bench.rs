@@ -329,6 +329,7 @@ async fn subscriber(
         tx.send(SubscribeRequest {
             kind: Some(Kind::Ack(Ack {
                 version: snapshot.version.clone(),
+                not_applied: Vec::new(),
             })),
         })
         .await?;

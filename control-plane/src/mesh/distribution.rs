@@ -20,6 +20,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::directory::{Refusal, SidecarRecord};
+
 /// The annotation with which a pod names its FabricConfig.
 pub const CONFIG_ANNOTATION: &str = "statefabric.io/config";
 /// The annotation (or label) naming a pod's agent type.
@@ -36,6 +38,44 @@ pub struct SidecarState {
     pub applied: Option<String>,
     /// Its last refusal: version and reason.
     pub refused: Option<(String, String)>,
+    /// What it did not apply of the version it acknowledged.
+    pub not_applied: Vec<String>,
+}
+
+impl SidecarState {
+    /// As published for the leader's status writes.
+    pub fn record(&self) -> SidecarRecord {
+        let config = &self.config;
+        let resources = config
+            .fabric_config
+            .iter()
+            .map(|c| format!("FabricConfig/{}", c.name))
+            .chain(
+                config
+                    .policies
+                    .iter()
+                    .map(|p| format!("ResiliencyPolicy/{}", p.name)),
+            )
+            .chain(
+                config
+                    .upstreams
+                    .iter()
+                    .map(|u| format!("Upstream/{}", u.name)),
+            )
+            .collect();
+        SidecarRecord {
+            namespace: self.identity.namespace.clone(),
+            pod: self.identity.pod.clone(),
+            resources,
+            sent: config.version(),
+            applied: self.applied.clone(),
+            refused: self.refused.as_ref().map(|(version, reason)| Refusal {
+                version: version.clone(),
+                reason: reason.clone(),
+            }),
+            not_applied: self.not_applied.clone(),
+        }
+    }
 }
 
 /// The sidecars subscribed to this replica, by (namespace, pod).
@@ -52,15 +92,23 @@ impl Sidecars {
             .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
-    pub fn snapshot(&self) -> Vec<SidecarState> {
-        self.with(|all| all.values().cloned().collect())
+    /// Every subscriber, as published for the status.
+    pub fn records(&self) -> Vec<SidecarRecord> {
+        self.with(|all| all.values().map(SidecarState::record).collect())
     }
 
     fn key(identity: &Identity) -> (String, String) {
         (identity.namespace.clone(), identity.pod.clone())
     }
 
-    fn sent(&self, identity: &Identity, config: &EffectiveConfig, already_applied: bool) {
+    /// `already_applied`: the sidecar runs this version (it said so in its
+    /// Hello), with these settings not applied.
+    fn sent(
+        &self,
+        identity: &Identity,
+        config: &EffectiveConfig,
+        already_applied: Option<Vec<String>>,
+    ) {
         self.with(|all| {
             let state = all
                 .entry(Self::key(identity))
@@ -69,10 +117,12 @@ impl Sidecars {
                     config: config.clone(),
                     applied: None,
                     refused: None,
+                    not_applied: Vec::new(),
                 });
             state.config = config.clone();
-            if already_applied {
+            if let Some(not_applied) = already_applied {
                 state.applied = Some(config.version());
+                state.not_applied = not_applied;
             }
         });
     }
@@ -84,6 +134,7 @@ impl Sidecars {
                     Kind::Ack(ack) => {
                         state.applied = Some(ack.version);
                         state.refused = None;
+                        state.not_applied = ack.not_applied;
                     }
                     Kind::Nack(nack) => state.refused = Some((nack.version, nack.reason)),
                     Kind::Hello(_) => {}
@@ -249,8 +300,10 @@ impl ConfigDistribution for Distribution {
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         let current = Some(hello.current_version).filter(|v| !v.is_empty());
+        let not_applied = hello.not_applied;
         tokio::spawn(async move {
-            this.serve_one(identity.clone(), current, inbound, tx).await;
+            this.serve_one(identity.clone(), current, not_applied, inbound, tx)
+                .await;
             this.sidecars.gone(&identity);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -264,6 +317,7 @@ impl Distribution {
         &self,
         identity: Identity,
         mut last_sent: Option<String>,
+        mut not_applied: Vec<String>,
         mut inbound: Streaming<SubscribeRequest>,
         tx: mpsc::Sender<Result<ConfigSnapshot, Status>>,
     ) {
@@ -278,7 +332,9 @@ impl Distribution {
                         let unchanged = last_sent.as_ref() == Some(&version);
                         // A resubscribing sidecar that runs this version
                         // already gets nothing: no flap.
-                        self.sidecars.sent(&identity, &config, first && unchanged);
+                        let resumed =
+                            (first && unchanged).then(|| std::mem::take(&mut not_applied));
+                        self.sidecars.sent(&identity, &config, resumed);
                         if !unchanged {
                             let Ok(message) = snapshot(&config) else {
                                 return;

@@ -1,12 +1,14 @@
 //! Mesh configuration for the sidecars (`[mesh]`): every replica watches
 //! the `statefabric.io` resources ([`catalog`]) and serves each subscribed
-//! sidecar its effective configuration ([`distribution`]); the leader
-//! writes the resources' status ([`status`]).
+//! sidecar its effective configuration ([`distribution`]) and publishes
+//! who they are and how they took it ([`directory`]); the leader writes the
+//! resources' status from every replica's subscribers ([`status`]).
 //!
 //! With the saga engine on, the leader also registers SagaDefinitions
 //! ([`sagas`]).
 
 pub mod catalog;
+pub mod directory;
 pub mod distribution;
 pub mod sagas;
 pub mod status;
@@ -25,21 +27,39 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ControlPlaneConfig;
 
-/// On the leader, at most once per `interval`: SagaDefinitions into the
-/// engine, then every resource's status.
-async fn reconcile(
+/// What the periodic pass works with.
+struct Reconcile {
     client: kube::Client,
-    mut catalog: watch::Receiver<Option<Arc<Catalog>>>,
+    catalog: watch::Receiver<Option<Arc<Catalog>>>,
     sidecars: distribution::Sidecars,
+    directory: directory::Directory,
     engine: Option<Arc<Engine>>,
     leadership: Leadership,
     interval: Duration,
+}
+
+/// Once per `interval`: every replica publishes its subscribers; the
+/// leader then registers SagaDefinitions in the engine and writes every
+/// resource's status.
+async fn reconcile(
+    Reconcile {
+        client,
+        mut catalog,
+        sidecars,
+        directory,
+        engine,
+        leadership,
+        interval,
+    }: Reconcile,
     stop: CancellationToken,
 ) {
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
+        }
+        if let Err(err) = directory.publish(sidecars.records()).await {
+            tracing::warn!(error = %format!("{err:#}"), "publishing this replica's sidecars");
         }
         if !matches!(leadership.role(), Role::Leader { .. }) {
             continue;
@@ -50,7 +70,12 @@ async fn reconcile(
         if let Some(engine) = &engine {
             sagas::register_all(&client, &current, engine).await;
         }
-        status::write(&client, &current, &sidecars).await;
+        match directory.all(interval).await {
+            Ok(all) => status::write(&client, &current, &all).await,
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "reading every replica's sidecars");
+            }
+        }
     }
 }
 
@@ -58,6 +83,7 @@ async fn reconcile(
 pub async fn start(
     ctx: &ServiceContext<ControlPlaneConfig>,
     leadership: Leadership,
+    directory: directory::Directory,
     engine: Option<Arc<Engine>>,
 ) -> anyhow::Result<()> {
     let mesh = &ctx.config.mesh;
@@ -74,12 +100,15 @@ pub async fn start(
         ctx.shutdown.token(),
     );
     ctx.shutdown.spawn(reconcile(
-        client,
-        catalog,
-        sidecars,
-        engine,
-        leadership,
-        mesh.status_interval,
+        Reconcile {
+            client,
+            catalog,
+            sidecars,
+            directory,
+            engine,
+            leadership,
+            interval: mesh.status_interval,
+        },
         ctx.shutdown.token(),
     ));
     let mut server = tonic::transport::Server::builder();

@@ -1,13 +1,11 @@
 //! Writes each mesh resource's status: `Ready` (or why not, naming the
-//! field) and how the sidecars subscribed to this replica took the
-//! configuration it is part of (applied, refused with the newest NACKs,
-//! sidecars per version). The leader writes, at most once per interval,
-//! and only where the status the API server has (as the reflector last saw
-//! it) differs from the one computed: a status someone else overwrote is
-//! written again.
-//!
-//! Partial: the counts are this replica's subscribers; with several
-//! replicas each sees only the sidecars connected to it.
+//! field) and how the sidecars took the configuration it is part of
+//! (applied, refused with the newest NACKs, settings not applied, sidecars
+//! per version), counted over the subscribers of every replica (from the
+//! [`Directory`](super::directory::Directory)). The leader writes, at most
+//! once per interval, and only where the status the API server has (as the
+//! reflector last saw it) differs from the one computed: a status someone
+//! else overwrote is written again.
 
 use std::collections::BTreeMap;
 
@@ -18,39 +16,25 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use statefabric_mesh::status::{MeshStatus, Nack, READY, SidecarCounts};
+use statefabric_mesh::status::{MeshStatus, Nack, NotApplied, READY, SidecarCounts};
 use statefabric_mesh::validate::{Problem, problems};
 use statefabric_mesh::{Catalog, FabricConfig, ResiliencyPolicy, Upstream};
 
-use super::distribution::{SidecarState, Sidecars};
+use super::directory::SidecarRecord;
 
 /// One pass over every FabricConfig, ResiliencyPolicy and Upstream.
-pub async fn write(client: &Client, current: &Catalog, sidecars: &Sidecars) {
+pub async fn write(client: &Client, current: &Catalog, sidecars: &[SidecarRecord]) {
     let refused = problems(current);
-    let states = sidecars.snapshot();
-    write_all(client, &current.fabric_configs, &refused, &states).await;
-    write_all(client, &current.policies, &refused, &states).await;
-    write_all(client, &current.upstreams, &refused, &states).await;
-}
-
-/// Whether the sidecar's configuration includes this resource.
-fn uses(state: &SidecarState, kind: &str, name: &str) -> bool {
-    let config = &state.config;
-    match kind {
-        "FabricConfig" => config
-            .fabric_config
-            .as_ref()
-            .is_some_and(|c| c.name == name),
-        "ResiliencyPolicy" => config.policies.iter().any(|p| p.name == name),
-        _ => config.upstreams.iter().any(|u| u.name == name),
-    }
+    write_all(client, &current.fabric_configs, &refused, sidecars).await;
+    write_all(client, &current.policies, &refused, sidecars).await;
+    write_all(client, &current.upstreams, &refused, sidecars).await;
 }
 
 async fn write_all<K>(
     client: &Client,
     resources: &[K],
     refused: &[Problem],
-    states: &[SidecarState],
+    states: &[SidecarRecord],
 ) where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -66,9 +50,24 @@ async fn write_all<K>(
         let problem = refused
             .iter()
             .find(|p| p.kind == kind && p.namespace == namespace && p.name == name);
-        let users: Vec<&SidecarState> = states
+        let users: Vec<&SidecarRecord> = states
             .iter()
-            .filter(|s| s.identity.namespace == namespace && uses(s, &kind, &name))
+            .filter(|s| s.namespace == namespace && s.uses(&kind, &name))
+            .collect();
+        // A sidecar's notes name their resource first: `Kind name: field …`.
+        let prefix = format!("{kind} {name}:");
+        let not_applied: Vec<NotApplied> = users
+            .iter()
+            .filter(|s| s.applied.as_deref() == Some(&s.sent))
+            .flat_map(|s| {
+                s.not_applied
+                    .iter()
+                    .filter(|note| note.starts_with(&prefix))
+                    .map(|note| NotApplied {
+                        pod: s.pod.clone(),
+                        setting: note.clone(),
+                    })
+            })
             .collect();
         let mut versions: BTreeMap<String, u32> = BTreeMap::new();
         for state in &users {
@@ -80,21 +79,30 @@ async fn write_all<K>(
             applied: count(
                 users
                     .iter()
-                    .filter(|s| s.applied.as_deref() == Some(&s.config.version())),
+                    .filter(|s| s.applied.as_deref() == Some(&s.sent)),
             ),
             refused: count(users.iter().filter(|s| s.refused.is_some())),
+            not_applied: u32::try_from(
+                not_applied
+                    .iter()
+                    .map(|n| &n.pod)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len(),
+            )
+            .unwrap_or(u32::MAX),
             versions,
             nacks: users
                 .iter()
                 .filter_map(|s| {
-                    s.refused.as_ref().map(|(version, reason)| Nack {
-                        pod: s.identity.pod.clone(),
-                        version: version.clone(),
-                        reason: reason.clone(),
+                    s.refused.as_ref().map(|r| Nack {
+                        pod: s.pod.clone(),
+                        version: r.version.clone(),
+                        reason: r.reason.clone(),
                     })
                 })
                 .take(16)
                 .collect(),
+            not_applied_settings: not_applied.into_iter().take(16).collect(),
         };
         let previous = resource.mesh_status();
         let ready = match problem {
@@ -136,7 +144,7 @@ async fn write_all<K>(
     }
 }
 
-fn count<'a>(states: impl Iterator<Item = &'a &'a SidecarState>) -> u32 {
+fn count<'a>(states: impl Iterator<Item = &'a &'a SidecarRecord>) -> u32 {
     u32::try_from(states.count()).unwrap_or(u32::MAX)
 }
 

@@ -34,6 +34,11 @@ pub struct SidecarCounts {
     pub applied: u32,
     /// Sidecars that refused a configuration (a NACK).
     pub refused: u32,
+    /// Sidecars that run the newest configuration without some of this
+    /// resource's settings (they take effect at a restart, or the sidecar
+    /// does not act on them).
+    #[serde(default)]
+    pub not_applied: u32,
     /// Sidecars per configuration version they run.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
@@ -42,6 +47,19 @@ pub struct SidecarCounts {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub nacks: Vec<Nack>,
+    /// The settings not applied, per sidecar (at most 16).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub not_applied_settings: Vec<NotApplied>,
+}
+
+/// A setting a sidecar runs without.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotApplied {
+    pub pod: String,
+    /// The resource, the field, and why.
+    pub setting: String,
 }
 
 /// A sidecar's refusal of a configuration version.

@@ -142,6 +142,10 @@ struct Shared {
 }
 
 impl Guarded {
+    pub(crate) fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
     pub(crate) fn new(
         inner: Conn,
         config: RedisConfig,

@@ -56,6 +56,7 @@ impl Redis {
             BreakerConfig {
                 failure_threshold: config.breaker_failures,
                 open_for: config.breaker_open_for,
+                ..BreakerConfig::default()
             },
         );
         let metrics = Arc::new(RedisMetrics::default());
@@ -72,6 +73,16 @@ impl Redis {
             metrics,
             breaker,
         })
+    }
+
+    /// The deadline and breaker of the shared connection. Changing them
+    /// changes every clone of [`Redis::conn`] at once (a ResiliencyPolicy
+    /// applied to a running sidecar); blocking connections keep their own
+    /// deadline. On a cluster the client's own response timeout stays
+    /// `command_timeout`: a deadline longer than that does not lengthen a
+    /// cluster command.
+    pub fn guard(&self) -> &Guard {
+        self.conn.guard()
     }
 
     /// The shared multiplexed connection (clone it freely).
@@ -157,6 +168,11 @@ pub(crate) async fn open(config: &RedisConfig) -> Result<Conn, ConnectError> {
             let client = redis::Client::open(info).map_err(failed)?;
             let manager_config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(config.connect_timeout))
+                // The guard gives every command its deadline (configured,
+                // or changed while running by a ResiliencyPolicy); redis-rs's
+                // own default would cut every command at 500 ms whatever
+                // `command_timeout` says.
+                .set_response_timeout(None)
                 .set_number_of_retries(config.retries as usize);
             let manager = tokio::time::timeout(
                 config.connect_timeout,

@@ -93,6 +93,7 @@ mod tests {
             BreakerConfig {
                 failure_threshold: 2,
                 open_for: Duration::from_secs(60),
+                ..BreakerConfig::default()
             },
         );
         let mut svc = ServiceBuilder::new()

@@ -22,10 +22,12 @@ pub mod backoff;
 mod breaker;
 mod layer;
 
-pub use breaker::{Breaker, BreakerConfig, BreakerState, Permit};
+pub use breaker::{Breaker, BreakerConfig, BreakerState, FailureRate, Permit};
 pub use layer::{BreakerLayer, BreakerService};
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Why a guarded call did not produce the callee's own answer.
@@ -41,16 +43,26 @@ pub enum Guarded<E> {
     Inner(E),
 }
 
-/// A deadline and a breaker for the calls to one dependency.
+/// A deadline and a breaker for the calls to one dependency. Clones share
+/// both, and both can be changed while calls are in flight (a call keeps
+/// the deadline it started with).
 #[derive(Debug, Clone)]
 pub struct Guard {
     breaker: Breaker,
-    timeout: Duration,
+    /// Nanoseconds; an atomic rather than a lock: read on every call.
+    timeout: Arc<AtomicU64>,
+}
+
+fn nanos(timeout: Duration) -> u64 {
+    u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Guard {
     pub fn new(breaker: Breaker, timeout: Duration) -> Self {
-        Self { breaker, timeout }
+        Self {
+            breaker,
+            timeout: Arc::new(AtomicU64::new(nanos(timeout))),
+        }
     }
 
     pub fn breaker(&self) -> &Breaker {
@@ -58,7 +70,12 @@ impl Guard {
     }
 
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        Duration::from_nanos(self.timeout.load(Ordering::Relaxed))
+    }
+
+    /// The deadline of the calls that start from now on.
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.timeout.store(nanos(timeout), Ordering::Relaxed);
     }
 
     /// Runs `call` under the deadline if the breaker lets it through.
@@ -71,7 +88,8 @@ impl Guard {
     ) -> Result<T, Guarded<E>> {
         let name = self.breaker.name();
         let permit = self.breaker.permit().ok_or(Guarded::Open(name))?;
-        match tokio::time::timeout(self.timeout, call).await {
+        let timeout = self.timeout();
+        match tokio::time::timeout(timeout, call).await {
             Ok(Ok(value)) => {
                 permit.success();
                 Ok(value)
@@ -86,7 +104,7 @@ impl Guard {
             }
             Err(_) => {
                 permit.failure();
-                Err(Guarded::Timeout(name, self.timeout))
+                Err(Guarded::Timeout(name, timeout))
             }
         }
     }

@@ -21,4 +21,4 @@ pub use admin::{AdminConfig, Readiness, ReadinessCheck};
 pub use config::{BaseConfig, ConfigArgs, ConfigError, ConfigIssue, Issues, ServiceConfig};
 pub use service::{EXIT_BAD_CONFIG, MetricsRegistry, ServiceContext, main, run};
 pub use shutdown::{Shutdown, ShutdownConfig};
-pub use telemetry::{LogFormat, TelemetryConfig};
+pub use telemetry::{LogFilter, LogFormat, TelemetryConfig};

@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::admin::{self, Readiness};
 use crate::config::ServiceConfig;
 use crate::shutdown::{self, DrainOutcome, Shutdown};
-use crate::telemetry;
+use crate::telemetry::{self, LogFilter};
 
 /// The Prometheus registry shared by every part of a process. Parts register
 /// their metrics at start-up (write lock); the admin server encodes on each
@@ -30,6 +30,8 @@ pub type MetricsRegistry = Arc<RwLock<Registry>>;
 #[derive(Debug)]
 pub struct ServiceContext<C> {
     pub config: C,
+    /// The process's log filter, to change the level while running.
+    pub log_filter: LogFilter,
     pub readiness: Readiness,
     pub shutdown: Shutdown,
     pub metrics: MetricsRegistry,
@@ -130,6 +132,7 @@ where
     let failed = Arc::new(AtomicBool::new(false));
     let work_future = work(ServiceContext {
         config,
+        log_filter: telemetry.log_filter(),
         readiness: readiness.clone(),
         shutdown: shutdown.clone(),
         metrics,

@@ -12,9 +12,11 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde::{Deserialize, Serialize};
-use tracing_subscriber::EnvFilter;
+use std::io::IsTerminal;
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::config::Issues;
 
@@ -76,9 +78,44 @@ impl TelemetryConfig {
 #[derive(Debug)]
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    log_filter: LogFilter,
+}
+
+/// The running process's log filter, replaceable without a restart (a
+/// FabricConfig's `logLevel` from the control plane). Clones share it; one
+/// made with [`LogFilter::detached`] (tests, a second subscriber) changes
+/// nothing.
+#[derive(Debug, Clone, Default)]
+pub struct LogFilter {
+    handle: Option<reload::Handle<EnvFilter, Registry>>,
+}
+
+impl LogFilter {
+    /// A filter that is not installed anywhere.
+    pub fn detached() -> Self {
+        Self::default()
+    }
+
+    /// Replaces the filter with `directives` (e.g. `debug` or
+    /// `info,statefabric=debug`); a directive that does not parse changes
+    /// nothing and says why.
+    pub fn set(&self, directives: &str) -> Result<(), String> {
+        let filter = EnvFilter::try_new(directives)
+            .map_err(|e| format!("`{directives}` is not a valid filter directive: {e}"))?;
+        if let Some(handle) = &self.handle {
+            handle
+                .reload(filter)
+                .map_err(|e| format!("replacing the log filter: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 impl TelemetryGuard {
+    pub fn log_filter(&self) -> LogFilter {
+        self.log_filter.clone()
+    }
+
     /// Flushes and stops trace export.
     pub async fn shutdown(self) {
         if let Some(provider) = self.provider {
@@ -135,10 +172,15 @@ pub fn init(
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
 
+    let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
     match config.log_format {
         LogFormat::Human => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(colour())
+                    .with_writer(std::io::stderr),
+            )
             .try_init()?,
         LogFormat::Json => registry
             .with(
@@ -150,7 +192,18 @@ pub fn init(
             )
             .try_init()?,
     }
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard {
+        provider,
+        log_filter: LogFilter {
+            handle: Some(handle),
+        },
+    })
+}
+
+/// Colour only for a person at a terminal: not in a pipe or file, and not
+/// when `NO_COLOR` is set (<https://no-color.org>).
+fn colour() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 #[cfg(test)]

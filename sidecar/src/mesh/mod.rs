@@ -3,9 +3,8 @@
 //! pod's ServiceAccount token, applies what can change without a restart,
 //! and answers each snapshot with an ACK, or a NACK naming why it refused.
 //!
-//! What is hot: the FabricConfig's session namespaces (swapped whole, so
-//! calls in flight keep the map they read). What needs a restart (the
-//! FabricConfig's backends) is logged and left as it is, not half-applied.
+//! What is hot and what is not is [`apply`]'s. What the sidecar does not
+//! apply is named in its ACK, so the resources' status shows it.
 //! The last applied configuration is kept in `state_file` (written
 //! atomically: a temporary file renamed over it), and applied at start
 //! before any control plane answers, so an outage of the control plane
@@ -18,9 +17,11 @@
 //! computes its configuration from them at start, as the control plane
 //! would (namespace `[mesh] namespace`, default `default`).
 
+mod apply;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
 
 use anyhow::Context;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -29,23 +30,30 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 use statefabric_mesh::EffectiveConfig;
-use statefabric_mesh::fabric_config::Expiry as MeshExpiry;
 use statefabric_proto::control::v1::config_distribution_client::ConfigDistributionClient;
 use statefabric_proto::control::v1::subscribe_request::Kind;
 use statefabric_proto::control::v1::{Ack, Hello, Nack, SubscribeRequest};
 use statefabric_runtime::ServiceContext;
-use statefabric_session::{Expiry, Policy};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use apply::{Hot, LinkSettings};
+
 use crate::config::{MeshClientConfig, SidecarConfig};
-use crate::sessions::SessionPolicies;
+use apply::Applier;
 
 /// A configuration as kept in the local copy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Applied {
     version: String,
     config: EffectiveConfig,
+}
+
+/// The version running now and what of it was not applied.
+#[derive(Debug, Clone, Default)]
+struct Running {
+    version: String,
+    not_applied: Vec<String>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -59,54 +67,10 @@ struct Metrics {
     snapshots: Family<OutcomeLabels, Counter>,
 }
 
-/// Applies configurations to the running sidecar.
-#[derive(Debug, Clone)]
-struct Applier {
-    sessions: SessionPolicies,
-}
-
-impl Applier {
-    /// Applies what is hot; `Err` (the NACK's reason) changes nothing.
-    fn apply(&self, config: &EffectiveConfig) -> Result<(), String> {
-        let mut sessions = BTreeMap::new();
-        if let Some(fabric) = &config.fabric_config {
-            for (name, policy) in &fabric.spec.sessions {
-                let ttl = policy.ttl.get();
-                if ttl.is_zero() {
-                    return Err(format!(
-                        "FabricConfig {}: spec.sessions.{name}.ttl must be positive",
-                        fabric.name
-                    ));
-                }
-                sessions.insert(
-                    name.clone(),
-                    Policy {
-                        ttl,
-                        expiry: match policy.expiry {
-                            MeshExpiry::Absolute => Expiry::Absolute,
-                            MeshExpiry::Sliding => Expiry::Sliding,
-                        },
-                        max_ttl: policy.max_ttl.map(|d| d.get()),
-                    },
-                );
-            }
-            let backends = &fabric.spec.backends;
-            if backends.postgres.is_some() || backends.redis.is_some() || backends.kafka.is_some() {
-                tracing::warn!(
-                    config = %fabric.name,
-                    "spec.backends takes effect at the sidecar's next start; not applied now"
-                );
-            }
-        }
-        self.sessions.set_mesh(sessions);
-        Ok(())
-    }
-}
-
 /// Applies the local copy, if any, then keeps subscribed until shutdown.
-pub fn start(ctx: &ServiceContext<SidecarConfig>, sessions: SessionPolicies) -> anyhow::Result<()> {
+pub fn start(ctx: &ServiceContext<SidecarConfig>, hot: Hot) -> anyhow::Result<()> {
     let config = ctx.config.mesh.clone();
-    let applier = Applier { sessions };
+    let applier = Arc::new(Applier::new(hot, &ctx.config.telemetry.log_level));
     let metrics = Metrics::default();
     ctx.register_metrics(|registry| {
         registry.register(
@@ -144,18 +108,24 @@ pub fn start(ctx: &ServiceContext<SidecarConfig>, sessions: SessionPolicies) -> 
             );
         }
         let effective = statefabric_mesh::effective(&catalog, &identity)?;
-        applier
+        let not_applied = applier
             .apply(&effective)
             .map_err(|reason| anyhow::anyhow!("mesh.files: {reason}"))?;
+        for setting in not_applied {
+            tracing::warn!(%setting, "mesh setting not applied");
+        }
         tracing::info!(version = %effective.version(), "applied the mesh configuration from local files");
         return Ok(());
     }
     let mut running = None;
     match read_local(&config.state_file) {
         Ok(Some(local)) => match applier.apply(&local.config) {
-            Ok(()) => {
+            Ok(not_applied) => {
                 tracing::info!(version = %local.version, "applied the local copy of the mesh configuration");
-                running = Some(local.version);
+                running = Some(Running {
+                    version: local.version,
+                    not_applied,
+                });
             }
             Err(reason) => {
                 tracing::warn!(%reason, "the local copy of the mesh configuration is not applicable")
@@ -178,12 +148,12 @@ pub fn start(ctx: &ServiceContext<SidecarConfig>, sessions: SessionPolicies) -> 
 
 async fn keep_subscribed(
     config: MeshClientConfig,
-    applier: Applier,
+    applier: Arc<Applier>,
     metrics: Metrics,
-    mut running: Option<String>,
+    mut running: Option<Running>,
     stop: CancellationToken,
 ) {
-    let mut backoff = config.reconnect_min;
+    let mut backoff = applier.link().reconnect_min;
     loop {
         // Shutdown must not wait for a connect or a TokenReview in flight.
         let result = tokio::select! {
@@ -191,8 +161,10 @@ async fn keep_subscribed(
             result = subscribe(&config, &applier, &metrics, &mut running, &stop) => result,
         };
         metrics.connected.set(0);
+        // Read at every turn: a policy may have changed them meanwhile.
+        let link = applier.link();
         match result {
-            Ok(true) => backoff = config.reconnect_min,
+            Ok(true) => backoff = link.reconnect_min,
             Ok(false) => {}
             Err(err) => {
                 tracing::warn!(error = %format!("{err:#}"), "mesh configuration stream lost; keeping the last configuration")
@@ -203,7 +175,7 @@ async fn keep_subscribed(
         }
         // Full jitter: replicas of a fleet do not reconnect in step.
         let wait = backoff.mul_f64(fastrand::f64());
-        backoff = (backoff * 2).min(config.reconnect_max);
+        backoff = (backoff * 2).clamp(link.reconnect_min, link.reconnect_max);
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
@@ -216,11 +188,11 @@ async fn subscribe(
     config: &MeshClientConfig,
     applier: &Applier,
     metrics: &Metrics,
-    running: &mut Option<String>,
+    running: &mut Option<Running>,
     stop: &CancellationToken,
 ) -> anyhow::Result<bool> {
     let mut endpoint = tonic::transport::Endpoint::from_shared(config.control_plane.clone())?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(applier.link().connect_timeout)
         .tcp_nodelay(true);
     if let Some(ca) = &config.ca_file {
         let ca =
@@ -245,7 +217,14 @@ async fn subscribe(
         labels: Default::default(),
         config_name: config.config_name.clone(),
         token: token.trim().to_owned(),
-        current_version: running.clone().unwrap_or_default(),
+        current_version: running
+            .as_ref()
+            .map(|r| r.version.clone())
+            .unwrap_or_default(),
+        not_applied: running
+            .as_ref()
+            .map(|r| r.not_applied.clone())
+            .unwrap_or_default(),
     };
     tx.send(SubscribeRequest {
         kind: Some(Kind::Hello(hello)),
@@ -268,9 +247,9 @@ async fn subscribe(
         };
         let outcome = serde_json::from_str::<EffectiveConfig>(&snapshot.config_json)
             .map_err(|e| format!("undecodable configuration: {e}"))
-            .and_then(|decoded| applier.apply(&decoded).map(|()| decoded));
+            .and_then(|decoded| applier.apply(&decoded).map(|notes| (decoded, notes)));
         let answer = match outcome {
-            Ok(decoded) => {
+            Ok((decoded, not_applied)) => {
                 let applied = Applied {
                     version: snapshot.version.clone(),
                     config: decoded,
@@ -279,13 +258,20 @@ async fn subscribe(
                     tracing::warn!(error = %err, "cannot keep a local copy of the mesh configuration");
                 }
                 tracing::info!(version = %snapshot.version, "applied the mesh configuration");
+                for setting in &not_applied {
+                    tracing::warn!(%setting, "mesh setting not applied");
+                }
                 metrics
                     .snapshots
                     .get_or_create(&OutcomeLabels { outcome: "applied" })
                     .inc();
-                *running = Some(snapshot.version.clone());
+                *running = Some(Running {
+                    version: snapshot.version.clone(),
+                    not_applied: not_applied.clone(),
+                });
                 Kind::Ack(Ack {
                     version: snapshot.version,
+                    not_applied,
                 })
             }
             Err(reason) => {

@@ -1,0 +1,163 @@
+//! Which sidecars every replica serves, for the leader's status writes.
+//!
+//! A sidecar subscribes to one replica, and only the leader writes status:
+//! so each replica publishes its subscribers ([`SidecarRecord`]s) and the
+//! leader reads those of every live replica. With a Postgres-backed
+//! election the records go to the `mesh_sidecars` table (migration 0023),
+//! one row per replica, rewritten when its list changes and otherwise only
+//! marked as seen; a replica that stops publishing drops out after
+//! [`STALE_AFTER`] intervals. A solo control plane is its only replica and
+//! keeps its list in memory.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+/// Intervals without a write after which a replica's sidecars no longer
+/// count.
+pub const STALE_AFTER: u32 = 5;
+
+/// One subscribed sidecar as the status needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SidecarRecord {
+    pub namespace: String,
+    pub pod: String,
+    /// `Kind/name` of every resource its configuration includes.
+    pub resources: Vec<String>,
+    /// The version of the configuration it was sent last.
+    pub sent: String,
+    /// The version it acknowledged last.
+    pub applied: Option<String>,
+    /// Its last refusal.
+    pub refused: Option<Refusal>,
+    /// What it did not apply of the version it acknowledged.
+    #[serde(default)]
+    pub not_applied: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub version: String,
+    pub reason: String,
+}
+
+impl SidecarRecord {
+    pub fn uses(&self, kind: &str, name: &str) -> bool {
+        self.resources
+            .iter()
+            .any(|r| r.split_once('/') == Some((kind, name)))
+    }
+}
+
+/// Where replicas publish their subscribers.
+#[derive(Debug)]
+pub enum Directory {
+    /// One replica: its own list is the whole list.
+    Solo(Mutex<Vec<SidecarRecord>>),
+    Postgres {
+        pool: PgPool,
+        /// The control planes' lease name: one group of replicas.
+        lease: String,
+        replica: String,
+        /// What this replica wrote last, to write only changes.
+        written: tokio::sync::Mutex<Option<Vec<SidecarRecord>>>,
+    },
+}
+
+impl Directory {
+    pub fn solo() -> Self {
+        Self::Solo(Mutex::default())
+    }
+
+    pub fn postgres(pool: PgPool, lease: &str, replica: &str) -> Self {
+        Self::Postgres {
+            pool,
+            lease: lease.to_owned(),
+            replica: replica.to_owned(),
+            written: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// Publishes this replica's subscribers.
+    pub async fn publish(&self, mine: Vec<SidecarRecord>) -> anyhow::Result<()> {
+        match self {
+            Self::Solo(list) => {
+                *list.lock().unwrap_or_else(PoisonError::into_inner) = mine;
+                Ok(())
+            }
+            Self::Postgres {
+                pool,
+                lease,
+                replica,
+                written,
+            } => {
+                let mut written = written.lock().await;
+                if written.as_ref() == Some(&mine) {
+                    let touched = sqlx::query(
+                        "UPDATE mesh_sidecars SET seen_at = now() WHERE lease = $1 AND replica = $2",
+                    )
+                    .bind(lease)
+                    .bind(replica)
+                    .execute(pool)
+                    .await?;
+                    if touched.rows_affected() == 1 {
+                        return Ok(());
+                    }
+                    // The row was pruned (a long pause): write it whole.
+                }
+                sqlx::query(
+                    "INSERT INTO mesh_sidecars (lease, replica, seen_at, sidecars)
+                     VALUES ($1, $2, now(), $3)
+                     ON CONFLICT (lease, replica)
+                     DO UPDATE SET seen_at = now(), sidecars = EXCLUDED.sidecars",
+                )
+                .bind(lease)
+                .bind(replica)
+                .bind(sqlx::types::Json(&mine))
+                .execute(pool)
+                .await?;
+                *written = Some(mine);
+                Ok(())
+            }
+        }
+    }
+
+    /// Every live replica's subscribers; a sidecar listed by two replicas
+    /// (it moved) counts once, as the one seen last lists it.
+    pub async fn all(&self, interval: Duration) -> anyhow::Result<Vec<SidecarRecord>> {
+        match self {
+            Self::Solo(list) => Ok(list.lock().unwrap_or_else(PoisonError::into_inner).clone()),
+            Self::Postgres { pool, lease, .. } => {
+                let stale = interval * STALE_AFTER;
+                let stale_secs = stale.as_secs_f64();
+                sqlx::query(
+                    "DELETE FROM mesh_sidecars
+                     WHERE lease = $1 AND seen_at < now() - make_interval(secs => $2)",
+                )
+                .bind(lease)
+                .bind(stale_secs * 4.0)
+                .execute(pool)
+                .await?;
+                let rows: Vec<(sqlx::types::Json<Vec<SidecarRecord>>,)> = sqlx::query_as(
+                    "SELECT sidecars FROM mesh_sidecars
+                     WHERE lease = $1 AND seen_at >= now() - make_interval(secs => $2)
+                     ORDER BY seen_at",
+                )
+                .bind(lease)
+                .bind(stale_secs)
+                .fetch_all(pool)
+                .await?;
+                let mut by_pod = BTreeMap::new();
+                for (records,) in rows {
+                    for record in records.0 {
+                        by_pod.insert((record.namespace.clone(), record.pod.clone()), record);
+                    }
+                }
+                Ok(by_pod.into_values().collect())
+            }
+        }
+    }
+}

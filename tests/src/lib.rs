@@ -12,6 +12,7 @@ pub mod agents;
 pub mod kafka;
 pub mod kube;
 pub mod lock_contract;
+pub mod pod_runner;
 pub mod process;
 pub mod saga_contract;
 pub mod session_contract;

@@ -13,7 +13,11 @@
 //!   that can stall), and what the sidecar does not apply is named in the
 //!   policy's status;
 //! - with two control-plane replicas, the leader's status counts the
-//!   sidecars subscribed to either.
+//!   sidecars subscribed to either;
+//! - a sidecar declared as a pod's native sidecar container runs from that
+//!   spec alone (the pod runner): its env from the downward API and a
+//!   Secret, its config file from a ConfigMap, a projected token bound to
+//!   the pod, and it gets its configuration through them.
 //!
 //! Each test runs its own control plane, and each leads alone and writes
 //! the status of every mesh resource it watches (all namespaces): the tests
@@ -848,5 +852,145 @@ async fn the_status_counts_the_sidecars_of_every_replica() -> anyhow::Result<()>
         let (code, _) = service.stop_with(Signal::SIGTERM).await?;
         assert_eq!(code, 0);
     }
+    namespace.delete().await
+}
+
+#[tokio::test]
+async fn a_sidecar_runs_from_its_pod_spec_and_gets_its_configuration_with_the_pods_token()
+-> anyhow::Result<()> {
+    let _turn = TURN.lock().await;
+    let admin = client().await?;
+    install_crds(&admin).await?;
+    let namespace = TestNamespace::create(&admin).await?;
+    let ns = namespace.name.as_str();
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = control_plane_kubeconfig(dir.path()).await?;
+    let cp_port = env::free_port();
+    let cp = control_plane(cp_port, &kubeconfig).await?;
+    let [grpc, admin_port] = [env::free_port(), env::free_port()];
+    let ca = std::fs::read_to_string(pki_dir().join("ca.crt"))?;
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let indent = |text: &str| text.replace('\n', "\n    ");
+    let sidecar_toml = format!(
+        r#"[admin]
+listen = "127.0.0.1:{admin_port}"
+[sidecar]
+listen = "127.0.0.1:{grpc}"
+[storage.sqlite]
+path = "/var/lib/statefabric/events.db"
+[mesh]
+enabled = true
+control_plane = "https://127.0.0.1:{cp_port}"
+ca_file = "/etc/statefabric/ca.crt"
+token_file = "/var/run/secrets/statefabric/token"
+state_file = "/var/lib/statefabric/mesh.json"
+reconnect_max = "500ms"
+"#
+    );
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: agent, namespace: {ns}}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: sidecar-config, namespace: {ns}}}
+data:
+  sidecar.toml: |
+    {toml}
+  ca.crt: |
+    {ca}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: sidecar-tenant, namespace: {ns}}}
+stringData: {{tenant: {tenant}}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: planner-0
+  namespace: {ns}
+  annotations: {{statefabric.io/agent-type: planner}}
+spec:
+  serviceAccountName: agent
+  initContainers:
+  - name: statefabric-sidecar
+    image: ghcr.io/statefabric/sidecar:dev
+    restartPolicy: Always
+    args: ["--config", "/etc/statefabric/sidecar.toml"]
+    env:
+    - {{name: STATEFABRIC_SIDECAR__IDENTITY, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}
+    - {{name: STATEFABRIC_SIDECAR__TENANT, valueFrom: {{secretKeyRef: {{name: sidecar-tenant, key: tenant}}}}}}
+    - {{name: STATEFABRIC_MESH__NAMESPACE, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}}
+    - {{name: STATEFABRIC_MESH__POD, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}
+    - {{name: STATEFABRIC_MESH__AGENT_TYPE, valueFrom: {{fieldRef: {{fieldPath: "metadata.annotations['statefabric.io/agent-type']"}}}}}}
+    ports:
+    - {{name: grpc, containerPort: {grpc}}}
+    - {{name: admin, containerPort: {admin_port}}}
+    startupProbe: {{grpc: {{port: {grpc}}}, periodSeconds: 1}}
+    readinessProbe: {{httpGet: {{path: /healthz/ready, port: admin}}}}
+    volumeMounts:
+    - {{name: config, mountPath: /etc/statefabric, readOnly: true}}
+    - {{name: mesh-token, mountPath: /var/run/secrets/statefabric, readOnly: true}}
+    - {{name: state, mountPath: /var/lib/statefabric}}
+  containers: [{{name: agent, image: agent:test}}]
+  volumes:
+  - {{name: config, configMap: {{name: sidecar-config}}}}
+  - name: mesh-token
+    projected:
+      sources: [{{serviceAccountToken: {{audience: statefabric, expirationSeconds: 3600, path: token}}}}]
+  - {{name: state, emptyDir: {{}}}}
+"#,
+        toml = indent(&sidecar_toml),
+        ca = indent(ca.trim()),
+    );
+    env::eventually("the pod admitted", Duration::from_secs(30), || {
+        let manifest = manifest.clone();
+        async move { Ok(kubectl(&["apply", "-f", "-"], Some(&manifest)).await.ok()) }
+    })
+    .await?;
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&fabric_config(ns, "{chat: {ttl: 30m}}")),
+    )
+    .await?;
+
+    // The pod as the API server admitted it (its uid binds the token).
+    let pod: k8s_openapi::api::core::v1::Pod = kube::Api::namespaced(admin.clone(), ns)
+        .get("planner-0")
+        .await?;
+    let mut sidecar = env::pod_runner::run(&admin, &pod, "statefabric-sidecar").await?;
+    sidecar.ready().await?;
+    let address = format!("http://127.0.0.1:{grpc}");
+    env::eventually(
+        "the FabricConfig's session namespace served",
+        Duration::from_secs(15),
+        || async {
+            let mut sessions = StateClient::connect(address.clone()).await?.sessions();
+            Ok(sessions
+                .put("chat", "c1", b"v".to_vec(), None)
+                .await
+                .ok()
+                .filter(|ttl| *ttl > Duration::from_secs(29 * 60)))
+        },
+    )
+    .await?;
+    let status = status_where(ns, "the pod's sidecar counted", |s| {
+        s["sidecars"]["applied"] == 1
+    })
+    .await?;
+    assert!(status["sidecars"]["nacks"].is_null(), "{status}");
+    let state = sidecar
+        .mounts
+        .get("/var/lib/statefabric")
+        .map(|dir| dir.join("mesh.json"))
+        .expect("the state mount");
+    assert!(state.exists(), "the local copy is in the pod's emptyDir");
+
+    let (code, stderr) = sidecar.stop().await?;
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _) = cp.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
     namespace.delete().await
 }

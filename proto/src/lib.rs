@@ -4,6 +4,8 @@
 
 #![allow(missing_debug_implementations, clippy::all)]
 
+pub mod codec;
+
 pub mod state {
     pub mod v1 {
         tonic::include_proto!("statefabric.state.v1");
@@ -16,6 +18,11 @@ pub mod control {
     }
 }
 
-/// The encoded file descriptor set, for gRPC server reflection.
+/// The encoded file descriptor set of the State API (`state.v1`), for gRPC
+/// server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("statefabric_descriptor");
+
+/// The same for the control plane's services (`control.v1`).
+pub const CONTROL_FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("statefabric_control_descriptor");

@@ -312,6 +312,7 @@ pub async fn serve_with(
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(statefabric_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(statefabric_proto::CONTROL_FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 

@@ -7,10 +7,14 @@
 //! ServiceAccount token (a TokenReview each, as in production). The
 //! baseline, measured in the same run for every update, is the API
 //! server's own watch: the time until a plain watcher of FabricConfigs sees
-//! the update — what any controller needs before it can act.
+//! the update — what any controller needs before it can act. The memory
+//! baseline is the transport's own: a tonic server (the sidecar's gRPC
+//! health service, release build) holding as many idle server streams
+//! (`Health/Watch`), one connection each — what one HTTP/2 connection and
+//! stream per subscriber cost before any configuration is kept.
 //!
 //! Needs the test environment (`testenv/up.sh`) and a release build:
-//!   cargo build --release -p statefabric-control-plane -p statefabric-bench
+//!   cargo build --release -p statefabric-control-plane -p statefabric-sidecar -p statefabric-bench
 //!   "${CARGO_TARGET_DIR:-target}"/release/mesh-bench --subscribers 1,100,1000 --updates 20
 
 use std::sync::Arc;
@@ -81,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         scenario(&configs, &ns, port, &pods[..n], &cp, args.updates).await?;
+        transport_floor(n).await?;
     }
     drop(cp);
     namespace.delete().await
@@ -179,6 +184,78 @@ async fn create_pod(client: &Client, ns: &str, index: usize) -> anyhow::Result<(
         .and_then(|s| s.token)
         .unwrap_or_default();
     Ok((name, token))
+}
+
+/// RSS per stream of a tonic server holding `n` idle server streams.
+async fn transport_floor(n: usize) -> anyhow::Result<()> {
+    let binary = std::env::current_exe()?.with_file_name("statefabric-sidecar");
+    anyhow::ensure!(
+        binary.is_file(),
+        "{} missing: build it with --release first",
+        binary.display()
+    );
+    let data = tempfile::tempdir()?;
+    let (admin, grpc) = (env::free_port(), env::free_port());
+    let server = Command::new(binary)
+        .env("STATEFABRIC_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
+        .env("STATEFABRIC_SIDECAR__LISTEN", format!("127.0.0.1:{grpc}"))
+        .env("STATEFABRIC_SIDECAR__TENANT", "bench")
+        .env("STATEFABRIC_SIDECAR__IDENTITY", "floor")
+        .env(
+            "STATEFABRIC_STORAGE__SQLITE__PATH",
+            data.path().join("events.db"),
+        )
+        .env("STATEFABRIC_TELEMETRY__LOG_LEVEL", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    let ready = format!("http://127.0.0.1:{admin}/healthz/ready");
+    env::eventually("sidecar ready", Duration::from_secs(30), || {
+        let ready = ready.clone();
+        async move { Ok((env::http("GET", &ready, None, None).await?.status == 200).then_some(())) }
+    })
+    .await?;
+    let before = rss_kib(&server);
+    // Opened a hundred at a time, each waiting for its first message, so a
+    // refused connection is an error rather than a missing count.
+    let mut streams = Vec::new();
+    for start in (0..n).step_by(100) {
+        let mut opened = Vec::new();
+        for _ in start..n.min(start + 100) {
+            let (open_tx, open_rx) = tokio::sync::oneshot::channel::<()>();
+            opened.push(open_rx);
+            streams.push(tokio::spawn(async move {
+                let channel =
+                    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc}"))?
+                        .connect()
+                        .await?;
+                let mut stream = tonic_health::pb::health_client::HealthClient::new(channel)
+                    .watch(tonic_health::pb::HealthCheckRequest::default())
+                    .await?
+                    .into_inner();
+                stream.message().await?;
+                let _ = open_tx.send(());
+                // Held open until the task is aborted.
+                while stream.message().await?.is_some() {}
+                anyhow::Ok(())
+            }));
+        }
+        for open in opened {
+            tokio::time::timeout(Duration::from_secs(30), open)
+                .await
+                .map_err(|_| anyhow::anyhow!("a health stream did not open within 30 s"))?
+                .map_err(|_| anyhow::anyhow!("a health stream failed to open"))?;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(&server);
+    for stream in &streams {
+        stream.abort();
+    }
+    println!(
+        "  baseline: tonic server with {n} idle streams, one connection each: {:.1} KiB per stream",
+        (after - before) / n as f64
+    );
+    Ok(())
 }
 
 fn rss_kib(child: &Child) -> f64 {

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
@@ -29,63 +30,38 @@ pub const AGENT_TYPE_KEY: &str = "statefabric.io/agent-type";
 /// The extra a bound ServiceAccount token carries for its pod.
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 
-/// What one subscribed sidecar was sent and answered.
-#[derive(Debug, Clone)]
-pub struct SidecarState {
-    pub identity: Identity,
-    pub config: EffectiveConfig,
-    /// The version it acknowledged last.
-    pub applied: Option<String>,
-    /// Its last refusal: version and reason.
-    pub refused: Option<(String, String)>,
-    /// What it did not apply of the version it acknowledged.
-    pub not_applied: Vec<String>,
+/// The resources a configuration includes, as `Kind/name`.
+fn resources(config: &EffectiveConfig) -> Vec<String> {
+    config
+        .fabric_config
+        .iter()
+        .map(|c| format!("FabricConfig/{}", c.name))
+        .chain(
+            config
+                .policies
+                .iter()
+                .map(|p| format!("ResiliencyPolicy/{}", p.name)),
+        )
+        .chain(
+            config
+                .upstreams
+                .iter()
+                .map(|u| format!("Upstream/{}", u.name)),
+        )
+        .collect()
 }
 
-impl SidecarState {
-    /// As published for the leader's status writes.
-    pub fn record(&self) -> SidecarRecord {
-        let config = &self.config;
-        let resources = config
-            .fabric_config
-            .iter()
-            .map(|c| format!("FabricConfig/{}", c.name))
-            .chain(
-                config
-                    .policies
-                    .iter()
-                    .map(|p| format!("ResiliencyPolicy/{}", p.name)),
-            )
-            .chain(
-                config
-                    .upstreams
-                    .iter()
-                    .map(|u| format!("Upstream/{}", u.name)),
-            )
-            .collect();
-        SidecarRecord {
-            namespace: self.identity.namespace.clone(),
-            pod: self.identity.pod.clone(),
-            resources,
-            sent: config.version(),
-            applied: self.applied.clone(),
-            refused: self.refused.as_ref().map(|(version, reason)| Refusal {
-                version: version.clone(),
-                reason: reason.clone(),
-            }),
-            not_applied: self.not_applied.clone(),
-        }
-    }
-}
-
-/// The sidecars subscribed to this replica, by (namespace, pod).
+/// The sidecars subscribed to this replica, by (namespace, pod): what each
+/// was sent and answered, kept as the record the status needs (not the
+/// configuration itself, of which a thousand sidecars would each hold a
+/// copy).
 #[derive(Debug, Clone, Default)]
 pub struct Sidecars {
-    inner: Arc<Mutex<BTreeMap<(String, String), SidecarState>>>,
+    inner: Arc<Mutex<BTreeMap<(String, String), SidecarRecord>>>,
 }
 
 impl Sidecars {
-    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<(String, String), SidecarState>) -> T) -> T {
+    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<(String, String), SidecarRecord>) -> T) -> T {
         f(&mut self
             .inner
             .lock()
@@ -94,7 +70,7 @@ impl Sidecars {
 
     /// Every subscriber, as published for the status.
     pub fn records(&self) -> Vec<SidecarRecord> {
-        self.with(|all| all.values().map(SidecarState::record).collect())
+        self.with(|all| all.values().cloned().collect())
     }
 
     fn key(identity: &Identity) -> (String, String) {
@@ -107,36 +83,45 @@ impl Sidecars {
         &self,
         identity: &Identity,
         config: &EffectiveConfig,
+        version: &str,
         already_applied: Option<Vec<String>>,
     ) {
         self.with(|all| {
-            let state = all
+            let record = all
                 .entry(Self::key(identity))
-                .or_insert_with(|| SidecarState {
-                    identity: identity.clone(),
-                    config: config.clone(),
+                .or_insert_with(|| SidecarRecord {
+                    namespace: identity.namespace.clone(),
+                    pod: identity.pod.clone(),
+                    resources: Vec::new(),
+                    sent: String::new(),
                     applied: None,
                     refused: None,
                     not_applied: Vec::new(),
                 });
-            state.config = config.clone();
+            record.resources = resources(config);
+            version.clone_into(&mut record.sent);
             if let Some(not_applied) = already_applied {
-                state.applied = Some(config.version());
-                state.not_applied = not_applied;
+                record.applied = Some(version.to_owned());
+                record.not_applied = not_applied;
             }
         });
     }
 
     fn answered(&self, identity: &Identity, kind: Kind) {
         self.with(|all| {
-            if let Some(state) = all.get_mut(&Self::key(identity)) {
+            if let Some(record) = all.get_mut(&Self::key(identity)) {
                 match kind {
                     Kind::Ack(ack) => {
-                        state.applied = Some(ack.version);
-                        state.refused = None;
-                        state.not_applied = ack.not_applied;
+                        record.applied = Some(ack.version);
+                        record.refused = None;
+                        record.not_applied = ack.not_applied;
                     }
-                    Kind::Nack(nack) => state.refused = Some((nack.version, nack.reason)),
+                    Kind::Nack(nack) => {
+                        record.refused = Some(Refusal {
+                            version: nack.version,
+                            reason: nack.reason,
+                        });
+                    }
                     Kind::Hello(_) => {}
                 }
             }
@@ -147,6 +132,11 @@ impl Sidecars {
         self.with(|all| all.remove(&Self::key(identity)));
     }
 }
+
+/// What the stream to one sidecar carries. The status is boxed: the
+/// channel allocates its slots up front, and an unboxed `Status` would
+/// make each of them several times larger, per subscriber.
+type Outgoing = Result<ConfigSnapshot, Box<Status>>;
 
 /// TokenReviews (and pod reads) in flight at once. A fleet resubscribing
 /// after a control-plane restart would otherwise open a connection to the
@@ -269,9 +259,9 @@ impl Distribution {
     }
 }
 
-fn snapshot(config: &EffectiveConfig) -> Result<ConfigSnapshot, Status> {
+fn snapshot(config: &EffectiveConfig, version: &str) -> Result<ConfigSnapshot, Status> {
     Ok(ConfigSnapshot {
-        version: config.version(),
+        version: version.to_owned(),
         config_json: serde_json::to_string(config)
             .map_err(|e| Status::internal(format!("encoding the configuration: {e}")))?,
     })
@@ -279,7 +269,8 @@ fn snapshot(config: &EffectiveConfig) -> Result<ConfigSnapshot, Status> {
 
 #[tonic::async_trait]
 impl ConfigDistribution for Distribution {
-    type SubscribeStream = ReceiverStream<Result<ConfigSnapshot, Status>>;
+    type SubscribeStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<ConfigSnapshot, Status>> + Send>>;
 
     async fn subscribe(
         &self,
@@ -306,7 +297,9 @@ impl ConfigDistribution for Distribution {
                 .await;
             this.sidecars.gone(&identity);
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|sent| sent.map_err(|status| *status)),
+        )))
     }
 }
 
@@ -319,7 +312,7 @@ impl Distribution {
         mut last_sent: Option<String>,
         mut not_applied: Vec<String>,
         mut inbound: Streaming<SubscribeRequest>,
-        tx: mpsc::Sender<Result<ConfigSnapshot, Status>>,
+        tx: mpsc::Sender<Outgoing>,
     ) {
         let mut catalog = self.catalog.clone();
         let mut first = true;
@@ -334,9 +327,9 @@ impl Distribution {
                         // already gets nothing: no flap.
                         let resumed =
                             (first && unchanged).then(|| std::mem::take(&mut not_applied));
-                        self.sidecars.sent(&identity, &config, resumed);
+                        self.sidecars.sent(&identity, &config, &version, resumed);
                         if !unchanged {
-                            let Ok(message) = snapshot(&config) else {
+                            let Ok(message) = snapshot(&config, &version) else {
                                 return;
                             };
                             if tx.send(Ok(message)).await.is_err() {
@@ -347,7 +340,9 @@ impl Distribution {
                         first = false;
                     }
                     Err(err) => {
-                        let _ = tx.send(Err(Status::not_found(err.to_string()))).await;
+                        let _ = tx
+                            .send(Err(Box::new(Status::not_found(err.to_string()))))
+                            .await;
                         return;
                     }
                 }

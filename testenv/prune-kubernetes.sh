@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Deletes the namespaces test runs left on the test API server (`t-<hex>`:
 # every Kubernetes test makes its own and deletes it, but a failed or
-# killed test leaves it behind). The controller manager deletes their
-# objects. scripts/test.sh calls this after the suite; best effort.
+# killed test leaves it behind), and the injector tests' webhook
+# registrations (`statefabric-injector-t-<hex>`; each selects only its own
+# test's namespace, so one left behind gets in nobody's way). The
+# controller manager deletes the namespaces' objects. scripts/test.sh calls
+# this after the suite; best effort.
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # shellcheck source=kubernetes.sh
@@ -10,6 +13,10 @@ set -uo pipefail
 
 kube_api_ready 2>/dev/null || { log "kube-apiserver is not running: nothing to prune"; exit 0; }
 kubectl=("$KUBE_TOOLS/kubectl" --kubeconfig "$KUBE_STATE/admin.kubeconfig")
+mapfile -t hooks < <("${kubectl[@]}" get mutatingwebhookconfigurations -o name 2>/dev/null | grep -E '/statefabric-injector-t-[0-9a-f]{8,}$')
+if (( ${#hooks[@]} )) && "${kubectl[@]}" delete "${hooks[@]}" >/dev/null 2>&1; then
+  log "deleted ${#hooks[@]} test webhook registrations of earlier runs"
+fi
 mapfile -t left < <("${kubectl[@]}" get namespaces -o name 2>/dev/null | sed 's|^namespace/||' | grep -E '^t-[0-9a-f]{8,}$')
 (( ${#left[@]} )) || exit 0
 if "${kubectl[@]}" delete namespace --wait=false "${left[@]}" >/dev/null 2>&1; then

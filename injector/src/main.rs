@@ -1,15 +1,11 @@
-//! `statefabric-injector`: the mutating admission webhook that adds the sidecar to annotated pods.
-//!
-//! Today it serves its admin endpoints (probes, metrics) and shuts down
-//! gracefully; the webhook itself is planned, with no issue filed yet (see
-//! `docs/architecture.md`).
+//! `statefabric-injector`: the mutating admission webhook that adds the
+//! sidecar to annotated pods (see the library's docs).
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use statefabric_runtime::{BaseConfig, ConfigArgs};
-
-const DEFAULT_ADMIN_PORT: u16 = 7601;
+use statefabric_injector::InjectorConfig;
+use statefabric_runtime::ConfigArgs;
 
 /// The Statefabric sidecar injector (Kubernetes mutating admission webhook).
 #[derive(Debug, Parser)]
@@ -24,12 +20,9 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     statefabric_runtime::main(
         "statefabric-injector",
-        BaseConfig::with_admin_port(DEFAULT_ADMIN_PORT),
+        InjectorConfig::default(),
         args.config.config.as_deref(),
-        |ctx| async move {
-            ctx.shutdown.requested().await;
-            Ok(())
-        },
+        statefabric_injector::serve,
     )
     .await
 }

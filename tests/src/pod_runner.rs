@@ -294,6 +294,32 @@ impl RunningContainer {
     }
 }
 
+/// Waits until the sidecar at `address` gives sessions in `namespace` a
+/// TTL of at least `at_least`: its mesh configuration (a FabricConfig's
+/// session policy) has arrived.
+pub async fn session_policy_served(
+    address: &str,
+    namespace: &str,
+    at_least: std::time::Duration,
+) -> anyhow::Result<()> {
+    crate::eventually(
+        &format!("sessions in {namespace} served for at least {at_least:?}"),
+        std::time::Duration::from_secs(15),
+        || async {
+            let mut sessions = statefabric_sdk::StateClient::connect(address.to_owned())
+                .await?
+                .sessions();
+            Ok(sessions
+                .put(namespace, "probe", b"v".to_vec(), None)
+                .await
+                .ok()
+                .filter(|ttl| *ttl >= at_least)
+                .map(|_| ()))
+        },
+    )
+    .await
+}
+
 /// Which of our binaries a container runs.
 fn binary_of(container: &Container) -> anyhow::Result<String> {
     const OURS: [&str; 4] = [

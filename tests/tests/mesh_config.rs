@@ -962,18 +962,10 @@ spec:
         .await?;
     let mut sidecar = env::pod_runner::run(&admin, &pod, "statefabric-sidecar").await?;
     sidecar.ready().await?;
-    let address = format!("http://127.0.0.1:{grpc}");
-    env::eventually(
-        "the FabricConfig's session namespace served",
-        Duration::from_secs(15),
-        || async {
-            let mut sessions = StateClient::connect(address.clone()).await?.sessions();
-            Ok(sessions
-                .put("chat", "c1", b"v".to_vec(), None)
-                .await
-                .ok()
-                .filter(|ttl| *ttl > Duration::from_secs(29 * 60)))
-        },
+    env::pod_runner::session_policy_served(
+        &format!("http://127.0.0.1:{grpc}"),
+        "chat",
+        Duration::from_secs(29 * 60),
     )
     .await?;
     let status = status_where(ns, "the pod's sidecar counted", |s| {

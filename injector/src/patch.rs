@@ -1,0 +1,670 @@
+//! Pod spec in, decision out: skip, leave as is, deny, or a JSON Patch that
+//! adds the sidecar. Pure (no I/O), so every pod shape is a unit test.
+//!
+//! The sidecar goes in as a Kubernetes native sidecar: the first init
+//! container, `restartPolicy: Always`, with a startup probe on its gRPC
+//! health — the app's containers start only once it serves, it keeps
+//! running beside them, and it is stopped after them (so a Job completes
+//! and the sidecar drains last). App containers get the addresses they
+//! need (`STATEFABRIC_ADDRESS`, `STATEFABRIC_EGRESS_ADDRESS`), never a
+//! credential. The tenant comes from the namespace's label, which only
+//! cluster admins set; nothing a pod says can choose another.
+//!
+//! A pod that already carries a container named like ours is left alone
+//! only if it is exactly what this injector adds (a re-invocation, with
+//! the fields the API server defaults in between); otherwise it is denied,
+//! since a hand-made sidecar could claim another tenant's settings.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::annotations::{self, INJECTED, Invalid, Overrides};
+use crate::config::SidecarTemplate;
+
+/// The injected container's name.
+pub const SIDECAR: &str = "statefabric-sidecar";
+/// Volumes the injector adds (names a pod may not use for its own).
+pub const TOKEN_VOLUME: &str = "statefabric-token";
+pub const CA_VOLUME: &str = "statefabric-ca";
+pub const STATE_VOLUME: &str = "statefabric-state";
+/// Where they are mounted in the sidecar.
+const TOKEN_DIR: &str = "/var/run/secrets/statefabric/token";
+const CA_DIR: &str = "/var/run/secrets/statefabric/ca";
+const STATE_DIR: &str = "/var/lib/statefabric";
+/// The audience of the sidecar's projected token (the control plane's).
+pub const TOKEN_AUDIENCE: &str = "statefabric";
+/// Where the ServiceAccount admission plugin mounts the account's token.
+const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// Namespaces never injected, whatever they say.
+const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
+
+/// The namespace a pod is created in, as the injector sees it.
+#[derive(Debug, Clone, Default)]
+pub struct NamespaceInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Why a pod is not injected (a metric label and an Event reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    SystemNamespace,
+    FabricNamespace,
+    HostNetwork,
+    OptedOut,
+    NotAnnotated,
+}
+
+impl Skip {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SystemNamespace => "system_namespace",
+            Self::FabricNamespace => "fabric_namespace",
+            Self::HostNetwork => "host_network",
+            Self::OptedOut => "opted_out",
+            Self::NotAnnotated => "not_annotated",
+        }
+    }
+}
+
+/// What to do with a pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Skip(Skip),
+    /// Already injected exactly as this injector would: nothing to add.
+    Unchanged,
+    /// The JSON Patch (RFC 6902) operations that add the sidecar.
+    Inject(Vec<Value>),
+}
+
+/// Why a pod is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denial {
+    #[error(transparent)]
+    Annotation(#[from] Invalid),
+    #[error(
+        "namespace {namespace} has no label {label} naming its tenant (set by cluster admins); the sidecar cannot be injected"
+    )]
+    NoTenant { namespace: String, label: String },
+    #[error(
+        "container {SIDECAR} is not the sidecar this injector adds ({0}); only the injector may add it"
+    )]
+    Forged(String),
+    #[error("volume {0} is reserved for the injected sidecar")]
+    ReservedVolume(String),
+    #[error("the pod has no spec")]
+    NoSpec,
+}
+
+/// Decides for `pod` in `namespace`.
+pub fn decide(
+    pod: &Pod,
+    namespace: &NamespaceInfo,
+    template: &SidecarTemplate,
+    fabric_namespace: &str,
+) -> Result<Decision, Denial> {
+    if SYSTEM_NAMESPACES.contains(&namespace.name.as_str()) {
+        return Ok(Decision::Skip(Skip::SystemNamespace));
+    }
+    if namespace.name == fabric_namespace {
+        return Ok(Decision::Skip(Skip::FabricNamespace));
+    }
+    let spec = pod.spec.as_ref().ok_or(Denial::NoSpec)?;
+    let pod_annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let overrides = annotations::parse(&pod_annotations)?;
+    let namespace_says = match namespace
+        .annotations
+        .get(annotations::INJECT)
+        .map(String::as_str)
+    {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => {
+            return Err(Denial::Annotation(Invalid {
+                annotation: format!("{} of namespace {}", annotations::INJECT, namespace.name),
+                reason: format!("`{other}` is not \"true\" or \"false\""),
+            }));
+        }
+    };
+    let existing = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .find(|c| c.name == SIDECAR);
+    let wanted = match overrides.inject {
+        Some(choice) => choice,
+        None => namespace_says.unwrap_or(false),
+    };
+    if spec.host_network == Some(true) {
+        return match existing {
+            Some(_) => Err(Denial::Forged(
+                "a hostNetwork pod gets no sidecar".to_owned(),
+            )),
+            None => Ok(Decision::Skip(Skip::HostNetwork)),
+        };
+    }
+    if !wanted {
+        if existing.is_some() {
+            return Err(Denial::Forged(
+                "the pod did not ask for injection".to_owned(),
+            ));
+        }
+        return Ok(Decision::Skip(if overrides.inject == Some(false) {
+            Skip::OptedOut
+        } else {
+            Skip::NotAnnotated
+        }));
+    }
+    let tenant = namespace
+        .labels
+        .get(&template.tenant_label)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Denial::NoTenant {
+            namespace: namespace.name.clone(),
+            label: template.tenant_label.clone(),
+        })?;
+    let sidecar = sidecar_container(template, &overrides, tenant);
+    if let Some(existing) = existing {
+        let mut theirs = serde_json::to_value(existing).unwrap_or(Value::Null);
+        // The ServiceAccount admission plugin runs again after a webhook's
+        // patch and mounts the account's token into every container, ours
+        // included: the platform's, not the pod author's.
+        if let Some(mounts) = theirs["volumeMounts"].as_array_mut() {
+            mounts.retain(|m| m["mountPath"] != SERVICE_ACCOUNT_MOUNT);
+        }
+        let first_init = spec
+            .init_containers
+            .as_ref()
+            .and_then(|c| c.first())
+            .is_some_and(|c| c.name == SIDECAR);
+        if !first_init {
+            return Err(Denial::Forged(
+                "it is not the first init container".to_owned(),
+            ));
+        }
+        return match difference(&sidecar, &theirs, "") {
+            None => Ok(Decision::Unchanged),
+            Some(at) => Err(Denial::Forged(format!("it differs at {at}"))),
+        };
+    }
+    for volume in spec.volumes.iter().flatten() {
+        if [TOKEN_VOLUME, CA_VOLUME, STATE_VOLUME].contains(&volume.name.as_str()) {
+            return Err(Denial::ReservedVolume(volume.name.clone()));
+        }
+    }
+
+    let mut ops = Vec::new();
+    match &spec.init_containers {
+        Some(list) if !list.is_empty() => ops.push(add("/spec/initContainers/0", sidecar)),
+        _ => ops.push(add("/spec/initContainers", json!([sidecar]))),
+    }
+    let volumes = volumes();
+    match &spec.volumes {
+        Some(list) if !list.is_empty() => {
+            ops.extend(volumes.into_iter().map(|v| add("/spec/volumes/-", v)));
+        }
+        _ => ops.push(add("/spec/volumes", Value::Array(volumes))),
+    }
+    let egress = overrides.egress.unwrap_or(true);
+    for (index, container) in spec.containers.iter().enumerate() {
+        ops.extend(app_env(index, container, template, egress));
+    }
+    let digest = version(template);
+    match &pod.metadata.annotations {
+        Some(_) => ops.push(add(
+            &format!("/metadata/annotations/{}", INJECTED.replace('/', "~1")),
+            Value::String(digest),
+        )),
+        None => ops.push(add("/metadata/annotations", json!({ INJECTED: digest }))),
+    }
+    Ok(Decision::Inject(ops))
+}
+
+fn add(path: &str, value: Value) -> Value {
+    json!({ "op": "add", "path": path, "value": value })
+}
+
+/// A short digest of the template: which injector configuration a pod got.
+fn version(template: &SidecarTemplate) -> String {
+    let bytes = serde_json::to_vec(template).unwrap_or_default();
+    hex::encode(&Sha256::digest(&bytes)[..6])
+}
+
+fn field(path: &str) -> Value {
+    json!({ "fieldRef": { "fieldPath": path } })
+}
+
+/// The sidecar container as JSON (the patch's value).
+fn sidecar_container(template: &SidecarTemplate, overrides: &Overrides, tenant: &str) -> Value {
+    let log_level = overrides
+        .log_level
+        .clone()
+        .unwrap_or_else(|| template.log_level.clone());
+    let cpu = overrides
+        .cpu
+        .clone()
+        .unwrap_or_else(|| template.cpu.clone());
+    let memory = overrides
+        .memory
+        .clone()
+        .unwrap_or_else(|| template.memory.clone());
+    let mut env = vec![
+        json!({"name": "STATEFABRIC_SIDECAR__TENANT", "value": tenant}),
+        json!({"name": "STATEFABRIC_SIDECAR__IDENTITY", "valueFrom": field("metadata.name")}),
+        // The kubelet's gRPC probe connects to the pod's IP; NetworkPolicy
+        // (the chart's) keeps other pods out.
+        json!({"name": "STATEFABRIC_SIDECAR__LISTEN", "value": format!("0.0.0.0:{}", template.grpc_port)}),
+        json!({"name": "STATEFABRIC_ADMIN__LISTEN", "value": format!("0.0.0.0:{}", template.admin_port)}),
+        json!({"name": "STATEFABRIC_STORAGE__SQLITE__PATH", "value": format!("{STATE_DIR}/events.db")}),
+        json!({"name": "STATEFABRIC_TELEMETRY__LOG_LEVEL", "value": log_level}),
+        json!({"name": "STATEFABRIC_MESH__ENABLED", "value": "true"}),
+        json!({"name": "STATEFABRIC_MESH__CONTROL_PLANE", "value": template.control_plane}),
+        json!({"name": "STATEFABRIC_MESH__CA_FILE", "value": format!("{CA_DIR}/ca.crt")}),
+        json!({"name": "STATEFABRIC_MESH__TOKEN_FILE", "value": format!("{TOKEN_DIR}/token")}),
+        json!({"name": "STATEFABRIC_MESH__STATE_FILE", "value": format!("{STATE_DIR}/mesh.json")}),
+        json!({"name": "STATEFABRIC_MESH__NAMESPACE", "valueFrom": field("metadata.namespace")}),
+        json!({"name": "STATEFABRIC_MESH__POD", "valueFrom": field("metadata.name")}),
+    ];
+    if let Some(agent_type) = &overrides.agent_type {
+        env.push(json!({"name": "STATEFABRIC_MESH__AGENT_TYPE", "value": agent_type}));
+    }
+    if let Some(config) = &overrides.config {
+        env.push(json!({"name": "STATEFABRIC_MESH__CONFIG_NAME", "value": config}));
+    }
+    if let Some(blocks) = &overrides.building_blocks {
+        env.push(
+            json!({"name": "STATEFABRIC_SIDECAR__BUILDING_BLOCKS", "value": blocks.join(",")}),
+        );
+    }
+    let mut ports = vec![
+        json!({"name": "sf-grpc", "containerPort": template.grpc_port}),
+        json!({"name": "sf-admin", "containerPort": template.admin_port}),
+    ];
+    if overrides.egress.unwrap_or(true) {
+        ports.push(json!({"name": "sf-egress", "containerPort": template.egress_port}));
+    }
+    json!({
+        "name": SIDECAR,
+        "image": template.image,
+        "restartPolicy": "Always",
+        "env": env,
+        "ports": ports,
+        "startupProbe": {
+            "grpc": {"port": template.grpc_port, "service": ""},
+            "periodSeconds": 1,
+            "failureThreshold": 60,
+        },
+        "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": "sf-admin"}},
+        "livenessProbe": {"httpGet": {"path": "/healthz/live", "port": "sf-admin"}},
+        "resources": {
+            "requests": {"cpu": cpu, "memory": memory},
+            "limits": {"memory": memory},
+        },
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
+            {"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": true},
+            {"name": STATE_VOLUME, "mountPath": STATE_DIR},
+        ],
+    })
+}
+
+/// The sidecar's volumes: its pod-bound token for the control plane, the
+/// cluster CA (published to every namespace) to verify it, its state.
+fn volumes() -> Vec<Value> {
+    vec![
+        json!({"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
+            "audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}}),
+        json!({"name": CA_VOLUME, "configMap": {"name": "kube-root-ca.crt"}}),
+        json!({"name": STATE_VOLUME, "emptyDir": {}}),
+    ]
+}
+
+/// The env an app container gets: where its sidecar is. Variables it sets
+/// itself are left alone.
+fn app_env(
+    index: usize,
+    container: &Container,
+    template: &SidecarTemplate,
+    egress: bool,
+) -> Vec<Value> {
+    let mut wanted = vec![(
+        "STATEFABRIC_ADDRESS",
+        format!("http://127.0.0.1:{}", template.grpc_port),
+    )];
+    if egress {
+        wanted.push((
+            "STATEFABRIC_EGRESS_ADDRESS",
+            format!("http://127.0.0.1:{}", template.egress_port),
+        ));
+    }
+    let has = |name: &str| container.env.iter().flatten().any(|e| e.name == name);
+    let missing: Vec<Value> = wanted
+        .into_iter()
+        .filter(|(name, _)| !has(name))
+        .map(|(name, value)| json!({"name": name, "value": value}))
+        .collect();
+    match &container.env {
+        Some(list) if !list.is_empty() => missing
+            .into_iter()
+            .map(|e| add(&format!("/spec/containers/{index}/env/-"), e))
+            .collect(),
+        _ if missing.is_empty() => Vec::new(),
+        _ => vec![add(
+            &format!("/spec/containers/{index}/env"),
+            Value::Array(missing),
+        )],
+    }
+}
+
+/// Fields the API server fills in with defaults after a webhook's patch:
+/// present on a re-invocation though the injector did not set them.
+const DEFAULTED: [&str; 10] = [
+    "scheme",
+    "terminationMessagePath",
+    "terminationMessagePolicy",
+    "imagePullPolicy",
+    "timeoutSeconds",
+    "periodSeconds",
+    "successThreshold",
+    "failureThreshold",
+    "protocol",
+    "apiVersion",
+];
+
+/// Where `theirs` differs from `ours` plus fields the API server defaults
+/// (a JSON pointer), or `None` when it does not.
+fn difference(ours: &Value, theirs: &Value, at: &str) -> Option<String> {
+    match (ours, theirs) {
+        (Value::Object(a), Value::Object(b)) => a
+            .iter()
+            .find_map(|(k, v)| {
+                let here = format!("{at}/{k}");
+                match b.get(k) {
+                    Some(w) => difference(v, w, &here),
+                    None => Some(here),
+                }
+            })
+            .or_else(|| {
+                b.keys()
+                    .find(|k| !a.contains_key(*k) && !DEFAULTED.contains(&k.as_str()))
+                    .map(|k| format!("{at}/{k}"))
+            }),
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (v, w))| difference(v, w, &format!("{at}/{i}"))),
+        // Quantities and ports may come back in another spelling of the
+        // same value (`1` vs `"1"`).
+        (Value::Number(n), Value::String(s)) | (Value::String(s), Value::Number(n))
+            if n.to_string() == *s =>
+        {
+            None
+        }
+        _ if ours == theirs => None,
+        _ => Some(at.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(yaml: &str) -> Pod {
+        yaml_serde::from_str(yaml).expect("pod")
+    }
+
+    fn namespace(annotated: bool) -> NamespaceInfo {
+        NamespaceInfo {
+            name: "agents".into(),
+            labels: BTreeMap::from([("statefabric.io/tenant".into(), "acme".into())]),
+            annotations: if annotated {
+                BTreeMap::from([(annotations::INJECT.into(), "true".into())])
+            } else {
+                BTreeMap::new()
+            },
+        }
+    }
+
+    fn decide_for(pod: &Pod, ns: &NamespaceInfo) -> Result<Decision, Denial> {
+        decide(pod, ns, &SidecarTemplate::default(), "statefabric-system")
+    }
+
+    /// Applies the decision's patch to the pod, as the API server would.
+    fn applied(pod: &Pod, decision: &Decision) -> Pod {
+        let Decision::Inject(ops) = decision else {
+            panic!("not injected: {decision:?}");
+        };
+        let mut value = serde_json::to_value(pod).expect("json");
+        let patch: json_patch::Patch =
+            serde_json::from_value(Value::Array(ops.clone())).expect("patch");
+        json_patch::patch(&mut value, &patch).expect("applies");
+        serde_json::from_value(value).expect("still a pod")
+    }
+
+    const ANNOTATED: &str = r#"
+metadata: {name: coder-0, annotations: {statefabric.io/inject: "true", statefabric.io/agent-type: coder}}
+spec:
+  containers: [{name: agent, image: agent:1}]
+"#;
+
+    #[test]
+    fn an_annotated_pod_gets_a_native_sidecar_first_and_its_apps_the_addresses() {
+        let p = pod(ANNOTATED);
+        let injected = applied(&p, &decide_for(&p, &namespace(false)).expect("ok"));
+        let spec = injected.spec.expect("spec");
+        let inits = spec.init_containers.expect("init containers");
+        assert_eq!(inits[0].name, SIDECAR);
+        assert_eq!(inits[0].restart_policy.as_deref(), Some("Always"));
+        assert!(
+            inits[0]
+                .startup_probe
+                .as_ref()
+                .and_then(|p| p.grpc.as_ref())
+                .is_some()
+        );
+        let env = inits[0].env.clone().unwrap_or_default();
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            value("STATEFABRIC_SIDECAR__TENANT").as_deref(),
+            Some("acme")
+        );
+        assert_eq!(
+            value("STATEFABRIC_MESH__AGENT_TYPE").as_deref(),
+            Some("coder")
+        );
+        let app_env = spec.containers[0].env.clone().unwrap_or_default();
+        assert!(app_env.iter().any(|e| e.name == "STATEFABRIC_ADDRESS"));
+        assert!(
+            !app_env
+                .iter()
+                .any(|e| e.name.contains("TENANT") || e.value_from.is_some()),
+            "the app gets addresses only"
+        );
+        assert_eq!(spec.volumes.map(|v| v.len()), Some(3));
+        assert!(
+            injected
+                .metadata
+                .annotations
+                .is_some_and(|a| a.contains_key(INJECTED))
+        );
+    }
+
+    #[test]
+    fn existing_init_containers_volumes_and_env_are_kept() {
+        let p = pod(r#"
+metadata: {name: job-0, annotations: {statefabric.io/inject: "true"}}
+spec:
+  initContainers: [{name: migrate, image: m:1}]
+  containers:
+  - {name: agent, image: agent:1, env: [{name: STATEFABRIC_ADDRESS, value: "http://custom:1"}, {name: X, value: "1"}]}
+  - {name: helper, image: h:1}
+  volumes: [{name: data, emptyDir: {}}]
+"#);
+        let injected = applied(&p, &decide_for(&p, &namespace(false)).expect("ok"));
+        let spec = injected.spec.expect("spec");
+        let inits = spec.init_containers.expect("inits");
+        assert_eq!(
+            inits.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            [SIDECAR, "migrate"]
+        );
+        assert_eq!(spec.volumes.map(|v| v.len()), Some(4));
+        let agent_env = spec.containers[0].env.clone().unwrap_or_default();
+        assert_eq!(agent_env.len(), 3, "its own address kept, egress added");
+        assert_eq!(
+            agent_env[0].value.as_deref(),
+            Some("http://custom:1"),
+            "the app's own value wins"
+        );
+        assert_eq!(spec.containers[1].env.clone().unwrap_or_default().len(), 2);
+    }
+
+    #[test]
+    fn the_namespace_opts_in_and_a_pod_can_opt_out() {
+        let plain = pod("metadata: {name: p}\nspec: {containers: [{name: a, image: a}]}");
+        assert!(matches!(
+            decide_for(&plain, &namespace(true)),
+            Ok(Decision::Inject(_))
+        ));
+        assert_eq!(
+            decide_for(&plain, &namespace(false)),
+            Ok(Decision::Skip(Skip::NotAnnotated))
+        );
+        let out = pod(
+            "metadata: {name: p, annotations: {statefabric.io/inject: \"false\"}}\nspec: {containers: [{name: a, image: a}]}",
+        );
+        assert_eq!(
+            decide_for(&out, &namespace(true)),
+            Ok(Decision::Skip(Skip::OptedOut))
+        );
+    }
+
+    #[test]
+    fn system_fabric_and_host_network_pods_are_skipped() {
+        let p = pod(ANNOTATED);
+        for (name, skip) in [
+            ("kube-system", Skip::SystemNamespace),
+            ("statefabric-system", Skip::FabricNamespace),
+        ] {
+            let ns = NamespaceInfo {
+                name: name.into(),
+                ..namespace(true)
+            };
+            assert_eq!(decide_for(&p, &ns), Ok(Decision::Skip(skip)));
+        }
+        let host = pod(
+            "metadata: {name: h, annotations: {statefabric.io/inject: \"true\"}}\nspec: {hostNetwork: true, containers: [{name: a, image: a}]}",
+        );
+        assert_eq!(
+            decide_for(&host, &namespace(true)),
+            Ok(Decision::Skip(Skip::HostNetwork))
+        );
+    }
+
+    #[test]
+    fn no_tenant_label_a_bad_annotation_or_a_reserved_volume_is_denied() {
+        let p = pod(ANNOTATED);
+        let untenanted = NamespaceInfo {
+            labels: BTreeMap::new(),
+            ..namespace(false)
+        };
+        assert!(matches!(
+            decide_for(&p, &untenanted),
+            Err(Denial::NoTenant { .. })
+        ));
+        let bad = pod(
+            "metadata: {name: b, annotations: {statefabric.io/inject: \"true\", statefabric.io/log-level: loud}}\nspec: {containers: [{name: a, image: a}]}",
+        );
+        let err = decide_for(&bad, &namespace(false)).expect_err("denied");
+        assert!(
+            err.to_string().contains("statefabric.io/log-level"),
+            "{err}"
+        );
+        let reserved = pod(
+            "metadata: {name: r, annotations: {statefabric.io/inject: \"true\"}}\nspec: {containers: [{name: a, image: a}], volumes: [{name: statefabric-state, emptyDir: {}}]}",
+        );
+        assert_eq!(
+            decide_for(&reserved, &namespace(false)),
+            Err(Denial::ReservedVolume(STATE_VOLUME.into()))
+        );
+    }
+
+    #[test]
+    fn a_reinvocation_changes_nothing_even_after_defaulting() {
+        let p = pod(ANNOTATED);
+        let once = applied(&p, &decide_for(&p, &namespace(false)).expect("ok"));
+        assert_eq!(
+            decide_for(&once, &namespace(false)),
+            Ok(Decision::Unchanged)
+        );
+        // As the API server returns it: defaults filled in.
+        let mut value = serde_json::to_value(&once).expect("json");
+        let sidecar = &mut value["spec"]["initContainers"][0];
+        sidecar["terminationMessagePath"] = json!("/dev/termination-log");
+        sidecar["imagePullPolicy"] = json!("IfNotPresent");
+        sidecar["readinessProbe"]["timeoutSeconds"] = json!(1);
+        sidecar["env"][1]["valueFrom"]["fieldRef"]["apiVersion"] = json!("v1");
+        sidecar["ports"][0]["protocol"] = json!("TCP");
+        // The ServiceAccount plugin, run again after the patch.
+        sidecar["volumeMounts"]
+            .as_array_mut()
+            .expect("mounts")
+            .push(json!({
+                "name": "kube-api-access-x1y2z",
+                "mountPath": SERVICE_ACCOUNT_MOUNT,
+                "readOnly": true,
+            }));
+        let defaulted: Pod = serde_json::from_value(value).expect("pod");
+        assert_eq!(
+            decide_for(&defaulted, &namespace(false)),
+            Ok(Decision::Unchanged)
+        );
+    }
+
+    #[test]
+    fn a_hand_made_sidecar_is_denied() {
+        let p = pod(ANNOTATED);
+        let once = applied(&p, &decide_for(&p, &namespace(false)).expect("ok"));
+        // Another tenant in the env.
+        let mut value = serde_json::to_value(&once).expect("json");
+        value["spec"]["initContainers"][0]["env"][0]["value"] = json!("victim");
+        let forged: Pod = serde_json::from_value(value).expect("pod");
+        assert_eq!(
+            decide_for(&forged, &namespace(false)),
+            Err(Denial::Forged("it differs at /env/0/value".to_owned()))
+        );
+        // A command of its own.
+        let mut value = serde_json::to_value(&once).expect("json");
+        value["spec"]["initContainers"][0]["command"] = json!(["sh", "-c", "steal"]);
+        let forged: Pod = serde_json::from_value(value).expect("pod");
+        assert_eq!(
+            decide_for(&forged, &namespace(false)),
+            Err(Denial::Forged("it differs at /command".to_owned()))
+        );
+        // In a pod that did not ask for injection.
+        let sneaky = pod(
+            "metadata: {name: s}\nspec: {containers: [{name: statefabric-sidecar, image: evil}]}",
+        );
+        assert!(matches!(
+            decide_for(&sneaky, &namespace(false)),
+            Err(Denial::Forged(_))
+        ));
+    }
+}

@@ -3,8 +3,8 @@
 //!
 //! Owns: the annotations it reads and their checks ([`annotations`]), the
 //! pure pod-to-patch decision ([`patch`]), the HTTP handler and its answers
-//! ([`webhook`]), and the TLS listener with certificate hot-reload
-//! ([`tls`]). It does not own the sidecar's behaviour (the `sidecar`
+//! ([`webhook`]), the Events it records ([`events`]), and the TLS listener
+//! with certificate hot-reload ([`tls`]). It does not own the sidecar's behaviour (the `sidecar`
 //! crate), its configuration once running (the control plane's mesh
 //! configuration), nor the webhook's registration (the chart / test set-up
 //! writes the MutatingWebhookConfiguration).
@@ -14,6 +14,7 @@
 
 pub mod annotations;
 pub mod config;
+pub mod events;
 pub mod patch;
 pub mod tls;
 pub mod webhook;
@@ -31,6 +32,14 @@ use statefabric_runtime::ServiceContext;
 use tower::ServiceExt;
 
 pub use config::InjectorConfig;
+
+/// This replica's name for its Events: the pod name the chart passes as
+/// `POD_NAME`, else the host name.
+fn instance() -> String {
+    std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "statefabric-injector".to_owned())
+}
 
 /// Serves the webhook until shutdown.
 pub async fn serve(ctx: ServiceContext<InjectorConfig>) -> anyhow::Result<()> {
@@ -70,6 +79,7 @@ pub async fn serve(ctx: ServiceContext<InjectorConfig>) -> anyhow::Result<()> {
         template: Arc::new(config.sidecar_template.clone()),
         fabric_namespace: Arc::from(config.webhook.fabric_namespace.as_str()),
         namespaces,
+        events: events::Events::new(client.clone(), instance()),
         client,
         reviews,
     };

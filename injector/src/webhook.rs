@@ -2,8 +2,8 @@
 //! with its response out. Errors become answers in one place
 //! ([`answer`]): a pod denied names the annotation or the reason; a body
 //! that is not JSON gets 415, a malformed review 400 with what is wrong.
-//! `dryRun` requests are answered the same and have no side effects (the
-//! injector has none but metrics, which count them apart).
+//! `dryRun` requests are answered the same and have no side effects (no
+//! Event; the metrics count them apart).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,6 +26,7 @@ use prometheus_client::metrics::family::Family;
 use serde::Serialize;
 
 use crate::config::SidecarTemplate;
+use crate::events::Events;
 use crate::patch::{Decision, Denial, NamespaceInfo, decide};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,6 +46,7 @@ pub struct Webhook {
     pub namespaces: Store<Namespace>,
     pub client: Client,
     pub reviews: Family<OutcomeLabels, Counter>,
+    pub events: Events,
 }
 
 impl std::fmt::Debug for Webhook {
@@ -117,7 +119,13 @@ async fn mutate(State(webhook): State<Webhook>, headers: HeaderMap, body: Bytes)
         Err(err) => return bad_request(format!("the AdmissionReview has no request: {err}")),
     };
     let dry_run = if request.dry_run { "true" } else { "false" };
-    let (decision, answer) = webhook.review(&request).await;
+    let (decision, answer, pod) = webhook.review(&request).await;
+    if let Some(pod) = &pod
+        && !request.dry_run
+    {
+        let namespace = request.namespace.as_deref().unwrap_or_default();
+        webhook.events.record(pod, namespace, &decision);
+    }
     let (outcome, reason) = match &decision {
         Ok(Decision::Inject(_)) => ("injected", ""),
         Ok(Decision::Unchanged) => ("unchanged", ""),
@@ -170,26 +178,29 @@ impl Webhook {
     async fn review(
         &self,
         request: &AdmissionRequest<DynamicObject>,
-    ) -> (Result<Decision, Denial>, Answer) {
+    ) -> (Result<Decision, Denial>, Answer, Option<Pod>) {
         // Only pod creation is ours; anything else the API server sends
         // (a misconfigured rule) is let through untouched.
         let is_pod_create = request.kind.kind == "Pod" && request.operation == Operation::Create;
-        let decision = match (&request.object, is_pod_create) {
+        let (decision, pod) = match (&request.object, is_pod_create) {
             (Some(object), true) => {
                 match serde_json::to_value(object).and_then(serde_json::from_value::<Pod>) {
                     Ok(pod) => {
                         let namespace = self
                             .namespace(request.namespace.as_deref().unwrap_or_default())
                             .await;
-                        decide(&pod, &namespace, &self.template, &self.fabric_namespace)
+                        (
+                            decide(&pod, &namespace, &self.template, &self.fabric_namespace),
+                            Some(pod),
+                        )
                     }
-                    Err(_) => Err(Denial::NoSpec),
+                    Err(_) => (Err(Denial::NoSpec), None),
                 }
             }
-            _ => Ok(Decision::Unchanged),
+            _ => (Ok(Decision::Unchanged), None),
         };
         let answer = answer(request.uid.clone(), &decision);
-        (decision, answer)
+        (decision, answer, pod)
     }
 
     /// The namespace's labels and annotations, from the watched copy, or

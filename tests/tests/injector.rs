@@ -2,7 +2,9 @@
 //! webhook (`url:` client config, the cluster CA as caBundle, scoped to the
 //! test's namespace by a label), reached over TLS by the API server itself.
 //! - an annotated pod comes back with the native sidecar first, the tenant
-//!   of its namespace, the app's addresses; a plain pod is untouched;
+//!   of its namespace, the app's addresses; so do a Deployment's pods,
+//!   created by the ReplicaSet controller, with an `Injected` Event on the
+//!   ReplicaSet; a plain pod is untouched;
 //! - a bad annotation, a hand-made sidecar and a namespace without a
 //!   tenant are denied, each named; a server-side dry run creates nothing;
 //! - the injected sidecar, started from the pod as the API server stored
@@ -240,6 +242,65 @@ async fn the_injector_adds_the_sidecar_denies_what_it_must_and_the_sidecar_runs(
         "{created}"
     );
 
+    // A Deployment: the ReplicaSet controller creates the pods, each comes
+    // back injected, and the Event is on the ReplicaSet.
+    let deployment = format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: agents, namespace: {ns}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: agents}}}}
+  template:
+    metadata:
+      labels: {{app: agents}}
+      annotations: {{statefabric.io/inject: "true", statefabric.io/agent-type: critic}}
+    spec:
+      containers: [{{name: agent, image: "agent:test"}}]
+"#
+    );
+    kubectl(&["apply", "-f", "-"], Some(&deployment)).await?;
+    env::eventually(
+        "two injected pods from the ReplicaSet",
+        Duration::from_secs(30),
+        || async {
+            let listed: Value = serde_json::from_str(
+                &kubectl(
+                    &["get", "pods", "-n", ns, "-l", "app=agents", "-o", "json"],
+                    None,
+                )
+                .await?,
+            )?;
+            let items = listed["items"].as_array().cloned().unwrap_or_default();
+            let injected = items
+                .iter()
+                .filter(|p| p["spec"]["initContainers"][0]["name"] == "statefabric-sidecar")
+                .count();
+            Ok((items.len() == 2 && injected == 2).then_some(()))
+        },
+    )
+    .await?;
+    let event_on = |kind: &'static str, reason: &'static str| async move {
+        env::eventually(
+            &format!("a {reason} Event on a {kind}"),
+            Duration::from_secs(15),
+            || async {
+                let listed: Value = serde_json::from_str(
+                    &kubectl(&["get", "events", "-n", ns, "-o", "json"], None).await?,
+                )?;
+                Ok(listed["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|e| e["reason"] == reason && e["involvedObject"]["kind"] == kind)
+                    .cloned())
+            },
+        )
+        .await
+    };
+    let injected_event = event_on("ReplicaSet", "Injected").await?;
+    assert_eq!(injected_event["type"], "Normal", "{injected_event}");
+
     // Not annotated: untouched.
     let plain = apply(&pod_manifest(ns, "plain-0", "", ""), &[])
         .await?
@@ -260,6 +321,15 @@ async fn the_injector_adds_the_sidecar_denies_what_it_must_and_the_sidecar_runs(
     .await?
     .expect_err("a bad annotation is denied");
     assert!(bad.contains("statefabric.io/sidecar-memory"), "{bad}");
+    let denied_event = event_on("Pod", "Denied").await?;
+    assert_eq!(denied_event["type"], "Warning", "{denied_event}");
+    assert!(
+        denied_event["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("statefabric.io/sidecar-memory"),
+        "{denied_event}"
+    );
     let forged = apply(
         &pod_manifest(
             ns,

@@ -215,6 +215,14 @@ pub async fn install_control_plane_rbac() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Applies `k8s/injector/rbac.yaml` (the injector's ServiceAccount and its
+/// grants).
+pub async fn install_injector_rbac() -> anyhow::Result<()> {
+    let rbac = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../k8s/injector/rbac.yaml");
+    kubectl(&["apply", "-f", &rbac.display().to_string()], None).await?;
+    Ok(())
+}
+
 /// A kubeconfig in `dir` that authenticates as a ServiceAccount with a
 /// fresh token, so a process runs with exactly that account's RBAC.
 pub async fn kubeconfig_as_service_account(

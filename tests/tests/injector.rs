@@ -32,6 +32,8 @@ struct Injector {
     port: u16,
     webhook: String,
     grpc_port: u16,
+    /// Holds its kubeconfig.
+    _dir: tempfile::TempDir,
 }
 
 async fn start_injector(
@@ -43,7 +45,17 @@ async fn start_injector(
     let port = env::free_port();
     let [grpc_port, admin_port, egress_port] =
         [env::free_port(), env::free_port(), env::free_port()];
-    let kubeconfig = env::kube::kubeconfig_path().display().to_string();
+    // With exactly the grants of k8s/injector/rbac.yaml.
+    env::kube::install_injector_rbac().await?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = env::kube::kubeconfig_as_service_account(
+        dir.path(),
+        "statefabric-system",
+        "statefabric-injector",
+    )
+    .await?
+    .display()
+    .to_string();
     let vars = [
         ("KUBECONFIG", kubeconfig),
         ("STATEFABRIC_WEBHOOK__LISTEN", format!("127.0.0.1:{port}")),
@@ -100,6 +112,7 @@ webhooks:
         port,
         webhook,
         grpc_port,
+        _dir: dir,
     })
 }
 

@@ -408,6 +408,16 @@ async fn rbac_refuses_an_identity_without_grants() -> anyhow::Result<()> {
 /// `kubectl auth can-i` as the control plane's ServiceAccount (it answers
 /// `yes`, or `no` with exit code 1). `resource` may end in `/<subresource>`.
 async fn control_plane_may(verb: &str, resource: &str, namespace: &str) -> anyhow::Result<bool> {
+    account_may("statefabric-control-plane", verb, resource, namespace).await
+}
+
+/// `kubectl auth can-i` as a ServiceAccount of `statefabric-system`.
+async fn account_may(
+    account: &str,
+    verb: &str,
+    resource: &str,
+    namespace: &str,
+) -> anyhow::Result<bool> {
     let (resource, subresource) = match resource.split_once('/') {
         Some((resource, sub)) => (resource, Some(sub)),
         None => (resource, None),
@@ -417,10 +427,10 @@ async fn control_plane_may(verb: &str, resource: &str, namespace: &str) -> anyho
         .arg("--kubeconfig")
         .arg(statefabric_tests::kube::kubeconfig_path())
         .args(["auth", "can-i", verb, resource, "-n", namespace])
-        .args([
-            "--as",
-            "system:serviceaccount:statefabric-system:statefabric-control-plane",
-        ]);
+        .arg("--as")
+        .arg(format!(
+            "system:serviceaccount:statefabric-system:{account}"
+        ));
     if let Some(sub) = subresource {
         command.arg(format!("--subresource={sub}"));
     }
@@ -478,6 +488,42 @@ async fn the_control_planes_rbac_allows_what_it_needs_and_nothing_else() -> anyh
         assert!(
             !control_plane_may(verb, resource, namespace).await?,
             "the control plane may {verb} {resource} in {namespace}"
+        );
+    }
+    agents.delete().await
+}
+
+#[tokio::test]
+async fn the_injectors_rbac_allows_what_it_needs_and_nothing_else() -> anyhow::Result<()> {
+    let client = client().await?;
+    statefabric_tests::kube::install_injector_rbac().await?;
+    let agents = TestNamespace::create(&client).await?;
+    let elsewhere = agents.name.as_str();
+    let may = |verb, resource| account_may("statefabric-injector", verb, resource, elsewhere);
+    for (verb, resource) in [
+        ("watch", "namespaces"),
+        ("list", "namespaces"),
+        ("create", "events.events.k8s.io"),
+    ] {
+        assert!(
+            may(verb, resource).await?,
+            "the injector may not {verb} {resource}"
+        );
+    }
+    for (verb, resource) in [
+        ("get", "secrets"),
+        ("get", "pods"),
+        ("create", "pods"),
+        ("patch", "namespaces"),
+        ("patch", "deployments.apps"),
+        (
+            "create",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io",
+        ),
+    ] {
+        assert!(
+            !may(verb, resource).await?,
+            "the injector may {verb} {resource}"
         );
     }
     agents.delete().await

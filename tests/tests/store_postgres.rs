@@ -720,3 +720,99 @@ async fn appends_racing_on_a_stream_reach_the_feed_in_version_order() -> anyhow:
     assert_eq!(outbox, in_order);
     Ok(())
 }
+
+/// A connection URL for `user` on the test database.
+fn url_as(user: &str, password: &str) -> anyhow::Result<String> {
+    let app = env::pg_app_url();
+    let (_, host) = app
+        .split_once('@')
+        .ok_or_else(|| anyhow::anyhow!("no user in {app}"))?;
+    Ok(format!("postgres://{user}:{password}@{host}"))
+}
+
+#[tokio::test]
+async fn a_tenant_login_reaches_its_own_tenant_whatever_the_session_names() -> anyhow::Result<()> {
+    let store = store_with(config()).await;
+    let victim = new_tenant().await;
+    let attacker = new_tenant().await;
+    let id = stream();
+    store
+        .append(
+            &scope(&victim),
+            AppendRequest::new(
+                id.clone(),
+                "task",
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("Secret", json!({"plan": "private"}))],
+            ),
+        )
+        .await?;
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let role = pg::create_tenant_login(&env::pg_admin_url(), &attacker, &password).await?;
+    assert!(role.starts_with("sft_"), "{role}");
+
+    // The attacker's own login, naming the victim's tenant: nothing.
+    let mut conn = PgConnection::connect(&url_as(&role, &password)?).await?;
+    sqlx::query("SELECT set_config('statefabric.tenant', $1, false)")
+        .bind(victim.as_str())
+        .execute(&mut conn)
+        .await?;
+    for table in ["event_store", "streams", "audit_log", "tenants"] {
+        let sql = format!("SELECT count(*) FROM {table} WHERE tenant_id = $1");
+        let visible: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(victim.as_str())
+            .fetch_one(&mut conn)
+            .await?;
+        assert_eq!(
+            visible, 0,
+            "{table}: a tenant login read another tenant's rows"
+        );
+    }
+    let written = sqlx::query(
+        "INSERT INTO streams (tenant_id, stream_id, stream_type, version) VALUES ($1, 'planted', 'task', 1)",
+    )
+    .bind(victim.as_str())
+    .execute(&mut conn)
+    .await;
+    let refused = written.expect_err("a write for another tenant is refused");
+    assert!(
+        refused.to_string().contains("row-level security"),
+        "{refused}"
+    );
+    conn.close().await?;
+
+    // The same login works as the store's for its own tenant.
+    let own = PgEventStore::connect(PgConfig {
+        url: url_as(&role, &password)?,
+        max_connections: 2,
+        ..PgConfig::default()
+    })
+    .await?;
+    let mine = stream();
+    own.append(
+        &scope(&attacker),
+        AppendRequest::new(
+            mine.clone(),
+            "task",
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new("Mine", json!({}))],
+        ),
+    )
+    .await?;
+    assert_eq!(own.read_stream(&attacker, &mine, 1, 10).await?.len(), 1);
+    // Acting for the victim through the store: refused, not leaked.
+    let leaked = own.read_stream(&victim, &id, 1, 10).await;
+    assert!(
+        leaked.map(|events| events.is_empty()).unwrap_or(true),
+        "the victim's stream read through the attacker's login"
+    );
+
+    // An application login bound to no tenant is as before.
+    let mut unbound = app_conn(Some(&victim)).await?;
+    let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM event_store WHERE tenant_id = $1")
+        .bind(victim.as_str())
+        .fetch_one(&mut unbound)
+        .await?;
+    assert_eq!(visible, 1);
+    Ok(())
+}

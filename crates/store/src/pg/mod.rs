@@ -3,7 +3,8 @@
 //! Connects as the application role (not the tables' owner), so Row-Level
 //! Security confines every statement to the tenant named at the start of its
 //! transaction. Migrations and tenant registration need the owner role and
-//! are separate functions ([`migrate`], [`create_tenant`]).
+//! are separate functions ([`migrate`], [`create_tenant`],
+//! [`create_tenant_login`]).
 
 pub(crate) mod append;
 pub(crate) mod idempotency;
@@ -340,6 +341,31 @@ pub async fn create_tenant(owner_url: &str, tenant: &TenantId, display_name: &st
     .map_err(map_err)?;
     pool.close().await;
     Ok(())
+}
+
+/// Makes the tenant's own Postgres login (or gives it a new password):
+/// a member of `statefabric_app_role` bound to this tenant, so whatever
+/// tenant a session names, it reaches this tenant's rows only (migration
+/// 0024). Returns the role name. Run as the schema owner (needs
+/// CREATEROLE); the tenant must exist.
+pub async fn create_tenant_login(
+    owner_url: &str,
+    tenant: &TenantId,
+    password: &str,
+) -> Result<String> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(owner_url)
+        .await
+        .map_err(StoreError::Unavailable)?;
+    let role: String = sqlx::query_scalar("SELECT statefabric_create_tenant_login($1, $2)::text")
+        .bind(tenant.as_str())
+        .bind(password)
+        .fetch_one(&pool)
+        .await
+        .map_err(map_err)?;
+    pool.close().await;
+    Ok(role)
 }
 
 /// Maps driver errors to the store's: connection trouble is `Unavailable`,

@@ -139,6 +139,12 @@ struct Keys {
     alive: String,
 }
 
+/// The Redis ACL key pattern covering every lock key of `tenant` (for a
+/// tenant's own Redis user).
+pub fn tenant_key_pattern(tenant: &TenantId) -> String {
+    format!("{{sf:lock:{tenant}:*")
+}
+
 fn keys(tenant: &TenantId, name: &str) -> Keys {
     let tag = format!("{{sf:lock:{tenant}:{name}}}");
     Keys {

@@ -5,7 +5,8 @@
 //! Redis adapter uses: each command gets a deadline, passes the shared
 //! circuit breaker (so a dead Redis costs callers a fast `Unavailable`), and
 //! is timed into a latency histogram with error counts and in-flight use.
-//! [`monitor`] polls each node's memory for the 80 %-of-maxmemory alert.
+//! [`monitor`] polls each node's memory for the 80 %-of-maxmemory alert;
+//! [`acl`] writes a tenant's own Redis user.
 //!
 //! It does not own what is stored: locks, sessions and updates are adapters
 //! in their own crates, generic over redis-rs's `ConnectionLike`.
@@ -16,6 +17,7 @@
 //! commands in flight. Blocking reads (XREADGROUP BLOCK) get a connection of
 //! their own ([`Redis::dedicated`]) so they never stall the shared one.
 
+pub mod acl;
 mod config;
 mod guarded;
 pub mod monitor;

@@ -102,6 +102,12 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisSessions<C> {
     }
 }
 
+/// The Redis ACL key pattern covering every session key of `tenant` (for a
+/// tenant's own Redis user).
+pub fn tenant_key_pattern(tenant: &TenantId) -> String {
+    format!("{{sf:sess:{tenant}:*")
+}
+
 fn index(tenant: &TenantId, namespace: &str) -> String {
     format!("{{sf:sess:{tenant}:{namespace}}}")
 }

@@ -29,6 +29,18 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The Redis ACL pub/sub channel pattern of `tenant`'s change
+/// announcements (for a tenant's own Redis user).
+pub fn tenant_channel_pattern(tenant: &TenantId) -> String {
+    channel(tenant)
+}
+
+/// The Redis ACL key pattern of an update stream named `stream` (the
+/// sidecar names its tenant's stream; for a tenant's own Redis user).
+pub fn stream_key_pattern(stream: &str) -> String {
+    key(stream)
+}
+
 fn channel(tenant: &TenantId) -> String {
     format!("sf:changes:{tenant}")
 }

@@ -16,10 +16,40 @@ const SERVICES: &[(&str, &[&str])] = &[
     ("fabric", &["dev"]),
 ];
 
+/// What a binary needs beyond the defaults to start here: the injector
+/// watches namespaces on the test API server and serves TLS.
+fn needs(binary: &str) -> Vec<(&'static str, String)> {
+    match binary {
+        "statefabric-injector" => {
+            let pki = env::kube::pki_dir();
+            vec![
+                (
+                    "KUBECONFIG",
+                    env::kube::kubeconfig_path().display().to_string(),
+                ),
+                (
+                    "STATEFABRIC_WEBHOOK__LISTEN",
+                    format!("127.0.0.1:{}", env::free_port()),
+                ),
+                (
+                    "STATEFABRIC_WEBHOOK__TLS_CERT",
+                    pki.join("mesh.crt").display().to_string(),
+                ),
+                (
+                    "STATEFABRIC_WEBHOOK__TLS_KEY",
+                    pki.join("mesh.key").display().to_string(),
+                ),
+            ]
+        }
+        _ => Vec::new(),
+    }
+}
+
 #[tokio::test]
 async fn each_binary_serves_probes_and_metrics_then_exits_0_on_sigterm() -> anyhow::Result<()> {
     for (binary, args) in SERVICES {
-        let mut running = spawn(binary, args, &[])?;
+        let needed = needs(binary);
+        let mut running = spawn(binary, args, &statefabric_tests::process::borrowed(&needed))?;
         running
             .ready()
             .await
@@ -49,6 +79,11 @@ async fn each_binary_serves_probes_and_metrics_then_exits_0_on_sigterm() -> anyh
         assert!(
             stderr.contains("SIGTERM"),
             "{binary} did not log the signal:\n{stderr}"
+        );
+        // Written to a pipe, not a terminal: no colour codes.
+        assert!(
+            !stderr.contains('\u{1b}'),
+            "{binary} wrote ANSI escapes to a pipe:\n{stderr}"
         );
     }
     Ok(())

@@ -16,7 +16,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
@@ -110,17 +109,19 @@ async fn mutate(State(webhook): State<Webhook>, headers: HeaderMap, body: Bytes)
         )
             .into_response();
     }
-    let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(&body) {
+    // Parsed straight into a Pod: the webhook is registered for pods only,
+    // and one pass over the body is the bulk of a review's cost.
+    let review: AdmissionReview<Pod> = match serde_json::from_slice(&body) {
         Ok(review) => review,
-        Err(err) => return bad_request(format!("not an AdmissionReview: {err}")),
+        Err(err) => return bad_request(format!("not an AdmissionReview of a Pod: {err}")),
     };
-    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+    let request: AdmissionRequest<Pod> = match review.try_into() {
         Ok(request) => request,
         Err(err) => return bad_request(format!("the AdmissionReview has no request: {err}")),
     };
     let dry_run = if request.dry_run { "true" } else { "false" };
-    let (decision, answer, pod) = webhook.review(&request).await;
-    if let Some(pod) = &pod
+    let (decision, answer) = webhook.review(&request).await;
+    if let Some(pod) = &request.object
         && !request.dry_run
     {
         let namespace = request.namespace.as_deref().unwrap_or_default();
@@ -175,32 +176,21 @@ fn denial_reason(denial: &Denial) -> &'static str {
 
 impl Webhook {
     /// Decides for one request; the answer echoes its uid.
-    async fn review(
-        &self,
-        request: &AdmissionRequest<DynamicObject>,
-    ) -> (Result<Decision, Denial>, Answer, Option<Pod>) {
+    async fn review(&self, request: &AdmissionRequest<Pod>) -> (Result<Decision, Denial>, Answer) {
         // Only pod creation is ours; anything else the API server sends
         // (a misconfigured rule) is let through untouched.
         let is_pod_create = request.kind.kind == "Pod" && request.operation == Operation::Create;
-        let (decision, pod) = match (&request.object, is_pod_create) {
-            (Some(object), true) => {
-                match serde_json::to_value(object).and_then(serde_json::from_value::<Pod>) {
-                    Ok(pod) => {
-                        let namespace = self
-                            .namespace(request.namespace.as_deref().unwrap_or_default())
-                            .await;
-                        (
-                            decide(&pod, &namespace, &self.template, &self.fabric_namespace),
-                            Some(pod),
-                        )
-                    }
-                    Err(_) => (Err(Denial::NoSpec), None),
-                }
+        let decision = match (&request.object, is_pod_create) {
+            (Some(pod), true) => {
+                let namespace = self
+                    .namespace(request.namespace.as_deref().unwrap_or_default())
+                    .await;
+                decide(pod, &namespace, &self.template, &self.fabric_namespace)
             }
-            _ => (Ok(Decision::Unchanged), None),
+            _ => Ok(Decision::Unchanged),
         };
         let answer = answer(request.uid.clone(), &decision);
-        (decision, answer, pod)
+        (decision, answer)
     }
 
     /// The namespace's labels and annotations, from the watched copy, or

@@ -1,8 +1,9 @@
 //! The injector's webhook latency: AdmissionReviews of a typical agent pod
 //! (two app containers, an init container, volumes, env) sent over HTTPS
 //! to a release-built injector, as the API server sends them (one kept-alive
-//! connection per concurrent caller), at 1 and 16 callers; and the size of
-//! the patch it answers with. The baseline, in the same run: the same
+//! connection per concurrent caller), at 1 and 16 callers, as real reviews
+//! (each then records an Event through the API server, after the answer)
+//! and as dry runs (no Event); and the size of the patch it answers with. The baseline, in the same run: the same
 //! decision made by calling `statefabric_injector::patch::decide` directly
 //! (what the webhook adds is TLS, HTTP, parsing and the namespace lookup).
 //!
@@ -74,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
     let injector = start_injector(port).await?;
     let mut pod: Value = serde_json::from_str(POD)?;
     pod["metadata"]["namespace"] = json!(ns);
-    let review = |uid: usize| {
+    let review = |uid: usize, dry_run: bool| {
         json!({
             "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
             "request": {
@@ -82,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
                 "kind": {"group": "", "version": "v1", "kind": "Pod"},
                 "resource": {"group": "", "version": "v1", "resource": "pods"},
                 "operation": "CREATE", "namespace": ns, "userInfo": {"username": "bench"},
-                "object": pod, "dryRun": false
+                "object": pod, "dryRun": dry_run
             }
         })
         .to_string()
@@ -113,13 +114,15 @@ async fn main() -> anyhow::Result<()> {
         "injector-bench: {} reviews per scenario, namespace {ns}",
         args.requests
     );
-    for callers in [1usize, 16] {
+    // A real review (the injector then records an Event through the API
+    // server, after answering) and a dry run (no Event).
+    for (callers, dry_run) in [(1usize, false), (1, true), (16, false), (16, true)] {
         let per_caller = args.requests / callers;
         let mut tasks = Vec::new();
         let started = Instant::now();
         for caller in 0..callers {
             let bodies: Vec<String> = (0..per_caller)
-                .map(|i| review(caller * per_caller + i))
+                .map(|i| review(caller * per_caller + i, dry_run))
                 .collect();
             tasks.push(tokio::spawn(caller_loop(port, bodies)));
         }
@@ -132,12 +135,17 @@ async fn main() -> anyhow::Result<()> {
         }
         let rate = (per_caller * callers) as f64 / started.elapsed().as_secs_f64();
         report(
-            &format!("webhook, {callers} caller(s), HTTPS kept alive"),
+            &format!(
+                "webhook, {callers} caller(s){}",
+                if dry_run { ", dry run" } else { "" }
+            ),
             rate,
             "reviews",
             Some(&all),
         );
-        println!("  patch: {sizes} bytes of JSON Patch (base64 in the review)");
+        if !dry_run {
+            println!("  patch: {sizes} bytes of JSON Patch (base64 in the review)");
+        }
     }
     report(
         "  baseline: decide() called directly",

@@ -15,6 +15,10 @@ pub enum Error {
     TooLarge(String),
     #[error("not found: {0}")]
     NotFound(String),
+    /// A counter increment refused because the counter would leave the
+    /// signed 64-bit range; nothing was written.
+    #[error("out of range: {0}")]
+    OutOfRange(String),
     /// Transient: retrying later may succeed (unavailable, timed out, a
     /// duplicate still in progress).
     #[error("temporarily unavailable: {0}")]
@@ -43,6 +47,7 @@ impl From<Status> for Error {
             Code::InvalidArgument | Code::AlreadyExists => Self::Invalid(message),
             Code::ResourceExhausted => Self::TooLarge(message),
             Code::NotFound => Self::NotFound(message),
+            Code::OutOfRange => Self::OutOfRange(message),
             Code::Unavailable | Code::DeadlineExceeded | Code::Aborted => {
                 Self::Unavailable(message)
             }

@@ -22,6 +22,7 @@ pub fn from_store(err: StoreError) -> Status {
             Status::aborted(err.to_string())
         }
         err @ StoreError::DuplicateEventId => Status::already_exists(err.to_string()),
+        err @ StoreError::OutOfRange { .. } => Status::out_of_range(err.to_string()),
         err @ StoreError::Timeout(_) => Status::deadline_exceeded(err.to_string()),
         StoreError::Unavailable(source) => {
             tracing::warn!(error = %source, "storage unavailable");

@@ -421,3 +421,43 @@ async fn bad_context_requests_get_clear_statuses_and_change_nothing() -> anyhow:
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_counter_refuses_to_overflow_naming_the_document() -> anyhow::Result<()> {
+    let service = sidecar(&tenant(), "counter").await?;
+    let mut c = context(&service).await?;
+    let counter = doc_id();
+    c.merge(
+        &counter,
+        MergeType::PnCounter,
+        vec![Crdt::increment(i64::MAX)],
+    )
+    .await?;
+    for _ in 0..2 {
+        let err = c
+            .merge(
+                &counter,
+                MergeType::PnCounter,
+                vec![Crdt::increment(i64::MAX)],
+            )
+            .await
+            .expect_err("past i64::MAX");
+        match &err {
+            Error::OutOfRange(message) => assert!(message.contains(&counter), "{message}"),
+            other => panic!("expected OUT_OF_RANGE, got {other}"),
+        }
+    }
+    // Refused whole: the batch's first op is not kept either.
+    let err = c
+        .merge(
+            &counter,
+            MergeType::PnCounter,
+            vec![Crdt::increment(-1), Crdt::increment(2)],
+        )
+        .await
+        .expect_err("the batch leaves the range");
+    assert!(matches!(err, Error::OutOfRange(_)), "{err}");
+    let doc = c.get(&counter).await?.expect("counter");
+    assert_eq!(doc.content, json!(i64::MAX), "neither wrapped nor changed");
+    Ok(())
+}

@@ -128,6 +128,21 @@ pub struct WrongOp {
     pub merge: &'static str,
 }
 
+/// Why an op was refused (the state is left as it was).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CrdtError {
+    #[error(transparent)]
+    WrongOp(#[from] WrongOp),
+    /// A PN-counter increment that would take the counter's value outside
+    /// a signed 64-bit integer, or one writer's increments or decrements
+    /// past what they can count. Refused rather than wrapped or clamped: a
+    /// counter that silently stops counting is worse than an error.
+    #[error(
+        "incrementing by {delta} would take the counter outside the range of a signed 64-bit integer"
+    )]
+    OutOfRange { delta: i64 },
+}
+
 impl CrdtState {
     pub fn empty(merge: MergeType) -> Option<Self> {
         Some(match merge {
@@ -159,7 +174,7 @@ impl CrdtState {
         }
     }
 
-    pub fn apply(&mut self, op: &Op) -> Result<(), WrongOp> {
+    pub fn apply(&mut self, op: &Op) -> Result<(), CrdtError> {
         match (self, op) {
             (Self::LwwRegister { value, stamp }, Op::Set { value: v, stamp: s }) => {
                 let wins = match stamp.as_ref() {
@@ -192,14 +207,25 @@ impl CrdtState {
                 },
                 Op::Increment { writer, delta },
             ) => {
+                let total = |side: &BTreeMap<String, u64>| -> i128 {
+                    side.values().map(|v| i128::from(*v)).sum()
+                };
+                let value = total(increments) - total(decrements) + i128::from(*delta);
                 let side = if *delta >= 0 { increments } else { decrements };
-                *side.entry(writer.clone()).or_insert(0) += delta.unsigned_abs();
+                let current = side.get(writer).copied().unwrap_or(0);
+                match current.checked_add(delta.unsigned_abs()) {
+                    Some(next) if i64::try_from(value).is_ok() => {
+                        side.insert(writer.clone(), next);
+                    }
+                    _ => return Err(CrdtError::OutOfRange { delta: *delta }),
+                }
             }
             (state, op) => {
                 return Err(WrongOp {
                     op: op_name(op),
                     merge: state.merge_type().as_str(),
-                });
+                }
+                .into());
             }
         }
         Ok(())
@@ -288,6 +314,44 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
+
+    #[test]
+    fn a_counter_refuses_to_leave_the_i64_range_and_keeps_its_value() {
+        let mut state = CrdtState::empty(MergeType::PnCounter).expect("crdt");
+        let add = |delta: i64| Op::Increment {
+            writer: "w".into(),
+            delta,
+        };
+        state.apply(&add(i64::MAX)).expect("fits");
+        assert_eq!(
+            state.apply(&add(i64::MAX)),
+            Err(CrdtError::OutOfRange { delta: i64::MAX })
+        );
+        assert_eq!(
+            state.apply(&add(1)),
+            Err(CrdtError::OutOfRange { delta: 1 })
+        );
+        assert_eq!(state.materialize(), json!(i64::MAX), "unchanged");
+        state.apply(&add(i64::MIN)).expect("back to -1");
+        assert_eq!(state.materialize(), json!(-1));
+        // Down to the bottom, and not one further.
+        let mut low = CrdtState::empty(MergeType::PnCounter).expect("crdt");
+        low.apply(&add(i64::MIN)).expect("fits");
+        assert!(low.apply(&add(-1)).is_err());
+        assert_eq!(low.materialize(), json!(i64::MIN));
+        // One writer's totals cannot wrap even while the value stays small.
+        let mut churn = CrdtState::empty(MergeType::PnCounter).expect("crdt");
+        for _ in 0..2 {
+            churn.apply(&add(i64::MAX)).expect("up");
+            churn.apply(&add(-i64::MAX)).expect("down");
+        }
+        assert_eq!(
+            churn.apply(&add(i64::MAX)),
+            Err(CrdtError::OutOfRange { delta: i64::MAX }),
+            "the writer's increments would pass u64"
+        );
+        assert_eq!(churn.materialize(), json!(0));
+    }
 
     fn stamp(micros: u64, writer: &str) -> Stamp {
         Stamp {

@@ -18,6 +18,6 @@ pub mod id;
 
 pub use aggregate::{Aggregate, SnapshotState};
 pub use clock::{Causality, VectorClock};
-pub use crdt::{CrdtState, MergeType, Op, Stamp};
+pub use crdt::{CrdtError, CrdtState, MergeType, Op, Stamp};
 pub use event::{Checkpoint, EventMetadata, ExpectedVersion, NewEvent, RecordedEvent, Snapshot};
 pub use id::{AgentId, IdError, StreamId, TenantId};

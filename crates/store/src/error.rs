@@ -31,6 +31,10 @@ pub enum StoreError {
     StreamNotFound(StreamId),
     #[error("context document {0} does not exist")]
     DocumentNotFound(String),
+    /// A counter increment that would leave the counter's range; nothing
+    /// was written.
+    #[error("context document {id}: {reason}")]
+    OutOfRange { id: String, reason: String },
     /// A plain document changed since the writer read it; nothing was written.
     #[error("context document {id} changed since it was read; its version vector is now {current:?}", current = current.as_map())]
     ContextConflict {

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use statefabric_domain::{CrdtState, MergeType, Op, TenantId, VectorClock};
+use statefabric_domain::{CrdtError, CrdtState, MergeType, Op, TenantId, VectorClock};
 
 use crate::error::{InvalidInput, Result, StoreError};
 use crate::port::{Idempotency, Scope};
@@ -185,7 +185,7 @@ pub fn decide(
                     writer: writer.to_owned(),
                 },
             };
-            apply_ops(&mut next, &[op])?;
+            apply_ops(&write.id, &mut next, &[op])?;
         }
         (ContextChange::Patch(patch), MergeType::None) => {
             if live.is_none() {
@@ -195,7 +195,7 @@ pub fn decide(
                 .map_err(|e| InvalidInput::Json(format!("JSON Patch does not apply: {e}")))?;
         }
         (ContextChange::Merge(ops), merge) if merge != MergeType::None => {
-            apply_ops(&mut next, ops)?
+            apply_ops(&write.id, &mut next, ops)?
         }
         (change, merge) => {
             return Err(InvalidInput::BadName {
@@ -230,7 +230,7 @@ pub fn decide(
     Ok(next)
 }
 
-fn apply_ops(next: &mut Stored, ops: &[Op]) -> Result<()> {
+fn apply_ops(id: &str, next: &mut Stored, ops: &[Op]) -> Result<()> {
     if ops.is_empty() {
         return Err(InvalidInput::EmptyBatch.into());
     }
@@ -238,9 +238,15 @@ fn apply_ops(next: &mut Stored, ops: &[Op]) -> Result<()> {
         return Err(InvalidInput::Json("document has no merge state".into()).into());
     };
     for op in ops {
-        state.apply(op).map_err(|e| InvalidInput::BadEvent {
-            index: 0,
-            reason: e.to_string(),
+        state.apply(op).map_err(|e| match e {
+            CrdtError::WrongOp(wrong) => StoreError::from(InvalidInput::BadEvent {
+                index: 0,
+                reason: wrong.to_string(),
+            }),
+            range @ CrdtError::OutOfRange { .. } => StoreError::OutOfRange {
+                id: id.to_owned(),
+                reason: range.to_string(),
+            },
         })?;
     }
     next.content = state.materialize();

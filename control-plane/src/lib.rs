@@ -72,6 +72,9 @@ pub async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()
                 .await
                 .context("connecting to Postgres (leader.postgres_url)")?;
             tracing::info!(identity = %replica, lease = %leader.name, "electing");
+            ctx.register_metrics(|registry| {
+                statefabric_store::pg::register_pool_metrics(registry, "leader", connected.clone());
+            });
             pool = Some(connected.clone());
             let fence = PgElector::new(connected, &leader.name, &replica);
             if leader.backend == LeaderBackend::Kubernetes {

@@ -35,6 +35,13 @@ pub async fn open_store<C>(
                 .await
                 .context("connecting the saga store to Postgres")?;
             ctx.shutdown.spawn(store.listen(ctx.shutdown.token()));
+            ctx.register_metrics(|registry| {
+                statefabric_store::pg::register_pool_metrics(
+                    registry,
+                    "sagas",
+                    store.pool().clone(),
+                );
+            });
             Arc::new(store)
         }
         SagaBackend::Sqlite => {

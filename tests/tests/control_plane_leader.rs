@@ -230,3 +230,24 @@ async fn paused_leader_is_replaced_fenced_and_steps_down(
     println!("handed over {:?} after SIGTERM", stopped.elapsed());
     Ok(())
 }
+
+#[tokio::test]
+async fn the_control_plane_exports_its_postgres_pools() -> anyhow::Result<()> {
+    let cp = control_plane(&lease(), "pools", Backend::Postgres).await?;
+    let body = env::http("GET", &format!("{}/metrics", cp.admin), None, None)
+        .await?
+        .body;
+    for metric in [
+        "statefabric_store_pool_connections_in_use{pool=\"leader\"}",
+        "statefabric_store_pool_connections_idle{pool=\"leader\"}",
+        "statefabric_store_pool_connections_max{pool=\"leader\"} 4",
+    ] {
+        assert!(
+            body.lines().any(|l| l.starts_with(metric)),
+            "{metric} missing:\n{body}"
+        );
+    }
+    let (code, _) = cp.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    Ok(())
+}

@@ -126,7 +126,7 @@ impl PgEventStore {
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register_collector(Box::new(PoolCollector {
             pool: self.pool.clone(),
-            stats: self.stats.clone(),
+            stats: Some(self.stats.clone()),
         }));
     }
 
@@ -384,10 +384,24 @@ pub(crate) fn map_err(err: sqlx::Error) -> StoreError {
     }
 }
 
+/// Registers the gauges of any other Postgres pool of a process (in use,
+/// idle, its maximum), labelled `pool="<name>"`: the control plane's leader
+/// and saga-store pools, say.
+pub fn register_pool_metrics(
+    registry: &mut prometheus_client::registry::Registry,
+    name: &'static str,
+    pool: PgPool,
+) {
+    registry
+        .sub_registry_with_label(("pool".into(), name.into()))
+        .register_collector(Box::new(PoolCollector { pool, stats: None }));
+}
+
 #[derive(Debug)]
 struct PoolCollector {
     pool: PgPool,
-    stats: Arc<PoolStats>,
+    /// Callers waiting, where the pool's owner counts them.
+    stats: Option<Arc<PoolStats>>,
 }
 
 impl prometheus_client::collector::Collector for PoolCollector {
@@ -399,7 +413,7 @@ impl prometheus_client::collector::Collector for PoolCollector {
         use prometheus_client::metrics::gauge::ConstGauge;
         let size = i64::from(self.pool.size());
         let idle = i64::try_from(self.pool.num_idle()).unwrap_or(i64::MAX);
-        let gauges = [
+        let mut gauges = vec![
             (
                 "store_pool_connections_in_use",
                 "Postgres connections checked out",
@@ -411,11 +425,18 @@ impl prometheus_client::collector::Collector for PoolCollector {
                 idle,
             ),
             (
-                "store_pool_waiting",
-                "Callers waiting for a Postgres connection",
-                self.stats.waiting.load(Ordering::Relaxed),
+                "store_pool_connections_max",
+                "Postgres connections the pool may open",
+                i64::from(self.pool.options().get_max_connections()),
             ),
         ];
+        if let Some(stats) = &self.stats {
+            gauges.push((
+                "store_pool_waiting",
+                "Callers waiting for a Postgres connection",
+                stats.waiting.load(Ordering::Relaxed),
+            ));
+        }
         for (name, help, value) in gauges {
             let gauge = ConstGauge::new(value);
             let metric_encoder =

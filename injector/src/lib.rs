@@ -76,8 +76,10 @@ pub async fn serve(ctx: ServiceContext<InjectorConfig>) -> anyhow::Result<()> {
         );
     });
     let hook = webhook::Webhook {
-        template: Arc::new(config.sidecar_template.clone()),
-        fabric_namespace: Arc::from(config.webhook.fabric_namespace.as_str()),
+        injection: Arc::new(patch::Injection::new(
+            config.sidecar_template.clone(),
+            config.webhook.fabric_namespace.as_str(),
+        )),
         namespaces,
         events: events::Events::new(client.clone(), instance()),
         client,

@@ -100,17 +100,38 @@ pub enum Denial {
     NoSpec,
 }
 
+/// What every decision is made against: the sidecar template, the
+/// fabric's own namespace, and the template's digest (the
+/// `statefabric.io/injected` value), computed once rather than per review.
+#[derive(Debug, Clone)]
+pub struct Injection {
+    template: SidecarTemplate,
+    fabric_namespace: String,
+    digest: String,
+}
+
+impl Injection {
+    pub fn new(template: SidecarTemplate, fabric_namespace: impl Into<String>) -> Self {
+        let bytes = serde_json::to_vec(&template).unwrap_or_default();
+        Self {
+            digest: hex::encode(&Sha256::digest(&bytes)[..6]),
+            template,
+            fabric_namespace: fabric_namespace.into(),
+        }
+    }
+}
+
 /// Decides for `pod` in `namespace`.
 pub fn decide(
     pod: &Pod,
     namespace: &NamespaceInfo,
-    template: &SidecarTemplate,
-    fabric_namespace: &str,
+    injection: &Injection,
 ) -> Result<Decision, Denial> {
+    let template = &injection.template;
     if SYSTEM_NAMESPACES.contains(&namespace.name.as_str()) {
         return Ok(Decision::Skip(Skip::SystemNamespace));
     }
-    if namespace.name == fabric_namespace {
+    if namespace.name == injection.fabric_namespace {
         return Ok(Decision::Skip(Skip::FabricNamespace));
     }
     let spec = pod.spec.as_ref().ok_or(Denial::NoSpec)?;
@@ -215,7 +236,7 @@ pub fn decide(
     for (index, container) in spec.containers.iter().enumerate() {
         ops.extend(app_env(index, container, template, egress));
     }
-    let digest = version(template);
+    let digest = injection.digest.clone();
     match &pod.metadata.annotations {
         Some(_) => ops.push(add(
             &format!("/metadata/annotations/{}", INJECTED.replace('/', "~1")),
@@ -228,12 +249,6 @@ pub fn decide(
 
 fn add(path: &str, value: Value) -> Value {
     json!({ "op": "add", "path": path, "value": value })
-}
-
-/// A short digest of the template: which injector configuration a pod got.
-fn version(template: &SidecarTemplate) -> String {
-    let bytes = serde_json::to_vec(template).unwrap_or_default();
-    hex::encode(&Sha256::digest(&bytes)[..6])
 }
 
 fn field(path: &str) -> Value {
@@ -440,7 +455,11 @@ mod tests {
     }
 
     fn decide_for(pod: &Pod, ns: &NamespaceInfo) -> Result<Decision, Denial> {
-        decide(pod, ns, &SidecarTemplate::default(), "statefabric-system")
+        decide(
+            pod,
+            ns,
+            &Injection::new(SidecarTemplate::default(), "statefabric-system"),
+        )
     }
 
     /// Applies the decision's patch to the pod, as the API server would.

@@ -24,9 +24,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::Serialize;
 
-use crate::config::SidecarTemplate;
 use crate::events::Events;
-use crate::patch::{Decision, Denial, NamespaceInfo, decide};
+use crate::patch::{Decision, Denial, Injection, NamespaceInfo, decide};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -40,8 +39,7 @@ pub struct OutcomeLabels {
 /// What the handler needs; shared by every request.
 #[derive(Clone)]
 pub struct Webhook {
-    pub template: Arc<SidecarTemplate>,
-    pub fabric_namespace: Arc<str>,
+    pub injection: Arc<Injection>,
     pub namespaces: Store<Namespace>,
     pub client: Client,
     pub reviews: Family<OutcomeLabels, Counter>,
@@ -51,8 +49,7 @@ pub struct Webhook {
 impl std::fmt::Debug for Webhook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Webhook")
-            .field("template", &self.template)
-            .field("fabric_namespace", &self.fabric_namespace)
+            .field("injection", &self.injection)
             .finish_non_exhaustive()
     }
 }
@@ -185,7 +182,7 @@ impl Webhook {
                 let namespace = self
                     .namespace(request.namespace.as_deref().unwrap_or_default())
                     .await;
-                decide(pod, &namespace, &self.template, &self.fabric_namespace)
+                decide(pod, &namespace, &self.injection)
             }
             _ => Ok(Decision::Unchanged),
         };
@@ -196,22 +193,22 @@ impl Webhook {
     /// The namespace's labels and annotations, from the watched copy, or
     /// asked for when it is too new to have been seen.
     async fn namespace(&self, name: &str) -> NamespaceInfo {
-        let found = match self.namespaces.get(&ObjectRef::new(name)) {
-            Some(found) => Some((*found).clone()),
+        let maps = |n: &Namespace| {
+            (
+                n.metadata.labels.clone().unwrap_or_default(),
+                n.metadata.annotations.clone().unwrap_or_default(),
+            )
+        };
+        let (labels, annotations) = match self.namespaces.get(&ObjectRef::new(name)) {
+            Some(found) => maps(&found),
             None => Api::<Namespace>::all(self.client.clone())
                 .get_opt(name)
                 .await
                 .ok()
-                .flatten(),
+                .flatten()
+                .map(|n| maps(&n))
+                .unwrap_or((BTreeMap::new(), BTreeMap::new())),
         };
-        let (labels, annotations) = found
-            .map(|n| {
-                (
-                    n.metadata.labels.unwrap_or_default(),
-                    n.metadata.annotations.unwrap_or_default(),
-                )
-            })
-            .unwrap_or((BTreeMap::new(), BTreeMap::new()));
         NamespaceInfo {
             name: name.to_owned(),
             labels,

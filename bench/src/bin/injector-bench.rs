@@ -26,7 +26,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use statefabric_bench::{Latencies, report};
 use statefabric_injector::config::SidecarTemplate;
-use statefabric_injector::patch::{Decision, NamespaceInfo, decide};
+use statefabric_injector::patch::{Decision, Injection, NamespaceInfo, decide};
 use statefabric_tests as env;
 use statefabric_tests::kube::{TestNamespace, kubectl, pki_dir};
 use tokio::process::{Child, Command};
@@ -96,13 +96,13 @@ async fn main() -> anyhow::Result<()> {
         labels: BTreeMap::from([("statefabric.io/tenant".to_owned(), "bench".to_owned())]),
         annotations: BTreeMap::new(),
     };
-    let template = SidecarTemplate::default();
+    let injection = Injection::new(SidecarTemplate::default(), "statefabric-system");
     let mut direct = Latencies::default();
     let started = Instant::now();
     let mut patch_bytes = 0;
     for _ in 0..args.requests {
         let t = Instant::now();
-        let decision = decide(&typed, &info, &template, "statefabric-system");
+        let decision = decide(&typed, &info, &injection);
         direct.record(t.elapsed());
         if let Ok(Decision::Inject(ops)) = decision {
             patch_bytes = serde_json::to_vec(&ops)?.len();

@@ -243,18 +243,31 @@ pub async fn kubeconfig_as_service_account(
         None,
     )
     .await?;
-    let server = format!("https://127.0.0.1:{}", setting("KUBE_API_PORT"));
-    let ca = pki_dir().join("ca.crt");
     let path = dir.join(format!("{namespace}-{account}.kubeconfig"));
-    std::fs::write(
+    write_kubeconfig(
         &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    \
-             certificate-authority: {}\nusers:\n- name: {account}\n  user:\n    token: {}\ncontexts:\n\
-             - name: test\n  context: {{cluster: test, user: {account}}}\ncurrent-context: test\n",
-            ca.display(),
-            token.trim()
-        ),
+        &pki_dir().join("ca.crt"),
+        &format!("token: {}", token.trim()),
     )?;
     Ok(path)
+}
+
+/// Writes a kubeconfig for the test API server, trusting `ca`, with
+/// `credential` as the user's one line (`token: …` or `tokenFile: …`).
+pub(crate) fn write_kubeconfig(
+    path: &std::path::Path,
+    ca: &std::path::Path,
+    credential: &str,
+) -> anyhow::Result<()> {
+    let server = format!("https://127.0.0.1:{}", setting("KUBE_API_PORT"));
+    std::fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    \
+             certificate-authority: {}\nusers:\n- name: user\n  user:\n    {credential}\ncontexts:\n\
+             - name: test\n  context: {{cluster: test, user: user}}\ncurrent-context: test\n",
+            ca.display(),
+        ),
+    )?;
+    Ok(())
 }

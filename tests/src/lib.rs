@@ -80,7 +80,8 @@ pub fn pg_control_url() -> String {
     })
 }
 
-fn pg_url(user: &str, password: &str) -> String {
+/// The test database as `user` (e.g. a tenant's own login).
+pub fn pg_url(user: &str, password: &str) -> String {
     format!(
         "postgres://{user}:{password}@127.0.0.1:{}/{}",
         setting("PG_PORT"),

@@ -154,14 +154,10 @@ pub async fn run(client: &Client, pod: &Pod, container: &str) -> anyhow::Result<
         command.env(name, rewrite(value));
     }
     if let Some(local) = mounts.get(SERVICE_ACCOUNT_MOUNT) {
-        let server = format!("127.0.0.1:{}", crate::setting("KUBE_API_PORT"));
         command
             .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
             .env("KUBERNETES_SERVICE_PORT", crate::setting("KUBE_API_PORT"))
-            .env(
-                "KUBECONFIG",
-                in_cluster_kubeconfig(root.path(), local, &server)?,
-            );
+            .env("KUBECONFIG", in_cluster_kubeconfig(root.path(), local)?);
     }
     let mut child = command
         .spawn()
@@ -292,32 +288,6 @@ impl RunningContainer {
         )
         .into_owned()
     }
-}
-
-/// Waits until the sidecar at `address` gives sessions in `namespace` a
-/// TTL of at least `at_least`: its mesh configuration (a FabricConfig's
-/// session policy) has arrived.
-pub async fn session_policy_served(
-    address: &str,
-    namespace: &str,
-    at_least: std::time::Duration,
-) -> anyhow::Result<()> {
-    crate::eventually(
-        &format!("sessions in {namespace} served for at least {at_least:?}"),
-        std::time::Duration::from_secs(15),
-        || async {
-            let mut sessions = statefabric_sdk::StateClient::connect(address.to_owned())
-                .await?
-                .sessions();
-            Ok(sessions
-                .put(namespace, "probe", b"v".to_vec(), None)
-                .await
-                .ok()
-                .filter(|ttl| *ttl >= at_least)
-                .map(|_| ()))
-        },
-    )
-    .await
 }
 
 /// Which of our binaries a container runs.
@@ -666,15 +636,13 @@ async fn materialize(
 
 /// A kubeconfig for an in-cluster client: the mounted token (read as a
 /// file, so rotation works) and CA, the test API server.
-fn in_cluster_kubeconfig(root: &Path, mount: &Path, server: &str) -> anyhow::Result<PathBuf> {
+fn in_cluster_kubeconfig(root: &Path, mount: &Path) -> anyhow::Result<PathBuf> {
     let path = root.join("in-cluster.kubeconfig");
-    let content = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: in-cluster\n  cluster:\n    server: https://{server}\n    certificate-authority: {ca}\n\
-         users:\n- name: pod\n  user:\n    tokenFile: {token}\ncontexts:\n- name: pod\n  context: {{cluster: in-cluster, user: pod}}\ncurrent-context: pod\n",
-        ca = mount.join("ca.crt").display(),
-        token = mount.join("token").display(),
-    );
-    std::fs::write(&path, content)?;
+    crate::kube::write_kubeconfig(
+        &path,
+        &mount.join("ca.crt"),
+        &format!("tokenFile: {}", mount.join("token").display()),
+    )?;
     Ok(path)
 }
 

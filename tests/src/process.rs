@@ -259,3 +259,59 @@ pub async fn sidecar(
     service.ready().await?;
     Ok(service)
 }
+
+/// A control plane serving mesh configuration on `127.0.0.1:port` over TLS
+/// (the test cluster's `mesh.crt`), watching the API server as
+/// `kubeconfig`, writing status every 200 ms, saga engine off; `extra`
+/// environment on top.
+pub async fn mesh_control_plane(
+    port: u16,
+    kubeconfig: &str,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<Service> {
+    let pki = crate::kube::pki_dir();
+    let (cert, key) = (
+        pki.join("mesh.crt").display().to_string(),
+        pki.join("mesh.key").display().to_string(),
+    );
+    let listen = format!("127.0.0.1:{port}");
+    let mut vars = vec![
+        ("KUBECONFIG", kubeconfig),
+        ("STATEFABRIC_SAGAS__ENABLED", "false"),
+        ("STATEFABRIC_MESH__ENABLED", "true"),
+        ("STATEFABRIC_MESH__LISTEN", listen.as_str()),
+        ("STATEFABRIC_MESH__TLS_CERT", cert.as_str()),
+        ("STATEFABRIC_MESH__TLS_KEY", key.as_str()),
+        ("STATEFABRIC_MESH__STATUS_INTERVAL", "200ms"),
+    ];
+    vars.extend_from_slice(extra);
+    let mut service = spawn("statefabric-control-plane", &[], &vars)?;
+    service.ready().await?;
+    Ok(service)
+}
+
+/// Waits until the sidecar at `address` gives sessions in `namespace` a
+/// TTL of at least `at_least`: its mesh configuration (a FabricConfig's
+/// session policy) has arrived.
+pub async fn session_policy_served(
+    address: &str,
+    namespace: &str,
+    at_least: std::time::Duration,
+) -> anyhow::Result<()> {
+    crate::eventually(
+        &format!("sessions in {namespace} served for at least {at_least:?}"),
+        std::time::Duration::from_secs(15),
+        || async {
+            let mut sessions = statefabric_sdk::StateClient::connect(address.to_owned())
+                .await?
+                .sessions();
+            Ok(sessions
+                .put(namespace, "probe", b"v".to_vec(), None)
+                .await
+                .ok()
+                .filter(|ttl| *ttl >= at_least)
+                .map(|_| ()))
+        },
+    )
+    .await
+}

@@ -190,27 +190,8 @@ async fn the_injector_adds_the_sidecar_denies_what_it_must_and_the_sidecar_runs(
     let test_id = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
     let cp_port = env::free_port();
-    let cp = {
-        let (cert, key) = (pki_dir().join("mesh.crt"), pki_dir().join("mesh.key"));
-        let kubeconfig = env::kube::kubeconfig_path().display().to_string();
-        let listen = format!("127.0.0.1:{cp_port}");
-        let (cert, key) = (cert.display().to_string(), key.display().to_string());
-        let mut service = process::spawn(
-            "statefabric-control-plane",
-            &[],
-            &[
-                ("KUBECONFIG", kubeconfig.as_str()),
-                ("STATEFABRIC_SAGAS__ENABLED", "false"),
-                ("STATEFABRIC_MESH__ENABLED", "true"),
-                ("STATEFABRIC_MESH__LISTEN", listen.as_str()),
-                ("STATEFABRIC_MESH__TLS_CERT", cert.as_str()),
-                ("STATEFABRIC_MESH__TLS_KEY", key.as_str()),
-                ("STATEFABRIC_MESH__STATUS_INTERVAL", "200ms"),
-            ],
-        )?;
-        service.ready().await?;
-        service
-    };
+    let kubeconfig = env::kube::kubeconfig_path().display().to_string();
+    let cp = process::mesh_control_plane(cp_port, &kubeconfig, &[]).await?;
     let injector = start_injector(
         &test_id,
         cp_port,
@@ -399,7 +380,7 @@ spec:
     let stored = pods.get("coder-0").await?;
     let mut running = env::pod_runner::run(&admin, &stored, "statefabric-sidecar").await?;
     running.ready().await?;
-    env::pod_runner::session_policy_served(
+    process::session_policy_served(
         &format!("http://127.0.0.1:{}", injector.grpc_port),
         "chat",
         Duration::from_secs(29 * 60),

@@ -108,33 +108,7 @@ async fn control_plane_kubeconfig(dir: &Path) -> anyhow::Result<String> {
 }
 
 async fn control_plane(port: u16, kubeconfig: &str) -> anyhow::Result<Service> {
-    control_plane_with(port, kubeconfig, &[]).await
-}
-
-async fn control_plane_with(
-    port: u16,
-    kubeconfig: &str,
-    extra: &[(&str, &str)],
-) -> anyhow::Result<Service> {
-    let pki = pki_dir();
-    let (cert, key) = (
-        pki.join("mesh.crt").display().to_string(),
-        pki.join("mesh.key").display().to_string(),
-    );
-    let listen = format!("127.0.0.1:{port}");
-    let mut vars = vec![
-        ("KUBECONFIG", kubeconfig),
-        ("STATEFABRIC_SAGAS__ENABLED", "false"),
-        ("STATEFABRIC_MESH__ENABLED", "true"),
-        ("STATEFABRIC_MESH__LISTEN", listen.as_str()),
-        ("STATEFABRIC_MESH__TLS_CERT", cert.as_str()),
-        ("STATEFABRIC_MESH__TLS_KEY", key.as_str()),
-        ("STATEFABRIC_MESH__STATUS_INTERVAL", "200ms"),
-    ];
-    vars.extend_from_slice(extra);
-    let mut service = process::spawn("statefabric-control-plane", &[], &vars)?;
-    service.ready().await?;
-    Ok(service)
+    process::mesh_control_plane(port, kubeconfig, &[]).await
 }
 
 async fn sidecar(
@@ -804,7 +778,7 @@ async fn the_status_counts_the_sidecars_of_every_replica() -> anyhow::Result<()>
     for identity in ["replica-a", "replica-b"] {
         let port = env::free_port();
         replicas.push(
-            control_plane_with(
+            process::mesh_control_plane(
                 port,
                 &kubeconfig,
                 &[
@@ -962,7 +936,7 @@ spec:
         .await?;
     let mut sidecar = env::pod_runner::run(&admin, &pod, "statefabric-sidecar").await?;
     sidecar.ready().await?;
-    env::pod_runner::session_policy_served(
+    process::session_policy_served(
         &format!("http://127.0.0.1:{grpc}"),
         "chat",
         Duration::from_secs(29 * 60),

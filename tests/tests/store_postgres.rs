@@ -100,6 +100,23 @@ fn stream() -> StreamId {
     StreamId::new(format!("s-{}", uuid::Uuid::new_v4().simple())).expect("stream id")
 }
 
+/// A new stream of `victim` holding one private event.
+async fn secret_stream(store: &PgEventStore, victim: &TenantId) -> anyhow::Result<StreamId> {
+    let id = stream();
+    store
+        .append(
+            &scope(victim),
+            AppendRequest::new(
+                id.clone(),
+                "task",
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("Secret", json!({"plan": "private"}))],
+            ),
+        )
+        .await?;
+    Ok(id)
+}
+
 /// A raw connection as the application role, acting for `tenant` (or for no
 /// tenant at all), to try what a buggy or malicious query could do.
 async fn app_conn(tenant: Option<&TenantId>) -> anyhow::Result<PgConnection> {
@@ -118,18 +135,7 @@ async fn row_level_security_stops_crafted_cross_tenant_access() -> anyhow::Resul
     let store = store_with(config()).await;
     let victim = new_tenant().await;
     let attacker = new_tenant().await;
-    let id = stream();
-    store
-        .append(
-            &scope(&victim),
-            AppendRequest::new(
-                id.clone(),
-                "task",
-                ExpectedVersion::NoStream,
-                vec![NewEvent::new("Secret", json!({"plan": "private"}))],
-            ),
-        )
-        .await?;
+    let id = secret_stream(&store, &victim).await?;
     store
         .save_snapshot(
             &scope(&victim),
@@ -721,38 +727,18 @@ async fn appends_racing_on_a_stream_reach_the_feed_in_version_order() -> anyhow:
     Ok(())
 }
 
-/// A connection URL for `user` on the test database.
-fn url_as(user: &str, password: &str) -> anyhow::Result<String> {
-    let app = env::pg_app_url();
-    let (_, host) = app
-        .split_once('@')
-        .ok_or_else(|| anyhow::anyhow!("no user in {app}"))?;
-    Ok(format!("postgres://{user}:{password}@{host}"))
-}
-
 #[tokio::test]
 async fn a_tenant_login_reaches_its_own_tenant_whatever_the_session_names() -> anyhow::Result<()> {
     let store = store_with(config()).await;
     let victim = new_tenant().await;
     let attacker = new_tenant().await;
-    let id = stream();
-    store
-        .append(
-            &scope(&victim),
-            AppendRequest::new(
-                id.clone(),
-                "task",
-                ExpectedVersion::NoStream,
-                vec![NewEvent::new("Secret", json!({"plan": "private"}))],
-            ),
-        )
-        .await?;
+    let id = secret_stream(&store, &victim).await?;
     let password = uuid::Uuid::new_v4().simple().to_string();
     let role = pg::create_tenant_login(&env::pg_admin_url(), &attacker, &password).await?;
     assert!(role.starts_with("sft_"), "{role}");
 
     // The attacker's own login, naming the victim's tenant: nothing.
-    let mut conn = PgConnection::connect(&url_as(&role, &password)?).await?;
+    let mut conn = PgConnection::connect(&env::pg_url(&role, &password)).await?;
     sqlx::query("SELECT set_config('statefabric.tenant', $1, false)")
         .bind(victim.as_str())
         .execute(&mut conn)
@@ -783,7 +769,7 @@ async fn a_tenant_login_reaches_its_own_tenant_whatever_the_session_names() -> a
 
     // The same login works as the store's for its own tenant.
     let own = PgEventStore::connect(PgConfig {
-        url: url_as(&role, &password)?,
+        url: env::pg_url(&role, &password),
         max_connections: 2,
         ..PgConfig::default()
     })

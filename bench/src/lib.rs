@@ -59,6 +59,17 @@ pub fn report(scenario: &str, items_per_sec: f64, unit: &str, latencies: Option<
     }
 }
 
+/// Waits (at most 30 s) until the process whose admin endpoints are on
+/// `admin_port` reports ready.
+pub async fn wait_ready(what: &str, admin_port: u16) -> anyhow::Result<()> {
+    let ready = format!("http://127.0.0.1:{admin_port}/healthz/ready");
+    env::eventually(&format!("{what} ready"), Duration::from_secs(30), || {
+        let ready = ready.clone();
+        async move { Ok((env::http("GET", &ready, None, None).await?.status == 200).then_some(())) }
+    })
+    .await
+}
+
 /// A release-built sidecar on the shared test Postgres, started for a run.
 #[derive(Debug)]
 pub struct Sidecar {
@@ -97,18 +108,7 @@ impl Sidecar {
             command.env(k, v);
         }
         let child = command.spawn()?;
-        let ready = format!("http://127.0.0.1:{admin}/healthz/ready");
-        env::eventually("sidecar ready", Duration::from_secs(30), || {
-            let ready = ready.clone();
-            async move {
-                Ok(env::http("GET", &ready, None, None)
-                    .await?
-                    .status
-                    .eq(&200)
-                    .then_some(()))
-            }
-        })
-        .await?;
+        wait_ready("sidecar", admin).await?;
         Ok(Self {
             child,
             grpc: format!("http://127.0.0.1:{grpc}"),

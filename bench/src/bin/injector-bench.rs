@@ -176,12 +176,7 @@ async fn start_injector(port: u16) -> anyhow::Result<Child> {
         .env("STATEFABRIC_TELEMETRY__LOG_LEVEL", "warn")
         .kill_on_drop(true)
         .spawn()?;
-    let ready = format!("http://127.0.0.1:{admin}/healthz/ready");
-    env::eventually("injector ready", Duration::from_secs(30), || {
-        let ready = ready.clone();
-        async move { Ok((env::http("GET", &ready, None, None).await?.status == 200).then_some(())) }
-    })
-    .await?;
+    statefabric_bench::wait_ready("injector", admin).await?;
     // Its namespace watch has seen the bench's namespace.
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(child)

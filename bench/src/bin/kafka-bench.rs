@@ -208,12 +208,7 @@ async fn start_control_plane(run: &str) -> anyhow::Result<(tokio::process::Child
         .env("STATEFABRIC_RELAY__TOPICS__MIN_INSYNC_REPLICAS", "1")
         .kill_on_drop(true)
         .spawn()?;
-    let ready = format!("http://127.0.0.1:{admin_port}/healthz/ready");
-    env::eventually("control plane ready", Duration::from_secs(30), || {
-        let ready = ready.clone();
-        async move { Ok((env::http("GET", &ready, None, None).await?.status == 200).then_some(())) }
-    })
-    .await?;
+    statefabric_bench::wait_ready("control plane", admin_port).await?;
     Ok((child, admin_port))
 }
 

@@ -133,12 +133,7 @@ async fn start_control_plane(port: u16) -> anyhow::Result<Child> {
         .env("STATEFABRIC_TELEMETRY__LOG_LEVEL", "warn")
         .kill_on_drop(true)
         .spawn()?;
-    let ready = format!("http://127.0.0.1:{admin}/healthz/ready");
-    env::eventually("control plane ready", Duration::from_secs(30), || {
-        let ready = ready.clone();
-        async move { Ok((env::http("GET", &ready, None, None).await?.status == 200).then_some(())) }
-    })
-    .await?;
+    statefabric_bench::wait_ready("control plane", admin).await?;
     Ok(child)
 }
 
@@ -188,33 +183,20 @@ async fn create_pod(client: &Client, ns: &str, index: usize) -> anyhow::Result<(
 
 /// RSS per stream of a tonic server holding `n` idle server streams.
 async fn transport_floor(n: usize) -> anyhow::Result<()> {
-    let binary = std::env::current_exe()?.with_file_name("statefabric-sidecar");
-    anyhow::ensure!(
-        binary.is_file(),
-        "{} missing: build it with --release first",
-        binary.display()
-    );
+    // The bench's own sidecar, on a private SQLite file: no pool of its own
+    // to grow while the streams open.
     let data = tempfile::tempdir()?;
-    let (admin, grpc) = (env::free_port(), env::free_port());
-    let server = Command::new(binary)
-        .env("STATEFABRIC_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
-        .env("STATEFABRIC_SIDECAR__LISTEN", format!("127.0.0.1:{grpc}"))
-        .env("STATEFABRIC_SIDECAR__TENANT", "bench")
-        .env("STATEFABRIC_SIDECAR__IDENTITY", "floor")
-        .env(
-            "STATEFABRIC_STORAGE__SQLITE__PATH",
-            data.path().join("events.db"),
-        )
-        .env("STATEFABRIC_TELEMETRY__LOG_LEVEL", "warn")
-        .kill_on_drop(true)
-        .spawn()?;
-    let ready = format!("http://127.0.0.1:{admin}/healthz/ready");
-    env::eventually("sidecar ready", Duration::from_secs(30), || {
-        let ready = ready.clone();
-        async move { Ok((env::http("GET", &ready, None, None).await?.status == 200).then_some(())) }
-    })
+    let path = data.path().join("events.db").display().to_string();
+    let server = statefabric_bench::Sidecar::start(
+        "bench",
+        &[
+            ("STATEFABRIC_STORAGE__BACKEND", "sqlite"),
+            ("STATEFABRIC_STORAGE__SQLITE__PATH", path.as_str()),
+        ],
+    )
     .await?;
-    let before = rss_kib(&server);
+    let grpc = server.grpc.clone();
+    let before = rss_kib(&server.child);
     // Opened a hundred at a time, each waiting for its first message, so a
     // refused connection is an error rather than a missing count.
     let mut streams = Vec::new();
@@ -223,11 +205,11 @@ async fn transport_floor(n: usize) -> anyhow::Result<()> {
         for _ in start..n.min(start + 100) {
             let (open_tx, open_rx) = tokio::sync::oneshot::channel::<()>();
             opened.push(open_rx);
+            let grpc = grpc.clone();
             streams.push(tokio::spawn(async move {
-                let channel =
-                    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc}"))?
-                        .connect()
-                        .await?;
+                let channel = tonic::transport::Endpoint::from_shared(grpc)?
+                    .connect()
+                    .await?;
                 let mut stream = tonic_health::pb::health_client::HealthClient::new(channel)
                     .watch(tonic_health::pb::HealthCheckRequest::default())
                     .await?
@@ -247,7 +229,7 @@ async fn transport_floor(n: usize) -> anyhow::Result<()> {
         }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = rss_kib(&server);
+    let after = rss_kib(&server.child);
     for stream in &streams {
         stream.abort();
     }

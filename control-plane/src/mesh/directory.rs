@@ -131,25 +131,33 @@ impl Directory {
         match self {
             Self::Solo(list) => Ok(list.lock().unwrap_or_else(PoisonError::into_inner).clone()),
             Self::Postgres { pool, lease, .. } => {
-                let stale = interval * STALE_AFTER;
-                let stale_secs = stale.as_secs_f64();
-                sqlx::query(
-                    "DELETE FROM mesh_sidecars
-                     WHERE lease = $1 AND seen_at < now() - make_interval(secs => $2)",
-                )
-                .bind(lease)
-                .bind(stale_secs * 4.0)
-                .execute(pool)
-                .await?;
-                let rows: Vec<(sqlx::types::Json<Vec<SidecarRecord>>,)> = sqlx::query_as(
-                    "SELECT sidecars FROM mesh_sidecars
-                     WHERE lease = $1 AND seen_at >= now() - make_interval(secs => $2)
-                     ORDER BY seen_at",
-                )
-                .bind(lease)
-                .bind(stale_secs)
-                .fetch_all(pool)
-                .await?;
+                let stale_secs = (interval * STALE_AFTER).as_secs_f64();
+                // Live rows, and whether any row is long dead; the delete
+                // runs only then, not on every pass.
+                let rows: Vec<(sqlx::types::Json<Vec<SidecarRecord>>, bool, bool)> =
+                    sqlx::query_as(
+                        "SELECT sidecars,
+                                seen_at >= now() - make_interval(secs => $2),
+                                seen_at < now() - make_interval(secs => $2 * 4)
+                         FROM mesh_sidecars WHERE lease = $1 ORDER BY seen_at",
+                    )
+                    .bind(lease)
+                    .bind(stale_secs)
+                    .fetch_all(pool)
+                    .await?;
+                if rows.iter().any(|(_, _, expired)| *expired) {
+                    sqlx::query(
+                        "DELETE FROM mesh_sidecars
+                         WHERE lease = $1 AND seen_at < now() - make_interval(secs => $2 * 4)",
+                    )
+                    .bind(lease)
+                    .bind(stale_secs)
+                    .execute(pool)
+                    .await?;
+                }
+                let rows = rows
+                    .into_iter()
+                    .filter_map(|(records, live, _)| live.then_some((records,)));
                 let mut by_pod = BTreeMap::new();
                 for (records,) in rows {
                     for record in records.0 {

@@ -10,8 +10,8 @@ use serde_json::json;
 use statefabric_saga::machine::Effect;
 use statefabric_saga::{Definition, Input, Instance, Status, builtin};
 use statefabric_saga_engine::store::{
-    Committed, Fence, Filter, InboxMessage, Record, Replied, SagaStore, StartRequested, StoreError,
-    TaskQueue, TaskStatus, Transition, Trigger,
+    Committed, Fence, Filter, InboxMessage, OpenTasks, Record, Replied, SagaStore, StartRequested,
+    StoreError, TaskQueue, TaskStatus, Transition, Trigger,
 };
 
 /// One adapter: the engine's side, the agents' side, and the tenant the
@@ -36,6 +36,7 @@ macro_rules! saga_contract_tests {
             sagas_are_listed_by_filter,
             a_batch_commits_each_transition_or_says_why_not,
             concurrent_answers_and_starts_each_get_their_own_outcome,
+            open_tasks_are_counted_per_tenant_and_agent_type,
         );
     };
     (@each $fixture:expr; $($name:ident),* $(,)?) => {
@@ -535,5 +536,31 @@ pub async fn concurrent_answers_and_starts_each_get_their_own_outcome(
             f.store.discard(f.fence.as_ref(), item.id).await?;
         }
     }
+    Ok(())
+}
+
+/// The queue depth autoscalers read: waiting and claimed tasks per tenant
+/// and agent type.
+pub async fn open_tasks_are_counted_per_tenant_and_agent_type(f: Fixture) -> anyhow::Result<()> {
+    let def = builtin::plan_code_critique();
+    let mine = |open: Vec<OpenTasks>| -> Vec<OpenTasks> {
+        open.into_iter().filter(|o| o.tenant == f.tenant).collect()
+    };
+    assert_eq!(mine(f.store.open_tasks().await?), vec![]);
+    started(&f, &def).await?;
+    started(&f, &def).await?;
+    started(&f, &def).await?;
+    let planner = |waiting, claimed| OpenTasks {
+        tenant: f.tenant.clone(),
+        agent: "planner".into(),
+        waiting,
+        claimed,
+    };
+    assert_eq!(mine(f.store.open_tasks().await?), vec![planner(3, 0)]);
+    let claimed = f.queue.claim(&f.tenant, "planner", "w1", 2).await?;
+    assert_eq!(claimed.len(), 2);
+    assert_eq!(mine(f.store.open_tasks().await?), vec![planner(1, 2)]);
+    // Answered tasks stay open until the engine applies the reply (it ends
+    // the attempt): the count is of work not yet done.
     Ok(())
 }

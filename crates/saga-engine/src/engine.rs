@@ -24,7 +24,7 @@ use statefabric_saga::{
     Definition, DefinitionError, Instance, Registry, SagaError, Status, TaskKey,
 };
 
-use crate::metrics::{DefinitionLabel, Metrics};
+use crate::metrics::{DefinitionLabel, Metrics, TaskQueueLabels};
 use crate::store::{
     Committed, Fence, Finish, Record, SagaStore, StoreError, Stored, TaskStatus, Transition,
     Trigger, check_saga_id,
@@ -104,6 +104,8 @@ pub struct Engine {
     /// revision it read, so a stale entry (a former leader's late write)
     /// costs one conflict and a fresh read; cleared at each new term.
     cache: Mutex<HashMap<String, Stored>>,
+    /// The open-task series last exported, so emptied queues read zero.
+    open_task_series: Mutex<Vec<TaskQueueLabels>>,
 }
 
 /// A transition computed from a saga's state, not yet committed.
@@ -163,6 +165,7 @@ impl Engine {
             busy: busy::Busy::default(),
             sent: Mutex::default(),
             cache: Mutex::default(),
+            open_task_series: Mutex::default(),
         };
         engine.reload().await?;
         for definition in definitions {

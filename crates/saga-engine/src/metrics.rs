@@ -1,6 +1,7 @@
 //! Saga metrics: sagas started and ended per definition and outcome,
 //! duration and SLA breaches, per-step latency and retries, sagas stuck or
-//! stalled, and the engine's own pass latency.
+//! stalled, open tasks per agent type (the queue depth agents autoscale on),
+//! and the engine's own pass latency.
 
 use std::time::Duration;
 
@@ -21,6 +22,16 @@ pub struct OutcomeLabels {
     pub definition: String,
     /// done, failed, compensated, aborted, stuck, timed_out
     pub outcome: String,
+}
+
+/// One tenant's agent type, and whether its tasks wait for a worker or are
+/// claimed by one.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskQueueLabels {
+    pub tenant: String,
+    pub agent: String,
+    /// waiting, claimed
+    pub state: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -50,6 +61,9 @@ pub struct Metrics {
     /// Open sagas without progress past their definition's threshold, or
     /// STUCK (refreshed by the leader).
     pub stalled: Family<DefinitionLabel, Gauge>,
+    /// Dispatched, unanswered tasks per tenant, agent type and state
+    /// (refreshed by the leader; what autoscalers scale agents on).
+    pub open_tasks: Family<TaskQueueLabels, Gauge>,
     pub transitions: Counter,
     pub conflicts: Counter,
     pub pass_seconds: Histogram,
@@ -67,6 +81,7 @@ impl Default for Metrics {
             step_retries: Family::default(),
             step_timeouts: Family::default(),
             stalled: Family::default(),
+            open_tasks: Family::default(),
             transitions: Counter::default(),
             conflicts: Counter::default(),
             pass_seconds: seconds_histogram(),
@@ -117,6 +132,11 @@ impl Metrics {
             "stalled",
             "Open sagas without progress past their threshold, or STUCK",
             self.stalled.clone(),
+        );
+        r.register(
+            "tasks_open",
+            "Dispatched, unanswered tasks per tenant and agent type, waiting for a worker or claimed (leader only)",
+            self.open_tasks.clone(),
         );
         r.register(
             "transitions",

@@ -15,8 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::busy::Turn;
 use super::{Engine, EngineError, Planned, Result, parse_key};
-use crate::metrics::DefinitionLabel;
-use crate::store::{Committed, DueTimer, Fence, InboxItem, InboxMessage, Record, Stored, Trigger};
+use crate::metrics::{DefinitionLabel, TaskQueueLabels};
+use crate::store::{
+    Committed, DueTimer, Fence, InboxItem, InboxMessage, OpenTasks, Record, Stored, Trigger,
+};
 
 /// What drives one transition.
 #[derive(Debug, Clone)]
@@ -45,6 +47,16 @@ impl Engine {
                 return;
             }
             if let Role::Follower = leadership.role() {
+                if was_leader {
+                    // Only the leader counts: a former leader's last numbers
+                    // would be summed with the new leader's.
+                    self.metrics.stalled.clear();
+                    self.metrics.open_tasks.clear();
+                    self.open_task_series
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clear();
+                }
                 was_leader = false;
                 tokio::select! {
                     () = stop.cancelled() => return,
@@ -67,6 +79,7 @@ impl Engine {
             if stalled_at.elapsed() >= self.settings.stalled_every {
                 stalled_at = Instant::now();
                 self.refresh_stalled().await;
+                self.refresh_open_tasks().await;
             }
             let mut signal = self.store.inbox_signal();
             let began = Instant::now();
@@ -293,6 +306,44 @@ impl Engine {
                 Ok(None)
             }
             other => other.map(Some),
+        }
+    }
+
+    async fn refresh_open_tasks(&self) {
+        let open = match self.store.open_tasks().await {
+            Ok(open) => open,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot count open saga tasks");
+                return;
+            }
+        };
+        let labels = |o: &OpenTasks, state: &str| TaskQueueLabels {
+            tenant: o.tenant.clone(),
+            agent: o.agent.clone(),
+            state: state.to_owned(),
+        };
+        let fresh: Vec<(TaskQueueLabels, i64)> = open
+            .iter()
+            .flat_map(|o| {
+                [
+                    (labels(o, "waiting"), o.waiting),
+                    (labels(o, "claimed"), o.claimed),
+                ]
+            })
+            .collect();
+        // Agent types whose queue emptied go to zero rather than vanish, so
+        // a scaler reads 0 (scale in), not "no data".
+        let mut stale = self
+            .open_task_series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for gone in stale.iter().filter(|l| !fresh.iter().any(|(f, _)| f == *l)) {
+            self.metrics.open_tasks.get_or_create(gone).set(0);
+        }
+        stale.clear();
+        for (label, n) in fresh {
+            self.metrics.open_tasks.get_or_create(&label).set(n);
+            stale.push(label);
         }
     }
 

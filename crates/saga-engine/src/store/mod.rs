@@ -365,9 +365,34 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
     /// STUCK.
     async fn count_stalled(&self, definition: &str, since: DateTime<Utc>) -> Result<i64>;
 
+    /// Dispatched, unanswered tasks per tenant and agent type: the queue
+    /// depth autoscalers scale agent Deployments on.
+    async fn open_tasks(&self) -> Result<Vec<OpenTasks>>;
+
     /// Changes when the inbox may have new rows. Subscribe before reading
     /// the inbox, so nothing that arrives in between is missed.
     fn inbox_signal(&self) -> watch::Receiver<u64>;
+}
+
+/// Dispatched, unanswered tasks of one tenant's agent type.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OpenTasks {
+    pub tenant: String,
+    pub agent: String,
+    /// Waiting for a worker to claim them.
+    pub waiting: i64,
+    /// Claimed by a worker and not yet answered.
+    pub claimed: i64,
+}
+
+impl OpenTasks {
+    /// The same statement for both adapters (`SUM(CASE ...)`, which SQLite
+    /// and Postgres both read as an integer).
+    const QUERY: &'static str = "SELECT tenant_id AS tenant, agent,
+                SUM(CASE WHEN claimed_by IS NULL THEN 1 ELSE 0 END) AS waiting,
+                SUM(CASE WHEN claimed_by IS NULL THEN 0 ELSE 1 END) AS claimed
+           FROM saga_tasks WHERE status = 'dispatched'
+          GROUP BY tenant_id, agent ORDER BY tenant_id, agent";
 }
 
 /// What happened to a reply.

@@ -23,9 +23,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Committed, DueTimer, Fence, Filter, HistoryEntry, InboxItem, InboxMessage, Replied, Result,
-    SagaStore, StoreError, Stored, Summary, TaskRow, TaskStatus, Transition, Trigger, duration_ms,
-    parse_status, parse_timer_kind, status_str, timer_kind_str,
+    Committed, DueTimer, Fence, Filter, HistoryEntry, InboxItem, InboxMessage, OpenTasks, Replied,
+    Result, SagaStore, StoreError, Stored, Summary, TaskRow, TaskStatus, Transition, Trigger,
+    duration_ms, parse_status, parse_timer_kind, status_str, timer_kind_str,
 };
 
 mod batched;
@@ -539,6 +539,13 @@ impl SagaStore for PgSagaStore {
         .fetch_one(&self.pool)
         .await
         .map_err(map_err)
+    }
+
+    async fn open_tasks(&self) -> Result<Vec<OpenTasks>> {
+        sqlx::query_as(OpenTasks::QUERY)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)
     }
 
     fn inbox_signal(&self) -> watch::Receiver<u64> {

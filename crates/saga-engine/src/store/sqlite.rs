@@ -18,8 +18,8 @@ use statefabric_saga::Definition;
 use tokio::sync::watch;
 
 use super::{
-    Committed, DueTimer, Fence, Filter, HistoryEntry, InboxItem, InboxMessage, Replied, Result,
-    SagaStore, StoreError, Stored, Summary, TaskQueue, TaskRow, TaskStatus, Transition,
+    Committed, DueTimer, Fence, Filter, HistoryEntry, InboxItem, InboxMessage, OpenTasks, Replied,
+    Result, SagaStore, StoreError, Stored, Summary, TaskQueue, TaskRow, TaskStatus, Transition,
     parse_status, parse_timer_kind, status_str,
 };
 
@@ -396,6 +396,13 @@ impl SagaStore for SqliteSagaStore {
         .fetch_one(&self.reader)
         .await
         .map_err(map_err)
+    }
+
+    async fn open_tasks(&self) -> Result<Vec<OpenTasks>> {
+        sqlx::query_as(OpenTasks::QUERY)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(map_err)
     }
 
     fn inbox_signal(&self) -> watch::Receiver<u64> {

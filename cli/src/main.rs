@@ -51,6 +51,18 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Applies the Postgres schema migrations (the chart's pre-install and
+    /// pre-upgrade Job). Safe to run again and from several places at once.
+    Migrate {
+        /// The database as its owner role (the migrations create roles,
+        /// tables, policies and functions).
+        #[arg(long, env = "STATEFABRIC_MIGRATE_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// How long to keep trying while the database cannot be reached
+        /// (a Job may start before its database does).
+        #[arg(long, default_value = "120s", value_parser = parse_seconds)]
+        wait: Duration,
+    },
     /// Avro schemas in the Schema Registry.
     Schemas {
         #[command(subcommand)]
@@ -190,6 +202,61 @@ enum SchemasCommand {
     },
 }
 
+/// `120s`, `2m` or a bare number of seconds.
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.strip_suffix('m') {
+        Some(n) => (n, 60),
+        None => (text.strip_suffix('s').unwrap_or(text), 1),
+    };
+    number
+        .parse::<u64>()
+        .map(|n| Duration::from_secs(n * unit))
+        .map_err(|_| format!("`{text}` is not a duration like 120s or 2m"))
+}
+
+async fn migrate(database_url: &str, wait: Duration) -> ExitCode {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        // sqlx keeps trying to connect for its own 30 s; the wait given is
+        // the bound that counts.
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Ok(result) =
+            tokio::time::timeout(remaining, statefabric_store::pg::migrate(database_url)).await
+        else {
+            eprintln!(
+                "fabric migrate: the database could not be reached and migrated within {}s",
+                wait.as_secs()
+            );
+            return ExitCode::FAILURE;
+        };
+        match result {
+            Ok(()) => {
+                let last = statefabric_store::pg::MIGRATOR
+                    .iter()
+                    .map(|m| m.version)
+                    .max()
+                    .unwrap_or_default();
+                println!("fabric migrate: the schema is at migration {last}");
+                return ExitCode::SUCCESS;
+            }
+            Err(statefabric_store::StoreError::Unavailable(err))
+                if tokio::time::Instant::now() + backoff < deadline =>
+            {
+                eprintln!(
+                    "fabric migrate: the database cannot be reached yet ({err}); trying again"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(err) => {
+                eprintln!("fabric migrate: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+}
+
 async fn register_schemas(registry: &str) -> ExitCode {
     let client = statefabric_schema::RegistryClient::new(registry, Duration::from_secs(10));
     match statefabric_schema::catalog::register_all(&client).await {
@@ -214,6 +281,7 @@ async fn main() -> ExitCode {
             command: SchemasCommand::Register { registry },
         } => register_schemas(&registry).await,
         Command::Sagas { target, command } => sagas::run(target, command).await,
+        Command::Migrate { database_url, wait } => migrate(&database_url, wait).await,
         Command::Dev { config, demo } => {
             // Same defaults and ports as production, so an agent runs
             // unchanged against either.

@@ -247,3 +247,50 @@ async fn traces_are_exported_over_otlp_when_configured() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `fabric migrate` (the chart's migrations Job) brings the test database to
+/// the newest migration, and says so; run again it changes nothing. A
+/// database that cannot be reached fails after the wait it was given, with
+/// the reason.
+#[tokio::test]
+async fn fabric_migrate_applies_the_migrations_and_fails_clearly_without_a_database()
+-> anyhow::Result<()> {
+    let newest = statefabric_store::pg::MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .context("migrations")?;
+    for _ in 0..2 {
+        let output = Command::new(env::binary("fabric"))
+            .args(["migrate", "--wait", "5s"])
+            .env("STATEFABRIC_MIGRATE_DATABASE_URL", env::pg_admin_url())
+            .output()
+            .await?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("at migration {newest}")),
+            "{stdout}"
+        );
+    }
+    let nowhere = format!(
+        "postgres://nobody:secret@127.0.0.1:{}/statefabric",
+        env::free_port()
+    );
+    let output = Command::new(env::binary("fabric"))
+        .args(["migrate", "--wait", "1s", "--database-url", &nowhere])
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("fabric migrate:"), "{stderr}");
+    assert!(
+        !stderr.contains("secret"),
+        "the password is not printed: {stderr}"
+    );
+    Ok(())
+}

@@ -84,6 +84,10 @@ pub struct SidecarTemplate {
     /// The namespace label naming the namespace's tenant (set by cluster
     /// admins; a pod cannot choose its tenant).
     pub tenant_label: String,
+    /// The CA (PEM file) that signed the control plane's certificate, given
+    /// to sidecars inline; unset: the cluster's CA (`kube-root-ca.crt`).
+    /// Read at start.
+    pub control_plane_ca_file: Option<PathBuf>,
 }
 
 impl Default for SidecarTemplate {
@@ -98,6 +102,7 @@ impl Default for SidecarTemplate {
             memory: "64Mi".to_owned(),
             log_level: "info".to_owned(),
             tenant_label: "statefabric.io/tenant".to_owned(),
+            control_plane_ca_file: None,
         }
     }
 }

@@ -75,11 +75,21 @@ pub async fn serve(ctx: ServiceContext<InjectorConfig>) -> anyhow::Result<()> {
             reviews.clone(),
         );
     });
+    let mut injection = patch::Injection::new(
+        config.sidecar_template.clone(),
+        config.webhook.fabric_namespace.as_str(),
+    );
+    if let Some(file) = &config.sidecar_template.control_plane_ca_file {
+        let pem = std::fs::read_to_string(file).with_context(|| {
+            format!(
+                "reading sidecar_template.control_plane_ca_file {}",
+                file.display()
+            )
+        })?;
+        injection = injection.with_control_plane_ca(pem);
+    }
     let hook = webhook::Webhook {
-        injection: Arc::new(patch::Injection::new(
-            config.sidecar_template.clone(),
-            config.webhook.fabric_namespace.as_str(),
-        )),
+        injection: Arc::new(injection),
         namespaces,
         events: events::Events::new(client.clone(), instance()),
         client,

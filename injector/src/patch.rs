@@ -107,17 +107,41 @@ pub enum Denial {
 pub struct Injection {
     template: SidecarTemplate,
     fabric_namespace: String,
+    /// The CA of the control plane's certificate, given to sidecars inline
+    /// (`None`: the cluster's own CA, `kube-root-ca.crt`, which every
+    /// namespace has).
+    control_plane_ca: Option<String>,
     digest: String,
 }
 
 impl Injection {
     pub fn new(template: SidecarTemplate, fabric_namespace: impl Into<String>) -> Self {
-        let bytes = serde_json::to_vec(&template).unwrap_or_default();
         Self {
-            digest: hex::encode(&Sha256::digest(&bytes)[..6]),
+            digest: String::new(),
             template,
             fabric_namespace: fabric_namespace.into(),
+            control_plane_ca: None,
         }
+        .digested()
+    }
+
+    /// Sidecars verify the control plane with this CA (PEM) instead of the
+    /// cluster's: the chart's own CA, which pods' namespaces hold no copy
+    /// of (a CA certificate is public; Linkerd passes its trust anchors the
+    /// same way).
+    pub fn with_control_plane_ca(self, pem: String) -> Self {
+        Self {
+            control_plane_ca: Some(pem),
+            ..self
+        }
+        .digested()
+    }
+
+    fn digested(mut self) -> Self {
+        let bytes =
+            serde_json::to_vec(&(&self.template, &self.control_plane_ca)).unwrap_or_default();
+        self.digest = hex::encode(&Sha256::digest(&bytes)[..6]);
+        self
     }
 }
 
@@ -190,7 +214,8 @@ pub fn decide(
             namespace: namespace.name.clone(),
             label: template.tenant_label.clone(),
         })?;
-    let sidecar = sidecar_container(template, &overrides, tenant);
+    let ca = injection.control_plane_ca.as_deref();
+    let sidecar = sidecar_container(template, &overrides, tenant, ca);
     if let Some(existing) = existing {
         let mut theirs = serde_json::to_value(existing).unwrap_or(Value::Null);
         // The ServiceAccount admission plugin runs again after a webhook's
@@ -225,7 +250,7 @@ pub fn decide(
         Some(list) if !list.is_empty() => ops.push(add("/spec/initContainers/0", sidecar)),
         _ => ops.push(add("/spec/initContainers", json!([sidecar]))),
     }
-    let volumes = volumes();
+    let volumes = volumes(ca.is_none());
     match &spec.volumes {
         Some(list) if !list.is_empty() => {
             ops.extend(volumes.into_iter().map(|v| add("/spec/volumes/-", v)));
@@ -256,7 +281,12 @@ fn field(path: &str) -> Value {
 }
 
 /// The sidecar container as JSON (the patch's value).
-fn sidecar_container(template: &SidecarTemplate, overrides: &Overrides, tenant: &str) -> Value {
+fn sidecar_container(
+    template: &SidecarTemplate,
+    overrides: &Overrides,
+    tenant: &str,
+    control_plane_ca: Option<&str>,
+) -> Value {
     let log_level = overrides
         .log_level
         .clone()
@@ -280,12 +310,22 @@ fn sidecar_container(template: &SidecarTemplate, overrides: &Overrides, tenant: 
         json!({"name": "STATEFABRIC_TELEMETRY__LOG_LEVEL", "value": log_level}),
         json!({"name": "STATEFABRIC_MESH__ENABLED", "value": "true"}),
         json!({"name": "STATEFABRIC_MESH__CONTROL_PLANE", "value": template.control_plane}),
-        json!({"name": "STATEFABRIC_MESH__CA_FILE", "value": format!("{CA_DIR}/ca.crt")}),
         json!({"name": "STATEFABRIC_MESH__TOKEN_FILE", "value": format!("{TOKEN_DIR}/token")}),
         json!({"name": "STATEFABRIC_MESH__STATE_FILE", "value": format!("{STATE_DIR}/mesh.json")}),
         json!({"name": "STATEFABRIC_MESH__NAMESPACE", "valueFrom": field("metadata.namespace")}),
         json!({"name": "STATEFABRIC_MESH__POD", "valueFrom": field("metadata.name")}),
     ];
+    let mut mounts = vec![json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true})];
+    match control_plane_ca {
+        Some(pem) => env.push(json!({"name": "STATEFABRIC_MESH__CA_PEM", "value": pem})),
+        None => {
+            env.push(
+                json!({"name": "STATEFABRIC_MESH__CA_FILE", "value": format!("{CA_DIR}/ca.crt")}),
+            );
+            mounts.push(json!({"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": true}));
+        }
+    }
+    mounts.push(json!({"name": STATE_VOLUME, "mountPath": STATE_DIR}));
     if let Some(agent_type) = &overrides.agent_type {
         env.push(json!({"name": "STATEFABRIC_MESH__AGENT_TYPE", "value": agent_type}));
     }
@@ -328,23 +368,21 @@ fn sidecar_container(template: &SidecarTemplate, overrides: &Overrides, tenant: 
             "readOnlyRootFilesystem": true,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [
-            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
-            {"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": true},
-            {"name": STATE_VOLUME, "mountPath": STATE_DIR},
-        ],
+        "volumeMounts": mounts,
     })
 }
 
 /// The sidecar's volumes: its pod-bound token for the control plane, the
-/// cluster CA (published to every namespace) to verify it, its state.
-fn volumes() -> Vec<Value> {
-    vec![
-        json!({"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
-            "audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}}),
-        json!({"name": CA_VOLUME, "configMap": {"name": "kube-root-ca.crt"}}),
-        json!({"name": STATE_VOLUME, "emptyDir": {}}),
-    ]
+/// cluster CA (published to every namespace) to verify it unless the CA is
+/// given inline, its state.
+fn volumes(cluster_ca: bool) -> Vec<Value> {
+    let mut volumes = vec![json!({"name": TOKEN_VOLUME, "projected": {"sources": [
+        {"serviceAccountToken": {"audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}})];
+    if cluster_ca {
+        volumes.push(json!({"name": CA_VOLUME, "configMap": {"name": "kube-root-ca.crt"}}));
+    }
+    volumes.push(json!({"name": STATE_VOLUME, "emptyDir": {}}));
+    volumes
 }
 
 /// The env an app container gets: where its sidecar is. Variables it sets
@@ -479,6 +517,33 @@ metadata: {name: coder-0, annotations: {statefabric.io/inject: "true", statefabr
 spec:
   containers: [{name: agent, image: agent:1}]
 "#;
+
+    #[test]
+    fn a_control_plane_ca_goes_inline_and_the_cluster_ca_volume_is_left_out() {
+        let p = pod(ANNOTATED);
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let plain = Injection::new(SidecarTemplate::default(), "statefabric-system");
+        let with_ca = Injection::new(SidecarTemplate::default(), "statefabric-system")
+            .with_control_plane_ca(pem.to_owned());
+        assert_ne!(plain.digest, with_ca.digest, "a new CA is a new template");
+        let decision = decide(&p, &namespace(false), &with_ca).expect("ok");
+        let spec = applied(&p, &decision).spec.expect("spec");
+        let sidecar = &spec.init_containers.expect("init")[0];
+        let env = sidecar.env.clone().unwrap_or_default();
+        let ca = env.iter().find(|e| e.name == "STATEFABRIC_MESH__CA_PEM");
+        assert_eq!(ca.and_then(|e| e.value.as_deref()), Some(pem));
+        assert!(!env.iter().any(|e| e.name == "STATEFABRIC_MESH__CA_FILE"));
+        let volumes = spec.volumes.unwrap_or_default();
+        assert!(!volumes.iter().any(|v| v.name == CA_VOLUME), "{volumes:?}");
+        assert!(
+            !sidecar
+                .volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == CA_VOLUME),
+            "mounts name only volumes that exist"
+        );
+    }
 
     #[test]
     fn an_annotated_pod_gets_a_native_sidecar_first_and_its_apps_the_addresses() {

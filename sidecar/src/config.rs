@@ -58,8 +58,11 @@ pub struct MeshClientConfig {
     pub files: Vec<std::path::PathBuf>,
     /// The control plane's configuration service (`https://…:7504`).
     pub control_plane: String,
-    /// The CA that signed its certificate (https only).
+    /// The CA that signed its certificate (https only), as a file...
     pub ca_file: Option<std::path::PathBuf>,
+    /// ...or as PEM text (what the injector sets: a CA certificate is
+    /// public, and the pod's namespace holds no copy of the fabric's).
+    pub ca_pem: Option<String>,
     /// The pod's projected ServiceAccount token (audience `statefabric`).
     pub token_file: std::path::PathBuf,
     pub namespace: String,
@@ -82,6 +85,7 @@ impl Default for MeshClientConfig {
             files: Vec::new(),
             control_plane: String::new(),
             ca_file: None,
+            ca_pem: None,
             token_file: "/var/run/secrets/statefabric.io/token".into(),
             namespace: String::new(),
             pod: String::new(),
@@ -373,6 +377,13 @@ impl ServiceConfig for SidecarConfig {
             if m.ca_file.is_some() && !m.control_plane.starts_with("https://") {
                 issues.push("mesh.ca_file", "applies only to an https:// control_plane");
             }
+            if let Some(pem) = &m.ca_pem {
+                if m.ca_file.is_some() {
+                    issues.push("mesh.ca_pem", "set ca_file or ca_pem, not both");
+                } else if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                    issues.push("mesh.ca_pem", "must be a PEM certificate");
+                }
+            }
             if m.namespace.is_empty() || m.pod.is_empty() {
                 issues.push(
                     "mesh.namespace",
@@ -514,6 +525,7 @@ mod tests {
             ("STATEFABRIC_MESH__FILES", "[\"mesh.yaml\"]"),
             ("STATEFABRIC_MESH__CONTROL_PLANE", "control-plane:7504"),
             ("STATEFABRIC_MESH__CA_FILE", "/etc/ca.crt"),
+            ("STATEFABRIC_MESH__CA_PEM", "not a certificate"),
             ("STATEFABRIC_MESH__RECONNECT_MIN", "0s"),
         ])
         .expect_err("invalid");
@@ -522,6 +534,7 @@ mod tests {
             "mesh.files",
             "mesh.control_plane",
             "mesh.ca_file",
+            "mesh.ca_pem",
             "mesh.namespace",
             "mesh.reconnect_min",
         ] {

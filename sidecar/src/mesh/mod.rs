@@ -194,9 +194,15 @@ async fn subscribe(
     let mut endpoint = tonic::transport::Endpoint::from_shared(config.control_plane.clone())?
         .connect_timeout(applier.link().connect_timeout)
         .tcp_nodelay(true);
-    if let Some(ca) = &config.ca_file {
-        let ca =
-            std::fs::read(ca).with_context(|| format!("reading mesh.ca_file {}", ca.display()))?;
+    let ca = match (&config.ca_file, &config.ca_pem) {
+        (Some(file), _) => Some(
+            std::fs::read(file)
+                .with_context(|| format!("reading mesh.ca_file {}", file.display()))?,
+        ),
+        (None, Some(pem)) => Some(pem.clone().into_bytes()),
+        (None, None) => None,
+    };
+    if let Some(ca) = ca {
         endpoint = endpoint.tls_config(
             tonic::transport::ClientTlsConfig::new()
                 .ca_certificate(tonic::transport::Certificate::from_pem(ca)),

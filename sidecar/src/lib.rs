@@ -30,6 +30,7 @@ pub mod events;
 pub mod follow;
 pub mod locks;
 mod mesh;
+mod rpc_metrics;
 pub mod server;
 pub mod sessions;
 pub mod status;

@@ -325,10 +325,18 @@ pub async fn serve_with(
     api_ready.set(true);
     let max = config.sidecar.max_request_bytes;
     let stop = ctx.shutdown.token();
+    let rpc_metrics = crate::rpc_metrics::RpcMetrics::default();
+    ctx.register_metrics(|registry| rpc_metrics.register(registry));
     tonic::transport::Server::builder()
-        .layer(tower::util::MapResponseLayer::new(
-            oversize_is_resource_exhausted,
-        ))
+        .layer(
+            tower::ServiceBuilder::new()
+                // Counted with the status the caller sees, oversize included.
+                .layer(crate::rpc_metrics::RpcMetricsLayer(rpc_metrics))
+                // A request over sidecar.max_request_bytes is RESOURCE_EXHAUSTED.
+                .layer(tower::util::MapResponseLayer::new(
+                    oversize_is_resource_exhausted,
+                )),
+        )
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

@@ -13,6 +13,8 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # shellcheck source=kubernetes.sh
 . "$TESTENV_DIR/kubernetes.sh"
+# shellcheck source=chart-tools.sh
+. "$TESTENV_DIR/chart-tools.sh"
 
 mkdir -p "$STATE" "$LOGS" "$JARS"
 chmod 755 "$STATE"
@@ -413,6 +415,7 @@ apply_kafka_acls
 start_connect
 # Kubernetes starts while the JVMs boot (its first build takes minutes).
 start_kubernetes
+prepare_chart_tools
 wait_for "Schema Registry" 120 registry_ready
 wait_for "Kafka Connect (with Debezium)" 180 connect_ready
 
@@ -431,5 +434,8 @@ export STATEFABRIC_TEST_CONNECT_URL=http://127.0.0.1:$CONNECT_PORT
 export STATEFABRIC_TEST_REGISTRY_URL=http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7
 export STATEFABRIC_TEST_KUBECONFIG=$KUBE_STATE/admin.kubeconfig
 export STATEFABRIC_TEST_KUBECTL=$KUBE_TOOLS/kubectl
+export STATEFABRIC_TEST_HELM=$HELM
+# One directory per operator: keda-*, prometheus-operator-*, cnpg-*, cert-manager-*.
+export STATEFABRIC_TEST_THIRD_PARTY_CRDS=$THIRD_PARTY_CRDS
 EOF
 log "all services up in $(( SECONDS - started ))s; logs in $LOGS; addresses in $STATE/env.sh"

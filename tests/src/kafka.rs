@@ -152,13 +152,13 @@ pub async fn create_topic(name: &str, partitions: i32) -> anyhow::Result<()> {
 /// The name the tests register the Debezium outbox connector under.
 pub const DEBEZIUM_CONNECTOR: &str = "statefabric-outbox-test";
 
-/// `k8s/kafka/debezium-outbox-connector.json` with the test environment's
+/// `k8s/charts/statefabric/files/kafka/debezium-outbox-connector.json` with the test environment's
 /// database address and credentials, its own slot, single-broker topics,
 /// and routing to `cdc.events.<aggregate type>` (beside the built-in
 /// relay's `events.*`, not on them).
 pub fn debezium_test_config() -> anyhow::Result<Value> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../k8s/kafka/debezium-outbox-connector.json");
+        .join("../k8s/charts/statefabric/files/kafka/debezium-outbox-connector.json");
     let mut config: Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
     let port = crate::pg_admin_url()
         .rsplit_once(':')

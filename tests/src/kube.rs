@@ -1,6 +1,6 @@
 //! The test Kubernetes API server (`testenv/kubernetes.sh`): a client as
 //! the admin or as another identity (impersonation), `kubectl` of the
-//! server's version, the mesh CRDs installed from `k8s/crds/`, and a
+//! server's version, the mesh CRDs installed from `k8s/charts/statefabric/crds/`, and a
 //! namespace per test.
 
 use std::path::PathBuf;
@@ -109,9 +109,9 @@ pub async fn kubectl(args: &[&str], stdin: Option<&str>) -> anyhow::Result<Strin
     Ok(stdout)
 }
 
-/// The committed CRD files (`k8s/crds/`).
+/// The committed CRD files (`k8s/charts/statefabric/crds/`).
 pub fn crd_files() -> anyhow::Result<Vec<PathBuf>> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../k8s/crds");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../k8s/charts/statefabric/crds");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| dir.display().to_string())?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
@@ -208,19 +208,16 @@ impl TestNamespace {
     }
 }
 
-/// Applies the control plane's ServiceAccount and RBAC (`k8s/control-plane/rbac.yaml`).
+/// Applies the control plane's ServiceAccount and RBAC, as the chart
+/// renders them (`templates/control-plane-rbac.yaml`).
 pub async fn install_control_plane_rbac() -> anyhow::Result<()> {
-    let rbac = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../k8s/control-plane/rbac.yaml");
-    kubectl(&["apply", "-f", &rbac.display().to_string()], None).await?;
-    Ok(())
+    crate::chart::apply_template("templates/control-plane-rbac.yaml").await
 }
 
-/// Applies `k8s/injector/rbac.yaml` (the injector's ServiceAccount and its
-/// grants).
+/// Applies the injector's ServiceAccount and grants, as the chart renders
+/// them (`templates/injector-rbac.yaml`).
 pub async fn install_injector_rbac() -> anyhow::Result<()> {
-    let rbac = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../k8s/injector/rbac.yaml");
-    kubectl(&["apply", "-f", &rbac.display().to_string()], None).await?;
-    Ok(())
+    crate::chart::apply_template("templates/injector-rbac.yaml").await
 }
 
 /// A kubeconfig in `dir` that authenticates as a ServiceAccount with a

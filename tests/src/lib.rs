@@ -9,6 +9,7 @@
 //! running, the test fails and says to run `testenv/up.sh`.
 
 pub mod agents;
+pub mod chart;
 pub mod kafka;
 pub mod kube;
 pub mod lock_contract;

@@ -1,4 +1,5 @@
-//! The Prometheus alert rules in `k8s/monitoring` are valid (`promtool check
+//! The Prometheus alert rules the chart ships
+//! (`k8s/charts/statefabric/files/rules`) are valid (`promtool check
 //! rules`) and do what their unit tests say (`promtool test rules`).
 //! promtool comes with Debian's prometheus package, which testenv/up.sh
 //! installs.
@@ -7,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn monitoring() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s/monitoring")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s/charts/statefabric/files")
 }
 
 fn yaml_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -44,7 +45,7 @@ fn alert_rules_are_valid() -> anyhow::Result<()> {
 
 #[test]
 fn alert_rules_pass_their_unit_tests() -> anyhow::Result<()> {
-    let dir = monitoring().join("tests");
+    let dir = monitoring().join("rules-tests");
     let tests = yaml_files(&dir)?;
     anyhow::ensure!(!tests.is_empty(), "no rule tests");
     promtool(&["test", "rules"], &tests, &dir)

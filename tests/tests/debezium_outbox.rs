@@ -1,7 +1,7 @@
 //! The Debezium outbox path on the real Kafka Connect: the connector
-//! configuration kept in `k8s/kafka/` (JSON for Connect's REST API and the
-//! same as a Strimzi KafkaConnector) is registered with the test
-//! environment's addresses, and an appended event arrives on its routed
+//! configuration the chart registers (`k8s/charts/statefabric/files/kafka/`,
+//! JSON for Connect's REST API) is registered with the test environment's
+//! addresses, and an appended event arrives on its routed
 //! topic, keyed by aggregate id, with the event id in a header.
 
 use std::time::Duration;
@@ -13,25 +13,6 @@ use statefabric_domain::{ExpectedVersion, NewEvent, StreamId, TenantId};
 use statefabric_store::pg::{self, PgConfig, PgEventStore};
 use statefabric_store::{AppendRequest, EventStore, Scope};
 use statefabric_tests as env;
-
-fn k8s(file: &str) -> anyhow::Result<String> {
-    Ok(std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../k8s/kafka")
-            .join(file),
-    )?)
-}
-
-#[test]
-fn the_json_and_the_strimzi_resource_say_the_same() -> anyhow::Result<()> {
-    let json: Value = serde_json::from_str(&k8s("debezium-outbox-connector.json")?)?;
-    let strimzi: Value = yaml_serde::from_str(&k8s("debezium-outbox.yaml")?)?;
-    let mut from_yaml = strimzi["spec"]["config"].clone();
-    from_yaml["connector.class"] = strimzi["spec"]["class"].clone();
-    from_yaml["tasks.max"] = json!(strimzi["spec"]["tasksMax"].to_string());
-    assert_eq!(from_yaml, json);
-    Ok(())
-}
 
 #[tokio::test]
 async fn an_appended_event_arrives_on_its_routed_topic() -> anyhow::Result<()> {

@@ -45,7 +45,7 @@ async fn start_injector(
     let port = env::free_port();
     let [grpc_port, admin_port, egress_port] =
         [env::free_port(), env::free_port(), env::free_port()];
-    // With exactly the grants of k8s/injector/rbac.yaml.
+    // With exactly the grants of the chart's templates/injector-rbac.yaml.
     env::kube::install_injector_rbac().await?;
     let dir = tempfile::tempdir()?;
     let kubeconfig = env::kube::kubeconfig_as_service_account(

@@ -1,6 +1,6 @@
 //! Kafka security on the real broker, which the test environment runs with
 //! SASL/SCRAM and the standard ACL authorizer: the Strimzi users in
-//! `k8s/kafka/users.yaml` grant what the test broker grants, and a
+//! `k8s/charts/statefabric/files/kafka/users.yaml` grant what the test broker grants, and a
 //! principal is refused where it holds no ACL, with nothing written.
 
 use std::collections::BTreeSet;
@@ -64,7 +64,10 @@ fn test_broker_grants() -> anyhow::Result<BTreeSet<Grant>> {
 
 fn strimzi_grants() -> anyhow::Result<BTreeSet<Grant>> {
     let mut grants = BTreeSet::new();
-    for doc in repo_file("k8s/kafka/users.yaml")?.split("\n---\n").skip(1) {
+    for doc in repo_file("k8s/charts/statefabric/files/kafka/users.yaml")?
+        .split("\n---\n")
+        .skip(1)
+    {
         let user: Value = yaml_serde::from_str(doc)?;
         assert_eq!(user["kind"], "KafkaUser");
         assert_eq!(user["spec"]["authentication"]["type"], "scram-sha-512");

@@ -1,7 +1,7 @@
 //! The topic plan on the real Kafka: applying it creates every topic with
 //! its class's partitions and settings, and applying it again changes
 //! nothing but re-asserts the settings. The production manifests in
-//! `k8s/kafka/topics.yaml` carry the code's production values.
+//! `k8s/charts/statefabric/files/kafka/topics.yaml` carry the code's production values.
 
 use std::time::Duration;
 
@@ -56,7 +56,8 @@ async fn the_plan_is_applied_idempotently_with_each_class_settings() -> anyhow::
 #[test]
 fn the_production_manifests_carry_the_code_values() -> anyhow::Result<()> {
     let text = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s/kafka/topics.yaml"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../k8s/charts/statefabric/files/kafka/topics.yaml"),
     )?;
     let production = TopicSettings::default();
     let mut seen = 0;

@@ -449,11 +449,7 @@ async fn account_may(
 async fn the_control_planes_rbac_allows_what_it_needs_and_nothing_else() -> anyhow::Result<()> {
     let client = client().await?;
     install_crds(&client).await?;
-    let rbac = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../k8s/control-plane/rbac.yaml"
-    );
-    kubectl(&["apply", "-f", rbac], None).await?;
+    statefabric_tests::kube::install_control_plane_rbac().await?;
     let agents = TestNamespace::create(&client).await?;
     let (home, elsewhere) = ("statefabric-system", agents.name.as_str());
     for (verb, resource, namespace) in [

@@ -95,7 +95,7 @@ async fn token_file(dir: &Path, namespace: &str, pod: &str) -> anyhow::Result<Pa
 }
 
 /// A kubeconfig as the control plane's own ServiceAccount: the processes
-/// under test run with exactly the RBAC of `k8s/control-plane/rbac.yaml`.
+/// under test run with exactly the RBAC of the chart's `templates/control-plane-rbac.yaml`.
 async fn control_plane_kubeconfig(dir: &Path) -> anyhow::Result<String> {
     env::kube::install_control_plane_rbac().await?;
     let path = env::kube::kubeconfig_as_service_account(

@@ -157,7 +157,7 @@ async fn tasks_and_replies_travel_through_the_outbox_and_kafka() -> anyhow::Resu
     let dead_lettered = metrics
         .lines()
         .find(|l| {
-            l.contains("consumer_messages_total{")
+            l.starts_with("statefabric_consumer_messages_total{")
                 && l.contains("group=\"statefabric-saga-engine\"")
                 && l.contains("outcome=\"dead_lettered\"")
         })

@@ -1,7 +1,7 @@
 //! Consumer lag: for each configured group and topic, the high watermark of
 //! every partition minus the group's committed offset, exported as
 //! `statefabric_kafka_consumer_lag{group,topic,partition}` for the alert at
-//! 10,000 messages (`k8s/monitoring/rules/kafka.rules.yaml`).
+//! 10,000 messages (`k8s/charts/statefabric/files/rules/kafka.rules.yaml`).
 //!
 //! Groups are named in configuration with their topics: Kafka's API has no
 //! cheap "all offsets of every group" call in librdkafka's client, and

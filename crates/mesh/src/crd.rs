@@ -1,5 +1,5 @@
 //! The CustomResourceDefinitions, generated from the Rust types, and the
-//! YAML kept under `k8s/crds/` (a test fails when the two differ; rewrite
+//! YAML kept under `k8s/charts/statefabric/crds/` (a test fails when the two differ; rewrite
 //! the files with `STATEFABRIC_UPDATE_CRDS=1 cargo test -p statefabric-mesh`).
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -47,7 +47,7 @@ fn without_unsigned_formats(crd: CustomResourceDefinition) -> CustomResourceDefi
     serde_json::from_value(value).unwrap_or(crd)
 }
 
-/// The file a CRD is kept in under `k8s/crds/`.
+/// The file a CRD is kept in under `k8s/charts/statefabric/crds/`.
 pub fn file_name(crd: &CustomResourceDefinition) -> String {
     format!("{}_{}.yaml", crd.spec.group, crd.spec.names.plural)
 }
@@ -68,7 +68,7 @@ mod tests {
     use super::*;
 
     fn crds_dir() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../k8s/crds")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../k8s/charts/statefabric/crds")
     }
 
     #[test]

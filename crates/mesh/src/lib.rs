@@ -2,7 +2,7 @@
 //! `v1alpha1`).
 //!
 //! Owns the resource types, generated into CRDs with OpenAPI validation
-//! and CEL rules ([`crd`]; the YAML is kept under `k8s/crds/`):
+//! and CEL rules ([`crd`]; the YAML is kept under `k8s/charts/statefabric/crds/`):
 //! - [`FabricConfig`]: sidecar settings for the pods it selects;
 //! - [`ResiliencyPolicy`]: timeouts, retries, breakers and limits, and the
 //!   dependencies and upstreams they apply to;

@@ -1,5 +1,5 @@
 //! Polls each Redis node's memory use (`INFO memory`) into gauges, for the
-//! alert at 80 % of maxmemory (`k8s/monitoring/redis-rules.yaml`).
+//! alert at 80 % of maxmemory (`k8s/charts/statefabric/files/rules/redis.rules.yaml`).
 
 use std::time::Duration;
 

@@ -102,12 +102,12 @@ pub struct ConsumerMetrics {
 impl ConsumerMetrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
-            "statefabric_consumer_messages",
+            "consumer_messages",
             "Messages per consumer group: taken from Kafka, handled, dead-lettered",
             self.messages.clone(),
         );
         registry.register(
-            "statefabric_consumer_paused_partitions",
+            "consumer_paused_partitions",
             "Partitions paused because their in-flight work is at its bound",
             self.paused.clone(),
         );

@@ -1,0 +1,354 @@
+//! The Helm chart (`k8s/charts/statefabric`) against the test API server:
+//! - rendered with the default values, with every optional part on
+//!   (`ci/full-values.yaml`) and with the HPA variant, it passes
+//!   `kubectl apply --dry-run=server` with the operators' CRDs installed
+//!   (schemas, CEL rules, RBAC, webhooks: everything but running it), and
+//!   a bad value is refused naming its field;
+//! - the fabric's own part really installs (`helm install`): CRDs, RBAC,
+//!   Deployments whose ReplicaSets make pods, the webhook registration with
+//!   the CA its certificates are signed by; and uninstalls;
+//! - every Grafana dashboard query is valid PromQL and names metrics the
+//!   code exports.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::Api;
+use kube::api::ListParams;
+use serde_json::Value;
+use statefabric_tests::chart::{self, NAMESPACE};
+use statefabric_tests::kube::{TestNamespace, client, install_crds, kubectl};
+use tokio::sync::Mutex;
+
+/// The tests that install or dry-run the chart's cluster-wide objects take
+/// turns.
+static TURN: Mutex<()> = Mutex::const_new(());
+
+fn documents(manifest: &str) -> usize {
+    manifest
+        .split("\n---")
+        .filter(|doc| doc.lines().any(|l| l.starts_with("kind: ")))
+        .count()
+}
+
+async fn dry_run(manifest: &str) -> anyhow::Result<()> {
+    let out = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(manifest)).await?;
+    let accepted = out
+        .lines()
+        .filter(|l| l.ends_with("(server dry run)"))
+        .count();
+    anyhow::ensure!(
+        accepted == documents(manifest),
+        "{accepted} of {} objects accepted:\n{out}",
+        documents(manifest)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_rendered_chart_passes_server_side_dry_run_with_every_part() -> anyhow::Result<()> {
+    let _turn = TURN.lock().await;
+    let client = client().await?;
+    install_crds(&client).await?;
+    chart::install_third_party_crds().await?;
+    chart::ensure_namespace().await?;
+    // The tenant's namespace must exist for its objects to be dry-run (a
+    // dry-run Namespace is not created).
+    let tenant_ns = TestNamespace::create(&client).await?;
+    let ns = tenant_ns.name.as_str();
+    let tenant_sets = [
+        format!("tenants[0].namespace={ns}"),
+        "tenants[0].createNamespace=false".to_owned(),
+        format!("autoscaling.agents[0].namespace={ns}"),
+    ];
+    let full = chart::chart_dir().join("ci/full-values.yaml");
+    let hpa = chart::chart_dir().join("ci/hpa-values.yaml");
+    for values in [None, Some(&full), Some(&hpa)] {
+        let mut args: Vec<String> = Vec::new();
+        if let Some(file) = values {
+            args.extend(["-f".to_owned(), file.display().to_string()]);
+            for set in &tenant_sets {
+                args.extend(["--set".to_owned(), set.clone()]);
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let manifest = chart::render(&args).await?;
+        dry_run(&manifest)
+            .await
+            .with_context(|| format!("values {values:?}"))?;
+        if values == Some(&full) {
+            for kind in [
+                "kind: Kafka\n",
+                "kind: KafkaNodePool",
+                "kind: KafkaConnect",
+                "kind: KafkaUser",
+                "kind: KafkaTopic",
+                "kind: Cluster\n",
+                "kind: ScaledObject",
+                "kind: ServiceMonitor",
+                "kind: PodMonitor",
+                "kind: PrometheusRule",
+                "kind: Certificate",
+                "kind: NetworkPolicy",
+                "kind: StatefulSet",
+                "kind: FabricConfig",
+            ] {
+                assert!(
+                    manifest.contains(kind),
+                    "{kind} missing from the full render"
+                );
+            }
+        }
+        if values == Some(&hpa) {
+            assert!(manifest.contains("kind: HorizontalPodAutoscaler"));
+        }
+    }
+    // A bad value is refused by the API server, naming the field.
+    let bad = chart::render(&["--set", "injector.failurePolicy=Sometimes"]).await?;
+    let err = dry_run(&bad).await.expect_err("an unknown failurePolicy");
+    assert!(format!("{err:#}").contains("failurePolicy"), "{err:#}");
+    tenant_ns.delete().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_fabric_part_installs_and_uninstalls_on_the_test_cluster() -> anyhow::Result<()> {
+    let _turn = TURN.lock().await;
+    let client = client().await?;
+    chart::ensure_namespace().await?;
+    let chart_dir = chart::chart_dir().display().to_string();
+    // No kubelet runs the migrations hook here (fabric migrate is tested as
+    // a process); Ignore keeps a release a killed test leaves behind from
+    // blocking pods elsewhere (testenv/prune-kubernetes.sh removes it).
+    chart::helm(&[
+        "upgrade",
+        "--install",
+        "statefabric",
+        &chart_dir,
+        "-n",
+        NAMESPACE,
+        "--take-ownership",
+        "--set",
+        "migrations.enabled=false",
+        "--set",
+        "injector.failurePolicy=Ignore",
+        "--timeout",
+        "60s",
+    ])
+    .await?;
+    let result = check_installed(&client).await;
+    let uninstalled = chart::helm(&["uninstall", "statefabric", "-n", NAMESPACE, "--wait"]).await;
+    result?;
+    uninstalled?;
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    assert!(
+        hooks.get_opt("statefabric-injector").await?.is_none(),
+        "uninstall removes the webhook registration"
+    );
+    // The CA stays (helm.sh/resource-policy: keep): a reinstall trusts
+    // what running sidecars trust.
+    let secrets: Api<Secret> = Api::namespaced(client, NAMESPACE);
+    assert!(secrets.get_opt("statefabric-ca").await?.is_some());
+    Ok(())
+}
+
+async fn check_installed(client: &kube::Client) -> anyhow::Result<()> {
+    let crds = kubectl(&["get", "crd", "-o", "name"], None).await?;
+    for kind in [
+        "fabricconfigs",
+        "resiliencypolicies",
+        "upstreams",
+        "sagadefinitions",
+    ] {
+        assert!(crds.contains(&format!("{kind}.statefabric.io")), "{crds}");
+    }
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
+    for name in ["statefabric-control-plane", "statefabric-injector"] {
+        let d = deployments.get(name).await?;
+        assert_eq!(d.spec.and_then(|s| s.replicas), Some(2), "{name}");
+    }
+    // The controller manager turns them into pods (Pending: no kubelet).
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    statefabric_tests::eventually(
+        "the Deployments' pods",
+        std::time::Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                let list = pods
+                    .list(&ListParams::default().labels("app.kubernetes.io/part-of=statefabric"))
+                    .await?;
+                Ok((list.items.len() >= 4).then_some(()))
+            }
+        },
+    )
+    .await?;
+    // The webhook is registered with the CA that signed the injector's
+    // certificate.
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let hook = hooks.get("statefabric-injector").await?;
+    let webhook = hook
+        .webhooks
+        .unwrap_or_default()
+        .into_iter()
+        .next()
+        .context("a webhook")?;
+    let bundle = webhook.client_config.ca_bundle.context("caBundle")?.0;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    let tls = secrets.get("statefabric-injector-tls").await?;
+    let ca = tls
+        .data
+        .and_then(|d| d.get("ca.crt").map(|v| v.0.clone()))
+        .context("ca.crt")?;
+    assert_eq!(bundle, ca);
+    assert_eq!(webhook.failure_policy.as_deref(), Some("Ignore"));
+    assert_eq!(webhook.reinvocation_policy.as_deref(), Some("IfNeeded"));
+    for (verb, resource) in [
+        ("create", "tokenreviews.authentication.k8s.io"),
+        ("watch", "fabricconfigs.statefabric.io"),
+    ] {
+        let allowed = kubectl(
+            &[
+                "auth",
+                "can-i",
+                verb,
+                resource,
+                "--as",
+                &format!("system:serviceaccount:{NAMESPACE}:statefabric-control-plane"),
+            ],
+            None,
+        )
+        .await?;
+        assert_eq!(allowed.trim(), "yes", "{verb} {resource}");
+    }
+    Ok(())
+}
+
+/// Metric names the code registers: the names given to `register` (and
+/// the collectors' descriptors), with the prefixes registries add.
+fn exported_metrics() -> anyhow::Result<BTreeSet<String>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut sources = Vec::new();
+    for dir in ["crates", "sidecar", "control-plane", "injector", "cli"] {
+        rust_files(&root.join(dir), &mut sources)?;
+    }
+    let inline = regex::Regex::new(r#"register(?:_with_unit)?\(\s*"([a-z][a-z0-9_]*)""#)?;
+    let alone = regex::Regex::new(r#"^\s*"([a-z][a-z0-9_]*)",\s*$"#)?;
+    let prefix = regex::Regex::new(r#"sub_registry_with_prefix\(\s*"([a-z_]+)""#)?;
+    let mut names = BTreeSet::new();
+    let mut prefixes = BTreeSet::from([String::new()]);
+    for file in sources {
+        let text = std::fs::read_to_string(&file)?;
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            for cap in prefix.captures_iter(line) {
+                if &cap[1] != "statefabric" {
+                    prefixes.insert(format!("{}_", &cap[1]));
+                }
+            }
+            for cap in inline.captures_iter(line) {
+                names.insert(cap[1].to_owned());
+            }
+            // `register(` then the name on its own line, or a collector's
+            // descriptor tuple: the name alone on a line after `(`.
+            let before = if i > 0 { lines[i - 1].trim_end() } else { "" };
+            if let Some(cap) = alone.captures(line)
+                && before.ends_with('(')
+            {
+                names.insert(cap[1].to_owned());
+            }
+        }
+    }
+    let mut exported = BTreeSet::new();
+    for name in &names {
+        for p in &prefixes {
+            let full = format!("statefabric_{p}{name}");
+            for suffix in ["", "_total", "_bucket", "_sum", "_count", "_info"] {
+                exported.insert(format!("{full}{suffix}"));
+            }
+        }
+    }
+    Ok(exported)
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() && path.file_name().is_some_and(|n| n != "target") {
+            rust_files(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_dashboard_query_is_promql_naming_metrics_the_code_exports() -> anyhow::Result<()> {
+    let exported = exported_metrics()?;
+    assert!(
+        exported.contains("statefabric_saga_tasks_open"),
+        "the extraction works"
+    );
+    assert!(!exported.contains("statefabric_no_such_metric"));
+    let dir = chart::chart_dir().join("files/dashboards");
+    let metric = regex::Regex::new(r"\bstatefabric_[a-z0-9_]+")?;
+    let mut rules = String::from("groups:\n- name: dashboards\n  rules:\n");
+    let mut dashboards = 0;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| path.display().to_string())?;
+        dashboards += 1;
+        let panels = dashboard["panels"].as_array().context("panels")?;
+        assert!(!panels.is_empty(), "{}", path.display());
+        for panel in panels {
+            let title = panel["title"].as_str().unwrap_or_default();
+            let targets = panel["targets"].as_array().context("targets")?;
+            assert!(!targets.is_empty(), "{title}: no query");
+            for target in targets {
+                let expr = target["expr"].as_str().context("expr")?;
+                let named: Vec<&str> = metric.find_iter(expr).map(|m| m.as_str()).collect();
+                assert!(!named.is_empty(), "{title}: {expr} names no metric of ours");
+                for name in named {
+                    assert!(
+                        exported.contains(name),
+                        "{}: panel {title:?} queries {name}, which the code does not export",
+                        path.display()
+                    );
+                }
+                // Grafana's interval variable, as Prometheus would get it.
+                let promql = expr.replace("$__rate_interval", "5m");
+                rules.push_str(&format!(
+                    "  - record: dashboard:check:{}\n    expr: {}\n",
+                    rules.matches("record:").count(),
+                    serde_json::to_string(&promql)?
+                ));
+            }
+        }
+    }
+    assert!(
+        dashboards >= 5,
+        "sidecars, sagas, outbox and Kafka, Redis, injector"
+    );
+    // promtool parses every query (as recording rules).
+    let file = std::env::temp_dir().join(format!("dashboards-{}.rules.yaml", std::process::id()));
+    std::fs::write(&file, rules)?;
+    let output = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .context("promtool (testenv/up.sh installs it)")?;
+    std::fs::remove_file(&file).ok();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}

@@ -2,11 +2,13 @@
 //!
 //! Hosts the embedded all-in-one mode (`fabric dev`, [`dev`], with the
 //! Planner/Coder/Critic [`demo`]) and the operator commands: sagas through
-//! the control plane's API ([`sagas`]), dead letters and schemas on Kafka.
+//! the control plane's API ([`sagas`]), dead letters and schemas on Kafka,
+//! migrations and tenant onboarding ([`tenants`]).
 
 mod demo;
 mod dev;
 mod sagas;
+mod tenants;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -62,6 +64,11 @@ enum Command {
         /// (a Job may start before its database does).
         #[arg(long, default_value = "120s", value_parser = parse_seconds)]
         wait: Duration,
+    },
+    /// Tenants: onboard one onto the shared Postgres and Redis.
+    Tenants {
+        #[command(subcommand)]
+        command: tenants::TenantsCommand,
     },
     /// Avro schemas in the Schema Registry.
     Schemas {
@@ -282,6 +289,7 @@ async fn main() -> ExitCode {
         } => register_schemas(&registry).await,
         Command::Sagas { target, command } => sagas::run(target, command).await,
         Command::Migrate { database_url, wait } => migrate(&database_url, wait).await,
+        Command::Tenants { command } => tenants::run(command).await,
         Command::Dev { config, demo } => {
             // Same defaults and ports as production, so an agent runs
             // unchanged against either.

@@ -88,6 +88,14 @@ pub struct SidecarTemplate {
     /// to sidecars inline; unset: the cluster's CA (`kube-root-ca.crt`).
     /// Read at start.
     pub control_plane_ca_file: Option<PathBuf>,
+    /// The Secret (in each tenant's namespace, made by `fabric tenants
+    /// onboard`) with the tenant's backend URLs (`postgres-url`,
+    /// `redis-urls`): set, sidecars run on Postgres and Redis with those
+    /// credentials, which only the sidecar container gets; empty, they run
+    /// embedded (SQLite in the pod, in-memory locks and sessions).
+    pub credentials_secret: String,
+    /// `standalone` or `cluster`: how the Redis of `redis-urls` is run.
+    pub redis_mode: String,
 }
 
 impl Default for SidecarTemplate {
@@ -103,6 +111,8 @@ impl Default for SidecarTemplate {
             log_level: "info".to_owned(),
             tenant_label: "statefabric.io/tenant".to_owned(),
             control_plane_ca_file: None,
+            credentials_secret: String::new(),
+            redis_mode: "standalone".to_owned(),
         }
     }
 }

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -96,6 +96,10 @@ pub enum Denial {
     Forged(String),
     #[error("volume {0} is reserved for the injected sidecar")]
     ReservedVolume(String),
+    #[error(
+        "{0} refers to Secret {1}, which holds the tenant's backend credentials: only the injected sidecar gets them"
+    )]
+    CredentialsReference(String, String),
     #[error("the pod has no spec")]
     NoSpec,
 }
@@ -244,6 +248,9 @@ pub fn decide(
             return Err(Denial::ReservedVolume(volume.name.clone()));
         }
     }
+    if !template.credentials_secret.is_empty() {
+        check_no_credentials_reference(spec, &template.credentials_secret)?;
+    }
 
     let mut ops = Vec::new();
     match &spec.init_containers {
@@ -306,7 +313,6 @@ fn sidecar_container(
         // (the chart's) keeps other pods out.
         json!({"name": "STATEFABRIC_SIDECAR__LISTEN", "value": format!("0.0.0.0:{}", template.grpc_port)}),
         json!({"name": "STATEFABRIC_ADMIN__LISTEN", "value": format!("0.0.0.0:{}", template.admin_port)}),
-        json!({"name": "STATEFABRIC_STORAGE__SQLITE__PATH", "value": format!("{STATE_DIR}/events.db")}),
         json!({"name": "STATEFABRIC_TELEMETRY__LOG_LEVEL", "value": log_level}),
         json!({"name": "STATEFABRIC_MESH__ENABLED", "value": "true"}),
         json!({"name": "STATEFABRIC_MESH__CONTROL_PLANE", "value": template.control_plane}),
@@ -315,6 +321,7 @@ fn sidecar_container(
         json!({"name": "STATEFABRIC_MESH__NAMESPACE", "valueFrom": field("metadata.namespace")}),
         json!({"name": "STATEFABRIC_MESH__POD", "valueFrom": field("metadata.name")}),
     ];
+    env.extend(backend_env(template));
     let mut mounts = vec![json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true})];
     match control_plane_ca {
         Some(pem) => env.push(json!({"name": "STATEFABRIC_MESH__CA_PEM", "value": pem})),
@@ -370,6 +377,71 @@ fn sidecar_container(
         },
         "volumeMounts": mounts,
     })
+}
+
+/// Where the sidecar keeps its state: embedded in the pod, or on the
+/// tenant's Postgres and Redis with the credentials from the tenant's
+/// Secret (as env of this container only).
+fn backend_env(template: &SidecarTemplate) -> Vec<Value> {
+    if template.credentials_secret.is_empty() {
+        return vec![
+            json!({"name": "STATEFABRIC_STORAGE__SQLITE__PATH", "value": format!("{STATE_DIR}/events.db")}),
+        ];
+    }
+    let secret =
+        |key: &str| json!({"secretKeyRef": {"name": template.credentials_secret, "key": key}});
+    vec![
+        json!({"name": "STATEFABRIC_STORAGE__BACKEND", "value": "postgres"}),
+        json!({"name": "STATEFABRIC_STORAGE__POSTGRES__URL", "valueFrom": secret("postgres-url")}),
+        json!({"name": "STATEFABRIC_REDIS__MODE", "value": template.redis_mode}),
+        json!({"name": "STATEFABRIC_REDIS__URLS", "valueFrom": secret("redis-urls")}),
+        json!({"name": "STATEFABRIC_LOCKS__BACKEND", "value": "redis"}),
+        json!({"name": "STATEFABRIC_SESSIONS__BACKEND", "value": "redis"}),
+        json!({"name": "STATEFABRIC_UPDATES__BACKEND", "value": "redis"}),
+    ]
+}
+
+/// Refuses a pod whose own containers or volumes name the credentials
+/// Secret: a tenant's credentials go to its sidecars, not its agents.
+fn check_no_credentials_reference(spec: &PodSpec, secret: &str) -> Result<(), Denial> {
+    let refused = |what: String| Err(Denial::CredentialsReference(what, secret.to_owned()));
+    for volume in spec.volumes.iter().flatten() {
+        let direct = volume
+            .secret
+            .as_ref()
+            .and_then(|s| s.secret_name.as_deref())
+            == Some(secret);
+        let projected = volume
+            .projected
+            .iter()
+            .flat_map(|p| p.sources.iter().flatten())
+            .any(|s| s.secret.as_ref().map(|s| s.name.as_str()) == Some(secret));
+        if direct || projected {
+            return refused(format!("volume {}", volume.name));
+        }
+    }
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter());
+    for container in containers.filter(|c| c.name != SIDECAR) {
+        let env = container.env.iter().flatten().any(|e| {
+            e.value_from
+                .as_ref()
+                .and_then(|v| v.secret_key_ref.as_ref())
+                .is_some_and(|r| r.name == secret)
+        });
+        let env_from = container
+            .env_from
+            .iter()
+            .flatten()
+            .any(|e| e.secret_ref.as_ref().is_some_and(|r| r.name == secret));
+        if env || env_from {
+            return refused(format!("container {}", container.name));
+        }
+    }
+    Ok(())
 }
 
 /// The sidecar's volumes: its pod-bound token for the control plane, the
@@ -517,6 +589,88 @@ metadata: {name: coder-0, annotations: {statefabric.io/inject: "true", statefabr
 spec:
   containers: [{name: agent, image: agent:1}]
 "#;
+
+    #[test]
+    fn with_a_credentials_secret_only_the_sidecar_gets_it_and_a_pod_naming_it_is_denied() {
+        let template = SidecarTemplate {
+            credentials_secret: "statefabric-sidecar-credentials".into(),
+            redis_mode: "cluster".into(),
+            ..SidecarTemplate::default()
+        };
+        let injection = Injection::new(template, "statefabric-system");
+        let p = pod(ANNOTATED);
+        let decision = decide(&p, &namespace(false), &injection).expect("ok");
+        let spec = applied(&p, &decision).spec.expect("spec");
+        let sidecar = &spec.init_containers.expect("init")[0];
+        let env = sidecar.env.clone().unwrap_or_default();
+        let secret_of = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value_from.as_ref())
+                .and_then(|v| v.secret_key_ref.as_ref())
+                .map(|r| (r.name.clone(), r.key.clone()))
+        };
+        let secret = "statefabric-sidecar-credentials".to_owned();
+        assert_eq!(
+            secret_of("STATEFABRIC_STORAGE__POSTGRES__URL"),
+            Some((secret.clone(), "postgres-url".into()))
+        );
+        assert_eq!(
+            secret_of("STATEFABRIC_REDIS__URLS"),
+            Some((secret.clone(), "redis-urls".into()))
+        );
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            value("STATEFABRIC_STORAGE__BACKEND").as_deref(),
+            Some("postgres")
+        );
+        assert_eq!(value("STATEFABRIC_REDIS__MODE").as_deref(), Some("cluster"));
+        assert_eq!(
+            value("STATEFABRIC_LOCKS__BACKEND").as_deref(),
+            Some("redis")
+        );
+        assert!(value("STATEFABRIC_STORAGE__SQLITE__PATH").is_none());
+        let app = serde_json::to_string(&spec.containers).expect("json");
+        assert!(!app.contains(&secret), "the app gets no credentials: {app}");
+
+        for (yaml, named) in [
+            (
+                r#"
+metadata: {name: a, annotations: {statefabric.io/inject: "true"}}
+spec:
+  containers: [{name: agent, image: a, env: [{name: DB, valueFrom: {secretKeyRef: {name: statefabric-sidecar-credentials, key: postgres-url}}}]}]
+"#,
+                "container agent",
+            ),
+            (
+                r#"
+metadata: {name: a, annotations: {statefabric.io/inject: "true"}}
+spec:
+  containers: [{name: agent, image: a, envFrom: [{secretRef: {name: statefabric-sidecar-credentials}}]}]
+"#,
+                "container agent",
+            ),
+            (
+                r#"
+metadata: {name: a, annotations: {statefabric.io/inject: "true"}}
+spec:
+  containers: [{name: agent, image: a}]
+  volumes: [{name: creds, secret: {secretName: statefabric-sidecar-credentials}}]
+"#,
+                "volume creds",
+            ),
+        ] {
+            let err = decide(&pod(yaml), &namespace(false), &injection).expect_err("denied");
+            assert!(
+                matches!(&err, Denial::CredentialsReference(what, _) if what == named),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn a_control_plane_ca_goes_inline_and_the_cluster_ca_volume_is_left_out() {

@@ -167,6 +167,7 @@ fn denial_reason(denial: &Denial) -> &'static str {
         Denial::NoTenant { .. } => "no_tenant",
         Denial::Forged(_) => "forged_sidecar",
         Denial::ReservedVolume(_) => "reserved_volume",
+        Denial::CredentialsReference(..) => "credentials_reference",
         Denial::NoSpec => "no_spec",
     }
 }

@@ -35,6 +35,7 @@ pub mod server;
 pub mod sessions;
 pub mod status;
 pub mod tasks;
+pub mod tenancy;
 
 pub use config::SidecarConfig;
 pub use server::{Storage, open_storage, serve, serve_with};

@@ -23,15 +23,10 @@ fn noperm(message: &str) -> bool {
     message.to_ascii_lowercase().contains("noperm")
 }
 
+/// What onboarding grants (the sidecar's own list of its Redis adapters'
+/// tenant patterns).
 fn access(tenant: &TenantId) -> TenantAccess {
-    TenantAccess {
-        keys: vec![
-            statefabric_lock::redis::tenant_key_pattern(tenant),
-            statefabric_session::redis::tenant_key_pattern(tenant),
-            statefabric_updates::redis::stream_key_pattern(&format!("context.{tenant}")),
-        ],
-        channels: vec![statefabric_updates::redis::tenant_channel_pattern(tenant)],
-    }
+    statefabric_sidecar::tenancy::redis_access(tenant)
 }
 
 #[tokio::test]

@@ -11,6 +11,10 @@
 //!   it (the pod runner), subscribes with the pod's own token and serves
 //!   the namespace's FabricConfig;
 //! - with the injector down, `failurePolicy: Fail` refuses annotated pods;
+//! - a tenant onboarded with `fabric tenants onboard` gets sidecars that run
+//!   on the real Postgres and Redis as the tenant's own logins, from a
+//!   Secret only the sidecar container is given (a pod naming it is
+//!   denied);
 //! - the webhook answers 415 to a body that is not JSON and 400 to a
 //!   malformed review, and picks up a rotated certificate without a
 //!   restart.
@@ -41,6 +45,7 @@ async fn start_injector(
     control_plane: u16,
     cert: &std::path::Path,
     key: &std::path::Path,
+    extra: &[(&'static str, String)],
 ) -> anyhow::Result<Injector> {
     let port = env::free_port();
     let [grpc_port, admin_port, egress_port] =
@@ -56,7 +61,7 @@ async fn start_injector(
     .await?
     .display()
     .to_string();
-    let vars = [
+    let mut vars = vec![
         ("KUBECONFIG", kubeconfig),
         ("STATEFABRIC_WEBHOOK__LISTEN", format!("127.0.0.1:{port}")),
         ("STATEFABRIC_WEBHOOK__TLS_CERT", cert.display().to_string()),
@@ -82,6 +87,7 @@ async fn start_injector(
             egress_port.to_string(),
         ),
     ];
+    vars.extend(extra.iter().cloned());
     let borrowed: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut service = process::spawn("statefabric-injector", &[], &borrowed)?;
     service.ready().await?;
@@ -197,6 +203,7 @@ async fn the_injector_adds_the_sidecar_denies_what_it_must_and_the_sidecar_runs(
         cp_port,
         &pki_dir().join("mesh.crt"),
         &pki_dir().join("mesh.key"),
+        &[],
     )
     .await?;
     let namespace = namespace(&test_id, Some(&tenant)).await?;
@@ -448,7 +455,7 @@ async fn bad_requests_get_http_errors_and_a_rotated_certificate_is_served_withou
     std::fs::copy(pki_dir().join("mesh.crt"), &cert)?;
     std::fs::copy(pki_dir().join("mesh.key"), &key)?;
     let test_id = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let injector = start_injector(&test_id, env::free_port(), &cert, &key).await?;
+    let injector = start_injector(&test_id, env::free_port(), &cert, &key, &[]).await?;
 
     let (code, body) = curl(injector.port, "text/plain", "{}").await?;
     assert_eq!(code, 415, "{body}");
@@ -514,4 +521,167 @@ async fn served_serial(port: u16) -> anyhow::Result<String> {
         .output()
         .await?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// `fabric tenants onboard` as an operator runs it, its Secret applied.
+async fn onboard(tenant: &str, namespace: &str) -> anyhow::Result<Value> {
+    let output = tokio::process::Command::new(env::binary("fabric"))
+        .args(["tenants", "onboard", tenant, "--namespace", namespace])
+        .env("STATEFABRIC_OWNER_DATABASE_URL", env::pg_admin_url())
+        .env("STATEFABRIC_REDIS_ADMIN_URLS", env::redis_url())
+        .output()
+        .await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let secret = String::from_utf8(output.stdout)?;
+    kubectl(&["apply", "-f", "-"], Some(&secret)).await?;
+    Ok(serde_json::from_str(&secret)?)
+}
+
+#[tokio::test]
+async fn an_onboarded_tenants_sidecar_runs_on_postgres_and_redis_as_the_tenants_own_logins()
+-> anyhow::Result<()> {
+    let _turn = TURN.lock().await;
+    let admin = client().await?;
+    install_crds(&admin).await?;
+    statefabric_store::pg::migrate(&env::pg_admin_url()).await?;
+    let test_id = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let tenant = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    let cp_port = env::free_port();
+    let kubeconfig = env::kube::kubeconfig_path().display().to_string();
+    let cp = process::mesh_control_plane(cp_port, &kubeconfig, &[]).await?;
+    let secret_name = "statefabric-sidecar-credentials";
+    let injector = start_injector(
+        &test_id,
+        cp_port,
+        &pki_dir().join("mesh.crt"),
+        &pki_dir().join("mesh.key"),
+        &[(
+            "STATEFABRIC_SIDECAR_TEMPLATE__CREDENTIALS_SECRET",
+            secret_name.to_owned(),
+        )],
+    )
+    .await?;
+    let namespace = namespace(&test_id, Some(&tenant)).await?;
+    let ns = namespace.name.as_str();
+    let secret = onboard(&tenant, ns).await?;
+    let postgres_url = secret["stringData"]["postgres-url"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let login = url::Url::parse(&postgres_url)?.username().to_owned();
+    assert!(
+        login.starts_with("sft_"),
+        "the tenant's own login (migration 0024), not the shared one: {login}"
+    );
+
+    // The pod: only the sidecar container is given the Secret.
+    let created = apply(
+        &pod_manifest(ns, "coder-0", "statefabric.io/inject: \"true\"", ""),
+        &[],
+    )
+    .await?
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let sidecar = &created["spec"]["initContainers"][0];
+    assert!(sidecar.to_string().contains(secret_name), "{sidecar}");
+    assert!(
+        !created["spec"]["containers"]
+            .to_string()
+            .contains(secret_name),
+        "{created}"
+    );
+    // An agent that names the Secret itself is refused.
+    let greedy = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: greedy-0, namespace: {ns}, annotations: {{statefabric.io/inject: "true"}}}}
+spec:
+  containers:
+  - name: agent
+    image: "agent:test"
+    env: [{{name: DB, valueFrom: {{secretKeyRef: {{name: {secret_name}, key: postgres-url}}}}}}]
+"#
+    );
+    let refused = apply(&greedy, &[]).await?.expect_err("denied");
+    assert!(
+        refused.contains("container agent") && refused.contains(secret_name),
+        "{refused}"
+    );
+
+    // The sidecar as the API server stored it, on Postgres and Redis.
+    let pods: kube::Api<Pod> = kube::Api::namespaced(admin.clone(), ns);
+    let stored = pods.get("coder-0").await?;
+    let mut running = env::pod_runner::run(&admin, &stored, "statefabric-sidecar").await?;
+    running.ready().await?;
+    let mut state =
+        statefabric_sdk::StateClient::connect(format!("http://127.0.0.1:{}", injector.grpc_port))
+            .await?;
+    let stream = format!("task-{}", uuid::Uuid::new_v4().simple());
+    state
+        .append(
+            &stream,
+            "task",
+            statefabric_sdk::Expected::NoStream,
+            vec![statefabric_sdk::NewEvent::json(
+                "Created",
+                &serde_json::json!({"n": 1}),
+            )?],
+        )
+        .await?;
+    let held = state
+        .locks()
+        .acquire("repo", Duration::from_secs(10), Duration::from_secs(1))
+        .await?
+        .expect("the lock is free");
+    // In the shared Postgres, under the tenant, written by its own login.
+    let pool = sqlx::PgPool::connect(&env::pg_admin_url()).await?;
+    let (owner,): (String,) = sqlx::query_as("SELECT tenant_id FROM streams WHERE stream_id = $1")
+        .bind(&stream)
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(owner, tenant);
+    let (sessions,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM pg_stat_activity WHERE usename = $1")
+            .bind(&login)
+            .fetch_one(&pool)
+            .await?;
+    assert!(sessions > 0, "the sidecar connects as {login}");
+    // In Redis, the lock under the tenant's keys, held by its own user.
+    let mut redis = redis::Client::open(env::redis_url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{sf:lock:{tenant}:repo}}*"))
+        .query_async(&mut redis)
+        .await?;
+    assert!(!keys.is_empty(), "the lock's keys");
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut redis)
+        .await?;
+    assert!(
+        clients.contains(&format!("user=sf-tenant-{tenant}")),
+        "{clients}"
+    );
+    held.release().await?;
+    let (code, stderr) = running.stop().await?;
+    assert_eq!(code, 0, "{stderr}");
+
+    redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(format!("sf-tenant-{tenant}"))
+        .query_async::<()>(&mut redis)
+        .await?;
+    kubectl(
+        &["delete", "mutatingwebhookconfiguration", &injector.webhook],
+        None,
+    )
+    .await?;
+    drop(injector);
+    let (code, _) = cp.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    namespace.delete().await
 }

@@ -268,3 +268,23 @@ pub(crate) fn write_kubeconfig(
     )?;
     Ok(())
 }
+
+/// A Deployment of `replicas` agent pods of `agent_type` in `namespace`,
+/// annotated for injection.
+pub fn agent_deployment(namespace: &str, name: &str, agent_type: &str, replicas: u32) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+      annotations: {{statefabric.io/inject: "true", statefabric.io/agent-type: {agent_type}}}
+    spec:
+      containers: [{{name: agent, image: "agent:test"}}]
+"#
+    )
+}

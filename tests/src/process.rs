@@ -315,3 +315,51 @@ pub async fn session_policy_served(
     )
     .await
 }
+
+/// `fabric tenants onboard` as an operator runs it (the test Postgres and
+/// standalone Redis), its Secret applied to `namespace`; returns the Secret.
+pub async fn onboard_tenant(tenant: &str, namespace: &str) -> anyhow::Result<serde_json::Value> {
+    let output = tokio::process::Command::new(crate::binary("fabric"))
+        .args(["tenants", "onboard", tenant, "--namespace", namespace])
+        .env("STATEFABRIC_OWNER_DATABASE_URL", crate::pg_admin_url())
+        .env("STATEFABRIC_REDIS_ADMIN_URLS", crate::redis_url())
+        .output()
+        .await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "fabric tenants onboard: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let secret = String::from_utf8(output.stdout)?;
+    crate::kube::kubectl(&["apply", "-f", "-"], Some(&secret)).await?;
+    Ok(serde_json::from_str(&secret)?)
+}
+
+/// Through the State API at `address`: appends a new stream's first event
+/// and takes (then releases) the lock `repo`. Returns the stream id.
+pub async fn append_and_lock(address: &str) -> anyhow::Result<String> {
+    let mut state = statefabric_sdk::StateClient::connect(address.to_owned()).await?;
+    let stream = format!("task-{}", uuid::Uuid::new_v4().simple());
+    state
+        .append(
+            &stream,
+            "task",
+            statefabric_sdk::Expected::NoStream,
+            vec![statefabric_sdk::NewEvent::json(
+                "Created",
+                &serde_json::json!({"n": 1}),
+            )?],
+        )
+        .await?;
+    let lock = state
+        .locks()
+        .acquire(
+            "repo",
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_secs(1),
+        )
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the lock repo is taken"))?;
+    lock.release().await?;
+    Ok(stream)
+}

@@ -7,6 +7,15 @@
 //! - the fabric's own part really installs (`helm install`): CRDs, RBAC,
 //!   Deployments whose ReplicaSets make pods, the webhook registration with
 //!   the CA its certificates are signed by; and uninstalls;
+//! - end to end: the control plane and the injector run as the rendered
+//!   Deployments' pods say (the pod runner: their ConfigMaps, Secrets,
+//!   ServiceAccount tokens, probes), the webhook reached by URL; an
+//!   annotated agent Deployment in an onboarded tenant's namespace gets
+//!   injected pods, whose sidecar runs on the real Postgres and Redis,
+//!   verifies the control plane with the chart's CA and serves the
+//!   namespace's default FabricConfig; plain and kube-system pods are
+//!   untouched; a forged sidecar and a bad annotation are denied; with the
+//!   injector down, failurePolicy Fail refuses annotated pods;
 //! - every Grafana dashboard query is valid PromQL and names metrics the
 //!   code exports.
 
@@ -120,26 +129,10 @@ async fn the_fabric_part_installs_and_uninstalls_on_the_test_cluster() -> anyhow
     let _turn = TURN.lock().await;
     let client = client().await?;
     chart::ensure_namespace().await?;
-    let chart_dir = chart::chart_dir().display().to_string();
     // No kubelet runs the migrations hook here (fabric migrate is tested as
     // a process); Ignore keeps a release a killed test leaves behind from
     // blocking pods elsewhere (testenv/prune-kubernetes.sh removes it).
-    chart::helm(&[
-        "upgrade",
-        "--install",
-        "statefabric",
-        &chart_dir,
-        "-n",
-        NAMESPACE,
-        "--take-ownership",
-        "--set",
-        "migrations.enabled=false",
-        "--set",
-        "injector.failurePolicy=Ignore",
-        "--timeout",
-        "60s",
-    ])
-    .await?;
+    install_release(&["injector.failurePolicy=Ignore"], None).await?;
     let result = check_installed(&client).await;
     let uninstalled = chart::helm(&["uninstall", "statefabric", "-n", NAMESPACE, "--wait"]).await;
     result?;
@@ -350,5 +343,269 @@ fn every_dashboard_query_is_promql_naming_metrics_the_code_exports() -> anyhow::
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    Ok(())
+}
+
+/// `helm upgrade --install` of the release (taking over what the other
+/// suites applied from its templates), migrations off: no kubelet runs the
+/// hook here.
+async fn install_release(sets: &[&str], set_json: Option<&str>) -> anyhow::Result<()> {
+    let chart_dir = chart::chart_dir().display().to_string();
+    let mut args = vec![
+        "upgrade",
+        "--install",
+        "statefabric",
+        chart_dir.as_str(),
+        "-n",
+        NAMESPACE,
+        "--take-ownership",
+        "--timeout",
+        "60s",
+        "--set",
+        "migrations.enabled=false",
+    ];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    if let Some(json) = set_json {
+        args.extend(["--set-json", json]);
+    }
+    chart::helm(&args).await?;
+    Ok(())
+}
+
+/// The release for the end-to-end test: one replica each (the pod runner
+/// binds the spec's own ports), the webhook and the control plane reached
+/// on 127.0.0.1 (no cluster network here), the tenant's namespace given a
+/// default FabricConfig with a session policy the test can see served.
+async fn install_for_end_to_end(tenant_ns: &str) -> anyhow::Result<()> {
+    let tenant = format!("tenants[0].namespace={tenant_ns}");
+    install_release(
+        &[
+            "controlPlane.replicas=1",
+            "injector.replicas=1",
+            "injector.url=https://127.0.0.1:7602/mutate",
+            "injector.controlPlaneAddress=https://127.0.0.1:7504",
+            "injector.sidecar.redisMode=standalone",
+            "certificates.extraIPs[0]=127.0.0.1",
+            "tenants[0].name=unused",
+            &tenant,
+            "tenants[0].createNamespace=false",
+        ],
+        Some(r#"defaultFabricConfig={"sessions":{"chat":{"ttl":"30m"}},"logLevel":"info"}"#),
+    )
+    .await
+}
+
+/// The first pod of a Deployment of the release, once its ReplicaSet made it.
+async fn pod_of(client: &kube::Client, name: &str) -> anyhow::Result<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    statefabric_tests::eventually(
+        &format!("a pod of {name}"),
+        std::time::Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                let list = pods
+                    .list(&ListParams::default().labels(&format!("app.kubernetes.io/name={name}")))
+                    .await?;
+                Ok(list.items.into_iter().next())
+            }
+        },
+    )
+    .await
+}
+
+async fn apply_json(manifest: &str) -> anyhow::Result<Result<Value, String>> {
+    // The namespace's default ServiceAccount appears a moment after it.
+    for _ in 0..50 {
+        match kubectl(&["apply", "-o", "json", "-f", "-"], Some(manifest)).await {
+            Ok(out) => return Ok(Ok(serde_json::from_str(&out)?)),
+            Err(err)
+                if err
+                    .to_string()
+                    .contains("serviceaccount \"default\" not found") =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(err) => return Ok(Err(format!("{err:#}"))),
+        }
+    }
+    anyhow::bail!("the namespace's default ServiceAccount never appeared")
+}
+
+fn pod(ns: &str, name: &str, annotations: &str, init: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, annotations: {{{annotations}}}}}\n\
+         spec:\n  {init}\n  containers: [{{name: agent, image: \"agent:test\"}}]\n"
+    )
+}
+
+#[tokio::test]
+async fn installed_from_the_chart_the_fabric_injects_and_serves_an_agent_deployment()
+-> anyhow::Result<()> {
+    let _turn = TURN.lock().await;
+    let client = client().await?;
+    chart::ensure_namespace().await?;
+    statefabric_store::pg::migrate(&statefabric_tests::pg_admin_url()).await?;
+    // The database Secret the chart expects (values: database.secretName).
+    let control_url = statefabric_tests::pg_control_url();
+    let database = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "statefabric-database", "namespace": NAMESPACE},
+        "stringData": {"control-url": control_url, "owner-url": statefabric_tests::pg_admin_url()},
+    });
+    kubectl(&["apply", "-f", "-"], Some(&database.to_string())).await?;
+    let tenant_ns = TestNamespace::create(&client).await?;
+    let ns = tenant_ns.name.clone();
+    let tenant = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    kubectl(
+        &[
+            "label",
+            "namespace",
+            &ns,
+            &format!("statefabric.io/tenant={tenant}"),
+        ],
+        None,
+    )
+    .await?;
+    install_for_end_to_end(&ns).await?;
+    let result = end_to_end(&client, &ns, &tenant).await;
+    let uninstalled = chart::helm(&["uninstall", "statefabric", "-n", NAMESPACE, "--wait"]).await;
+    let mut redis = redis::Client::open(statefabric_tests::redis_url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(format!("sf-tenant-{tenant}"))
+        .query_async::<()>(&mut redis)
+        .await?;
+    result?;
+    uninstalled?;
+    tenant_ns.delete().await
+}
+
+async fn end_to_end(client: &kube::Client, ns: &str, tenant: &str) -> anyhow::Result<()> {
+    use statefabric_tests::pod_runner;
+    // The control plane and the injector, as their Deployments' pods say.
+    let mut control_plane = pod_runner::run(
+        client,
+        &pod_of(client, "statefabric-control-plane").await?,
+        "control-plane",
+    )
+    .await?;
+    control_plane.ready().await?;
+    let mut injector = pod_runner::run(
+        client,
+        &pod_of(client, "statefabric-injector").await?,
+        "injector",
+    )
+    .await?;
+    injector.ready().await?;
+
+    // The tenant, onboarded as an operator does.
+    statefabric_tests::process::onboard_tenant(tenant, ns).await?;
+
+    // An annotated Deployment: the ReplicaSet's pods come back injected.
+    let deployment = statefabric_tests::kube::agent_deployment(ns, "coder", "coder", 1);
+    kubectl(&["apply", "-f", "-"], Some(&deployment)).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let agent = statefabric_tests::eventually(
+        "an injected pod of the agent Deployment",
+        std::time::Duration::from_secs(30),
+        || {
+            let pods = pods.clone();
+            async move {
+                let list = pods
+                    .list(&ListParams::default().labels("app=coder"))
+                    .await?;
+                Ok(list.items.into_iter().find(|p| {
+                    p.spec
+                        .as_ref()
+                        .and_then(|s| s.init_containers.as_ref())
+                        .is_some_and(|c| c[0].name == "statefabric-sidecar")
+                }))
+            }
+        },
+    )
+    .await?;
+    let sidecar_spec = serde_json::to_value(&agent)?;
+    let sidecar_env = sidecar_spec["spec"]["initContainers"][0]["env"].to_string();
+    assert!(sidecar_env.contains(tenant), "the namespace's tenant");
+    assert!(
+        sidecar_env.contains("STATEFABRIC_MESH__CA_PEM"),
+        "the chart's CA inline"
+    );
+    // The sidecar runs on Postgres and Redis, verifies the control plane
+    // with the chart's CA, and serves the namespace's default FabricConfig.
+    let mut sidecar = pod_runner::run(client, &agent, "statefabric-sidecar").await?;
+    sidecar.ready().await?;
+    statefabric_tests::process::session_policy_served(
+        "http://127.0.0.1:7400",
+        "chat",
+        std::time::Duration::from_secs(29 * 60),
+    )
+    .await?;
+    statefabric_tests::process::append_and_lock("http://127.0.0.1:7400").await?;
+
+    // Untouched: a plain pod, and kube-system (not sent to the webhook).
+    let plain = apply_json(&pod(ns, "plain-0", "", ""))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    assert!(plain["spec"]["initContainers"].is_null(), "{plain}");
+    let system_pod = format!("sf-e2e-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let system = apply_json(&pod(
+        "kube-system",
+        &system_pod,
+        "statefabric.io/inject: \"true\"",
+        "",
+    ))
+    .await?
+    .map_err(anyhow::Error::msg)?;
+    assert!(system["spec"]["initContainers"].is_null(), "{system}");
+    kubectl(
+        &[
+            "delete",
+            "pod",
+            "-n",
+            "kube-system",
+            &system_pod,
+            "--wait=false",
+        ],
+        None,
+    )
+    .await?;
+    // Denied, naming why.
+    let forged = apply_json(&pod(
+        ns,
+        "forged-0",
+        "",
+        "initContainers: [{name: statefabric-sidecar, image: evil, restartPolicy: Always}]",
+    ))
+    .await?
+    .expect_err("a forged sidecar");
+    assert!(forged.contains("only the injector may add it"), "{forged}");
+    let bad = apply_json(&pod(
+        ns,
+        "bad-0",
+        "statefabric.io/inject: \"true\", statefabric.io/log-level: loud",
+        "",
+    ))
+    .await?
+    .expect_err("a bad annotation");
+    assert!(bad.contains("statefabric.io/log-level"), "{bad}");
+
+    let (code, stderr) = sidecar.stop().await?;
+    assert_eq!(code, 0, "{stderr}");
+    // The injector down: failurePolicy Fail (the chart's default) refuses
+    // annotated pods in tenant namespaces.
+    let (code, stderr) = injector.stop().await?;
+    assert_eq!(code, 0, "{stderr}");
+    let refused = apply_json(&pod(ns, "late-0", "statefabric.io/inject: \"true\"", ""))
+        .await?
+        .expect_err("no injector, no annotated pod");
+    assert!(refused.contains("inject.statefabric.io"), "{refused}");
+    let (code, stderr) = control_plane.stop().await?;
+    assert_eq!(code, 0, "{stderr}");
     Ok(())
 }

@@ -245,21 +245,7 @@ async fn the_injector_adds_the_sidecar_denies_what_it_must_and_the_sidecar_runs(
 
     // A Deployment: the ReplicaSet controller creates the pods, each comes
     // back injected, and the Event is on the ReplicaSet.
-    let deployment = format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: agents, namespace: {ns}}}
-spec:
-  replicas: 2
-  selector: {{matchLabels: {{app: agents}}}}
-  template:
-    metadata:
-      labels: {{app: agents}}
-      annotations: {{statefabric.io/inject: "true", statefabric.io/agent-type: critic}}
-    spec:
-      containers: [{{name: agent, image: "agent:test"}}]
-"#
-    );
+    let deployment = env::kube::agent_deployment(ns, "agents", "critic", 2);
     kubectl(&["apply", "-f", "-"], Some(&deployment)).await?;
     env::eventually(
         "two injected pods from the ReplicaSet",
@@ -523,24 +509,6 @@ async fn served_serial(port: u16) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// `fabric tenants onboard` as an operator runs it, its Secret applied.
-async fn onboard(tenant: &str, namespace: &str) -> anyhow::Result<Value> {
-    let output = tokio::process::Command::new(env::binary("fabric"))
-        .args(["tenants", "onboard", tenant, "--namespace", namespace])
-        .env("STATEFABRIC_OWNER_DATABASE_URL", env::pg_admin_url())
-        .env("STATEFABRIC_REDIS_ADMIN_URLS", env::redis_url())
-        .output()
-        .await?;
-    anyhow::ensure!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let secret = String::from_utf8(output.stdout)?;
-    kubectl(&["apply", "-f", "-"], Some(&secret)).await?;
-    Ok(serde_json::from_str(&secret)?)
-}
-
 #[tokio::test]
 async fn an_onboarded_tenants_sidecar_runs_on_postgres_and_redis_as_the_tenants_own_logins()
 -> anyhow::Result<()> {
@@ -567,7 +535,7 @@ async fn an_onboarded_tenants_sidecar_runs_on_postgres_and_redis_as_the_tenants_
     .await?;
     let namespace = namespace(&test_id, Some(&tenant)).await?;
     let ns = namespace.name.as_str();
-    let secret = onboard(&tenant, ns).await?;
+    let secret = process::onboard_tenant(&tenant, ns).await?;
     let postgres_url = secret["stringData"]["postgres-url"]
         .as_str()
         .unwrap_or_default()
@@ -616,26 +584,8 @@ spec:
     let stored = pods.get("coder-0").await?;
     let mut running = env::pod_runner::run(&admin, &stored, "statefabric-sidecar").await?;
     running.ready().await?;
-    let mut state =
-        statefabric_sdk::StateClient::connect(format!("http://127.0.0.1:{}", injector.grpc_port))
-            .await?;
-    let stream = format!("task-{}", uuid::Uuid::new_v4().simple());
-    state
-        .append(
-            &stream,
-            "task",
-            statefabric_sdk::Expected::NoStream,
-            vec![statefabric_sdk::NewEvent::json(
-                "Created",
-                &serde_json::json!({"n": 1}),
-            )?],
-        )
-        .await?;
-    let held = state
-        .locks()
-        .acquire("repo", Duration::from_secs(10), Duration::from_secs(1))
-        .await?
-        .expect("the lock is free");
+    let stream =
+        process::append_and_lock(&format!("http://127.0.0.1:{}", injector.grpc_port)).await?;
     // In the shared Postgres, under the tenant, written by its own login.
     let pool = sqlx::PgPool::connect(&env::pg_admin_url()).await?;
     let (owner,): (String,) = sqlx::query_as("SELECT tenant_id FROM streams WHERE stream_id = $1")
@@ -666,7 +616,6 @@ spec:
         clients.contains(&format!("user=sf-tenant-{tenant}")),
         "{clients}"
     );
-    held.release().await?;
     let (code, stderr) = running.stop().await?;
     assert_eq!(code, 0, "{stderr}");
 

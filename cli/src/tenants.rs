@@ -1,7 +1,8 @@
 //! `fabric tenants onboard`: a tenant's own logins on the shared backends
 //! (see `statefabric_sidecar::tenancy`), printed as the Kubernetes Secret
-//! the injector gives that tenant's sidecars — JSON, which `kubectl apply
-//! -f -` reads, so the command needs no cluster access of its own and fits
+//! the injector gives that tenant's sidecars (and, for Kafka, a Strimzi
+//! KafkaUser with its password Secret) — a JSON `List`, which `kubectl
+//! apply -f -` reads, so the command needs no cluster access of its own and fits
 //! a GitOps flow (seal or encrypt the output before committing it).
 
 use std::process::ExitCode;
@@ -45,6 +46,15 @@ pub struct Onboard {
     /// Redis as sidecars reach it (default: the admin URLs).
     #[arg(long)]
     sidecar_redis_urls: Option<String>,
+    /// Also a Kafka principal of the tenant's own: a Strimzi KafkaUser
+    /// (prefixed ACLs on the tenant's command topics and consumer groups,
+    /// write on the reply topic) and its password Secret, both in the Kafka
+    /// cluster's namespace; the sidecars' Secret gets the login.
+    #[arg(long)]
+    kafka_namespace: Option<String>,
+    /// The Strimzi Kafka cluster's name.
+    #[arg(long, default_value = "statefabric")]
+    kafka_cluster: String,
 }
 
 fn split(urls: &str) -> Vec<String> {
@@ -95,7 +105,32 @@ async fn onboard(args: &Onboard) -> anyhow::Result<String> {
         &sidecar_redis,
     )
     .await?;
-    let secret = json!({
+    let mut data = json!({
+        "postgres-url": credentials.postgres_url,
+        "redis-urls": credentials.redis_urls,
+    });
+    let mut items = Vec::new();
+    if let Some(kafka_namespace) = &args.kafka_namespace {
+        let user = statefabric_kafka::acls::tenant_principal(tenant.as_str());
+        let password = statefabric_sidecar::tenancy::new_password();
+        let password_secret = format!("{user}-password");
+        items.push(json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": password_secret, "namespace": kafka_namespace},
+            "type": "Opaque",
+            "stringData": {"password": password},
+        }));
+        items.push(statefabric_kafka::acls::kafka_user(
+            tenant.as_str(),
+            kafka_namespace,
+            &args.kafka_cluster,
+            &password_secret,
+        ));
+        data["kafka-username"] = json!(user);
+        data["kafka-password"] = json!(password);
+    }
+    items.push(json!({
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
@@ -104,10 +139,8 @@ async fn onboard(args: &Onboard) -> anyhow::Result<String> {
             "labels": {"statefabric.io/tenant": tenant.as_str()},
         },
         "type": "Opaque",
-        "stringData": {
-            "postgres-url": credentials.postgres_url,
-            "redis-urls": credentials.redis_urls,
-        },
-    });
-    Ok(serde_json::to_string_pretty(&secret)?)
+        "stringData": data,
+    }));
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+    Ok(serde_json::to_string_pretty(&list)?)
 }

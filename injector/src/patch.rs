@@ -390,6 +390,7 @@ fn backend_env(template: &SidecarTemplate) -> Vec<Value> {
     }
     let secret =
         |key: &str| json!({"secretKeyRef": {"name": template.credentials_secret, "key": key}});
+    let optional_secret = |key: &str| json!({"secretKeyRef": {"name": template.credentials_secret, "key": key, "optional": true}});
     vec![
         json!({"name": "STATEFABRIC_STORAGE__BACKEND", "value": "postgres"}),
         json!({"name": "STATEFABRIC_STORAGE__POSTGRES__URL", "valueFrom": secret("postgres-url")}),
@@ -398,6 +399,9 @@ fn backend_env(template: &SidecarTemplate) -> Vec<Value> {
         json!({"name": "STATEFABRIC_LOCKS__BACKEND", "value": "redis"}),
         json!({"name": "STATEFABRIC_SESSIONS__BACKEND", "value": "redis"}),
         json!({"name": "STATEFABRIC_UPDATES__BACKEND", "value": "redis"}),
+        // The tenant's own Kafka login, when it was onboarded with one.
+        json!({"name": "STATEFABRIC_KAFKA__USERNAME", "valueFrom": optional_secret("kafka-username")}),
+        json!({"name": "STATEFABRIC_KAFKA__PASSWORD", "valueFrom": optional_secret("kafka-password")}),
     ]
 }
 

@@ -92,27 +92,10 @@ pub fn read_all(topic: &str, partitions: i32, isolation: &str) -> anyhow::Result
 /// `PrepareAbort`, `CompleteAbort`, `CompleteCommit`, …), asked with Kafka's
 /// own `TransactionsCommand` (librdkafka has no such call).
 pub fn transaction_state(transactional_id: &str) -> anyhow::Result<String> {
-    let var = |name: &str| {
-        std::env::var(name).map_err(|_| {
-            anyhow::anyhow!("{name} is not set: source the env.sh testenv/up.sh writes")
-        })
-    };
-    let output = std::process::Command::new("java")
-        .args(["-cp", &var("STATEFABRIC_TEST_KAFKA_TOOLS_CLASSPATH")?])
-        .arg("org.apache.kafka.tools.TransactionsCommand")
-        .args(["--bootstrap-server", &crate::kafka_bootstrap()])
-        .args([
-            "--command-config",
-            &var("STATEFABRIC_TEST_KAFKA_ADMIN_PROPERTIES")?,
-        ])
-        .args(["describe", "--transactional-id", transactional_id])
-        .output()?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    anyhow::ensure!(
-        output.status.success(),
-        "TransactionsCommand failed: {text}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = admin_tool(
+        "org.apache.kafka.tools.TransactionsCommand",
+        &["describe", "--transactional-id", transactional_id],
+    )?;
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let (header, values) = (
         lines.next().unwrap_or_default(),
@@ -127,6 +110,33 @@ pub fn transaction_state(transactional_id: &str) -> anyhow::Result<String> {
         .nth(column)
         .map(str::to_owned)
         .ok_or_else(|| anyhow::anyhow!("no state in: {text}"))
+}
+
+/// Runs one of Kafka's own admin tools (Java; `class` is its main class)
+/// as the admin against the test broker; its stdout.
+pub fn admin_tool(class: &str, args: &[&str]) -> anyhow::Result<String> {
+    let var = |name: &str| {
+        std::env::var(name).map_err(|_| {
+            anyhow::anyhow!("{name} is not set: source the env.sh testenv/up.sh writes")
+        })
+    };
+    let output = std::process::Command::new("java")
+        .args(["-cp", &var("STATEFABRIC_TEST_KAFKA_TOOLS_CLASSPATH")?])
+        .arg(class)
+        .args(["--bootstrap-server", &crate::kafka_bootstrap()])
+        .args([
+            "--command-config",
+            &var("STATEFABRIC_TEST_KAFKA_ADMIN_PROPERTIES")?,
+        ])
+        .args(args)
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    anyhow::ensure!(
+        output.status.success(),
+        "{class} failed: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(text)
 }
 
 /// A client configuration for the tests' own setup and checks (the admin).

@@ -2,7 +2,7 @@
 //! where a test must show that a pod spec *runs*, this starts our binary
 //! locally as a kubelet would start that container — its command and args,
 //! its environment (values, `$(VAR)` references, `fieldRef`, `secretKeyRef`,
-//! `configMapKeyRef`, `envFrom`), its mounted files (ConfigMaps, Secrets,
+//! `configMapKeyRef` (optional ones too), `envFrom`), its mounted files (ConfigMaps, Secrets,
 //! `emptyDir`, `downwardAPI`, and projected ServiceAccount tokens requested
 //! from the API server bound to the pod, as the kubelet does) and its ports —
 //! and decides readiness with the container's own startup or readiness
@@ -357,19 +357,24 @@ async fn environment(
                 if let Some(field) = &from.field_ref {
                     field_value(pod, &field.field_path)?
                 } else if let Some(key) = &from.config_map_key_ref {
-                    config_map_data(client, namespace, &key.name)
+                    let found = config_map_data(client, namespace, &key.name)
                         .await?
-                        .remove(&key.key)
-                        .with_context(|| {
-                            format!("env {name}: ConfigMap {} has no key {}", key.name, key.key)
-                        })?
+                        .remove(&key.key);
+                    match found {
+                        Some(value) => value,
+                        // An optional key that is absent leaves the variable unset.
+                        None if key.optional == Some(true) => continue,
+                        None => bail!("env {name}: ConfigMap {} has no key {}", key.name, key.key),
+                    }
                 } else if let Some(key) = &from.secret_key_ref {
-                    secret_data(client, namespace, &key.name)
+                    let found = secret_data(client, namespace, &key.name)
                         .await?
-                        .remove(&key.key)
-                        .with_context(|| {
-                            format!("env {name}: Secret {} has no key {}", key.name, key.key)
-                        })?
+                        .remove(&key.key);
+                    match found {
+                        Some(value) => value,
+                        None if key.optional == Some(true) => continue,
+                        None => bail!("env {name}: Secret {} has no key {}", key.name, key.key),
+                    }
                 } else {
                     bail!("env {name}: resourceFieldRef is not supported by the pod runner")
                 }

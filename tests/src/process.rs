@@ -317,7 +317,7 @@ pub async fn session_policy_served(
 }
 
 /// `fabric tenants onboard` as an operator runs it (the test Postgres and
-/// standalone Redis), its Secret applied to `namespace`; returns the Secret.
+/// standalone Redis), its output applied; returns the sidecars' Secret.
 pub async fn onboard_tenant(tenant: &str, namespace: &str) -> anyhow::Result<serde_json::Value> {
     let output = tokio::process::Command::new(crate::binary("fabric"))
         .args(["tenants", "onboard", tenant, "--namespace", namespace])
@@ -330,9 +330,18 @@ pub async fn onboard_tenant(tenant: &str, namespace: &str) -> anyhow::Result<ser
         "fabric tenants onboard: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let secret = String::from_utf8(output.stdout)?;
-    crate::kube::kubectl(&["apply", "-f", "-"], Some(&secret)).await?;
-    Ok(serde_json::from_str(&secret)?)
+    let list = String::from_utf8(output.stdout)?;
+    crate::kube::kubectl(&["apply", "-f", "-"], Some(&list)).await?;
+    let list: serde_json::Value = serde_json::from_str(&list)?;
+    list["items"]
+        .as_array()
+        .and_then(|items| {
+            items
+                .iter()
+                .find(|i| i["metadata"]["name"] == "statefabric-sidecar-credentials")
+        })
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no sidecar Secret in: {list}"))
 }
 
 /// Through the State API at `address`: appends a new stream's first event

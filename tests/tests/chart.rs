@@ -116,6 +116,18 @@ async fn the_rendered_chart_passes_server_side_dry_run_with_every_part() -> anyh
             assert!(manifest.contains("kind: HorizontalPodAutoscaler"));
         }
     }
+    // The KafkaUser `fabric tenants onboard --kafka-namespace` prints for a
+    // tenant's own Kafka principal is valid for Strimzi's current API.
+    let user = statefabric_kafka::acls::kafka_user(
+        "acme",
+        NAMESPACE,
+        "statefabric",
+        "sf-tenant-acme-password",
+    );
+    dry_run(&yaml_serde::to_string(&user)?)
+        .await
+        .context("the tenant's KafkaUser")?;
+
     // A bad value is refused by the API server, naming the field.
     let bad = chart::render(&["--set", "injector.failurePolicy=Sometimes"]).await?;
     let err = dry_run(&bad).await.expect_err("an unknown failurePolicy");

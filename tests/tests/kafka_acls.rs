@@ -222,3 +222,171 @@ async fn a_principal_without_an_acl_is_refused_and_nothing_is_written() -> anyho
     assert!(refused_login.is_err(), "a forged password logged in");
     Ok(())
 }
+
+/// Creates (`Some(password)`) or removes (`None`) `tenant`'s own principal
+/// on the test broker as Strimzi would from
+/// `statefabric_kafka::acls::kafka_user`: a SCRAM login and the ACLs of
+/// `tenant_acls`, applied with Kafka's own tools.
+fn tenant_principal_on_broker(tenant: &str, password: Option<&str>) -> anyhow::Result<String> {
+    use statefabric_kafka::acls::{Pattern, Resource, tenant_acls, tenant_principal};
+    let user = tenant_principal(tenant);
+    let scram = match password {
+        Some(password) => vec![
+            "--add-config".to_owned(),
+            format!("SCRAM-SHA-512=[password={password}]"),
+        ],
+        None => vec!["--delete-config".to_owned(), "SCRAM-SHA-512".to_owned()],
+    };
+    let mut config = vec!["--alter", "--entity-type", "users", "--entity-name", &user];
+    config.extend(scram.iter().map(String::as_str));
+    env::kafka::admin_tool("kafka.admin.ConfigCommand", &config)?;
+    for acl in tenant_acls(tenant) {
+        let principal = format!("User:{user}");
+        let mut args = vec![
+            if password.is_some() {
+                "--add"
+            } else {
+                "--remove"
+            },
+            "--force",
+            "--allow-principal",
+            principal.as_str(),
+            "--resource-pattern-type",
+            match acl.pattern {
+                Pattern::Literal => "literal",
+                Pattern::Prefixed => "prefixed",
+            },
+            match acl.resource {
+                Resource::Topic => "--topic",
+                Resource::Group => "--group",
+            },
+            acl.name.as_str(),
+        ];
+        for op in acl.operations {
+            args.extend(["--operation", op]);
+        }
+        env::kafka::admin_tool("org.apache.kafka.tools.AclCommand", &args)?;
+    }
+    Ok(user)
+}
+
+fn as_tenant(user: &str, password: &str) -> rdkafka::ClientConfig {
+    statefabric_kafka::brokers::Brokers::new(
+        env::kafka_bootstrap(),
+        statefabric_kafka::brokers::KafkaAuth::scram(user, password),
+    )
+    .client()
+}
+
+/// Reads partition 0 of `topic` in consumer group `group` (subscribed, so
+/// the group's ACL is in play too): messages read, or the first error.
+fn read_in_group(
+    config: rdkafka::ClientConfig,
+    topic: &str,
+    group: &str,
+) -> anyhow::Result<Result<usize, KafkaError>> {
+    let consumer: BaseConsumer = config
+        .clone()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut read = 0;
+    while std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(_)) => read += 1,
+            Some(Err(e)) => return Ok(Err(e)),
+            None if read > 0 => break,
+            None => {}
+        }
+    }
+    Ok(Ok(read))
+}
+
+/// A tenant's own principal (what `fabric tenants onboard --kafka-namespace`
+/// asks Strimzi for) reads its own tenant's saga tasks in its own groups,
+/// answers on the reply topic, and is refused another tenant's topic,
+/// another tenant's group and every event topic.
+#[tokio::test]
+async fn a_tenants_own_principal_reaches_its_tasks_and_no_other_tenants() -> anyhow::Result<()> {
+    use statefabric_kafka::topics::{agent_group, tenant_commands_topic};
+    let run = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let (mine, theirs) = (format!("ta{run}"), format!("tb{run}"));
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let user = tokio::task::spawn_blocking({
+        let (mine, password) = (mine.clone(), password.clone());
+        move || tenant_principal_on_broker(&mine, Some(&password))
+    })
+    .await??;
+    let (my_topic, their_topic) = (
+        tenant_commands_topic("coder", &mine),
+        tenant_commands_topic("coder", &theirs),
+    );
+    for topic in [&my_topic, &their_topic] {
+        env::kafka::create_topic(topic, 1).await?;
+        produce(Principal::Admin, topic).await?;
+    }
+    let tenant = as_tenant(&user, &password);
+    let reading = |topic: String, group: String| {
+        let config = tenant.clone();
+        tokio::task::spawn_blocking(move || read_in_group(config, &topic, &group))
+    };
+    // Its own tasks, in its own group.
+    assert_eq!(
+        reading(my_topic.clone(), agent_group(&mine, "coder"))
+            .await??
+            .map_err(|e| e.to_string()),
+        Ok(1)
+    );
+    // Another tenant's topic (in its own group): refused.
+    match reading(their_topic.clone(), agent_group(&mine, "coder")).await?? {
+        Err(e) => assert_eq!(
+            e.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::TopicAuthorizationFailed),
+            "{e}"
+        ),
+        Ok(n) => panic!("read {n} of another tenant's tasks"),
+    }
+    // Its own topic in another tenant's group: refused.
+    match reading(my_topic.clone(), agent_group(&theirs, "coder")).await?? {
+        Err(e) => assert_eq!(
+            e.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::GroupAuthorizationFailed),
+            "{e}"
+        ),
+        Ok(n) => panic!("read {n} in another tenant's group"),
+    }
+    // It answers on the reply topic; it writes nothing else.
+    let producer: FutureProducer = tenant.clone().set("message.timeout.ms", "15000").create()?;
+    let send = |topic: String| {
+        let producer = producer.clone();
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic).key("k").payload("reply"),
+                    Duration::from_secs(20),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| e)
+        }
+    };
+    send(statefabric_kafka::topics::REPLIES_TOPIC.to_owned()).await?;
+    refused(
+        send(their_topic.clone()).await,
+        "a tenant writing another tenant's tasks",
+    );
+    refused(
+        send(my_topic.clone()).await,
+        "a tenant writing its own tasks",
+    );
+    assert_eq!(
+        end_offset(&their_topic)?,
+        1,
+        "nothing written to the other tenant"
+    );
+    tokio::task::spawn_blocking(move || tenant_principal_on_broker(&mine, None)).await??;
+    Ok(())
+}

@@ -92,7 +92,7 @@ async fn tasks_and_replies_travel_through_the_outbox_and_kafka() -> anyhow::Resu
     .await?;
     assert_eq!(plan["input"]["task"], "task 0");
 
-    let topic = format!("sagas.commands.planner.{tenant}");
+    let topic = statefabric_kafka::topics::tenant_commands_topic("planner", &tenant);
     let consumer: BaseConsumer = env::kafka::admin()
         .set("group.id", format!("check-{run}"))
         .create()?;

@@ -31,6 +31,7 @@
 // Everything that talks to a broker needs librdkafka (the `client`
 // feature, on by default); the topic plan's names and settings do not, so
 // the embedded build can do without native Kafka libraries.
+pub mod acls;
 pub mod brokers;
 #[cfg(feature = "client")]
 pub mod consumer;

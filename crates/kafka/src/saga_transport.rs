@@ -3,7 +3,7 @@
 //! The way out is the outbox: the saga engine writes each task it
 //! dispatches to `event_outbox` in the transition's own transaction
 //! (migration 0018), and the relay publishes it to the tenant's command
-//! topic for the agent type (`sagas.commands.<agent>.<tenant>`, Avro
+//! topic for the agent type (`tenants.<tenant>.sagas.commands.<agent>`, Avro
 //! `SagaCommand`, keyed by saga id). The way back is `sagas.replies` (Avro
 //! `SagaReply`, keyed by saga id), which the leader's [`ReplyConsumer`] turns
 //! into inbox rows — the same checks as the tables transport, so a
@@ -13,7 +13,7 @@
 //! database is down) after retries with backoff.
 //!
 //! [`KafkaTaskQueue`] is a sidecar's side: one consumer per agent type it
-//! is asked for (group `statefabric-agents.<agent>.<tenant>`), feeding a
+//! is asked for (group `statefabric-agents.<tenant>.<agent>`), feeding a
 //! bounded buffer; when the buffer is full the consumer pauses its
 //! partitions instead of buffering more, and resumes at half. A task is
 //! handed to one worker; the offset is stored once the task is buffered, so
@@ -136,7 +136,7 @@ impl KafkaTaskQueue {
         let consumer: StreamConsumer = self
             .brokers
             .client()
-            .set("group.id", format!("statefabric-agents.{agent}.{tenant}"))
+            .set("group.id", topics::agent_group(tenant, agent))
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")

@@ -1,11 +1,12 @@
 //! The topic plan: topics are named by class and configured per class, so
 //! every environment gets the same layout and only the numbers differ
-//! (production values in `k8s/kafka/`, single-broker values in tests).
+//! (production values in `k8s/charts/statefabric/files/kafka/`, single-broker
+//! values in tests).
 //!
 //! | class | name | key | retention | why |
 //! |---|---|---|---|---|
 //! | events | `events.<aggregate type>` | aggregate id | 7 days, delete | the event store is the record; Kafka carries it to consumers |
-//! | commands | `sagas.commands.<agent type>` | saga id | 1 day, delete | a task nobody took in a day is handled by the saga's timeout |
+//! | commands | `sagas.commands.<agent type>`, per tenant `tenants.<tenant>.sagas.commands.<agent type>` | saga id | 1 day, delete | a task nobody took in a day is handled by the saga's timeout |
 //! | replies | `sagas.replies` | saga id | 1 day, delete | |
 //! | dead letters | `dlq.<consumed topic>` | original key | 14 days, delete | time for an operator to inspect and replay |
 //!
@@ -92,7 +93,7 @@ impl TopicSettings {
 }
 
 /// Topic names keep to Kafka's alphabet; anything else becomes `_`.
-fn sanitize(name: &str) -> String {
+pub(crate) fn sanitize(name: &str) -> String {
     name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
@@ -112,11 +113,32 @@ pub fn commands_topic(agent_type: &str) -> String {
     format!("sagas.commands.{}", sanitize(agent_type))
 }
 
-/// One tenant's commands for an agent type: `sagas.commands.<agent>.<tenant>`.
-/// Each tenant's sidecars read only their own topic (and ACLs can grant the
-/// prefix per tenant), so no tenant sees another's tasks.
+/// One tenant's commands for an agent type:
+/// `tenants.<tenant>.sagas.commands.<agent>`. Tenant first, so one prefixed
+/// ACL (`tenants.<tenant>.`, [`tenant_topic_prefix`]) gives a tenant's own
+/// Kafka principal its topics and no other tenant's.
 pub fn tenant_commands_topic(agent_type: &str, tenant: &str) -> String {
-    format!("{}.{}", commands_topic(agent_type), sanitize(tenant))
+    format!(
+        "{}{}",
+        tenant_topic_prefix(tenant),
+        commands_topic(agent_type)
+    )
+}
+
+/// Every topic of one tenant starts with this (the trailing dot keeps
+/// tenant `a` from matching tenant `ab`).
+pub fn tenant_topic_prefix(tenant: &str) -> String {
+    format!("tenants.{}.", sanitize(tenant))
+}
+
+/// The consumer group a tenant's sidecars read an agent type's commands in.
+pub fn agent_group(tenant: &str, agent_type: &str) -> String {
+    format!("{}{}", tenant_group_prefix(tenant), sanitize(agent_type))
+}
+
+/// Every consumer group of one tenant starts with this.
+pub fn tenant_group_prefix(tenant: &str) -> String {
+    format!("statefabric-agents.{}.", sanitize(tenant))
 }
 
 pub const REPLIES_TOPIC: &str = "sagas.replies";
@@ -160,6 +182,21 @@ pub use crate::topic_admin::{Applied, TopicError, apply};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tenants_topics_and_groups_share_a_prefix_no_other_tenant_matches() {
+        assert_eq!(
+            tenant_commands_topic("coder", "acme"),
+            "tenants.acme.sagas.commands.coder"
+        );
+        assert_eq!(
+            agent_group("acme", "coder"),
+            "statefabric-agents.acme.coder"
+        );
+        assert!(tenant_commands_topic("coder", "acme").starts_with(&tenant_topic_prefix("acme")));
+        assert!(!tenant_commands_topic("coder", "acmex").starts_with(&tenant_topic_prefix("acme")));
+        assert!(!agent_group("acmex", "coder").starts_with(&tenant_group_prefix("acme")));
+    }
 
     #[test]
     fn the_plan_names_every_topic_by_class() {

@@ -154,17 +154,23 @@ fn read(who: Principal, topic: &str) -> anyhow::Result<Result<usize, KafkaError>
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(topic, 0, Offset::Beginning)?;
     consumer.assign(&assignment)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    Ok(count_messages(&consumer))
+}
+
+/// Polls until messages stop coming (or 20 s pass with none): how many
+/// arrived, or the first error.
+fn count_messages(consumer: &BaseConsumer) -> Result<usize, KafkaError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut read = 0;
     while std::time::Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(_)) => read += 1,
-            Some(Err(e)) => return Ok(Err(e)),
+            Some(Err(e)) => return Err(e),
             None if read > 0 => break,
             None => {}
         }
     }
-    Ok(Ok(read))
+    Ok(read)
 }
 
 #[tokio::test]
@@ -292,17 +298,7 @@ fn read_in_group(
         .set("auto.offset.reset", "earliest")
         .create()?;
     consumer.subscribe(&[topic])?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut read = 0;
-    while std::time::Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(_)) => read += 1,
-            Some(Err(e)) => return Ok(Err(e)),
-            None if read > 0 => break,
-            None => {}
-        }
-    }
-    Ok(Ok(read))
+    Ok(count_messages(&consumer))
 }
 
 /// A tenant's own principal (what `fabric tenants onboard --kafka-namespace`

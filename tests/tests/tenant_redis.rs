@@ -121,3 +121,64 @@ async fn a_tenant_redis_user_reaches_its_own_keys_only() -> anyhow::Result<()> {
     delete_tenant_user(&mut admin_conn, &ours).await?;
     Ok(())
 }
+
+/// Onboarding onto the 6-node Redis Cluster sets the tenant's user on every
+/// node (ACLs are per node): through the cluster, whichever node a key
+/// hashes to, the tenant's locks and sessions work and another tenant's
+/// are refused.
+#[tokio::test]
+async fn onboarding_sets_the_tenants_user_on_every_cluster_node() -> anyhow::Result<()> {
+    statefabric_store::pg::migrate(&env::pg_admin_url()).await?;
+    let (ours, theirs) = (tenant(), tenant());
+    let nodes = env::redis_cluster_urls();
+    let credentials = statefabric_sidecar::tenancy::onboard(
+        &ours,
+        "cluster test",
+        &env::pg_admin_url(),
+        &nodes,
+        &env::pg_admin_url(),
+        &nodes,
+    )
+    .await?;
+    // Every node knows the user.
+    for node in &nodes {
+        let mut conn = redis::Client::open(node.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let users: Vec<String> = redis::cmd("ACL")
+            .arg("USERS")
+            .query_async(&mut conn)
+            .await?;
+        assert!(
+            users.contains(&format!("sf-tenant-{ours}")),
+            "{node}: {users:?}"
+        );
+    }
+    let redis = Redis::connect(&RedisConfig {
+        mode: RedisMode::Cluster,
+        urls: credentials.redis_urls.clone(),
+        ..RedisConfig::default()
+    })
+    .await?;
+    let locks = RedisLocks::new(redis.conn());
+    // Names that hash to different slots, so more than one node serves them.
+    for name in ["repo", "build", "deploy", "docs", "tests", "release"] {
+        let lease = locks
+            .acquire(&ours, name, "me", Duration::from_secs(5), Duration::ZERO)
+            .await?
+            .expect("free");
+        locks.release(&lease).await?;
+        let refused = locks
+            .acquire(&theirs, name, "me", Duration::from_secs(5), Duration::ZERO)
+            .await
+            .expect_err("another tenant's lock");
+        assert!(noperm(&refused.to_string()), "{refused}");
+    }
+    for node in &nodes {
+        let mut conn = redis::Client::open(node.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        delete_tenant_user(&mut conn, &ours).await?;
+    }
+    Ok(())
+}

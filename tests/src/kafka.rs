@@ -146,6 +146,16 @@ pub fn admin() -> ClientConfig {
 
 /// Creates `name` with `partitions` partitions on the test broker.
 pub async fn create_topic(name: &str, partitions: i32) -> anyhow::Result<()> {
+    create(name, partitions, false).await
+}
+
+/// Makes `name` unless it exists (a topic other suites or earlier runs may
+/// have made, which a fresh broker does not have).
+pub async fn ensure_topic(name: &str, partitions: i32) -> anyhow::Result<()> {
+    create(name, partitions, true).await
+}
+
+async fn create(name: &str, partitions: i32, may_exist: bool) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = admin().create()?;
     for result in admin
         .create_topics(
@@ -154,7 +164,11 @@ pub async fn create_topic(name: &str, partitions: i32) -> anyhow::Result<()> {
         )
         .await?
     {
-        result.map_err(|(topic, code)| anyhow::anyhow!("creating {topic}: {code}"))?;
+        match result {
+            Ok(_) => {}
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) if may_exist => {}
+            Err((topic, code)) => anyhow::bail!("creating {topic}: {code}"),
+        }
     }
     Ok(())
 }

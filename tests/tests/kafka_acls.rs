@@ -324,6 +324,8 @@ async fn a_tenants_own_principal_reaches_its_tasks_and_no_other_tenants() -> any
         env::kafka::create_topic(topic, 1).await?;
         produce(Principal::Admin, topic).await?;
     }
+    // The reply topic the control plane makes (a fresh broker has none yet).
+    env::kafka::ensure_topic(statefabric_kafka::topics::REPLIES_TOPIC, 1).await?;
     let tenant = as_tenant(&user, &password);
     let reading = |topic: String, group: String| {
         let config = tenant.clone();

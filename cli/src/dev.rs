@@ -22,7 +22,7 @@ use statefabric_runtime::{
 };
 use statefabric_sidecar::SidecarConfig;
 use statefabric_sidecar::config::{
-    Backend, MeshClientConfig, SessionsConfig, SidecarSection, StorageConfig,
+    Backend, EgressConfig, MeshClientConfig, SessionsConfig, SidecarSection, StorageConfig,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -46,6 +46,10 @@ pub struct DevConfig {
     /// Mesh resources from local YAML files (`files`), as on a cluster.
     #[serde(default)]
     pub mesh: MeshClientConfig,
+    /// The egress listener (off unless enabled; its Upstreams come from
+    /// `mesh.files`).
+    #[serde(default)]
+    pub egress: EgressConfig,
 }
 
 impl DevConfig {
@@ -65,6 +69,7 @@ impl DevConfig {
             },
             sagas: SagasConfig::default(),
             mesh: MeshClientConfig::default(),
+            egress: EgressConfig::default(),
         }
     }
 
@@ -78,6 +83,7 @@ impl DevConfig {
             storage: self.storage.clone(),
             sessions: self.sessions.clone(),
             mesh: self.mesh.clone(),
+            egress: self.egress.clone(),
             ..SidecarConfig::defaults()
         }
     }
@@ -94,6 +100,7 @@ impl ServiceConfig for DevConfig {
         "api",
         "sagas",
         "mesh",
+        "egress",
     ];
 
     fn admin(&self) -> &AdminConfig {

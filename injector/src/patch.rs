@@ -344,6 +344,11 @@ fn sidecar_container(
             json!({"name": "STATEFABRIC_SIDECAR__BUILDING_BLOCKS", "value": blocks.join(",")}),
         );
     }
+    if overrides.egress.unwrap_or(true) {
+        // On the pod's loopback: the agent's calls, nobody else's.
+        env.push(json!({"name": "STATEFABRIC_EGRESS__ENABLED", "value": "true"}));
+        env.push(json!({"name": "STATEFABRIC_EGRESS__LISTEN", "value": format!("127.0.0.1:{}", template.egress_port)}));
+    }
     let mut ports = vec![
         json!({"name": "sf-grpc", "containerPort": template.grpc_port}),
         json!({"name": "sf-admin", "containerPort": template.admin_port}),

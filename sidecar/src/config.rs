@@ -44,6 +44,49 @@ pub struct SidecarConfig {
     pub kafka: KafkaAuth,
     #[serde(default)]
     pub mesh: MeshClientConfig,
+    #[serde(default)]
+    pub egress: EgressConfig,
+}
+
+/// The egress listener agents send their outbound calls to
+/// (`src/egress/`); routes come from the mesh configuration's Upstreams.
+/// Off unless enabled: the injector turns it on in agent pods (on the
+/// template's egress port) unless a pod opts out.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    pub enabled: bool,
+    /// Loopback: the agent's own calls, not the pod network's.
+    pub listen: SocketAddr,
+    /// Request bodies up to this size are kept so a retry can resend them;
+    /// larger ones are streamed and sent once.
+    pub max_retry_body_bytes: usize,
+    /// Roots trusted besides the system's and webpki's (PEM), e.g. a
+    /// company CA in front of the upstreams.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Without a policy: establishing a connection, ...
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// ... the whole call until the response's headers, ...
+    #[serde(with = "humantime_serde")]
+    pub total_timeout: Duration,
+    /// ... and silence between two chunks of a streamed response.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
+            max_retry_body_bytes: 1024 * 1024,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(5),
+            total_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Mesh configuration from the control plane (`src/mesh.rs`). The pod's
@@ -313,6 +356,7 @@ impl SidecarConfig {
             tasks: TasksConfig::default(),
             kafka: KafkaAuth::default(),
             mesh: MeshClientConfig::default(),
+            egress: EgressConfig::default(),
         }
     }
 
@@ -350,6 +394,7 @@ impl ServiceConfig for SidecarConfig {
         "tasks",
         "kafka",
         "mesh",
+        "egress",
     ];
 
     fn admin(&self) -> &AdminConfig {
@@ -363,6 +408,14 @@ impl ServiceConfig for SidecarConfig {
     }
 
     fn validate(&self, issues: &mut Issues) {
+        let e = &self.egress;
+        if e.enabled
+            && (e.connect_timeout.is_zero()
+                || e.total_timeout.is_zero()
+                || e.idle_timeout.is_zero())
+        {
+            issues.push("egress.connect_timeout", "egress timeouts must be positive");
+        }
         let m = &self.mesh;
         if m.enabled && !m.files.is_empty() {
             issues.push(

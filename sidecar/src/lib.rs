@@ -26,6 +26,7 @@ pub mod cache;
 pub mod config;
 pub mod context;
 pub mod convert;
+pub mod egress;
 pub mod events;
 pub mod follow;
 pub mod locks;

@@ -277,6 +277,7 @@ pub async fn serve_with(
         lock_limits.clone(),
     );
     let session_policies = SessionPolicies::new(config.sessions.namespaces.clone());
+    let egress = start_egress(&ctx).await?;
     if config.mesh.enabled || !config.mesh.files.is_empty() {
         crate::mesh::start(
             &ctx,
@@ -289,6 +290,7 @@ pub async fn serve_with(
                 link: Arc::new(arc_swap::ArcSwap::from_pointee(
                     crate::mesh::LinkSettings::configured(&config.mesh),
                 )),
+                egress,
             },
         )?;
     }
@@ -385,4 +387,41 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }
     response
+}
+
+/// Binds the egress listener and serves it until shutdown; the routes come
+/// from the mesh configuration (none until it arrives). `None` when
+/// `egress.enabled` is off.
+async fn start_egress(
+    ctx: &ServiceContext<SidecarConfig>,
+) -> anyhow::Result<Option<(Arc<crate::egress::Egress>, crate::egress::routes::Defaults)>> {
+    let config = &ctx.config.egress;
+    if !config.enabled {
+        return Ok(None);
+    }
+    let tls = crate::egress::tls_config(config.ca_file.as_deref())?;
+    let metrics = crate::egress::EgressMetrics::default();
+    ctx.register_metrics(|registry| metrics.register(registry));
+    let egress = Arc::new(crate::egress::Egress::new(
+        tls,
+        config.max_retry_body_bytes,
+        metrics,
+    ));
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding egress.listen {}", config.listen))?;
+    tracing::info!(listen = %config.listen, "egress listening");
+    let stop = ctx.shutdown.token();
+    let serving = egress.clone();
+    ctx.shutdown.spawn(async move {
+        if let Err(err) = crate::egress::serve(listener, serving, stop).await {
+            tracing::error!(error = %err, "egress listener failed");
+        }
+    });
+    let defaults = crate::egress::routes::Defaults {
+        connect: config.connect_timeout,
+        total: config.total_timeout,
+        idle: config.idle_timeout,
+    };
+    Ok(Some((egress, defaults)))
 }

@@ -70,6 +70,8 @@ pub struct Hot {
     pub log_filter: LogFilter,
     pub redis: Option<Redis>,
     pub link: Arc<ArcSwap<LinkSettings>>,
+    /// The egress path and its defaults (`None`: egress is off).
+    pub egress: Option<(Arc<crate::egress::Egress>, crate::egress::routes::Defaults)>,
 }
 
 /// What the sidecar's own configuration says, restored when a mesh
@@ -108,6 +110,8 @@ struct Plan {
     redis: Option<(Duration, BreakerConfig)>,
     link: LinkSettings,
     restart: AtStart,
+    /// The egress routes (`None`: egress is off).
+    egress: Option<crate::egress::routes::Routes>,
     /// Settings not applied, each naming its resource and field.
     notes: Vec<String>,
 }
@@ -170,6 +174,9 @@ impl Applier {
             redis.guard().breaker().set_config(breaker);
         }
         self.hot.link.store(Arc::new(plan.link));
+        if let (Some((egress, _)), Some(routes)) = (&self.hot.egress, plan.egress) {
+            egress.set_routes(routes);
+        }
         Ok(plan.notes)
     }
 
@@ -187,6 +194,7 @@ impl Applier {
                 backends: Backends::default(),
                 building_blocks: None,
             },
+            egress: None,
             notes: Vec::new(),
         };
         if let Some(fabric) = &config.fabric_config {
@@ -262,6 +270,18 @@ impl Applier {
         }
         if let Err(reason) = LogFilter::detached().set(&plan.log_level) {
             return Err(format!("spec.logLevel: {reason}"));
+        }
+        match &self.hot.egress {
+            Some((_, defaults)) => {
+                let (routes, mut notes) =
+                    crate::egress::routes::Routes::from_config(config, *defaults)?;
+                plan.notes.append(&mut notes);
+                plan.egress = Some(routes);
+            }
+            None if !config.upstreams.is_empty() => plan
+                .notes
+                .push("Upstreams: egress is off in this sidecar (egress.enabled)".to_owned()),
+            None => {}
         }
         Ok(plan)
     }
@@ -373,7 +393,7 @@ fn spelt(dependency: Dependency) -> &'static str {
 }
 
 /// A breaker policy as the breaker's settings.
-fn breaker_config(policy: &BreakerPolicy) -> Result<BreakerConfig, String> {
+pub(crate) fn breaker_config(policy: &BreakerPolicy) -> Result<BreakerConfig, String> {
     let failure_rate = match (policy.failure_rate_percent, policy.window) {
         (Some(percent), Some(window)) if !window.get().is_zero() => Some(FailureRate {
             percent,
@@ -415,6 +435,7 @@ mod tests {
                 reconnect_min: Duration::from_millis(200),
                 reconnect_max: Duration::from_secs(10),
             })),
+            egress: None,
         };
         let mut applier = Applier::new(hot, "info");
         // As if the sidecar used Redis: 2 s deadline, 5 faults open it.

@@ -37,6 +37,7 @@ use statefabric_runtime::ServiceContext;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use apply::breaker_config;
 pub use apply::{Hot, LinkSettings};
 
 use crate::config::{MeshClientConfig, SidecarConfig};

@@ -1,0 +1,73 @@
+//! A response body passed through frame by frame (never buffered), cut when
+//! the upstream sends nothing for the idle timeout: every frame resets the
+//! clock, so a slow but healthy stream is not cut and a stalled one is.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The upstream sent nothing for the idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream {upstream}: no data for {idle:?}; the stream was cut")]
+pub struct IdleTimeout {
+    pub upstream: String,
+    pub idle: Duration,
+}
+
+pub struct IdleBody<B> {
+    inner: B,
+    idle: Duration,
+    upstream: String,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl<B> IdleBody<B> {
+    pub fn new(inner: B, idle: Duration, upstream: String) -> Self {
+        Self {
+            inner,
+            idle,
+            upstream,
+            deadline: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl<B> Body for IdleBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            let next = Instant::now() + this.idle;
+            this.deadline.as_mut().reset(next);
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        ready!(this.deadline.as_mut().poll(cx));
+        Poll::Ready(Some(Err(Box::new(IdleTimeout {
+            upstream: this.upstream.clone(),
+            idle: this.idle,
+        }))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,79 @@
+//! Every way the egress path fails, and the one place each becomes the
+//! HTTP answer the agent gets: a status a client library understands and a
+//! JSON body naming the upstream and the reason (never a secret).
+
+use bytes::Bytes;
+use http::{Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use serde_json::json;
+
+use super::body::BoxError;
+
+pub type EgressBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    #[error("no upstream is named in the path; call /<upstream>/<path>")]
+    NoUpstream { known: Vec<String> },
+    #[error("unknown upstream {name}")]
+    UnknownUpstream { name: String, known: Vec<String> },
+    #[error(
+        "upstream {upstream}: the circuit breaker is open after repeated failures; failing fast"
+    )]
+    CircuitOpen { upstream: String },
+    #[error("upstream {upstream}: cannot connect: {reason}")]
+    Connect { upstream: String, reason: String },
+    #[error("upstream {upstream}: no response within {seconds:.3}s")]
+    Timeout { upstream: String, seconds: f64 },
+    #[error("upstream {upstream}: the request could not be sent: {reason}")]
+    BadRequest { upstream: String, reason: String },
+}
+
+impl EgressError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::NoUpstream { .. } | Self::UnknownUpstream { .. } => StatusCode::NOT_FOUND,
+            Self::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Connect { .. } => StatusCode::BAD_GATEWAY,
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::NoUpstream { .. } => "no_upstream",
+            Self::UnknownUpstream { .. } => "unknown_upstream",
+            Self::CircuitOpen { .. } => "circuit_open",
+            Self::Connect { .. } => "connect",
+            Self::Timeout { .. } => "timeout",
+            Self::BadRequest { .. } => "bad_request",
+        }
+    }
+
+    /// The answer to the agent.
+    pub fn into_response(self) -> Response<EgressBody> {
+        let mut body = json!({
+            "error": {"type": self.kind(), "message": self.to_string()},
+        });
+        if let Self::NoUpstream { known } | Self::UnknownUpstream { known, .. } = &self {
+            body["upstreams"] = json!(known);
+        }
+        let mut response = Response::new(
+            Full::new(Bytes::from(body.to_string()))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *response.status_mut() = self.status();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        // Marks answers the sidecar made, as opposed to the upstream's.
+        response.headers_mut().insert(
+            "x-statefabric-egress-error",
+            header::HeaderValue::from_static(self.kind()),
+        );
+        response
+    }
+}

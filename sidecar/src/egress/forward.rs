@@ -1,0 +1,487 @@
+//! One call from the agent to an upstream: route, breaker, attempts with
+//! their timeouts, retries with backoff and `Retry-After`, and the response
+//! streamed back under the idle timeout. Read top to bottom in
+//! [`Egress::call`]; each step is a function below it.
+//!
+//! Retried only when it is safe and possible: the method is idempotent or
+//! the request carries an `Idempotency-Key`, and its body is small enough
+//! to be kept for a second attempt (a streamed upload goes once). Nothing
+//! is retried once a response has been handed to the agent.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use statefabric_mesh::resiliency::RetryOn;
+use statefabric_mesh::upstream::Protocol;
+use statefabric_resilience::{Breaker, BreakerConfig};
+use tokio::time::Instant;
+
+use super::body::{BoxError, IdleBody};
+use super::errors::{EgressBody, EgressError};
+use super::metrics::EgressMetrics;
+use super::routes::{Route, Routes};
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+type UpstreamClient = Client<Connector, EgressBody>;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1): this connection's, not the
+/// upstream's.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// The egress path's state: the routes (hot-swapped), a pooled client per
+/// upstream, a breaker per upstream (kept across configuration changes).
+pub struct Egress {
+    routes: ArcSwap<Routes>,
+    clients: Mutex<HashMap<String, (ClientKey, UpstreamClient)>>,
+    breakers: Mutex<HashMap<String, Breaker>>,
+    tls: Arc<rustls::ClientConfig>,
+    /// Request bodies up to this size are kept so a retry can resend them.
+    pub max_retry_body: usize,
+    pub metrics: EgressMetrics,
+}
+
+/// What a pooled client is built for; a route that changes it gets a new
+/// client (and pool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ClientKey {
+    connect: Duration,
+    protocol: Protocol,
+}
+
+enum Attempt {
+    /// A response to hand to the agent (success or a final error status).
+    Done(Response<Incoming>),
+    /// Worth another attempt, after at least this long.
+    Retry {
+        reason: &'static str,
+        after: Option<Duration>,
+        last: Result<Response<Incoming>, EgressError>,
+    },
+    Failed(EgressError),
+}
+
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Egress")
+            .field("upstreams", &self.routes.load().names())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Egress {
+    pub fn new(tls: rustls::ClientConfig, max_retry_body: usize, metrics: EgressMetrics) -> Self {
+        Self {
+            routes: ArcSwap::from_pointee(Routes::default()),
+            clients: Mutex::default(),
+            breakers: Mutex::default(),
+            tls: Arc::new(tls),
+            max_retry_body,
+            metrics,
+        }
+    }
+
+    /// Replaces the routes; calls in flight finish on the route they took.
+    pub fn set_routes(&self, routes: Routes) {
+        self.routes.store(Arc::new(routes));
+    }
+
+    /// The agent's call, answered: the upstream's response or the egress
+    /// path's own error answer.
+    pub async fn call(&self, request: Request<Incoming>) -> Response<EgressBody> {
+        let began = Instant::now();
+        let routes = self.routes.load_full();
+        let (route, uri) = match route_of(&routes, request.uri()) {
+            Ok(found) => found,
+            Err(err) => return err.into_response(),
+        };
+        let outcome = self.forward(&route, uri, request).await;
+        let response = match outcome {
+            Ok(response) => response
+                .map(|body| IdleBody::new(body, route.policy.idle, route.name.clone()).boxed()),
+            Err(err) => {
+                tracing::warn!(upstream = %route.name, error = %err, "egress call failed");
+                err.into_response()
+            }
+        };
+        self.metrics
+            .observe(&route.name, response.status(), began.elapsed());
+        response
+    }
+
+    async fn forward(
+        &self,
+        route: &Route,
+        uri: Uri,
+        request: Request<Incoming>,
+    ) -> Result<Response<Incoming>, EgressError> {
+        let (parts, body) = request.into_parts();
+        let headers = upstream_headers(&parts.headers, route);
+        let retry = route
+            .policy
+            .retry
+            .as_ref()
+            .filter(|_| retry_allowed(&parts.method, &parts.headers));
+        // A body kept for retries, or streamed once.
+        let (kept, mut streamed) = match retry {
+            Some(_) if body_fits(&parts.headers, self.max_retry_body) => {
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|e| EgressError::BadRequest {
+                        upstream: route.name.clone(),
+                        reason: e.to_string(),
+                    })?
+                    .to_bytes();
+                (Some(bytes), None)
+            }
+            _ => (None, Some(body)),
+        };
+        let max_attempts = if kept.is_some() {
+            retry.map_or(1, |r| r.max_attempts)
+        } else {
+            1
+        };
+        let client = self.client(route);
+        let breaker = self.breaker(route);
+        let deadline = Instant::now() + route.policy.total;
+        let mut attempt = 1;
+        loop {
+            let permit = match &breaker {
+                Some(b) => Some(b.permit().ok_or_else(|| EgressError::CircuitOpen {
+                    upstream: route.name.clone(),
+                })?),
+                None => None,
+            };
+            let body: EgressBody = match (&kept, streamed.take()) {
+                (Some(bytes), _) => Full::new(bytes.clone())
+                    .map_err(|never| match never {})
+                    .boxed(),
+                (None, Some(body)) => body.map_err(BoxError::from).boxed(),
+                (None, None) => Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            };
+            let mut upstream = Request::new(body);
+            *upstream.method_mut() = parts.method.clone();
+            *upstream.uri_mut() = uri.clone();
+            *upstream.headers_mut() = headers.clone();
+            let outcome = self.attempt(&client, route, upstream, deadline).await;
+            let failed = match &outcome {
+                Attempt::Done(r) => r.status().is_server_error(),
+                Attempt::Retry { reason, .. } => *reason != "too_many_requests",
+                Attempt::Failed(_) => true,
+            };
+            if let Some(permit) = permit {
+                if failed {
+                    permit.failure()
+                } else {
+                    permit.success()
+                }
+            }
+            match outcome {
+                Attempt::Done(response) => return Ok(response),
+                Attempt::Failed(err) => return Err(err),
+                Attempt::Retry {
+                    reason,
+                    after,
+                    last,
+                } => {
+                    let settings = retry.filter(|r| r.on.contains(&retry_on(reason)));
+                    let Some(settings) = settings.filter(|_| attempt < max_attempts) else {
+                        return last;
+                    };
+                    let wait = after.unwrap_or_else(|| backoff(settings, attempt));
+                    if Instant::now() + wait >= deadline {
+                        // Waiting would outlast the call's deadline.
+                        return last;
+                    }
+                    self.metrics.retried(&route.name, reason);
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// One attempt, bounded by the per-try timeout and the call's deadline.
+    async fn attempt(
+        &self,
+        client: &UpstreamClient,
+        route: &Route,
+        request: Request<EgressBody>,
+        deadline: Instant,
+    ) -> Attempt {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let limit = route.policy.per_try.map_or(remaining, |t| t.min(remaining));
+        match tokio::time::timeout(limit, client.request(request)).await {
+            Err(_) => {
+                let err = EgressError::Timeout {
+                    upstream: route.name.clone(),
+                    seconds: limit.as_secs_f64(),
+                };
+                Attempt::Retry {
+                    reason: "timeout",
+                    after: None,
+                    last: Err(err),
+                }
+            }
+            Ok(Err(err)) if err.is_connect() => Attempt::Retry {
+                reason: "connect_error",
+                after: None,
+                last: Err(EgressError::Connect {
+                    upstream: route.name.clone(),
+                    reason: source_chain(&err),
+                }),
+            },
+            Ok(Err(err)) => Attempt::Failed(EgressError::Connect {
+                upstream: route.name.clone(),
+                reason: source_chain(&err),
+            }),
+            Ok(Ok(response)) => match response.status() {
+                StatusCode::TOO_MANY_REQUESTS => Attempt::Retry {
+                    reason: "too_many_requests",
+                    after: retry_after(response.headers()),
+                    last: Ok(response),
+                },
+                StatusCode::BAD_GATEWAY
+                | StatusCode::SERVICE_UNAVAILABLE
+                | StatusCode::GATEWAY_TIMEOUT => Attempt::Retry {
+                    reason: "unavailable",
+                    after: retry_after(response.headers()),
+                    last: Ok(response),
+                },
+                _ => Attempt::Done(response),
+            },
+        }
+    }
+
+    fn client(&self, route: &Route) -> UpstreamClient {
+        let key = ClientKey {
+            connect: route.policy.connect,
+            protocol: route.protocol,
+        };
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((k, client)) = clients.get(&route.name)
+            && *k == key
+        {
+            return client.clone();
+        }
+        let client = build_client(&self.tls, key);
+        clients.insert(route.name.clone(), (key, client.clone()));
+        client
+    }
+
+    /// The upstream's breaker with the route's settings; `None` without a
+    /// breaker policy. Its state outlives configuration changes.
+    fn breaker(&self, route: &Route) -> Option<Breaker> {
+        let config: BreakerConfig = route.policy.breaker?;
+        let mut breakers = self
+            .breakers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let breaker = breakers
+            .entry(route.name.clone())
+            .or_insert_with(|| Breaker::new("egress", config));
+        if breaker.config() != config {
+            breaker.set_config(config);
+        }
+        self.metrics.breaker_state(&route.name, breaker.state());
+        Some(breaker.clone())
+    }
+}
+
+fn build_client(tls: &Arc<rustls::ClientConfig>, key: ClientKey) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(key.connect));
+    http.set_nodelay(true);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((**tls).clone())
+        .https_or_http();
+    let connector = match key.protocol {
+        Protocol::Http1 => builder.enable_http1().wrap_connector(http),
+        Protocol::Http2 => builder.enable_http2().wrap_connector(http),
+        Protocol::Auto => builder.enable_all_versions().wrap_connector(http),
+    };
+    let mut client = Client::builder(TokioExecutor::new());
+    client.pool_idle_timeout(Duration::from_secs(90));
+    if key.protocol == Protocol::Http2 {
+        // Prior knowledge: h2c for http:// upstreams, ALPN h2 for https.
+        client.http2_only(true);
+    }
+    client.build(connector)
+}
+
+/// `/<upstream>/<rest>?<query>` → the route and the upstream's URI.
+fn route_of(routes: &Routes, uri: &Uri) -> Result<(Arc<Route>, Uri), EgressError> {
+    let known = || routes.names().into_iter().map(str::to_owned).collect();
+    let path = uri.path().trim_start_matches('/');
+    let (name, rest) = path.split_once('/').unwrap_or((path, ""));
+    if name.is_empty() {
+        return Err(EgressError::NoUpstream { known: known() });
+    }
+    let Some(route) = routes.get(name) else {
+        return Err(EgressError::UnknownUpstream {
+            name: name.to_owned(),
+            known: known(),
+        });
+    };
+    let mut target = format!("{}/{rest}", route.base_path);
+    if let Some(query) = uri.query() {
+        target.push('?');
+        target.push_str(query);
+    }
+    let mut parts = route.origin.clone().into_parts();
+    parts.path_and_query =
+        Some(
+            target
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| EgressError::BadRequest {
+                    upstream: route.name.clone(),
+                    reason: e.to_string(),
+                })?,
+        );
+    let uri = Uri::from_parts(parts).map_err(|e| EgressError::BadRequest {
+        upstream: route.name.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok((route.clone(), uri))
+}
+
+/// The agent's headers without hop-by-hop ones and `Host` (the client sets
+/// it from the URI), plus the route's own.
+fn upstream_headers(agent: &HeaderMap, route: &Route) -> HeaderMap {
+    let mut headers = agent.clone();
+    headers.remove(header::HOST);
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    for (name, value) in &route.headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    headers
+}
+
+/// Idempotent methods (RFC 9110 §9.2.2), or a request carrying a key.
+fn retry_allowed(method: &Method, headers: &HeaderMap) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    ) || headers.contains_key("idempotency-key")
+}
+
+/// Whether the body is known to be at most `max` bytes (its length is
+/// declared, or it has none), so it can be kept for a second attempt.
+fn body_fits(headers: &HeaderMap, max: usize) -> bool {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        return false;
+    }
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_none_or(|length| length <= max)
+}
+
+fn retry_on(reason: &str) -> RetryOn {
+    match reason {
+        "connect_error" => RetryOn::ConnectError,
+        "too_many_requests" => RetryOn::TooManyRequests,
+        "timeout" => RetryOn::Timeout,
+        _ => RetryOn::Unavailable,
+    }
+}
+
+/// `Retry-After` in seconds (an HTTP date is not honoured: clocks differ),
+/// or OpenAI's `retry-after-ms`.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let number = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+    };
+    number("retry-after-ms")
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .or_else(|| number("retry-after").map(Duration::from_secs_f64))
+}
+
+fn backoff(settings: &super::routes::RetrySettings, attempt: u32) -> Duration {
+    let jitter = if settings.full_jitter { 1.0 } else { 0.0 };
+    statefabric_resilience::backoff::exponential(
+        settings.initial_backoff,
+        settings.max_backoff,
+        2.0,
+        jitter,
+        attempt,
+        fastrand::f64(),
+    )
+}
+
+/// An error with its causes, for the agent and the log (hyper's own
+/// message alone says only "client error (Connect)").
+fn source_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_need_an_idempotent_method_or_a_key_and_a_body_that_can_be_kept() {
+        let mut headers = HeaderMap::new();
+        assert!(retry_allowed(&Method::GET, &headers));
+        assert!(!retry_allowed(&Method::POST, &headers));
+        headers.insert("idempotency-key", "k1".parse().expect("value"));
+        assert!(retry_allowed(&Method::POST, &headers));
+        assert!(body_fits(&headers, 10));
+        headers.insert(header::CONTENT_LENGTH, "11".parse().expect("value"));
+        assert!(!body_fits(&headers, 10));
+        headers.insert(header::CONTENT_LENGTH, "10".parse().expect("value"));
+        assert!(body_fits(&headers, 10));
+        headers.insert(header::TRANSFER_ENCODING, "chunked".parse().expect("value"));
+        assert!(!body_fits(&headers, 10));
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_milliseconds() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert("retry-after", "2".parse().expect("value"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+        headers.insert("retry-after-ms", "150".parse().expect("value"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_millis(150)));
+        headers.insert("retry-after-ms", "soon".parse().expect("value"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+    }
+}

@@ -1,0 +1,121 @@
+//! The egress path's metrics, per upstream: calls by status class and
+//! their latency to the response headers, retries by reason, the breaker's
+//! state. Upstream names come from the mesh configuration, so the label
+//! set is bounded by it.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use statefabric_resilience::BreakerState;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    upstream: String,
+    /// 2xx, 3xx, 4xx, 5xx
+    class: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabel {
+    upstream: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    upstream: String,
+    /// connect_error, too_many_requests, unavailable, timeout
+    reason: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        300.0,
+    ])
+}
+
+#[derive(Debug, Clone)]
+pub struct EgressMetrics {
+    calls: Family<CallLabels, Counter>,
+    duration: Family<UpstreamLabel, Histogram, fn() -> Histogram>,
+    retries: Family<RetryLabels, Counter>,
+    breaker: Family<UpstreamLabel, Gauge>,
+}
+
+impl Default for EgressMetrics {
+    fn default() -> Self {
+        Self {
+            calls: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            retries: Family::default(),
+            breaker: Family::default(),
+        }
+    }
+}
+
+impl EgressMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "egress_requests",
+            "Agent calls through the egress path by upstream and status class (the sidecar's own answers included)",
+            self.calls.clone(),
+        );
+        registry.register(
+            "egress_duration_seconds",
+            "Egress call latency to the response headers, retries included",
+            self.duration.clone(),
+        );
+        registry.register(
+            "egress_retries",
+            "Egress attempts after the first, by upstream and reason",
+            self.retries.clone(),
+        );
+        registry.register(
+            "egress_circuit_state",
+            "An upstream's circuit breaker: 0 closed, 1 half-open, 2 open",
+            self.breaker.clone(),
+        );
+    }
+
+    pub fn observe(&self, upstream: &str, status: http::StatusCode, took: Duration) {
+        let class = format!("{}xx", status.as_u16() / 100);
+        self.calls
+            .get_or_create(&CallLabels {
+                upstream: upstream.to_owned(),
+                class,
+            })
+            .inc();
+        self.duration
+            .get_or_create(&UpstreamLabel {
+                upstream: upstream.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn retried(&self, upstream: &str, reason: &str) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                upstream: upstream.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn breaker_state(&self, upstream: &str, state: BreakerState) {
+        let value = match state {
+            BreakerState::Closed => 0,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Open => 2,
+        };
+        self.breaker
+            .get_or_create(&UpstreamLabel {
+                upstream: upstream.to_owned(),
+            })
+            .set(value);
+    }
+}

@@ -1,0 +1,375 @@
+//! The egress path through a real sidecar process, against real HTTP
+//! upstreams the test starts (hyper), routed by Upstreams from the mesh
+//! files with their ResiliencyPolicies:
+//! - the agent's path and query reach the upstream under its base path,
+//!   with the Upstream's header added; an unknown upstream gets 404 naming
+//!   the known ones;
+//! - 503s are retried for an idempotent call and for a POST with an
+//!   `Idempotency-Key`, never for a plain POST; a 429's `retry-after-ms` is
+//!   waited; an unreachable upstream is retried, then 502;
+//! - the circuit breaker opens after repeated failures and then fails fast
+//!   with 503 without calling the upstream;
+//! - a slow but steady stream arrives chunk by chunk (the first before the
+//!   upstream has finished), and a stalled one is cut after the idle
+//!   timeout.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use statefabric_tests as env;
+use statefabric_tests::process::{self, Storage};
+
+type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// When each path was called, as the upstream saw it.
+#[derive(Default)]
+struct Seen {
+    calls: Mutex<HashMap<String, Vec<Instant>>>,
+}
+
+impl Seen {
+    fn record(&self, path: &str) -> usize {
+        let mut calls = self
+            .calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = calls.entry(path.to_owned()).or_default();
+        list.push(Instant::now());
+        list.len()
+    }
+
+    fn times(&self, path: &str) -> Vec<Instant> {
+        self.calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(path)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+fn full(status: u16, body: &str) -> Response<UpstreamBody> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())).boxed());
+    *response.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
+    response
+}
+
+/// Chunks `data: <i>` every `every`, `count` of them; `stall_after`: hang
+/// after that many instead.
+fn stream(count: usize, every: Duration, stall_after: Option<usize>) -> Response<UpstreamBody> {
+    let frames = futures::stream::unfold(0usize, move |i| async move {
+        if i == count {
+            return None;
+        }
+        if i > 0 {
+            if stall_after.is_some_and(|s| i >= s) {
+                futures::future::pending::<()>().await;
+            }
+            tokio::time::sleep(every).await;
+        }
+        Some((
+            Ok::<_, Infallible>(Frame::data(Bytes::from(format!("data: {i}\n\n")))),
+            i + 1,
+        ))
+    });
+    let mut response = Response::new(StreamBody::new(frames).boxed());
+    response
+        .headers_mut()
+        .insert("content-type", "text/event-stream".parse().expect("value"));
+    response
+}
+
+/// The upstream's behaviour by path (below `/base`).
+async fn upstream(seen: Arc<Seen>, request: Request<Incoming>) -> Response<UpstreamBody> {
+    let path = request.uri().path().to_owned();
+    let n = seen.record(&path);
+    match path.as_str() {
+        "/base/echo" => {
+            let header = |name: &str| {
+                request
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            full(
+                200,
+                &serde_json::json!({
+                    "path": path,
+                    "query": request.uri().query(),
+                    "org": header("x-org"),
+                    "agent": header("x-agent"),
+                })
+                .to_string(),
+            )
+        }
+        // Fails twice, then answers.
+        p if p.starts_with("/base/flaky") => {
+            if n <= 2 {
+                full(503, "busy")
+            } else {
+                full(200, "ok")
+            }
+        }
+        "/base/limited" => {
+            if n == 1 {
+                let mut r = full(429, "slow down");
+                r.headers_mut()
+                    .insert("retry-after-ms", "300".parse().expect("value"));
+                r
+            } else {
+                full(200, "ok")
+            }
+        }
+        "/base/broken" => full(500, "broken"),
+        "/base/stream" => stream(5, Duration::from_millis(300), None),
+        "/base/stall" => stream(5, Duration::from_millis(50), Some(1)),
+        _ => full(404, "no such path"),
+    }
+}
+
+async fn start_upstream(seen: Arc<Seen>) -> anyhow::Result<u16> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let seen = seen.clone();
+                    async move { Ok::<_, Infallible>(upstream(seen, request).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(port)
+}
+
+fn mesh(port: u16, closed: u16) -> String {
+    format!(
+        r#"apiVersion: statefabric.io/v1alpha1
+kind: Upstream
+metadata: {{name: up}}
+spec:
+  url: http://127.0.0.1:{port}/base
+  headers: [{{name: X-Org, value: org-1}}]
+---
+apiVersion: statefabric.io/v1alpha1
+kind: Upstream
+metadata: {{name: fragile}}
+spec: {{url: "http://127.0.0.1:{port}/base"}}
+---
+apiVersion: statefabric.io/v1alpha1
+kind: Upstream
+metadata: {{name: nowhere}}
+spec: {{url: "http://127.0.0.1:{closed}"}}
+---
+apiVersion: statefabric.io/v1alpha1
+kind: ResiliencyPolicy
+metadata: {{name: calls}}
+spec:
+  timeouts:
+    quick: {{connect: 1s, total: 10s, idle: 1s}}
+  retries:
+    some: {{maxAttempts: 3, initialBackoff: 50ms, maxBackoff: 200ms, retryOn: [connectError, tooManyRequests, unavailable]}}
+  circuitBreakers:
+    strict: {{consecutiveFailures: 2, openFor: 1m}}
+  targets:
+  - {{upstream: up, timeout: quick, retry: some}}
+  - {{upstream: nowhere, timeout: quick, retry: some}}
+  - {{upstream: fragile, timeout: quick, circuitBreaker: strict}}
+"#
+    )
+}
+
+struct Answer {
+    status: u16,
+    sidecar_error: Option<String>,
+    body: String,
+}
+
+async fn call(
+    egress: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Answer> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut request = Request::builder()
+        .method(method)
+        .uri(format!("{egress}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = client
+        .request(request.body(Full::new(Bytes::from_static(b"{}")))?)
+        .await?;
+    let status = response.status().as_u16();
+    let sidecar_error = response
+        .headers()
+        .get("x-statefabric-egress-error")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(Answer {
+        status,
+        sidecar_error,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+#[tokio::test]
+async fn the_egress_path_routes_retries_breaks_and_streams() -> anyhow::Result<()> {
+    let seen = Arc::new(Seen::default());
+    let port = start_upstream(seen.clone()).await?;
+    let closed = env::free_port();
+    let dir = tempfile::tempdir()?;
+    let mesh_file = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh_file, mesh(port, closed))?;
+    let egress_port = env::free_port();
+    let files = format!("[{:?}]", mesh_file.display().to_string());
+    let listen = format!("127.0.0.1:{egress_port}");
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let sidecar = process::sidecar(
+        Storage::Sqlite,
+        &tenant,
+        "agent-1",
+        &[
+            ("STATEFABRIC_MESH__FILES", files.as_str()),
+            ("STATEFABRIC_EGRESS__ENABLED", "true"),
+            ("STATEFABRIC_EGRESS__LISTEN", listen.as_str()),
+        ],
+    )
+    .await?;
+    let egress = format!("http://{listen}");
+
+    // Routing: path, query and the Upstream's header reach the upstream.
+    let echo = call(&egress, "GET", "/up/echo?x=1", &[("x-agent", "a1")]).await?;
+    assert_eq!(echo.status, 200, "{}", echo.body);
+    let echoed: serde_json::Value = serde_json::from_str(&echo.body)?;
+    assert_eq!(echoed["path"], "/base/echo");
+    assert_eq!(echoed["query"], "x=1");
+    assert_eq!(echoed["org"], "org-1");
+    assert_eq!(echoed["agent"], "a1");
+    let unknown = call(&egress, "GET", "/elsewhere/x", &[]).await?;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.sidecar_error.as_deref(), Some("unknown_upstream"));
+    let known: serde_json::Value = serde_json::from_str(&unknown.body)?;
+    assert_eq!(
+        known["upstreams"],
+        serde_json::json!(["fragile", "nowhere", "up"])
+    );
+
+    // Retries: an idempotent call through two 503s; a keyed POST too; a
+    // plain POST is not retried.
+    let got = call(&egress, "GET", "/up/flaky-get", &[]).await?;
+    assert_eq!((got.status, got.body.as_str()), (200, "ok"));
+    assert_eq!(seen.times("/base/flaky-get").len(), 3);
+    let keyed = call(
+        &egress,
+        "POST",
+        "/up/flaky-keyed",
+        &[("idempotency-key", "k1")],
+    )
+    .await?;
+    assert_eq!(keyed.status, 200);
+    assert_eq!(seen.times("/base/flaky-keyed").len(), 3);
+    let plain = call(&egress, "POST", "/up/flaky-post", &[]).await?;
+    assert_eq!(plain.status, 503, "the upstream's own answer");
+    assert_eq!(plain.sidecar_error, None);
+    assert_eq!(seen.times("/base/flaky-post").len(), 1, "never retried");
+    // 429 with retry-after-ms: 300 is waited before the second attempt.
+    let limited = call(&egress, "GET", "/up/limited", &[]).await?;
+    assert_eq!(limited.status, 200);
+    let times = seen.times("/base/limited");
+    assert_eq!(times.len(), 2);
+    assert!(
+        times[1].duration_since(times[0]) >= Duration::from_millis(280),
+        "waited {:?}",
+        times[1].duration_since(times[0])
+    );
+    // Nobody listening: retried, then 502 naming the upstream.
+    let refused = call(&egress, "GET", "/nowhere/x", &[]).await?;
+    assert_eq!(refused.status, 502, "{}", refused.body);
+    assert_eq!(refused.sidecar_error.as_deref(), Some("connect"));
+    assert!(refused.body.contains("nowhere"), "{}", refused.body);
+
+    // The breaker: two 500s open it; the third call fails fast, unsent.
+    for _ in 0..2 {
+        assert_eq!(
+            call(&egress, "GET", "/fragile/broken", &[]).await?.status,
+            500
+        );
+    }
+    let fast = call(&egress, "GET", "/fragile/broken", &[]).await?;
+    assert_eq!(fast.status, 503);
+    assert_eq!(fast.sidecar_error.as_deref(), Some("circuit_open"));
+    assert!(fast.body.contains("fragile"), "{}", fast.body);
+    assert_eq!(seen.times("/base/broken").len(), 2, "not called while open");
+
+    // Streams: a slow, steady one arrives whole and chunk by chunk; a
+    // stalled one is cut after the idle timeout (1 s).
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let started = Instant::now();
+    let response = client
+        .request(Request::get(format!("{egress}/up/stream")).body(Full::new(Bytes::new()))?)
+        .await?;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut chunks = Vec::new();
+    let mut first_at = None;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            first_at.get_or_insert_with(|| started.elapsed());
+            chunks.push(String::from_utf8_lossy(&data).into_owned());
+        }
+    }
+    assert_eq!(chunks.concat().matches("data: ").count(), 5, "{chunks:?}");
+    let first_at = first_at.unwrap_or_default();
+    assert!(
+        first_at + Duration::from_millis(900) < started.elapsed(),
+        "the first chunk ({first_at:?}) came long before the last ({:?})",
+        started.elapsed()
+    );
+    let stalled = client
+        .request(Request::get(format!("{egress}/up/stall")).body(Full::new(Bytes::new()))?)
+        .await?;
+    let cut = tokio::time::timeout(Duration::from_secs(10), stalled.into_body().collect()).await;
+    match cut {
+        Ok(Err(_)) => {}
+        Ok(Ok(whole)) => panic!(
+            "a stalled stream ended cleanly: {:?}",
+            String::from_utf8_lossy(&whole.to_bytes())
+        ),
+        Err(_) => panic!("a stalled stream was not cut within 10 s (idle timeout 1 s)"),
+    }
+
+    // Metrics per upstream.
+    let metrics = env::http("GET", &format!("{}/metrics", sidecar.admin), None, None)
+        .await?
+        .body;
+    assert!(
+        metrics.contains(r#"statefabric_egress_requests_total{upstream="up",class="2xx"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"statefabric_egress_retries_total{upstream="up",reason="unavailable"}"#),
+        "{metrics}"
+    );
+    let (code, stderr) = sidecar.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
+    assert_eq!(code, 0, "{stderr}");
+    Ok(())
+}

@@ -15,6 +15,8 @@ set -euo pipefail
 . "$TESTENV_DIR/kubernetes.sh"
 # shellcheck source=chart-tools.sh
 . "$TESTENV_DIR/chart-tools.sh"
+# shellcheck source=python-clients.sh
+. "$TESTENV_DIR/python-clients.sh"
 
 mkdir -p "$STATE" "$LOGS" "$JARS"
 chmod 755 "$STATE"
@@ -25,7 +27,7 @@ chmod 755 "$STATE"
 install_packages() {
   local wanted=(postgresql-15 redis-server redis-tools openjdk-17-jre-headless maven
                 protobuf-compiler cmake libcurl4-openssl-dev pkg-config libssl-dev
-                build-essential zlib1g-dev curl python3 prometheus chromium etcd-server openssl)
+                build-essential zlib1g-dev curl python3 python3-venv prometheus chromium etcd-server openssl)
   local missing=()
   for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -416,6 +418,7 @@ start_connect
 # Kubernetes starts while the JVMs boot (its first build takes minutes).
 start_kubernetes
 prepare_chart_tools
+prepare_python_clients
 wait_for "Schema Registry" 120 registry_ready
 wait_for "Kafka Connect (with Debezium)" 180 connect_ready
 
@@ -435,6 +438,8 @@ export STATEFABRIC_TEST_REGISTRY_URL=http://127.0.0.1:$REGISTRY_PORT/apis/ccompa
 export STATEFABRIC_TEST_KUBECONFIG=$KUBE_STATE/admin.kubeconfig
 export STATEFABRIC_TEST_KUBECTL=$KUBE_TOOLS/kubectl
 export STATEFABRIC_TEST_HELM=$HELM
+# A python3 with the clients of testenv/python-clients.txt (openai).
+export STATEFABRIC_TEST_PYTHON=$(python_clients_venv)/bin/python
 # One directory per operator: keda-*, prometheus-operator-*, cnpg-*, cert-manager-*.
 export STATEFABRIC_TEST_THIRD_PARTY_CRDS=$THIRD_PARTY_CRDS
 EOF

@@ -132,10 +132,61 @@ async fn upstream(seen: Arc<Seen>, request: Request<Incoming>) -> Response<Upstr
             }
         }
         "/base/broken" => full(500, "broken"),
+        "/base/v1/chat/completions" => chat(request).await,
         "/base/stream" => stream(5, Duration::from_millis(300), None),
         "/base/stall" => stream(5, Duration::from_millis(50), Some(1)),
         _ => full(404, "no such path"),
     }
+}
+
+/// A model API in the chat-completions shape, streaming or not, that
+/// answers only with the key the sidecar adds.
+async fn chat(request: Request<Incoming>) -> Response<UpstreamBody> {
+    let authorized = request
+        .headers()
+        .get("authorization")
+        .is_some_and(|v| v == "Bearer sk-upstream");
+    let body = match request.into_body().collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return full(400, "unreadable body"),
+    };
+    if !authorized {
+        return full(401, r#"{"error": {"message": "missing or wrong key"}}"#);
+    }
+    let asked: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let model = asked["model"].as_str().unwrap_or("m").to_owned();
+    if asked["stream"] != true {
+        return full(
+            200,
+            &serde_json::json!({
+                "id": "c1", "object": "chat.completion", "created": 0, "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "hello from upstream"}}],
+            })
+            .to_string(),
+        );
+    }
+    let mut events: Vec<String> = ["hel", "lo ", "stream"]
+        .iter()
+        .map(|piece| {
+            serde_json::json!({
+                "id": "c2", "object": "chat.completion.chunk", "created": 0, "model": model,
+                "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}],
+            })
+            .to_string()
+        })
+        .collect();
+    events.push("[DONE]".to_owned());
+    let frames = futures::stream::iter(
+        events
+            .into_iter()
+            .map(|e| Ok::<_, Infallible>(Frame::data(Bytes::from(format!("data: {e}\n\n"))))),
+    );
+    let mut response = Response::new(StreamBody::new(frames).boxed());
+    response
+        .headers_mut()
+        .insert("content-type", "text/event-stream".parse().expect("value"));
+    response
 }
 
 async fn start_upstream(seen: Arc<Seen>) -> anyhow::Result<u16> {
@@ -166,6 +217,13 @@ metadata: {{name: up}}
 spec:
   url: http://127.0.0.1:{port}/base
   headers: [{{name: X-Org, value: org-1}}]
+---
+apiVersion: statefabric.io/v1alpha1
+kind: Upstream
+metadata: {{name: model}}
+spec:
+  url: http://127.0.0.1:{port}/base/v1
+  headers: [{{name: Authorization, value: Bearer sk-upstream}}]
 ---
 apiVersion: statefabric.io/v1alpha1
 kind: Upstream
@@ -270,7 +328,7 @@ async fn the_egress_path_routes_retries_breaks_and_streams() -> anyhow::Result<(
     let known: serde_json::Value = serde_json::from_str(&unknown.body)?;
     assert_eq!(
         known["upstreams"],
-        serde_json::json!(["fragile", "nowhere", "up"])
+        serde_json::json!(["fragile", "model", "nowhere", "up"])
     );
 
     // Retries: an idempotent call through two 503s; a keyed POST too; a
@@ -356,6 +414,34 @@ async fn the_egress_path_routes_retries_breaks_and_streams() -> anyhow::Result<(
         ),
         Err(_) => panic!("a stalled stream was not cut within 10 s (idle timeout 1 s)"),
     }
+
+    // A client that is not ours: the openai package, its base_url pointed
+    // at the sidecar, holding no key (the sidecar adds the Upstream's).
+    let script = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key="the-agent-holds-no-key", max_retries=0)
+reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+print(reply.choices[0].message.content)
+stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
+print("".join(chunk.choices[0].delta.content or "" for chunk in stream))
+"#;
+    let python = std::env::var("STATEFABRIC_TEST_PYTHON").map_err(|_| {
+        anyhow::anyhow!("STATEFABRIC_TEST_PYTHON: source the env.sh testenv/up.sh writes")
+    })?;
+    let output = tokio::process::Command::new(python)
+        .args(["-c", script, &format!("{egress}/model")])
+        .output()
+        .await?;
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        printed.lines().collect::<Vec<_>>(),
+        ["hello from upstream", "hello stream"]
+    );
 
     // Metrics per upstream.
     let metrics = env::http("GET", &format!("{}/metrics", sidecar.admin), None, None)

@@ -132,6 +132,7 @@ async fn upstream(seen: Arc<Seen>, request: Request<Incoming>) -> Response<Upstr
             }
         }
         "/base/broken" => full(500, "broken"),
+        "/base/storm" => full(503, "overloaded"),
         "/base/v1/chat/completions" => chat(request).await,
         "/base/stream" => stream(5, Duration::from_millis(300), None),
         "/base/stall" => stream(5, Duration::from_millis(50), Some(1)),
@@ -227,6 +228,11 @@ spec:
 ---
 apiVersion: statefabric.io/v1alpha1
 kind: Upstream
+metadata: {{name: stormy}}
+spec: {{url: "http://127.0.0.1:{port}/base"}}
+---
+apiVersion: statefabric.io/v1alpha1
+kind: Upstream
 metadata: {{name: fragile}}
 spec: {{url: "http://127.0.0.1:{port}/base"}}
 ---
@@ -243,12 +249,14 @@ spec:
     quick: {{connect: 1s, total: 10s, idle: 1s}}
   retries:
     some: {{maxAttempts: 3, initialBackoff: 50ms, maxBackoff: 200ms, retryOn: [connectError, tooManyRequests, unavailable]}}
+    eager: {{maxAttempts: 5, initialBackoff: 10ms, maxBackoff: 20ms, budgetPercent: 20, minRetriesPerSecond: 1, retryOn: [unavailable]}}
   circuitBreakers:
     strict: {{consecutiveFailures: 2, openFor: 1m}}
   targets:
   - {{upstream: up, timeout: quick, retry: some}}
   - {{upstream: nowhere, timeout: quick, retry: some}}
   - {{upstream: fragile, timeout: quick, circuitBreaker: strict}}
+  - {{upstream: stormy, timeout: quick, retry: eager}}
 "#
     )
 }
@@ -328,7 +336,7 @@ async fn the_egress_path_routes_retries_breaks_and_streams() -> anyhow::Result<(
     let known: serde_json::Value = serde_json::from_str(&unknown.body)?;
     assert_eq!(
         known["upstreams"],
-        serde_json::json!(["fragile", "model", "nowhere", "up"])
+        serde_json::json!(["fragile", "model", "nowhere", "stormy", "up"])
     );
 
     // Retries: an idempotent call through two 503s; a keyed POST too; a
@@ -364,6 +372,22 @@ async fn the_egress_path_routes_retries_breaks_and_streams() -> anyhow::Result<(
     assert_eq!(refused.status, 502, "{}", refused.body);
     assert_eq!(refused.sidecar_error.as_deref(), Some("connect"));
     assert!(refused.body.contains("nowhere"), "{}", refused.body);
+
+    // The retry budget: an upstream answering 503 to everything gets each
+    // call once plus 20 % (and one retry a second), not five times each.
+    let storm_began = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(
+            call(&egress, "GET", "/stormy/storm", &[]).await?.status,
+            503
+        );
+    }
+    let seconds = storm_began.elapsed().as_secs_f64().ceil() as usize;
+    let sent = seen.times("/base/storm").len();
+    assert!(
+        (20..=20 + 4 + seconds + 1).contains(&sent),
+        "{sent} upstream calls for 20 requests in {seconds} s"
+    );
 
     // The breaker: two 500s open it; the third call fails fast, unsent.
     for _ in 0..2 {
@@ -453,6 +477,10 @@ print("".join(chunk.choices[0].delta.content or "" for chunk in stream))
     );
     assert!(
         metrics.contains(r#"statefabric_egress_retries_total{upstream="up",reason="unavailable"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"statefabric_egress_retry_budget_exhausted_total{upstream="stormy"}"#),
         "{metrics}"
     );
     let (code, stderr) = sidecar.stop_with(nix::sys::signal::Signal::SIGTERM).await?;

@@ -26,6 +26,7 @@ use statefabric_resilience::{Breaker, BreakerConfig};
 use tokio::time::Instant;
 
 use super::body::{BoxError, IdleBody};
+use super::budget::RetryBudget;
 use super::errors::{EgressBody, EgressError};
 use super::metrics::EgressMetrics;
 use super::routes::{Route, Routes};
@@ -52,6 +53,7 @@ pub struct Egress {
     routes: ArcSwap<Routes>,
     clients: Mutex<HashMap<String, (ClientKey, UpstreamClient)>>,
     breakers: Mutex<HashMap<String, Breaker>>,
+    budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
     tls: Arc<rustls::ClientConfig>,
     /// Request bodies up to this size are kept so a retry can resend them.
     pub max_retry_body: usize,
@@ -92,6 +94,7 @@ impl Egress {
             routes: ArcSwap::from_pointee(Routes::default()),
             clients: Mutex::default(),
             breakers: Mutex::default(),
+            budgets: Mutex::default(),
             tls: Arc::new(tls),
             max_retry_body,
             metrics,
@@ -161,6 +164,10 @@ impl Egress {
         };
         let client = self.client(route);
         let breaker = self.breaker(route);
+        let budget = retry.map(|r| self.budget(route, r));
+        if let Some(budget) = &budget {
+            budget.deposit();
+        }
         let deadline = Instant::now() + route.policy.total;
         let mut attempt = 1;
         loop {
@@ -211,6 +218,10 @@ impl Egress {
                     let wait = after.unwrap_or_else(|| backoff(settings, attempt));
                     if Instant::now() + wait >= deadline {
                         // Waiting would outlast the call's deadline.
+                        return last;
+                    }
+                    if budget.as_ref().is_some_and(|b| !b.withdraw()) {
+                        self.metrics.budget_exhausted(&route.name);
                         return last;
                     }
                     self.metrics.retried(&route.name, reason);
@@ -290,6 +301,23 @@ impl Egress {
         let client = build_client(&self.tls, key);
         clients.insert(route.name.clone(), (key, client.clone()));
         client
+    }
+
+    /// The upstream's retry budget with the route's settings (its balance
+    /// outlives configuration changes).
+    fn budget(&self, route: &Route, retry: &super::routes::RetrySettings) -> Arc<RetryBudget> {
+        let mut budgets = self
+            .budgets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let budget = budgets.entry(route.name.clone()).or_insert_with(|| {
+            Arc::new(RetryBudget::new(
+                retry.budget_percent,
+                retry.min_retries_per_second,
+            ))
+        });
+        budget.set(retry.budget_percent, retry.min_retries_per_second);
+        budget.clone()
     }
 
     /// The upstream's breaker with the route's settings; `None` without a

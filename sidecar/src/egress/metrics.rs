@@ -44,6 +44,7 @@ pub struct EgressMetrics {
     calls: Family<CallLabels, Counter>,
     duration: Family<UpstreamLabel, Histogram, fn() -> Histogram>,
     retries: Family<RetryLabels, Counter>,
+    exhausted: Family<UpstreamLabel, Counter>,
     breaker: Family<UpstreamLabel, Gauge>,
 }
 
@@ -53,6 +54,7 @@ impl Default for EgressMetrics {
             calls: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
             retries: Family::default(),
+            exhausted: Family::default(),
             breaker: Family::default(),
         }
     }
@@ -74,6 +76,11 @@ impl EgressMetrics {
             "egress_retries",
             "Egress attempts after the first, by upstream and reason",
             self.retries.clone(),
+        );
+        registry.register(
+            "egress_retry_budget_exhausted",
+            "Retries not made because the upstream's retry budget was spent",
+            self.exhausted.clone(),
         );
         registry.register(
             "egress_circuit_state",
@@ -102,6 +109,14 @@ impl EgressMetrics {
             .get_or_create(&RetryLabels {
                 upstream: upstream.to_owned(),
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn budget_exhausted(&self, upstream: &str) {
+        self.exhausted
+            .get_or_create(&UpstreamLabel {
+                upstream: upstream.to_owned(),
             })
             .inc();
     }

@@ -14,13 +14,16 @@
 //! The listener speaks HTTP/1.1 and HTTP/2 without TLS (h2c) on loopback:
 //! hyper-util's automatic server.
 //!
+//! Retries come out of a per-upstream budget ([`budget`]).
+//!
 //! Partial (the egress issue): headers from Secrets, an Upstream's own CA,
-//! the retry budget, concurrency and rate limits, replay of a task's calls,
+//! concurrency and rate limits, replay of a task's calls,
 //! WebSocket upgrades, the forward-proxy mode and trace-context injection
 //! are not built yet; configurations that set them are ACKed with those
 //! settings named as not applied.
 
 mod body;
+mod budget;
 mod errors;
 mod forward;
 mod metrics;

@@ -133,6 +133,10 @@ async fn upstream(seen: Arc<Seen>, request: Request<Incoming>) -> Response<Upstr
         }
         "/base/broken" => full(500, "broken"),
         "/base/storm" => full(503, "overloaded"),
+        "/base/slow" => {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            full(200, "slow ok")
+        }
         "/base/v1/chat/completions" => chat(request).await,
         "/base/stream" => stream(5, Duration::from_millis(300), None),
         "/base/stall" => stream(5, Duration::from_millis(50), Some(1)),
@@ -233,6 +237,16 @@ spec: {{url: "http://127.0.0.1:{port}/base"}}
 ---
 apiVersion: statefabric.io/v1alpha1
 kind: Upstream
+metadata: {{name: narrow}}
+spec: {{url: "http://127.0.0.1:{port}/base"}}
+---
+apiVersion: statefabric.io/v1alpha1
+kind: Upstream
+metadata: {{name: ratey}}
+spec: {{url: "http://127.0.0.1:{port}/base"}}
+---
+apiVersion: statefabric.io/v1alpha1
+kind: Upstream
 metadata: {{name: fragile}}
 spec: {{url: "http://127.0.0.1:{port}/base"}}
 ---
@@ -252,11 +266,16 @@ spec:
     eager: {{maxAttempts: 5, initialBackoff: 10ms, maxBackoff: 20ms, budgetPercent: 20, minRetriesPerSecond: 1, retryOn: [unavailable]}}
   circuitBreakers:
     strict: {{consecutiveFailures: 2, openFor: 1m}}
+  limits:
+    two: {{maxConcurrency: 2, queue: 2, queueTimeout: 5s}}
+    slowly: {{requestsPerSecond: 2}}
   targets:
   - {{upstream: up, timeout: quick, retry: some}}
   - {{upstream: nowhere, timeout: quick, retry: some}}
   - {{upstream: fragile, timeout: quick, circuitBreaker: strict}}
   - {{upstream: stormy, timeout: quick, retry: eager}}
+  - {{upstream: narrow, timeout: quick, limit: two}}
+  - {{upstream: ratey, timeout: quick, limit: slowly}}
 "#
     )
 }
@@ -264,6 +283,7 @@ spec:
 struct Answer {
     status: u16,
     sidecar_error: Option<String>,
+    retry_after: Option<String>,
     body: String,
 }
 
@@ -289,10 +309,16 @@ async fn call(
         .get("x-statefabric-egress-error")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let body = response.into_body().collect().await?.to_bytes();
     Ok(Answer {
         status,
         sidecar_error,
+        retry_after,
         body: String::from_utf8_lossy(&body).into_owned(),
     })
 }
@@ -336,7 +362,9 @@ async fn the_egress_path_routes_retries_breaks_and_streams() -> anyhow::Result<(
     let known: serde_json::Value = serde_json::from_str(&unknown.body)?;
     assert_eq!(
         known["upstreams"],
-        serde_json::json!(["fragile", "model", "nowhere", "stormy", "up"])
+        serde_json::json!([
+            "fragile", "model", "narrow", "nowhere", "ratey", "stormy", "up"
+        ])
     );
 
     // Retries: an idempotent call through two 503s; a keyed POST too; a
@@ -388,6 +416,34 @@ async fn the_egress_path_routes_retries_breaks_and_streams() -> anyhow::Result<(
         (20..=20 + 4 + seconds + 1).contains(&sent),
         "{sent} upstream calls for 20 requests in {seconds} s"
     );
+
+    // Limits: two slots and two places in the queue; of eight calls at
+    // once, four are served (two of them after waiting) and four are shed
+    // at once with 503 and Retry-After, never reaching the upstream.
+    let burst =
+        futures::future::join_all((0..8).map(|_| call(&egress, "GET", "/narrow/slow", &[]))).await;
+    let mut served = 0;
+    for answer in burst {
+        let answer = answer?;
+        match answer.status {
+            200 => served += 1,
+            503 => {
+                assert_eq!(answer.sidecar_error.as_deref(), Some("overloaded"));
+                assert_eq!(answer.retry_after.as_deref(), Some("1"));
+            }
+            other => panic!("unexpected {other}: {}", answer.body),
+        }
+    }
+    assert_eq!(served, 4);
+    assert_eq!(seen.times("/base/slow").len(), 4);
+    // Two requests a second: the third at once is shed with 429.
+    for _ in 0..2 {
+        assert_eq!(call(&egress, "GET", "/ratey/echo", &[]).await?.status, 200);
+    }
+    let limited = call(&egress, "GET", "/ratey/echo", &[]).await?;
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    assert_eq!(limited.sidecar_error.as_deref(), Some("rate_limited"));
+    assert_eq!(limited.retry_after.as_deref(), Some("1"));
 
     // The breaker: two 500s open it; the third call fails fast, unsent.
     for _ in 0..2 {

@@ -25,15 +25,23 @@ pub struct IdleBody<B> {
     idle: Duration,
     upstream: String,
     deadline: Pin<Box<Sleep>>,
+    /// The upstream's concurrency slot, held until the body is done.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl<B> IdleBody<B> {
-    pub fn new(inner: B, idle: Duration, upstream: String) -> Self {
+    pub fn new(
+        inner: B,
+        idle: Duration,
+        upstream: String,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Self {
         Self {
             inner,
             idle,
             upstream,
             deadline: Box::pin(tokio::time::sleep(idle)),
+            _slot: slot,
         }
     }
 }

@@ -27,6 +27,19 @@ pub enum EgressError {
     Timeout { upstream: String, seconds: f64 },
     #[error("upstream {upstream}: the request could not be sent: {reason}")]
     BadRequest { upstream: String, reason: String },
+    #[error("upstream {upstream}: {what}; try again in {}s", retry_after_seconds(*.retry_after))]
+    Shed {
+        upstream: String,
+        /// Over the request rate (429), rather than out of slots (503).
+        rate: bool,
+        what: &'static str,
+        retry_after: std::time::Duration,
+    },
+}
+
+/// Whole seconds, at least one (what `Retry-After` can say).
+fn retry_after_seconds(wait: std::time::Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0).max(u64::from(wait.is_zero()))
 }
 
 impl EgressError {
@@ -37,6 +50,8 @@ impl EgressError {
             Self::Connect { .. } => StatusCode::BAD_GATEWAY,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Shed { rate: true, .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Shed { rate: false, .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -48,6 +63,8 @@ impl EgressError {
             Self::Connect { .. } => "connect",
             Self::Timeout { .. } => "timeout",
             Self::BadRequest { .. } => "bad_request",
+            Self::Shed { rate: true, .. } => "rate_limited",
+            Self::Shed { rate: false, .. } => "overloaded",
         }
     }
 
@@ -69,6 +86,12 @@ impl EgressError {
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("application/json"),
         );
+        if let Self::Shed { retry_after, .. } = &self
+            && let Ok(value) =
+                header::HeaderValue::from_str(&retry_after_seconds(*retry_after).to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
         // Marks answers the sidecar made, as opposed to the upstream's.
         response.headers_mut().insert(
             "x-statefabric-egress-error",

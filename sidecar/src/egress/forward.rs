@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use super::body::{BoxError, IdleBody};
 use super::budget::RetryBudget;
 use super::errors::{EgressBody, EgressError};
+use super::limits::{Limiter, Shed};
 use super::metrics::EgressMetrics;
 use super::routes::{Route, Routes};
 
@@ -54,6 +55,7 @@ pub struct Egress {
     clients: Mutex<HashMap<String, (ClientKey, UpstreamClient)>>,
     breakers: Mutex<HashMap<String, Breaker>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
+    limiters: Mutex<HashMap<String, Arc<Limiter>>>,
     tls: Arc<rustls::ClientConfig>,
     /// Request bodies up to this size are kept so a retry can resend them.
     pub max_retry_body: usize,
@@ -95,6 +97,7 @@ impl Egress {
             clients: Mutex::default(),
             breakers: Mutex::default(),
             budgets: Mutex::default(),
+            limiters: Mutex::default(),
             tls: Arc::new(tls),
             max_retry_body,
             metrics,
@@ -115,10 +118,17 @@ impl Egress {
             Ok(found) => found,
             Err(err) => return err.into_response(),
         };
-        let outcome = self.forward(&route, uri, request).await;
+        let outcome = match self.admit(&route).await {
+            Ok(slot) => self
+                .forward(&route, uri, request)
+                .await
+                .map(|response| (response, slot)),
+            Err(err) => Err(err),
+        };
         let response = match outcome {
-            Ok(response) => response
-                .map(|body| IdleBody::new(body, route.policy.idle, route.name.clone()).boxed()),
+            Ok((response, slot)) => response.map(|body| {
+                IdleBody::new(body, route.policy.idle, route.name.clone(), slot).boxed()
+            }),
             Err(err) => {
                 tracing::warn!(upstream = %route.name, error = %err, "egress call failed");
                 err.into_response()
@@ -127,6 +137,47 @@ impl Egress {
         self.metrics
             .observe(&route.name, response.status(), began.elapsed());
         response
+    }
+
+    /// Past the upstream's limits, or shed with when to come back.
+    async fn admit(
+        &self,
+        route: &Route,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, EgressError> {
+        let Some(settings) = route.policy.limit else {
+            return Ok(None);
+        };
+        let limiter = {
+            let mut limiters = self
+                .limiters
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let limiter = limiters
+                .entry(route.name.clone())
+                .or_insert_with(|| Arc::new(Limiter::new(settings)));
+            if limiter.settings() != settings {
+                // New limits for new calls; calls in flight keep their slots.
+                *limiter = Arc::new(Limiter::new(settings));
+            }
+            limiter.clone()
+        };
+        limiter.admit().await.map_err(|shed| {
+            self.metrics.shed(&route.name);
+            let (rate, what, retry_after) = match shed {
+                Shed::Rate { retry_after } => (true, "over its request rate", retry_after),
+                Shed::Busy { retry_after } => (
+                    false,
+                    "every slot is busy and the queue is full",
+                    retry_after,
+                ),
+            };
+            EgressError::Shed {
+                upstream: route.name.clone(),
+                rate,
+                what,
+                retry_after,
+            }
+        })
     }
 
     async fn forward(

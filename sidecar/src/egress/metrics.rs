@@ -45,6 +45,7 @@ pub struct EgressMetrics {
     duration: Family<UpstreamLabel, Histogram, fn() -> Histogram>,
     retries: Family<RetryLabels, Counter>,
     exhausted: Family<UpstreamLabel, Counter>,
+    shed: Family<UpstreamLabel, Counter>,
     breaker: Family<UpstreamLabel, Gauge>,
 }
 
@@ -55,6 +56,7 @@ impl Default for EgressMetrics {
             duration: Family::new_with_constructor(latency_histogram),
             retries: Family::default(),
             exhausted: Family::default(),
+            shed: Family::default(),
             breaker: Family::default(),
         }
     }
@@ -81,6 +83,11 @@ impl EgressMetrics {
             "egress_retry_budget_exhausted",
             "Retries not made because the upstream's retry budget was spent",
             self.exhausted.clone(),
+        );
+        registry.register(
+            "egress_shed",
+            "Calls turned away by an upstream's concurrency or rate limit",
+            self.shed.clone(),
         );
         registry.register(
             "egress_circuit_state",
@@ -115,6 +122,14 @@ impl EgressMetrics {
 
     pub fn budget_exhausted(&self, upstream: &str) {
         self.exhausted
+            .get_or_create(&UpstreamLabel {
+                upstream: upstream.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn shed(&self, upstream: &str) {
+        self.shed
             .get_or_create(&UpstreamLabel {
                 upstream: upstream.to_owned(),
             })

@@ -14,10 +14,11 @@
 //! The listener speaks HTTP/1.1 and HTTP/2 without TLS (h2c) on loopback:
 //! hyper-util's automatic server.
 //!
-//! Retries come out of a per-upstream budget ([`budget`]).
+//! Retries come out of a per-upstream budget ([`budget`]); concurrency and
+//! rate limits with a bounded queue shed what they cannot take ([`limits`]).
 //!
 //! Partial (the egress issue): headers from Secrets, an Upstream's own CA,
-//! concurrency and rate limits, replay of a task's calls,
+//! the tokens-per-minute limit, replay of a task's calls,
 //! WebSocket upgrades, the forward-proxy mode and trace-context injection
 //! are not built yet; configurations that set them are ACKed with those
 //! settings named as not applied.
@@ -26,6 +27,7 @@ mod body;
 mod budget;
 mod errors;
 mod forward;
+mod limits;
 mod metrics;
 pub mod routes;
 

@@ -58,6 +58,7 @@ pub struct RoutePolicy {
     pub idle: Duration,
     pub retry: Option<RetrySettings>,
     pub breaker: Option<BreakerConfig>,
+    pub limit: Option<super::limits::LimitSettings>,
 }
 
 /// One upstream as the sidecar calls it.
@@ -182,6 +183,7 @@ fn policy(
         idle: defaults.idle,
         retry: None,
         breaker: None,
+        limit: None,
     };
     let mut notes = Vec::new();
     let mut winner: Option<&str> = None;
@@ -233,10 +235,21 @@ fn policy(
             } else {
                 named("circuitBreaker", &target.circuit_breaker, false)?;
             }
-            if target.limit.is_some() {
-                notes.push(format!(
-                    "{at}.limit: concurrency and rate limits on upstreams are not enforced yet"
-                ));
+            if let Some(l) = target.limit.as_ref().and_then(|n| spec.limits.get(n)) {
+                resolved.limit = Some(super::limits::LimitSettings {
+                    max_concurrency: l.max_concurrency,
+                    requests_per_second: l.requests_per_second,
+                    queue: l.queue,
+                    // Without a bound, a queued call waits a second at most.
+                    queue_timeout: l.queue_timeout.map_or(Duration::from_secs(1), |d| d.get()),
+                });
+                if let Some(tokens) = l.tokens_per_minute {
+                    notes.push(format!(
+                        "{at}.limit: tokensPerMinute ({tokens}) is not enforced yet"
+                    ));
+                }
+            } else {
+                named("limit", &target.limit, false)?;
             }
         }
     }

@@ -1,0 +1,202 @@
+//! Concurrency and rate limits per upstream, with a bounded queue: a call
+//! waits for a slot at most `queue_timeout`, and when `queue` calls are
+//! already waiting it is shed at once — load is turned away at the sidecar
+//! with a `Retry-After`, rather than piled up in front of an upstream that
+//! is already full. The concurrency slot is held until the response body
+//! has been read (a stream counts for as long as it flows).
+//!
+//! Written here rather than taken from tower's limit layers: those wait
+//! without bound (or refuse without waiting), and this path needs both a
+//! bounded wait and a bounded number of waiters, with the time to the next
+//! slot to put in `Retry-After`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// The limits of one upstream, resolved from its LimitPolicy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitSettings {
+    pub max_concurrency: Option<u32>,
+    pub requests_per_second: Option<u32>,
+    pub queue: u32,
+    pub queue_timeout: Duration,
+}
+
+/// Why a call was turned away, and when trying again makes sense.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    /// All slots busy and the queue full (or the wait too long): 503.
+    Busy { retry_after: Duration },
+    /// Over the request rate: 429.
+    Rate { retry_after: Duration },
+}
+
+#[derive(Debug)]
+pub struct Limiter {
+    settings: LimitSettings,
+    slots: Option<Arc<Semaphore>>,
+    bucket: Option<Mutex<Bucket>>,
+    waiting: AtomicU32,
+}
+
+/// Tokens for the request rate: `rate` a second, at most `rate` banked.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self) -> Result<(), Duration> {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
+impl Limiter {
+    pub fn new(settings: LimitSettings) -> Self {
+        Self {
+            settings,
+            slots: settings
+                .max_concurrency
+                .map(|n| Arc::new(Semaphore::new(n as usize))),
+            bucket: settings.requests_per_second.map(|rate| {
+                Mutex::new(Bucket {
+                    rate: f64::from(rate),
+                    tokens: f64::from(rate),
+                    at: Instant::now(),
+                })
+            }),
+            waiting: AtomicU32::new(0),
+        }
+    }
+
+    pub fn settings(&self) -> LimitSettings {
+        self.settings
+    }
+
+    /// Admits a call (holding a slot until the permit is dropped) or sheds
+    /// it.
+    pub async fn admit(&self) -> Result<Option<OwnedSemaphorePermit>, Shed> {
+        let deadline = Instant::now() + self.settings.queue_timeout;
+        let mut queued = None;
+        if let Some(bucket) = &self.bucket {
+            loop {
+                let wait = match bucket.lock().await.take() {
+                    Ok(()) => break,
+                    Err(wait) => wait,
+                };
+                if Instant::now() + wait > deadline {
+                    return Err(Shed::Rate { retry_after: wait });
+                }
+                if queued.is_none() {
+                    queued = Some(self.enqueue().ok_or(Shed::Rate { retry_after: wait })?);
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let Some(slots) = &self.slots else {
+            return Ok(None);
+        };
+        if let Ok(permit) = slots.clone().try_acquire_owned() {
+            return Ok(Some(permit));
+        }
+        let busy = Shed::Busy {
+            retry_after: Duration::from_secs(1),
+        };
+        if queued.is_none() {
+            queued = Some(self.enqueue().ok_or(busy)?);
+        }
+        let permit = tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await;
+        drop(queued);
+        match permit {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            _ => Err(busy),
+        }
+    }
+
+    /// A place in the queue, or `None` when it is full.
+    fn enqueue(&self) -> Option<Waiting<'_>> {
+        let queue = self.settings.queue;
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < queue).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Waiting(&self.waiting))
+    }
+}
+
+/// A call's place in the queue, given back when it stops waiting.
+struct Waiting<'a>(&'a AtomicU32);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(concurrency: Option<u32>, rate: Option<u32>, queue: u32) -> Limiter {
+        Limiter::new(LimitSettings {
+            max_concurrency: concurrency,
+            requests_per_second: rate,
+            queue,
+            queue_timeout: Duration::from_millis(500),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_then_a_bounded_queue_then_shedding() {
+        let limits = Arc::new(limiter(Some(2), None, 1));
+        let a = limits.admit().await.expect("slot 1");
+        let _b = limits.admit().await.expect("slot 2");
+        // One may wait; it gets the slot a finished call gives back.
+        let waiter = tokio::spawn({
+            let limits = limits.clone();
+            async move { limits.admit().await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(limits.waiting.load(Ordering::Acquire), 1);
+        // The queue is full: shed at once.
+        assert!(matches!(limits.admit().await, Err(Shed::Busy { .. })));
+        drop(a);
+        let _c = waiter.await.expect("joined").expect("the freed slot");
+        // A waiter that gets no slot in time is shed too.
+        let late = limits.admit().await;
+        assert!(matches!(late, Err(Shed::Busy { .. })), "{late:?}");
+        assert_eq!(limits.waiting.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_is_a_bucket_and_the_shed_says_when_to_come_back() {
+        let limits = limiter(None, Some(2), 0);
+        assert!(limits.admit().await.is_ok());
+        assert!(limits.admit().await.is_ok());
+        match limits.admit().await {
+            Err(Shed::Rate { retry_after }) => {
+                assert!(retry_after <= Duration::from_millis(500), "{retry_after:?}");
+            }
+            other => panic!("expected a rate shed, got {other:?}"),
+        }
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(limits.admit().await.is_ok(), "a token came back");
+    }
+}

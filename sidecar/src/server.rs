@@ -308,10 +308,7 @@ pub async fn serve_with(
         ctx.shutdown.token(),
     );
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<EventsServer<EventsService>>().await;
-    health
-        .set_serving::<SharedContextServer<ContextService>>()
-        .await;
+    set_health(&health, true).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(statefabric_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(statefabric_proto::CONTROL_FILE_DESCRIPTOR_SET)
@@ -358,9 +355,7 @@ pub async fn serve_with(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 stop.cancelled().await;
-                health
-                    .set_not_serving::<EventsServer<EventsService>>()
-                    .await;
+                set_health(&health, false).await;
             },
         )
         .await
@@ -424,4 +419,26 @@ async fn start_egress(
         idle: config.idle_timeout,
     };
     Ok(Some((egress, defaults)))
+}
+
+/// Every State API service's gRPC health, and the server's as a whole
+/// (the empty name): serving, or not (at shutdown, so callers move on
+/// while calls in flight finish).
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    for service in [
+        "",
+        "statefabric.state.v1.Events",
+        "statefabric.state.v1.SharedContext",
+        "statefabric.state.v1.Locks",
+        "statefabric.state.v1.Sessions",
+        "statefabric.state.v1.Tasks",
+    ] {
+        health.set_service_status(service, status).await;
+    }
 }

@@ -471,14 +471,24 @@ async fn health_and_reflection_are_served() -> anyhow::Result<()> {
         .connect()
         .await?;
     let mut health = HealthClient::new(channel.clone());
-    let status = health
+    // Every State API service, named as reflection lists it.
+    for service in ["Events", "SharedContext", "Locks", "Sessions", "Tasks"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: format!("statefabric.state.v1.{service}"),
+            })
+            .await?
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service}");
+    }
+    let unknown = health
         .check(HealthCheckRequest {
-            service: "statefabric.state.v1.Events".into(),
+            service: "statefabric.state.v1.Nothing".into(),
         })
-        .await?
-        .into_inner()
-        .status;
-    assert_eq!(status, ServingStatus::Serving as i32);
+        .await
+        .expect_err("an unknown service");
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
 
     let mut reflection = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {

@@ -13,8 +13,10 @@
 //! exactly. A stream is counted when it opens, with the time to open it; an
 //! error that ends it later is not in these numbers.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -27,14 +29,14 @@ use prometheus_client::registry::Registry;
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
     /// `Service/Method`, e.g. `Events/Append`.
-    method: String,
+    method: &'static str,
     /// The gRPC status code's name, e.g. `Ok`, `Aborted`.
-    code: String,
+    code: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabel {
-    method: String,
+    method: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -49,6 +51,11 @@ fn latency_histogram() -> Histogram {
 pub struct RpcMetrics {
     calls: Family<CallLabels, Counter>,
     duration: Family<MethodLabel, Histogram, fn() -> Histogram>,
+    /// Method names as labels, made once per method: a call allocates
+    /// nothing to be counted. Only methods the server implements get in
+    /// (an unknown path is answered UNIMPLEMENTED and counted under
+    /// `unimplemented`), so the set is bounded by the API.
+    methods: Arc<RwLock<HashMap<String, &'static str>>>,
 }
 
 impl Default for RpcMetrics {
@@ -56,6 +63,7 @@ impl Default for RpcMetrics {
         Self {
             calls: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
+            methods: Arc::default(),
         }
     }
 }
@@ -74,18 +82,39 @@ impl RpcMetrics {
         );
     }
 
-    fn record(&self, method: String, code: tonic::Code, took: f64) {
+    fn record(&self, path: &str, code: tonic::Code, took: f64) {
+        let method = if code == tonic::Code::Unimplemented {
+            "unimplemented"
+        } else {
+            self.method(path)
+        };
         self.duration
-            .get_or_create(&MethodLabel {
-                method: method.clone(),
-            })
+            .get_or_create(&MethodLabel { method })
             .observe(took);
         self.calls
             .get_or_create(&CallLabels {
                 method,
-                code: format!("{code:?}"),
+                code: code_name(code),
             })
             .inc();
+    }
+
+    fn method(&self, path: &str) -> &'static str {
+        let known = self
+            .methods
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(path)
+            .copied();
+        known.unwrap_or_else(|| {
+            let name: &'static str = Box::leak(method_of(path).into_boxed_str());
+            self.methods
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(path.to_owned())
+                .or_insert(name);
+            name
+        })
     }
 }
 
@@ -99,6 +128,29 @@ fn method_of(path: &str) -> String {
             format!("{service}/{method}")
         }
         None => path.to_owned(),
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "Ok",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
     }
 }
 
@@ -143,7 +195,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let method = method_of(request.uri().path());
+        // The path is copied only on the first call of a method (`record`
+        // looks it up by reference); the copy here is an `Arc` bump.
+        let path = request.uri().path_and_query().cloned();
         let metrics = self.metrics.clone();
         let began = Instant::now();
         let response = self.inner.call(request);
@@ -153,7 +207,8 @@ where
                 Ok(response) => code_of(response.headers()),
                 Err(_) => tonic::Code::Internal,
             };
-            metrics.record(method, code, began.elapsed().as_secs_f64());
+            let path = path.as_ref().map_or("", |p| p.path());
+            metrics.record(path, code, began.elapsed().as_secs_f64());
             result
         })
     }
@@ -176,7 +231,16 @@ mod tests {
     #[test]
     fn a_call_is_counted_by_method_and_code() {
         let metrics = RpcMetrics::default();
-        metrics.record("Locks/Acquire".into(), tonic::Code::Aborted, 0.002);
+        metrics.record(
+            "/statefabric.state.v1.Locks/Acquire",
+            tonic::Code::Aborted,
+            0.002,
+        );
+        metrics.record(
+            "/statefabric.state.v1.Locks/Nope",
+            tonic::Code::Unimplemented,
+            0.001,
+        );
         let mut registry = Registry::with_prefix("statefabric");
         metrics.register(&mut registry);
         let mut text = String::new();
@@ -193,5 +257,10 @@ mod tests {
             ),
             "{text}"
         );
+        assert!(
+            text.contains(r#"method="unimplemented",code="Unimplemented"} 1"#),
+            "an unknown method is not a label of its own: {text}"
+        );
+        assert_eq!(metrics.methods.read().expect("lock").len(), 1);
     }
 }

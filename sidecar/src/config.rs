@@ -73,6 +73,12 @@ pub struct EgressConfig {
     /// ... and silence between two chunks of a streamed response.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// How long a recorded response answers a repeat of its request (a
+    /// request with a task key or an `Idempotency-Key`).
+    #[serde(with = "humantime_serde")]
+    pub replay_ttl: Duration,
+    /// Responses larger than this are passed on but not recorded.
+    pub max_replay_body_bytes: usize,
 }
 
 impl Default for EgressConfig {
@@ -85,6 +91,8 @@ impl Default for EgressConfig {
             connect_timeout: Duration::from_secs(5),
             total_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(60),
+            replay_ttl: Duration::from_secs(24 * 3600),
+            max_replay_body_bytes: 4 * 1024 * 1024,
         }
     }
 }

@@ -54,6 +54,8 @@ pub struct Storage {
     /// in the same process (`fabric dev`): it must be this very store, whose
     /// in-process signals connect the engine and the task API.
     pub sagas: Option<SqliteSagaStore>,
+    /// Recorded upstream responses of the egress path.
+    pub replays: Arc<dyn statefabric_store::replay::ReplayStore>,
 }
 
 /// Opens the configured storage, applying migrations where this process is
@@ -78,6 +80,7 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
             }
             Ok(Storage {
                 events: Arc::new(store.clone()),
+                replays: Arc::new(store.clone()),
                 context: Arc::new(store),
                 notifications: None,
                 tasks: Arc::new(sagas.clone()),
@@ -130,6 +133,7 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
             };
             Ok(Storage {
                 events: Arc::new(store.clone()),
+                replays: Arc::new(store.clone()),
                 context: Arc::new(store),
                 notifications: Some(config.storage.postgres.url.clone()),
                 tasks,
@@ -277,7 +281,7 @@ pub async fn serve_with(
         lock_limits.clone(),
     );
     let session_policies = SessionPolicies::new(config.sessions.namespaces.clone());
-    let egress = start_egress(&ctx).await?;
+    let egress = start_egress(&ctx, storage.replays.clone()).await?;
     if config.mesh.enabled || !config.mesh.files.is_empty() {
         crate::mesh::start(
             &ctx,
@@ -389,6 +393,7 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
 /// `egress.enabled` is off.
 async fn start_egress(
     ctx: &ServiceContext<SidecarConfig>,
+    replays: Arc<dyn statefabric_store::replay::ReplayStore>,
 ) -> anyhow::Result<Option<(Arc<crate::egress::Egress>, crate::egress::routes::Defaults)>> {
     let config = &ctx.config.egress;
     if !config.enabled {
@@ -397,11 +402,16 @@ async fn start_egress(
     let tls = crate::egress::tls_config(config.ca_file.as_deref())?;
     let metrics = crate::egress::EgressMetrics::default();
     ctx.register_metrics(|registry| metrics.register(registry));
-    let egress = Arc::new(crate::egress::Egress::new(
-        tls,
-        config.max_retry_body_bytes,
-        metrics,
-    ));
+    let egress = Arc::new(
+        crate::egress::Egress::new(tls, config.max_retry_body_bytes, metrics).with_replay(
+            crate::egress::Replay {
+                store: replays,
+                tenant: ctx.config.tenant()?,
+                ttl: config.replay_ttl,
+                max_body: config.max_replay_body_bytes,
+            },
+        ),
+    );
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding egress.listen {}", config.listen))?;

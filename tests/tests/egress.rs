@@ -133,6 +133,7 @@ async fn upstream(seen: Arc<Seen>, request: Request<Incoming>) -> Response<Upstr
         }
         "/base/broken" => full(500, "broken"),
         "/base/storm" => full(503, "overloaded"),
+        p if p.starts_with("/base/counted") => full(200, &format!("{{\"n\": {n}}}")),
         "/base/slow" => {
             tokio::time::sleep(Duration::from_millis(500)).await;
             full(200, "slow ok")
@@ -284,6 +285,7 @@ struct Answer {
     status: u16,
     sidecar_error: Option<String>,
     retry_after: Option<String>,
+    replayed: bool,
     body: String,
 }
 
@@ -293,6 +295,16 @@ async fn call(
     path: &str,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<Answer> {
+    call_with(egress, method, path, headers, "{}").await
+}
+
+async fn call_with(
+    egress: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> anyhow::Result<Answer> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut request = Request::builder()
         .method(method)
@@ -301,7 +313,7 @@ async fn call(
         request = request.header(*name, *value);
     }
     let response = client
-        .request(request.body(Full::new(Bytes::from_static(b"{}")))?)
+        .request(request.body(Full::new(Bytes::from(body.to_owned())))?)
         .await?;
     let status = response.status().as_u16();
     let sidecar_error = response
@@ -314,11 +326,13 @@ async fn call(
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let replayed = response.headers().contains_key("x-statefabric-replayed");
     let body = response.into_body().collect().await?.to_bytes();
     Ok(Answer {
         status,
         sidecar_error,
         retry_after,
+        replayed,
         body: String::from_utf8_lossy(&body).into_owned(),
     })
 }
@@ -495,6 +509,11 @@ async fn the_egress_path_routes_retries_breaks_and_streams() -> anyhow::Result<(
         Err(_) => panic!("a stalled stream was not cut within 10 s (idle timeout 1 s)"),
     }
 
+    // Replay: a keyed call reaches the upstream once; its repeat is
+    // answered from the record (marked), a task-keyed stream too; the same
+    // key with another request is refused.
+    replay_checks(&egress, &seen).await?;
+
     // A client that is not ours: the openai package, its base_url pointed
     // at the sidecar, holding no key (the sidecar adds the Upstream's).
     let script = r#"
@@ -539,6 +558,73 @@ print("".join(chunk.choices[0].delta.content or "" for chunk in stream))
         metrics.contains(r#"statefabric_egress_retry_budget_exhausted_total{upstream="stormy"}"#),
         "{metrics}"
     );
+    let (code, stderr) = sidecar.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
+    assert_eq!(code, 0, "{stderr}");
+    Ok(())
+}
+
+/// What a keyed call and its repeats get (see the test's replay part).
+async fn replay_checks(egress: &str, seen: &Seen) -> anyhow::Result<()> {
+    let key = [("idempotency-key", "order-1")];
+    let first = call_with(egress, "POST", "/up/counted-1", &key, r#"{"a": 1}"#).await?;
+    assert_eq!(
+        (first.status, first.replayed),
+        (200, false),
+        "{}",
+        first.body
+    );
+    let again = call_with(egress, "POST", "/up/counted-1", &key, r#"{"a": 1}"#).await?;
+    assert_eq!(
+        (again.status, again.replayed),
+        (200, true),
+        "{}",
+        again.body
+    );
+    assert_eq!(again.body, first.body, "the recorded answer");
+    assert_eq!(seen.times("/base/counted-1").len(), 1, "the upstream once");
+    let other = call_with(egress, "POST", "/up/counted-1", &key, r#"{"a": 2}"#).await?;
+    assert_eq!(other.status, 422, "{}", other.body);
+    assert_eq!(other.sidecar_error.as_deref(), Some("key_reused"));
+    // A stream under a task key: recorded whole, replayed whole.
+    let task = [("x-statefabric-task-key", "saga-9/CODE/1/call-1")];
+    let before = seen.times("/base/stream").len();
+    let streamed = call(egress, "GET", "/up/stream", &task).await?;
+    let replayed = call(egress, "GET", "/up/stream", &task).await?;
+    assert_eq!(streamed.body.matches("data: ").count(), 5);
+    assert_eq!((replayed.replayed, replayed.body), (true, streamed.body));
+    assert_eq!(seen.times("/base/stream").len(), before + 1);
+    Ok(())
+}
+
+/// Records are in the sidecar's store: a restarted sidecar (Postgres)
+/// answers a repeat without calling the upstream again.
+#[tokio::test]
+async fn a_recorded_answer_survives_a_sidecar_restart() -> anyhow::Result<()> {
+    let seen = Arc::new(Seen::default());
+    let port = start_upstream(seen.clone()).await?;
+    let dir = tempfile::tempdir()?;
+    let mesh_file = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh_file, mesh(port, env::free_port()))?;
+    let files = format!("[{:?}]", mesh_file.display().to_string());
+    let listen = format!("127.0.0.1:{}", env::free_port());
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let vars = [
+        ("STATEFABRIC_MESH__FILES", files.as_str()),
+        ("STATEFABRIC_EGRESS__ENABLED", "true"),
+        ("STATEFABRIC_EGRESS__LISTEN", listen.as_str()),
+    ];
+    let egress = format!("http://{listen}");
+    let key = [("x-statefabric-task-key", "saga-1/PLAN/1/call-1")];
+    let sidecar = process::sidecar(Storage::Postgres, &tenant, "agent-1", &vars).await?;
+    let first = call_with(&egress, "POST", "/up/counted-restart", &key, "{}").await?;
+    assert_eq!((first.status, first.replayed), (200, false));
+    let (code, stderr) = sidecar.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
+    assert_eq!(code, 0, "{stderr}");
+    let sidecar = process::sidecar(Storage::Postgres, &tenant, "agent-1", &vars).await?;
+    let again = call_with(&egress, "POST", "/up/counted-restart", &key, "{}").await?;
+    assert_eq!((again.status, again.replayed), (200, true));
+    assert_eq!(again.body, first.body);
+    assert_eq!(seen.times("/base/counted-restart").len(), 1);
     let (code, stderr) = sidecar.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
     assert_eq!(code, 0, "{stderr}");
     Ok(())

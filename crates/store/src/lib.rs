@@ -18,6 +18,7 @@ pub mod janitor;
 pub mod limits;
 pub mod pg;
 pub mod port;
+pub mod replay;
 pub mod repository;
 pub mod sqlite;
 

@@ -27,6 +27,10 @@ pub enum EgressError {
     Timeout { upstream: String, seconds: f64 },
     #[error("upstream {upstream}: the request could not be sent: {reason}")]
     BadRequest { upstream: String, reason: String },
+    #[error(
+        "upstream {upstream}: this task key or Idempotency-Key was used for a different request; use a new key"
+    )]
+    KeyReused { upstream: String },
     #[error("upstream {upstream}: {what}; try again in {}s", retry_after_seconds(*.retry_after))]
     Shed {
         upstream: String,
@@ -50,6 +54,7 @@ impl EgressError {
             Self::Connect { .. } => StatusCode::BAD_GATEWAY,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Shed { rate: true, .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Shed { rate: false, .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -63,6 +68,7 @@ impl EgressError {
             Self::Connect { .. } => "connect",
             Self::Timeout { .. } => "timeout",
             Self::BadRequest { .. } => "bad_request",
+            Self::KeyReused { .. } => "key_reused",
             Self::Shed { rate: true, .. } => "rate_limited",
             Self::Shed { rate: false, .. } => "overloaded",
         }

@@ -30,7 +30,9 @@ use super::budget::RetryBudget;
 use super::errors::{EgressBody, EgressError};
 use super::limits::{Limiter, Shed};
 use super::metrics::EgressMetrics;
+use super::replay::{self, Recording, Replay};
 use super::routes::{Route, Routes};
+use statefabric_store::replay::Recorded;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 type UpstreamClient = Client<Connector, EgressBody>;
@@ -56,6 +58,7 @@ pub struct Egress {
     breakers: Mutex<HashMap<String, Breaker>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
     limiters: Mutex<HashMap<String, Arc<Limiter>>>,
+    replay: Option<Replay>,
     tls: Arc<rustls::ClientConfig>,
     /// Request bodies up to this size are kept so a retry can resend them.
     pub max_retry_body: usize,
@@ -68,6 +71,32 @@ pub struct Egress {
 struct ClientKey {
     connect: Duration,
     protocol: Protocol,
+}
+
+/// The agent's request body: as it arrives, or already read whole.
+enum RequestBody {
+    Streamed(Incoming),
+    Kept(Bytes),
+}
+
+enum Replayed {
+    Answer(Response<EgressBody>),
+    Call {
+        body: RequestBody,
+        /// Where to record the answer, and the request's fingerprint.
+        recording: Option<(Replay, String, String)>,
+    },
+}
+
+async fn collect(route: &Route, body: Incoming) -> Result<Bytes, EgressError> {
+    Ok(body
+        .collect()
+        .await
+        .map_err(|e| EgressError::BadRequest {
+            upstream: route.name.clone(),
+            reason: e.to_string(),
+        })?
+        .to_bytes())
 }
 
 enum Attempt {
@@ -98,9 +127,18 @@ impl Egress {
             breakers: Mutex::default(),
             budgets: Mutex::default(),
             limiters: Mutex::default(),
+            replay: None,
             tls: Arc::new(tls),
             max_retry_body,
             metrics,
+        }
+    }
+
+    /// Records answers to keyed requests and replays them.
+    pub fn with_replay(self, replay: Replay) -> Self {
+        Self {
+            replay: Some(replay),
+            ..self
         }
     }
 
@@ -118,17 +156,44 @@ impl Egress {
             Ok(found) => found,
             Err(err) => return err.into_response(),
         };
+        let (parts, body) = request.into_parts();
+        let (body, recording) = match self.replayed(&route, &uri, &parts, body).await {
+            Ok(Replayed::Answer(response)) => {
+                self.metrics.replayed(&route.name);
+                self.metrics
+                    .observe(&route.name, response.status(), began.elapsed());
+                return response;
+            }
+            Ok(Replayed::Call { body, recording }) => (body, recording),
+            Err(err) => return err.into_response(),
+        };
         let outcome = match self.admit(&route).await {
             Ok(slot) => self
-                .forward(&route, uri, request)
+                .forward(&route, uri, &parts, body)
                 .await
                 .map(|response| (response, slot)),
             Err(err) => Err(err),
         };
         let response = match outcome {
-            Ok((response, slot)) => response.map(|body| {
-                IdleBody::new(body, route.policy.idle, route.name.clone(), slot).boxed()
-            }),
+            Ok((response, slot)) => {
+                let status = response.status();
+                let head = replay::kept_headers(response.headers());
+                let response = response.map(|body| {
+                    IdleBody::new(body, route.policy.idle, route.name.clone(), slot).boxed()
+                });
+                match recording {
+                    Some((replay, key, fingerprint)) if replay::recordable(status) => {
+                        let record = Recorded {
+                            fingerprint,
+                            status: status.as_u16(),
+                            headers: head,
+                            body: Vec::new(),
+                        };
+                        response.map(|body| Recording::new(body, replay, key, record).boxed())
+                    }
+                    _ => response,
+                }
+            }
             Err(err) => {
                 tracing::warn!(upstream = %route.name, error = %err, "egress call failed");
                 err.into_response()
@@ -137,6 +202,56 @@ impl Egress {
         self.metrics
             .observe(&route.name, response.status(), began.elapsed());
         response
+    }
+
+    /// With replay on and a key on the request: the recorded answer for the
+    /// same request, 422 for another request under the key, or the call to
+    /// make (its body kept) and where to record its answer.
+    async fn replayed(
+        &self,
+        route: &Route,
+        uri: &Uri,
+        parts: &http::request::Parts,
+        body: Incoming,
+    ) -> Result<Replayed, EgressError> {
+        let keyed = self
+            .replay
+            .as_ref()
+            .zip(replay::key_of(&parts.headers, &route.name))
+            .filter(|_| body_fits(&parts.headers, self.max_retry_body));
+        let Some((replay, key)) = keyed else {
+            return Ok(Replayed::Call {
+                body: RequestBody::Streamed(body),
+                recording: None,
+            });
+        };
+        let bytes = collect(route, body).await?;
+        let path = uri.path_and_query().map_or("", |p| p.as_str());
+        let fingerprint = replay::fingerprint(&parts.method, &route.name, path, &bytes);
+        match replay.store.get(&replay.tenant, &key).await {
+            Ok(Some(record)) if record.fingerprint == fingerprint => {
+                return Ok(Replayed::Answer(replay::answer(record)));
+            }
+            Ok(Some(_)) => {
+                return Err(EgressError::KeyReused {
+                    upstream: route.name.clone(),
+                });
+            }
+            Ok(None) => {}
+            // The record cannot be read: the call goes through unrecorded
+            // rather than fail.
+            Err(err) => {
+                tracing::warn!(upstream = %route.name, error = %err, "replay records unavailable");
+                return Ok(Replayed::Call {
+                    body: RequestBody::Kept(bytes),
+                    recording: None,
+                });
+            }
+        }
+        Ok(Replayed::Call {
+            body: RequestBody::Kept(bytes),
+            recording: Some((replay.clone(), key, fingerprint)),
+        })
     }
 
     /// Past the upstream's limits, or shed with when to come back.
@@ -184,29 +299,24 @@ impl Egress {
         &self,
         route: &Route,
         uri: Uri,
-        request: Request<Incoming>,
+        parts: &http::request::Parts,
+        body: RequestBody,
     ) -> Result<Response<Incoming>, EgressError> {
-        let (parts, body) = request.into_parts();
         let headers = upstream_headers(&parts.headers, route);
         let retry = route
             .policy
             .retry
             .as_ref()
             .filter(|_| retry_allowed(&parts.method, &parts.headers));
-        // A body kept for retries, or streamed once.
-        let (kept, mut streamed) = match retry {
-            Some(_) if body_fits(&parts.headers, self.max_retry_body) => {
-                let bytes = body
-                    .collect()
-                    .await
-                    .map_err(|e| EgressError::BadRequest {
-                        upstream: route.name.clone(),
-                        reason: e.to_string(),
-                    })?
-                    .to_bytes();
-                (Some(bytes), None)
+        // A body kept for retries (or already kept for replay), or streamed once.
+        let (kept, mut streamed) = match body {
+            RequestBody::Kept(bytes) => (Some(bytes), None),
+            RequestBody::Streamed(body)
+                if retry.is_some() && body_fits(&parts.headers, self.max_retry_body) =>
+            {
+                (Some(collect(route, body).await?), None)
             }
-            _ => (None, Some(body)),
+            RequestBody::Streamed(body) => (None, Some(body)),
         };
         let max_attempts = if kept.is_some() {
             retry.map_or(1, |r| r.max_attempts)

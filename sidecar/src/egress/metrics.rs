@@ -46,6 +46,7 @@ pub struct EgressMetrics {
     retries: Family<RetryLabels, Counter>,
     exhausted: Family<UpstreamLabel, Counter>,
     shed: Family<UpstreamLabel, Counter>,
+    replays: Family<UpstreamLabel, Counter>,
     breaker: Family<UpstreamLabel, Gauge>,
 }
 
@@ -57,6 +58,7 @@ impl Default for EgressMetrics {
             retries: Family::default(),
             exhausted: Family::default(),
             shed: Family::default(),
+            replays: Family::default(),
             breaker: Family::default(),
         }
     }
@@ -88,6 +90,11 @@ impl EgressMetrics {
             "egress_shed",
             "Calls turned away by an upstream's concurrency or rate limit",
             self.shed.clone(),
+        );
+        registry.register(
+            "egress_replayed",
+            "Keyed calls answered from their recorded response, without the upstream",
+            self.replays.clone(),
         );
         registry.register(
             "egress_circuit_state",
@@ -130,6 +137,14 @@ impl EgressMetrics {
 
     pub fn shed(&self, upstream: &str) {
         self.shed
+            .get_or_create(&UpstreamLabel {
+                upstream: upstream.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn replayed(&self, upstream: &str) {
+        self.replays
             .get_or_create(&UpstreamLabel {
                 upstream: upstream.to_owned(),
             })

@@ -17,8 +17,10 @@
 //! Retries come out of a per-upstream budget ([`budget`]); concurrency and
 //! rate limits with a bounded queue shed what they cannot take ([`limits`]).
 //!
+//! Keyed requests are answered once and replayed after ([`replay`]).
+//!
 //! Partial (the egress issue): headers from Secrets, an Upstream's own CA,
-//! the tokens-per-minute limit, replay of a task's calls,
+//! the tokens-per-minute limit,
 //! WebSocket upgrades, the forward-proxy mode and trace-context injection
 //! are not built yet; configurations that set them are ACKed with those
 //! settings named as not applied.
@@ -29,6 +31,7 @@ mod errors;
 mod forward;
 mod limits;
 mod metrics;
+mod replay;
 pub mod routes;
 
 use std::net::SocketAddr;
@@ -43,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use forward::Egress;
 pub use metrics::EgressMetrics;
+pub use replay::Replay;
 
 /// The TLS settings upstream connections use: the platform's roots and
 /// webpki's, plus `extra_ca` (PEM) when given.

@@ -960,3 +960,69 @@ spec:
     assert_eq!(code, 0);
     namespace.delete().await
 }
+
+/// An Upstream applied with kubectl becomes a route on a running sidecar's
+/// egress path within seconds, and deleting it takes the route away (404
+/// naming the upstreams left).
+#[tokio::test]
+async fn an_upstream_applied_with_kubectl_is_routed_by_a_running_sidecar() -> anyhow::Result<()> {
+    let _turn = TURN.lock().await;
+    let Setup {
+        namespace,
+        dir: _dir, // kept: it holds the token and the local copy
+        token,
+        state,
+        kubeconfig,
+    } = Setup::new().await?;
+    let ns = namespace.name.as_str();
+    let port = env::free_port();
+    let cp = control_plane(port, &kubeconfig).await?;
+    // A real upstream: the control plane's own admin server answers
+    // /healthz/live.
+    let upstream = cp.admin.clone();
+    let egress = format!("127.0.0.1:{}", env::free_port());
+    let agent = sidecar_with(
+        port,
+        ns,
+        "agent-0",
+        &token,
+        &state,
+        &[
+            ("STATEFABRIC_EGRESS__ENABLED", "true"),
+            ("STATEFABRIC_EGRESS__LISTEN", egress.as_str()),
+        ],
+    )
+    .await?;
+    let through = format!("http://{egress}/admin/healthz/live");
+    let before = env::http("GET", &through, None, None).await?;
+    assert_eq!(before.status, 404, "no such upstream yet: {}", before.body);
+    let manifest = format!(
+        "apiVersion: statefabric.io/v1alpha1\nkind: Upstream\nmetadata: {{name: admin, namespace: {ns}}}\nspec: {{url: \"{upstream}\"}}\n"
+    );
+    kubectl(&["apply", "-f", "-"], Some(&manifest)).await?;
+    env::eventually("the upstream routed", Duration::from_secs(15), || {
+        let through = through.clone();
+        async move {
+            let answer = env::http("GET", &through, None, None).await?;
+            Ok((answer.status == 200).then_some(()))
+        }
+    })
+    .await?;
+    kubectl(&["delete", "upstream", "admin", "-n", ns], None).await?;
+    env::eventually("the route gone", Duration::from_secs(15), || {
+        let through = through.clone();
+        async move {
+            let answer = env::http("GET", &through, None, None).await?;
+            Ok(
+                (answer.status == 404 && answer.body.contains("unknown upstream admin"))
+                    .then_some(()),
+            )
+        }
+    })
+    .await?;
+    let (code, stderr) = agent.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _) = cp.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    namespace.delete().await
+}

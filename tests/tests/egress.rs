@@ -89,10 +89,26 @@ fn stream(count: usize, every: Duration, stall_after: Option<usize>) -> Response
 }
 
 /// The upstream's behaviour by path (below `/base`).
-async fn upstream(seen: Arc<Seen>, request: Request<Incoming>) -> Response<UpstreamBody> {
+async fn upstream(seen: Arc<Seen>, mut request: Request<Incoming>) -> Response<UpstreamBody> {
     let path = request.uri().path().to_owned();
     let n = seen.record(&path);
     match path.as_str() {
+        // A protocol upgrade: 101, then every byte echoed back.
+        "/base/ws" if request.headers().contains_key("upgrade") => {
+            let upgrading = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = upgrading.await {
+                    let (mut read, mut write) = tokio::io::split(TokioIo::new(upgraded));
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                }
+            });
+            let mut r = full(101, "");
+            r.headers_mut()
+                .insert("upgrade", "websocket".parse().expect("value"));
+            r.headers_mut()
+                .insert("connection", "upgrade".parse().expect("value"));
+            r
+        }
         "/base/echo" => {
             let header = |name: &str| {
                 request
@@ -207,7 +223,7 @@ async fn start_upstream(seen: Arc<Seen>) -> anyhow::Result<u16> {
                     async move { Ok::<_, Infallible>(upstream(seen, request).await) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .await;
             });
         }
@@ -514,6 +530,10 @@ async fn the_egress_path_routes_retries_breaks_and_streams() -> anyhow::Result<(
     // key with another request is refused.
     replay_checks(&egress, &seen).await?;
 
+    // An upgrade (WebSocket's handshake) is tunnelled: 101 from the
+    // upstream, then bytes both ways through the sidecar.
+    upgrade_check(&listen).await?;
+
     // A client that is not ours: the openai package, its base_url pointed
     // at the sidecar, holding no key (the sidecar adds the Upstream's).
     let script = r#"
@@ -627,5 +647,37 @@ async fn a_recorded_answer_survives_a_sidecar_restart() -> anyhow::Result<()> {
     assert_eq!(seen.times("/base/counted-restart").len(), 1);
     let (code, stderr) = sidecar.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
     assert_eq!(code, 0, "{stderr}");
+    Ok(())
+}
+
+/// A raw HTTP/1.1 upgrade through the egress listener at `listen`.
+async fn upgrade_check(listen: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(listen).await?;
+    stream
+        .write_all(
+            b"GET /up/ws HTTP/1.1\r\nHost: sidecar\r\nConnection: Upgrade\r\n\
+              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        anyhow::ensure!(
+            stream.read(&mut byte).await? == 1,
+            "closed during the handshake"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for message in ["hello through the tunnel", "and back again"] {
+        stream.write_all(message.as_bytes()).await?;
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed)).await??;
+        assert_eq!(echoed, message.as_bytes());
+    }
     Ok(())
 }

@@ -32,6 +32,7 @@ use super::limits::{Limiter, Shed};
 use super::metrics::EgressMetrics;
 use super::replay::{self, Recording, Replay};
 use super::routes::{Route, Routes};
+use super::upgrade;
 use statefabric_store::replay::Recorded;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -156,6 +157,18 @@ impl Egress {
             Ok(found) => found,
             Err(err) => return err.into_response(),
         };
+        if upgrade::requested(request.headers()) {
+            let response = match self.upgrade(&route, uri, request).await {
+                Ok(response) => response,
+                Err(err) => {
+                    tracing::warn!(upstream = %route.name, error = %err, "egress upgrade failed");
+                    err.into_response()
+                }
+            };
+            self.metrics
+                .observe(&route.name, response.status(), began.elapsed());
+            return response;
+        }
         let (parts, body) = request.into_parts();
         let (body, recording) = match self.replayed(&route, &uri, &parts, body).await {
             Ok(Replayed::Answer(response)) => {
@@ -202,6 +215,48 @@ impl Egress {
         self.metrics
             .observe(&route.name, response.status(), began.elapsed());
         response
+    }
+
+    /// A protocol upgrade: the handshake over HTTP/1.1 within the route's
+    /// timeouts, then the two connections joined (see [`upgrade`]).
+    async fn upgrade(
+        &self,
+        route: &Route,
+        uri: Uri,
+        mut request: Request<Incoming>,
+    ) -> Result<Response<EgressBody>, EgressError> {
+        let agent_side = hyper::upgrade::on(&mut request);
+        let headers = upstream_headers(request.headers(), route);
+        let upstream =
+            upgrade::upstream_request(headers, request.headers(), request.method().clone(), uri);
+        // HTTP/1.1 only (an upgrade is an HTTP/1.1 affair), in a pool of its
+        // own so the route's usual client is left as it is.
+        let client = self.client(&Route {
+            name: format!("{}#upgrade", route.name),
+            protocol: Protocol::Http1,
+            ..route.clone()
+        });
+        let limit = route
+            .policy
+            .per_try
+            .map_or(route.policy.total, |t| t.min(route.policy.total));
+        let response = tokio::time::timeout(limit, client.request(upstream))
+            .await
+            .map_err(|_| EgressError::Timeout {
+                upstream: route.name.clone(),
+                seconds: limit.as_secs_f64(),
+            })?
+            .map_err(|err| EgressError::Connect {
+                upstream: route.name.clone(),
+                reason: source_chain(&err),
+            })?;
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // Refused: the upstream's answer goes back as it is.
+            return Ok(response.map(|body| {
+                IdleBody::new(body, route.policy.idle, route.name.clone(), None).boxed()
+            }));
+        }
+        upgrade::join(route, agent_side, response)
     }
 
     /// With replay on and a key on the request: the recorded answer for the

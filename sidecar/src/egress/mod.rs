@@ -17,11 +17,12 @@
 //! Retries come out of a per-upstream budget ([`budget`]); concurrency and
 //! rate limits with a bounded queue shed what they cannot take ([`limits`]).
 //!
-//! Keyed requests are answered once and replayed after ([`replay`]).
+//! Keyed requests are answered once and replayed after ([`replay`]);
+//! WebSocket and other upgrades are tunnelled ([`upgrade`]).
 //!
 //! Partial (the egress issue): headers from Secrets, an Upstream's own CA,
 //! the tokens-per-minute limit,
-//! WebSocket upgrades, the forward-proxy mode and trace-context injection
+//! the forward-proxy mode and trace-context injection
 //! are not built yet; configurations that set them are ACKed with those
 //! settings named as not applied.
 
@@ -33,6 +34,7 @@ mod limits;
 mod metrics;
 mod replay;
 pub mod routes;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

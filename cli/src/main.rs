@@ -62,7 +62,7 @@ enum Command {
         database_url: String,
         /// How long to keep trying while the database cannot be reached
         /// (a Job may start before its database does).
-        #[arg(long, default_value = "120s", value_parser = parse_seconds)]
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
         wait: Duration,
     },
     /// Tenants: onboard one onto the shared Postgres and Redis.
@@ -207,18 +207,6 @@ enum SchemasCommand {
         #[arg(long, env = "STATEFABRIC_SCHEMA_REGISTRY_URL")]
         registry: String,
     },
-}
-
-/// `120s`, `2m` or a bare number of seconds.
-fn parse_seconds(text: &str) -> Result<Duration, String> {
-    let (number, unit) = match text.strip_suffix('m') {
-        Some(n) => (n, 60),
-        None => (text.strip_suffix('s').unwrap_or(text), 1),
-    };
-    number
-        .parse::<u64>()
-        .map(|n| Duration::from_secs(n * unit))
-        .map_err(|_| format!("`{text}` is not a duration like 120s or 2m"))
 }
 
 async fn migrate(database_url: &str, wait: Duration) -> ExitCode {

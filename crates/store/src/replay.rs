@@ -46,6 +46,21 @@ fn parse_headers(text: &str) -> Vec<(String, String)> {
     serde_json::from_str(text).unwrap_or_default()
 }
 
+/// A row as read by either adapter.
+fn recorded(
+    fingerprint: String,
+    status: i64,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+) -> Recorded {
+    Recorded {
+        fingerprint,
+        status: u16::try_from(status).unwrap_or(500),
+        headers,
+        body,
+    }
+}
+
 fn expires(ttl: Duration) -> chrono::DateTime<Utc> {
     Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::days(1))
 }
@@ -64,11 +79,9 @@ impl ReplayStore for PgEventStore {
         .await
         .map_err(crate::pg::map_err)?;
         tx.commit().await.map_err(crate::pg::map_err)?;
-        Ok(row.map(|(fingerprint, status, headers, body)| Recorded {
-            fingerprint,
-            status: u16::try_from(status).unwrap_or(500),
-            headers: serde_json::from_value(headers).unwrap_or_default(),
-            body,
+        Ok(row.map(|(fingerprint, status, headers, body)| {
+            let headers = serde_json::from_value(headers).unwrap_or_default();
+            recorded(fingerprint, i64::from(status), headers, body)
         }))
     }
 
@@ -121,11 +134,8 @@ impl ReplayStore for SqliteEventStore {
         .fetch_optional(self.reader())
         .await
         .map_err(crate::sqlite::map_err)?;
-        Ok(row.map(|(fingerprint, status, headers, body)| Recorded {
-            fingerprint,
-            status: u16::try_from(status).unwrap_or(500),
-            headers: parse_headers(&headers),
-            body,
+        Ok(row.map(|(fingerprint, status, headers, body)| {
+            recorded(fingerprint, status, parse_headers(&headers), body)
         }))
     }
 

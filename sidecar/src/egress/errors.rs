@@ -43,7 +43,7 @@ pub enum EgressError {
 
 /// Whole seconds, at least one (what `Retry-After` can say).
 fn retry_after_seconds(wait: std::time::Duration) -> u64 {
-    wait.as_secs() + u64::from(wait.subsec_nanos() > 0).max(u64::from(wait.is_zero()))
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 impl EgressError {

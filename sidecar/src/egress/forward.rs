@@ -317,20 +317,17 @@ impl Egress {
         let Some(settings) = route.policy.limit else {
             return Ok(None);
         };
-        let limiter = {
-            let mut limiters = self
-                .limiters
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let limiter = limiters
-                .entry(route.name.clone())
-                .or_insert_with(|| Arc::new(Limiter::new(settings)));
-            if limiter.settings() != settings {
-                // New limits for new calls; calls in flight keep their slots.
-                *limiter = Arc::new(Limiter::new(settings));
-            }
-            limiter.clone()
-        };
+        let limiter = per_upstream(
+            &self.limiters,
+            &route.name,
+            || Arc::new(Limiter::new(settings)),
+            |limiter| {
+                if limiter.settings() != settings {
+                    // New limits for new calls; calls in flight keep their slots.
+                    *limiter = Arc::new(Limiter::new(settings));
+                }
+            },
+        );
         limiter.admit().await.map_err(|shed| {
             self.metrics.shed(&route.name);
             let (rate, what, retry_after) = match shed {
@@ -505,53 +502,67 @@ impl Egress {
             connect: route.policy.connect,
             protocol: route.protocol,
         };
-        let mut clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((k, client)) = clients.get(&route.name)
-            && *k == key
-        {
-            return client.clone();
-        }
-        let client = build_client(&self.tls, key);
-        clients.insert(route.name.clone(), (key, client.clone()));
+        let new = || (key, build_client(&self.tls, key));
+        let (_, client) = per_upstream(&self.clients, &route.name, new, |entry| {
+            if entry.0 != key {
+                *entry = new();
+            }
+        });
         client
     }
 
     /// The upstream's retry budget with the route's settings (its balance
     /// outlives configuration changes).
     fn budget(&self, route: &Route, retry: &super::routes::RetrySettings) -> Arc<RetryBudget> {
-        let mut budgets = self
-            .budgets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let budget = budgets.entry(route.name.clone()).or_insert_with(|| {
-            Arc::new(RetryBudget::new(
-                retry.budget_percent,
-                retry.min_retries_per_second,
-            ))
-        });
-        budget.set(retry.budget_percent, retry.min_retries_per_second);
-        budget.clone()
+        let (percent, floor) = (retry.budget_percent, retry.min_retries_per_second);
+        per_upstream(
+            &self.budgets,
+            &route.name,
+            || Arc::new(RetryBudget::new(percent, floor)),
+            |budget| budget.set(percent, floor),
+        )
     }
 
     /// The upstream's breaker with the route's settings; `None` without a
     /// breaker policy. Its state outlives configuration changes.
     fn breaker(&self, route: &Route) -> Option<Breaker> {
         let config: BreakerConfig = route.policy.breaker?;
-        let mut breakers = self
-            .breakers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let breaker = breakers
-            .entry(route.name.clone())
-            .or_insert_with(|| Breaker::new("egress", config));
-        if breaker.config() != config {
-            breaker.set_config(config);
-        }
+        let breaker = per_upstream(
+            &self.breakers,
+            &route.name,
+            || Breaker::new("egress", config),
+            |breaker| {
+                if breaker.config() != config {
+                    breaker.set_config(config);
+                }
+            },
+        );
         self.metrics.breaker_state(&route.name, breaker.state());
-        Some(breaker.clone())
+        Some(breaker)
+    }
+}
+
+/// An upstream's entry in one of the per-upstream maps: made on first use,
+/// brought up to the route's settings by `refresh` on every other.
+fn per_upstream<T: Clone>(
+    map: &Mutex<HashMap<String, T>>,
+    upstream: &str,
+    make: impl FnOnce() -> T,
+    refresh: impl FnOnce(&mut T),
+) -> T {
+    let mut map = map
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match map.get_mut(upstream) {
+        Some(entry) => {
+            refresh(entry);
+            entry.clone()
+        }
+        None => {
+            let entry = make();
+            map.insert(upstream.to_owned(), entry.clone());
+            entry
+        }
     }
 }
 

@@ -107,6 +107,9 @@ pub async fn append_then_read_back(f: &impl Fixture) -> anyhow::Result<()> {
         vector_clock: clock,
         ..EventMetadata::default()
     };
+    // Any JSON document is a payload, `null` included (Postgres once
+    // stored it as SQL NULL and refused the append).
+    batch[2].data = serde_json::Value::Null;
     let outcome = store
         .append(
             &scope(&tenant),

@@ -56,7 +56,8 @@ fn append_sql(stream_statement: &str) -> String {
          ins AS ( \
            INSERT INTO event_store (event_id, tenant_id, stream_id, stream_type, event_type, \
                                     event_schema_version, data, metadata, stream_version) \
-           SELECT e.id, $1, $2, $3, e.event_type, e.schema_version, e.data, e.metadata, \
+           SELECT e.id, $1, $2, $3, e.event_type, e.schema_version, \
+                  COALESCE(e.data, 'null'::jsonb), e.metadata, \
                   s.version - $4 + e.ord \
              FROM s, ROWS FROM (jsonb_to_recordset($5) AS (id uuid, event_type text, \
                   schema_version integer, data jsonb, metadata jsonb)) \

@@ -155,6 +155,41 @@ impl TasksService {
         }
     }
 
+    /// Offers the tasks handed out through stream `stream` and not answered
+    /// to other workers: its worker went away (its connection closed), so
+    /// the tasks go on under the same keys instead of waiting out their
+    /// deadlines — and a repeat under the same key is what lets the next
+    /// worker's egress calls replay the first one's.
+    async fn release_stream(&self, stream: u64) {
+        let keys: Vec<String> = {
+            let mut in_flight = self
+                .in_flight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let keys = in_flight
+                .iter()
+                .filter(|(_, (owner, _))| *owner == stream)
+                .map(|(key, _)| key.clone())
+                .collect::<Vec<_>>();
+            for key in &keys {
+                in_flight.remove(key);
+            }
+            keys
+        };
+        if keys.is_empty() {
+            return;
+        }
+        match self.queue.release(&self.tenant, Some(&keys)).await {
+            Ok(n) => tracing::info!(
+                released = n,
+                "a task stream closed; offered its unanswered tasks to other workers"
+            ),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not release a closed stream's tasks; they wait out their deadlines")
+            }
+        }
+    }
+
     fn answered(&self, key: &str) {
         self.in_flight
             .lock()
@@ -192,8 +227,24 @@ async fn stream_loop(
     let stream = service
         .next_stream
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let closed = hand_out(&service, &agent, &worker, max_in_flight, stream, &tx).await;
+    if closed {
+        service.release_stream(stream).await;
+    }
+}
+
+/// The body of [`stream_loop`]; true when it ended because the worker's
+/// stream closed (false: the sidecar is stopping, or the store failed).
+async fn hand_out(
+    service: &TasksService,
+    agent: &str,
+    worker: &str,
+    max_in_flight: usize,
+    stream: u64,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::Task, Status>>,
+) -> bool {
     loop {
-        let mut signal = service.queue.tasks_signal(&service.tenant, &agent);
+        let mut signal = service.queue.tasks_signal(&service.tenant, agent);
         let budget = {
             let mut in_flight = service
                 .in_flight
@@ -207,7 +258,7 @@ async fn stream_loop(
             let max = u32::try_from(budget).unwrap_or(MAX_BATCH);
             match service
                 .queue
-                .claim(&service.tenant, &agent, &worker, max)
+                .claim(&service.tenant, agent, worker, max)
                 .await
             {
                 Ok(tasks) => {
@@ -215,7 +266,7 @@ async fn stream_loop(
                     for task in tasks {
                         service.handed_out(stream, &task);
                         if tx.send(Ok(to_pb(task))).await.is_err() {
-                            return;
+                            return true;
                         }
                     }
                     if got {
@@ -224,13 +275,13 @@ async fn stream_loop(
                 }
                 Err(err) => {
                     let _ = tx.send(Err(from_store(err))).await;
-                    return;
+                    return false;
                 }
             }
         }
         tokio::select! {
-            () = service.stop.cancelled() => return,
-            () = tx.closed() => return,
+            () = service.stop.cancelled() => return false,
+            () = tx.closed() => return true,
             _ = signal.changed() => {}
             () = tokio::time::sleep(STREAM_RECHECK) => {}
         }

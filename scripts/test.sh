@@ -51,6 +51,20 @@ set +e
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+
+# The Python SDK: its stubs generated from proto/ while it is installed into
+# the test venv (testenv/python-clients.txt), type-checked, and its pytest
+# suite run against real sidecars (the binaries built above).
+py_log=$(mktemp)
+trap 'rm -f "$log" "$py_log"' EXIT
+"$STATEFABRIC_TEST_PYTHON" -m pip install --quiet --disable-pip-version-check --no-build-isolation ./sdk/python
+"$STATEFABRIC_TEST_PYTHON" -m mypy --config-file sdk/python/pyproject.toml \
+  --cache-dir "$CARGO_TARGET_DIR/mypy" -p statefabric
+set +e
+(cd sdk/python && "$STATEFABRIC_TEST_PYTHON" -m pytest -p no:cacheprovider -q) 2>&1 | tee "$py_log"
+py_status=${PIPESTATUS[0]}
+set -e
+if (( status == 0 )); then status=$py_status; fi
 # The topics, groups and tenants the tests made would otherwise pile up run
 # after run.
 testenv/prune-kafka.sh
@@ -58,7 +72,15 @@ testenv/prune-postgres.sh
 testenv/prune-kubernetes.sh
 
 # Sum the per-binary summaries: a green run that executed nothing is a failure.
-read -r passed failed < <(awk '/^test result:/ { p += $4; f += $6 } END { print p+0, f+0 }' "$log")
+read -r passed failed < <(
+  {
+    awk '/^test result:/ { p += $4; f += $6 } END { print p+0, f+0 }' "$log"
+    # pytest's last line: "2 failed, 30 passed, 1 error in 20.1s".
+    tail -n 1 "$py_log" | awk '{ for (i = 2; i <= NF; i++) { w = $i; sub(/,$/, "", w)
+      if (w == "passed") p += $(i-1); if (w == "failed" || w ~ /^error/) f += $(i-1) } }
+      END { print p+0, f+0 }'
+  } | awk '{ p += $1; f += $2 } END { print p, f }'
+)
 echo "${passed} passed, ${failed} failed"
 if (( status != 0 )); then
   exit "$status"

@@ -56,7 +56,8 @@ set -e
 # the test venv (testenv/python-clients.txt), type-checked, and its pytest
 # suite run against real sidecars (the binaries built above).
 py_log=$(mktemp)
-trap 'rm -f "$log" "$py_log"' EXIT
+ts_log=$(mktemp)
+trap 'rm -f "$log" "$py_log" "$ts_log"' EXIT
 "$STATEFABRIC_TEST_PYTHON" -m pip install --quiet --disable-pip-version-check --no-build-isolation ./sdk/python
 "$STATEFABRIC_TEST_PYTHON" -m mypy --config-file sdk/python/pyproject.toml \
   --cache-dir "$CARGO_TARGET_DIR/mypy" -p statefabric
@@ -65,6 +66,16 @@ set +e
 py_status=${PIPESTATUS[0]}
 set -e
 if (( status == 0 )); then status=$py_status; fi
+
+# The TypeScript SDK: dependencies by its lockfile, stubs generated from
+# proto/ and compiled strictly (tsc), node's test runner against real
+# sidecars.
+(cd sdk/typescript && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build)
+set +e
+(cd sdk/typescript && npm test --silent) 2>&1 | tee "$ts_log"
+ts_status=${PIPESTATUS[0]}
+set -e
+if (( status == 0 )); then status=$ts_status; fi
 # The topics, groups and tenants the tests made would otherwise pile up run
 # after run.
 testenv/prune-kafka.sh
@@ -79,6 +90,8 @@ read -r passed failed < <(
     tail -n 1 "$py_log" | awk '{ for (i = 2; i <= NF; i++) { w = $i; sub(/,$/, "", w)
       if (w == "passed") p += $(i-1); if (w == "failed" || w ~ /^error/) f += $(i-1) } }
       END { print p+0, f+0 }'
+    # node --test's summary: "# pass 27", "# fail 0".
+    awk '/^# pass / { p = $3 } /^# fail / { f = $3 } END { print p+0, f+0 }' "$ts_log"
   } | awk '{ p += $1; f += $2 } END { print p, f }'
 )
 echo "${passed} passed, ${failed} failed"

@@ -45,6 +45,17 @@ install_packages() {
   fi
 }
 
+# The TypeScript SDK (sdk/typescript) is built and tested with Node.js 20 or
+# newer and npm; Debian 12's own nodejs is 18, so it is a prerequisite, like
+# Go for Kubernetes (its packages come from the npm registry, by lockfile).
+check_node() {
+  command -v node >/dev/null && command -v npm >/dev/null \
+    || die "the TypeScript SDK's tests need Node.js 20 or newer with npm on PATH"
+  local major
+  major=$(node -p 'process.versions.node.split(".")[0]')
+  (( major >= 20 )) || die "the TypeScript SDK's tests need Node.js 20 or newer (found $(node --version))"
+}
+
 # ---------------------------------------------------------------- jars
 fetch_jars() {
   local mvn=(mvn -B -q -Dmaven.repo.local="${MAVEN_REPO:-$HOME/.m2/repository}")
@@ -419,6 +430,7 @@ start_connect
 start_kubernetes
 prepare_chart_tools
 prepare_python_clients
+check_node
 wait_for "Schema Registry" 120 registry_ready
 wait_for "Kafka Connect (with Debezium)" 180 connect_ready
 

@@ -13,6 +13,7 @@ pub mod chart;
 pub mod kafka;
 pub mod kube;
 pub mod lock_contract;
+pub mod otlp;
 pub mod pod_runner;
 pub mod process;
 pub mod saga_contract;

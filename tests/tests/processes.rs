@@ -181,69 +181,26 @@ async fn json_logs_are_one_object_per_line() -> anyhow::Result<()> {
 /// tagged with the binary's service name, and are flushed before exit.
 #[tokio::test]
 async fn traces_are_exported_over_otlp_when_configured() -> anyhow::Result<()> {
-    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-        TraceService, TraceServiceServer,
-    };
-    use opentelemetry_proto::tonic::collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-    };
-
-    struct Collector(tokio::sync::mpsc::UnboundedSender<ExportTraceServiceRequest>);
-
-    #[tonic::async_trait]
-    impl TraceService for Collector {
-        async fn export(
-            &self,
-            request: tonic::Request<ExportTraceServiceRequest>,
-        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-            let _ = self.0.send(request.into_inner());
-            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-        }
-    }
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Collector(tx)))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-
+    let collector = statefabric_tests::otlp::Collector::start().await?;
     let mut running = spawn(
         "statefabric-sidecar",
         &[],
-        &[("STATEFABRIC_TELEMETRY__OTLP_ENDPOINT", endpoint.as_str())],
+        &[(
+            "STATEFABRIC_TELEMETRY__OTLP_ENDPOINT",
+            collector.endpoint.as_str(),
+        )],
     )?;
     running.ready().await?;
     let (code, stderr) = running.stop_with(Signal::SIGTERM).await?;
     assert_eq!(code, 0, "{stderr}");
 
-    let mut spans = Vec::new();
-    let mut service_names = Vec::new();
-    while let Ok(request) = rx.try_recv() {
-        for resource_spans in request.resource_spans {
-            if let Some(resource) = resource_spans.resource {
-                for attr in resource.attributes {
-                    if attr.key == "service.name" {
-                        service_names.push(format!("{:?}", attr.value));
-                    }
-                }
-            }
-            for scope in resource_spans.scope_spans {
-                spans.extend(scope.spans.into_iter().map(|s| s.name));
-            }
-        }
-    }
+    // Flushed before exit: already there, no waiting.
+    let spans = collector.spans();
     assert!(
-        spans.iter().any(|s| s == "shutdown"),
-        "spans received: {spans:?}\n{stderr}"
-    );
-    assert!(
-        service_names
+        spans
             .iter()
-            .any(|n| n.contains("statefabric-sidecar")),
-        "service names: {service_names:?}"
+            .any(|s| s.name == "shutdown" && s.service == "statefabric-sidecar"),
+        "spans received: {spans:?}\n{stderr}"
     );
     Ok(())
 }

@@ -2,7 +2,8 @@
 //!
 //! Owns what each process needs before it does any real work: the layered,
 //! validated configuration ([`config`]), logging and trace export
-//! ([`telemetry`]), the admin HTTP endpoints for probes and Prometheus
+//! ([`telemetry`]) with W3C trace context across hops ([`trace_context`]),
+//! the admin HTTP endpoints for probes and Prometheus
 //! ([`admin`]), and signal-driven graceful shutdown with a drain deadline
 //! ([`shutdown`]). [`service::run`] ties them together so a binary's `main` is
 //! a few lines.
@@ -16,6 +17,7 @@ pub mod config;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trace_context;
 
 pub use admin::{AdminConfig, Readiness, ReadinessCheck};
 pub use config::{BaseConfig, ConfigArgs, ConfigError, ConfigIssue, Issues, ServiceConfig};

@@ -23,7 +23,9 @@ use hyper_util::rt::TokioExecutor;
 use statefabric_mesh::resiliency::RetryOn;
 use statefabric_mesh::upstream::Protocol;
 use statefabric_resilience::{Breaker, BreakerConfig};
+use statefabric_runtime::trace_context;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::body::{BoxError, IdleBody};
 use super::budget::RetryBudget;
@@ -149,14 +151,31 @@ impl Egress {
     }
 
     /// The agent's call, answered: the upstream's response or the egress
-    /// path's own error answer.
+    /// path's own error answer. One client span per call, a child of the
+    /// agent's trace context, whose context the upstream request carries on
+    /// (it ends when the response's head is back; a streamed body goes on).
     pub async fn call(&self, request: Request<Incoming>) -> Response<EgressBody> {
+        let span = tracing::info_span!(
+            "egress",
+            otel.kind = "client",
+            http.request.method = %request.method(),
+            upstream = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+        );
+        trace_context::continue_from(&span, request.headers());
+        let response = self.answer(request).instrument(span.clone()).await;
+        span.record("http.response.status_code", response.status().as_u16());
+        response
+    }
+
+    async fn answer(&self, request: Request<Incoming>) -> Response<EgressBody> {
         let began = Instant::now();
         let routes = self.routes.load_full();
         let (route, uri) = match route_of(&routes, request.uri()) {
             Ok(found) => found,
             Err(err) => return err.into_response(),
         };
+        tracing::Span::current().record("upstream", route.name.as_str());
         if upgrade::requested(request.headers()) {
             let response = match self.upgrade(&route, uri, request).await {
                 Ok(response) => response,
@@ -625,7 +644,8 @@ fn route_of(routes: &Routes, uri: &Uri) -> Result<(Arc<Route>, Uri), EgressError
 }
 
 /// The agent's headers without hop-by-hop ones and `Host` (the client sets
-/// it from the URI), plus the route's own.
+/// it from the URI), plus the route's own, and the egress span's trace
+/// context (when traces are exported; else the agent's goes on as it was).
 fn upstream_headers(agent: &HeaderMap, route: &Route) -> HeaderMap {
     let mut headers = agent.clone();
     headers.remove(header::HOST);
@@ -635,6 +655,7 @@ fn upstream_headers(agent: &HeaderMap, route: &Route) -> HeaderMap {
     for (name, value) in &route.headers {
         headers.insert(name.clone(), value.clone());
     }
+    trace_context::inject(&tracing::Span::current(), &mut headers);
     headers
 }
 

@@ -70,6 +70,17 @@ pub async fn wait_ready(what: &str, admin_port: u16) -> anyhow::Result<()> {
     .await
 }
 
+/// The release binary `name`, built beside the running benchmark.
+pub fn release_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let binary = std::env::current_exe()?.with_file_name(name);
+    anyhow::ensure!(
+        binary.is_file(),
+        "{} missing: build it with --release first",
+        binary.display()
+    );
+    Ok(binary)
+}
+
 /// A release-built sidecar on the shared test Postgres, started for a run.
 #[derive(Debug)]
 pub struct Sidecar {
@@ -82,13 +93,7 @@ impl Sidecar {
     /// Starts one beside this binary (build both with --release) for
     /// `tenant`, with `extra` environment, and waits until it is ready.
     pub async fn start(tenant: &str, extra: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
-        let binary = exe.with_file_name("statefabric-sidecar");
-        anyhow::ensure!(
-            binary.is_file(),
-            "{} missing: build it with --release first",
-            binary.display()
-        );
+        let binary = release_binary("statefabric-sidecar")?;
         let (grpc, admin) = (env::free_port(), env::free_port());
         let mut command = Command::new(binary);
         command

@@ -121,7 +121,9 @@ pub struct SagasConfig {
     pub commit_batch: usize,
     /// Batches committed at once.
     pub concurrency: usize,
-    /// The longest pause between passes (timer resolution).
+    /// The longest pause between idle passes. Passes run when inbox rows
+    /// arrive and when the next timer is due; the tick only bounds how late
+    /// a row the arrival signal missed is seen.
     #[serde(with = "humantime_serde")]
     pub tick: Duration,
     /// How often the stalled-sagas gauge is counted.
@@ -143,7 +145,7 @@ impl Default for SagasConfig {
             batch: 512,
             commit_batch: 64,
             concurrency: 4,
-            tick: Duration::from_millis(50),
+            tick: Duration::from_secs(1),
             stalled_every: Duration::from_secs(15),
         }
     }

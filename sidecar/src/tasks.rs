@@ -28,8 +28,11 @@ use tonic::{Request, Response, Status};
 
 const MAX_BATCH: u32 = 1000;
 const MAX_WAIT: Duration = Duration::from_secs(60);
-/// A stream re-checks the store this often even without a wake-up.
-const STREAM_RECHECK: Duration = Duration::from_secs(1);
+/// A stream re-checks the store at least this often. It is woken when tasks
+/// arrive or are released (in-process, or the tasks `NOTIFY`), when one of
+/// its tasks is answered and when one's local deadline passes; this only
+/// bounds how late a wake-up that went missing is made up for.
+const STREAM_RECHECK: Duration = Duration::from_secs(10);
 /// The `in_flight` owner of tasks handed out by `PollTasks`.
 const POLLED: u64 = u64::MAX;
 
@@ -42,6 +45,8 @@ pub struct TasksService {
     /// [`POLLED`]; local deadline).
     in_flight: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
     next_stream: Arc<std::sync::atomic::AtomicU64>,
+    /// Wakes streams when an answer frees a place in their in-flight budget.
+    freed: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 }
 
@@ -112,6 +117,7 @@ impl TasksService {
             identity,
             in_flight: Arc::default(),
             next_stream: Arc::default(),
+            freed: Arc::default(),
             stop,
         }
     }
@@ -191,10 +197,14 @@ impl TasksService {
     }
 
     fn answered(&self, key: &str) {
-        self.in_flight
+        let removed = self
+            .in_flight
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(key);
+        if removed.is_some() {
+            self.freed.notify_waiters();
+        }
     }
 
     async fn reply(&self, saga: &str, message: InboxMessage) -> Result<(), Status> {
@@ -244,15 +254,22 @@ async fn hand_out(
     tx: &tokio::sync::mpsc::Sender<Result<pb::Task, Status>>,
 ) -> bool {
     loop {
+        // Both wake-ups are subscribed to before the store is read, so
+        // nothing that happens in between is missed.
         let mut signal = service.queue.tasks_signal(&service.tenant, agent);
-        let budget = {
+        let freed = service.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        let (budget, next_expiry) = {
             let mut in_flight = service
                 .in_flight
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let now = Instant::now();
             in_flight.retain(|_, (_, deadline)| *deadline > now);
-            max_in_flight.saturating_sub(in_flight.values().filter(|(s, _)| *s == stream).count())
+            let ours = in_flight.values().filter(|(s, _)| *s == stream);
+            let next_expiry = ours.clone().map(|(_, deadline)| *deadline).min();
+            (max_in_flight.saturating_sub(ours.count()), next_expiry)
         };
         if budget > 0 {
             let max = u32::try_from(budget).unwrap_or(MAX_BATCH);
@@ -279,11 +296,13 @@ async fn hand_out(
                 }
             }
         }
+        let recheck = Instant::now() + STREAM_RECHECK;
         tokio::select! {
             () = service.stop.cancelled() => return false,
             () = tx.closed() => return true,
             _ = signal.changed() => {}
-            () = tokio::time::sleep(STREAM_RECHECK) => {}
+            () = &mut freed => {}
+            () = tokio::time::sleep_until(next_expiry.map_or(recheck, |at| at.min(recheck))) => {}
         }
     }
 }

@@ -37,6 +37,7 @@ macro_rules! saga_contract_tests {
             a_batch_commits_each_transition_or_says_why_not,
             concurrent_answers_and_starts_each_get_their_own_outcome,
             open_tasks_are_counted_per_tenant_and_agent_type,
+            released_tasks_wake_the_next_worker_under_the_same_key,
         );
     };
     (@each $fixture:expr; $($name:ident),* $(,)?) => {
@@ -189,6 +190,45 @@ pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
     Ok(())
 }
 
+/// A claimed task released (its worker went away) goes to the next worker
+/// under the same key, and workers waiting for the agent type are woken —
+/// in every process (Postgres: the tasks `NOTIFY`).
+pub async fn released_tasks_wake_the_next_worker_under_the_same_key(
+    f: Fixture,
+) -> anyhow::Result<()> {
+    let def = builtin::plan_code_critique();
+    started(&f, &def).await?;
+    let claimed = f.queue.claim(&f.tenant, "planner", "w1", 10).await?;
+    assert_eq!(claimed.len(), 1, "the PLAN task");
+    let key = claimed[0].key.clone();
+    let mut waiting = f.queue.tasks_signal(&f.tenant, "planner");
+    // A listener wakes everyone once when it (re)connects: let that pass,
+    // so only the release can wake the worker below.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    waiting.borrow_and_update();
+    assert_eq!(
+        f.queue
+            .release(&f.tenant, Some(std::slice::from_ref(&key)))
+            .await?,
+        1
+    );
+    tokio::time::timeout(Duration::from_secs(5), waiting.changed())
+        .await
+        .map_err(|_| anyhow::anyhow!("a waiting worker was not woken"))??;
+    let again = f.queue.claim(&f.tenant, "planner", "w2", 10).await?;
+    let keys: Vec<&str> = again.iter().map(|t| t.key.as_str()).collect();
+    assert_eq!(keys, [key.as_str()]);
+    assert_eq!(again[0].claimed_by.as_deref(), Some("w2"));
+    assert_eq!(
+        f.queue
+            .release(&f.tenant, Some(&["no-saga/PLAN/1/1".to_owned()]))
+            .await?,
+        0,
+        "an unknown key releases nothing"
+    );
+    Ok(())
+}
+
 pub async fn stale_revisions_and_existing_ids_are_refused(f: Fixture) -> anyhow::Result<()> {
     let def = builtin::plan_code_critique();
     let instance = started(&f, &def).await?;
@@ -241,6 +281,11 @@ pub async fn deadlines_fire_when_due_and_heartbeats_push_them(f: Fixture) -> any
         timers.into_iter().any(|t| t.key == key)
     };
     assert!(!ours(f.store.due_timers(10_000).await?), "not due yet");
+    let next = f.store.next_timer_in().await?.expect("a timer is set");
+    assert!(
+        next <= Duration::from_millis(1500),
+        "the deadline is the earliest timer or later ones are earlier: {next:?}"
+    );
     tokio::time::sleep(Duration::from_millis(900)).await;
     assert!(
         f.queue.heartbeat(&f.tenant, &key).await?.is_some(),
@@ -254,6 +299,11 @@ pub async fn deadlines_fire_when_due_and_heartbeats_push_them(f: Fixture) -> any
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let due = f.store.due_timers(10_000).await?;
     assert!(ours(due), "due after a full timeout without heartbeat");
+    assert_eq!(
+        f.store.next_timer_in().await?,
+        Some(Duration::ZERO),
+        "a due timer is due now"
+    );
     let mut next = instance.clone();
     let parsed = statefabric_saga_engine::engine::parse_key(&key).expect("key");
     let effects = next.apply(&def, Input::TimedOut { key: parsed }, 0.0)?;

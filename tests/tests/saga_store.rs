@@ -41,6 +41,9 @@ async fn postgres() -> anyhow::Result<Fixture> {
     statefabric_store::pg::create_tenant(&admin, &TenantId::new(tenant.clone())?, "").await?;
     let store = PgSagaStore::connect(&env::pg_control_url(), 4).await?;
     let queue = PgTaskQueue::connect(&env::pg_app_url(), &tenant, 2).await?;
+    // Waiting workers are woken by NOTIFY, as in a sidecar (the listener
+    // ends with the test's runtime).
+    tokio::spawn(queue.listen(tokio_util::sync::CancellationToken::new()));
     let lease = format!("saga-contract-{}", uuid::Uuid::new_v4().simple());
     let elector = PgElector::new(store.pool().clone(), &lease, "contract");
     let epoch = elector

@@ -183,3 +183,68 @@ async fn bad_task_requests_are_refused_clearly() -> anyhow::Result<()> {
     assert_eq!(exit, 0);
     Ok(())
 }
+
+/// A worker whose task stream closes (it crashed, or lost its connection)
+/// had its unanswered tasks offered to other workers at once, under the
+/// same key, not after the step's two-minute lease as a new attempt; tasks
+/// it answered stay answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_task_stream_hands_its_unanswered_tasks_on_under_the_same_keys()
+-> anyhow::Result<()> {
+    use futures::StreamExt;
+
+    let mut service = process::spawn("fabric", &["dev"], &[])?;
+    service.ready().await?;
+    let mut client = TasksClient::connect(service.grpc.clone()).await?;
+    for id in ["handed-on-1", "handed-on-2"] {
+        client
+            .start_saga(pb::StartSagaRequest {
+                definition: "plan-code-critique".into(),
+                saga_id: id.into(),
+                data_json: br#"{"task": "t"}"#.to_vec(),
+            })
+            .await?;
+    }
+    let mut first_worker = TasksClient::connect(service.grpc.clone()).await?;
+    let mut stream = first_worker
+        .stream_tasks(pb::StreamTasksRequest {
+            agent_type: "planner".into(),
+            max_in_flight: 2,
+            worker: "first".into(),
+        })
+        .await?
+        .into_inner();
+    let mut keys = Vec::new();
+    while keys.len() < 2 {
+        let task = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the stream ended"))??;
+        keys.push(task.key);
+    }
+    keys.sort();
+    // One answered, then the worker goes away.
+    first_worker
+        .complete_task(pb::CompleteTaskRequest {
+            key: keys[0].clone(),
+            output_json: b"{}".to_vec(),
+        })
+        .await?;
+    drop(stream);
+    drop(first_worker);
+
+    let handed_on = client
+        .poll_tasks(pb::PollTasksRequest {
+            agent_type: "planner".into(),
+            max: 10,
+            wait_ms: 10_000,
+            worker: "second".into(),
+        })
+        .await?
+        .into_inner()
+        .tasks;
+    let handed: Vec<&str> = handed_on.iter().map(|t| t.key.as_str()).collect();
+    assert_eq!(handed, [keys[1].as_str()], "the unanswered one, same key");
+    let (exit, _) = service.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(exit, 0);
+    Ok(())
+}

@@ -109,12 +109,7 @@ async fn apply_config(configs: &Api<FabricConfig>, round: u32) -> anyhow::Result
 }
 
 async fn start_control_plane(port: u16) -> anyhow::Result<Child> {
-    let binary = std::env::current_exe()?.with_file_name("statefabric-control-plane");
-    anyhow::ensure!(
-        binary.is_file(),
-        "{} missing: build it with --release first",
-        binary.display()
-    );
+    let binary = statefabric_bench::release_binary("statefabric-control-plane")?;
     let admin = env::free_port();
     let child = Command::new(binary)
         .env("KUBECONFIG", env::kube::kubeconfig_path())

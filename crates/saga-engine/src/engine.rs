@@ -65,7 +65,9 @@ pub struct EngineSettings {
     pub commit_batch: usize,
     /// Batches committed at once.
     pub concurrency: usize,
-    /// The longest wait between passes (timers are checked this often).
+    /// The longest wait between passes when idle. Passes run when inbox
+    /// rows arrive (a signal) and when the next timer is due; the tick only
+    /// bounds how late a row the signal missed is seen.
     pub tick: Duration,
     /// How often the stalled-sagas gauge is refreshed.
     pub stalled_every: Duration,
@@ -82,7 +84,7 @@ impl Default for EngineSettings {
             batch: 512,
             commit_batch: 64,
             concurrency: 4,
-            tick: Duration::from_millis(50),
+            tick: Duration::from_secs(1),
             stalled_every: Duration::from_secs(15),
             outbox: false,
         }

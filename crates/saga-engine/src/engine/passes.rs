@@ -95,10 +95,20 @@ impl Engine {
                 }
             };
             if !full {
+                // Idle: wake for new inbox rows or the next timer, and no
+                // later than a tick (rows from elsewhere the signal missed).
+                let wait = match self.store.next_timer_in().await {
+                    Ok(Some(next)) => next.min(self.settings.tick),
+                    Ok(None) => self.settings.tick,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot read the next timer");
+                        self.settings.tick
+                    }
+                };
                 tokio::select! {
                     () = stop.cancelled() => return,
                     _ = signal.changed() => {}
-                    () = tokio::time::sleep(self.settings.tick) => {}
+                    () = tokio::time::sleep(wait) => {}
                 }
             }
         }

@@ -355,6 +355,11 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
     /// Timers due now (by the store's clock), oldest first.
     async fn due_timers(&self, limit: u32) -> Result<Vec<DueTimer>>;
 
+    /// How long until the earliest timer fires (zero when one is due);
+    /// `None` when there is no timer. The engine sleeps until then instead
+    /// of polling.
+    async fn next_timer_in(&self) -> Result<Option<Duration>>;
+
     async fn list(&self, filter: &Filter) -> Result<Vec<Summary>>;
 
     async fn history(&self, saga_id: &str) -> Result<Vec<HistoryEntry>>;

@@ -453,6 +453,18 @@ impl SagaStore for PgSagaStore {
             .collect()
     }
 
+    async fn next_timer_in(&self) -> Result<Option<Duration>> {
+        let row = sqlx::query(
+            "SELECT GREATEST(0, EXTRACT(EPOCH FROM (min(fire_at) - now())) * 1000)::bigint AS ms
+               FROM saga_timers",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let ms: Option<i64> = row.try_get("ms").map_err(map_err)?;
+        Ok(ms.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))))
+    }
+
     async fn list(&self, filter: &Filter) -> Result<Vec<Summary>> {
         let rows = sqlx::query(
             "SELECT saga_id, tenant_id, definition, version, status, paused, started_at,

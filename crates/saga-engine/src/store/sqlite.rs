@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -308,6 +309,17 @@ impl SagaStore for SqliteSagaStore {
                 })
             })
             .collect()
+    }
+
+    async fn next_timer_in(&self) -> Result<Option<Duration>> {
+        let row = sqlx::query("SELECT min(fire_at) AS fire_at FROM saga_timers")
+            .fetch_one(&self.writer)
+            .await
+            .map_err(map_err)?;
+        let fire_at: Option<i64> = row.try_get("fire_at").map_err(map_err)?;
+        Ok(fire_at.map(|at| {
+            Duration::from_millis(u64::try_from(at.saturating_sub(now_ms())).unwrap_or(0))
+        }))
     }
 
     async fn list(&self, filter: &Filter) -> Result<Vec<Summary>> {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::{PgPool, Row};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -185,17 +185,26 @@ impl TaskQueue for PgTaskQueue {
     }
 }
 
+/// Unclaims the tasks and wakes the agent types' waiting workers, in every
+/// sidecar (the same `NOTIFY` new tasks send).
 async fn release(pool: &PgPool, tenant: &str, keys: Option<&[String]>) -> Result<u64> {
-    let released = sqlx::query(
-        "UPDATE saga_tasks SET claimed_by = NULL, claimed_at = NULL
-              WHERE tenant_id = $1 AND status = 'dispatched' AND claimed_by IS NOT NULL
-                AND ($2::text[] IS NULL OR task_key = ANY ($2))",
+    let row = sqlx::query(
+        "WITH released AS (
+           UPDATE saga_tasks SET claimed_by = NULL, claimed_at = NULL
+            WHERE tenant_id = $1 AND status = 'dispatched' AND claimed_by IS NOT NULL
+              AND ($2::text[] IS NULL OR task_key = ANY ($2))
+           RETURNING agent),
+         woken AS (
+           SELECT pg_notify($3, $1 || '/' || agent) FROM (SELECT DISTINCT agent FROM released) a)
+         SELECT (SELECT count(*) FROM released) AS released,
+                (SELECT count(*) FROM woken) AS woken",
     )
     .bind(tenant)
     .bind(keys)
-    .execute(pool)
+    .bind(TASKS_CHANNEL)
+    .fetch_one(pool)
     .await
-    .map_err(map_err)?
-    .rows_affected();
-    Ok(released)
+    .map_err(map_err)?;
+    let released: i64 = row.try_get("released").map_err(map_err)?;
+    Ok(u64::try_from(released).unwrap_or(0))
 }

@@ -1,0 +1,154 @@
+//! CPU an idle process burns: `fabric dev` (the embedded control plane,
+//! saga engine and sidecar), the same with three agents' task streams open
+//! and waiting, and a lone sidecar on SQLite and on Postgres + Redis.
+//! Each is measured over `--seconds` after it settled, from the kernel's
+//! count of time on CPU (`/proc/<pid>/schedstat`), so nothing samples it.
+//!
+//! The aim (issue #25): under 0.1 % of a core; an idle daprd measured 0.
+//!
+//!   cargo build --release -p statefabric-cli -p statefabric-sidecar -p statefabric-bench
+//!   target/release/idle-bench --seconds 60
+
+use std::time::Duration;
+
+use clap::Parser;
+use statefabric_bench::{rss_kib, wait_ready};
+use statefabric_tests as env;
+use tokio::process::{Child, Command};
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds each process is watched while idle.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+}
+
+/// Nanoseconds the process (all its threads) has run on a CPU.
+fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
+struct Process {
+    child: Child,
+    grpc: String,
+    _data: tempfile::TempDir,
+}
+
+async fn start(binary: &str, args: &[&str], extra: &[(&str, String)]) -> anyhow::Result<Process> {
+    let exe = statefabric_bench::release_binary(binary)?;
+    let data = tempfile::tempdir()?;
+    let db = data.path().join("events.db");
+    let (grpc, admin) = (env::free_port(), env::free_port());
+    let mut command = Command::new(exe);
+    command
+        .args(args)
+        .env("STATEFABRIC_SIDECAR__LISTEN", format!("127.0.0.1:{grpc}"))
+        .env("STATEFABRIC_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
+        // The operator API (fabric dev) is not used here: any free port.
+        .env("STATEFABRIC_API__LISTEN", "127.0.0.1:0")
+        .env("STATEFABRIC_API__GRPC_LISTEN", "127.0.0.1:0")
+        .env("STATEFABRIC_STORAGE__SQLITE__PATH", &db)
+        .env("STATEFABRIC_SAGAS__SQLITE_PATH", &db)
+        .env("STATEFABRIC_SIDECAR__TENANT", "idle")
+        .env("STATEFABRIC_TELEMETRY__LOG_LEVEL", "warn")
+        .kill_on_drop(true);
+    for (k, v) in extra {
+        command.env(k, v);
+    }
+    let child = command.spawn()?;
+    wait_ready(binary, admin).await?;
+    Ok(Process {
+        child,
+        grpc: format!("http://127.0.0.1:{grpc}"),
+        _data: data,
+    })
+}
+
+async fn watch(label: &str, process: &Process, seconds: u64) -> anyhow::Result<()> {
+    let pid = process
+        .child
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("{label} exited"))?;
+    // Start-up work (migrations, first passes, connection pools) settles.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = cpu_ns(pid)?;
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let used_ms = (cpu_ns(pid)? - before) as f64 / 1e6;
+    let share = used_ms / (seconds as f64 * 1000.0) * 100.0;
+    println!(
+        "| {label} | {used_ms:.0} ms in {seconds} s | {share:.3} % | {:.1} MiB |",
+        rss_kib(pid) / 1024.0
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    println!("| idle process | CPU used | of one core | RSS |");
+    println!("|---|---:|---:|---:|");
+
+    // The baseline: the saga engine's wake-up before it slept until the
+    // next timer (a pass every 50 ms), in the same run.
+    let polling = start(
+        "fabric",
+        &["dev"],
+        &[("STATEFABRIC_SAGAS__TICK", "50ms".to_owned())],
+    )
+    .await?;
+    watch(
+        "`fabric dev`, engine polling every 50 ms (before)",
+        &polling,
+        args.seconds,
+    )
+    .await?;
+    drop(polling);
+
+    let dev = start("fabric", &["dev"], &[]).await?;
+    watch("`fabric dev`", &dev, args.seconds).await?;
+    // Agents connected and waiting: three task streams open.
+    let client = statefabric_sdk::StateClient::connect(dev.grpc.clone()).await?;
+    let mut streams = Vec::new();
+    for agent in ["planner", "coder", "critic"] {
+        streams.push(client.tasks().stream(agent, 4).await?);
+    }
+    watch("`fabric dev`, 3 task streams waiting", &dev, args.seconds).await?;
+    drop(streams);
+    drop(dev);
+
+    let sqlite = start("statefabric-sidecar", &[], &[]).await?;
+    watch("sidecar on SQLite", &sqlite, args.seconds).await?;
+    drop(sqlite);
+
+    let tenant = format!("idle-{}", uuid::Uuid::new_v4().simple());
+    let postgres = start(
+        "statefabric-sidecar",
+        &[],
+        &[
+            ("STATEFABRIC_SIDECAR__TENANT", tenant),
+            ("STATEFABRIC_STORAGE__BACKEND", "postgres".to_owned()),
+            ("STATEFABRIC_STORAGE__POSTGRES__URL", env::pg_app_url()),
+            (
+                "STATEFABRIC_STORAGE__POSTGRES_MIGRATE_URL",
+                env::pg_admin_url(),
+            ),
+            ("STATEFABRIC_REDIS__MODE", "standalone".to_owned()),
+            ("STATEFABRIC_REDIS__URLS", env::redis_url()),
+            ("STATEFABRIC_LOCKS__BACKEND", "redis".to_owned()),
+            ("STATEFABRIC_SESSIONS__BACKEND", "redis".to_owned()),
+            ("STATEFABRIC_UPDATES__BACKEND", "redis".to_owned()),
+        ],
+    )
+    .await?;
+    watch("sidecar on Postgres + Redis", &postgres, args.seconds).await?;
+    Ok(())
+}

@@ -307,6 +307,15 @@ pub struct SidecarSection {
     pub worker_threads: usize,
     /// Postgres connections for the saga task API (1-64).
     pub task_connections: u32,
+    /// State API calls served at once; the next is refused at once with
+    /// RESOURCE_EXHAUSTED rather than queued (open streams count only until
+    /// their first message).
+    pub max_concurrent_calls: usize,
+    /// The longest a call may run: the caller's deadline (`grpc-timeout`)
+    /// is capped at this. Above the longest wait a call may ask for (a lock
+    /// acquisition's 10 minutes).
+    #[serde(with = "humantime_serde")]
+    pub max_call_duration: Duration,
 }
 
 impl Default for SidecarSection {
@@ -325,6 +334,8 @@ impl Default for SidecarSection {
             cache_max_age: Duration::from_secs(30),
             worker_threads: 1,
             task_connections: 4,
+            max_concurrent_calls: 1024,
+            max_call_duration: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -463,6 +474,12 @@ impl ServiceConfig for SidecarConfig {
         }
         if let Err(err) = self.identity() {
             issues.push("sidecar.identity", err.to_string());
+        }
+        if self.sidecar.max_concurrent_calls == 0 {
+            issues.push("sidecar.max_concurrent_calls", "must be at least 1");
+        }
+        if self.sidecar.max_call_duration < Duration::from_secs(1) {
+            issues.push("sidecar.max_call_duration", "must be at least 1s");
         }
         if self.sidecar.subscription_buffer == 0 {
             issues.push("sidecar.subscription_buffer", "must be at least 1");

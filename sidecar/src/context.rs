@@ -19,7 +19,6 @@ use tonic::{Request, Response, Status};
 
 use crate::cache::ContextCache;
 use crate::convert::json;
-use crate::events::idempotency_key;
 use crate::follow::Publisher;
 use crate::status::from_store;
 
@@ -140,9 +139,10 @@ impl ContextService {
         request: Request<M>,
         build: impl FnOnce(M) -> Result<ContextWrite, Status>,
     ) -> Result<Response<pb::ContextWriteResponse>, Status> {
-        let key = idempotency_key(request.metadata())?;
+        let meta = crate::call::CallMeta::of(&request)?;
+        let key = meta.idempotency_key;
         let mut scope = statefabric_store::Scope::new(self.tenant.clone(), self.identity.clone());
-        scope.trace_id = crate::events::trace_id(request.metadata());
+        scope.trace_id = meta.trace_id;
         let raw = request.into_inner();
         let fingerprint = key.map(|k| Idempotency::for_bytes(k, &raw.encode_to_vec()));
         let mut write = build(raw)?;

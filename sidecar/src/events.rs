@@ -17,14 +17,13 @@ use statefabric_store::{
     AppendRequest, EventStore, FeedOptions, Idempotency, Scope, subscribe_all,
 };
 use tokio::sync::{mpsc, oneshot};
-use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
+use crate::call::CallMeta;
 use crate::convert;
 use crate::status::from_store;
 
 /// Request header carrying an idempotency key.
-pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
 #[derive(Debug, Clone, Copy)]
 pub struct SubscriptionSettings {
@@ -64,9 +63,9 @@ impl EventsService {
         }
     }
 
-    fn scope(&self, metadata: &MetadataMap) -> Scope {
+    fn scope(&self, meta: &CallMeta) -> Scope {
         let mut scope = Scope::new(self.tenant.clone(), self.identity.as_str());
-        scope.trace_id = trace_id(metadata);
+        scope.trace_id.clone_from(&meta.trace_id);
         scope
     }
 
@@ -166,43 +165,15 @@ impl EventsService {
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RecordedEvent, Status>> + Send>>;
 
-pub(crate) fn idempotency_key(metadata: &MetadataMap) -> Result<Option<String>, Status> {
-    let Some(value) = metadata.get(IDEMPOTENCY_KEY_HEADER) else {
-        return Ok(None);
-    };
-    let key = value
-        .to_str()
-        .map_err(|_| Status::invalid_argument("idempotency-key: must be printable ASCII"))?;
-    if key.is_empty() || key.len() > 256 {
-        return Err(Status::invalid_argument(format!(
-            "idempotency-key: must be 1 to 256 bytes, got {}",
-            key.len()
-        )));
-    }
-    Ok(Some(key.to_owned()))
-}
-
-/// The trace id of a W3C `traceparent` header, for the audit log.
-pub(crate) fn trace_id(metadata: &MetadataMap) -> Option<String> {
-    let header = metadata.get("traceparent")?.to_str().ok()?;
-    let mut parts = header.split('-');
-    let (_version, trace) = (parts.next()?, parts.next()?);
-    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then(|| trace.to_owned())
-}
-
 #[tonic::async_trait]
 impl Events for EventsService {
     async fn append_events(
         &self,
         request: Request<pb::AppendEventsRequest>,
     ) -> Result<Response<pb::AppendEventsResponse>, Status> {
-        let key = idempotency_key(request.metadata())?;
-        let scope = self.scope(request.metadata());
-        let traceparent = request
-            .metadata()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let meta = CallMeta::of(&request)?;
+        let scope = self.scope(&meta);
+        let (key, traceparent) = (meta.idempotency_key, meta.traceparent);
         let raw = request.into_inner();
         // The fingerprint is the operation, not its circumstances: event ids,
         // vector clocks and the expected version are left out, so a client

@@ -23,6 +23,7 @@
 
 pub mod backends;
 pub mod cache;
+mod call;
 pub mod config;
 pub mod context;
 pub mod convert;

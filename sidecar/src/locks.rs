@@ -9,10 +9,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use statefabric_domain::TenantId;
-use statefabric_lock::{Lease, LockError, LockService};
+use statefabric_lock::{Lease, LockService};
 use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::locks_server::Locks;
 use tonic::{Request, Response, Status};
+
+use crate::status::from_lock;
 
 /// Longest lease and longest wait accepted, whatever a FabricConfig says.
 pub const MAX_MILLIS: u32 = 600_000;
@@ -64,14 +66,6 @@ pub struct LocksService {
     identity: String,
     held: Arc<Mutex<HashMap<String, Lease>>>,
     limits: LockLimits,
-}
-
-fn status(err: LockError) -> Status {
-    match err {
-        LockError::Invalid { .. } => Status::invalid_argument(err.to_string()),
-        LockError::NotHolder { .. } => Status::failed_precondition(err.to_string()),
-        LockError::Unavailable(_) => Status::unavailable(err.to_string()),
-    }
 }
 
 fn millis(field: &str, value: u32, allow_zero: bool, max: u32) -> Result<Duration, Status> {
@@ -149,7 +143,7 @@ impl Locks for LocksService {
             .locks
             .acquire(&self.tenant, &raw.name, &self.identity, ttl, wait)
             .await
-            .map_err(status)?;
+            .map_err(from_lock)?;
         if let Some(lease) = &lease {
             self.held().insert(lease.name.clone(), lease.clone());
         }
@@ -168,7 +162,7 @@ impl Locks for LocksService {
         let lease = self.lease(raw.name, raw.token, ttl);
         let renewed = self.locks.renew(&lease, ttl).await.map_err(|e| {
             self.held().remove(&lease.name);
-            status(e)
+            from_lock(e)
         })?;
         self.held().insert(renewed.name.clone(), renewed.clone());
         Ok(Response::new(lease_to_proto(&renewed)))
@@ -181,7 +175,7 @@ impl Locks for LocksService {
         let raw = request.into_inner();
         let lease = self.lease(raw.name, raw.token, Duration::ZERO);
         self.held().remove(&lease.name);
-        self.locks.release(&lease).await.map_err(status)?;
+        self.locks.release(&lease).await.map_err(from_lock)?;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 
@@ -191,12 +185,12 @@ impl Locks for LocksService {
     ) -> Result<Response<pb::InspectResponse>, Status> {
         let raw = request.into_inner();
         statefabric_lock::check(&raw.name, &self.identity, Duration::from_millis(1))
-            .map_err(status)?;
+            .map_err(from_lock)?;
         let holder = self
             .locks
             .inspect(&self.tenant, &raw.name)
             .await
-            .map_err(status)?;
+            .map_err(from_lock)?;
         Ok(Response::new(match holder {
             None => pb::InspectResponse::default(),
             Some(h) => pb::InspectResponse {

@@ -330,15 +330,25 @@ pub async fn serve_with(
     let stop = ctx.shutdown.token();
     let rpc_metrics = crate::rpc_metrics::RpcMetrics::default();
     ctx.register_metrics(|registry| rpc_metrics.register(registry));
+    // The State API's request path, outermost first.
     tonic::transport::Server::builder()
+        // A span per call, a child of the caller's trace context.
+        .trace_fn(crate::call::span)
         .layer(
             tower::ServiceBuilder::new()
-                // Counted with the status the caller sees, oversize included.
+                // Counted with the status the caller sees, refusals below included.
                 .layer(crate::rpc_metrics::RpcMetricsLayer(rpc_metrics))
                 // A request over sidecar.max_request_bytes is RESOURCE_EXHAUSTED.
-                .layer(tower::util::MapResponseLayer::new(
-                    oversize_is_resource_exhausted,
-                )),
+                .map_response(crate::status::oversize_is_resource_exhausted)
+                // Overload and a passed deadline become statuses here.
+                .map_result(crate::status::from_stack)
+                // Over sidecar.max_concurrent_calls: refused at once, not queued.
+                .load_shed()
+                .concurrency_limit(config.sidecar.max_concurrent_calls)
+                // The caller's deadline, capped: its work stops when the caller gave up.
+                .layer(crate::call::DeadlineLayer(config.sidecar.max_call_duration))
+                // The idempotency key and trace context, read once for the services.
+                .layer(crate::call::CallMetaLayer),
         )
         .add_service(health_service)
         .add_service(reflection)
@@ -369,23 +379,6 @@ pub async fn serve_with(
     locks.release_all().await;
     tasks.release_unanswered().await;
     Ok(())
-}
-
-/// tonic's codec rejects a request over `max_request_bytes` with OUT_OF_RANGE;
-/// the State API reports every oversize payload as RESOURCE_EXHAUSTED, the
-/// code clients already handle for the store's own size limits. Such a
-/// rejection is a trailers-only response, so the status is in the headers.
-fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
-    let headers = response.headers_mut();
-    let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
-    let too_large = headers
-        .get("grpc-message")
-        .and_then(|m| m.to_str().ok())
-        .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
-    if out_of_range && too_large {
-        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
-    }
-    response
 }
 
 /// Binds the egress listener and serves it until shutdown; the routes come

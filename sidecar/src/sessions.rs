@@ -11,9 +11,11 @@ use arc_swap::ArcSwap;
 use statefabric_domain::TenantId;
 use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::sessions_server::Sessions;
-use statefabric_session::{Policy, SessionError, SessionKey, SessionStore};
+use statefabric_session::{Policy, SessionKey, SessionStore};
 use statefabric_updates::{Change, ChangeKind, Notifier};
 use tonic::{Request, Response, Status};
+
+use crate::status::from_session;
 
 #[derive(Debug, Clone)]
 pub struct SessionsService {
@@ -51,13 +53,6 @@ impl SessionPolicies {
 
     fn load(&self) -> Arc<BTreeMap<String, Policy>> {
         self.current.load_full()
-    }
-}
-
-fn from_session(err: SessionError) -> Status {
-    match err {
-        SessionError::Invalid { .. } => Status::invalid_argument(err.to_string()),
-        SessionError::Unavailable(_) => Status::unavailable(err.to_string()),
     }
 }
 

@@ -20,11 +20,13 @@ use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::tasks_server::Tasks;
 use statefabric_saga_engine::engine::parse_key;
 use statefabric_saga_engine::store::{
-    InboxMessage, Replied, StartRequested, StoreError, TaskQueue, TaskRow, check_saga_id,
+    InboxMessage, Replied, StartRequested, TaskQueue, TaskRow, check_saga_id,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+
+use crate::status::from_saga_store;
 
 const MAX_BATCH: u32 = 1000;
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -48,14 +50,6 @@ pub struct TasksService {
     /// Wakes streams when an answer frees a place in their in-flight budget.
     freed: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
-}
-
-fn from_store(err: StoreError) -> Status {
-    match err {
-        StoreError::Invalid(m) => Status::invalid_argument(m),
-        StoreError::Unavailable(m) => Status::unavailable(m),
-        other => Status::internal(other.to_string()),
-    }
 }
 
 fn to_pb(task: TaskRow) -> pb::Task {
@@ -213,7 +207,7 @@ impl TasksService {
             .queue
             .reply(&self.tenant, &self.identity, saga, message)
             .await
-            .map_err(from_store)?;
+            .map_err(from_saga_store)?;
         self.answered(&key);
         match replied {
             // A repeat of an answer already waiting: nothing more to do.
@@ -291,7 +285,7 @@ async fn hand_out(
                     }
                 }
                 Err(err) => {
-                    let _ = tx.send(Err(from_store(err))).await;
+                    let _ = tx.send(Err(from_saga_store(err))).await;
                     return false;
                 }
             }
@@ -334,7 +328,7 @@ impl Tasks for TasksService {
             .queue
             .request_start(&self.tenant, &self.identity, &id, &raw.definition, data)
             .await
-            .map_err(from_store)?
+            .map_err(from_saga_store)?
         {
             StartRequested::Accepted => Ok(Response::new(pb::StartSagaResponse { saga_id: id })),
             StartRequested::Exists => Err(Status::already_exists(format!(
@@ -375,7 +369,7 @@ impl Tasks for TasksService {
                 .queue
                 .claim(&self.tenant, agent, &worker, raw.max.max(1))
                 .await
-                .map_err(from_store)?;
+                .map_err(from_saga_store)?;
             for task in &tasks {
                 self.handed_out(POLLED, task);
             }
@@ -433,7 +427,7 @@ impl Tasks for TasksService {
             .queue
             .heartbeat(&self.tenant, &key)
             .await
-            .map_err(from_store)?
+            .map_err(from_saga_store)?
         {
             Some(deadline) => {
                 let left = (deadline - chrono::Utc::now()).to_std().unwrap_or_default();

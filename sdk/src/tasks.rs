@@ -37,6 +37,9 @@ pub struct Task {
     pub input: Value,
     /// Answer or heartbeat within this long.
     pub timeout: Duration,
+    /// The saga's W3C trace context: [`TaskClient::work`] sends it with
+    /// the task's heartbeats and answer, so they join the saga's trace.
+    pub traceparent: Option<String>,
 }
 
 fn from_pb(task: pb::Task) -> Result<Task, Error> {
@@ -55,6 +58,7 @@ fn from_pb(task: pb::Task) -> Result<Task, Error> {
         agent_type: task.agent_type,
         action: task.action,
         timeout: Duration::from_millis(task.timeout_ms),
+        traceparent: Some(task.traceparent).filter(|t| !t.is_empty()),
     })
 }
 
@@ -132,35 +136,50 @@ impl TaskClient {
     /// Pushes the task's deadline a full timeout ahead; `Conflict` when the
     /// attempt is over (stop working on it).
     pub async fn heartbeat(&mut self, key: &str) -> Result<Duration, Error> {
-        let response = self
-            .inner
-            .heartbeat(pb::HeartbeatRequest {
+        self.heartbeat_in(key, None).await
+    }
+
+    async fn heartbeat_in(&mut self, key: &str, trace: Option<&str>) -> Result<Duration, Error> {
+        let request = traced(
+            pb::HeartbeatRequest {
                 key: key.to_owned(),
-            })
-            .await?
-            .into_inner();
+            },
+            trace,
+        );
+        let response = self.inner.heartbeat(request).await?.into_inner();
         Ok(Duration::from_millis(response.deadline_in_ms))
     }
 
     /// Answers with `output`; `Conflict` when the attempt is over.
     pub async fn complete(&mut self, key: &str, output: &Value) -> Result<(), Error> {
-        self.inner
-            .complete_task(pb::CompleteTaskRequest {
-                key: key.to_owned(),
-                output_json: serde_json::to_vec(output)?,
-            })
-            .await?;
+        self.complete_in(key, output, None).await
+    }
+
+    async fn complete_in(
+        &mut self,
+        key: &str,
+        output: &Value,
+        trace: Option<&str>,
+    ) -> Result<(), Error> {
+        let request = pb::CompleteTaskRequest {
+            key: key.to_owned(),
+            output_json: serde_json::to_vec(output)?,
+        };
+        self.inner.complete_task(traced(request, trace)).await?;
         Ok(())
     }
 
     /// Answers with a failure; the engine retries per the step's policy.
     pub async fn fail(&mut self, key: &str, error: &str) -> Result<(), Error> {
-        self.inner
-            .fail_task(pb::FailTaskRequest {
-                key: key.to_owned(),
-                error: error.to_owned(),
-            })
-            .await?;
+        self.fail_in(key, error, None).await
+    }
+
+    async fn fail_in(&mut self, key: &str, error: &str, trace: Option<&str>) -> Result<(), Error> {
+        let request = pb::FailTaskRequest {
+            key: key.to_owned(),
+            error: error.to_owned(),
+        };
+        self.inner.fail_task(traced(request, trace)).await?;
         Ok(())
     }
 
@@ -203,12 +222,23 @@ impl TaskClient {
     }
 }
 
+/// `message` as a request in the trace `trace` (a `traceparent`), if any.
+fn traced<T>(message: T, trace: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(value) = trace.and_then(|t| t.parse().ok()) {
+        request.metadata_mut().insert("traceparent", value);
+    }
+    request
+}
+
 async fn run_one<H, F>(mut client: TaskClient, task: Task, handler: Arc<H>)
 where
     H: Fn(Task) -> F + Send + Sync + 'static,
     F: Future<Output = Result<Value, String>> + Send + 'static,
 {
     let key = task.key.clone();
+    let trace = task.traceparent.clone();
+    let trace = trace.as_deref();
     let every = (task.timeout / 3).max(Duration::from_millis(50));
     let work = handler(task);
     let mut work = std::pin::pin!(work);
@@ -217,7 +247,7 @@ where
         tokio::select! {
             outcome = &mut work => break outcome,
             () = tokio::time::sleep(every) => {
-                if let Err(err) = beat.heartbeat(&key).await {
+                if let Err(err) = beat.heartbeat_in(&key, trace).await {
                     if err.is_conflict() {
                         // The attempt is over; its answer would change nothing.
                         return;
@@ -228,8 +258,8 @@ where
         }
     };
     let answered = match outcome {
-        Ok(output) => client.complete(&key, &output).await,
-        Err(reason) => client.fail(&key, &reason).await,
+        Ok(output) => client.complete_in(&key, &output, trace).await,
+        Err(reason) => client.fail_in(&key, &reason, trace).await,
     };
     if let Err(err) = answered {
         tracing::warn!(task = %key, error = %err, "could not answer the task");

@@ -20,7 +20,7 @@ use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::tasks_server::Tasks;
 use statefabric_saga_engine::engine::parse_key;
 use statefabric_saga_engine::store::{
-    InboxMessage, Replied, StartRequested, TaskQueue, TaskRow, check_saga_id,
+    InboxMessage, Replied, StartRequest, StartRequested, TaskQueue, TaskRow, check_saga_id,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +64,7 @@ fn to_pb(task: TaskRow) -> pb::Task {
         action: task.action,
         input_json: serde_json::to_vec(&task.input).unwrap_or_default(),
         timeout_ms: u64::try_from(task.timeout_ms).unwrap_or_default(),
+        traceparent: task.traceparent.unwrap_or_default(),
     }
 }
 
@@ -309,6 +310,11 @@ impl Tasks for TasksService {
         &self,
         request: Request<pb::StartSagaRequest>,
     ) -> Result<Response<pb::StartSagaResponse>, Status> {
+        // The saga's trace: this call's span when traces are exported, else
+        // the caller's context as sent.
+        let traceparent =
+            statefabric_runtime::trace_context::traceparent_of(&tracing::Span::current())
+                .or(crate::call::CallMeta::of(&request)?.traceparent);
         let raw = request.into_inner();
         let id = if raw.saga_id.is_empty() {
             uuid::Uuid::now_v7().to_string()
@@ -326,7 +332,16 @@ impl Tasks for TasksService {
         };
         match self
             .queue
-            .request_start(&self.tenant, &self.identity, &id, &raw.definition, data)
+            .request_start(
+                &self.tenant,
+                &self.identity,
+                StartRequest {
+                    saga_id: id.clone(),
+                    definition: raw.definition.clone(),
+                    data,
+                    traceparent,
+                },
+            )
             .await
             .map_err(from_saga_store)?
         {

@@ -10,8 +10,8 @@ use serde_json::json;
 use statefabric_saga::machine::Effect;
 use statefabric_saga::{Definition, Input, Instance, Status, builtin};
 use statefabric_saga_engine::store::{
-    Committed, Fence, Filter, InboxMessage, OpenTasks, Record, Replied, SagaStore, StartRequested,
-    StoreError, TaskQueue, TaskStatus, Transition, Trigger,
+    Committed, Fence, Filter, InboxMessage, OpenTasks, Record, Replied, SagaStore, StartRequest,
+    StartRequested, StoreError, TaskQueue, TaskStatus, Transition, Trigger,
 };
 
 /// One adapter: the engine's side, the agents' side, and the tenant the
@@ -73,9 +73,13 @@ pub fn transition(
     }
 }
 
+/// The trace context the sagas these tests start were started in.
+const SAGA_TRACE: &str = "00-8bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 async fn started(f: &Fixture, definition: &Definition) -> anyhow::Result<Instance> {
     f.store.save_definition(definition).await?;
-    let (instance, effects) = Instance::start(definition, &id(), json!({"task": "t"}));
+    let (mut instance, effects) = Instance::start(definition, &id(), json!({"task": "t"}));
+    instance.traceparent = Some(SAGA_TRACE.to_owned());
     let t = transition(&f.tenant, instance.clone(), None, Trigger::Direct, &effects);
     assert_eq!(
         f.store.commit(f.fence.as_ref(), t).await?,
@@ -97,6 +101,11 @@ pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
     let claimed = f.queue.claim(&f.tenant, "planner", "w1", 10).await?;
     assert_eq!(claimed.len(), 1, "one PLAN task for this tenant");
     let task = &claimed[0];
+    assert_eq!(
+        task.traceparent.as_deref(),
+        Some(SAGA_TRACE),
+        "a claimed task carries its saga's trace context"
+    );
     assert_eq!(
         (task.step.as_str(), task.attempt, task.claimed_by.as_deref()),
         ("PLAN", 1, Some("w1"))
@@ -331,11 +340,24 @@ pub async fn deadlines_fire_when_due_and_heartbeats_push_them(f: Fixture) -> any
     Ok(())
 }
 
+fn start(saga: &str, definition: &str, data: serde_json::Value) -> StartRequest {
+    StartRequest {
+        saga_id: saga.to_owned(),
+        definition: definition.to_owned(),
+        data,
+        traceparent: Some(SAGA_TRACE.to_owned()),
+    }
+}
+
 pub async fn start_requests_are_idempotent_and_checked(f: Fixture) -> anyhow::Result<()> {
     let saga = id();
     let unknown = f
         .queue
-        .request_start(&f.tenant, "w", &saga, "no-such-definition", json!({}))
+        .request_start(
+            &f.tenant,
+            "w",
+            start(&saga, "no-such-definition", json!({})),
+        )
         .await?;
     assert_eq!(unknown, StartRequested::UnknownDefinition);
     f.store
@@ -346,9 +368,7 @@ pub async fn start_requests_are_idempotent_and_checked(f: Fixture) -> anyhow::Re
         .request_start(
             &f.tenant,
             "w",
-            &saga,
-            "plan-code-critique",
-            json!({"task": 1}),
+            start(&saga, "plan-code-critique", json!({"task": 1})),
         )
         .await?;
     assert_eq!(asked, StartRequested::Accepted);
@@ -357,16 +377,23 @@ pub async fn start_requests_are_idempotent_and_checked(f: Fixture) -> anyhow::Re
         .request_start(
             &f.tenant,
             "w",
-            &saga,
-            "plan-code-critique",
-            json!({"task": 1}),
+            start(&saga, "plan-code-critique", json!({"task": 1})),
         )
         .await?;
     assert_eq!(again, StartRequested::Exists);
     let inbox = f.store.inbox(10_000).await?;
     let item = inbox.iter().find(|i| i.saga_id == saga).expect("queued");
     assert_eq!(item.tenant, f.tenant);
-    assert!(matches!(item.message, InboxMessage::Start { .. }));
+    match &item.message {
+        InboxMessage::Start { traceparent, .. } => {
+            assert_eq!(
+                traceparent.as_deref(),
+                Some(SAGA_TRACE),
+                "the start's trace"
+            );
+        }
+        other => panic!("not a start: {other:?}"),
+    }
     f.store.discard(f.fence.as_ref(), item.id).await?;
     Ok(())
 }
@@ -565,7 +592,7 @@ pub async fn concurrent_answers_and_starts_each_get_their_own_outcome(
     asks.push((id(), "no-such-definition"));
     let outcomes = futures::future::join_all(asks.iter().map(|(saga, definition)| {
         f.queue
-            .request_start(&f.tenant, "w", saga, definition, json!({"task": 1}))
+            .request_start(&f.tenant, "w", start(saga, definition, json!({"task": 1})))
     }))
     .await
     .into_iter()

@@ -36,8 +36,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 use statefabric_leader::{Leadership, Role};
 use statefabric_saga_engine::store::{
-    InboxMessage, Replied, Result, SagaStore, StartRequested, StoreError, TaskQueue, TaskRow,
-    TaskStatus,
+    InboxMessage, Replied, Result, SagaStore, StartRequest, StartRequested, StoreError, TaskQueue,
+    TaskRow, TaskStatus,
 };
 use statefabric_schema::AvroCodec;
 use statefabric_schema::codec::WriterSchema;
@@ -196,6 +196,9 @@ fn task_row(command: SagaCommand) -> TaskRow {
         finished_at: None,
         output: None,
         error: None,
+        // The command carries no trace context (yet): the Kafka transport's
+        // tasks start traces of their own.
+        traceparent: None,
     }
 }
 
@@ -349,13 +352,9 @@ impl TaskQueue for KafkaTaskQueue {
         &self,
         tenant: &str,
         sender: &str,
-        saga_id: &str,
-        definition: &str,
-        data: Value,
+        start: StartRequest,
     ) -> Result<StartRequested> {
-        self.tables
-            .request_start(tenant, sender, saga_id, definition, data)
-            .await
+        self.tables.request_start(tenant, sender, start).await
     }
 
     /// Kafka deliveries cannot be handed back: unanswered tasks wait out

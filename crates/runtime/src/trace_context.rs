@@ -34,6 +34,16 @@ pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
     }
 }
 
+/// `span`'s context as a `traceparent` value, when the span is recorded.
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    let mut headers = HeaderMap::new();
+    inject(span, &mut headers);
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,8 +26,8 @@ use statefabric_saga::{
 
 use crate::metrics::{DefinitionLabel, Metrics, TaskQueueLabels};
 use crate::store::{
-    Committed, Fence, Finish, Record, SagaStore, StoreError, Stored, TaskStatus, Transition,
-    Trigger, check_saga_id,
+    Committed, Fence, Finish, Record, SagaStore, StartRequest, StoreError, Stored, TaskStatus,
+    Transition, Trigger, check_saga_id,
 };
 
 mod busy;
@@ -287,8 +287,14 @@ impl Engine {
         }
         let fence = self.fence()?;
         let _turn = self.busy.take(&id).await;
+        let start = StartRequest {
+            saga_id: id.clone(),
+            definition: definition.to_owned(),
+            data,
+            traceparent: None,
+        };
         let Planned { transition, after } =
-            self.plan_start(tenant, &id, definition, data, actor, Trigger::Direct)?;
+            self.plan_start(tenant, start, actor, Trigger::Direct)?;
         match self.store.commit(Some(&fence), transition).await? {
             Committed::Exists => Err(EngineError::Exists(id)),
             committed => {
@@ -307,21 +313,27 @@ impl Engine {
     fn plan_start(
         &self,
         tenant: &str,
-        id: &str,
-        definition: &str,
-        data: Value,
+        start: StartRequest,
         actor: &str,
         trigger: Trigger,
     ) -> Result<Planned> {
+        let StartRequest {
+            saga_id: id,
+            definition,
+            data,
+            traceparent,
+        } = start;
+        let id = id.as_str();
         let def = self
-            .latest(definition)
-            .ok_or_else(|| EngineError::UnknownDefinition(definition.to_owned()))?;
+            .latest(&definition)
+            .ok_or_else(|| EngineError::UnknownDefinition(definition.clone()))?;
         if !data.is_object() {
             return Err(EngineError::Invalid(
                 "the saga's data must be a JSON object".into(),
             ));
         }
-        let (instance, effects) = Instance::start(&def, id, data.clone());
+        let (mut instance, effects) = Instance::start(&def, id, data.clone());
+        instance.traceparent = traceparent;
         let record = Record {
             kind: "started".into(),
             actor: Some(actor.to_owned()),

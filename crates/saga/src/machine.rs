@@ -130,6 +130,9 @@ pub struct Instance {
     pub paused: bool,
     pub held: Option<Held>,
     pub last_error: Option<String>,
+    /// The W3C trace context the saga was started in; its tasks carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// What happened, fed to [`Instance::apply`].
@@ -261,6 +264,7 @@ impl Instance {
             paused: false,
             held: None,
             last_error: None,
+            traceparent: None,
         };
         let mut effects = vec![Effect::Status(Status::Running)];
         instance.enter(

@@ -28,6 +28,7 @@ class ModelUpstream:
                             "path": self.path,
                             "authorization": self.headers.get("authorization"),
                             "task_key": self.headers.get("x-statefabric-task-key"),
+                            "traceparent": self.headers.get("traceparent"),
                             "body": body,
                         }
                     )

@@ -193,6 +193,41 @@ async def test_a_worker_killed_mid_task_hands_it_on_under_the_same_key_and_its_m
         sidecar.stop()
 
 
+async def test_a_sagas_trace_context_reaches_its_tasks_and_their_egress_calls(
+    model: ModelUpstream,
+) -> None:
+    sidecar = dev_with_egress(model).start()
+    trace = "00-7bf92f3577b34da6a3ce929d0e0e4736-30f067aa0ba902b7-01"
+    try:
+        async with statefabric.Client(sidecar.address) as client:
+            seen: asyncio.Queue[Task] = asyncio.Queue()
+            model_client = openai.AsyncOpenAI(
+                base_url=egress.base_url("model", sidecar.egress),
+                api_key="unused",
+                max_retries=0,
+                http_client=egress.httpx_client(),
+            )
+
+            async def plan(task: Task) -> dict[str, Any]:
+                await model_client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "plan"}]
+                )
+                await seen.put(task)
+                return {"steps": []}
+
+            async with client.tasks.worker("planner", plan):
+                saga = await client.tasks.start_saga(
+                    "plan-code-critique", {"task": "t"}, traceparent=trace
+                )
+                task = await asyncio.wait_for(seen.get(), 30)
+            await model_client.close()
+        assert task.saga_id == saga
+        assert task.traceparent == trace, "the sidecar exports no spans: the caller's context as sent"
+        assert model.calls[0]["traceparent"] == trace, "the model call is in the saga's trace"
+    finally:
+        sidecar.stop()
+
+
 async def test_stopping_a_worker_lets_its_running_handler_finish() -> None:
     sidecar = dev_sidecar().start()
     try:

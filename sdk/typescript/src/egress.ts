@@ -27,26 +27,33 @@ const DEFAULT_ADDRESS = "http://127.0.0.1:7480";
 
 interface TaskCalls {
   key: string;
+  traceparent: string;
   next: number;
 }
 
 const current = new AsyncLocalStorage<TaskCalls>();
 
-/** Runs `work` as working on the task `key` (the worker does this around every handler). */
-export function withTask<T>(key: string, work: () => T): T {
-  return current.run({ key, next: 1 }, work);
+/** Runs `work` as working on the task `key`, in the saga's trace `traceparent` (the worker does this around every handler). */
+export function withTask<T>(key: string, work: () => T, traceparent = ""): T {
+  return current.run({ key, traceparent, next: 1 }, work);
 }
 
 export function currentTaskKey(): string | undefined {
   return current.getStore()?.key;
 }
 
-/** The header for the next outbound call: empty outside a task handler. */
+/**
+ * The headers for the next outbound call: the task key and the saga's trace
+ * context (the agent's own `traceparent`, when it sets one, wins); empty
+ * outside a task handler.
+ */
 export function taskHeaders(): Record<string, string> {
   const calls = current.getStore();
   if (!calls) return {};
   const n = calls.next++;
-  return { [TASK_KEY_HEADER]: `${calls.key}/call-${n}` };
+  const headers: Record<string, string> = { [TASK_KEY_HEADER]: `${calls.key}/call-${n}` };
+  if (calls.traceparent) headers.traceparent = calls.traceparent;
+  return headers;
 }
 
 /** The URL an HTTP client uses for `upstream` through the sidecar. */

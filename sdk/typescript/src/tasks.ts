@@ -44,6 +44,8 @@ export interface Task {
   input: any;
   /** Milliseconds to answer or heartbeat within. */
   timeoutMs: number;
+  /** The saga's W3C trace context ("" when none): the worker sends it with the task's heartbeats, answer and egress calls. */
+  traceparent: string;
 }
 
 function fromWire(raw: WireTask): Task {
@@ -58,7 +60,14 @@ function fromWire(raw: WireTask): Task {
     action: raw.action,
     input: fromJsonBytes(raw.inputJson),
     timeoutMs: Number(raw.timeoutMs),
+    traceparent: raw.traceparent,
   };
+}
+
+/** Call options putting a call in the saga's trace (`traceparent`). */
+function traced(timeoutMs: number, traceparent: string) {
+  const opts = options(timeoutMs, undefined);
+  return traceparent ? { ...opts, headers: { ...(opts.headers as Record<string, string>), traceparent } } : opts;
 }
 
 /** Throw from a handler to fail the task with this reason (any other error fails it too). */
@@ -83,11 +92,14 @@ export class Tasks {
     private readonly timeoutMs: number,
   ) {}
 
-  /** Starts a saga of `definition` with `data` (a JSON object); returns its id. */
+  /**
+   * Starts a saga of `definition` with `data` (a JSON object); returns its
+   * id. With `traceparent` (W3C), the saga's tasks carry that trace context.
+   */
   async startSaga(
     definition: string,
     data: Record<string, unknown> = {},
-    opts: { sagaId?: string } & CallSettings = {},
+    opts: { sagaId?: string; traceparent?: string } & CallSettings = {},
   ): Promise<string> {
     if (data === null || typeof data !== "object" || Array.isArray(data)) {
       throw new InvalidArgumentError("saga data must be a JSON object", undefined, "data");
@@ -95,7 +107,7 @@ export class Tasks {
     const r = await unary(
       this.rpc.startSaga(
         { definition, sagaId: opts.sagaId ?? "", dataJson: toJsonBytes(data) },
-        options(this.timeoutMs, opts),
+        opts.traceparent ? traced(this.timeoutMs, opts.traceparent) : options(this.timeoutMs, opts),
       ),
     );
     return r.sagaId;
@@ -110,19 +122,19 @@ export class Tasks {
   }
 
   /** Pushes the deadline a full timeout ahead; AttemptOverError when the attempt is over. */
-  async heartbeat(key: string): Promise<number> {
-    const r = await unary(this.rpc.heartbeat({ key }, options(this.timeoutMs, undefined)));
+  async heartbeat(key: string, traceparent = ""): Promise<number> {
+    const r = await unary(this.rpc.heartbeat({ key }, traced(this.timeoutMs, traceparent)));
     return Number(r.deadlineInMs);
   }
 
   /** Answers with `output` (JSON); repeating the same answer is accepted. */
-  async complete(key: string, output: unknown = null): Promise<void> {
-    await unary(this.rpc.completeTask({ key, outputJson: toJsonBytes(output) }, options(this.timeoutMs, undefined)));
+  async complete(key: string, output: unknown = null, traceparent = ""): Promise<void> {
+    await unary(this.rpc.completeTask({ key, outputJson: toJsonBytes(output) }, traced(this.timeoutMs, traceparent)));
   }
 
   /** Answers with a failure; the engine retries per the step's policy. */
-  async fail(key: string, error: string): Promise<void> {
-    await unary(this.rpc.failTask({ key, error }, options(this.timeoutMs, undefined)));
+  async fail(key: string, error: string, traceparent = ""): Promise<void> {
+    await unary(this.rpc.failTask({ key, error }, traced(this.timeoutMs, traceparent)));
   }
 
   /** The raw task stream; {@link worker} is what most agents want. */
@@ -238,7 +250,7 @@ export class Worker {
   }
 
   private async runOne(task: Task, abort: AbortController): Promise<void> {
-    const work = egress.withTask(task.key, async () => this.handler(task, abort.signal));
+    const work = egress.withTask(task.key, async () => this.handler(task, abort.signal), task.traceparent);
     let settled = false;
     const outcome = work.then(
       (output) => ({ ok: true as const, output }),
@@ -256,7 +268,7 @@ export class Worker {
       if (first !== "tick") break;
       if (settled) continue;
       try {
-        await this.tasks.heartbeat(task.key);
+        await this.tasks.heartbeat(task.key, task.traceparent);
       } catch (error) {
         if (error instanceof AttemptOverError) {
           abort.abort(error);
@@ -269,7 +281,7 @@ export class Worker {
     try {
       if (result.ok) {
         JSON.stringify(result.output);
-        await this.tasks.complete(task.key, result.output ?? null);
+        await this.tasks.complete(task.key, result.output ?? null, task.traceparent);
       } else {
         const error = result.error;
         const reason =
@@ -278,7 +290,7 @@ export class Worker {
             : error instanceof Error
               ? `${error.name}: ${error.message}`
               : String(error);
-        await this.tasks.fail(task.key, reason || "the handler failed");
+        await this.tasks.fail(task.key, reason || "the handler failed", task.traceparent);
       }
       this.answered += 1;
     } catch (error) {

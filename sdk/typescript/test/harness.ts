@@ -143,7 +143,12 @@ export class ModelUpstream {
   private constructor(
     private readonly server: Server,
     readonly port: number,
-    readonly calls: { authorization: string | undefined; taskKey: string | undefined; body: any }[],
+    readonly calls: {
+      authorization: string | undefined;
+      taskKey: string | undefined;
+      traceparent: string | undefined;
+      body: any;
+    }[],
   ) {}
 
   static async start(): Promise<ModelUpstream> {
@@ -156,6 +161,7 @@ export class ModelUpstream {
         calls.push({
           authorization: req.headers.authorization,
           taskKey: req.headers["x-statefabric-task-key"] as string | undefined,
+          traceparent: req.headers.traceparent as string | undefined,
           body,
         });
         const prompt = body.messages?.at(-1)?.content ?? "";

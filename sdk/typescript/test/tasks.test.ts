@@ -162,6 +162,36 @@ test("a worker killed mid-task hands it on under the same key, and its model cal
   }
 });
 
+test("a saga's trace context reaches its tasks and their egress calls", async () => {
+  const model = await ModelUpstream.start();
+  const sidecar = await (await model.devWithEgress()).start();
+  const trace = "00-9bf92f3577b34da6a3ce929d0e0e4736-40f067aa0ba902b7-01";
+  try {
+    const c = new Client(sidecar.address);
+    let seen: string | undefined;
+    const worker = c.tasks.worker("planner", async (task) => {
+      await egress.fetch(`${egress.baseUrl("model", sidecar.egress)}/chat/completions`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ model: "m", messages: [{ role: "user", content: "plan" }] }),
+      });
+      seen = task.traceparent;
+      return { steps: [] };
+    });
+    const running = worker.run();
+    await c.tasks.startSaga("plan-code-critique", { task: "t" }, { traceparent: trace });
+    const deadline = Date.now() + 30_000;
+    while (!seen && Date.now() < deadline) await sleep(50);
+    await worker.stop();
+    await running;
+    assert.equal(seen, trace, "no spans exported: the caller's context as sent");
+    assert.equal(model.calls[0]?.traceparent, trace, "the model call is in the saga's trace");
+  } finally {
+    await sidecar.stop();
+    await model.close();
+  }
+});
+
 test("stopping a worker lets its running handler finish", async () => {
   const sidecar = await (await devSidecar()).start();
   try {

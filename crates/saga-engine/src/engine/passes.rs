@@ -17,7 +17,8 @@ use super::busy::Turn;
 use super::{Engine, EngineError, Planned, Result, parse_key};
 use crate::metrics::{DefinitionLabel, TaskQueueLabels};
 use crate::store::{
-    Committed, DueTimer, Fence, InboxItem, InboxMessage, OpenTasks, Record, Stored, Trigger,
+    Committed, DueTimer, Fence, InboxItem, InboxMessage, OpenTasks, Record, StartRequest, Stored,
+    Trigger,
 };
 
 /// What drives one transition.
@@ -250,15 +251,18 @@ impl Engine {
         let trigger = Trigger::Inbox(item.id);
         let actor = Some(item.sender.clone());
         let (input, record) = match &item.message {
-            InboxMessage::Start { definition, data } => {
-                return match self.plan_start(
-                    &item.tenant,
-                    &item.saga_id,
-                    definition,
-                    data.clone(),
-                    &item.sender,
-                    trigger,
-                ) {
+            InboxMessage::Start {
+                definition,
+                data,
+                traceparent,
+            } => {
+                let start = StartRequest {
+                    saga_id: item.saga_id.clone(),
+                    definition: definition.clone(),
+                    data: data.clone(),
+                    traceparent: traceparent.clone(),
+                };
+                return match self.plan_start(&item.tenant, start, &item.sender, trigger) {
                     Ok(planned) => Ok(Some(planned)),
                     Err(EngineError::UnknownDefinition(_) | EngineError::Invalid(_)) => {
                         tracing::warn!(saga = %item.saga_id, "dropping a start request that cannot start");

@@ -220,12 +220,36 @@ pub struct InboxItem {
     pub sender: String,
 }
 
+/// A request to start a saga (the latest version of `definition`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartRequest {
+    pub saga_id: String,
+    pub definition: String,
+    /// A JSON object.
+    pub data: Value,
+    /// The caller's W3C trace context, passed on to the saga's tasks.
+    pub traceparent: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum InboxMessage {
-    Start { definition: String, data: Value },
-    Completed { key: String, output: Value },
-    Failed { key: String, error: String },
+    Start {
+        definition: String,
+        data: Value,
+        /// The W3C trace context of the call that asked for the start: the
+        /// saga's tasks carry it, so the whole saga is one trace.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
+    },
+    Completed {
+        key: String,
+        output: Value,
+    },
+    Failed {
+        key: String,
+        error: String,
+    },
 }
 
 impl InboxMessage {
@@ -272,6 +296,9 @@ pub struct TaskRow {
     pub finished_at: Option<DateTime<Utc>>,
     pub output: Option<Value>,
     pub error: Option<String>,
+    /// The trace context the saga was started in (filled when a task is
+    /// claimed), so the agent's work on it joins the saga's trace.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -449,9 +476,7 @@ pub trait TaskQueue: Send + Sync + std::fmt::Debug + 'static {
         &self,
         tenant: &str,
         sender: &str,
-        saga_id: &str,
-        definition: &str,
-        data: Value,
+        start: StartRequest,
     ) -> Result<StartRequested>;
 
     /// Offers claimed, unanswered tasks to other workers again: `keys`, or

@@ -271,6 +271,8 @@ fn task_row(row: &PgRow) -> Result<TaskRow> {
         finished_at: row.try_get("finished_at").map_err(map_err)?,
         output: row.try_get("output").map_err(map_err)?,
         error: row.try_get("error").map_err(map_err)?,
+        // Only a claim reads it (the saga's, joined in).
+        traceparent: row.try_get("traceparent").ok().flatten(),
     })
 }
 

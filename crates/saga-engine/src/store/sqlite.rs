@@ -79,6 +79,28 @@ impl SqliteSagaStore {
             .subscribe()
     }
 
+    /// Fills in the trace context of each task's saga (one query).
+    async fn with_traceparents(&self, tasks: &mut [TaskRow]) -> Result<()> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let sagas = serde_json::to_string(&tasks.iter().map(|t| &t.saga_id).collect::<Vec<_>>())
+            .map_err(json_err)?;
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT saga_id, json_extract(state, '$.traceparent') FROM saga_instances
+              WHERE saga_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(sagas)
+        .fetch_all(&self.writer)
+        .await
+        .map_err(map_err)?;
+        let traces: HashMap<String, Option<String>> = rows.into_iter().collect();
+        for task in tasks {
+            task.traceparent = traces.get(&task.saga_id).cloned().flatten();
+        }
+        Ok(())
+    }
+
     fn wake_agents(&self, tenant: &str, agents: impl Iterator<Item = String>) {
         let tasks = self
             .tasks
@@ -135,6 +157,7 @@ fn task_row(row: &SqliteRow) -> Result<TaskRow> {
         finished_at: finished.map(time),
         output: opt_json(row.try_get("output").map_err(map_err)?)?,
         error: row.try_get("error").map_err(map_err)?,
+        traceparent: None,
     })
 }
 

@@ -40,6 +40,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:7480"
 @dataclass
 class _TaskCalls:
     key: str
+    traceparent: str = ""
     numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
 
@@ -49,10 +50,10 @@ _current: contextvars.ContextVar[_TaskCalls | None] = contextvars.ContextVar(
 
 
 @contextmanager
-def task_scope(key: str) -> Iterator[None]:
-    """Marks the code inside as working on the task `key` (the worker does
-    this around every handler)."""
-    token = _current.set(_TaskCalls(key))
+def task_scope(key: str, traceparent: str = "") -> Iterator[None]:
+    """Marks the code inside as working on the task `key`, in the saga's
+    trace `traceparent` (the worker does this around every handler)."""
+    token = _current.set(_TaskCalls(key, traceparent))
     try:
         yield
     finally:
@@ -65,11 +66,16 @@ def current_task_key() -> str | None:
 
 
 def task_headers() -> dict[str, str]:
-    """The header for the next outbound call: empty outside a task handler."""
+    """The headers for the next outbound call: the task key and the saga's
+    trace context (an agent's own tracing, when it sets `traceparent`,
+    wins); empty outside a task handler."""
     calls = _current.get()
     if calls is None:
         return {}
-    return {TASK_KEY_HEADER: f"{calls.key}/call-{next(calls.numbers)}"}
+    headers = {TASK_KEY_HEADER: f"{calls.key}/call-{next(calls.numbers)}"}
+    if calls.traceparent:
+        headers["traceparent"] = calls.traceparent
+    return headers
 
 
 def base_url(upstream: str, address: str | None = None) -> str:

@@ -58,6 +58,9 @@ class Task:
     input: Any
     #: Seconds to answer or heartbeat within.
     timeout: float
+    #: The saga's W3C trace context ("" when none): the worker sends it with
+    #: the task's heartbeats, answer and egress calls.
+    traceparent: str = ""
 
     @staticmethod
     def from_pb(raw: pb.Task) -> Task:
@@ -72,7 +75,13 @@ class Task:
             action=raw.action,
             input=json.loads(raw.input_json) if raw.input_json else None,
             timeout=raw.timeout_ms / 1000,
+            traceparent=raw.traceparent,
         )
+
+
+def _traced(traceparent: str) -> tuple[tuple[str, str], ...] | None:
+    """Call metadata putting the call in the saga's trace."""
+    return (("traceparent", traceparent),) if traceparent else None
 
 
 class TaskFailed(Exception):
@@ -90,17 +99,25 @@ class Tasks:
         self._stub, self._timeout = stub, timeout
 
     async def start_saga(
-        self, definition: str, data: dict[str, Any] | None = None, *, saga_id: str | None = None
+        self,
+        definition: str,
+        data: dict[str, Any] | None = None,
+        *,
+        saga_id: str | None = None,
+        traceparent: str = "",
     ) -> str:
         """Starts a saga of `definition` (its latest version) with `data` (a
         JSON object); returns its id. With `saga_id`, a repeat raises
-        :class:`~statefabric.errors.AlreadyExistsError`."""
+        :class:`~statefabric.errors.AlreadyExistsError`. With `traceparent`
+        (W3C), the saga's tasks carry that trace context."""
         if data is not None and not isinstance(data, dict):
             raise InvalidArgumentError("saga data must be a JSON object", field="data")
         request = pb.StartSagaRequest(
             definition=definition, saga_id=saga_id or "", data_json=json.dumps(data or {}).encode()
         )
-        r: pb.StartSagaResponse = await unary(self._stub.StartSaga, request, self._timeout)
+        r: pb.StartSagaResponse = await unary(
+            self._stub.StartSaga, request, self._timeout, _traced(traceparent)
+        )
         return r.saga_id
 
     async def poll(self, agent_type: str, max: int = 1, wait: float = 0.0) -> list[Task]:
@@ -109,23 +126,24 @@ class Tasks:
         r = await unary(self._stub.PollTasks, request, self._timeout + wait)
         return [Task.from_pb(t) for t in r.tasks]
 
-    async def heartbeat(self, key: str) -> float:
+    async def heartbeat(self, key: str, *, traceparent: str = "") -> float:
         """Pushes the task's deadline a full timeout ahead; returns the
         seconds left. :class:`AttemptOverError` when the attempt is over."""
         r: pb.HeartbeatResponse = await unary(
-            self._stub.Heartbeat, pb.HeartbeatRequest(key=key), self._timeout
+            self._stub.Heartbeat, pb.HeartbeatRequest(key=key), self._timeout, _traced(traceparent)
         )
         return r.deadline_in_ms / 1000
 
-    async def complete(self, key: str, output: Any = None) -> None:
+    async def complete(self, key: str, output: Any = None, *, traceparent: str = "") -> None:
         """Answers with `output` (JSON); :class:`AttemptOverError` when the
         attempt is over. Repeating the same answer is accepted."""
         request = pb.CompleteTaskRequest(key=key, output_json=json.dumps(output).encode())
-        await unary(self._stub.CompleteTask, request, self._timeout)
+        await unary(self._stub.CompleteTask, request, self._timeout, _traced(traceparent))
 
-    async def fail(self, key: str, error: str) -> None:
+    async def fail(self, key: str, error: str, *, traceparent: str = "") -> None:
         """Answers with a failure; the engine retries per the step's policy."""
-        await unary(self._stub.FailTask, pb.FailTaskRequest(key=key, error=error), self._timeout)
+        request = pb.FailTaskRequest(key=key, error=error)
+        await unary(self._stub.FailTask, request, self._timeout, _traced(traceparent))
 
     def stream(self, agent_type: str, max_in_flight: int = 16, worker: str = "") -> Any:
         """The raw task stream (an async iterator of ``tasks_pb2.Task``);
@@ -246,7 +264,7 @@ class Worker:
             await asyncio.wait(pending)
 
     async def _call_handler(self, task: Task) -> Any:
-        with egress.task_scope(task.key):
+        with egress.task_scope(task.key, task.traceparent):
             if inspect.iscoroutinefunction(self._handler):
                 return await self._handler(task)
             result = await asyncio.to_thread(self._handler, task)
@@ -263,7 +281,7 @@ class Worker:
                 if done:
                     break
                 try:
-                    await self._tasks.heartbeat(task.key)
+                    await self._tasks.heartbeat(task.key, traceparent=task.traceparent)
                 except AttemptOverError:
                     log.info("task %s is over (timed out or cancelled); stopping its handler", task.key)
                     work.cancel()
@@ -284,9 +302,11 @@ class Worker:
             json.dumps(output)
         except (TaskFailed, Exception) as error:
             reason = str(error) if isinstance(error, TaskFailed) else f"{type(error).__name__}: {error}"
-            answer = self._tasks.fail(task.key, reason or type(error).__name__)
+            answer = self._tasks.fail(
+                task.key, reason or type(error).__name__, traceparent=task.traceparent
+            )
         else:
-            answer = self._tasks.complete(task.key, output)
+            answer = self._tasks.complete(task.key, output, traceparent=task.traceparent)
         try:
             await answer
             self.answered += 1

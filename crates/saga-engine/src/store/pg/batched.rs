@@ -40,10 +40,8 @@ impl Reply {
 /// A start request, as queued.
 #[derive(Debug)]
 pub(super) struct Start {
-    pub saga_id: String,
     pub sender: String,
-    pub definition: String,
-    pub data: Value,
+    pub request: crate::store::StartRequest,
 }
 
 fn body(message: &InboxMessage) -> Result<Value> {
@@ -122,7 +120,7 @@ pub(super) async fn starts(
 ) -> Result<Vec<StartRequested>> {
     let names: Vec<String> = batch
         .iter()
-        .map(|s| s.definition.clone())
+        .map(|s| s.request.definition.clone())
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
@@ -136,12 +134,16 @@ pub(super) async fn starts(
             .collect();
     let mut columns: [Vec<String>; 2] = Default::default();
     let mut bodies = Vec::new();
-    for start in batch.iter().filter(|s| known.contains(&s.definition)) {
-        columns[0].push(start.saga_id.clone());
+    for start in batch
+        .iter()
+        .filter(|s| known.contains(&s.request.definition))
+    {
+        columns[0].push(start.request.saga_id.clone());
         columns[1].push(start.sender.clone());
         bodies.push(body(&InboxMessage::Start {
-            definition: start.definition.clone(),
-            data: start.data.clone(),
+            definition: start.request.definition.clone(),
+            data: start.request.data.clone(),
+            traceparent: start.request.traceparent.clone(),
         })?);
     }
     let [sagas, senders] = columns;
@@ -171,9 +173,9 @@ pub(super) async fn starts(
     Ok(batch
         .iter()
         .map(|start| {
-            if !known.contains(&start.definition) {
+            if !known.contains(&start.request.definition) {
                 StartRequested::UnknownDefinition
-            } else if inserted.remove(&start.saga_id) {
+            } else if inserted.remove(&start.request.saga_id) {
                 StartRequested::Accepted
             } else {
                 StartRequested::Exists

@@ -7,14 +7,15 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use sqlx::{PgPool, Row};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::coalesce::Coalescer;
 use super::{TASK_COLUMNS, TASKS_CHANNEL, batched, listen, map_err, pool, task_row};
-use crate::store::{InboxMessage, Replied, Result, StartRequested, StoreError, TaskQueue, TaskRow};
+use crate::store::{
+    InboxMessage, Replied, Result, StartRequest, StartRequested, StoreError, TaskQueue, TaskRow,
+};
 
 /// At most this many answers or start requests per statement.
 const BATCH: usize = 256;
@@ -100,15 +101,18 @@ impl TaskQueue for PgTaskQueue {
     ) -> Result<Vec<TaskRow>> {
         self.check_tenant(tenant)?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE saga_tasks SET claimed_by = $3, claimed_at = now()
-              WHERE task_key IN (
-                    SELECT task_key FROM saga_tasks
-                     WHERE tenant_id = $1 AND agent = $2 AND status = 'dispatched'
-                       AND claimed_by IS NULL
-                     ORDER BY dispatched_at LIMIT $4
-                       FOR UPDATE SKIP LOCKED)
-                AND status = 'dispatched'
-             RETURNING {TASK_COLUMNS}"
+            "WITH claimed AS (
+               UPDATE saga_tasks SET claimed_by = $3, claimed_at = now()
+                WHERE task_key IN (
+                      SELECT task_key FROM saga_tasks
+                       WHERE tenant_id = $1 AND agent = $2 AND status = 'dispatched'
+                         AND claimed_by IS NULL
+                       ORDER BY dispatched_at LIMIT $4
+                         FOR UPDATE SKIP LOCKED)
+                  AND status = 'dispatched'
+               RETURNING {TASK_COLUMNS})
+             SELECT c.*, i.state->>'traceparent' AS traceparent
+               FROM claimed c LEFT JOIN saga_instances i USING (saga_id)"
         )))
         .bind(tenant)
         .bind(agent)
@@ -157,16 +161,12 @@ impl TaskQueue for PgTaskQueue {
         &self,
         tenant: &str,
         sender: &str,
-        saga_id: &str,
-        definition: &str,
-        data: Value,
+        start: StartRequest,
     ) -> Result<StartRequested> {
         self.check_tenant(tenant)?;
         let start = batched::Start {
-            saga_id: saga_id.to_owned(),
             sender: sender.to_owned(),
-            definition: definition.to_owned(),
-            data,
+            request: start,
         };
         self.starts
             .call(start, |batch| {

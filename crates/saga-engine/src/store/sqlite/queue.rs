@@ -2,14 +2,13 @@
 //! and start requests, each naming its tenant.
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use sqlx::Row;
 use tokio::sync::watch;
 
 use super::{SqliteSagaStore, TASK_COLUMNS, json_err, map_err, now_ms, task_row, time};
 use crate::store::{
-    InboxMessage, Replied, Result, StartRequested, StoreError, TaskQueue, TaskRow, TaskStatus,
-    not_queued,
+    InboxMessage, Replied, Result, StartRequest, StartRequested, StoreError, TaskQueue, TaskRow,
+    TaskStatus, not_queued,
 };
 
 #[async_trait::async_trait]
@@ -41,6 +40,7 @@ impl TaskQueue for SqliteSagaStore {
         .map_err(map_err)?;
         let mut tasks = rows.iter().map(task_row).collect::<Result<Vec<_>>>()?;
         tasks.sort_by_key(|t| t.dispatched_at);
+        self.with_traceparents(&mut tasks).await?;
         Ok(tasks)
     }
 
@@ -113,22 +113,22 @@ impl TaskQueue for SqliteSagaStore {
         &self,
         tenant: &str,
         sender: &str,
-        saga_id: &str,
-        definition: &str,
-        data: Value,
+        start: StartRequest,
     ) -> Result<StartRequested> {
         let known: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM saga_definitions WHERE name = ?)")
-                .bind(definition)
+                .bind(&start.definition)
                 .fetch_one(&self.writer)
                 .await
                 .map_err(map_err)?;
         if !known {
             return Ok(StartRequested::UnknownDefinition);
         }
+        let saga_id = start.saga_id.clone();
         let body = serde_json::to_string(&InboxMessage::Start {
-            definition: definition.to_owned(),
-            data,
+            definition: start.definition,
+            data: start.data,
+            traceparent: start.traceparent,
         })
         .map_err(json_err)?;
         let inserted = sqlx::query(
@@ -138,7 +138,7 @@ impl TaskQueue for SqliteSagaStore {
              ON CONFLICT (saga_id) WHERE kind = 'start' DO NOTHING",
         )
         .bind(tenant)
-        .bind(saga_id)
+        .bind(&saga_id)
         .bind(&body)
         .bind(sender)
         .bind(now_ms())

@@ -578,6 +578,29 @@ print("".join(chunk.choices[0].delta.content or "" for chunk in stream))
         metrics.contains(r#"statefabric_egress_retry_budget_exhausted_total{upstream="stormy"}"#),
         "{metrics}"
     );
+    // Bytes both ways, and the limited upstream's queue (empty by now).
+    let counted = |needle: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(needle))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    assert!(
+        counted(r#"statefabric_egress_bytes_total{upstream="up",direction="received"}"#)
+            .is_some_and(|n| n > 0.0),
+        "{metrics}"
+    );
+    assert!(
+        counted(r#"statefabric_egress_bytes_total{upstream="up",direction="sent"}"#)
+            .is_some_and(|n| n > 0.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        counted(r#"statefabric_egress_queued_calls{upstream="narrow"}"#),
+        Some(0.0),
+        "{metrics}"
+    );
     let (code, stderr) = sidecar.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
     assert_eq!(code, 0, "{stderr}");
     Ok(())

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use prometheus_client::metrics::counter::Counter;
 use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -27,6 +28,8 @@ pub struct IdleBody<B> {
     deadline: Pin<Box<Sleep>>,
     /// The upstream's concurrency slot, held until the body is done.
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Counts the bytes passed through (the upstream's received bytes).
+    received: Option<Counter>,
 }
 
 impl<B> IdleBody<B> {
@@ -42,7 +45,14 @@ impl<B> IdleBody<B> {
             upstream,
             deadline: Box::pin(tokio::time::sleep(idle)),
             _slot: slot,
+            received: None,
         }
+    }
+
+    /// Counts the data passed through in `received`.
+    pub fn counted(mut self, received: Counter) -> Self {
+        self.received = Some(received);
+        self
     }
 }
 
@@ -62,6 +72,11 @@ where
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             let next = Instant::now() + this.idle;
             this.deadline.as_mut().reset(next);
+            if let (Some(counter), Some(Ok(frame))) = (&this.received, &frame)
+                && let Some(data) = frame.data_ref()
+            {
+                counter.inc_by(data.len() as u64);
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         ready!(this.deadline.as_mut().poll(cx));

@@ -210,8 +210,11 @@ impl Egress {
             Ok((response, slot)) => {
                 let status = response.status();
                 let head = replay::kept_headers(response.headers());
+                let received = self.metrics.bytes(&route.name, "received");
                 let response = response.map(|body| {
-                    IdleBody::new(body, route.policy.idle, route.name.clone(), slot).boxed()
+                    IdleBody::new(body, route.policy.idle, route.name.clone(), slot)
+                        .counted(received)
+                        .boxed()
                 });
                 match recording {
                     Some((replay, key, fingerprint)) if replay::recordable(status) => {
@@ -347,7 +350,11 @@ impl Egress {
                 }
             },
         );
-        limiter.admit().await.map_err(|shed| {
+        let queued = self.metrics.queued(&route.name);
+        queued.inc();
+        let admitted = limiter.admit().await;
+        queued.dec();
+        admitted.map_err(|shed| {
             self.metrics.shed(&route.name);
             let (rate, what, retry_after) = match shed {
                 Shed::Rate { retry_after } => (true, "over its request rate", retry_after),
@@ -401,6 +408,7 @@ impl Egress {
             budget.deposit();
         }
         let deadline = Instant::now() + route.policy.total;
+        let sent = self.metrics.bytes(&route.name, "sent");
         let mut attempt = 1;
         loop {
             let permit = match &breaker {
@@ -410,10 +418,23 @@ impl Egress {
                 None => None,
             };
             let body: EgressBody = match (&kept, streamed.take()) {
-                (Some(bytes), _) => Full::new(bytes.clone())
-                    .map_err(|never| match never {})
-                    .boxed(),
-                (None, Some(body)) => body.map_err(BoxError::from).boxed(),
+                (Some(bytes), _) => {
+                    sent.inc_by(bytes.len() as u64);
+                    Full::new(bytes.clone())
+                        .map_err(|never| match never {})
+                        .boxed()
+                }
+                (None, Some(body)) => {
+                    let sent = sent.clone();
+                    body.map_frame(move |frame| {
+                        if let Some(data) = frame.data_ref() {
+                            sent.inc_by(data.len() as u64);
+                        }
+                        frame
+                    })
+                    .map_err(BoxError::from)
+                    .boxed()
+                }
                 (None, None) => Full::new(Bytes::new())
                     .map_err(|never| match never {})
                     .boxed(),

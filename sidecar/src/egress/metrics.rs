@@ -26,6 +26,13 @@ struct UpstreamLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    upstream: String,
+    /// `sent` (request bodies, each attempt's) or `received` (responses).
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RetryLabels {
     upstream: String,
     /// connect_error, too_many_requests, unavailable, timeout
@@ -42,6 +49,8 @@ fn latency_histogram() -> Histogram {
 #[derive(Debug, Clone)]
 pub struct EgressMetrics {
     calls: Family<CallLabels, Counter>,
+    queued: Family<UpstreamLabel, Gauge>,
+    bytes: Family<BytesLabels, Counter>,
     duration: Family<UpstreamLabel, Histogram, fn() -> Histogram>,
     retries: Family<RetryLabels, Counter>,
     exhausted: Family<UpstreamLabel, Counter>,
@@ -54,6 +63,8 @@ impl Default for EgressMetrics {
     fn default() -> Self {
         Self {
             calls: Family::default(),
+            queued: Family::default(),
+            bytes: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
             retries: Family::default(),
             exhausted: Family::default(),
@@ -66,6 +77,16 @@ impl Default for EgressMetrics {
 
 impl EgressMetrics {
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "egress_queued_calls",
+            "Calls waiting for a slot of an upstream's concurrency or rate limit",
+            self.queued.clone(),
+        );
+        registry.register(
+            "egress_bytes",
+            "Body bytes to (sent) and from (received) an upstream",
+            self.bytes.clone(),
+        );
         registry.register(
             "egress_requests",
             "Agent calls through the egress path by upstream and status class (the sidecar's own answers included)",
@@ -116,6 +137,25 @@ impl EgressMetrics {
                 upstream: upstream.to_owned(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// The gauge of `upstream`'s calls waiting for admission.
+    pub fn queued(&self, upstream: &str) -> Gauge {
+        self.queued
+            .get_or_create(&UpstreamLabel {
+                upstream: upstream.to_owned(),
+            })
+            .clone()
+    }
+
+    /// The counter of body bytes to or from `upstream` (`sent`/`received`).
+    pub fn bytes(&self, upstream: &str, direction: &'static str) -> Counter {
+        self.bytes
+            .get_or_create(&BytesLabels {
+                upstream: upstream.to_owned(),
+                direction,
+            })
+            .clone()
     }
 
     pub fn retried(&self, upstream: &str, reason: &str) {

@@ -507,7 +507,10 @@ impl Egress {
                     last: Err(err),
                 }
             }
-            Ok(Err(err)) if err.is_connect() => Attempt::Retry {
+            // No connection, or one the upstream reset or closed before it
+            // answered: nothing came back, so an idempotent or keyed call
+            // may go again (only those are retried at all).
+            Ok(Err(err)) if err.is_connect() || unanswered(&err) => Attempt::Retry {
                 reason: "connect_error",
                 after: None,
                 last: Err(EgressError::Connect {
@@ -739,6 +742,31 @@ fn backoff(settings: &super::routes::RetrySettings, attempt: u32) -> Duration {
 
 /// An error with its causes, for the agent and the log (hyper's own
 /// message alone says only "client error (Connect)").
+/// The connection was reset or closed before any response came.
+fn unanswered(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if let Some(hyper) = err.downcast_ref::<hyper::Error>()
+            && (hyper.is_incomplete_message() || hyper.is_closed() || hyper.is_canceled())
+        {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 fn source_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();

@@ -1,0 +1,203 @@
+//! The egress path to upstreams that are not plain HTTP/1.1: over TLS with
+//! a certificate from the test CA (trusted through `egress.ca_file`),
+//! speaking HTTP/2 when the upstream offers it by ALPN; one that resets
+//! every connection (retried, then answered 502 naming the upstream); and
+//! an upstream whose certificate the sidecar does not trust (refused, not
+//! sent).
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use statefabric_tests::process::{self, Storage};
+
+/// An HTTPS upstream with the certificate `cert` (and its `key`) offering
+/// h2 and http/1.1; it answers with the protocol the request came in.
+async fn tls_upstream(cert: &Path, key: &Path) -> anyhow::Result<u16> {
+    let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = service_fn(
+                    |request: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = format!("{:?} {}", request.version(), request.uri().path());
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// An upstream that accepts connections and resets them at once.
+async fn resetting_upstream() -> anyhow::Result<(u16, Arc<std::sync::atomic::AtomicUsize>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Linger 0: closing sends RST, not FIN.
+            let _ = stream.set_zero_linger();
+            drop(stream);
+        }
+    });
+    Ok((port, accepted))
+}
+
+async fn get(url: &str) -> anyhow::Result<(u16, Option<String>, String)> {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    let response = client
+        .request(hyper::Request::get(url).body(Empty::<Bytes>::new())?)
+        .await?;
+    let status = response.status().as_u16();
+    let kind = response
+        .headers()
+        .get("x-statefabric-egress-error")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, kind, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// A self-signed certificate for 127.0.0.1 that no trusted CA signed.
+async fn self_signed(dir: &Path) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let (cert, key) = (dir.join("rogue.crt"), dir.join("rogue.key"));
+    let made = tokio::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=rogue",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        made.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    Ok((cert, key))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_http2_and_resetting_upstreams_through_the_egress() -> anyhow::Result<()> {
+    let pki = statefabric_tests::kube::pki_dir();
+    let tls = tls_upstream(&pki.join("mesh.crt"), &pki.join("mesh.key")).await?;
+    let dir = tempfile::tempdir()?;
+    let (rogue_cert, rogue_key) = self_signed(dir.path()).await?;
+    let rogue = tls_upstream(&rogue_cert, &rogue_key).await?;
+    let (resetting, accepted) = resetting_upstream().await?;
+    let upstream = |name: &str, spec: String| {
+        format!(
+            "apiVersion: statefabric.io/v1alpha1\nkind: Upstream\nmetadata: {{name: {name}}}\nspec: {spec}\n---\n"
+        )
+    };
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        [
+            upstream(
+                "secure",
+                format!(r#"{{url: "https://localhost:{tls}/api"}}"#),
+            ),
+            upstream(
+                "secure-http1",
+                format!(r#"{{url: "https://localhost:{tls}/api", protocol: http1}}"#),
+            ),
+            upstream(
+                "untrusted",
+                format!(r#"{{url: "https://127.0.0.1:{rogue}/api"}}"#),
+            ),
+            upstream(
+                "flaky",
+                format!(r#"{{url: "http://127.0.0.1:{resetting}"}}"#),
+            ),
+            "apiVersion: statefabric.io/v1alpha1
+kind: ResiliencyPolicy
+metadata: {name: retrying}
+spec:
+  retries:
+    thrice: {maxAttempts: 3, initialBackoff: 10ms, maxBackoff: 20ms, retryOn: [connectError]}
+  targets:
+  - {upstream: flaky, retry: thrice}
+"
+            .to_owned(),
+        ]
+        .concat(),
+    )?;
+    let listen = format!("127.0.0.1:{}", statefabric_tests::free_port());
+    let ca = statefabric_tests::kube::pki_dir().join("ca.crt");
+    let files = format!("[{:?}]", mesh.display().to_string());
+    let ca = ca.display().to_string();
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let vars = [
+        ("STATEFABRIC_MESH__FILES", files.as_str()),
+        ("STATEFABRIC_EGRESS__ENABLED", "true"),
+        ("STATEFABRIC_EGRESS__LISTEN", listen.as_str()),
+        ("STATEFABRIC_EGRESS__CA_FILE", ca.as_str()),
+    ];
+    let sidecar = process::sidecar(Storage::Sqlite, &tenant, "agent-1", &vars).await?;
+    let egress = format!("http://{listen}");
+
+    // TLS with the test CA; HTTP/2 by ALPN, or HTTP/1.1 when the Upstream says so.
+    let (status, _, body) = get(&format!("{egress}/secure/hello")).await?;
+    assert_eq!((status, body.as_str()), (200, "HTTP/2.0 /api/hello"));
+    let (status, _, body) = get(&format!("{egress}/secure-http1/hello")).await?;
+    assert_eq!((status, body.as_str()), (200, "HTTP/1.1 /api/hello"));
+
+    // A certificate no trusted CA signed: refused, nothing sent.
+    let (status, kind, body) = get(&format!("{egress}/untrusted/hello")).await?;
+    assert_eq!((status, kind.as_deref()), (502, Some("connect")), "{body}");
+    assert!(body.contains("untrusted"), "{body}");
+
+    // Every connection reset: tried three times (the policy), then 502.
+    let (status, kind, body) = get(&format!("{egress}/flaky/x")).await?;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(kind.as_deref(), Some("connect"));
+    assert!(body.contains("flaky"), "{body}");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "the first try and two retries"
+    );
+    let (code, stderr) = sidecar.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
+    assert_eq!(code, 0, "{stderr}");
+    Ok(())
+}

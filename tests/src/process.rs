@@ -112,6 +112,11 @@ pub fn spawn(binary: &str, args: &[&str], extra_env: &[(&str, &str)]) -> anyhow:
 
 impl Service {
     /// Waits for `/healthz/ready` to answer 200.
+    ///
+    /// The answer must be this process's: a free port handed out to two
+    /// processes at once lets another one answer on the admin port while
+    /// this one fails to bind and exits, so the process is checked to be
+    /// still running a moment after it answered.
     pub async fn ready(&mut self) -> anyhow::Result<()> {
         let url = format!("{}/healthz/ready", self.admin);
         let result = crate::eventually("readiness", Duration::from_secs(30), || {
@@ -125,9 +130,10 @@ impl Service {
             }
         })
         .await;
-        if result.is_err()
-            && let Ok(Some(status)) = self.child.try_wait()
-        {
+        if result.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if let Ok(Some(status)) = self.child.try_wait() {
             let stderr = self.stderr().await;
             anyhow::bail!("exited with {status} before becoming ready:\n{stderr}");
         }
@@ -255,9 +261,19 @@ pub async fn sidecar(
         ]);
     }
     vars.extend_from_slice(extra);
-    let mut service = spawn("statefabric-sidecar", &[], &vars)?;
-    service.ready().await?;
-    Ok(service)
+    // Ports are picked free, then bound by the child: another process may
+    // take one in between. Such a start is tried again on fresh ports.
+    let mut attempt = 1;
+    loop {
+        let mut service = spawn("statefabric-sidecar", &[], &vars)?;
+        match service.ready().await {
+            Ok(()) => return Ok(service),
+            Err(err) if attempt < 3 && format!("{err:#}").contains("Address already in use") => {
+                attempt += 1;
+            }
+            Err(err) => return Err(err),
+        }
+    }
 }
 
 /// A control plane serving mesh configuration on `127.0.0.1:port` over TLS

@@ -61,6 +61,10 @@ pub struct MeshConfig {
     /// most (leader only).
     #[serde(with = "humantime_serde")]
     pub status_interval: Duration,
+    /// How often the Secrets Upstreams name are read again, so a rotated
+    /// key reaches running sidecars.
+    #[serde(with = "humantime_serde")]
+    pub secret_refresh: Duration,
 }
 
 impl Default for MeshConfig {
@@ -72,6 +76,7 @@ impl Default for MeshConfig {
             tls_key: None,
             audience: "statefabric".to_owned(),
             status_interval: Duration::from_secs(1),
+            secret_refresh: Duration::from_secs(30),
         }
     }
 }
@@ -411,6 +416,9 @@ impl ServiceConfig for ControlPlaneConfig {
             if m.status_interval.is_zero() {
                 issues.push("mesh.status_interval", "must be positive");
             }
+            if m.secret_refresh < Duration::from_secs(1) {
+                issues.push("mesh.secret_refresh", "must be at least 1s");
+            }
         }
         if l.name.is_empty() || l.name.len() > 128 {
             issues.push("leader.name", "must be 1-128 characters");
@@ -522,6 +530,7 @@ mod tests {
                 ("STATEFABRIC_MESH__TLS_CERT", "/etc/mesh.crt"),
                 ("STATEFABRIC_MESH__AUDIENCE", ""),
                 ("STATEFABRIC_MESH__STATUS_INTERVAL", "0s"),
+                ("STATEFABRIC_MESH__SECRET_REFRESH", "0s"),
                 ("STATEFABRIC_LEADER__BACKEND", "kubernetes"),
             ]
             .map(|(k, v)| (k.to_owned(), v.to_owned())),
@@ -532,6 +541,7 @@ mod tests {
             "mesh.tls_cert",
             "mesh.audience",
             "mesh.status_interval",
+            "mesh.secret_refresh",
             "leader.postgres_url",
         ] {
             assert!(text.contains(key), "{key} missing from:\n{text}");

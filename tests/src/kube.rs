@@ -214,6 +214,23 @@ pub async fn install_control_plane_rbac() -> anyhow::Result<()> {
     crate::chart::apply_template("templates/control-plane-rbac.yaml").await
 }
 
+/// Lets the control plane read the Secrets Upstreams name in `namespace`,
+/// as the chart grants it in a tenant's namespace
+/// (`templates/egress-secrets-rbac.yaml`).
+pub async fn grant_egress_secrets(namespace: &str) -> anyhow::Result<()> {
+    crate::chart::ensure_namespace().await?;
+    let tenant = format!("tenants[0].name=t,tenants[0].namespace={namespace}");
+    let manifest = crate::chart::render(&[
+        "--set",
+        &tenant,
+        "--show-only",
+        "templates/egress-secrets-rbac.yaml",
+    ])
+    .await?;
+    kubectl(&["apply", "-f", "-"], Some(&manifest)).await?;
+    Ok(())
+}
+
 /// Applies the injector's ServiceAccount and grants, as the chart renders
 /// them (`templates/injector-rbac.yaml`).
 pub async fn install_injector_rbac() -> anyhow::Result<()> {

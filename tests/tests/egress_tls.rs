@@ -3,7 +3,9 @@
 //! speaking HTTP/2 when the upstream offers it by ALPN; one that resets
 //! every connection (retried, then answered 502 naming the upstream); and
 //! an upstream whose certificate the sidecar does not trust (refused, not
-//! sent).
+//! sent); an Upstream's own CA and server name, and its API key, from
+//! labelled Secrets (the key reaches the upstream, never the agent; an
+//! unlabelled or missing Secret makes the route refuse calls, naming it).
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -41,7 +43,10 @@ async fn tls_upstream(cert: &Path, key: &Path) -> anyhow::Result<u16> {
                 };
                 let service = service_fn(
                     |request: hyper::Request<hyper::body::Incoming>| async move {
-                        let body = format!("{:?} {}", request.version(), request.uri().path());
+                        let mut body = format!("{:?} {}", request.version(), request.uri().path());
+                        if let Some(key) = request.headers().get("authorization") {
+                            body.push_str(&format!(" auth={}", key.to_str().unwrap_or("?")));
+                        }
                         Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
                     },
                 );
@@ -199,5 +204,139 @@ spec:
     );
     let (code, stderr) = sidecar.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
     assert_eq!(code, 0, "{stderr}");
+    Ok(())
+}
+
+/// The Upstream's own CA (a Secret's `ca.crt`) alone verifies it, with its
+/// `serverName` when the URL's host is not in the certificate; the API key
+/// comes from a Secret. No `egress.ca_file`: the sidecar's own roots do not
+/// know the test CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_own_ca_server_name_and_key_come_from_secrets() -> anyhow::Result<()> {
+    let pki = statefabric_tests::kube::pki_dir();
+    let tls = tls_upstream(&pki.join("mesh.crt"), &pki.join("mesh.key")).await?;
+    let ca_pem = std::fs::read_to_string(pki.join("ca.crt"))?;
+    let indented: String = ca_pem.lines().map(|l| format!("    {l}\n")).collect();
+    let upstream = |name: &str, spec: String| {
+        format!(
+            "apiVersion: statefabric.io/v1alpha1\nkind: Upstream\nmetadata: {{name: {name}}}\nspec: {spec}\n---\n"
+        )
+    };
+    let key = "sk-test-7f3a9c";
+    let secrets = format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: test-ca, labels: {{statefabric.io/egress: "true"}}}}
+stringData:
+  ca.crt: |
+{indented}---
+apiVersion: v1
+kind: Secret
+metadata: {{name: api-key, labels: {{statefabric.io/egress: "true"}}}}
+stringData: {{token: "Bearer {key}"}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: unlabelled}}
+stringData: {{token: "Bearer other"}}
+---
+"#
+    );
+    // mesh.crt names 127.0.0.1 and localhost, not api.internal.
+    let own = |extra: &str| {
+        format!(r#"{{url: "https://127.0.0.1:{tls}/api", tls: {{ca: {{name: test-ca}}{extra}}}"#)
+    };
+    let dir = tempfile::tempdir()?;
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        [
+            secrets,
+            upstream("own-ca", format!("{}}}", own(""))),
+            upstream("by-name", format!("{}}}", own(", serverName: localhost"))),
+            upstream("wrong-name", format!("{}}}", own(", serverName: api.internal"))),
+            upstream(
+                "system-roots",
+                format!(r#"{{url: "https://127.0.0.1:{tls}/api"}}"#),
+            ),
+            upstream(
+                "keyed",
+                format!(
+                    "{}, headers: [{{name: Authorization, secretKeyRef: {{name: api-key, key: token}}}}]}}",
+                    own("")
+                ),
+            ),
+            upstream(
+                "unlabelled-key",
+                format!(
+                    "{}, headers: [{{name: Authorization, secretKeyRef: {{name: unlabelled, key: token}}}}]}}",
+                    own("")
+                ),
+            ),
+            upstream(
+                "missing-ca",
+                format!(r#"{{url: "https://127.0.0.1:{tls}/api", tls: {{ca: {{name: absent}}}}}}"#),
+            ),
+        ]
+        .concat(),
+    )?;
+    let listen = format!("127.0.0.1:{}", statefabric_tests::free_port());
+    let files = format!("[{:?}]", mesh.display().to_string());
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let vars = [
+        ("STATEFABRIC_MESH__FILES", files.as_str()),
+        ("STATEFABRIC_EGRESS__ENABLED", "true"),
+        ("STATEFABRIC_EGRESS__LISTEN", listen.as_str()),
+    ];
+    let sidecar = process::sidecar(Storage::Sqlite, &tenant, "agent-1", &vars).await?;
+    let egress = format!("http://{listen}");
+
+    for name in ["own-ca", "by-name"] {
+        let (status, _, body) = get(&format!("{egress}/{name}/hello")).await?;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "HTTP/2.0 /api/hello"),
+            "{name}"
+        );
+    }
+    for name in ["wrong-name", "system-roots"] {
+        let (status, kind, body) = get(&format!("{egress}/{name}/hello")).await?;
+        assert_eq!(
+            (status, kind.as_deref()),
+            (502, Some("connect")),
+            "{name}: {body}"
+        );
+        assert!(body.contains("certificate"), "{name}: {body}");
+    }
+
+    // The key reaches the upstream; the agent's answer holds only what the
+    // upstream chose to say (this one echoes it, to show it arrived).
+    let (status, _, body) = get(&format!("{egress}/keyed/hello")).await?;
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            200,
+            format!("HTTP/2.0 /api/hello auth=Bearer {key}").as_str()
+        )
+    );
+
+    // A Secret without the label, or none at all: the route refuses calls
+    // (nothing is sent without its key), naming the Secret.
+    for (name, secret) in [("unlabelled-key", "unlabelled"), ("missing-ca", "absent")] {
+        let (status, kind, body) = get(&format!("{egress}/{name}/hello")).await?;
+        assert_eq!(
+            (status, kind.as_deref()),
+            (503, Some("upstream_unusable")),
+            "{name}: {body}"
+        );
+        assert!(
+            body.contains(&format!("Secret {secret} key")),
+            "{name}: {body}"
+        );
+        assert!(body.contains("statefabric.io/egress=true"), "{body}");
+    }
+    let (code, stderr) = sidecar.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains(key), "the key is never logged");
     Ok(())
 }

@@ -486,6 +486,19 @@ async fn the_control_planes_rbac_allows_what_it_needs_and_nothing_else() -> anyh
             "the control plane may {verb} {resource} in {namespace}"
         );
     }
+    // A tenant's namespace grants `get` on its Secrets (those its Upstreams
+    // name), and nothing more: no list, no watch, no other namespace.
+    let tenant = TestNamespace::create(&client).await?;
+    statefabric_tests::kube::grant_egress_secrets(&tenant.name).await?;
+    assert!(control_plane_may("get", "secrets", &tenant.name).await?);
+    for verb in ["list", "watch", "update", "create"] {
+        assert!(
+            !control_plane_may(verb, "secrets", &tenant.name).await?,
+            "the control plane may {verb} secrets in the tenant's namespace"
+        );
+    }
+    assert!(!control_plane_may("get", "secrets", elsewhere).await?);
+    tenant.delete().await?;
     agents.delete().await
 }
 

@@ -961,6 +961,30 @@ spec:
     namespace.delete().await
 }
 
+/// The pod `agent-0`'s sidecar with its egress listener on; and where that
+/// listens.
+async fn egress_sidecar(
+    port: u16,
+    ns: &str,
+    token: &Path,
+    state: &Path,
+) -> anyhow::Result<(Service, String)> {
+    let egress = format!("127.0.0.1:{}", env::free_port());
+    let agent = sidecar_with(
+        port,
+        ns,
+        "agent-0",
+        token,
+        state,
+        &[
+            ("STATEFABRIC_EGRESS__ENABLED", "true"),
+            ("STATEFABRIC_EGRESS__LISTEN", egress.as_str()),
+        ],
+    )
+    .await?;
+    Ok((agent, egress))
+}
+
 /// An Upstream applied with kubectl becomes a route on a running sidecar's
 /// egress path within seconds, and deleting it takes the route away (404
 /// naming the upstreams left).
@@ -980,19 +1004,7 @@ async fn an_upstream_applied_with_kubectl_is_routed_by_a_running_sidecar() -> an
     // A real upstream: the control plane's own admin server answers
     // /healthz/live.
     let upstream = cp.admin.clone();
-    let egress = format!("127.0.0.1:{}", env::free_port());
-    let agent = sidecar_with(
-        port,
-        ns,
-        "agent-0",
-        &token,
-        &state,
-        &[
-            ("STATEFABRIC_EGRESS__ENABLED", "true"),
-            ("STATEFABRIC_EGRESS__LISTEN", egress.as_str()),
-        ],
-    )
-    .await?;
+    let (agent, egress) = egress_sidecar(port, ns, &token, &state).await?;
     let through = format!("http://{egress}/admin/healthz/live");
     let before = env::http("GET", &through, None, None).await?;
     assert_eq!(before.status, 404, "no such upstream yet: {}", before.body);
@@ -1024,5 +1036,136 @@ async fn an_upstream_applied_with_kubectl_is_routed_by_a_running_sidecar() -> an
     assert_eq!(code, 0, "{stderr}");
     let (code, _) = cp.stop_with(Signal::SIGTERM).await?;
     assert_eq!(code, 0);
+    namespace.delete().await
+}
+
+/// An upstream that answers with the `Authorization` header it got.
+async fn echo_key_upstream() -> anyhow::Result<String> {
+    use http_body_util::Full;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: hyper::Request<hyper::body::Incoming>| async move {
+                        let key = request
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("none")
+                            .to_owned();
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            bytes::Bytes::from(key),
+                        )))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    Ok(format!("http://{address}"))
+}
+
+fn egress_secret(ns: &str, name: &str, labelled: bool, token: &str) -> String {
+    let labels = if labelled {
+        "\n  labels: {statefabric.io/egress: \"true\"}"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}{labels}\nstringData: {{token: \"Bearer {token}\"}}\n"
+    )
+}
+
+/// An Upstream whose `Authorization` comes from a labelled Secret: the
+/// running sidecar adds it (the agent never sends or sees it), a rotated
+/// value is used within the control plane's refresh, and a Secret without
+/// the label is never given — the route answers 503 naming it.
+#[tokio::test]
+async fn an_upstreams_key_from_a_labelled_secret_reaches_the_upstream_and_rotates()
+-> anyhow::Result<()> {
+    let _turn = TURN.lock().await;
+    let Setup {
+        namespace,
+        dir: _dir,
+        token,
+        state,
+        kubeconfig,
+    } = Setup::new().await?;
+    let ns = namespace.name.as_str();
+    env::kube::grant_egress_secrets(ns).await?;
+    let upstream = echo_key_upstream().await?;
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            "{}---\n{}---\napiVersion: statefabric.io/v1alpha1\nkind: Upstream\nmetadata: {{name: model, namespace: {ns}}}\n\
+             spec:\n  url: \"{upstream}\"\n  headers: [{{name: Authorization, secretKeyRef: {{name: model-key, key: token}}}}]\n---\n\
+             apiVersion: statefabric.io/v1alpha1\nkind: Upstream\nmetadata: {{name: sneaky, namespace: {ns}}}\n\
+             spec:\n  url: \"{upstream}\"\n  headers: [{{name: Authorization, secretKeyRef: {{name: not-for-egress, key: token}}}}]\n",
+            egress_secret(ns, "model-key", true, "sk-one"),
+            egress_secret(ns, "not-for-egress", false, "db-password"),
+        )),
+    )
+    .await?;
+    let port = env::free_port();
+    let cp = process::mesh_control_plane(
+        port,
+        &kubeconfig,
+        &[("STATEFABRIC_MESH__SECRET_REFRESH", "1s")],
+    )
+    .await?;
+    let (agent, egress) = egress_sidecar(port, ns, &token, &state).await?;
+    let key_seen = |expected: &'static str| {
+        let through = format!("http://{egress}/model/v1/chat");
+        env::eventually(expected, Duration::from_secs(20), move || {
+            let through = through.clone();
+            async move {
+                let answer = env::http("GET", &through, None, None).await?;
+                Ok((answer.status == 200 && answer.body == expected).then_some(()))
+            }
+        })
+    };
+    key_seen("Bearer sk-one").await?;
+
+    // Rotation: the new value, without restarting anything.
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&egress_secret(ns, "model-key", true, "sk-two")),
+    )
+    .await?;
+    key_seen("Bearer sk-two").await?;
+
+    let sneaky = env::http("GET", &format!("http://{egress}/sneaky/x"), None, None).await?;
+    assert_eq!(sneaky.status, 503, "{}", sneaky.body);
+    assert!(
+        sneaky.body.contains("Secret not-for-egress key token")
+            && !sneaky.body.contains("db-password"),
+        "{}",
+        sneaky.body
+    );
+    // The Upstream's status names what its sidecars could not apply.
+    resource_status_where(
+        "upstream",
+        "sneaky",
+        ns,
+        "the Upstream's status naming the Secret",
+        |status| status.to_string().contains("not-for-egress"),
+    )
+    .await?;
+    // The local copy of the configuration holds the key: owner-only.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&state)?.permissions().mode() & 0o077, 0);
+
+    let (code, stderr) = agent.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("sk-one") && !stderr.contains("sk-two"));
+    let (code, stderr) = cp.stop_with(Signal::SIGTERM).await?;
+    assert_eq!(code, 0);
+    assert!(!stderr.contains("db-password") && !stderr.contains("sk-two"));
     namespace.delete().await
 }

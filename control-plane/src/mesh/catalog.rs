@@ -32,6 +32,8 @@ impl Stores {
             policies: owned(&self.policies),
             upstreams: owned(&self.upstreams),
             sagas: owned(&self.sagas),
+            // Read in by `secrets`, never watched.
+            secrets: Vec::new(),
         }
     }
 }

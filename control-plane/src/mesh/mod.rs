@@ -1,7 +1,8 @@
 //! Mesh configuration for the sidecars (`[mesh]`): every replica watches
 //! the `statefabric.io` resources ([`catalog`]) and serves each subscribed
 //! sidecar its effective configuration ([`distribution`]) and publishes
-//! who they are and how they took it ([`directory`]); the leader writes the
+//! who they are and how they took it ([`directory`]), with the Secrets
+//! their Upstreams name read in ([`secrets`]); the leader writes the
 //! resources' status from every replica's subscribers ([`status`]).
 //!
 //! With the saga engine on, the leader also registers SagaDefinitions
@@ -11,6 +12,7 @@ pub mod catalog;
 pub mod directory;
 pub mod distribution;
 pub mod sagas;
+pub mod secrets;
 pub mod status;
 
 use std::sync::Arc;
@@ -90,7 +92,12 @@ pub async fn start(
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API for [mesh] (in-cluster or KUBECONFIG)")?;
-    let catalog = catalog::watch(&client, ctx.shutdown.token());
+    let catalog = secrets::with_secrets(
+        client.clone(),
+        catalog::watch(&client, ctx.shutdown.token()),
+        mesh.secret_refresh,
+        ctx.shutdown.token(),
+    );
     let sidecars = distribution::Sidecars::default();
     let service = distribution::Distribution::new(
         catalog.clone(),

@@ -11,6 +11,7 @@ use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::secrets::SecretValue;
 use crate::validate::{Problem, problems};
 use crate::{Catalog, FabricConfigSpec, ResiliencyPolicySpec, UpstreamSpec};
 
@@ -43,6 +44,10 @@ pub struct EffectiveConfig {
     pub policies: Vec<Named<ResiliencyPolicySpec>>,
     #[serde(default)]
     pub upstreams: Vec<Named<UpstreamSpec>>,
+    /// The Secret values the upstreams name, by `<secret>/<key>`
+    /// ([`crate::secrets`]); a rotated value changes the version.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, SecretValue>,
 }
 
 impl EffectiveConfig {
@@ -87,6 +92,10 @@ pub fn effective(catalog: &Catalog, identity: &Identity) -> Result<EffectiveConf
                 })
                 .or_else(|| configs.iter().find(|c| c.spec.default)),
         };
+    let upstreams: Vec<_> = usable(&catalog.upstreams, &refused, &identity.namespace)
+        .into_iter()
+        .map(|u| named(u, &u.spec))
+        .collect();
     Ok(EffectiveConfig {
         namespace: identity.namespace.clone(),
         fabric_config: chosen.map(|c| named(*c, &c.spec)),
@@ -94,10 +103,8 @@ pub fn effective(catalog: &Catalog, identity: &Identity) -> Result<EffectiveConf
             .into_iter()
             .map(|p| named(p, &p.spec))
             .collect(),
-        upstreams: usable(&catalog.upstreams, &refused, &identity.namespace)
-            .into_iter()
-            .map(|u| named(u, &u.spec))
-            .collect(),
+        secrets: crate::secrets::resolve(&catalog.secrets, &identity.namespace, &upstreams),
+        upstreams,
     })
 }
 

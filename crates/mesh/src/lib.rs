@@ -13,7 +13,8 @@
 //! and, without I/O beyond reading files, what is built on them: the
 //! checks the API server cannot make ([`validate`]), reading the same
 //! documents from local YAML ([`local`], for `fabric dev`), and the
-//! configuration one sidecar gets ([`effective`]).
+//! configuration one sidecar gets ([`effective`]), with the Secret values
+//! its Upstreams name ([`secrets`]).
 //!
 //! It does not own watching the API server, distributing configuration or
 //! applying it: those are the control plane's and the sidecar's.
@@ -29,6 +30,7 @@ pub mod fabric_config;
 pub mod local;
 pub mod resiliency;
 pub mod saga_definition;
+pub mod secrets;
 pub mod status;
 pub mod upstream;
 pub mod validate;
@@ -52,4 +54,7 @@ pub struct Catalog {
     pub policies: Vec<ResiliencyPolicy>,
     pub upstreams: Vec<Upstream>,
     pub sagas: Vec<SagaDefinition>,
+    /// The Secrets Upstreams name, as far as they are readable (only those
+    /// labelled [`secrets::EGRESS_LABEL`] are ever given to a sidecar).
+    pub secrets: Vec<k8s_openapi::api::core::v1::Secret>,
 }

@@ -72,7 +72,8 @@ pub fn add_documents(
             .unwrap_or("");
         let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
         let expected = format!("{}/{}", crate::GROUP, crate::VERSION);
-        if api_version != expected {
+        let secret = (api_version, kind) == ("v1", "Secret");
+        if api_version != expected && !secret {
             return Err(problem(format!(
                 "apiVersion {api_version:?} is not {expected:?}"
             )));
@@ -83,6 +84,14 @@ pub fn add_documents(
             .is_none_or(str::is_empty)
         {
             return Err(problem("metadata.name is missing".into()));
+        }
+        if secret {
+            // A Secret an Upstream names, as it would be applied.
+            catalog.secrets.push(
+                parse::<k8s_openapi::api::core::v1::Secret>(value, default_namespace)
+                    .map_err(problem)?,
+            );
+            continue;
         }
         match kind {
             "FabricConfig" => catalog
@@ -99,7 +108,7 @@ pub fn add_documents(
                 .push(parse::<SagaDefinition>(value, default_namespace).map_err(problem)?),
             other => {
                 return Err(problem(format!(
-                    "kind {other:?} is none of FabricConfig, ResiliencyPolicy, Upstream, SagaDefinition"
+                    "kind {other:?} is none of FabricConfig, ResiliencyPolicy, Upstream, SagaDefinition (or a v1 Secret)"
                 )));
             }
         }

@@ -21,6 +21,8 @@ pub enum EgressError {
         "upstream {upstream}: the circuit breaker is open after repeated failures; failing fast"
     )]
     CircuitOpen { upstream: String },
+    #[error("upstream {upstream} is not usable: {reason}")]
+    Unusable { upstream: String, reason: String },
     #[error("upstream {upstream}: cannot connect: {reason}")]
     Connect { upstream: String, reason: String },
     #[error("upstream {upstream}: no response within {seconds:.3}s")]
@@ -50,7 +52,7 @@ impl EgressError {
     fn status(&self) -> StatusCode {
         match self {
             Self::NoUpstream { .. } | Self::UnknownUpstream { .. } => StatusCode::NOT_FOUND,
-            Self::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::CircuitOpen { .. } | Self::Unusable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect { .. } => StatusCode::BAD_GATEWAY,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
@@ -65,6 +67,7 @@ impl EgressError {
             Self::NoUpstream { .. } => "no_upstream",
             Self::UnknownUpstream { .. } => "unknown_upstream",
             Self::CircuitOpen { .. } => "circuit_open",
+            Self::Unusable { .. } => "upstream_unusable",
             Self::Connect { .. } => "connect",
             Self::Timeout { .. } => "timeout",
             Self::BadRequest { .. } => "bad_request",

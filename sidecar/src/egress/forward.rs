@@ -33,7 +33,7 @@ use super::errors::{EgressBody, EgressError};
 use super::limits::{Limiter, Shed};
 use super::metrics::EgressMetrics;
 use super::replay::{self, Recording, Replay};
-use super::routes::{Route, Routes};
+use super::routes::{Route, RouteTls, Routes};
 use super::upgrade;
 use statefabric_store::replay::Recorded;
 
@@ -70,10 +70,11 @@ pub struct Egress {
 
 /// What a pooled client is built for; a route that changes it gets a new
 /// client (and pool).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct ClientKey {
     connect: Duration,
     protocol: Protocol,
+    tls: Option<Arc<RouteTls>>,
 }
 
 /// The agent's request body: as it arrives, or already read whole.
@@ -176,6 +177,17 @@ impl Egress {
             Err(err) => return err.into_response(),
         };
         tracing::Span::current().record("upstream", route.name.as_str());
+        if let Some(reason) = &route.unusable {
+            let err = EgressError::Unusable {
+                upstream: route.name.clone(),
+                reason: reason.clone(),
+            };
+            tracing::warn!(upstream = %route.name, error = %err, "egress call refused");
+            let response = err.into_response();
+            self.metrics
+                .observe(&route.name, response.status(), began.elapsed());
+            return response;
+        }
         if upgrade::requested(request.headers()) {
             let response = match self.upgrade(&route, uri, request).await {
                 Ok(response) => response,
@@ -544,8 +556,9 @@ impl Egress {
         let key = ClientKey {
             connect: route.policy.connect,
             protocol: route.protocol,
+            tls: route.tls.clone(),
         };
-        let new = || (key, build_client(&self.tls, key));
+        let new = || (key.clone(), build_client(&self.tls, &key));
         let (_, client) = per_upstream(&self.clients, &route.name, new, |entry| {
             if entry.0 != key {
                 *entry = new();
@@ -609,14 +622,22 @@ fn per_upstream<T: Clone>(
     }
 }
 
-fn build_client(tls: &Arc<rustls::ClientConfig>, key: ClientKey) -> UpstreamClient {
+/// A pooled client for `key`: the Upstream's own roots (its CA alone) or
+/// the sidecar's, and its server name when it gives one.
+fn build_client(tls: &Arc<rustls::ClientConfig>, key: &ClientKey) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(key.connect));
     http.set_nodelay(true);
-    let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config((**tls).clone())
+    let own = key.tls.as_ref();
+    let config = own.and_then(|t| t.client_config.as_ref()).unwrap_or(tls);
+    let mut builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((**config).clone())
         .https_or_http();
+    if let Some(name) = own.and_then(|t| t.server_name.clone()) {
+        builder =
+            builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name));
+    }
     let connector = match key.protocol {
         Protocol::Http1 => builder.enable_http1().wrap_connector(http),
         Protocol::Http2 => builder.enable_http2().wrap_connector(http),

@@ -20,11 +20,12 @@
 //! Keyed requests are answered once and replayed after ([`replay`]);
 //! WebSocket and other upgrades are tunnelled ([`upgrade`]).
 //!
-//! Partial (the egress issue): headers from Secrets, an Upstream's own CA,
-//! the tokens-per-minute limit,
-//! the forward-proxy mode and trace-context injection
-//! are not built yet; configurations that set them are ACKed with those
-//! settings named as not applied.
+//! Headers and an Upstream's own CA come from Secrets the control plane
+//! resolves ([`routes`]); a route missing one refuses calls.
+//!
+//! Partial (the egress issue): the tokens-per-minute limit and the
+//! forward-proxy mode are not built yet; configurations that set them are
+//! ACKed with those settings named as not applied.
 
 mod body;
 mod budget;
@@ -64,13 +65,28 @@ pub fn tls_config(extra_ca: Option<&std::path::Path>) -> anyhow::Result<rustls::
     if let Some(path) = extra_ca {
         let pem = std::fs::read(path)
             .with_context(|| format!("reading egress.ca_file {}", path.display()))?;
-        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.with_context(|| format!("egress.ca_file {}", path.display()))?;
-            roots
-                .add(cert)
-                .with_context(|| format!("egress.ca_file {}", path.display()))?;
-        }
+        add_pem(&mut roots, &pem).with_context(|| format!("egress.ca_file {}", path.display()))?;
     }
+    client_config(roots)
+}
+
+/// TLS settings that trust the certificates of `pem` and nothing else (an
+/// Upstream's own CA).
+pub fn tls_config_with_roots(pem: &[u8]) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    add_pem(&mut roots, pem)?;
+    anyhow::ensure!(!roots.is_empty(), "holds no PEM certificate");
+    client_config(roots)
+}
+
+fn add_pem(roots: &mut rustls::RootCertStore, pem: &[u8]) -> anyhow::Result<()> {
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+        roots.add(cert?)?;
+    }
+    Ok(())
+}
+
+fn client_config(roots: rustls::RootCertStore) -> anyhow::Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

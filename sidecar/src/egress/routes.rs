@@ -11,6 +11,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Uri};
 use statefabric_mesh::EffectiveConfig;
 use statefabric_mesh::resiliency::{Jitter, RetryOn};
+use statefabric_mesh::secrets::{self, SecretValue};
 use statefabric_mesh::upstream::Protocol;
 use statefabric_resilience::BreakerConfig;
 
@@ -71,9 +72,46 @@ pub struct Route {
     /// slash).
     pub base_path: String,
     pub protocol: Protocol,
-    /// Added to every request (literal values).
+    /// Added to every request (literal values, and values of Secrets —
+    /// marked sensitive, so no log or debug output shows them).
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The Upstream's own TLS settings; `None`: the sidecar's roots verify
+    /// the URL's host.
+    pub tls: Option<Arc<RouteTls>>,
+    /// Why calls on this route are refused (503) instead of sent: a Secret
+    /// it needs was not given. Sending without the key would only earn
+    /// 401s, and a call the agent can tell apart is better.
+    pub unusable: Option<String>,
     pub policy: RoutePolicy,
+}
+
+/// An Upstream's `spec.tls`, resolved.
+#[derive(Clone)]
+pub struct RouteTls {
+    /// PEM roots that alone are trusted (from the CA Secret's `ca.crt`).
+    pub ca_pem: Option<String>,
+    /// The name verified in the upstream's certificate (and sent as SNI).
+    pub server_name: Option<rustls_pki_types::ServerName<'static>>,
+    /// Built from `ca_pem` (`None`: the sidecar's roots).
+    pub client_config: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Equal settings make equal clients (the built config follows `ca_pem`).
+impl PartialEq for RouteTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.ca_pem == other.ca_pem && self.server_name == other.server_name
+    }
+}
+
+impl Eq for RouteTls {}
+
+impl std::fmt::Debug for RouteTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteTls")
+            .field("own_ca", &self.ca_pem.is_some())
+            .field("server_name", &self.server_name)
+            .finish()
+    }
 }
 
 /// Every route of the current configuration, by upstream name.
@@ -130,30 +168,80 @@ fn route(
         .build()
         .map_err(|e| format!("{at}: spec.url: {e}"))?;
     let mut notes = Vec::new();
+    let mut missing = Vec::new();
     let mut headers = Vec::new();
     for (index, header) in spec.headers.iter().enumerate() {
-        let Some(value) = &header.value else {
-            notes.push(format!(
-                "{at}: spec.headers[{index}] ({}) comes from a Secret, which this sidecar cannot read yet; not added",
-                header.name
-            ));
-            continue;
-        };
+        let field = format!("{at}: spec.headers[{index}]");
         let name = HeaderName::from_bytes(header.name.as_bytes())
-            .map_err(|e| format!("{at}: spec.headers[{index}].name: {e}"))?;
-        let value = HeaderValue::from_str(value)
-            .map_err(|e| format!("{at}: spec.headers[{index}].value: {e}"))?;
+            .map_err(|e| format!("{field}.name: {e}"))?;
+        let value = match (&header.value, &header.secret_key_ref) {
+            (Some(value), _) => {
+                HeaderValue::from_str(value).map_err(|e| format!("{field}.value: {e}"))?
+            }
+            (None, Some(r)) => {
+                let Some(secret) = given(config, &r.name, &r.key) else {
+                    missing.push(format!("{} key {} (header {})", r.name, r.key, header.name));
+                    continue;
+                };
+                let mut value =
+                    HeaderValue::from_str(secret.expose().trim_end()).map_err(|_| {
+                        // Never the value itself: it is a key.
+                        format!(
+                            "{field}.secretKeyRef: Secret {} key {} is not a valid header value",
+                            r.name, r.key
+                        )
+                    })?;
+                value.set_sensitive(true);
+                value
+            }
+            (None, None) => return Err(format!("{field}: needs value or secretKeyRef")),
+        };
         headers.push((name, value));
     }
-    if spec
-        .tls
-        .as_ref()
-        .is_some_and(|t| t.ca.is_some() || t.server_name.is_some())
-    {
-        notes.push(format!(
-            "{at}: spec.tls (a CA from a Secret, a server name) is not applied yet; the sidecar's roots verify the URL's host"
-        ));
-    }
+    let tls = match &spec.tls {
+        None => None,
+        Some(tls) => {
+            let ca_pem = match &tls.ca {
+                None => None,
+                Some(ca) => match given(config, &ca.name, secrets::CA_KEY) {
+                    Some(pem) => Some(pem.expose().to_owned()),
+                    None => {
+                        missing.push(format!("{} key {} (spec.tls.ca)", ca.name, secrets::CA_KEY));
+                        None
+                    }
+                },
+            };
+            let server_name = match &tls.server_name {
+                None => None,
+                Some(n) => Some(
+                    rustls_pki_types::ServerName::try_from(n.clone())
+                        .map_err(|e| format!("{at}: spec.tls.serverName {n}: {e}"))?,
+                ),
+            };
+            let client_config = match &ca_pem {
+                None => None,
+                Some(pem) => Some(Arc::new(
+                    super::tls_config_with_roots(pem.as_bytes()).map_err(|e| {
+                        format!("{at}: spec.tls.ca: Secret key {}: {e:#}", secrets::CA_KEY)
+                    })?,
+                )),
+            };
+            Some(Arc::new(RouteTls {
+                ca_pem,
+                server_name,
+                client_config,
+            }))
+        }
+    };
+    let unusable = (!missing.is_empty()).then(|| {
+        let reason = format!(
+            "Secret {} not given to this sidecar (it does not exist, is not labelled {}=true, or the control plane may not read it)",
+            missing.join(", Secret "),
+            secrets::EGRESS_LABEL
+        );
+        notes.push(format!("{at}: {reason}; calls are refused with 503"));
+        reason
+    });
     let (policy, mut more) = policy(config, name, defaults)?;
     notes.append(&mut more);
     Ok((
@@ -163,10 +251,17 @@ fn route(
             base_path: url.path().trim_end_matches('/').to_owned(),
             protocol: spec.protocol,
             headers,
+            tls,
+            unusable,
             policy,
         },
         notes,
     ))
+}
+
+/// The value of a Secret's key, as the configuration gives it.
+fn given<'a>(config: &'a EffectiveConfig, secret: &str, key: &str) -> Option<&'a SecretValue> {
+    config.secrets.get(&secrets::reference(secret, key))
 }
 
 /// The settings of the first policy (by name) whose targets name
@@ -325,13 +420,76 @@ spec:
         assert!(
             notes
                 .iter()
-                .any(|n| n.contains("spec.headers[1]") && n.contains("Secret")),
+                .any(|n| n.contains("Secret openai key bearer (header Authorization)")),
             "{notes:?}"
         );
+        assert!(
+            openai
+                .unusable
+                .as_deref()
+                .is_some_and(|r| r.contains("not given")),
+            "without its key the route refuses calls"
+        );
+        assert_eq!(tools.unusable, None);
         assert_eq!(
             p.retry.as_ref().map(|r| r.budget_percent),
             Some(20),
             "the default budget"
         );
+    }
+
+    const SECRET: &str = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: openai, labels: {statefabric.io/egress: "true"}}
+stringData: {bearer: "Bearer sk-test\n"}
+"#;
+
+    #[test]
+    fn a_header_from_a_labelled_secret_is_added_and_marked_sensitive() {
+        let (routes, notes) =
+            Routes::from_config(&config(&format!("{MESH}---{SECRET}")), Defaults::default())
+                .expect("ok");
+        let openai = routes.get("openai").expect("route");
+        assert_eq!(openai.unusable, None, "{notes:?}");
+        let (name, value) = &openai.headers[1];
+        assert_eq!(name, "authorization");
+        assert_eq!(value, "Bearer sk-test", "a trailing newline is dropped");
+        assert!(value.is_sensitive());
+        assert!(!format!("{openai:?}").contains("sk-test"));
+    }
+
+    #[test]
+    fn an_upstreams_own_ca_and_server_name_are_checked_when_read() {
+        let tls = |ca: &str, name: &str| {
+            format!(
+                r#"
+apiVersion: statefabric.io/v1alpha1
+kind: Upstream
+metadata: {{name: internal}}
+spec:
+  url: https://10.0.0.1:8443/
+  tls: {{ca: {{name: internal-ca}}, serverName: "{name}"}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: internal-ca, labels: {{statefabric.io/egress: "true"}}}}
+stringData: {{ca.crt: "{ca}"}}
+"#
+            )
+        };
+        let err = Routes::from_config(
+            &config(&tls("not a certificate", "api.internal")),
+            Defaults::default(),
+        )
+        .expect_err("no certificate");
+        assert!(
+            err.contains("spec.tls.ca") && err.contains("no PEM certificate"),
+            "{err}"
+        );
+        // (A CA that parses is used against a real server: tests/tests/egress_tls.rs.)
+        let err = Routes::from_config(&config(&tls("x", "not a name!")), Defaults::default())
+            .expect_err("bad name");
+        assert!(err.contains("spec.tls.serverName"), "{err}");
     }
 }

@@ -306,11 +306,21 @@ fn read_local(path: &Path) -> anyhow::Result<Option<Applied>> {
 }
 
 /// Written beside the target and renamed over it: a crash leaves the old
-/// copy or the new one, never half of one.
+/// copy or the new one, never half of one. Readable by the sidecar's user
+/// only: it holds the Secret values the Upstreams name.
 fn write_local(path: &Path, applied: &Applied) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut partial = PathBuf::from(path);
     partial.as_mut_os_string().push(".partial");
-    std::fs::write(&partial, serde_json::to_vec(applied)?)?;
+    let _ = std::fs::remove_file(&partial);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)?;
+    file.write_all(&serde_json::to_vec(applied)?)?;
+    file.sync_all()?;
     std::fs::rename(&partial, path)?;
     Ok(())
 }
@@ -338,6 +348,12 @@ mod tests {
             Some("v1")
         );
         assert!(!dir.join("mesh.json.partial").exists());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path)
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "the copy holds Secret values: owner only");
         std::fs::remove_dir_all(dir).expect("clean");
     }
 }

@@ -9,6 +9,9 @@
 //!   waited; an unreachable upstream is retried, then 502;
 //! - the circuit breaker opens after repeated failures and then fails fast
 //!   with 503 without calling the upstream;
+//! - a tokens-per-minute limit takes what answers (JSON or a stream)
+//!   report used off the upstream's balance, and sheds with 429 and
+//!   `Retry-After` while it is in debt;
 //! - a slow but steady stream arrives chunk by chunk (the first before the
 //!   upstream has finished), and a stalled one is cut after the idle
 //!   timeout.
@@ -178,15 +181,20 @@ async fn chat(request: Request<Incoming>) -> Response<UpstreamBody> {
     let asked: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let model = asked["model"].as_str().unwrap_or("m").to_owned();
     if asked["stream"] != true {
-        return full(
+        let mut answer = full(
             200,
             &serde_json::json!({
                 "id": "c1", "object": "chat.completion", "created": 0, "model": model,
                 "choices": [{"index": 0, "finish_reason": "stop",
                              "message": {"role": "assistant", "content": "hello from upstream"}}],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 100, "total_tokens": 200},
             })
             .to_string(),
         );
+        answer
+            .headers_mut()
+            .insert("content-type", "application/json".parse().expect("value"));
+        return answer;
     }
     let mut events: Vec<String> = ["hel", "lo ", "stream"]
         .iter()
@@ -198,6 +206,16 @@ async fn chat(request: Request<Incoming>) -> Response<UpstreamBody> {
             .to_string()
         })
         .collect();
+    if asked["stream_options"]["include_usage"] == true {
+        events.push(
+            serde_json::json!({
+                "id": "c2", "object": "chat.completion.chunk", "created": 0, "model": model,
+                "choices": [],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 100, "total_tokens": 200},
+            })
+            .to_string(),
+        );
+    }
     events.push("[DONE]".to_owned());
     let frames = futures::stream::iter(
         events
@@ -232,6 +250,16 @@ async fn start_upstream(seen: Arc<Seen>) -> anyhow::Result<u16> {
 }
 
 fn mesh(port: u16, closed: u16) -> String {
+    // The model API, as three upstreams: plain, and two under a token limit.
+    let models: String = ["model", "metered", "metered-stream"]
+        .iter()
+        .map(|name| {
+            format!(
+                "apiVersion: statefabric.io/v1alpha1\nkind: Upstream\nmetadata: {{name: {name}}}\nspec:\n  \
+                 url: http://127.0.0.1:{port}/base/v1\n  headers: [{{name: Authorization, value: Bearer sk-upstream}}]\n---\n"
+            )
+        })
+        .collect();
     format!(
         r#"apiVersion: statefabric.io/v1alpha1
 kind: Upstream
@@ -240,14 +268,7 @@ spec:
   url: http://127.0.0.1:{port}/base
   headers: [{{name: X-Org, value: org-1}}]
 ---
-apiVersion: statefabric.io/v1alpha1
-kind: Upstream
-metadata: {{name: model}}
-spec:
-  url: http://127.0.0.1:{port}/base/v1
-  headers: [{{name: Authorization, value: Bearer sk-upstream}}]
----
-apiVersion: statefabric.io/v1alpha1
+{models}apiVersion: statefabric.io/v1alpha1
 kind: Upstream
 metadata: {{name: stormy}}
 spec: {{url: "http://127.0.0.1:{port}/base"}}
@@ -286,7 +307,10 @@ spec:
   limits:
     two: {{maxConcurrency: 2, queue: 2, queueTimeout: 5s}}
     slowly: {{requestsPerSecond: 2}}
+    tokens: {{tokensPerMinute: 120}}
   targets:
+  - {{upstream: metered, limit: tokens}}
+  - {{upstream: metered-stream, limit: tokens}}
   - {{upstream: up, timeout: quick, retry: some}}
   - {{upstream: nowhere, timeout: quick, retry: some}}
   - {{upstream: fragile, timeout: quick, circuitBreaker: strict}}
@@ -393,7 +417,15 @@ async fn the_egress_path_routes_retries_breaks_and_streams() -> anyhow::Result<(
     assert_eq!(
         known["upstreams"],
         serde_json::json!([
-            "fragile", "model", "narrow", "nowhere", "ratey", "stormy", "up"
+            "fragile",
+            "metered",
+            "metered-stream",
+            "model",
+            "narrow",
+            "nowhere",
+            "ratey",
+            "stormy",
+            "up"
         ])
     );
 
@@ -562,6 +594,34 @@ print("".join(chunk.choices[0].delta.content or "" for chunk in stream))
         ["hello from upstream", "hello stream"]
     );
 
+    // Model tokens: an answer reports 200 used of the 120 a minute allowed;
+    // the next call would wait ~40 s for that debt to be repaid, longer
+    // than its queue timeout: 429 saying when to come back. A stream's
+    // usage (its last event) counts the same.
+    let ask = r#"{"model": "m", "messages": []}"#;
+    let ask_streamed = r#"{"model": "m", "messages": [], "stream": true, "stream_options": {"include_usage": true}}"#;
+    for (upstream, body) in [("metered", ask), ("metered-stream", ask_streamed)] {
+        let path = format!("/{upstream}/chat/completions");
+        let first = call_with(&egress, "POST", &path, &[], body).await?;
+        assert_eq!(first.status, 200, "{upstream}: {}", first.body);
+        let second = call_with(&egress, "POST", &path, &[], body).await?;
+        assert_eq!(
+            (second.status, second.sidecar_error.as_deref()),
+            (429, Some("rate_limited")),
+            "{upstream}: {}",
+            second.body
+        );
+        let after: u64 = second
+            .retry_after
+            .as_deref()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            (35..=45).contains(&after),
+            "{upstream}: Retry-After {after}"
+        );
+    }
+
     // Metrics per upstream.
     let metrics = env::http("GET", &format!("{}/metrics", sidecar.admin), None, None)
         .await?
@@ -601,6 +661,15 @@ print("".join(chunk.choices[0].delta.content or "" for chunk in stream))
         Some(0.0),
         "{metrics}"
     );
+    for upstream in ["metered", "metered-stream"] {
+        assert_eq!(
+            counted(&format!(
+                r#"statefabric_egress_model_tokens_total{{upstream="{upstream}"}}"#
+            )),
+            Some(200.0),
+            "{metrics}"
+        );
+    }
     let (code, stderr) = sidecar.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
     assert_eq!(code, 0, "{stderr}");
     Ok(())

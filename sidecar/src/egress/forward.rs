@@ -30,11 +30,12 @@ use tracing::Instrument;
 use super::body::{BoxError, IdleBody};
 use super::budget::RetryBudget;
 use super::errors::{EgressBody, EgressError};
-use super::limits::{Limiter, Shed};
+use super::limits::{LimitSettings, Limiter, Shed};
 use super::metrics::EgressMetrics;
 use super::replay::{self, Recording, Replay};
 use super::routes::{Route, RouteTls, Routes};
 use super::upgrade;
+use super::usage::UsageBody;
 use statefabric_store::replay::Recorded;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -228,7 +229,7 @@ impl Egress {
                         .counted(received)
                         .boxed()
                 });
-                match recording {
+                let response = match recording {
                     Some((replay, key, fingerprint)) if replay::recordable(status) => {
                         let record = Recorded {
                             fingerprint,
@@ -239,7 +240,8 @@ impl Egress {
                         response.map(|body| Recording::new(body, replay, key, record).boxed())
                     }
                     _ => response,
-                }
+                };
+                self.metered(&route, response)
             }
             Err(err) => {
                 tracing::warn!(upstream = %route.name, error = %err, "egress call failed");
@@ -351,17 +353,7 @@ impl Egress {
         let Some(settings) = route.policy.limit else {
             return Ok(None);
         };
-        let limiter = per_upstream(
-            &self.limiters,
-            &route.name,
-            || Arc::new(Limiter::new(settings)),
-            |limiter| {
-                if limiter.settings() != settings {
-                    // New limits for new calls; calls in flight keep their slots.
-                    *limiter = Arc::new(Limiter::new(settings));
-                }
-            },
-        );
+        let limiter = self.limiter(route, settings);
         let queued = self.metrics.queued(&route.name);
         queued.inc();
         let admitted = limiter.admit().await;
@@ -383,6 +375,40 @@ impl Egress {
                 retry_after,
             }
         })
+    }
+
+    /// The upstream's limiter with the route's settings.
+    fn limiter(&self, route: &Route, settings: LimitSettings) -> Arc<Limiter> {
+        per_upstream(
+            &self.limiters,
+            &route.name,
+            || Arc::new(Limiter::new(settings)),
+            |limiter| {
+                if limiter.settings() != settings {
+                    // New limits for new calls; calls in flight keep their slots.
+                    *limiter = Arc::new(Limiter::new(settings));
+                }
+            },
+        )
+    }
+
+    /// Under a tokens-per-minute limit, the model tokens the answer reports
+    /// are taken off the upstream's balance when it ends.
+    fn metered(&self, route: &Route, response: Response<EgressBody>) -> Response<EgressBody> {
+        let Some(settings) = route.policy.limit.filter(|l| l.tokens_per_minute.is_some()) else {
+            return response;
+        };
+        let limiter = self.limiter(route, settings);
+        let counted = self.metrics.tokens(&route.name);
+        let (parts, body) = response.into_parts();
+        let body = match UsageBody::new(body, &parts.headers, move |usage| {
+            counted.inc_by(usage.tokens());
+            limiter.spend_tokens(usage.tokens());
+        }) {
+            Ok(metered) => metered.boxed(),
+            Err(body) => body,
+        };
+        Response::from_parts(parts, body)
     }
 
     async fn forward(

@@ -5,6 +5,12 @@
 //! is already full. The concurrency slot is held until the response body
 //! has been read (a stream counts for as long as it flows).
 //!
+//! Model tokens a minute (`tokensPerMinute`, for upstreams that report
+//! usage): a call is admitted while the upstream's balance is positive,
+//! and what its answer reports it used is taken off when the answer ends
+//! ([`super::usage`]) — the cost is known only then, so one large answer
+//! can put the balance in debt and hold the next calls until it is repaid.
+//!
 //! Written here rather than taken from tower's limit layers: those wait
 //! without bound (or refuse without waiting), and this path needs both a
 //! bounded wait and a bounded number of waiters, with the time to the next
@@ -22,6 +28,7 @@ use tokio::time::Instant;
 pub struct LimitSettings {
     pub max_concurrency: Option<u32>,
     pub requests_per_second: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
     pub queue: u32,
     pub queue_timeout: Duration,
 }
@@ -40,7 +47,52 @@ pub struct Limiter {
     settings: LimitSettings,
     slots: Option<Arc<Semaphore>>,
     bucket: Option<Mutex<Bucket>>,
+    tokens: Option<std::sync::Mutex<TokenBalance>>,
     waiting: AtomicU32,
+}
+
+/// Model tokens: refilled at `per_second` up to `capacity` (a minute's
+/// worth); spent after the fact, so it may go below zero.
+#[derive(Debug)]
+struct TokenBalance {
+    per_second: f64,
+    capacity: f64,
+    balance: f64,
+    at: Instant,
+}
+
+impl TokenBalance {
+    fn new(per_minute: u64) -> Self {
+        #[allow(clippy::cast_precision_loss)] // a rate, not an account
+        let capacity = per_minute as f64;
+        Self {
+            per_second: capacity / 60.0,
+            capacity,
+            balance: capacity,
+            at: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self) {
+        let now = Instant::now();
+        self.balance = (self.balance + now.duration_since(self.at).as_secs_f64() * self.per_second)
+            .min(self.capacity);
+        self.at = now;
+    }
+
+    /// `None` while the balance is positive, else how long until it is.
+    fn wait(&mut self) -> Option<Duration> {
+        self.refill();
+        (self.balance <= 0.0)
+            .then(|| Duration::from_secs_f64((1.0 - self.balance) / self.per_second))
+    }
+
+    fn spend(&mut self, tokens: u64) {
+        self.refill();
+        #[allow(clippy::cast_precision_loss)]
+        let tokens = tokens as f64;
+        self.balance -= tokens;
+    }
 }
 
 /// Tokens for the request rate: `rate` a second, at most `rate` banked.
@@ -81,6 +133,9 @@ impl Limiter {
                     at: Instant::now(),
                 })
             }),
+            tokens: settings
+                .tokens_per_minute
+                .map(|n| std::sync::Mutex::new(TokenBalance::new(n))),
             waiting: AtomicU32::new(0),
         }
     }
@@ -94,20 +149,14 @@ impl Limiter {
     pub async fn admit(&self) -> Result<Option<OwnedSemaphorePermit>, Shed> {
         let deadline = Instant::now() + self.settings.queue_timeout;
         let mut queued = None;
-        if let Some(bucket) = &self.bucket {
-            loop {
-                let wait = match bucket.lock().await.take() {
-                    Ok(()) => break,
-                    Err(wait) => wait,
-                };
-                if Instant::now() + wait > deadline {
-                    return Err(Shed::Rate { retry_after: wait });
-                }
-                if queued.is_none() {
-                    queued = Some(self.enqueue().ok_or(Shed::Rate { retry_after: wait })?);
-                }
-                tokio::time::sleep(wait).await;
+        while let Some(wait) = self.rate_wait().await {
+            if Instant::now() + wait > deadline {
+                return Err(Shed::Rate { retry_after: wait });
             }
+            if queued.is_none() {
+                queued = Some(self.enqueue().ok_or(Shed::Rate { retry_after: wait })?);
+            }
+            tokio::time::sleep(wait).await;
         }
         let Some(slots) = &self.slots else {
             return Ok(None);
@@ -129,6 +178,27 @@ impl Limiter {
         }
     }
 
+    /// `None`: within the token balance and the request rate (a request
+    /// token taken); else how long until that may be so.
+    async fn rate_wait(&self) -> Option<Duration> {
+        if let Some(tokens) = &self.tokens
+            && let Some(wait) = lock(tokens).wait()
+        {
+            return Some(wait);
+        }
+        match &self.bucket {
+            Some(bucket) => bucket.lock().await.take().err(),
+            None => None,
+        }
+    }
+
+    /// Takes the tokens an answer reported off the balance.
+    pub fn spend_tokens(&self, tokens: u64) {
+        if let Some(balance) = &self.tokens {
+            lock(balance).spend(tokens);
+        }
+    }
+
     /// A place in the queue, or `None` when it is full.
     fn enqueue(&self) -> Option<Waiting<'_>> {
         let queue = self.settings.queue;
@@ -139,6 +209,12 @@ impl Limiter {
             .ok()
             .map(|_| Waiting(&self.waiting))
     }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A call's place in the queue, given back when it stops waiting.
@@ -158,6 +234,7 @@ mod tests {
         Limiter::new(LimitSettings {
             max_concurrency: concurrency,
             requests_per_second: rate,
+            tokens_per_minute: None,
             queue,
             queue_timeout: Duration::from_millis(500),
         })
@@ -198,5 +275,38 @@ mod tests {
         }
         tokio::time::advance(Duration::from_millis(500)).await;
         assert!(limits.admit().await.is_ok(), "a token came back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_are_spent_after_the_answer_and_a_debt_holds_calls_back() {
+        let limits = Limiter::new(LimitSettings {
+            max_concurrency: None,
+            requests_per_second: None,
+            tokens_per_minute: Some(600), // 10 a second
+            queue: 0,
+            queue_timeout: Duration::from_millis(500),
+        });
+        assert!(limits.admit().await.is_ok());
+        // One answer used 650: 50 in debt, five seconds to repay and one more token.
+        limits.spend_tokens(650);
+        match limits.admit().await {
+            Err(Shed::Rate { retry_after }) => {
+                assert!(
+                    (Duration::from_millis(5000)..=Duration::from_millis(5200))
+                        .contains(&retry_after),
+                    "{retry_after:?}"
+                );
+            }
+            other => panic!("expected a token shed, got {other:?}"),
+        }
+        tokio::time::advance(Duration::from_millis(5200)).await;
+        assert!(limits.admit().await.is_ok(), "repaid");
+        // The balance never grows past a minute's worth.
+        tokio::time::advance(Duration::from_secs(600)).await;
+        limits.spend_tokens(600);
+        assert!(
+            limits.admit().await.is_err(),
+            "600 banked at most, all spent"
+        );
     }
 }

@@ -56,6 +56,7 @@ pub struct EgressMetrics {
     exhausted: Family<UpstreamLabel, Counter>,
     shed: Family<UpstreamLabel, Counter>,
     replays: Family<UpstreamLabel, Counter>,
+    tokens: Family<UpstreamLabel, Counter>,
     breaker: Family<UpstreamLabel, Gauge>,
 }
 
@@ -70,6 +71,7 @@ impl Default for EgressMetrics {
             exhausted: Family::default(),
             shed: Family::default(),
             replays: Family::default(),
+            tokens: Family::default(),
             breaker: Family::default(),
         }
     }
@@ -118,6 +120,11 @@ impl EgressMetrics {
             self.replays.clone(),
         );
         registry.register(
+            "egress_model_tokens",
+            "Model tokens answers reported used, under a tokens-per-minute limit",
+            self.tokens.clone(),
+        );
+        registry.register(
             "egress_circuit_state",
             "An upstream's circuit breaker: 0 closed, 1 half-open, 2 open",
             self.breaker.clone(),
@@ -140,6 +147,14 @@ impl EgressMetrics {
     }
 
     /// The gauge of `upstream`'s calls waiting for admission.
+    pub fn tokens(&self, upstream: &str) -> Counter {
+        self.tokens
+            .get_or_create(&UpstreamLabel {
+                upstream: upstream.to_owned(),
+            })
+            .clone()
+    }
+
     pub fn queued(&self, upstream: &str) -> Gauge {
         self.queued
             .get_or_create(&UpstreamLabel {

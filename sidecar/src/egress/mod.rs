@@ -14,8 +14,9 @@
 //! The listener speaks HTTP/1.1 and HTTP/2 without TLS (h2c) on loopback:
 //! hyper-util's automatic server.
 //!
-//! Retries come out of a per-upstream budget ([`budget`]); concurrency and
-//! rate limits with a bounded queue shed what they cannot take ([`limits`]).
+//! Retries come out of a per-upstream budget ([`budget`]); concurrency,
+//! request-rate and model-token limits with a bounded queue shed what they
+//! cannot take ([`limits`]; tokens as answers report them, [`usage`]).
 //!
 //! Keyed requests are answered once and replayed after ([`replay`]);
 //! WebSocket and other upgrades are tunnelled ([`upgrade`]).
@@ -23,9 +24,7 @@
 //! Headers and an Upstream's own CA come from Secrets the control plane
 //! resolves ([`routes`]); a route missing one refuses calls.
 //!
-//! Partial (the egress issue): the tokens-per-minute limit and the
-//! forward-proxy mode are not built yet; configurations that set them are
-//! ACKed with those settings named as not applied.
+//! Partial (the egress issue): the forward-proxy mode is not built yet.
 
 mod body;
 mod budget;
@@ -36,6 +35,7 @@ mod metrics;
 mod replay;
 pub mod routes;
 mod upgrade;
+mod usage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

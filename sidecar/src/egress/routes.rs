@@ -334,15 +334,11 @@ fn policy(
                 resolved.limit = Some(super::limits::LimitSettings {
                     max_concurrency: l.max_concurrency,
                     requests_per_second: l.requests_per_second,
+                    tokens_per_minute: l.tokens_per_minute,
                     queue: l.queue,
                     // Without a bound, a queued call waits a second at most.
                     queue_timeout: l.queue_timeout.map_or(Duration::from_secs(1), |d| d.get()),
                 });
-                if let Some(tokens) = l.tokens_per_minute {
-                    notes.push(format!(
-                        "{at}.limit: tokensPerMinute ({tokens}) is not enforced yet"
-                    ));
-                }
             } else {
                 named("limit", &target.limit, false)?;
             }

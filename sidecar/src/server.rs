@@ -395,16 +395,17 @@ async fn start_egress(
     let tls = crate::egress::tls_config(config.ca_file.as_deref())?;
     let metrics = crate::egress::EgressMetrics::default();
     ctx.register_metrics(|registry| metrics.register(registry));
-    let egress = Arc::new(
-        crate::egress::Egress::new(tls, config.max_retry_body_bytes, metrics).with_replay(
-            crate::egress::Replay {
-                store: replays,
-                tenant: ctx.config.tenant()?,
-                ttl: config.replay_ttl,
-                max_body: config.max_replay_body_bytes,
-            },
-        ),
-    );
+    let egress = Arc::new(crate::egress::Egress::new(
+        tls,
+        config.max_retry_body_bytes,
+        metrics,
+        Some(crate::egress::Replay {
+            store: replays,
+            tenant: ctx.config.tenant()?,
+            ttl: config.replay_ttl,
+            max_body: config.max_replay_body_bytes,
+        }),
+    ));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding egress.listen {}", config.listen))?;

@@ -1,6 +1,9 @@
 //! Every way the egress path fails, and the one place each becomes the
-//! HTTP answer the agent gets: a status a client library understands and a
-//! JSON body naming the upstream and the reason (never a secret).
+//! HTTP answer the agent gets ([`Respond`], the stack's outermost layer): a
+//! status a client library understands and a JSON body naming the upstream
+//! and the reason (never a secret), and a log line.
+
+use std::future::Future;
 
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
@@ -8,6 +11,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::json;
 
 use super::body::BoxError;
+use super::stack::{Next, Result, Step, call_next};
 
 pub type EgressBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
@@ -24,7 +28,13 @@ pub enum EgressError {
     #[error("upstream {upstream} is not usable: {reason}")]
     Unusable { upstream: String, reason: String },
     #[error("upstream {upstream}: cannot connect: {reason}")]
-    Connect { upstream: String, reason: String },
+    Connect {
+        upstream: String,
+        reason: String,
+        /// Nothing came back (no connection, or reset before an answer):
+        /// a safe call may go again.
+        unanswered: bool,
+    },
     #[error("upstream {upstream}: no response within {seconds:.3}s")]
     Timeout { upstream: String, seconds: f64 },
     #[error("upstream {upstream}: the request could not be sent: {reason}")]
@@ -49,7 +59,7 @@ fn retry_after_seconds(wait: std::time::Duration) -> u64 {
 }
 
 impl EgressError {
-    fn status(&self) -> StatusCode {
+    pub fn status(&self) -> StatusCode {
         match self {
             Self::NoUpstream { .. } | Self::UnknownUpstream { .. } => StatusCode::NOT_FOUND,
             Self::CircuitOpen { .. } | Self::Unusable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -107,5 +117,42 @@ impl EgressError {
             header::HeaderValue::from_static(self.kind()),
         );
         response
+    }
+}
+
+/// Turns the path's errors into answers, logging each failed call with its
+/// upstream and reason.
+#[derive(Debug, Clone, Copy)]
+pub struct Respond;
+
+impl Step<http::Request<hyper::body::Incoming>> for Respond {
+    type Response = Response<EgressBody>;
+    type NextRequest = http::Request<hyper::body::Incoming>;
+    type NextResponse = Response<EgressBody>;
+
+    // Not `async fn`: the future must not borrow the step ('static).
+    #[allow(clippy::manual_async_fn)]
+    fn call<S>(
+        &self,
+        request: http::Request<hyper::body::Incoming>,
+        next: S,
+    ) -> impl Future<Output = Result<Response<EgressBody>>> + Send + 'static
+    where
+        S: Next<Self::NextRequest, Self::NextResponse>,
+    {
+        async move {
+            Ok(match call_next(next, request).await {
+                Ok(response) => response,
+                Err(err) => {
+                    match &err {
+                        EgressError::NoUpstream { .. } | EgressError::UnknownUpstream { .. } => {
+                            tracing::debug!(error = %err, "egress call to no known upstream");
+                        }
+                        _ => tracing::warn!(error = %err, "egress call failed"),
+                    }
+                    err.into_response()
+                }
+            })
+        }
     }
 }

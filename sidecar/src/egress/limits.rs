@@ -20,8 +20,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use std::future::Future;
+
+use http_body_util::BodyExt;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+
+use super::body::Holding;
+use super::errors::EgressError;
+use super::metrics::EgressMetrics;
+use super::stack::{Answer, Call, CallNext, CallStep, PerUpstream, call_next};
 
 /// The limits of one upstream, resolved from its LimitPolicy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +231,85 @@ struct Waiting<'a>(&'a AtomicU32);
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Every upstream's limiter, shared by the limit and the usage steps.
+#[derive(Default)]
+pub struct Limiters(PerUpstream<Arc<Limiter>>);
+
+impl Limiters {
+    /// The upstream's limiter with these settings (new limits for new
+    /// calls; calls in flight keep their slots).
+    pub fn get(&self, upstream: &str, settings: LimitSettings) -> Arc<Limiter> {
+        self.0.get(
+            upstream,
+            || Arc::new(Limiter::new(settings)),
+            |limiter| {
+                if limiter.settings() != settings {
+                    *limiter = Arc::new(Limiter::new(settings));
+                }
+            },
+        )
+    }
+}
+
+/// The stack's limit step: past the upstream's limits (holding a slot for
+/// as long as the response body flows), or shed with when to come back.
+#[derive(Clone)]
+pub struct Limiting {
+    limiters: Arc<Limiters>,
+    metrics: EgressMetrics,
+}
+
+impl Limiting {
+    pub fn new(limiters: Arc<Limiters>, metrics: EgressMetrics) -> Self {
+        Self { limiters, metrics }
+    }
+}
+
+impl CallStep for Limiting {
+    fn call<S: CallNext>(
+        &self,
+        call: Call,
+        next: S,
+    ) -> impl Future<Output = Answer> + Send + 'static {
+        let this = self.clone();
+        async move {
+            let Some(settings) = call.route.policy.limit else {
+                return call_next(next, call).await;
+            };
+            let upstream = call.route.name.clone();
+            let limiter = this.limiters.get(&upstream, settings);
+            let queued = this.metrics.queued(&upstream);
+            queued.inc();
+            let admitted = limiter.admit().await;
+            queued.dec();
+            let slot = admitted.map_err(|shed| {
+                this.metrics.shed(&upstream);
+                let (rate, what, retry_after) = match shed {
+                    Shed::Rate { retry_after } => {
+                        (true, "over its request or model-token rate", retry_after)
+                    }
+                    Shed::Busy { retry_after } => (
+                        false,
+                        "every slot is busy and the queue is full",
+                        retry_after,
+                    ),
+                };
+                EgressError::Shed {
+                    upstream: upstream.clone(),
+                    rate,
+                    what,
+                    retry_after,
+                }
+            })?;
+            let response = call_next(next, call).await?;
+            Ok(match slot {
+                Some(slot) => response.map(|body| Holding::new(body, slot).boxed()),
+                None => response,
+            })
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! state. Upstream names come from the mesh configuration, so the label
 //! set is bounded by it.
 
+use std::future::Future;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -12,6 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use statefabric_resilience::BreakerState;
+
+use super::stack::{Answer, Call, CallNext, CallStep, call_next};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
@@ -217,5 +220,31 @@ impl EgressMetrics {
                 upstream: upstream.to_owned(),
             })
             .set(value);
+    }
+}
+
+/// The stack's metrics step: every routed call counted by the status the
+/// agent gets (the sidecar's own answers too) and timed to its headers.
+#[derive(Debug, Clone)]
+pub struct Observe(pub EgressMetrics);
+
+impl CallStep for Observe {
+    fn call<S: CallNext>(
+        &self,
+        call: Call,
+        next: S,
+    ) -> impl Future<Output = Answer> + Send + 'static {
+        let metrics = self.0.clone();
+        async move {
+            let began = tokio::time::Instant::now();
+            let upstream = call.route.name.clone();
+            let answer = call_next(next, call).await;
+            let status = match &answer {
+                Ok(response) => response.status(),
+                Err(err) => err.status(),
+            };
+            metrics.observe(&upstream, status, began.elapsed());
+            answer
+        }
     }
 }

@@ -27,13 +27,16 @@
 //! Partial (the egress issue): the forward-proxy mode is not built yet.
 
 mod body;
+mod breaker;
 mod budget;
+mod client;
 mod errors;
-mod forward;
 mod limits;
 mod metrics;
 mod replay;
+mod retry;
 pub mod routes;
+mod stack;
 mod upgrade;
 mod usage;
 
@@ -41,15 +44,88 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use rustls_pki_types::pem::PemObject;
+use statefabric_runtime::trace_context;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use tracing::Instrument;
 
-pub use forward::Egress;
+pub use errors::EgressBody;
 pub use metrics::EgressMetrics;
 pub use replay::Replay;
+
+/// The egress path's handle: its routes (hot-swapped) and its stack.
+pub struct Egress {
+    routes: Arc<ArcSwap<routes::Routes>>,
+    stack: stack::EgressService,
+}
+
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Egress")
+            .field("upstreams", &self.routes.load().names())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Egress {
+    /// `max_retry_body`: request bodies up to this size are kept so a retry
+    /// (or a replay's fingerprint) can use them. With `replay`, keyed
+    /// calls are recorded and replayed.
+    pub fn new(
+        tls: rustls::ClientConfig,
+        max_retry_body: usize,
+        metrics: EgressMetrics,
+        replay: Option<Replay>,
+    ) -> Self {
+        let routes = Arc::new(ArcSwap::from_pointee(routes::Routes::default()));
+        let stack = stack::build(stack::Parts {
+            routes: routes.clone(),
+            clients: Arc::new(client::Clients::new(tls)),
+            replay,
+            max_retry_body,
+            metrics,
+        });
+        Self { routes, stack }
+    }
+
+    /// Replaces the routes; calls in flight finish on the route they took.
+    pub fn set_routes(&self, routes: routes::Routes) {
+        self.routes.store(Arc::new(routes));
+    }
+
+    /// The agent's call, answered: the upstream's response or the egress
+    /// path's own error answer. One client span per call, a child of the
+    /// agent's trace context, whose context the upstream request carries on
+    /// (it ends when the response's head is back; a streamed body goes on).
+    pub async fn call(&self, request: Request<Incoming>) -> Response<EgressBody> {
+        let span = tracing::info_span!(
+            "egress",
+            otel.kind = "client",
+            http.request.method = %request.method(),
+            upstream = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+        );
+        trace_context::continue_from(&span, request.headers());
+        let answered = self
+            .stack
+            .clone()
+            .oneshot(request)
+            .instrument(span.clone())
+            .await;
+        // The stack answers its own errors (`errors::Respond`); this is
+        // only for the type.
+        let response = answered.unwrap_or_else(errors::EgressError::into_response);
+        span.record("http.response.status_code", response.status().as_u16());
+        response
+    }
+}
 
 /// The TLS settings upstream connections use: the platform's roots and
 /// webpki's, plus `extra_ca` (PEM) when given.

@@ -21,7 +21,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Response};
+use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use sha2::{Digest, Sha256};
@@ -29,7 +29,10 @@ use statefabric_domain::TenantId;
 use statefabric_store::replay::{Recorded, ReplayStore};
 
 use super::body::BoxError;
-use super::errors::EgressBody;
+use super::errors::{EgressBody, EgressError};
+use super::metrics::EgressMetrics;
+use super::retry::body_fits;
+use super::stack::{Answer, Call, CallNext, CallStep, RequestBody, call_next};
 
 pub const TASK_KEY_HEADER: &str = "x-statefabric-task-key";
 pub const REPLAYED_HEADER: &str = "x-statefabric-replayed";
@@ -54,7 +57,7 @@ impl std::fmt::Debug for Replay {
 
 /// The record's key: the upstream and the request's task key and/or
 /// idempotency key; `None` when it carries neither.
-pub fn key_of(headers: &HeaderMap, upstream: &str) -> Option<String> {
+fn key_of(headers: &HeaderMap, upstream: &str) -> Option<String> {
     let value = |name: &str| {
         headers
             .get(name)
@@ -72,7 +75,7 @@ pub fn key_of(headers: &HeaderMap, upstream: &str) -> Option<String> {
     ))
 }
 
-pub fn fingerprint(method: &http::Method, upstream: &str, path: &str, body: &[u8]) -> String {
+fn fingerprint(method: &http::Method, upstream: &str, path: &str, body: &[u8]) -> String {
     let mut hash = Sha256::new();
     hash.update(method.as_str().as_bytes());
     hash.update(b" ");
@@ -84,7 +87,7 @@ pub fn fingerprint(method: &http::Method, upstream: &str, path: &str, body: &[u8
 }
 
 /// The recorded answer, as the agent gets it.
-pub fn answer(record: Recorded) -> Response<EgressBody> {
+fn answer(record: Recorded) -> Response<EgressBody> {
     let mut response = Response::new(
         Full::new(Bytes::from(record.body))
             .map_err(|never| match never {})
@@ -107,13 +110,13 @@ pub fn answer(record: Recorded) -> Response<EgressBody> {
 }
 
 /// Whether an answer is final enough to replay.
-pub fn recordable(status: http::StatusCode) -> bool {
+fn recordable(status: http::StatusCode) -> bool {
     !status.is_server_error() && status != http::StatusCode::TOO_MANY_REQUESTS
 }
 
 /// Headers worth keeping: the connection's own and the length (the replay
 /// is sent whole) are not.
-pub fn kept_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+fn kept_headers(headers: &HeaderMap) -> Vec<(String, String)> {
     headers
         .iter()
         .filter(|(name, _)| {
@@ -135,7 +138,7 @@ pub fn kept_headers(headers: &HeaderMap) -> Vec<(String, String)> {
 /// has ended whole and within the size limit, the copy is recorded before
 /// the agent sees the end — so a repeat sent after the agent has the whole
 /// answer is always replayed.
-pub struct Recording<B> {
+struct Recording<B> {
     inner: B,
     copy: Vec<u8>,
     over: bool,
@@ -147,7 +150,7 @@ pub struct Recording<B> {
 }
 
 impl<B> Recording<B> {
-    pub fn new(inner: B, replay: Replay, key: String, head: Recorded) -> Self {
+    fn new(inner: B, replay: Replay, key: String, head: Recorded) -> Self {
         Self {
             inner,
             copy: Vec::new(),
@@ -233,6 +236,85 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The stack's replay step: a keyed request whose body can be kept is
+/// answered from its record, refused when the key was used for another
+/// request, or sent with its answer recorded.
+#[derive(Clone)]
+pub struct Replaying {
+    replay: Option<Replay>,
+    /// Bodies over this are not kept, so such a call is not recorded.
+    max_body: usize,
+    metrics: EgressMetrics,
+}
+
+impl Replaying {
+    pub fn new(replay: Option<Replay>, max_body: usize, metrics: EgressMetrics) -> Self {
+        Self {
+            replay,
+            max_body,
+            metrics,
+        }
+    }
+}
+
+impl CallStep for Replaying {
+    fn call<S: CallNext>(
+        &self,
+        call: Call,
+        next: S,
+    ) -> impl Future<Output = Answer> + Send + 'static {
+        let keyed = self
+            .replay
+            .clone()
+            .zip(key_of(call.request.headers(), &call.route.name))
+            .filter(|_| body_fits(call.request.headers(), self.max_body));
+        let metrics = self.metrics.clone();
+        async move {
+            let Some((replay, key)) = keyed else {
+                return call_next(next, call).await;
+            };
+            let Call { route, request } = call;
+            let (parts, body) = request.into_parts();
+            let bytes = body.into_bytes(&route.name).await?;
+            let path = parts.uri.path_and_query().map_or("", |p| p.as_str());
+            let fingerprint = fingerprint(&parts.method, &route.name, path, &bytes);
+            let record_to = match replay.store.get(&replay.tenant, &key).await {
+                Ok(Some(record)) if record.fingerprint == fingerprint => {
+                    metrics.replayed(&route.name);
+                    return Ok(answer(record));
+                }
+                Ok(Some(_)) => {
+                    return Err(EgressError::KeyReused {
+                        upstream: route.name.clone(),
+                    });
+                }
+                Ok(None) => Some(replay),
+                // The record cannot be read: the call goes through
+                // unrecorded rather than fail.
+                Err(err) => {
+                    tracing::warn!(upstream = %route.name, error = %err, "replay records unavailable");
+                    None
+                }
+            };
+            let request = Request::from_parts(parts, RequestBody::Kept(bytes));
+            let response = call_next(next, Call { route, request }).await?;
+            let status = response.status();
+            Ok(match record_to {
+                Some(replay) if recordable(status) => {
+                    let record = Recorded {
+                        fingerprint,
+                        status: status.as_u16(),
+                        headers: kept_headers(response.headers()),
+                        body: Vec::new(),
+                    };
+                    response.map(|body| Recording::new(body, replay, key, record).boxed())
+                }
+                _ => response,
+            })
+        }
     }
 }
 

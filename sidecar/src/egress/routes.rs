@@ -1,19 +1,28 @@
 //! Where the agent's calls go, and under which policy: the mesh
 //! configuration's Upstreams, each with the ResiliencyPolicy settings its
 //! targets name, resolved once per configuration (pure; hot-swapped by the
-//! mesh applier). What a route cannot honour yet is returned as a note for
-//! the ACK, never dropped silently.
+//! mesh applier). What a route cannot honour is returned as a note for the
+//! ACK, never dropped silently. The stack's routing steps sit here too
+//! ([`Routing`], [`RefuseUnusable`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Uri};
+use std::future::Future;
+
+use http::{HeaderName, HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
 use statefabric_mesh::EffectiveConfig;
 use statefabric_mesh::resiliency::{Jitter, RetryOn};
 use statefabric_mesh::secrets::{self, SecretValue};
 use statefabric_mesh::upstream::Protocol;
 use statefabric_resilience::BreakerConfig;
+
+use super::errors::{EgressBody, EgressError};
+use super::stack::{
+    Answer, Call, CallNext, CallStep, Next, RequestBody, Result as StepResult, Step, call_next,
+};
 
 /// Timeouts and retries when no policy sets them: an LLM call may take
 /// minutes, but a stream silent for a minute is dead.
@@ -345,6 +354,92 @@ fn policy(
         }
     }
     Ok((resolved, notes))
+}
+
+/// The stack's routing: `/<upstream>/<rest>?<query>` names the route;
+/// the request goes on with the upstream's URI.
+#[derive(Debug, Clone)]
+pub struct Routing(pub Arc<arc_swap::ArcSwap<Routes>>);
+
+impl Step<Request<Incoming>> for Routing {
+    type Response = Response<EgressBody>;
+    type NextRequest = Call;
+    type NextResponse = Response<EgressBody>;
+
+    fn call<S>(
+        &self,
+        mut request: Request<Incoming>,
+        next: S,
+    ) -> impl Future<Output = StepResult<Response<EgressBody>>> + Send + 'static
+    where
+        S: Next<Call, Response<EgressBody>>,
+    {
+        let routed = route_of(&self.0.load(), request.uri());
+        async move {
+            let (route, uri) = routed?;
+            tracing::Span::current().record("upstream", route.name.as_str());
+            *request.uri_mut() = uri;
+            let request = request.map(RequestBody::Streamed);
+            call_next(next, Call { route, request }).await
+        }
+    }
+}
+
+/// A route missing a Secret it needs refuses its calls.
+#[derive(Debug, Clone, Copy)]
+pub struct RefuseUnusable;
+
+impl CallStep for RefuseUnusable {
+    // Not `async fn`: the future must not borrow the step ('static).
+    #[allow(clippy::manual_async_fn)]
+    fn call<S: CallNext>(
+        &self,
+        call: Call,
+        next: S,
+    ) -> impl Future<Output = Answer> + Send + 'static {
+        async move {
+            if let Some(reason) = &call.route.unusable {
+                return Err(EgressError::Unusable {
+                    upstream: call.route.name.clone(),
+                    reason: reason.clone(),
+                });
+            }
+            call_next(next, call).await
+        }
+    }
+}
+
+/// The route and the upstream's URI of an agent's request URI.
+fn route_of(routes: &Routes, uri: &Uri) -> Result<(Arc<Route>, Uri), EgressError> {
+    let known = || routes.names().into_iter().map(str::to_owned).collect();
+    let path = uri.path().trim_start_matches('/');
+    let (name, rest) = path.split_once('/').unwrap_or((path, ""));
+    if name.is_empty() {
+        return Err(EgressError::NoUpstream { known: known() });
+    }
+    let Some(route) = routes.get(name) else {
+        return Err(EgressError::UnknownUpstream {
+            name: name.to_owned(),
+            known: known(),
+        });
+    };
+    let bad = |reason: String| EgressError::BadRequest {
+        upstream: route.name.clone(),
+        reason,
+    };
+    let mut target = format!("{}/{rest}", route.base_path);
+    if let Some(query) = uri.query() {
+        target.push('?');
+        target.push_str(query);
+    }
+    let mut parts = route.origin.clone().into_parts();
+    parts.path_and_query = Some(
+        target
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?,
+    );
+    let uri = Uri::from_parts(parts).map_err(|e| bad(e.to_string()))?;
+    Ok((route.clone(), uri))
 }
 
 #[cfg(test)]

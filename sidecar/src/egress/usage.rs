@@ -10,15 +10,21 @@
 //! Written here: the usage shapes are the model APIs', and no crate reads
 //! them from a stream in passing.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, Response};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use serde_json::Value;
 
 use super::body::BoxError;
+use super::limits::Limiters;
+use super::metrics::EgressMetrics;
+use super::stack::{Answer, Call, CallNext, CallStep, call_next};
 
 /// A JSON answer longer than this is not read for its usage (a model
 /// answer is far smaller; this bounds what the sidecar copies).
@@ -227,6 +233,55 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The stack's token step: under a tokens-per-minute limit, the usage an
+/// answer reports comes off the upstream's balance when it ends.
+#[derive(Clone)]
+pub struct Metering {
+    limiters: Arc<Limiters>,
+    metrics: EgressMetrics,
+}
+
+impl Metering {
+    pub fn new(limiters: Arc<Limiters>, metrics: EgressMetrics) -> Self {
+        Self { limiters, metrics }
+    }
+}
+
+impl CallStep for Metering {
+    fn call<S: CallNext>(
+        &self,
+        call: Call,
+        next: S,
+    ) -> impl Future<Output = Answer> + Send + 'static {
+        let metered = call
+            .route
+            .policy
+            .limit
+            .filter(|l| l.tokens_per_minute.is_some())
+            .map(|settings| {
+                (
+                    self.limiters.get(&call.route.name, settings),
+                    self.metrics.tokens(&call.route.name),
+                )
+            });
+        async move {
+            let response = call_next(next, call).await?;
+            let Some((limiter, counted)) = metered else {
+                return Ok(response);
+            };
+            let (parts, body) = response.into_parts();
+            let body = match UsageBody::new(body, &parts.headers, move |usage| {
+                counted.inc_by(usage.tokens());
+                limiter.spend_tokens(usage.tokens());
+            }) {
+                Ok(metered) => metered.boxed(),
+                Err(body) => body,
+            };
+            Ok(Response::from_parts(parts, body))
+        }
     }
 }
 

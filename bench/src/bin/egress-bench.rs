@@ -3,7 +3,10 @@
 //! package) as a reverse proxy to the same upstream — all three in one
 //! run, with the same client, at 1, 16 and 64 concurrent clients, small
 //! (128 B) and 64 KiB bodies, HTTP/1.1 and HTTP/2 (h2c); then the time to
-//! the first byte of a streamed response, direct and through the sidecar.
+//! the first byte of a streamed response, direct and through the sidecar;
+//! then a fresh sidecar's RSS holding 1,000 idle pooled upstream
+//! connections. The sidecar is measured with its default one runtime
+//! thread and, beside it, with two (nginx runs a worker per core).
 //!
 //!   apt-get install nginx
 //!   CARGO_TARGET_DIR=~/.cache/statefabric/target-release \
@@ -35,6 +38,9 @@ struct Args {
     /// Seconds per cell.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Only the idle-connections measurement.
+    #[arg(long)]
+    idle_only: bool,
 }
 
 const SMALL: usize = 128;
@@ -52,6 +58,11 @@ async fn upstream() -> anyhow::Result<u16> {
                 let service = service_fn(
                     |request: hyper::Request<hyper::body::Incoming>| async move {
                         let path = request.uri().path().to_owned();
+                        if path.ends_with("/slow") {
+                            // Holds its connection a moment: concurrent
+                            // calls each need their own.
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
                         if path.ends_with("/stream") {
                             let chunks = futures::stream::unfold(0u8, |n| async move {
                                 match n {
@@ -164,7 +175,7 @@ struct Sidecar {
     _dir: tempfile::TempDir,
 }
 
-async fn sidecar(upstream: u16) -> anyhow::Result<Sidecar> {
+async fn sidecar(upstream: u16, worker_threads: usize) -> anyhow::Result<Sidecar> {
     let dir = tempfile::tempdir()?;
     let mesh = dir.path().join("mesh.yaml");
     std::fs::write(
@@ -188,6 +199,10 @@ async fn sidecar(upstream: u16) -> anyhow::Result<Sidecar> {
         .env(
             "STATEFABRIC_MESH__FILES",
             format!("[{:?}]", mesh.display().to_string()),
+        )
+        .env(
+            "STATEFABRIC_SIDECAR__WORKER_THREADS",
+            worker_threads.to_string(),
         )
         .env("STATEFABRIC_EGRESS__ENABLED", "true")
         .env("STATEFABRIC_EGRESS__LISTEN", format!("127.0.0.1:{egress}"))
@@ -252,25 +267,81 @@ async fn first_byte(base: &str, n: usize) -> anyhow::Result<f64> {
     Ok(times[times.len() / 2])
 }
 
+/// Established TCP connections to `port` on loopback (IPv4), from
+/// `/proc/net/tcp`.
+fn connections_to(port: u16) -> usize {
+    let wanted = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(2) == Some(&wanted.as_str()) && fields.get(3) == Some(&"01")
+        })
+        .count()
+}
+
+/// A fresh sidecar's RSS, then with `n` pooled connections to the upstream
+/// left idle (made by `n` concurrent slow calls; the agent's own
+/// connections closed after).
+async fn idle_pool_rss(port: u16, n: usize) -> anyhow::Result<(f64, usize, f64)> {
+    let side = sidecar(port, 1).await?;
+    let pid = side.child.id().unwrap_or(0);
+    let fresh = statefabric_bench::rss_kib(pid) / 1024.0;
+    let before = connections_to(port);
+    {
+        let client = client(false);
+        let url: hyper::Uri = format!("http://127.0.0.1:{}/bench/slow", side.egress).parse()?;
+        let calls = (0..n).map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                let response = client
+                    .request(hyper::Request::get(url).body(Empty::new())?)
+                    .await?;
+                anyhow::ensure!(response.status() == 200, "status {}", response.status());
+                response.into_body().collect().await?;
+                Ok(())
+            })
+        });
+        for call in futures::future::join_all(calls).await {
+            call??;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let agent_side = connections_to(side.egress);
+    anyhow::ensure!(agent_side == 0, "{agent_side} agent connections still open");
+    let idle = connections_to(port).saturating_sub(before);
+    Ok((fresh, idle, statefabric_bench::rss_kib(pid) / 1024.0))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let d = Duration::from_secs(args.seconds);
     let port = upstream().await?;
-    let side = sidecar(port).await?;
+    if args.idle_only {
+        return idle_report(port).await;
+    }
+    let side = sidecar(port, 1).await?;
+    // nginx runs a worker per core: the sidecar with as many threads too.
+    let side2 = sidecar(port, 2).await?;
     let proxy = nginx(port).await?;
     let direct = format!("http://127.0.0.1:{port}");
     let via_sidecar = format!("http://127.0.0.1:{}/bench", side.egress);
+    let via_sidecar2 = format!("http://127.0.0.1:{}/bench", side2.egress);
     let via_nginx = format!("http://127.0.0.1:{}", proxy.port);
     println!(
-        "| protocol | body | clients | direct req/s, p50 / p99 (ms) | sidecar req/s, p50 / p99 | sidecar added p50 / p99 | nginx req/s, p50 / p99 | nginx added p50 / p99 |"
+        "| protocol | body | clients | direct req/s, p50 / p99 (ms) | sidecar req/s, p50 / p99 | sidecar added p50 / p99 | sidecar (2 threads) added p50 / p99 | nginx req/s, p50 / p99 | nginx added p50 / p99 |"
     );
-    println!("|---|---|---:|---|---|---|---|---|");
+    println!("|---|---|---:|---|---|---|---|---|---|");
     for http2 in [false, true] {
         for size in [SMALL, LARGE] {
             for clients in [1, 16, 64] {
                 let direct_run = cell(direct.clone(), size, http2, clients, d).await?;
                 let sidecar_run = cell(via_sidecar.clone(), size, http2, clients, d).await?;
+                let sidecar2_run = cell(via_sidecar2.clone(), size, http2, clients, d).await?;
+                let (t50, _, t99) = sidecar2_run.1.percentiles_ms();
                 let nginx_run = if http2 {
                     None
                 } else {
@@ -290,13 +361,15 @@ async fn main() -> anyhow::Result<()> {
                     },
                 );
                 println!(
-                    "| {} | {} | {clients} | {:.0}, {d50:.3} / {d99:.3} | {:.0}, {s50:.3} / {s99:.3} | +{:.3} / +{:.3} | {nginx_cells} |",
+                    "| {} | {} | {clients} | {:.0}, {d50:.3} / {d99:.3} | {:.0}, {s50:.3} / {s99:.3} | +{:.3} / +{:.3} | +{:.3} / +{:.3} | {nginx_cells} |",
                     if http2 { "HTTP/2" } else { "HTTP/1.1" },
                     if size == SMALL { "128 B" } else { "64 KiB" },
                     direct_run.0,
                     sidecar_run.0,
                     s50 - d50,
                     s99 - d99,
+                    t50 - d50,
+                    t99 - d99,
                 );
             }
         }
@@ -315,5 +388,15 @@ async fn main() -> anyhow::Result<()> {
             .map_or(0.0, |pid| statefabric_bench::rss_kib(pid) / 1024.0)
     );
     drop(proxy);
+    drop(side);
+    drop(side2);
+    idle_report(port).await
+}
+
+async fn idle_report(port: u16) -> anyhow::Result<()> {
+    let (fresh, idle, pooled) = idle_pool_rss(port, 1000).await?;
+    println!(
+        "idle upstream connections: a fresh sidecar {fresh:.1} MiB; with {idle} idle pooled connections to the upstream {pooled:.1} MiB"
+    );
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! set is bounded by it.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -49,8 +50,21 @@ fn latency_histogram() -> Histogram {
     ])
 }
 
-#[derive(Debug, Clone)]
-pub struct EgressMetrics {
+/// The egress path's metric families; clones share them (one pointer:
+/// the steps hold a copy each and clone it into every call).
+#[derive(Debug, Clone, Default)]
+pub struct EgressMetrics(Arc<Families>);
+
+impl std::ops::Deref for EgressMetrics {
+    type Target = Families;
+
+    fn deref(&self) -> &Families {
+        &self.0
+    }
+}
+
+#[derive(Debug)]
+pub struct Families {
     calls: Family<CallLabels, Counter>,
     queued: Family<UpstreamLabel, Gauge>,
     bytes: Family<BytesLabels, Counter>,
@@ -63,7 +77,7 @@ pub struct EgressMetrics {
     breaker: Family<UpstreamLabel, Gauge>,
 }
 
-impl Default for EgressMetrics {
+impl Default for Families {
     fn default() -> Self {
         Self {
             calls: Family::default(),
@@ -80,7 +94,7 @@ impl Default for EgressMetrics {
     }
 }
 
-impl EgressMetrics {
+impl Families {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "egress_queued_calls",

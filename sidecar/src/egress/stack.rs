@@ -141,11 +141,21 @@ impl<T: CallStep> Step<Call> for T {
     }
 }
 
-/// A [`Step`] as a tower service over the next one.
-#[derive(Clone)]
+/// A [`Step`] as a tower service over the next one. Both are behind an
+/// `Arc`, so a call clones two pointers — not the whole stack below it,
+/// which every call would otherwise copy once per layer.
 pub struct Stage<T, S> {
-    step: T,
-    inner: S,
+    step: Arc<T>,
+    inner: Arc<S>,
+}
+
+impl<T, S> Clone for Stage<T, S> {
+    fn clone(&self) -> Self {
+        Self {
+            step: self.step.clone(),
+            inner: self.inner.clone(),
+        }
+    }
 }
 
 impl<T, S, Req> Service<Req> for Stage<T, S>
@@ -163,7 +173,7 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        Box::pin(self.step.call(request, self.inner.clone()))
+        Box::pin(self.step.call(request, S::clone(&self.inner)))
     }
 }
 
@@ -176,8 +186,8 @@ impl<T: Clone, S> tower::Layer<S> for StageLayer<T> {
 
     fn layer(&self, inner: S) -> Stage<T, S> {
         Stage {
-            step: self.0.clone(),
-            inner,
+            step: Arc::new(self.0.clone()),
+            inner: Arc::new(inner),
         }
     }
 }

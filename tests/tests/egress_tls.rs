@@ -5,7 +5,11 @@
 //! an upstream whose certificate the sidecar does not trust (refused, not
 //! sent); an Upstream's own CA and server name, and its API key, from
 //! labelled Secrets (the key reaches the upstream, never the agent; an
-//! unlabelled or missing Secret makes the route refuse calls, naming it).
+//! unlabelled or missing Secret makes the route refuse calls, naming it);
+//! the forward-proxy mode with curl as the client: `HTTP_PROXY` requests
+//! go through the whole stack (the Upstream's header added), `CONNECT`
+//! tunnels reach an Upstream's TLS host end to end, and a host that is no
+//! Upstream's is refused with 404 either way.
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -338,5 +342,127 @@ stringData: {{token: "Bearer other"}}
     let (code, stderr) = sidecar.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
     assert_eq!(code, 0, "{stderr}");
     assert!(!stderr.contains(key), "the key is never logged");
+    Ok(())
+}
+
+/// A plain HTTP upstream answering with the path and the `x-org` header it
+/// got.
+async fn echo_upstream() -> anyhow::Result<u16> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(
+                    |request: hyper::Request<hyper::body::Incoming>| async move {
+                        let org = request
+                            .headers()
+                            .get("x-org")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("none")
+                            .to_owned();
+                        let body = format!("{} org={org}", request.uri().path());
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// `curl` through the sidecar as its proxy: (exit code, status, body).
+async fn curl_via(proxy: &str, url: &str, ca: &Path) -> anyhow::Result<(i32, String, String)> {
+    let output = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"])
+        .args(["--proxy", proxy, "--cacert"])
+        .arg(ca)
+        .arg(url)
+        // Only the explicit proxy: none from the environment.
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("HTTPS_PROXY")
+        .env("NO_PROXY", "")
+        .output()
+        .await?;
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, status) = printed.rsplit_once('\n').unwrap_or(("", printed.as_str()));
+    Ok((
+        output.status.code().unwrap_or(-1),
+        status.trim().to_owned(),
+        format!("{body}{}", String::from_utf8_lossy(&output.stderr)),
+    ))
+}
+
+/// The forward-proxy mode, driven by curl: plain `http://` through the
+/// whole stack, `https://` by a `CONNECT` tunnel, only to Upstreams' hosts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_uses_the_sidecar_as_its_http_and_https_proxy() -> anyhow::Result<()> {
+    let pki = statefabric_tests::kube::pki_dir();
+    let tls = tls_upstream(&pki.join("mesh.crt"), &pki.join("mesh.key")).await?;
+    let plain = echo_upstream().await?;
+    let elsewhere = statefabric_tests::free_port();
+    let dir = tempfile::tempdir()?;
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        format!(
+            "apiVersion: statefabric.io/v1alpha1\nkind: Upstream\nmetadata: {{name: secure}}\n\
+             spec: {{url: \"https://localhost:{tls}/api\"}}\n---\n\
+             apiVersion: statefabric.io/v1alpha1\nkind: Upstream\nmetadata: {{name: tools}}\n\
+             spec: {{url: \"http://127.0.0.1:{plain}/v1\", headers: [{{name: X-Org, value: org-1}}]}}\n"
+        ),
+    )?;
+    let listen = format!("127.0.0.1:{}", statefabric_tests::free_port());
+    let files = format!("[{:?}]", mesh.display().to_string());
+    let ca = pki.join("ca.crt");
+    let ca_file = ca.display().to_string();
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let vars = [
+        ("STATEFABRIC_MESH__FILES", files.as_str()),
+        ("STATEFABRIC_EGRESS__ENABLED", "true"),
+        ("STATEFABRIC_EGRESS__LISTEN", listen.as_str()),
+        ("STATEFABRIC_EGRESS__CA_FILE", ca_file.as_str()),
+    ];
+    let sidecar = process::sidecar(Storage::Sqlite, &tenant, "agent-1", &vars).await?;
+    let proxy = format!("http://{listen}");
+
+    // HTTP_PROXY: the whole stack, the Upstream's header added.
+    let (code, status, body) =
+        curl_via(&proxy, &format!("http://127.0.0.1:{plain}/v1/echo"), &ca).await?;
+    assert_eq!((code, status.as_str()), (0, "200"), "{body}");
+    assert_eq!(body, "/v1/echo org=org-1");
+    // A host no Upstream names: 404 listing the known ones.
+    let (_, status, body) =
+        curl_via(&proxy, &format!("http://127.0.0.1:{elsewhere}/x"), &ca).await?;
+    assert_eq!(status, "404", "{body}");
+    assert!(body.contains("secure") && body.contains("tools"), "{body}");
+
+    // HTTPS_PROXY: a CONNECT tunnel, TLS end to end with the upstream.
+    let (code, status, body) =
+        curl_via(&proxy, &format!("https://localhost:{tls}/api/hello"), &ca).await?;
+    assert_eq!((code, status.as_str()), (0, "200"), "{body}");
+    assert!(body.ends_with("/api/hello"), "{body}");
+    // No tunnel to a host that is no Upstream's.
+    let (code, _, body) = curl_via(&proxy, &format!("https://localhost:{elsewhere}/"), &ca).await?;
+    assert_ne!(code, 0, "{body}");
+    assert!(body.contains("404"), "{body}");
+
+    let metrics = statefabric_tests::http("GET", &format!("{}/metrics", sidecar.admin), None, None)
+        .await?
+        .body;
+    for upstream in ["secure", "tools"] {
+        assert!(
+            metrics.contains(&format!(
+                r#"statefabric_egress_requests_total{{upstream="{upstream}",class="2xx"}}"#
+            )),
+            "{metrics}"
+        );
+    }
+    let (code, stderr) = sidecar.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
+    assert_eq!(code, 0, "{stderr}");
     Ok(())
 }

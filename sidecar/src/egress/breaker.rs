@@ -16,35 +16,36 @@ use super::metrics::EgressMetrics;
 use super::routes::Route;
 use super::stack::{Attempt, Next, PerUpstream, Result, Step, call_next};
 
+/// Every upstream's breaker (shared with the tunnels of the forward-proxy
+/// mode).
+pub type Breakers = PerUpstream<Breaker>;
+
+/// The upstream's breaker with the route's settings; `None` without a
+/// breaker policy.
+pub fn for_route(breakers: &Breakers, route: &Route, metrics: &EgressMetrics) -> Option<Breaker> {
+    let config: BreakerConfig = route.policy.breaker?;
+    let breaker = breakers.get(
+        &route.name,
+        || Breaker::new("egress", config),
+        |breaker| {
+            if breaker.config() != config {
+                breaker.set_config(config);
+            }
+        },
+    );
+    metrics.breaker_state(&route.name, breaker.state());
+    Some(breaker)
+}
+
 #[derive(Clone)]
 pub struct Breaking {
-    breakers: Arc<PerUpstream<Breaker>>,
+    breakers: Arc<Breakers>,
     metrics: EgressMetrics,
 }
 
 impl Breaking {
-    pub fn new(metrics: EgressMetrics) -> Self {
-        Self {
-            breakers: Arc::default(),
-            metrics,
-        }
-    }
-
-    /// The upstream's breaker with the route's settings; `None` without a
-    /// breaker policy.
-    fn breaker(&self, route: &Route) -> Option<Breaker> {
-        let config: BreakerConfig = route.policy.breaker?;
-        let breaker = self.breakers.get(
-            &route.name,
-            || Breaker::new("egress", config),
-            |breaker| {
-                if breaker.config() != config {
-                    breaker.set_config(config);
-                }
-            },
-        );
-        self.metrics.breaker_state(&route.name, breaker.state());
-        Some(breaker)
+    pub fn new(breakers: Arc<Breakers>, metrics: EgressMetrics) -> Self {
+        Self { breakers, metrics }
     }
 }
 
@@ -61,7 +62,7 @@ impl Step<Attempt> for Breaking {
     where
         S: Next<Attempt, Response<Incoming>>,
     {
-        let breaker = self.breaker(&attempt.route);
+        let breaker = for_route(&self.breakers, &attempt.route, &self.metrics);
         async move {
             let Some(breaker) = breaker else {
                 return call_next(next, attempt).await;

@@ -29,7 +29,10 @@ use tokio::time::Instant;
 use super::body::Holding;
 use super::errors::EgressError;
 use super::metrics::EgressMetrics;
-use super::stack::{Answer, Call, CallNext, CallStep, PerUpstream, call_next};
+use super::routes::Route;
+use super::stack::{
+    Answer, Call, CallNext, CallStep, PerUpstream, Result as StepResult, call_next,
+};
 
 /// The limits of one upstream, resolved from its LimitPolicy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,6 +257,42 @@ impl Limiters {
     }
 }
 
+/// Past the route's limits (with the upstream's concurrency slot, when it
+/// has a concurrency limit), or shed with when to come back.
+pub async fn admit(
+    limiters: &Limiters,
+    metrics: &EgressMetrics,
+    route: &Route,
+) -> StepResult<Option<OwnedSemaphorePermit>> {
+    let Some(settings) = route.policy.limit else {
+        return Ok(None);
+    };
+    let limiter = limiters.get(&route.name, settings);
+    let queued = metrics.queued(&route.name);
+    queued.inc();
+    let admitted = limiter.admit().await;
+    queued.dec();
+    admitted.map_err(|shed| {
+        metrics.shed(&route.name);
+        let (rate, what, retry_after) = match shed {
+            Shed::Rate { retry_after } => {
+                (true, "over its request or model-token rate", retry_after)
+            }
+            Shed::Busy { retry_after } => (
+                false,
+                "every slot is busy and the queue is full",
+                retry_after,
+            ),
+        };
+        EgressError::Shed {
+            upstream: route.name.clone(),
+            rate,
+            what,
+            retry_after,
+        }
+    })
+}
+
 /// The stack's limit step: past the upstream's limits (holding a slot for
 /// as long as the response body flows), or shed with when to come back.
 #[derive(Clone)]
@@ -276,34 +315,7 @@ impl CallStep for Limiting {
     ) -> impl Future<Output = Answer> + Send + 'static {
         let this = self.clone();
         async move {
-            let Some(settings) = call.route.policy.limit else {
-                return call_next(next, call).await;
-            };
-            let upstream = call.route.name.clone();
-            let limiter = this.limiters.get(&upstream, settings);
-            let queued = this.metrics.queued(&upstream);
-            queued.inc();
-            let admitted = limiter.admit().await;
-            queued.dec();
-            let slot = admitted.map_err(|shed| {
-                this.metrics.shed(&upstream);
-                let (rate, what, retry_after) = match shed {
-                    Shed::Rate { retry_after } => {
-                        (true, "over its request or model-token rate", retry_after)
-                    }
-                    Shed::Busy { retry_after } => (
-                        false,
-                        "every slot is busy and the queue is full",
-                        retry_after,
-                    ),
-                };
-                EgressError::Shed {
-                    upstream: upstream.clone(),
-                    rate,
-                    what,
-                    retry_after,
-                }
-            })?;
+            let slot = admit(&this.limiters, &this.metrics, &call.route).await?;
             let response = call_next(next, call).await?;
             Ok(match slot {
                 Some(slot) => response.map(|body| Holding::new(body, slot).boxed()),

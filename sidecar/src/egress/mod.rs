@@ -24,7 +24,10 @@
 //! Headers and an Upstream's own CA come from Secrets the control plane
 //! resolves ([`routes`]); a route missing one refuses calls.
 //!
-//! Partial (the egress issue): the forward-proxy mode is not built yet.
+//! The listener is also a forward proxy for clients that only honour
+//! `HTTP_PROXY`/`HTTPS_PROXY`: absolute-form requests to an Upstream's
+//! origin take the whole stack, `CONNECT` tunnels to one get
+//! connection-level limits only ([`tunnel`]).
 
 mod body;
 mod breaker;
@@ -37,6 +40,7 @@ mod replay;
 mod retry;
 pub mod routes;
 mod stack;
+mod tunnel;
 mod upgrade;
 mod usage;
 

@@ -138,6 +138,34 @@ impl Routes {
         self.by_name.keys().map(String::as_str).collect()
     }
 
+    /// The route whose URL has this scheme and authority (default ports
+    /// filled in) and the longest base path that `path` starts with; among
+    /// equals the first by name (without a path, as for a tunnel: any
+    /// route of that origin). For the forward-proxy mode, where the agent
+    /// names the upstream's own URL.
+    pub fn by_origin(
+        &self,
+        scheme: &str,
+        authority: &str,
+        path: Option<&str>,
+    ) -> Option<&Arc<Route>> {
+        let wanted = with_port(scheme, authority);
+        self.by_name
+            .values()
+            .filter(|route| {
+                route.origin.scheme_str() == Some(scheme)
+                    && route
+                        .origin
+                        .authority()
+                        .is_some_and(|a| with_port(scheme, a.as_str()) == wanted)
+                    && path.is_none_or(|p| p.starts_with(route.base_path.as_str()))
+            })
+            .fold(None, |best: Option<&Arc<Route>>, route| match best {
+                Some(b) if b.base_path.len() >= route.base_path.len() => Some(b),
+                _ => Some(route),
+            })
+    }
+
     /// The routes of `config`, and what of it is not applied. `Err` names a
     /// setting that makes the configuration unusable.
     pub fn from_config(
@@ -374,7 +402,7 @@ impl Step<Request<Incoming>> for Routing {
     where
         S: Next<Call, Response<EgressBody>>,
     {
-        let routed = route_of(&self.0.load(), request.uri());
+        let routed = route_of(&self.0.load(), request.method(), request.uri());
         async move {
             let (route, uri) = routed?;
             tracing::Span::current().record("upstream", route.name.as_str());
@@ -409,9 +437,45 @@ impl CallStep for RefuseUnusable {
     }
 }
 
-/// The route and the upstream's URI of an agent's request URI.
-fn route_of(routes: &Routes, uri: &Uri) -> Result<(Arc<Route>, Uri), EgressError> {
+/// `host:port`, the scheme's default port filled in.
+fn with_port(scheme: &str, authority: &str) -> String {
+    let has_port = authority
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
+        && !authority.ends_with(']');
+    if has_port {
+        authority.to_ascii_lowercase()
+    } else {
+        let port = if scheme == "https" { 443 } else { 80 };
+        format!("{}:{port}", authority.to_ascii_lowercase())
+    }
+}
+
+/// The route and the upstream's URI of an agent's request: by the path's
+/// first segment (`/<upstream>/<rest>`); or, in the forward-proxy mode, by
+/// the URL the agent names (absolute-form, from an `HTTP_PROXY` client) or
+/// the host it tunnels to (`CONNECT`, from an `HTTPS_PROXY` client) — only
+/// an Upstream's own origin is reachable either way.
+fn route_of(
+    routes: &Routes,
+    method: &http::Method,
+    uri: &Uri,
+) -> Result<(Arc<Route>, Uri), EgressError> {
     let known = || routes.names().into_iter().map(str::to_owned).collect();
+    let proxied = match (method, uri.scheme_str(), uri.authority()) {
+        (&http::Method::CONNECT, _, Some(authority)) => Some(("https", authority, None)),
+        (_, Some(scheme), Some(authority)) => Some((scheme, authority, Some(uri.path()))),
+        _ => None,
+    };
+    if let Some((scheme, authority, path)) = proxied {
+        return match routes.by_origin(scheme, authority.as_str(), path) {
+            Some(route) => Ok((route.clone(), uri.clone())),
+            None => Err(EgressError::UnknownUpstream {
+                name: format!("{scheme}://{authority}"),
+                known: known(),
+            }),
+        };
+    }
     let path = uri.path().trim_start_matches('/');
     let (name, rest) = path.split_once('/').unwrap_or((path, ""));
     if name.is_empty() {
@@ -582,5 +646,53 @@ stringData: {{ca.crt: "{ca}"}}
         let err = Routes::from_config(&config(&tls("x", "not a name!")), Defaults::default())
             .expect_err("bad name");
         assert!(err.contains("spec.tls.serverName"), "{err}");
+    }
+
+    #[test]
+    fn the_proxy_mode_finds_an_upstream_by_its_origin_and_longest_base_path() {
+        let yaml = r#"
+apiVersion: statefabric.io/v1alpha1
+kind: Upstream
+metadata: {name: a-root}
+spec: {url: "http://api.local"}
+---
+apiVersion: statefabric.io/v1alpha1
+kind: Upstream
+metadata: {name: b-v1}
+spec: {url: "http://api.local:80/v1"}
+---
+apiVersion: statefabric.io/v1alpha1
+kind: Upstream
+metadata: {name: secure}
+spec: {url: "https://api.local/v1"}
+"#;
+        let (routes, _) = Routes::from_config(&config(yaml), Defaults::default()).expect("ok");
+        let name = |scheme, authority, path| {
+            routes
+                .by_origin(scheme, authority, path)
+                .map(|r| r.name.as_str())
+        };
+        assert_eq!(name("http", "api.local", Some("/v1/chat")), Some("b-v1"));
+        assert_eq!(name("http", "API.local:80", Some("/other")), Some("a-root"));
+        assert_eq!(name("https", "api.local:443", None), Some("secure"));
+        assert_eq!(name("https", "api.local", Some("/other")), None);
+        assert_eq!(name("http", "api.local:8080", Some("/v1")), None);
+        let (route, uri) = route_of(
+            &routes,
+            &http::Method::CONNECT,
+            &"api.local:443".parse().expect("uri"),
+        )
+        .expect("tunnel");
+        assert_eq!(
+            (route.name.as_str(), uri.to_string().as_str()),
+            ("secure", "api.local:443")
+        );
+        let err = route_of(
+            &routes,
+            &http::Method::GET,
+            &"http://elsewhere.local/x".parse().expect("uri"),
+        )
+        .expect_err("no such origin");
+        assert!(err.to_string().contains("http://elsewhere.local"), "{err}");
     }
 }

@@ -26,7 +26,7 @@ use tower::{Service, ServiceBuilder};
 use super::errors::{EgressBody, EgressError};
 use super::routes::Route;
 use super::{
-    body, breaker, client, errors, limits, metrics, replay, retry, routes, upgrade, usage,
+    body, breaker, client, errors, limits, metrics, replay, retry, routes, tunnel, upgrade, usage,
 };
 
 /// The agent's request body: as it arrives, or already read whole (to be
@@ -226,6 +226,7 @@ pub fn build(parts: Parts) -> EgressService {
         metrics,
     } = parts;
     let limiters = Arc::new(limits::Limiters::default());
+    let breakers = Arc::new(breaker::Breakers::default());
     let service = ServiceBuilder::new()
         // Errors become the agent's HTTP answer (and a log line) here, and only here.
         .layer(stage(errors::Respond))
@@ -235,6 +236,12 @@ pub fn build(parts: Parts) -> EgressService {
         .layer(stage(metrics::Observe(metrics.clone())))
         // A route missing a Secret it needs sends nothing: 503 naming it.
         .layer(stage(routes::RefuseUnusable))
+        // CONNECT (the forward-proxy mode) leaves here for a TCP tunnel, with connection-level limits only.
+        .layer(stage(tunnel::Tunnels::new(
+            limiters.clone(),
+            breakers.clone(),
+            metrics.clone(),
+        )))
         // Upgrades (WebSocket) leave here for a tunnel of their own.
         .layer(stage(upgrade::Upgrades(clients.clone())))
         // Keyed calls go once; their answer is recorded and replayed after.
@@ -255,7 +262,7 @@ pub fn build(parts: Parts) -> EgressService {
         // Retries of safe calls within the budget and the call's deadline.
         .layer(stage(retry::Retrying::new(max_retry_body, metrics.clone())))
         // The circuit breaker: fail fast while the upstream keeps failing.
-        .layer(stage(breaker::Breaking::new(metrics)))
+        .layer(stage(breaker::Breaking::new(breakers, metrics)))
         // One try over the upstream's pooled connection, under its per-try timeout.
         .service(client::UpstreamService::new(clients));
     BoxCloneSyncService::new(service)

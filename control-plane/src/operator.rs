@@ -4,8 +4,10 @@
 //! translates its wire format and maps [`OpError`] to its status codes.
 //!
 //! Every action is recorded in the saga's history under the operator's
-//! name (the audit trail: append-only, with time and leader epoch); refused
-//! actions change nothing and are logged under the `audit` target.
+//! name (append-only, with time and leader epoch) and in the tenant's
+//! `audit_log` (`saga.operator.<action>`, with its outcome); refused
+//! actions change nothing, are audited too when the saga exists, and are
+//! logged under the `audit` target.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use serde_json::{Value, json};
 use statefabric_saga::graph::{self, Graph};
 use statefabric_saga::machine::OperatorAction;
 use statefabric_saga::{Definition, Status};
-use statefabric_saga_engine::store::{Filter, StoreError, Stored, Summary, TaskRow};
+use statefabric_saga_engine::store::{Filter, OperatorAudit, StoreError, Stored, Summary, TaskRow};
 use statefabric_saga_engine::{Engine, EngineError};
 
 use crate::config::ApiConfig;
@@ -272,16 +274,45 @@ impl Operator {
 
     pub async fn act(&self, id: &str, action: OperatorAction, actor: &str) -> OpResult<Stored> {
         let name = action.name();
-        match self.engine.operate(id, action, actor).await {
+        let asked = serde_json::to_value(&action).unwrap_or(Value::Null);
+        let acted = self.engine.operate(id, action, actor).await;
+        let (tenant, details) = match &acted {
             Ok(saga) => {
                 tracing::info!(target: "audit", operator = %actor, saga = %id, action = name, "operator action applied");
-                Ok(saga)
+                (
+                    Some(saga.tenant.clone()),
+                    json!({"outcome": "applied", "action": asked, "revision": saga.revision}),
+                )
             }
             Err(err) => {
                 tracing::info!(target: "audit", operator = %actor, saga = %id, action = name, error = %err, "operator action refused");
-                Err(err.into())
+                // A refusal is audited under the saga's tenant when the
+                // saga exists (an unknown id has no tenant to file it under).
+                let tenant = match err {
+                    EngineError::UnknownSaga(_) => None,
+                    _ => self.saga(id).await.ok().map(|saga| saga.tenant),
+                };
+                (
+                    tenant,
+                    json!({"outcome": "refused", "action": asked, "error": err.to_string()}),
+                )
+            }
+        };
+        if let Some(tenant) = tenant {
+            let entry = OperatorAudit {
+                tenant,
+                operator: actor.to_owned(),
+                action: name.to_owned(),
+                saga_id: id.to_owned(),
+                details,
+            };
+            if let Err(err) = self.engine.store().audit_operator(&entry).await {
+                // The action stands (it is in the saga's history); the
+                // audit row's loss is logged where operators look.
+                tracing::warn!(target: "audit", operator = %actor, saga = %id, action = name, error = %err, "operator action not written to the audit log");
             }
         }
+        acted.map_err(Into::into)
     }
 
     /// A definition's graph (latest version unless `version`).

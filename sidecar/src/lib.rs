@@ -19,8 +19,10 @@
 //! ([`tasks`]) is the agents' side of sagas: start one, take, heartbeat and
 //! answer the tasks of an agent type (`statefabric-saga-engine`). With
 //! `[mesh] enabled`, the sidecar subscribes to its configuration from the
-//! control plane and applies what is hot (`mesh.rs`).
+//! control plane and applies what is hot (`mesh.rs`). Lock and session
+//! mutations are audited into the store's `audit_log` ([`audit`]).
 
+pub mod audit;
 pub mod backends;
 pub mod cache;
 mod call;

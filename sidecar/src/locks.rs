@@ -3,6 +3,9 @@
 //! shutdown lets go of it at once instead of leaving others to wait out the
 //! lease.
 
+use serde_json::{Value, json};
+
+use crate::audit::Auditor;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -66,6 +69,7 @@ pub struct LocksService {
     identity: String,
     held: Arc<Mutex<HashMap<String, Lease>>>,
     limits: LockLimits,
+    audit: Auditor,
 }
 
 fn millis(field: &str, value: u32, allow_zero: bool, max: u32) -> Result<Duration, Status> {
@@ -76,6 +80,18 @@ fn millis(field: &str, value: u32, allow_zero: bool, max: u32) -> Result<Duratio
         )));
     }
     Ok(Duration::from_millis(u64::from(value)))
+}
+
+/// `details` with the call's outcome: `done`, or `failed` and why.
+pub(crate) fn outcome<T, E: std::fmt::Display>(result: &Result<T, E>, mut details: Value) -> Value {
+    match result {
+        Ok(_) => details["outcome"] = json!("done"),
+        Err(err) => {
+            details["outcome"] = json!("failed");
+            details["error"] = json!(err.to_string());
+        }
+    }
+    details
 }
 
 fn lease_to_proto(lease: &Lease) -> pb::Lease {
@@ -92,6 +108,7 @@ impl LocksService {
         tenant: TenantId,
         identity: String,
         limits: LockLimits,
+        audit: Auditor,
     ) -> Self {
         Self {
             locks,
@@ -99,6 +116,7 @@ impl LocksService {
             identity,
             held: Arc::default(),
             limits,
+            audit,
         }
     }
 
@@ -120,7 +138,16 @@ impl LocksService {
     pub async fn release_all(&self) {
         let leases: Vec<Lease> = self.held().drain().map(|(_, l)| l).collect();
         for lease in leases {
-            match self.locks.release(&lease).await {
+            let released = self.locks.release(&lease).await;
+            self.audit.record(
+                "lock.release",
+                &lease.name,
+                outcome(
+                    &released,
+                    json!({"token": lease.token, "at_shutdown": true}),
+                ),
+            );
+            match released {
                 Ok(()) => tracing::info!(lock = %lease.name, "released at shutdown"),
                 Err(err) => {
                     tracing::warn!(lock = %lease.name, error = %err, "not released at shutdown")
@@ -139,11 +166,19 @@ impl Locks for LocksService {
         let raw = request.into_inner();
         let ttl = millis("ttl_ms", raw.ttl_ms, false, self.limits.max_lease_ms())?;
         let wait = millis("wait_ms", raw.wait_ms, true, self.limits.max_wait_ms())?;
-        let lease = self
+        let acquired = self
             .locks
             .acquire(&self.tenant, &raw.name, &self.identity, ttl, wait)
-            .await
-            .map_err(from_lock)?;
+            .await;
+        let details = match &acquired {
+            Ok(Some(lease)) => {
+                json!({"outcome": "acquired", "token": lease.token, "ttl_ms": raw.ttl_ms})
+            }
+            Ok(None) => json!({"outcome": "held_by_another", "wait_ms": raw.wait_ms}),
+            Err(err) => json!({"outcome": "failed", "error": err.to_string()}),
+        };
+        self.audit.record("lock.acquire", &raw.name, details);
+        let lease = acquired.map_err(from_lock)?;
         if let Some(lease) = &lease {
             self.held().insert(lease.name.clone(), lease.clone());
         }
@@ -160,7 +195,16 @@ impl Locks for LocksService {
         let raw = request.into_inner();
         let ttl = millis("ttl_ms", raw.ttl_ms, false, self.limits.max_lease_ms())?;
         let lease = self.lease(raw.name, raw.token, ttl);
-        let renewed = self.locks.renew(&lease, ttl).await.map_err(|e| {
+        let renewed = self.locks.renew(&lease, ttl).await;
+        self.audit.record(
+            "lock.renew",
+            &lease.name,
+            outcome(
+                &renewed,
+                json!({"token": lease.token, "ttl_ms": raw.ttl_ms}),
+            ),
+        );
+        let renewed = renewed.map_err(|e| {
             self.held().remove(&lease.name);
             from_lock(e)
         })?;
@@ -175,7 +219,13 @@ impl Locks for LocksService {
         let raw = request.into_inner();
         let lease = self.lease(raw.name, raw.token, Duration::ZERO);
         self.held().remove(&lease.name);
-        self.locks.release(&lease).await.map_err(from_lock)?;
+        let released = self.locks.release(&lease).await;
+        self.audit.record(
+            "lock.release",
+            &lease.name,
+            outcome(&released, json!({"token": lease.token})),
+        );
+        released.map_err(from_lock)?;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 

@@ -56,6 +56,8 @@ pub struct Storage {
     pub sagas: Option<SqliteSagaStore>,
     /// Recorded upstream responses of the egress path.
     pub replays: Arc<dyn statefabric_store::replay::ReplayStore>,
+    /// The audit log of lock and session mutations.
+    pub audit: Arc<dyn statefabric_store::audit::AuditLog>,
 }
 
 /// Opens the configured storage, applying migrations where this process is
@@ -81,6 +83,7 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
             Ok(Storage {
                 events: Arc::new(store.clone()),
                 replays: Arc::new(store.clone()),
+                audit: Arc::new(store.clone()),
                 context: Arc::new(store),
                 notifications: None,
                 tasks: Arc::new(sagas.clone()),
@@ -134,6 +137,7 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
             Ok(Storage {
                 events: Arc::new(store.clone()),
                 replays: Arc::new(store.clone()),
+                audit: Arc::new(store.clone()),
                 context: Arc::new(store),
                 notifications: Some(config.storage.postgres.url.clone()),
                 tasks,
@@ -273,12 +277,30 @@ pub async fn serve_with(
         },
         ctx.shutdown.clone(),
     );
+    let audit_dropped = prometheus_client::metrics::counter::Counter::default();
+    {
+        let dropped = audit_dropped.clone();
+        ctx.register_metrics(|registry| {
+            registry.register(
+                "audit_dropped",
+                "Audit entries of lock and session mutations dropped because the queue to the database was full",
+                dropped,
+            );
+        });
+    }
+    let audit = crate::audit::Auditor::start(
+        storage.audit.clone(),
+        config.tenant()?,
+        config.identity()?.to_string(),
+        audit_dropped,
+    );
     let lock_limits = LockLimits::default();
     let locks = LocksService::new(
         backends.locks.clone(),
         config.tenant()?,
         config.identity()?.to_string(),
         lock_limits.clone(),
+        audit.clone(),
     );
     let session_policies = SessionPolicies::new(config.sessions.namespaces.clone());
     let egress = start_egress(&ctx, storage.replays.clone()).await?;
@@ -304,6 +326,7 @@ pub async fn serve_with(
         config.sidecar.identity.clone(),
         session_policies,
         backends.notifier.clone(),
+        audit.clone(),
     );
     let tasks = TasksService::new(
         storage.tasks.clone(),
@@ -378,6 +401,8 @@ pub async fn serve_with(
     // and offer unanswered tasks to other workers.
     locks.release_all().await;
     tasks.release_unanswered().await;
+    // The audit entries still queued, those of the releases included.
+    audit.flush(Duration::from_secs(5)).await;
     Ok(())
 }
 

@@ -15,6 +15,10 @@ use statefabric_session::{Policy, SessionKey, SessionStore};
 use statefabric_updates::{Change, ChangeKind, Notifier};
 use tonic::{Request, Response, Status};
 
+use serde_json::json;
+
+use crate::audit::Auditor;
+use crate::locks::outcome;
 use crate::status::from_session;
 
 #[derive(Debug, Clone)]
@@ -24,6 +28,7 @@ pub struct SessionsService {
     identity: String,
     namespaces: SessionPolicies,
     notifier: Arc<dyn Notifier>,
+    audit: Auditor,
 }
 
 /// The session namespaces agents may use: those of the sidecar's own
@@ -67,6 +72,7 @@ impl SessionsService {
         identity: String,
         namespaces: SessionPolicies,
         notifier: Arc<dyn Notifier>,
+        audit: Auditor,
     ) -> Self {
         Self {
             store,
@@ -74,6 +80,7 @@ impl SessionsService {
             identity,
             namespaces,
             notifier,
+            audit,
         }
     }
 
@@ -142,11 +149,16 @@ impl Sessions for SessionsService {
                 ttl
             }
         };
-        let left = self
-            .store
-            .put(&key, &raw.value, ttl, policy.expiry)
-            .await
-            .map_err(from_session)?;
+        let put = self.store.put(&key, &raw.value, ttl, policy.expiry).await;
+        self.audit.record(
+            "session.put",
+            &format!("{}/{}", key.namespace, key.id),
+            outcome(
+                &put,
+                json!({"ttl_ms": millis(ttl), "bytes": raw.value.len()}),
+            ),
+        );
+        let left = put.map_err(from_session)?;
         self.announce(&key);
         Ok(Response::new(pb::PutSessionResponse {
             expires_in_ms: millis(left),
@@ -182,7 +194,17 @@ impl Sessions for SessionsService {
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
         let raw = request.into_inner();
         let (key, _) = self.resolve(raw.namespace, raw.id)?;
-        let existed = self.store.delete(&key).await.map_err(from_session)?;
+        let deleted = self.store.delete(&key).await;
+        let mut details = outcome(&deleted, json!({}));
+        if let Ok(existed) = &deleted {
+            details["existed"] = json!(existed);
+        }
+        self.audit.record(
+            "session.delete",
+            &format!("{}/{}", key.namespace, key.id),
+            details,
+        );
+        let existed = deleted.map_err(from_session)?;
         if existed {
             self.announce(&key);
         }

@@ -111,6 +111,11 @@ pub fn spawn(binary: &str, args: &[&str], extra_env: &[(&str, &str)]) -> anyhow:
 }
 
 impl Service {
+    /// Where the process keeps its embedded store (`events.db`).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._data.path()
+    }
+
     /// Waits for `/healthz/ready` to answer 200.
     ///
     /// The answer must be this process's: a free port handed out to two

@@ -10,8 +10,8 @@ use serde_json::json;
 use statefabric_saga::machine::Effect;
 use statefabric_saga::{Definition, Input, Instance, Status, builtin};
 use statefabric_saga_engine::store::{
-    Committed, Fence, Filter, InboxMessage, OpenTasks, Record, Replied, SagaStore, StartRequest,
-    StartRequested, StoreError, TaskQueue, TaskStatus, Transition, Trigger,
+    Committed, Fence, Filter, InboxMessage, OpenTasks, OperatorAudit, Record, Replied, SagaStore,
+    StartRequest, StartRequested, StoreError, TaskQueue, TaskStatus, Transition, Trigger,
 };
 
 /// One adapter: the engine's side, the agents' side, and the tenant the
@@ -22,6 +22,8 @@ pub struct Fixture {
     pub queue: Arc<dyn TaskQueue>,
     pub tenant: String,
     pub fence: Option<Fence>,
+    /// The audit log as the tenant's application reads it.
+    pub audit: Arc<dyn statefabric_store::audit::AuditLog>,
 }
 
 #[macro_export]
@@ -38,6 +40,7 @@ macro_rules! saga_contract_tests {
             concurrent_answers_and_starts_each_get_their_own_outcome,
             open_tasks_are_counted_per_tenant_and_agent_type,
             released_tasks_wake_the_next_worker_under_the_same_key,
+            operator_actions_are_audited_under_the_sagas_tenant,
         );
     };
     (@each $fixture:expr; $($name:ident),* $(,)?) => {
@@ -639,5 +642,34 @@ pub async fn open_tasks_are_counted_per_tenant_and_agent_type(f: Fixture) -> any
     assert_eq!(mine(f.store.open_tasks().await?), vec![planner(1, 2)]);
     // Answered tasks stay open until the engine applies the reply (it ends
     // the attempt): the count is of work not yet done.
+    Ok(())
+}
+
+/// An operator's action lands in the saga's tenant's audit log, where that
+/// tenant's application reads it.
+pub async fn operator_actions_are_audited_under_the_sagas_tenant(f: Fixture) -> anyhow::Result<()> {
+    let saga = id();
+    let entry = OperatorAudit {
+        tenant: f.tenant.clone(),
+        operator: "alice".into(),
+        action: "retry".into(),
+        saga_id: saga.clone(),
+        details: json!({"outcome": "applied", "revision": 3}),
+    };
+    f.store.audit_operator(&entry).await?;
+    let tenant = statefabric_domain::TenantId::new(f.tenant.clone())?;
+    let found = f.audit.read(&tenant, "saga.operator.", 1000).await?;
+    let row = found
+        .iter()
+        .find(|e| e.target == saga)
+        .ok_or_else(|| anyhow::anyhow!("no audit row for {saga}: {found:?}"))?;
+    assert_eq!(
+        (row.actor.as_str(), row.action.as_str(), &row.details),
+        (
+            "alice",
+            "saga.operator.retry",
+            &json!({"outcome": "applied", "revision": 3})
+        )
+    );
     Ok(())
 }

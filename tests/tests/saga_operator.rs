@@ -287,6 +287,48 @@ async fn operators_act_on_sagas_and_bad_input_changes_nothing() -> anyhow::Resul
             "operator_retry"
         ]
     );
+    // And in the tenant's audit log, each with its outcome — the refused
+    // resume of the ended saga too.
+    let db = service.data_dir().join("events.db");
+    let audit = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display())).await?;
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT actor, action, json_extract(details, '$.outcome') FROM audit_log
+          WHERE target = 'ops-1' AND action LIKE 'saga.operator.%' ORDER BY audit_id",
+    )
+    .fetch_all(&audit)
+    .await?;
+    let rows: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+        .collect();
+    let applied: Vec<&str> = rows
+        .iter()
+        .filter(|(_, _, outcome)| *outcome == "applied")
+        .map(|(_, action, _)| *action)
+        .collect();
+    assert_eq!(
+        applied,
+        [
+            "saga.operator.pause",
+            "saga.operator.amend",
+            "saga.operator.resume",
+            "saga.operator.retry"
+        ]
+    );
+    assert!(
+        rows.iter().all(|(actor, _, _)| *actor == "alice"),
+        "{rows:?}"
+    );
+    assert_eq!(
+        rows.first().copied(),
+        Some(("alice", "saga.operator.resume", "refused")),
+        "the first refusal (the saga was running)"
+    );
+    assert_eq!(
+        rows.last().copied(),
+        Some(("alice", "saga.operator.resume", "refused")),
+        "the last refusal (the saga had ended)"
+    );
 
     // Graphs.
     let (code, graph) = api.call("GET", "/v1/sagas/ops-1/graph", None).await?;

@@ -31,6 +31,7 @@ async fn sqlite() -> anyhow::Result<Fixture> {
         queue: Arc::new(store),
         tenant: "t-embedded".into(),
         fence: None,
+        audit: Arc::new(events),
     })
 }
 
@@ -50,11 +51,17 @@ async fn postgres() -> anyhow::Result<Fixture> {
         .acquire(Duration::from_secs(120))
         .await?
         .ok_or_else(|| anyhow::anyhow!("a fresh lease is free"))?;
+    let audit = statefabric_store::pg::PgEventStore::connect(statefabric_store::pg::PgConfig {
+        url: env::pg_app_url(),
+        ..statefabric_store::pg::PgConfig::default()
+    })
+    .await?;
     Ok(Fixture {
         store: Arc::new(store),
         queue: Arc::new(queue),
         tenant,
         fence: Some(Fence { lease, epoch }),
+        audit: Arc::new(audit),
     })
 }
 
@@ -141,5 +148,43 @@ async fn a_sidecar_sees_only_its_tenant() -> anyhow::Result<()> {
         statefabric_saga_engine::store::Replied::Unknown
     );
     assert_eq!(f.queue.claim(&f.tenant, "planner", "x", 10).await?.len(), 1);
+    Ok(())
+}
+
+/// The engine's login writes operators' audit rows for any tenant, and
+/// nothing else into the audit log: no other kind of row, no row to read
+/// (row-level security), no row to remove.
+#[tokio::test]
+async fn the_engine_may_only_append_operator_rows_to_the_audit_log() -> anyhow::Result<()> {
+    let f = postgres().await?;
+    let engine = sqlx::PgPool::connect(&env::pg_control_url()).await?;
+    let insert = |action: &'static str| {
+        sqlx::query(
+            "INSERT INTO audit_log (tenant_id, actor, action, target) VALUES ($1, 'x', $2, 's')",
+        )
+        .bind(f.tenant.clone())
+        .bind(action)
+    };
+    insert("saga.operator.pause").execute(&engine).await?;
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE tenant_id = $1")
+        .bind(&f.tenant)
+        .fetch_one(&engine)
+        .await?;
+    assert_eq!(seen, 0, "the row it wrote is not visible to it");
+    for refused in [
+        insert("lock.acquire").execute(&engine).await.err(),
+        sqlx::query("DELETE FROM audit_log WHERE tenant_id = $1")
+            .bind(&f.tenant)
+            .execute(&engine)
+            .await
+            .err(),
+    ] {
+        let err = refused.ok_or_else(|| anyhow::anyhow!("allowed"))?;
+        let text = err.to_string();
+        assert!(
+            text.contains("row-level security") || text.contains("permission denied"),
+            "{text}"
+        );
+    }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Locks through real sidecars sharing the real Redis Cluster: exclusivity
 //! across sidecars, background renewal, loss notification, release at clean
-//! shutdown, expiry after a crash, and bad input.
+//! shutdown, expiry after a crash, and bad input; every lock and session
+//! mutation in the tenant's audit log, with its outcome.
 
 use std::time::Duration;
 
@@ -265,5 +266,62 @@ async fn a_lapsed_holder_is_fenced_out_of_the_event_store() -> anyhow::Result<()
         .map(|e| e.data["by"].as_str().unwrap_or("").to_owned())
         .collect();
     assert_eq!(writers, ["a", "b"]);
+    Ok(())
+}
+
+/// Lock and session mutations land in the tenant's `audit_log` under the
+/// sidecar's identity, with their outcome — a refused acquire too — and
+/// what is still queued at a clean shutdown is written before the process
+/// exits.
+#[tokio::test]
+async fn lock_and_session_mutations_are_audited() -> anyhow::Result<()> {
+    let t = tenant();
+    let (a, b) = (sidecar(&t, "coder-a").await?, sidecar(&t, "coder-b").await?);
+    let (mut la, mut lb) = (locks(&a).await?, locks(&b).await?);
+    let n = name();
+    let ttl = Duration::from_millis(600);
+    let held = la.acquire(&n, ttl, NOW).await?.expect("free");
+    // Long enough for a renewal in the background.
+    tokio::time::sleep(ttl).await;
+    assert!(lb.acquire(&n, ttl, NOW).await?.is_none(), "held by a");
+    let token = held.token();
+    held.release().await?;
+    let mut sessions = StateClient::connect(a.grpc.clone()).await?.sessions();
+    sessions.put("conversation", "c1", "hello", None).await?;
+    assert!(sessions.delete("conversation", "c1").await?);
+    for sidecar in [a, b] {
+        let (code, stderr) = sidecar.stop_with(Signal::SIGTERM).await?;
+        assert_eq!(code, 0, "{stderr}");
+    }
+    let admin = sqlx::PgPool::connect(&statefabric_tests::pg_admin_url()).await?;
+    let rows: Vec<(String, String, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT actor, action, target, details FROM audit_log
+          WHERE tenant_id = $1 AND (action LIKE 'lock.%' OR action LIKE 'session.%')
+          ORDER BY audit_id",
+    )
+    .bind(&t)
+    .fetch_all(&admin)
+    .await?;
+    let find = |actor: &str, action: &str, outcome: &str| {
+        rows.iter()
+            .find(|(who, what, _, details)| {
+                who == actor && what == action && details["outcome"] == outcome
+            })
+            .cloned()
+    };
+    let acquired = find("coder-a", "lock.acquire", "acquired").expect("acquire audited");
+    assert_eq!(
+        (acquired.2.as_str(), &acquired.3["token"]),
+        (n.as_str(), &serde_json::json!(token))
+    );
+    assert!(find("coder-a", "lock.renew", "done").is_some(), "{rows:?}");
+    let refused = find("coder-b", "lock.acquire", "held_by_another").expect("refusal audited");
+    assert_eq!(refused.2, n);
+    let released = find("coder-a", "lock.release", "done").expect("release audited");
+    assert_eq!(released.3["token"], serde_json::json!(token));
+    let put = find("coder-a", "session.put", "done").expect("session write audited");
+    assert_eq!(put.2, "conversation/c1");
+    let deleted = find("coder-a", "session.delete", "done").expect("session delete audited");
+    assert_eq!(deleted.3["existed"], true);
     Ok(())
 }

@@ -11,6 +11,7 @@
 //! It does not own transport (gRPC, Kafka), caching or locks; those crates
 //! call this one.
 
+pub mod audit;
 pub mod context;
 pub mod error;
 pub mod feed;

@@ -404,6 +404,30 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
     /// Changes when the inbox may have new rows. Subscribe before reading
     /// the inbox, so nothing that arrives in between is missed.
     fn inbox_signal(&self) -> watch::Receiver<u64>;
+
+    /// Appends an operator's action on a saga to the saga's tenant's audit
+    /// log (`audit_log`, action `saga.operator.<action>`), beside the
+    /// record in the saga's own history.
+    async fn audit_operator(&self, entry: &OperatorAudit) -> Result<()>;
+}
+
+/// One operator action, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperatorAudit {
+    pub tenant: String,
+    pub operator: String,
+    /// The action's name (`retry`, `skip`, `cancel`, ...).
+    pub action: String,
+    pub saga_id: String,
+    /// The outcome (`applied`, or `refused` and why) and the particulars.
+    pub details: Value,
+}
+
+impl OperatorAudit {
+    /// The audit log's action name.
+    pub fn action_name(&self) -> String {
+        format!("saga.operator.{}", self.action)
+    }
 }
 
 /// Dispatched, unanswered tasks of one tenant's agent type.

@@ -565,4 +565,21 @@ impl SagaStore for PgSagaStore {
     fn inbox_signal(&self) -> watch::Receiver<u64> {
         self.inbox.subscribe()
     }
+
+    async fn audit_operator(&self, entry: &super::OperatorAudit) -> Result<()> {
+        // Any tenant's row, of this kind only (migration 0026's policy).
+        sqlx::query(
+            "INSERT INTO audit_log (tenant_id, actor, action, target, details)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&entry.tenant)
+        .bind(&entry.operator)
+        .bind(entry.action_name())
+        .bind(&entry.saga_id)
+        .bind(&entry.details)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
 }

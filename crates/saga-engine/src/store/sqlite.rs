@@ -443,4 +443,21 @@ impl SagaStore for SqliteSagaStore {
     fn inbox_signal(&self) -> watch::Receiver<u64> {
         self.inbox.subscribe()
     }
+
+    async fn audit_operator(&self, entry: &super::OperatorAudit) -> Result<()> {
+        // The event store's audit log, in the same file.
+        sqlx::query(
+            "INSERT INTO audit_log (tenant_id, actor, action, target, details)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&entry.tenant)
+        .bind(&entry.operator)
+        .bind(entry.action_name())
+        .bind(&entry.saga_id)
+        .bind(entry.details.to_string())
+        .execute(&self.writer)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
 }

@@ -138,6 +138,44 @@ pub fn registry_url() -> String {
 /// Hint appended to connection failures.
 /// The real standalone Redis through the production connection code
 /// (deadline, breaker, metrics).
+/// Two fresh tenants on the migrated test Postgres and the event store as
+/// the application role (row-level security on): for the store's ports'
+/// contracts.
+pub async fn pg_app_store_with_two_tenants() -> anyhow::Result<(
+    statefabric_store::pg::PgEventStore,
+    statefabric_domain::TenantId,
+    statefabric_domain::TenantId,
+)> {
+    statefabric_store::pg::migrate(&pg_admin_url()).await?;
+    let fresh =
+        || statefabric_domain::TenantId::new(format!("t-{}", uuid::Uuid::new_v4().simple()));
+    let (ours, theirs) = (fresh()?, fresh()?);
+    for t in [&ours, &theirs] {
+        statefabric_store::pg::create_tenant(&pg_admin_url(), t, "test").await?;
+    }
+    let store = statefabric_store::pg::PgEventStore::connect(statefabric_store::pg::PgConfig {
+        url: pg_app_url(),
+        ..statefabric_store::pg::PgConfig::default()
+    })
+    .await?;
+    Ok((store, ours, theirs))
+}
+
+/// The embedded event store in a fresh file under `dir`.
+pub async fn sqlite_store(
+    dir: &std::path::Path,
+) -> anyhow::Result<statefabric_store::sqlite::SqliteEventStore> {
+    Ok(
+        statefabric_store::sqlite::SqliteEventStore::open(
+            statefabric_store::sqlite::SqliteConfig {
+                path: dir.join("events.db"),
+                ..statefabric_store::sqlite::SqliteConfig::default()
+            },
+        )
+        .await?,
+    )
+}
+
 pub async fn redis_standalone() -> statefabric_redis::Redis {
     redis_with(statefabric_redis::RedisMode::Standalone, redis_url()).await
 }

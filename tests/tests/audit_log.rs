@@ -8,8 +8,6 @@ use std::sync::Arc;
 use serde_json::json;
 use statefabric_domain::TenantId;
 use statefabric_store::audit::{AuditEntry, AuditLog};
-use statefabric_store::pg::{PgConfig, PgEventStore};
-use statefabric_store::sqlite::{SqliteConfig, SqliteEventStore};
 use statefabric_tests as env;
 
 fn tenant() -> TenantId {
@@ -62,25 +60,12 @@ async fn contract(log: Arc<dyn AuditLog>, ours: TenantId, theirs: TenantId) -> a
 #[tokio::test]
 async fn embedded() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let store = SqliteEventStore::open(SqliteConfig {
-        path: dir.path().join("events.db"),
-        ..SqliteConfig::default()
-    })
-    .await?;
+    let store = env::sqlite_store(dir.path()).await?;
     contract(Arc::new(store), tenant(), tenant()).await
 }
 
 #[tokio::test]
 async fn on_postgres() -> anyhow::Result<()> {
-    statefabric_store::pg::migrate(&env::pg_admin_url()).await?;
-    let (ours, theirs) = (tenant(), tenant());
-    for t in [&ours, &theirs] {
-        statefabric_store::pg::create_tenant(&env::pg_admin_url(), t, "test").await?;
-    }
-    let store = PgEventStore::connect(PgConfig {
-        url: env::pg_app_url(),
-        ..PgConfig::default()
-    })
-    .await?;
+    let (store, ours, theirs) = env::pg_app_store_with_two_tenants().await?;
     contract(Arc::new(store), ours, theirs).await
 }

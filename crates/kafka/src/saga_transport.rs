@@ -196,8 +196,7 @@ fn task_row(command: SagaCommand) -> TaskRow {
         finished_at: None,
         output: None,
         error: None,
-        // The command carries no trace context (yet): the Kafka transport's
-        // tasks start traces of their own.
+        // From the message's headers (the relay copies the outbox row's).
         traceparent: None,
     }
 }
@@ -248,10 +247,12 @@ async fn consume(
         };
         match decoded {
             Ok(command) if command.tenant_id == tenant => {
+                let mut task = task_row(command);
+                task.traceparent = crate::consumer::header(&message, "traceparent");
                 feed.queue
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push_back(task_row(command));
+                    .push_back(task);
                 feed.signal.send_modify(|n| *n += 1);
             }
             Ok(command) => tracing::warn!(
@@ -337,9 +338,21 @@ impl TaskQueue for KafkaTaskQueue {
             .codec
             .encode(writer, &reply)
             .map_err(|e| StoreError::Backend(e.to_string()))?;
+        // The reply goes on in the trace of the call that made it (the
+        // task's, as the SDKs send it), for the engine's consumer to join.
+        let mut headers = rdkafka::message::OwnedHeaders::new();
+        if let Some(traceparent) =
+            statefabric_runtime::trace_context::traceparent_of(&tracing::Span::current())
+        {
+            headers = headers.insert(rdkafka::message::Header {
+                key: "traceparent",
+                value: Some(traceparent.as_bytes()),
+            });
+        }
         let record = FutureRecord::to(topics::REPLIES_TOPIC)
             .key(saga_id)
-            .payload(&value);
+            .payload(&value)
+            .headers(headers);
         self.producer
             .send(record, self.timeout)
             .await

@@ -25,6 +25,22 @@ pub fn continue_from(span: &tracing::Span, headers: &HeaderMap) {
     }
 }
 
+/// Makes `span` a child of a `traceparent` (and `tracestate`) carried
+/// outside HTTP — a Kafka message's headers.
+pub fn continue_from_values(
+    span: &tracing::Span,
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) {
+    let mut headers = HeaderMap::new();
+    for (name, value) in [("traceparent", traceparent), ("tracestate", tracestate)] {
+        if let Some(value) = value.and_then(|v| http::HeaderValue::from_str(v).ok()) {
+            headers.insert(name, value);
+        }
+    }
+    continue_from(span, &headers);
+}
+
 /// Writes `span`'s context into `headers` (replacing a `traceparent` they
 /// carried) when the span is recorded; otherwise leaves them as they are.
 pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {

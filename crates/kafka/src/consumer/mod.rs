@@ -75,6 +75,39 @@ impl ConsumerSettings {
 /// Handles one message of a [`partitioned::PartitionedConsumer`]. Called
 /// for one partition's messages in order, one at a time; different
 /// partitions run concurrently.
+/// A header's value as text.
+pub fn header(message: &impl rdkafka::Message, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    message.headers().and_then(|headers| {
+        headers
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned)
+    })
+}
+
+/// One span per consumed message, in the trace its producer sent it in
+/// (the `traceparent` header: the relay copies an event's, the sidecar
+/// sends its call's with a saga reply).
+pub fn consume_span(message: &impl rdkafka::Message, group: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "kafka.consume",
+        otel.kind = "consumer",
+        messaging.destination.name = message.topic(),
+        messaging.kafka.partition = message.partition(),
+        messaging.kafka.offset = message.offset(),
+        messaging.consumer.group.name = group,
+    );
+    statefabric_runtime::trace_context::continue_from_values(
+        &span,
+        header(message, "traceparent").as_deref(),
+        header(message, "tracestate").as_deref(),
+    );
+    span
+}
+
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, message: &OwnedMessage) -> Result<(), Failure>;

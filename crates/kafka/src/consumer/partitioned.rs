@@ -12,6 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+use tracing::Instrument;
 
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -281,11 +282,13 @@ async fn run_lane<H: Handler>(
                 None => return,
             },
         };
+        let span = super::consume_span(&message, group);
         loop {
             let handler = &work.handler;
             match work
                 .dead
                 .handle(&message, &work.settings.retry, |_| handler.handle(&message))
+                .instrument(span.clone())
                 .await
             {
                 Ok(Handled::Done { .. }) => {

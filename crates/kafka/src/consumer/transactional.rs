@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+use tracing::Instrument;
 
 use async_trait::async_trait;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -208,6 +209,7 @@ impl<T: Transform> TransactionalConsumer<T> {
         let mut dead_lettered = 0;
         for message in batch {
             match dead_letter::attempt(message, &s.retry, |_| self.transform.transform(message))
+                .instrument(super::consume_span(message, &s.group))
                 .await
             {
                 Ok((outputs, _)) => records.extend(outputs.into_iter().map(|o| Pending {

@@ -93,6 +93,22 @@ async fn a_sagas_tasks_and_the_work_done_for_them_are_one_trace() -> anyhow::Res
                     == Some("/statefabric.state.v1.Tasks/CompleteTask")
         })
         .await?;
+    // The engine's transitions are spans of the saga's trace: its start
+    // and the answer's.
+    for event in ["started", "completed"] {
+        collector
+            .span(
+                &format!("the {event} transition"),
+                Duration::from_secs(15),
+                |s| {
+                    s.trace_id == TRACE
+                        && s.name == "saga.transition"
+                        && s.attributes.get("saga.event").map(String::as_str) == Some(event)
+                        && s.attributes.get("saga.id") == Some(&saga)
+                },
+            )
+            .await?;
+    }
     let (code, stderr) = dev.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
     assert_eq!(code, 0, "{stderr}");
     Ok(())

@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use statefabric_proto::state::v1 as pb;
+use statefabric_proto::state::v1::events_client::EventsClient;
 use statefabric_proto::state::v1::shared_context_client::SharedContextClient;
 use statefabric_proto::state::v1::tasks_client::TasksClient;
 use statefabric_tests::otlp::{Collector, export_vars};
@@ -134,6 +135,42 @@ async fn every_call_is_a_span_in_the_callers_trace() -> anyhow::Result<()> {
     assert_eq!(
         span.attributes.get("rpc.method").map(String::as_str),
         Some("/statefabric.state.v1.SharedContext/PutContext")
+    );
+    // The store's work for a call is a span under the call's.
+    let mut events = EventsClient::connect(sidecar.grpc.clone()).await?;
+    let mut append = tonic::Request::new(pb::AppendEventsRequest {
+        stream_id: "traced-stream".into(),
+        stream_type: "order".into(),
+        expected: Some(pb::ExpectedVersion {
+            kind: Some(pb::expected_version::Kind::Any(pb::Empty {})),
+        }),
+        events: vec![pb::NewEvent {
+            event_type: "created".into(),
+            data_json: br#"{"n": 1}"#.to_vec(),
+            ..Default::default()
+        }],
+        fence: None,
+    });
+    append
+        .metadata_mut()
+        .insert("traceparent", format!("00-{trace}-{parent}-01").parse()?);
+    events.append_events(append).await?;
+    let call = collector
+        .span("the append's span", Duration::from_secs(15), |s| {
+            s.trace_id == trace
+                && s.attributes.get("rpc.method").map(String::as_str)
+                    == Some("/statefabric.state.v1.Events/AppendEvents")
+        })
+        .await?;
+    let stored = collector
+        .span("the store's span", Duration::from_secs(15), |s| {
+            s.trace_id == trace && s.name == "store.append"
+        })
+        .await?;
+    assert_eq!(stored.parent_span_id, call.span_id);
+    assert_eq!(
+        stored.attributes.get("db.system").map(String::as_str),
+        Some("sqlite")
     );
     let (code, stderr) = sidecar.stop_with(nix::sys::signal::Signal::SIGTERM).await?;
     assert_eq!(code, 0, "{stderr}");

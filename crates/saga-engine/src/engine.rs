@@ -403,6 +403,22 @@ impl Engine {
         effects: &[Effect],
         record: Record,
     ) -> Transition {
+        // One span per transition, in the saga's trace (the context it was
+        // started in), naming what moved it and where it went.
+        let span = tracing::info_span!(
+            "saga.transition",
+            saga.id = %instance.id,
+            saga.definition = %instance.definition,
+            saga.event = %record.kind,
+            saga.status = ?instance.status,
+            saga.effects = effects.len(),
+        );
+        statefabric_runtime::trace_context::continue_from_values(
+            &span,
+            instance.traceparent.as_deref(),
+            None,
+        );
+        let _in_span = span.enter();
         Transition {
             outbox: self.settings.outbox,
             ..Transition::of(tenant, expected, trigger, instance, effects, record)

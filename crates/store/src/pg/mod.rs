@@ -187,6 +187,7 @@ impl PgEventStore {
 
 #[async_trait]
 impl EventStore for PgEventStore {
+    #[tracing::instrument(name = "store.append", skip_all, fields(db.system = "postgresql", stream = %request.stream_id, events = request.events.len()))]
     async fn append(&self, scope: &Scope, request: AppendRequest) -> Result<AppendOutcome> {
         self.config.limits.check_append(&request)?;
         let outcome = self
@@ -209,6 +210,7 @@ impl EventStore for PgEventStore {
         Ok(outcome)
     }
 
+    #[tracing::instrument(name = "store.read_stream", skip_all, fields(db.system = "postgresql", stream = %stream))]
     async fn read_stream(
         &self,
         tenant: &TenantId,

@@ -223,6 +223,7 @@ fn to_i64(v: u64) -> i64 {
 
 #[async_trait]
 impl EventStore for SqliteEventStore {
+    #[tracing::instrument(name = "store.append", skip_all, fields(db.system = "sqlite", stream = %request.stream_id, events = request.events.len()))]
     async fn append(&self, scope: &Scope, request: AppendRequest) -> Result<AppendOutcome> {
         self.config.limits.check_append(&request)?;
         let outcome = self
@@ -234,6 +235,7 @@ impl EventStore for SqliteEventStore {
         Ok(outcome)
     }
 
+    #[tracing::instrument(name = "store.read_stream", skip_all, fields(db.system = "sqlite", stream = %stream))]
     async fn read_stream(
         &self,
         tenant: &TenantId,

@@ -5,7 +5,10 @@
 //! Lease, with a fencing epoch in Postgres, or alone in the embedded mode), the saga engine on the leader
 //! ([`sagas`], from `statefabric-saga-engine`), the operator API and the
 //! saga page ([`api`], [`ui`]), the outbox relay on the leader when
-//! `[relay] enabled`, consumer-lag monitoring, and the admin endpoints. It
+//! `[relay] enabled`, consumer-lag monitoring, mesh configuration for the
+//! sidecars when `[mesh] enabled` ([`mesh`]: watching the `statefabric.io`
+//! resources and the Secrets Upstreams name, streaming each sidecar its
+//! configuration, writing the resources' status), and the admin endpoints. It
 //! does not own how sagas move (`statefabric-saga`) or persist
 //! (`statefabric-saga-engine`). See `docs/architecture.md`.
 

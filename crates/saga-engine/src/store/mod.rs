@@ -1,6 +1,6 @@
 //! The saga store port: what the engine and the agents' task queue need from
 //! storage, with the Postgres ([`pg`]) and embedded SQLite ([`sqlite`])
-//! adapters under one contract suite (`tests/tests/saga_store_contract.rs`).
+//! adapters under one contract suite (`tests/src/saga_contract.rs`, run by `tests/tests/saga_store.rs`).
 //!
 //! The engine owns instances, tasks, timers and history and changes them
 //! only through [`SagaStore::commit`] (or [`SagaStore::commit_many`], many

@@ -19,11 +19,8 @@ use tonic::{Request, Response, Status};
 
 use crate::cache::ContextCache;
 use crate::convert::json;
-use crate::follow::Publisher;
+use crate::follow::{ChangeFeed, Publisher};
 use crate::status::from_store;
-
-/// A change to a document of this sidecar's tenant: (document id, revision).
-pub type ChangeFeed = broadcast::Sender<(String, u64)>;
 
 #[derive(Debug, Clone)]
 pub struct ContextService {

@@ -21,7 +21,9 @@ use statefabric_store::context::ContextDocument;
 use statefabric_updates::{Change, ChangeKind, Notifier, Retention, Signal, Start, UpdateLog};
 
 use crate::cache::ContextCache;
-use crate::context::ChangeFeed;
+
+/// A change to a document of this sidecar's tenant: (document id, revision).
+pub type ChangeFeed = tokio::sync::broadcast::Sender<(String, u64)>;
 
 /// The update stream of a tenant's context changes.
 pub fn context_stream(tenant: &TenantId) -> String {

@@ -178,6 +178,9 @@ pub async fn serve_with(
     backends::count_live_sessions(&ctx, backends.sessions.clone());
     let store = storage.events.clone();
     let config = &ctx.config;
+    // The ids, parsed once (validated when the config was loaded).
+    let tenant = config.tenant()?;
+    let identity = config.identity()?;
     let cache = Arc::new(ContextCache::new(
         config.sidecar.cache_max_entries,
         config.sidecar.cache_max_bytes,
@@ -193,7 +196,7 @@ pub async fn serve_with(
         (true, _, Some(ready)) => {
             ctx.shutdown.spawn(follow::follow_announcements(
                 backends.notifier.clone(),
-                config.tenant()?,
+                tenant.clone(),
                 config.sidecar.identity.clone(),
                 cache.clone(),
                 ready,
@@ -216,7 +219,7 @@ pub async fn serve_with(
         StreamFollow {
             log: backends.log.clone(),
             cache: cache.clone(),
-            tenant: config.tenant()?,
+            tenant: tenant.clone(),
             identity: config.sidecar.identity.clone(),
             retention,
             claim_after: config.updates.claim_after,
@@ -253,8 +256,8 @@ pub async fn serve_with(
 
     let events = EventsService::new(
         store,
-        config.tenant()?,
-        config.identity()?,
+        tenant.clone(),
+        identity.clone(),
         SubscriptionSettings {
             buffer: config.sidecar.subscription_buffer,
             lag_timeout: config.sidecar.subscriber_lag_timeout,
@@ -264,14 +267,14 @@ pub async fn serve_with(
     let mesh_cache = cache.clone();
     let context = ContextService::new(
         storage.context,
-        config.tenant()?,
-        config.identity()?.to_string(),
+        tenant.clone(),
+        identity.to_string(),
         cache,
         changes,
         Publisher {
             notifier: backends.notifier.clone(),
             log: backends.log.clone(),
-            tenant: config.tenant()?,
+            tenant: tenant.clone(),
             identity: config.sidecar.identity.clone(),
             retention,
         },
@@ -290,15 +293,15 @@ pub async fn serve_with(
     }
     let audit = crate::audit::Auditor::start(
         storage.audit.clone(),
-        config.tenant()?,
-        config.identity()?.to_string(),
+        tenant.clone(),
+        identity.to_string(),
         audit_dropped,
     );
     let lock_limits = LockLimits::default();
     let locks = LocksService::new(
         backends.locks.clone(),
-        config.tenant()?,
-        config.identity()?.to_string(),
+        tenant.clone(),
+        identity.to_string(),
         lock_limits.clone(),
         audit.clone(),
     );
@@ -322,7 +325,7 @@ pub async fn serve_with(
     }
     let sessions = SessionsService::new(
         backends.sessions.clone(),
-        config.tenant()?,
+        tenant.clone(),
         config.sidecar.identity.clone(),
         session_policies,
         backends.notifier.clone(),

@@ -285,11 +285,12 @@ fn connections_to(port: u16) -> usize {
 /// A fresh sidecar's RSS, then with `n` pooled connections to the upstream
 /// left idle (made by `n` concurrent slow calls; the agent's own
 /// connections closed after).
-async fn idle_pool_rss(port: u16, n: usize) -> anyhow::Result<(f64, usize, f64)> {
+async fn idle_pool_rss(port: u16, n: usize) -> anyhow::Result<(f64, f64, usize, f64)> {
     let side = sidecar(port, 1).await?;
     let pid = side.child.id().unwrap_or(0);
     let fresh = statefabric_bench::rss_kib(pid) / 1024.0;
     let before = connections_to(port);
+    let peak;
     {
         let client = client(false);
         let url: hyper::Uri = format!("http://127.0.0.1:{}/bench/slow", side.egress).parse()?;
@@ -304,7 +305,11 @@ async fn idle_pool_rss(port: u16, n: usize) -> anyhow::Result<(f64, usize, f64)>
                 Ok(())
             })
         });
-        for call in futures::future::join_all(calls).await {
+        let all = tokio::spawn(futures::future::join_all(calls));
+        // Halfway through the upstream's 2 s: every call in flight.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        peak = statefabric_bench::rss_kib(pid) / 1024.0;
+        for call in all.await? {
             call??;
         }
     }
@@ -312,7 +317,7 @@ async fn idle_pool_rss(port: u16, n: usize) -> anyhow::Result<(f64, usize, f64)>
     let agent_side = connections_to(side.egress);
     anyhow::ensure!(agent_side == 0, "{agent_side} agent connections still open");
     let idle = connections_to(port).saturating_sub(before);
-    Ok((fresh, idle, statefabric_bench::rss_kib(pid) / 1024.0))
+    Ok((fresh, peak, idle, statefabric_bench::rss_kib(pid) / 1024.0))
 }
 
 #[tokio::main]
@@ -394,9 +399,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn idle_report(port: u16) -> anyhow::Result<()> {
-    let (fresh, idle, pooled) = idle_pool_rss(port, 1000).await?;
+    let (fresh, peak, idle, pooled) = idle_pool_rss(port, 1000).await?;
     println!(
-        "idle upstream connections: a fresh sidecar {fresh:.1} MiB; with {idle} idle pooled connections to the upstream {pooled:.1} MiB"
+        "idle upstream connections: a fresh sidecar {fresh:.1} MiB; with the 1000 calls in flight {peak:.1} MiB; after, with {idle} idle pooled connections to the upstream {pooled:.1} MiB"
     );
     Ok(())
 }

@@ -22,23 +22,23 @@
 //! control plane and applies what is hot (`mesh.rs`). Lock and session
 //! mutations are audited into the store's `audit_log` ([`audit`]).
 
-pub mod audit;
-pub mod backends;
-pub mod cache;
+mod audit;
+mod backends;
+mod cache;
 mod call;
 pub mod config;
-pub mod context;
-pub mod convert;
-pub mod egress;
-pub mod events;
-pub mod follow;
-pub mod locks;
+mod context;
+mod convert;
+mod egress;
+mod events;
+mod follow;
+mod locks;
 mod mesh;
 mod rpc_metrics;
-pub mod server;
-pub mod sessions;
-pub mod status;
-pub mod tasks;
+mod server;
+mod sessions;
+mod status;
+mod tasks;
 pub mod tenancy;
 
 pub use config::SidecarConfig;

@@ -18,7 +18,6 @@ use futures::Stream;
 use serde_json::Value;
 use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::tasks_server::Tasks;
-use statefabric_saga_engine::engine::parse_key;
 use statefabric_saga_engine::store::{
     InboxMessage, Replied, StartRequest, StartRequested, TaskQueue, TaskRow, check_saga_id,
 };
@@ -84,11 +83,9 @@ fn agent_type(agent: &str) -> Result<&str, Status> {
 }
 
 fn task_key(key: &str) -> Result<String, Status> {
-    parse_key(key).map(|k| k.saga).ok_or_else(|| {
-        Status::invalid_argument(format!(
-            "task key {key:?} is not of the form saga/step/visit/attempt[/undo]"
-        ))
-    })
+    key.parse::<statefabric_saga::TaskKey>()
+        .map(|k| k.saga)
+        .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 fn json(bytes: &[u8], what: &str) -> Result<Value, Status> {

@@ -131,22 +131,9 @@ struct After {
 /// Past this many cached sagas the cache starts afresh.
 const CACHE_LIMIT: usize = 200_000;
 
-/// Parses `saga/step/visit/attempt[/undo]` (step names may hold `/`).
+/// Parses `saga/step/visit/attempt[/undo]` (see `TaskKey`'s `FromStr`).
 pub fn parse_key(key: &str) -> Option<TaskKey> {
-    let (saga, rest) = key.split_once('/')?;
-    let (rest, compensation) = match rest.strip_suffix("/undo") {
-        Some(r) => (r, true),
-        None => (rest, false),
-    };
-    let (rest, attempt) = rest.rsplit_once('/')?;
-    let (step, visit) = rest.rsplit_once('/')?;
-    Some(TaskKey {
-        saga: saga.to_owned(),
-        step: step.to_owned(),
-        visit: visit.parse().ok()?,
-        attempt: attempt.parse().ok()?,
-        compensation,
-    })
+    key.parse().ok()
 }
 
 impl Engine {

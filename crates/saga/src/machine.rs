@@ -66,6 +66,34 @@ pub struct TaskKey {
     pub compensation: bool,
 }
 
+/// A text that is not `saga/step/visit/attempt[/undo]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("task key {0:?} is not of the form saga/step/visit/attempt[/undo]")]
+pub struct BadTaskKey(pub String);
+
+/// Parses what [`TaskKey`]'s `Display` writes (step names may hold `/`).
+impl std::str::FromStr for TaskKey {
+    type Err = BadTaskKey;
+
+    fn from_str(key: &str) -> Result<Self, BadTaskKey> {
+        let bad = || BadTaskKey(key.to_owned());
+        let (saga, rest) = key.split_once('/').ok_or_else(bad)?;
+        let (rest, compensation) = match rest.strip_suffix("/undo") {
+            Some(r) => (r, true),
+            None => (rest, false),
+        };
+        let (rest, attempt) = rest.rsplit_once('/').ok_or_else(bad)?;
+        let (step, visit) = rest.rsplit_once('/').ok_or_else(bad)?;
+        Ok(Self {
+            saga: saga.to_owned(),
+            step: step.to_owned(),
+            visit: visit.parse().map_err(|_| bad())?,
+            attempt: attempt.parse().map_err(|_| bad())?,
+            compensation,
+        })
+    }
+}
+
 impl fmt::Display for TaskKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

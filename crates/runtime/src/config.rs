@@ -12,7 +12,6 @@
 //! wrong type stops decoding at that value (serde reports one at a time); the
 //! validation that follows reports all of its problems together.
 
-use std::fmt;
 use std::path::Path;
 
 use figment::Figment;
@@ -42,40 +41,7 @@ pub trait ServiceConfig: Serialize + DeserializeOwned {
     fn validate(&self, issues: &mut Issues);
 }
 
-/// One thing wrong with the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigIssue {
-    /// Dotted key, e.g. `admin.listen`.
-    pub key: String,
-    pub reason: String,
-}
-
-impl fmt::Display for ConfigIssue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.reason)
-    }
-}
-
-/// Accumulates validation problems.
-#[derive(Debug, Default)]
-pub struct Issues(Vec<ConfigIssue>);
-
-impl Issues {
-    pub fn push(&mut self, key: impl Into<String>, reason: impl Into<String>) {
-        self.0.push(ConfigIssue {
-            key: key.into(),
-            reason: reason.into(),
-        });
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn into_vec(self) -> Vec<ConfigIssue> {
-        self.0
-    }
-}
+pub use crate::issues::{ConfigIssue, Issues};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod issues;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

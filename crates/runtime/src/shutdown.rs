@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Issues;
+use crate::issues::Issues;
 
 /// How long in-flight work may run after a shutdown signal.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,13 +1,12 @@
-//! Saga definitions: the data model, parsing from YAML or JSON, and the Rust
-//! builder. Every way in ends in [`crate::validate::validate`].
+//! Saga definitions: the data model and the Rust builder. The ways in —
+//! parsing YAML or JSON, `Builder::build` — live with the checks they end
+//! in, in [`crate::validate`] (this module imports nothing from it).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-
-use crate::validate::{DefinitionError, validate};
 
 /// A versioned saga definition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -208,46 +207,6 @@ pub struct Condition {
 }
 
 impl Definition {
-    pub fn from_yaml(text: &str) -> Result<Self, DefinitionError> {
-        let value: Value = yaml_serde::from_str(text)
-            .map_err(|e| DefinitionError::new("?", None, format!("not valid YAML: {e}")))?;
-        Self::from_value(value)
-    }
-
-    pub fn from_json(text: &str) -> Result<Self, DefinitionError> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| DefinitionError::new("?", None, format!("not valid JSON: {e}")))?;
-        Self::from_value(value)
-    }
-
-    /// Parses step by step, so an error names the step it is in.
-    pub fn from_value(mut value: Value) -> Result<Self, DefinitionError> {
-        let name = value
-            .get("name")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_owned();
-        let raw_steps = match value.as_object_mut().and_then(|o| o.remove("steps")) {
-            Some(Value::Object(steps)) => steps,
-            Some(_) => return Err(DefinitionError::new(&name, None, "steps must be a map")),
-            None => return Err(DefinitionError::new(&name, None, "steps are missing")),
-        };
-        let mut steps = BTreeMap::new();
-        for (step_name, raw) in raw_steps {
-            let step: Step = serde_json::from_value(raw)
-                .map_err(|e| DefinitionError::new(&name, Some(&step_name), e.to_string()))?;
-            steps.insert(step_name, step);
-        }
-        if let Some(o) = value.as_object_mut() {
-            o.insert("steps".into(), Value::Object(Default::default()));
-        }
-        let mut definition: Definition = serde_json::from_value(value)
-            .map_err(|e| DefinitionError::new(&name, None, e.to_string()))?;
-        definition.steps = steps;
-        validate(&definition)?;
-        Ok(definition)
-    }
-
     pub fn to_yaml(&self) -> String {
         yaml_serde::to_string(self).unwrap_or_default()
     }
@@ -340,7 +299,7 @@ impl Step {
 /// Builds a definition in Rust; `build` validates it like a loaded one.
 #[derive(Debug, Clone)]
 pub struct Builder {
-    definition: Definition,
+    pub(crate) definition: Definition,
 }
 
 impl Builder {
@@ -362,10 +321,5 @@ impl Builder {
     pub fn sla(mut self, sla: Duration) -> Self {
         self.definition.sla = Some(sla);
         self
-    }
-
-    pub fn build(self) -> Result<Definition, DefinitionError> {
-        validate(&self.definition)?;
-        Ok(self.definition)
     }
 }

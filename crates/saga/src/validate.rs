@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::definition::{Compensation, Definition, Step, Target};
+use crate::definition::{Builder, Compensation, Definition, Step, Target};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("saga definition `{definition}`{}: {problem}", step.as_ref().map(|s| format!(" step `{s}`")).unwrap_or_default())]
@@ -263,6 +263,57 @@ pub fn resolve_input(
             })
             .collect(),
     )
+}
+
+/// The ways in; every one ends in [`validate`].
+impl Definition {
+    pub fn from_yaml(text: &str) -> Result<Self, DefinitionError> {
+        let value: Value = yaml_serde::from_str(text)
+            .map_err(|e| DefinitionError::new("?", None, format!("not valid YAML: {e}")))?;
+        Self::from_value(value)
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, DefinitionError> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| DefinitionError::new("?", None, format!("not valid JSON: {e}")))?;
+        Self::from_value(value)
+    }
+
+    /// Parses step by step, so an error names the step it is in.
+    pub fn from_value(mut value: Value) -> Result<Self, DefinitionError> {
+        let name = value
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_owned();
+        let raw_steps = match value.as_object_mut().and_then(|o| o.remove("steps")) {
+            Some(Value::Object(steps)) => steps,
+            Some(_) => return Err(DefinitionError::new(&name, None, "steps must be a map")),
+            None => return Err(DefinitionError::new(&name, None, "steps are missing")),
+        };
+        let mut steps = BTreeMap::new();
+        for (step_name, raw) in raw_steps {
+            let step: Step = serde_json::from_value(raw)
+                .map_err(|e| DefinitionError::new(&name, Some(&step_name), e.to_string()))?;
+            steps.insert(step_name, step);
+        }
+        if let Some(o) = value.as_object_mut() {
+            o.insert("steps".into(), Value::Object(Default::default()));
+        }
+        let mut definition: Definition = serde_json::from_value(value)
+            .map_err(|e| DefinitionError::new(&name, None, e.to_string()))?;
+        definition.steps = steps;
+        validate(&definition)?;
+        Ok(definition)
+    }
+}
+
+impl Builder {
+    /// The definition, validated like a loaded one.
+    pub fn build(self) -> Result<Definition, DefinitionError> {
+        validate(&self.definition)?;
+        Ok(self.definition)
+    }
 }
 
 #[cfg(test)]

@@ -1,44 +1,32 @@
-//! Assembles the sidecar: storage, the gRPC server (State API, health,
-//! reflection), readiness and background jobs, and their shutdown.
+//! Assembles the sidecar, in order: open storage ([`open_storage`]) → the
+//! building blocks (`backends`) → the background jobs (`jobs`) → the
+//! services (`services::build`) → what the mesh configuration changes and
+//! the egress listener → the State API server (`services::serve`) → the
+//! work of a clean shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use statefabric_proto::state::v1::events_server::EventsServer;
-use statefabric_proto::state::v1::locks_server::LocksServer;
-use statefabric_proto::state::v1::sessions_server::SessionsServer;
-use statefabric_proto::state::v1::shared_context_server::SharedContextServer;
-use statefabric_proto::state::v1::tasks_server::TasksServer;
 use statefabric_runtime::ServiceContext;
 use statefabric_saga_engine::TaskQueue;
 use statefabric_saga_engine::store::pg::PgTaskQueue;
 use statefabric_saga_engine::store::sqlite::SqliteSagaStore;
+use statefabric_store::EventStore;
 use statefabric_store::context::ContextStore;
 use statefabric_store::pg::{self, PgEventStore};
 use statefabric_store::sqlite::SqliteEventStore;
-use statefabric_store::{EventStore, run_idempotency_janitor};
 
 use crate::cache::ContextCache;
 use statefabric_updates::Retention;
 
 use crate::backends;
-use crate::config::{Backend, RedisBackend, SidecarConfig, TaskTransport};
-use crate::context::ContextService;
-use crate::events::{EventsService, SubscriptionSettings};
-use crate::follow::{self, Publisher, StreamFollow};
-use crate::locks::{LockLimits, LocksService};
-use crate::sessions::{SessionPolicies, SessionsService};
-use crate::tasks::TasksService;
+use crate::config::{Backend, SidecarConfig, TaskTransport};
+use crate::{jobs, services};
 #[cfg(feature = "kafka")]
 use statefabric_kafka::saga_transport::KafkaTaskQueue;
 #[cfg(feature = "kafka")]
 use statefabric_schema::{AvroCodec, RegistryClient};
-
-/// How often readiness re-checks storage.
-const READINESS_PROBE_INTERVAL: Duration = Duration::from_secs(5);
-/// How often expired idempotency keys are purged.
-const JANITOR_INTERVAL: Duration = Duration::from_secs(600);
 
 /// The storage ports the sidecar serves from, on one backend.
 #[derive(Debug, Clone)]
@@ -162,158 +150,43 @@ pub async fn serve_with(
     ctx: ServiceContext<SidecarConfig>,
     storage: Storage,
 ) -> anyhow::Result<()> {
-    // Registered before the (possibly slow) start-up, so the process reports
-    // not ready until storage answers and the API is listening.
-    let storage_ready = ctx.readiness.check("storage");
-    let api_ready = ctx.readiness.check("state_api");
-    let redis_updates = ctx.config.updates.backend == RedisBackend::Redis;
-    // Only meaningful when other sidecars' changes arrive from outside.
-    let changes_ready = (redis_updates || ctx.config.storage.backend == Backend::Postgres)
-        .then(|| ctx.readiness.check("context_changes"));
-    let redis_ready = ctx
-        .config
-        .uses_redis()
-        .then(|| ctx.readiness.check("redis"));
-    let backends = backends::open(&ctx).await?;
-    backends::count_live_sessions(&ctx, backends.sessions.clone());
-    let store = storage.events.clone();
+    // Registered before the (possibly slow) start-up.
+    let checks = jobs::Checks::register(&ctx);
     let config = &ctx.config;
     // The ids, parsed once (validated when the config was loaded).
-    let tenant = config.tenant()?;
-    let identity = config.identity()?;
+    let ids = services::Ids {
+        tenant: config.tenant()?,
+        identity: config.identity()?,
+    };
+    // Storage is open; then the building blocks, the background jobs, the
+    // services, what the mesh configuration changes, and the server.
+    let backends = backends::open(&ctx).await?;
+    backends::count_live_sessions(&ctx, backends.sessions.clone());
     let cache = Arc::new(ContextCache::new(
         config.sidecar.cache_max_entries,
         config.sidecar.cache_max_bytes,
         config.sidecar.cache_max_age,
     ));
     ctx.register_metrics(|registry| cache.register_metrics(registry));
-    let (changes, _) = tokio::sync::broadcast::channel(1024);
-    let retention = Retention {
-        max_len: config.updates.max_len,
-        max_age: config.updates.max_age,
-    };
-    match (redis_updates, storage.notifications.clone(), changes_ready) {
-        (true, _, Some(ready)) => {
-            ctx.shutdown.spawn(follow::follow_announcements(
-                backends.notifier.clone(),
-                tenant.clone(),
-                config.sidecar.identity.clone(),
-                cache.clone(),
-                ready,
-                ctx.shutdown.clone(),
-            ));
-        }
-        (false, Some(url), Some(ready)) => {
-            ctx.shutdown.spawn(follow::follow_postgres(
-                url,
-                config.sidecar.tenant.clone(),
-                cache.clone(),
-                changes.clone(),
-                ready,
-                ctx.shutdown.clone(),
-            ));
-        }
-        _ => {}
-    }
-    ctx.shutdown.spawn(follow::follow_update_stream(
-        StreamFollow {
-            log: backends.log.clone(),
-            cache: cache.clone(),
-            tenant: tenant.clone(),
-            identity: config.sidecar.identity.clone(),
-            retention,
-            claim_after: config.updates.claim_after,
-        },
-        changes.clone(),
-        ctx.shutdown.clone(),
-    ));
-
-    ctx.shutdown.spawn({
-        let store = store.clone();
-        let redis = backends.redis.clone();
-        let shutdown = ctx.shutdown.clone();
-        async move {
-            loop {
-                let ok = store.ping().await.is_ok();
-                storage_ready.set(ok);
-                if let (Some(redis), Some(ready)) = (&redis, &redis_ready) {
-                    let pong: redis::RedisResult<String> =
-                        redis::cmd("PING").query_async(&mut redis.conn()).await;
-                    ready.set(pong.is_ok());
-                }
-                tokio::select! {
-                    () = shutdown.requested() => return,
-                    () = tokio::time::sleep(READINESS_PROBE_INTERVAL) => {}
-                }
-            }
-        }
-    });
-    ctx.shutdown.spawn(run_idempotency_janitor(
-        store.clone(),
-        JANITOR_INTERVAL,
-        ctx.shutdown.token().cancelled_owned(),
-    ));
-
-    let events = EventsService::new(
-        store,
-        tenant.clone(),
-        identity.clone(),
-        SubscriptionSettings {
-            buffer: config.sidecar.subscription_buffer,
-            lag_timeout: config.sidecar.subscriber_lag_timeout,
-        },
-        ctx.shutdown.clone(),
-    );
-    let mesh_cache = cache.clone();
-    let context = ContextService::new(
-        storage.context,
-        tenant.clone(),
-        identity.to_string(),
+    let shared = jobs::Shared {
         cache,
-        changes,
-        Publisher {
-            notifier: backends.notifier.clone(),
-            log: backends.log.clone(),
-            tenant: tenant.clone(),
-            identity: config.sidecar.identity.clone(),
-            retention,
+        changes: tokio::sync::broadcast::channel(1024).0,
+        retention: Retention {
+            max_len: config.updates.max_len,
+            max_age: config.updates.max_age,
         },
-        ctx.shutdown.clone(),
-    );
-    let audit_dropped = prometheus_client::metrics::counter::Counter::default();
-    {
-        let dropped = audit_dropped.clone();
-        ctx.register_metrics(|registry| {
-            registry.register(
-                "audit_dropped",
-                "Audit entries of lock and session mutations dropped because the queue to the database was full",
-                dropped,
-            );
-        });
-    }
-    let audit = crate::audit::Auditor::start(
-        storage.audit.clone(),
-        tenant.clone(),
-        identity.to_string(),
-        audit_dropped,
-    );
-    let lock_limits = LockLimits::default();
-    let locks = LocksService::new(
-        backends.locks.clone(),
-        tenant.clone(),
-        identity.to_string(),
-        lock_limits.clone(),
-        audit.clone(),
-    );
-    let session_policies = SessionPolicies::new(config.sessions.namespaces.clone());
+    };
+    let api_ready = checks.api.clone();
+    jobs::start(&ctx, &storage, &backends, &shared, &ids.tenant, checks);
+    let services = services::build(&ctx, &storage, &backends, &shared, &ids);
     let egress = start_egress(&ctx, storage.replays.clone()).await?;
     if config.mesh.enabled || !config.mesh.files.is_empty() {
         crate::mesh::start(
             &ctx,
             crate::mesh::Hot {
-                sessions: session_policies.clone(),
-                cache: mesh_cache,
-                locks: lock_limits,
+                sessions: services.session_policies.clone(),
+                cache: shared.cache.clone(),
+                locks: services.lock_limits.clone(),
                 log_filter: ctx.log_filter.clone(),
                 redis: backends.redis.clone(),
                 link: Arc::new(arc_swap::ArcSwap::from_pointee(
@@ -323,89 +196,13 @@ pub async fn serve_with(
             },
         )?;
     }
-    let sessions = SessionsService::new(
-        backends.sessions.clone(),
-        tenant.clone(),
-        config.sidecar.identity.clone(),
-        session_policies,
-        backends.notifier.clone(),
-        audit.clone(),
-    );
-    let tasks = TasksService::new(
-        storage.tasks.clone(),
-        config.sidecar.tenant.clone(),
-        config.sidecar.identity.clone(),
-        ctx.shutdown.token(),
-    );
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, true).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(statefabric_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(statefabric_proto::CONTROL_FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-
-    let listener = tokio::net::TcpListener::bind(config.sidecar.listen)
-        .await
-        .with_context(|| format!("binding sidecar.listen {}", config.sidecar.listen))?;
-    tracing::info!(listen = %config.sidecar.listen, tenant = %config.sidecar.tenant, "State API listening");
-    // Bound: connections queue in the backlog until the server accepts them.
-    // (TCP_NODELAY below: small gRPC frames must not wait for Nagle.)
-    api_ready.set(true);
-    let max = config.sidecar.max_request_bytes;
-    let stop = ctx.shutdown.token();
-    let rpc_metrics = crate::rpc_metrics::RpcMetrics::default();
-    ctx.register_metrics(|registry| rpc_metrics.register(registry));
-    // The State API's request path, outermost first.
-    tonic::transport::Server::builder()
-        // A span per call, a child of the caller's trace context.
-        .trace_fn(crate::call::span)
-        .layer(
-            tower::ServiceBuilder::new()
-                // Counted with the status the caller sees, refusals below included.
-                .layer(crate::rpc_metrics::RpcMetricsLayer(rpc_metrics))
-                // A request over sidecar.max_request_bytes is RESOURCE_EXHAUSTED.
-                .map_response(crate::status::oversize_is_resource_exhausted)
-                // Overload and a passed deadline become statuses here.
-                .map_result(crate::status::from_stack)
-                // Over sidecar.max_concurrent_calls: refused at once, not queued.
-                .load_shed()
-                .concurrency_limit(config.sidecar.max_concurrent_calls)
-                // The caller's deadline, capped: its work stops when the caller gave up.
-                .layer(crate::call::DeadlineLayer(config.sidecar.max_call_duration))
-                // The idempotency key and trace context, read once for the services.
-                .layer(crate::call::CallMetaLayer),
-        )
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(
-            EventsServer::new(events)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(64 * 1024 * 1024),
-        )
-        .add_service(LocksServer::new(locks.clone()))
-        .add_service(SessionsServer::new(sessions).max_decoding_message_size(max))
-        .add_service(TasksServer::new(tasks.clone()).max_decoding_message_size(max))
-        .add_service(
-            SharedContextServer::new(context)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(64 * 1024 * 1024),
-        )
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                stop.cancelled().await;
-                set_health(&health, false).await;
-            },
-        )
-        .await
-        .context("gRPC server failed")?;
+    services::serve(&ctx, &services, api_ready).await?;
     // Let go of held locks now rather than make others wait out the leases,
     // and offer unanswered tasks to other workers.
-    locks.release_all().await;
-    tasks.release_unanswered().await;
+    services.locks.release_all().await;
+    services.tasks.release_unanswered().await;
     // The audit entries still queued, those of the releases included.
-    audit.flush(Duration::from_secs(5)).await;
+    services.audit.flush(Duration::from_secs(5)).await;
     Ok(())
 }
 
@@ -451,26 +248,4 @@ async fn start_egress(
         idle: config.idle_timeout,
     };
     Ok(Some((egress, defaults)))
-}
-
-/// Every State API service's gRPC health, and the server's as a whole
-/// (the empty name): serving, or not (at shutdown, so callers move on
-/// while calls in flight finish).
-async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
-    use tonic_health::ServingStatus;
-    let status = if serving {
-        ServingStatus::Serving
-    } else {
-        ServingStatus::NotServing
-    };
-    for service in [
-        "",
-        "statefabric.state.v1.Events",
-        "statefabric.state.v1.SharedContext",
-        "statefabric.state.v1.Locks",
-        "statefabric.state.v1.Sessions",
-        "statefabric.state.v1.Tasks",
-    ] {
-        health.set_service_status(service, status).await;
-    }
 }

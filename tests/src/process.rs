@@ -271,13 +271,31 @@ pub async fn sidecar(
     let mut attempt = 1;
     loop {
         let mut service = spawn("statefabric-sidecar", &[], &vars)?;
-        match service.ready().await {
-            Ok(()) => return Ok(service),
-            Err(err) if attempt < 3 && format!("{err:#}").contains("Address already in use") => {
-                attempt += 1;
+        // Ports are free when picked, then bound by the child: another
+        // process may take one in between (its failure to bind says so), or
+        // answer the readiness probe on the admin port while this child's
+        // State API is not there (a refused connection after "ready": seen
+        // once in CI). Either start is tried again on fresh ports.
+        let (err, retry) = match service.ready().await {
+            Ok(()) => match wait_listening(&service.grpc).await {
+                Ok(()) => return Ok(service),
+                Err(err) => (
+                    anyhow::anyhow!(
+                        "ready, but the State API refuses connections: {err:#}\n{}",
+                        service.stderr().await
+                    ),
+                    true,
+                ),
+            },
+            Err(err) => {
+                let taken = format!("{err:#}").contains("Address already in use");
+                (err, taken)
             }
-            Err(err) => return Err(err),
+        };
+        if !retry || attempt >= 3 {
+            return Err(err);
         }
+        attempt += 1;
     }
 }
 
@@ -309,6 +327,22 @@ pub async fn mesh_control_plane(
     let mut service = spawn("statefabric-control-plane", &[], &vars)?;
     service.ready().await?;
     Ok(service)
+}
+
+/// Whether `grpc` (`http://host:port`) accepts a TCP connection within a
+/// few seconds.
+async fn wait_listening(grpc: &str) -> anyhow::Result<()> {
+    let address = grpc.trim_start_matches("http://").to_owned();
+    crate::eventually("the State API listening", Duration::from_secs(3), || {
+        let address = address.clone();
+        async move {
+            Ok(tokio::net::TcpStream::connect(&address)
+                .await
+                .ok()
+                .map(|_| ()))
+        }
+    })
+    .await
 }
 
 /// Waits until the sidecar at `address` gives sessions in `namespace` a

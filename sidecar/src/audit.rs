@@ -28,6 +28,7 @@ const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// Entries queued before new ones are dropped.
 const QUEUE: usize = 10_000;
 
+#[derive(Debug)]
 enum Message {
     Entry(AuditEntry),
     /// Write out what is queued, then answer.
@@ -41,15 +42,6 @@ pub struct Auditor {
     tenant: TenantId,
     actor: String,
     dropped: Counter,
-}
-
-impl std::fmt::Debug for Message {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Entry(entry) => f.debug_tuple("Entry").field(entry).finish(),
-            Self::Flush(_) => f.write_str("Flush"),
-        }
-    }
 }
 
 impl Auditor {

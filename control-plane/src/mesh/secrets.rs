@@ -1,6 +1,8 @@
 //! The Secrets the catalog's Upstreams name, read into the catalog the
-//! sidecars' configurations are made from: after every catalog change and
-//! every `refresh` (so a rotated key reaches running sidecars).
+//! sidecars' configurations are made from: when the set of Secrets named
+//! changes, and every `refresh` (so a rotated key reaches running
+//! sidecars) — not at every catalog change, which status writes make
+//! frequent.
 //!
 //! Read one by one (`get`), not watched: the control plane may read
 //! Secrets only in namespaces that grant it (the chart's per-tenant Role,
@@ -34,12 +36,23 @@ pub fn with_secrets(
         // Problems already logged, so a missing grant is said once, not
         // every refresh.
         let mut told = BTreeSet::new();
+        // The Secrets last read, for which (namespace, name)s, and when to
+        // read them again: the catalog changes often (every status the
+        // leader writes), the Secrets it names seldom.
+        let mut secrets: Vec<Secret> = Vec::new();
+        let mut read_for: Option<BTreeSet<(String, String)>> = None;
+        let mut next_read = tokio::time::Instant::now();
         // What the last catalog sent was made of.
         let mut sent: Option<(Arc<Catalog>, Vec<Secret>)> = None;
         loop {
             let current = upstream.borrow_and_update().clone();
             if let Some(current) = current {
-                let secrets = read(&client, &current, &mut told).await;
+                let named = wanted(&current);
+                if read_for.as_ref() != Some(&named) || tokio::time::Instant::now() >= next_read {
+                    secrets = read(&client, &named, &mut told).await;
+                    read_for = Some(named);
+                    next_read = tokio::time::Instant::now() + refresh;
+                }
                 let unchanged = sent
                     .as_ref()
                     .is_some_and(|(c, s)| Arc::ptr_eq(c, &current) && *s == secrets);
@@ -47,21 +60,21 @@ pub fn with_secrets(
                     let mut catalog = (*current).clone();
                     catalog.secrets.clone_from(&secrets);
                     tx.send_replace(Some(Arc::new(catalog)));
-                    sent = Some((current, secrets));
+                    sent = Some((current, secrets.clone()));
                 }
             }
             tokio::select! {
                 () = stop.cancelled() => return,
                 changed = upstream.changed() => if changed.is_err() { return },
-                () = tokio::time::sleep(refresh) => {}
+                () = tokio::time::sleep_until(next_read) => {}
             }
         }
     });
     rx
 }
 
-/// The labelled Secrets the catalog's Upstreams name.
-async fn read(client: &Client, catalog: &Catalog, told: &mut BTreeSet<String>) -> Vec<Secret> {
+/// The (namespace, name) of every Secret the catalog's Upstreams name.
+fn wanted(catalog: &Catalog) -> BTreeSet<(String, String)> {
     let mut wanted = BTreeSet::new();
     for upstream in &catalog.upstreams {
         let Some(namespace) = upstream.metadata.namespace.clone() else {
@@ -71,10 +84,19 @@ async fn read(client: &Client, catalog: &Catalog, told: &mut BTreeSet<String>) -
             wanted.insert((namespace.clone(), name));
         }
     }
+    wanted
+}
+
+/// Those of `wanted` that exist and are labelled.
+async fn read(
+    client: &Client,
+    wanted: &BTreeSet<(String, String)>,
+    told: &mut BTreeSet<String>,
+) -> Vec<Secret> {
     let mut found = Vec::new();
     for (namespace, name) in wanted {
-        let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-        let problem = match api.get_opt(&name).await {
+        let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+        let problem = match api.get_opt(name).await {
             Ok(Some(secret)) if labelled(&secret) => {
                 found.push(secret);
                 None

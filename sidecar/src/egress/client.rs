@@ -109,11 +109,11 @@ fn build_client(tls: &Arc<rustls::ClientConfig>, key: &ClientKey) -> UpstreamCli
     client.build(connector)
 }
 
-/// The agent's headers without hop-by-hop ones and `Host` (the client sets
-/// it from the URI), plus the route's own, and the egress span's trace
-/// context (when traces are exported; else the agent's goes on as it was).
-pub fn upstream_headers(agent: &HeaderMap, route: &Route) -> HeaderMap {
-    let mut headers = agent.clone();
+/// The agent's headers made the upstream's, in place: without hop-by-hop
+/// ones and `Host` (the client sets it from the URI), with the route's own,
+/// and the egress span's trace context (when traces are exported; else the
+/// agent's goes on as it was).
+pub fn to_upstream(headers: &mut HeaderMap, route: &Route) {
     headers.remove(header::HOST);
     for name in HOP_BY_HOP {
         headers.remove(name);
@@ -121,8 +121,7 @@ pub fn upstream_headers(agent: &HeaderMap, route: &Route) -> HeaderMap {
     for (name, value) in &route.headers {
         headers.insert(name.clone(), value.clone());
     }
-    trace_context::inject(&tracing::Span::current(), &mut headers);
-    headers
+    trace_context::inject(&tracing::Span::current(), headers);
 }
 
 /// The leaf service: one try.
@@ -154,8 +153,7 @@ impl tower::Service<Attempt> for UpstreamService {
         } = attempt;
         let client = self.clients.client(&route);
         Box::pin(async move {
-            let headers = upstream_headers(request.headers(), &route);
-            *request.headers_mut() = headers;
+            to_upstream(request.headers_mut(), &route);
             let remaining = deadline.saturating_duration_since(Instant::now());
             let limit = route.policy.per_try.map_or(remaining, |t| t.min(remaining));
             send(&client, &route, request, limit).await

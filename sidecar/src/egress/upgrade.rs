@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use statefabric_mesh::upstream::Protocol;
 
 use super::body::IdleBody;
-use super::client::{Clients, send, upstream_headers};
+use super::client::{Clients, send, to_upstream};
 use super::errors::{EgressBody, EgressError};
 use super::routes::Route;
 use super::stack::{Answer, Call, CallNext, CallStep, call_next};
@@ -97,7 +97,8 @@ impl CallStep for Upgrades {
             }
             let Call { route, mut request } = call;
             let agent_side = hyper::upgrade::on(&mut request);
-            let headers = upstream_headers(request.headers(), &route);
+            let mut headers = request.headers().clone();
+            to_upstream(&mut headers, &route);
             let upstream = upstream_request(
                 headers,
                 request.headers(),

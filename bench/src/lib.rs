@@ -1,5 +1,6 @@
 //! Shared pieces of the benchmarks: latency recording and reporting, a
-//! sidecar started for a run, and a closed-loop load driver.
+//! sidecar (or `fabric dev`) started for a run, CPU and memory of a
+//! process, a closed-loop load driver, and Dapr as a peer ([`dapr`]).
 //!
 //! Benchmarks live here, not in tests: they print numbers for
 //! `docs/benchmarks.md` and never assert on timing.
@@ -11,6 +12,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use statefabric_tests as env;
 use tokio::process::{Child, Command};
+
+pub mod dapr;
 
 /// Latencies in microseconds, 1 µs to 60 s at 3 significant figures.
 #[derive(Debug, Clone)]
@@ -131,6 +134,72 @@ impl Sidecar {
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.child.kill().await?;
         Ok(())
+    }
+}
+
+/// Nanoseconds the process (all its threads) has run on a CPU, from the
+/// kernel's own count (`/proc/<pid>/task/*/schedstat`): nothing samples it.
+pub fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
+/// A release binary of ours (`fabric` or `statefabric-sidecar`) on a SQLite
+/// file of its own, for one run.
+#[derive(Debug)]
+pub struct Process {
+    pub child: Child,
+    pub grpc: String,
+    _data: tempfile::TempDir,
+}
+
+impl Process {
+    /// Starts `binary` with `args` for tenant `idle` (override it in
+    /// `extra`, which is applied last) and waits until it is ready.
+    pub async fn start(
+        binary: &str,
+        args: &[&str],
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        let exe = release_binary(binary)?;
+        let data = tempfile::tempdir()?;
+        let db = data.path().join("events.db");
+        let (grpc, admin) = (env::free_port(), env::free_port());
+        let mut command = Command::new(exe);
+        command
+            .args(args)
+            .env("STATEFABRIC_SIDECAR__LISTEN", format!("127.0.0.1:{grpc}"))
+            .env("STATEFABRIC_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
+            // The operator API (fabric dev) is not used here: any free port.
+            .env("STATEFABRIC_API__LISTEN", "127.0.0.1:0")
+            .env("STATEFABRIC_API__GRPC_LISTEN", "127.0.0.1:0")
+            .env("STATEFABRIC_STORAGE__SQLITE__PATH", &db)
+            .env("STATEFABRIC_SAGAS__SQLITE_PATH", &db)
+            .env("STATEFABRIC_SIDECAR__TENANT", "idle")
+            .env("STATEFABRIC_TELEMETRY__LOG_LEVEL", "warn")
+            .kill_on_drop(true);
+        for (k, v) in extra {
+            command.env(k, v);
+        }
+        let child = command.spawn()?;
+        wait_ready(binary, admin).await?;
+        Ok(Self {
+            child,
+            grpc: format!("http://127.0.0.1:{grpc}"),
+            _data: data,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
     }
 }
 

@@ -64,6 +64,7 @@ macro_rules! store_contract_tests {
             context_crdt_documents_merge_concurrent_writes,
             context_writes_are_idempotent_and_validated,
             context_writes_carrying_a_stale_fence_are_refused,
+            context_concurrent_writes_each_get_their_own_outcome,
         );
     };
     (@each $fixture:expr; $($name:ident),* $(,)?) => {
@@ -1431,9 +1432,12 @@ pub async fn context_writes_are_idempotent_and_validated(f: &impl Fixture) -> an
         "nothing changed"
     );
 
-    // Only the last revisions are kept for deltas.
+    // The last REVISIONS_KEPT revisions are kept for deltas; older ones
+    // go (trimmed every TRIM_EVERY writes, so within that many more).
     let mut vector = first.document.vector.clone();
-    for i in 0..40 {
+    let writes =
+        statefabric_store::context::REVISIONS_KEPT + statefabric_store::context::TRIM_EVERY;
+    for i in 0..writes {
         vector = store
             .write(
                 &s,
@@ -1452,7 +1456,169 @@ pub async fn context_writes_are_idempotent_and_validated(f: &impl Fixture) -> an
         store.content_at(&tenant, &id, 1).await?.is_none(),
         "old revision pruned"
     );
-    assert!(store.content_at(&tenant, &id, 41).await?.is_some());
+    let last = writes + 1;
+    for revision in last + 1 - statefabric_store::context::REVISIONS_KEPT..=last {
+        assert_eq!(
+            store.content_at(&tenant, &id, revision).await?,
+            Some(json!({"i": revision - 2})),
+            "revision {revision} kept"
+        );
+    }
+    Ok(())
+}
+
+/// Many writes at once — on SQLite they share transactions (group commit):
+/// each gets its own answer, and the refused ones, including those whose
+/// idempotency key or fence was checked (and so written) first, leave
+/// nothing behind while the accepted ones all stand.
+pub async fn context_concurrent_writes_each_get_their_own_outcome(
+    f: &impl Fixture,
+) -> anyhow::Result<()> {
+    let store = f.context_store().await;
+    let tenant = f.tenant().await;
+    let s = Scope::new(tenant.clone(), "planner");
+    let empty = VectorClock::new();
+    // A document whose fence is already at token 9, and a key already used.
+    let fenced_id = doc_id();
+    let mut fenced = cw(
+        &fenced_id,
+        MergeType::None,
+        &empty,
+        ContextChange::Put(json!(1)),
+    );
+    fenced.fence = Some(statefabric_store::Fence {
+        lock: "burst-lock".into(),
+        token: 9,
+    });
+    store.write(&s, fenced.clone()).await?;
+    let keyed_id = doc_id();
+    let mut keyed = cw(
+        &keyed_id,
+        MergeType::None,
+        &empty,
+        ContextChange::Put(json!("k")),
+    );
+    keyed.idempotency = Some(Idempotency::for_request("burst-key", &"k"));
+    store.write(&s, keyed.clone()).await?;
+
+    let mut writes = Vec::new();
+    let mut accepted = Vec::new();
+    for i in 0..24 {
+        let id = doc_id();
+        let write = match i % 6 {
+            // A stale fence: refused after the fence was read.
+            1 => {
+                let mut w = cw(
+                    &doc_id(),
+                    MergeType::None,
+                    &empty,
+                    ContextChange::Put(json!(i)),
+                );
+                w.fence = Some(statefabric_store::Fence {
+                    lock: "burst-lock".into(),
+                    token: 3,
+                });
+                w
+            }
+            // The used key with another request: refused.
+            2 => {
+                let mut w = cw(
+                    &keyed_id,
+                    MergeType::None,
+                    &empty,
+                    ContextChange::Put(json!(i)),
+                );
+                w.idempotency = Some(Idempotency::for_request("burst-key", &i));
+                w
+            }
+            // The used key with the same request: replayed.
+            3 => keyed.clone(),
+            // A new key, a new document: accepted, and its key recorded.
+            4 => {
+                let mut w = cw(&id, MergeType::None, &empty, ContextChange::Put(json!(i)));
+                w.idempotency = Some(Idempotency::for_request(format!("burst-{i}"), &i));
+                accepted.push((id, i));
+                w
+            }
+            // A conflict: creating over the fenced document without its vector.
+            5 => cw(
+                &fenced_id,
+                MergeType::None,
+                &empty,
+                ContextChange::Put(json!(i)),
+            ),
+            _ => {
+                accepted.push((id.clone(), i));
+                cw(
+                    &id,
+                    MergeType::LwwRegister,
+                    &empty,
+                    ContextChange::Put(json!(i)),
+                )
+            }
+        };
+        writes.push((i, write));
+    }
+    let tasks: Vec<_> = writes
+        .into_iter()
+        .map(|(i, write)| {
+            let (store, s) = (store.clone(), s.clone());
+            tokio::spawn(async move { (i, store.write(&s, write).await) })
+        })
+        .collect();
+    for task in tasks {
+        let (i, outcome) = task.await?;
+        match (i % 6, outcome) {
+            (0 | 4, Ok(o)) => assert!(!o.replayed && o.document.revision == 1, "write {i}"),
+            (1, Err(StoreError::StaleFence { current: 9, .. })) => {}
+            (2, Err(StoreError::IdempotencyKeyReused { .. })) => {}
+            (3, Ok(o)) => assert!(o.replayed, "write {i} replayed"),
+            (5, Err(StoreError::ContextConflict { .. })) => {}
+            (kind, other) => panic!("write {i} (kind {kind}): unexpected {other:?}"),
+        }
+    }
+    for (id, i) in &accepted {
+        let doc = store
+            .get(&tenant, id)
+            .await?
+            .expect("accepted write stored");
+        assert_eq!(doc.content, json!(i));
+    }
+    // The refused fenced writes created nothing; the fence is still at 9
+    // (token 8 is refused); the keyed document is as first written.
+    let stale = store
+        .write(&s, {
+            let mut w = cw(
+                &doc_id(),
+                MergeType::None,
+                &empty,
+                ContextChange::Put(json!(0)),
+            );
+            w.fence = Some(statefabric_store::Fence {
+                lock: "burst-lock".into(),
+                token: 8,
+            });
+            w
+        })
+        .await
+        .expect_err("fence still at 9");
+    assert!(
+        matches!(stale, StoreError::StaleFence { current: 9, .. }),
+        "{stale}"
+    );
+    let doc = store.get(&tenant, &keyed_id).await?.expect("keyed doc");
+    assert_eq!((doc.revision, doc.content), (1, json!("k")));
+    let doc = store.get(&tenant, &fenced_id).await?.expect("fenced doc");
+    assert_eq!((doc.revision, doc.content), (1, json!(1)));
+    // Each accepted keyed write's key replays it.
+    for (id, i) in accepted.iter().filter(|(_, i)| i % 6 == 4) {
+        let mut again = cw(id, MergeType::None, &empty, ContextChange::Put(json!(i)));
+        again.idempotency = Some(Idempotency::for_request(format!("burst-{i}"), i));
+        assert!(
+            store.write(&s, again).await?.replayed,
+            "key burst-{i} recorded"
+        );
+    }
     Ok(())
 }
 

@@ -12,65 +12,14 @@
 use std::time::Duration;
 
 use clap::Parser;
-use statefabric_bench::{rss_kib, wait_ready};
+use statefabric_bench::{Process, cpu_ns, rss_kib};
 use statefabric_tests as env;
-use tokio::process::{Child, Command};
 
 #[derive(Parser)]
 struct Args {
     /// Seconds each process is watched while idle.
     #[arg(long, default_value_t = 60)]
     seconds: u64,
-}
-
-/// Nanoseconds the process (all its threads) has run on a CPU.
-fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let stat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
-        total += stat
-            .split_whitespace()
-            .next()
-            .and_then(|ns| ns.parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    Ok(total)
-}
-
-struct Process {
-    child: Child,
-    grpc: String,
-    _data: tempfile::TempDir,
-}
-
-async fn start(binary: &str, args: &[&str], extra: &[(&str, String)]) -> anyhow::Result<Process> {
-    let exe = statefabric_bench::release_binary(binary)?;
-    let data = tempfile::tempdir()?;
-    let db = data.path().join("events.db");
-    let (grpc, admin) = (env::free_port(), env::free_port());
-    let mut command = Command::new(exe);
-    command
-        .args(args)
-        .env("STATEFABRIC_SIDECAR__LISTEN", format!("127.0.0.1:{grpc}"))
-        .env("STATEFABRIC_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
-        // The operator API (fabric dev) is not used here: any free port.
-        .env("STATEFABRIC_API__LISTEN", "127.0.0.1:0")
-        .env("STATEFABRIC_API__GRPC_LISTEN", "127.0.0.1:0")
-        .env("STATEFABRIC_STORAGE__SQLITE__PATH", &db)
-        .env("STATEFABRIC_SAGAS__SQLITE_PATH", &db)
-        .env("STATEFABRIC_SIDECAR__TENANT", "idle")
-        .env("STATEFABRIC_TELEMETRY__LOG_LEVEL", "warn")
-        .kill_on_drop(true);
-    for (k, v) in extra {
-        command.env(k, v);
-    }
-    let child = command.spawn()?;
-    wait_ready(binary, admin).await?;
-    Ok(Process {
-        child,
-        grpc: format!("http://127.0.0.1:{grpc}"),
-        _data: data,
-    })
 }
 
 async fn watch(label: &str, process: &Process, seconds: u64) -> anyhow::Result<()> {
@@ -99,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The baseline: the saga engine's wake-up before it slept until the
     // next timer (a pass every 50 ms), in the same run.
-    let polling = start(
+    let polling = Process::start(
         "fabric",
         &["dev"],
         &[("STATEFABRIC_SAGAS__TICK", "50ms".to_owned())],
@@ -113,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     drop(polling);
 
-    let dev = start("fabric", &["dev"], &[]).await?;
+    let dev = Process::start("fabric", &["dev"], &[]).await?;
     watch("`fabric dev`", &dev, args.seconds).await?;
     // Agents connected and waiting: three task streams open.
     let client = statefabric_sdk::StateClient::connect(dev.grpc.clone()).await?;
@@ -125,12 +74,12 @@ async fn main() -> anyhow::Result<()> {
     drop(streams);
     drop(dev);
 
-    let sqlite = start("statefabric-sidecar", &[], &[]).await?;
+    let sqlite = Process::start("statefabric-sidecar", &[], &[]).await?;
     watch("sidecar on SQLite", &sqlite, args.seconds).await?;
     drop(sqlite);
 
     let tenant = format!("idle-{}", uuid::Uuid::new_v4().simple());
-    let postgres = start(
+    let postgres = Process::start(
         "statefabric-sidecar",
         &[],
         &[

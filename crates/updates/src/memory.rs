@@ -120,20 +120,18 @@ impl MemoryUpdateLog {
             .get_mut(group)
             .ok_or_else(|| no_group(stream, group))?;
         let now = Instant::now();
-        let out: Vec<Delivery> = entries
-            .iter()
-            .filter(|(id, _, _)| *id > g.last_delivered)
-            .take(count.max(1))
-            .map(|(id, change, _)| Delivery {
+        // Ids increase along the deque: the first undelivered entry is found
+        // by bisection (a scan from the front cost every read the whole
+        // retained stream — 10 % of a loaded `fabric dev`'s CPU).
+        let first = entries.partition_point(|(id, _, _)| *id <= g.last_delivered);
+        let mut out = Vec::new();
+        for (id, change, _) in entries.range(first..).take(count.max(1)) {
+            g.last_delivered = *id;
+            g.pending.insert(*id, (consumer.to_owned(), now));
+            out.push(Delivery {
                 id: id_text(*id),
                 change: change.clone(),
-            })
-            .collect();
-        for d in &out {
-            if let Some(id) = parse_id(&d.id) {
-                g.last_delivered = id;
-                g.pending.insert(id, (consumer.to_owned(), now));
-            }
+            });
         }
         Ok(out)
     }

@@ -22,9 +22,14 @@ use statefabric_domain::{CrdtError, CrdtState, MergeType, Op, TenantId, VectorCl
 use crate::error::{InvalidInput, Result, StoreError};
 use crate::port::{Idempotency, Scope};
 
-/// Revisions kept per document for computing deltas; older ones get the
-/// full document.
+/// Revisions kept per document for computing deltas, at least; older ones
+/// get the full document.
 pub const REVISIONS_KEPT: u64 = 32;
+
+/// Revisions are trimmed on every this-many-th write of a document, not on
+/// each: between [`REVISIONS_KEPT`] and `REVISIONS_KEPT + TRIM_EVERY - 1`
+/// are kept, and fifteen writes in sixteen skip the statement.
+pub const TRIM_EVERY: u64 = 16;
 
 /// Largest document content, serialized.
 pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
@@ -111,6 +116,41 @@ pub struct Stored {
     pub vector: VectorClock,
     pub revision: u64,
     pub deleted: bool,
+}
+
+/// A stored document's columns as both backends read them (JSON columns
+/// already parsed), checked into [`Stored`]; a bad value is reported as
+/// corrupt storage naming the column.
+pub(crate) fn decode_stored(
+    merge: &str,
+    content: Value,
+    crdt: Option<Value>,
+    vector: Value,
+    revision: i64,
+    deleted: bool,
+) -> Result<Stored> {
+    let merge = MergeType::parse(merge).ok_or_else(|| corrupt("merge type", merge.to_owned()))?;
+    let crdt: Option<CrdtState> = crdt
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| corrupt("crdt state", e.to_string()))?;
+    let vector: VectorClock =
+        serde_json::from_value(vector).map_err(|e| corrupt("version vector", e.to_string()))?;
+    Ok(Stored {
+        merge,
+        content,
+        crdt,
+        vector,
+        revision: u64::try_from(revision).unwrap_or_default(),
+        deleted,
+    })
+}
+
+/// An error for a stored value that does not parse.
+pub(crate) fn corrupt(what: &str, detail: String) -> StoreError {
+    StoreError::Backend(sqlx::Error::Decode(
+        format!("stored {what}: {detail}").into(),
+    ))
 }
 
 /// Decides what `write` by `writer` (at hybrid time `now_micros`) turns the

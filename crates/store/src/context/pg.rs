@@ -7,11 +7,11 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::types::Json;
-use statefabric_domain::{CrdtState, MergeType, TenantId, VectorClock};
+use statefabric_domain::TenantId;
 
 use super::{
     ContextDocument, ContextOutcome, ContextStore, ContextWrite, REVISIONS_KEPT, Stored, action,
-    decide, to_document,
+    decide, decode_stored, to_document,
 };
 use crate::error::{Result, StoreError};
 use crate::pg::idempotency::{claim_key, complete_key};
@@ -39,27 +39,8 @@ const SELECT_FOR_UPDATE: &str = concat!(select_document!(), " FOR UPDATE");
 
 fn decode(row: Row) -> Result<(Stored, DateTime<Utc>)> {
     let (merge, content, crdt, vector, revision, deleted, updated_at) = row;
-    let corrupt = |what: &str, e: String| {
-        StoreError::Backend(sqlx::Error::Decode(format!("stored {what}: {e}").into()))
-    };
-    let merge = MergeType::parse(&merge).ok_or_else(|| corrupt("merge type", merge.clone()))?;
-    let crdt: Option<CrdtState> = crdt
-        .map(serde_json::from_value)
-        .transpose()
-        .map_err(|e| corrupt("crdt state", e.to_string()))?;
-    let vector: VectorClock =
-        serde_json::from_value(vector).map_err(|e| corrupt("version vector", e.to_string()))?;
-    Ok((
-        Stored {
-            merge,
-            content,
-            crdt,
-            vector,
-            revision: u64::try_from(revision).unwrap_or_default(),
-            deleted,
-        },
-        updated_at,
-    ))
+    let stored = decode_stored(&merge, content, crdt, vector, revision, deleted)?;
+    Ok((stored, updated_at))
 }
 
 fn now_micros() -> u64 {

@@ -64,6 +64,7 @@ pub struct SqliteEventStore {
     reader: SqlitePool,
     config: Arc<SqliteConfig>,
     appended: Arc<watch::Sender<u64>>,
+    context_writes: crate::context::sqlite::group::GroupWriter,
 }
 
 impl SqliteEventStore {
@@ -100,11 +101,15 @@ impl SqliteEventStore {
             .connect_with(base.read_only(true))
             .await
             .map_err(StoreError::Unavailable)?;
+        let config = Arc::new(config);
+        let context_writes =
+            crate::context::sqlite::group::GroupWriter::spawn(writer.clone(), config.clone());
         Ok(Self {
             writer,
             reader,
-            config: Arc::new(config),
+            config,
             appended: Arc::new(watch::channel(0).0),
+            context_writes,
         })
     }
 
@@ -125,8 +130,8 @@ impl SqliteEventStore {
         &self.writer
     }
 
-    pub(crate) fn config(&self) -> &SqliteConfig {
-        &self.config
+    pub(crate) fn context_writes(&self) -> &crate::context::sqlite::group::GroupWriter {
+        &self.context_writes
     }
 
     /// The single writer connection, for other tables in the same file

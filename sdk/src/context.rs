@@ -102,6 +102,25 @@ pub struct ContextClient {
     fence: Option<pb::Fence>,
 }
 
+/// A document from the sidecar's answer; a delta applies to `known`.
+fn document(response: pb::GetContextResponse, known: Option<&Document>) -> Result<Document, Error> {
+    let content = match response.body {
+        Some(pb::get_context_response::Body::ContentJson(bytes)) => serde_json::from_slice(&bytes)?,
+        Some(pb::get_context_response::Body::DeltaZstd(bytes)) => {
+            let base = known.map(|d| d.content.clone()).unwrap_or_default();
+            apply_delta(base, &bytes)?
+        }
+        None => serde_json::Value::Null,
+    };
+    Ok(Document {
+        id: response.document_id,
+        merge: MergeType::try_from(response.merge_type).unwrap_or(MergeType::None),
+        content,
+        vector: from_proto(response.vector),
+        revision: response.revision,
+    })
+}
+
 impl ContextClient {
     pub fn from_channel(channel: Channel) -> Self {
         Self {
@@ -133,6 +152,20 @@ impl ContextClient {
         self.get_since(&known.id, Some(known)).await
     }
 
+    /// Many documents in one call (at most 1,000 ids): those that exist, in
+    /// the order asked (missing and deleted ones left out).
+    pub async fn get_many(&mut self, ids: &[&str]) -> Result<Vec<Document>, Error> {
+        let request = pb::GetContextsRequest {
+            document_ids: ids.iter().map(|id| (*id).to_owned()).collect(),
+        };
+        let response = self.inner.get_contexts(request).await?.into_inner();
+        response
+            .documents
+            .into_iter()
+            .map(|doc| document(doc, None))
+            .collect()
+    }
+
     async fn get_since(
         &mut self,
         id: &str,
@@ -147,23 +180,7 @@ impl ContextClient {
             Err(status) if status.code() == tonic::Code::NotFound => return Ok(None),
             Err(status) => return Err(status.into()),
         };
-        let content = match response.body {
-            Some(pb::get_context_response::Body::ContentJson(bytes)) => {
-                serde_json::from_slice(&bytes)?
-            }
-            Some(pb::get_context_response::Body::DeltaZstd(bytes)) => {
-                let base = known.map(|d| d.content.clone()).unwrap_or_default();
-                apply_delta(base, &bytes)?
-            }
-            None => serde_json::Value::Null,
-        };
-        Ok(Some(Document {
-            id: response.document_id,
-            merge: MergeType::try_from(response.merge_type).unwrap_or(MergeType::None),
-            content,
-            vector: from_proto(response.vector),
-            revision: response.revision,
-        }))
+        document(response, known).map(Some)
     }
 
     /// Creates or replaces a document, if nothing changed since `base` (empty

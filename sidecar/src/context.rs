@@ -215,6 +215,32 @@ impl ContextService {
     }
 }
 
+/// Most ids one `GetContexts` call may name.
+const MAX_BULK_READ: usize = 1_000;
+
+/// A document's answer without its body.
+fn header(doc: &ContextDocument) -> pb::GetContextResponse {
+    pb::GetContextResponse {
+        document_id: doc.id.clone(),
+        merge_type: merge_to_proto(doc.merge) as i32,
+        vector: Some(vector_to_proto(&doc.vector)),
+        revision: doc.revision,
+        deleted: doc.deleted,
+        updated_at: doc.updated_at.to_rfc3339(),
+        body: None,
+    }
+}
+
+/// A document in full, as `GetContext` answers without a known revision.
+fn whole(doc: &ContextDocument) -> pb::GetContextResponse {
+    pb::GetContextResponse {
+        body: Some(pb::get_context_response::Body::ContentJson(
+            serde_json::to_vec(&doc.content).unwrap_or_default(),
+        )),
+        ..header(doc)
+    }
+}
+
 fn change(doc: &ContextDocument) -> pb::ContextChange {
     pb::ContextChange {
         revision: doc.revision,
@@ -255,27 +281,46 @@ impl SharedContext for ContextService {
                 .await
                 .map_err(from_store)?
         };
-        use pb::get_context_response::Body;
-        let body = match base {
+        let Some(base) = base else {
             // Too old to be kept (or none asked for): the whole document.
-            None => Body::ContentJson(serde_json::to_vec(&doc.content).unwrap_or_default()),
-            Some(base) => {
-                let patch = json_patch::diff(&base, &doc.content);
-                let bytes = serde_json::to_vec(&patch).unwrap_or_default();
-                let compressed = zstd::encode_all(bytes.as_slice(), 3)
-                    .map_err(|e| Status::internal(format!("compressing the delta failed: {e}")))?;
-                Body::DeltaZstd(compressed)
-            }
+            return Ok(Response::new(whole(&doc)));
         };
+        let patch = json_patch::diff(&base, &doc.content);
+        let bytes = serde_json::to_vec(&patch).unwrap_or_default();
+        let compressed = zstd::encode_all(bytes.as_slice(), 3)
+            .map_err(|e| Status::internal(format!("compressing the delta failed: {e}")))?;
         Ok(Response::new(pb::GetContextResponse {
-            document_id: doc.id.clone(),
-            merge_type: merge_to_proto(doc.merge) as i32,
-            vector: Some(vector_to_proto(&doc.vector)),
-            revision: doc.revision,
-            deleted: doc.deleted,
-            updated_at: doc.updated_at.to_rfc3339(),
-            body: Some(body),
+            body: Some(pb::get_context_response::Body::DeltaZstd(compressed)),
+            ..header(&doc)
         }))
+    }
+
+    async fn get_contexts(
+        &self,
+        request: Request<pb::GetContextsRequest>,
+    ) -> Result<Response<pb::GetContextsResponse>, Status> {
+        let ids = request.into_inner().document_ids;
+        if ids.len() > MAX_BULK_READ {
+            return Err(Status::invalid_argument(format!(
+                "document_ids: {} ids, at most {MAX_BULK_READ} per call",
+                ids.len()
+            )));
+        }
+        for (i, id) in ids.iter().enumerate() {
+            statefabric_store::context::check_id(id)
+                .map_err(|e| Status::invalid_argument(format!("document_ids[{i}]: {e}")))?;
+        }
+        // Cached documents answer at once; the rest are read concurrently
+        // (the store's read pool bounds how many at a time).
+        let loaded = futures::future::try_join_all(ids.iter().map(|id| self.load(id))).await?;
+        let mut response = pb::GetContextsResponse::default();
+        for (id, doc) in ids.into_iter().zip(loaded) {
+            match doc.filter(|d| !d.deleted) {
+                Some(doc) => response.documents.push(whole(&doc)),
+                None => response.missing.push(id),
+            }
+        }
+        Ok(Response::new(response))
     }
 
     async fn put_context(

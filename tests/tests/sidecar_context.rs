@@ -461,3 +461,78 @@ async fn a_counter_refuses_to_overflow_naming_the_document() -> anyhow::Result<(
     assert_eq!(doc.content, json!(i64::MAX), "neither wrapped nor changed");
     Ok(())
 }
+
+#[tokio::test]
+async fn many_documents_are_read_in_one_call() -> anyhow::Result<()> {
+    let t = tenant();
+    let service = sidecar(&t, "planner").await?;
+    let mut c = context(&service).await?;
+    let mut raw = SharedContextClient::connect(service.grpc.clone()).await?;
+    let (a, b, gone, never) = (doc_id(), doc_id(), doc_id(), doc_id());
+    for (id, value) in [
+        (&a, json!({"n": 1})),
+        (&b, json!({"n": 2})),
+        (&gone, json!(0)),
+    ] {
+        c.put(id, MergeType::None, &VectorClock::new(), &value, None)
+            .await?;
+    }
+    let deleted = c.get(&gone).await?.expect("exists");
+    c.delete(&gone, &deleted.vector).await?;
+    // Order and repeats are kept; missing and deleted ones are named.
+    let got = raw
+        .get_contexts(pb::GetContextsRequest {
+            document_ids: vec![a.clone(), never.clone(), b.clone(), gone.clone(), a.clone()],
+        })
+        .await?
+        .into_inner();
+    let ids: Vec<&str> = got
+        .documents
+        .iter()
+        .map(|d| d.document_id.as_str())
+        .collect();
+    assert_eq!(ids, [a.as_str(), b.as_str(), a.as_str()]);
+    assert_eq!(got.missing, [never.clone(), gone.clone()]);
+    let Some(pb::get_context_response::Body::ContentJson(body)) = &got.documents[1].body else {
+        anyhow::bail!("expected the whole document");
+    };
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(body)?,
+        json!({"n": 2})
+    );
+    assert_eq!(got.documents[1].revision, 1);
+    // The SDK's form.
+    let docs = c.get_many(&[&b, &never, &a]).await?;
+    assert_eq!(
+        docs.iter()
+            .map(|d| (d.id.as_str(), &d.content))
+            .collect::<Vec<_>>(),
+        [
+            (b.as_str(), &json!({"n": 2})),
+            (a.as_str(), &json!({"n": 1}))
+        ]
+    );
+
+    // Bad input: the offending id named; too many ids refused.
+    let err = raw
+        .get_contexts(pb::GetContextsRequest {
+            document_ids: vec![a.clone(), "has space".into()],
+        })
+        .await
+        .expect_err("bad id");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("document_ids[1]"),
+        "{}",
+        err.message()
+    );
+    let err = raw
+        .get_contexts(pb::GetContextsRequest {
+            document_ids: vec![a.clone(); 1001],
+        })
+        .await
+        .expect_err("too many");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("at most 1000"), "{}", err.message());
+    Ok(())
+}

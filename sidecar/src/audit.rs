@@ -13,6 +13,7 @@
 //! clean shutdown the queue is written out ([`Auditor::flush`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -42,6 +43,14 @@ pub struct Auditor {
     tenant: TenantId,
     actor: String,
     dropped: Counter,
+    /// The second (since the epoch) a drop was last logged.
+    last_drop_logged: Arc<AtomicU64>,
+}
+
+fn coarse_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Auditor {
@@ -59,6 +68,7 @@ impl Auditor {
             tenant,
             actor,
             dropped,
+            last_drop_logged: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -75,7 +85,12 @@ impl Auditor {
         };
         if self.tx.try_send(Message::Entry(entry)).is_err() {
             self.dropped.inc();
-            tracing::warn!(%action, %target, "audit queue full; entry dropped");
+            // Once per second at most: a flood of drops must not become a
+            // flood of log lines (the counter has every one).
+            let now = coarse_seconds();
+            if self.last_drop_logged.swap(now, Ordering::Relaxed) != now {
+                tracing::warn!(%action, %target, dropped_total = self.dropped.get(), "audit queue full; entries dropped");
+            }
         }
     }
 

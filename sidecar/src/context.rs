@@ -391,11 +391,12 @@ impl SharedContext for ContextService {
         request: Request<pb::DeleteContextRequest>,
     ) -> Result<Response<pb::ContextWriteResponse>, Status> {
         let id = request.get_ref().document_id.clone();
+        // The merge type is fixed when a document is created, so a cached
+        // copy names it correctly; one deleted meanwhile is refused by the
+        // store (NOT_FOUND) all the same.
         let merge = self
-            .store
-            .get(&self.tenant, &id)
-            .await
-            .map_err(from_store)?
+            .load(&id)
+            .await?
             .filter(|d| !d.deleted)
             .map(|d| d.merge)
             .ok_or_else(|| Status::not_found(format!("context document {id} does not exist")))?;

@@ -519,7 +519,9 @@ async fn run_backend(args: &Args, backend: &str) -> anyhow::Result<()> {
     let idle = idle_cpu([ours_process.pid(), daprd.pid()], args.idle_seconds).await?;
 
     seed(&ours_client, max_clients).await?;
-    if let Some((_, cold_client)) = &cold {
+    // On SQLite the one-entry-cache process has a file of its own; on
+    // Postgres it reads the same tenant's rows.
+    if let (Some((_, cold_client)), "sqlite") = (&cold, backend) {
         seed(cold_client, max_clients).await?;
     }
     seed(&dapr_client, max_clients).await?;

@@ -88,6 +88,17 @@ pub struct PgEventStore {
     appended: Arc<watch::Sender<u64>>,
 }
 
+/// The advisory lock a transaction takes as it starts ([`PgEventStore::begin_with`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum LockFor<'a> {
+    Nothing,
+    /// A stream's writers queue here.
+    Stream(&'a StreamId),
+    /// A context document's writers queue here (the first ones too, when
+    /// there is no row yet for `FOR UPDATE` to lock).
+    Document(&'a str),
+}
+
 impl PgEventStore {
     pub async fn connect(config: PgConfig) -> Result<Self> {
         let options: PgConnectOptions = config.url.parse().map_err(StoreError::Unavailable)?;
@@ -133,27 +144,30 @@ impl PgEventStore {
     /// Starts a transaction acting for `tenant`: every statement in it sees
     /// and writes only that tenant's rows.
     pub async fn begin_for(&self, tenant: &TenantId) -> Result<Transaction<'static, Postgres>> {
-        self.begin_with(tenant, None).await
+        self.begin_with(tenant, LockFor::Nothing).await
     }
 
-    /// [`Self::begin_for`], and with `stream`, the same statement also waits
-    /// for that stream's lock, before anything gives the transaction its id
-    /// (see [`append::lock_stream`]).
-    async fn begin_with(
+    /// [`Self::begin_for`], and the same statement also waits for `lock`
+    /// (one round trip for both), before anything gives the transaction its
+    /// id (see [`append::lock_stream`]).
+    pub(crate) async fn begin_with(
         &self,
         tenant: &TenantId,
-        stream: Option<&StreamId>,
+        lock: LockFor<'_>,
     ) -> Result<Transaction<'static, Postgres>> {
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
         let tx = self.pool.begin().await;
         self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
         let mut tx = tx.map_err(map_err)?;
-        let query = match stream {
-            None => sqlx::query("SELECT set_config('statefabric.tenant', $1, true)")
+        let query = match lock {
+            LockFor::Nothing => sqlx::query("SELECT set_config('statefabric.tenant', $1, true)")
                 .bind(tenant.as_str()),
-            Some(stream) => sqlx::query(append::BEGIN_FOR_STREAM.as_str())
+            LockFor::Stream(stream) => sqlx::query(append::BEGIN_FOR_STREAM.as_str())
                 .bind(tenant.as_str())
                 .bind(stream.as_str()),
+            LockFor::Document(id) => sqlx::query(crate::context::pg::BEGIN_FOR_DOCUMENT)
+                .bind(tenant.as_str())
+                .bind(id),
         };
         query.execute(&mut *tx).await.map_err(map_err)?;
         Ok(tx)
@@ -193,7 +207,7 @@ impl EventStore for PgEventStore {
         let outcome = self
             .timed(async {
                 let mut tx = self
-                    .begin_with(&scope.tenant, Some(&request.stream_id))
+                    .begin_with(&scope.tenant, LockFor::Stream(&request.stream_id))
                     .await?;
                 let outcome = append::append(&mut tx, &self.config, scope, &request).await?;
                 if outcome.replayed {

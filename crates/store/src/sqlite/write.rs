@@ -258,7 +258,7 @@ pub(crate) async fn check_fence(
 }
 
 pub(crate) async fn complete_key(
-    tx: &mut Transaction<'static, Sqlite>,
+    conn: &mut sqlx::SqliteConnection,
     tenant: &TenantId,
     idempotency: &Idempotency,
     response: &serde_json::Value,
@@ -270,7 +270,7 @@ pub(crate) async fn complete_key(
     .bind(response.to_string())
     .bind(tenant.as_str())
     .bind(&idempotency.key)
-    .execute(&mut **tx)
+    .execute(&mut *conn)
     .await
     .map_err(map_err)?;
     Ok(())

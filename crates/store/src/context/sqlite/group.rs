@@ -12,7 +12,9 @@
 //! that is rolled back — so the others in its group go on. A failure while
 //! writing ([`apply`]) may have written part of a write: the whole group is
 //! rolled back and every write in it runs again alone, so each gets the
-//! answer it would have got without grouping.
+//! answer it would have got without grouping. A lone write with neither
+//! key nor fence folds BEGIN into its read and COMMIT into its writes
+//! ([`alone_plain`]).
 //!
 //! Written here rather than found in a library: sqlx has no group commit,
 //! and the grouping needs the store's own refusal-versus-failure split.
@@ -22,7 +24,7 @@ use std::sync::Arc;
 use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Prepared, apply, prepare};
+use super::{Finish, Prepared, apply, prepare, prepare_plain};
 use crate::context::{ContextOutcome, ContextWrite};
 use crate::error::{Result, StoreError};
 use crate::port::Scope;
@@ -115,15 +117,42 @@ async fn alone(
     scope: &Scope,
     write: &ContextWrite,
 ) -> Result<ContextOutcome> {
+    if write.idempotency.is_none() && write.fence.is_none() {
+        return alone_plain(writer, scope, write).await;
+    }
     let mut tx = writer.begin().await.map_err(map_err)?;
     let result = match prepare(&mut tx, config, scope, write).await {
-        Ok(Prepared::Next(next)) => apply(&mut tx, scope, write, next).await,
+        Ok(Prepared::Next(next)) => apply(&mut tx, scope, write, next, Finish::Open).await,
         Ok(Prepared::Replayed(outcome)) => Ok(outcome),
         Err(e) => Err(e),
     };
     match &result {
         Ok(outcome) if !outcome.replayed => tx.commit().await.map_err(map_err)?,
         _ => tx.rollback().await.map_err(map_err)?,
+    }
+    result
+}
+
+/// A write with neither key nor fence, alone: two trips to SQLite's
+/// connection thread — begin with the read, then the writes with the
+/// commit — instead of four. The transaction is begun and ended by hand
+/// (sqlx's `Transaction` takes a trip of its own for each), so every way
+/// out that did not commit rolls back before the connection goes back to
+/// the pool; this task is never cancelled part way.
+async fn alone_plain(
+    writer: &SqlitePool,
+    scope: &Scope,
+    write: &ContextWrite,
+) -> Result<ContextOutcome> {
+    let mut conn = writer.acquire().await.map_err(map_err)?;
+    let result = match prepare_plain(&mut conn, scope, write).await {
+        Ok(next) => apply(&mut conn, scope, write, next, Finish::Commit).await,
+        Err(refused) => Err(refused),
+    };
+    if result.is_err() {
+        // "No transaction is active" when BEGIN or COMMIT itself failed:
+        // nothing to undo then.
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
     }
     result
 }
@@ -147,7 +176,7 @@ async fn together(
             statement(&mut tx, "SAVEPOINT context_write").await?;
         }
         let outcome = match prepare(&mut tx, config, scope, write).await {
-            Ok(Prepared::Next(next)) => Ok(apply(&mut tx, scope, write, next).await?),
+            Ok(Prepared::Next(next)) => Ok(apply(&mut tx, scope, write, next, Finish::Open).await?),
             Ok(Prepared::Replayed(outcome)) => Ok(outcome),
             Err(refused) => Err(refused),
         };

@@ -28,8 +28,14 @@ type Row = (
     DateTime<Utc>,
 );
 
-const SELECT: &str = "SELECT merge_type, content, crdt_state, version_vector, revision, deleted, updated_at \
-     FROM context_documents WHERE tenant_id = ? AND document_id = ?";
+macro_rules! select_sql {
+    () => {
+        "SELECT merge_type, content, crdt_state, version_vector, revision, deleted, updated_at \
+         FROM context_documents WHERE tenant_id = ? AND document_id = ?"
+    };
+}
+
+const SELECT: &str = select_sql!();
 
 fn decode(row: Row) -> Result<(Stored, DateTime<Utc>)> {
     let (merge, content, crdt, vector, revision, deleted, updated_at) = row;
@@ -132,42 +138,83 @@ pub(crate) async fn prepare(
     if let Some(fence) = &write.fence {
         crate::sqlite::write::check_fence(tx, &scope.tenant, fence).await?;
     }
-    let row: Option<Row> = sqlx::query_as(SELECT)
+    Ok(Prepared::Next(
+        read_and_decide(tx, SELECT, scope, write).await?,
+    ))
+}
+
+/// `BEGIN IMMEDIATE` and the document's row in one trip, for a write with
+/// neither key nor fence ([`prepare_plain`]).
+const BEGIN_AND_SELECT: &str = concat!("BEGIN IMMEDIATE; ", select_sql!());
+
+/// [`prepare`] for a write with neither idempotency key nor fence, on a
+/// bare connection: begins the transaction itself, in the same trip as
+/// its read. On `Err` the transaction may be open: roll it back.
+pub(crate) async fn prepare_plain(
+    conn: &mut sqlx::SqliteConnection,
+    scope: &Scope,
+    write: &ContextWrite,
+) -> Result<Stored> {
+    debug_assert!(write.idempotency.is_none() && write.fence.is_none());
+    read_and_decide(conn, BEGIN_AND_SELECT, scope, write).await
+}
+
+async fn read_and_decide(
+    conn: &mut sqlx::SqliteConnection,
+    select: &'static str,
+    scope: &Scope,
+    write: &ContextWrite,
+) -> Result<Stored> {
+    let row: Option<Row> = sqlx::query_as(select)
         .bind(scope.tenant.as_str())
         .bind(&write.id)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(map_err)?;
     let current = row.map(decode).transpose()?.map(|(stored, _)| stored);
     let now = u64::try_from(Utc::now().timestamp_micros()).unwrap_or_default();
-    Ok(Prepared::Next(decide(
-        current.as_ref(),
-        write,
-        &scope.actor,
-        now,
-    )?))
+    decide(current.as_ref(), write, &scope.actor, now)
 }
 
-/// The document row, its revision and the audit row, as one batch of
-/// statements (one trip to SQLite's connection thread instead of four).
-const APPLY: &str = "INSERT INTO context_documents (tenant_id, document_id, merge_type, content, crdt_state, version_vector, revision, deleted, updated_at) \
-       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
-       ON CONFLICT (tenant_id, document_id) DO UPDATE SET \
-         content = excluded.content, crdt_state = excluded.crdt_state, version_vector = excluded.version_vector, \
-         revision = excluded.revision, deleted = excluded.deleted, updated_at = excluded.updated_at; \
-     INSERT INTO context_revisions (tenant_id, document_id, revision, content) VALUES (?, ?, ?, ?); \
-     INSERT INTO audit_log (tenant_id, actor, action, target, version_before, version_after, trace_id, details) \
-       VALUES (?, ?, ?, ?, NULLIF(?, 0), ?, ?, ?)";
+/// The document row, its revision, the audit row and, on every
+/// [`TRIM_EVERY`]th revision (the first parameter), the trim of old
+/// revisions, as one batch of statements: one trip to SQLite's connection
+/// thread instead of four.
+macro_rules! apply_sql {
+    () => {
+        "INSERT INTO context_documents (tenant_id, document_id, merge_type, content, crdt_state, version_vector, revision, deleted, updated_at) \
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+           ON CONFLICT (tenant_id, document_id) DO UPDATE SET \
+             content = excluded.content, crdt_state = excluded.crdt_state, version_vector = excluded.version_vector, \
+             revision = excluded.revision, deleted = excluded.deleted, updated_at = excluded.updated_at; \
+         INSERT INTO context_revisions (tenant_id, document_id, revision, content) VALUES (?, ?, ?, ?); \
+         INSERT INTO audit_log (tenant_id, actor, action, target, version_before, version_after, trace_id, details) \
+           VALUES (?, ?, ?, ?, NULLIF(?, 0), ?, ?, ?); \
+         DELETE FROM context_revisions WHERE ? AND tenant_id = ? AND document_id = ? AND revision <= ?"
+    };
+}
+
+/// How [`apply`] leaves the transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Finish {
+    /// Open, for the caller to commit (or to add more writes to).
+    Open,
+    /// Committed, in the same trip as the writes (a write with no
+    /// idempotency key, on a transaction begun by [`prepare_plain`]).
+    Commit,
+}
 
 /// Writes the document `prepare` decided on, with its revision, audit row
 /// and idempotency record. An error here may leave part of it written in
-/// `tx`, which must then be rolled back.
+/// the transaction, which must then be rolled back.
 pub(crate) async fn apply(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    conn: &mut sqlx::SqliteConnection,
     scope: &Scope,
     write: &ContextWrite,
     next: Stored,
+    finish: Finish,
 ) -> Result<ContextOutcome> {
+    debug_assert!(finish == Finish::Open || write.idempotency.is_none());
     let revision = i64::try_from(next.revision).unwrap_or(i64::MAX);
     let content = next.content.to_string();
     // Written as SQLite's strftime('%Y-%m-%dT%H:%M:%fZ') would, and read
@@ -175,7 +222,11 @@ pub(crate) async fn apply(
     let now = Utc::now();
     let updated_at = DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now);
     let updated_text = updated_at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
-    sqlx::query(APPLY)
+    let sql = match finish {
+        Finish::Open => apply_sql!(),
+        Finish::Commit => concat!(apply_sql!(), "; COMMIT"),
+    };
+    sqlx::query(sql)
         .bind(scope.tenant.as_str())
         .bind(&write.id)
         .bind(next.merge.as_str())
@@ -208,24 +259,17 @@ pub(crate) async fn apply(
             })
             .to_string(),
         )
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| classify(e, &scope.tenant))?;
-    if next.revision.is_multiple_of(TRIM_EVERY) {
-        sqlx::query(
-            "DELETE FROM context_revisions WHERE tenant_id = ? AND document_id = ? AND revision <= ?",
-        )
+        .bind(next.revision.is_multiple_of(TRIM_EVERY))
         .bind(scope.tenant.as_str())
         .bind(&write.id)
         .bind(revision - i64::try_from(REVISIONS_KEPT).unwrap_or(i64::MAX))
-        .execute(&mut **tx)
+        .execute(&mut *conn)
         .await
-        .map_err(map_err)?;
-    }
+        .map_err(|e| classify(e, &scope.tenant))?;
     let document = to_document(&write.id, next, updated_at);
     if let Some(idempotency) = &write.idempotency {
         complete_key(
-            tx,
+            conn,
             &scope.tenant,
             idempotency,
             &serde_json::to_value(&document).unwrap_or_default(),

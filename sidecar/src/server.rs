@@ -85,7 +85,8 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
                     .context("applying Postgres migrations")?;
                 pg::create_tenant(owner, &tenant, "").await?;
             }
-            let store = PgEventStore::connect(config.storage.postgres.clone())
+            // A sidecar acts for its one tenant: its connections start so.
+            let store = PgEventStore::connect_for(config.storage.postgres.clone(), &tenant)
                 .await
                 .context("connecting to Postgres")?;
             ctx.register_metrics(|registry| store.register_metrics(registry));

@@ -92,6 +92,68 @@ impl Fixture for Postgres {
 
 statefabric_tests::store_contract_tests!(Postgres);
 
+/// The contract again, with context stores acting for one tenant (as a
+/// sidecar's do: `PgEventStore::connect_for`), whose plain writes take the
+/// lock-free path. The first tenant a test asks for is the store's; later
+/// ones are others, which the same store serves through transactions.
+mod acting_for_one_tenant {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    struct OneTenant {
+        own: OnceCell<TenantId>,
+        handed_out: AtomicBool,
+    }
+
+    impl OneTenant {
+        fn new() -> Self {
+            Self {
+                own: OnceCell::new(),
+                handed_out: AtomicBool::new(false),
+            }
+        }
+
+        async fn own(&self) -> TenantId {
+            self.own.get_or_init(new_tenant).await.clone()
+        }
+    }
+
+    #[async_trait::async_trait(?Send)]
+    impl Fixture for OneTenant {
+        async fn store(&self) -> Arc<dyn EventStore> {
+            Postgres.store().await
+        }
+
+        async fn store_with_idempotency_ttl(&self, ttl: Duration) -> Arc<dyn EventStore> {
+            Postgres.store_with_idempotency_ttl(ttl).await
+        }
+
+        async fn context_store(&self) -> Arc<dyn statefabric_store::context::ContextStore> {
+            let own = self.own().await;
+            Arc::new(
+                PgEventStore::connect_for(config(), &own)
+                    .await
+                    .expect("connect as app role"),
+            )
+        }
+
+        async fn tenant(&self) -> TenantId {
+            if self.handed_out.swap(true, Ordering::SeqCst) {
+                new_tenant().await
+            } else {
+                self.own().await
+            }
+        }
+
+        async fn idempotency_keys_stored(&self, tenant: &TenantId) -> i64 {
+            Postgres.idempotency_keys_stored(tenant).await
+        }
+    }
+
+    statefabric_tests::store_contract_tests!(OneTenant::new());
+}
+
 fn scope(tenant: &TenantId) -> Scope {
     Scope::new(tenant.clone(), "pg-test").with_trace_id("trace-pg")
 }

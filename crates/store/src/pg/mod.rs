@@ -86,6 +86,9 @@ pub struct PgEventStore {
     config: Arc<PgConfig>,
     stats: Arc<PoolStats>,
     appended: Arc<watch::Sender<u64>>,
+    /// The tenant every connection acts for from its start, if one
+    /// ([`Self::connect_for`]).
+    acting_for: Option<TenantId>,
 }
 
 /// The advisory lock a transaction takes as it starts ([`PgEventStore::begin_with`]).
@@ -101,11 +104,25 @@ pub(crate) enum LockFor<'a> {
 
 impl PgEventStore {
     pub async fn connect(config: PgConfig) -> Result<Self> {
+        Self::connect_with(config, None).await
+    }
+
+    /// A store for one tenant's use (a sidecar's): every connection acts
+    /// for `tenant` from its start (a session setting), so a single
+    /// statement needs no transaction to pass Row-Level Security; calls for
+    /// another tenant still set theirs, in a transaction.
+    pub async fn connect_for(config: PgConfig, tenant: &TenantId) -> Result<Self> {
+        Self::connect_with(config, Some(tenant)).await
+    }
+
+    async fn connect_with(config: PgConfig, tenant: Option<&TenantId>) -> Result<Self> {
         let options: PgConnectOptions = config.url.parse().map_err(StoreError::Unavailable)?;
         let statement_timeout = format!("{}ms", config.query_timeout.as_millis());
-        let options = options
-            .options([("statement_timeout", statement_timeout.as_str())])
-            .application_name("statefabric");
+        let mut settings = vec![("statement_timeout", statement_timeout.as_str())];
+        if let Some(tenant) = tenant {
+            settings.push(("statefabric.tenant", tenant.as_str()));
+        }
+        let options = options.options(settings).application_name("statefabric");
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .min_connections(config.min_connections)
@@ -113,7 +130,15 @@ impl PgEventStore {
             .connect_with(options)
             .await
             .map_err(StoreError::Unavailable)?;
-        Ok(Self::from_pool(pool, config))
+        Ok(Self {
+            acting_for: tenant.cloned(),
+            ..Self::from_pool(pool, config)
+        })
+    }
+
+    /// Whether every connection already acts for `tenant`.
+    pub(crate) fn acts_for(&self, tenant: &TenantId) -> bool {
+        self.acting_for.as_ref() == Some(tenant)
     }
 
     pub fn from_pool(pool: PgPool, config: PgConfig) -> Self {
@@ -122,6 +147,7 @@ impl PgEventStore {
             config: Arc::new(config),
             stats: Arc::default(),
             appended: Arc::new(watch::channel(0).0),
+            acting_for: None,
         }
     }
 

@@ -126,3 +126,17 @@ async def test_watch_sees_each_change(client: statefabric.Client) -> None:
         await client.context.update(doc_id, lambda d, v=v: {"v": v})
     await asyncio.wait_for(watcher, 10)
     assert seen[-1] == 3 and seen == sorted(seen)
+
+
+async def test_many_documents_are_read_in_one_call(client: statefabric.Client) -> None:
+    a, b, never = unique("a"), unique("b"), unique("never")
+    await client.context.put(a, {"n": 1})
+    await client.context.put(b, {"n": 2})
+    docs = await client.context.get_many([b, never, a])
+    assert [(d.id, d.content) for d in docs] == [(b, {"n": 2}), (a, {"n": 1})]
+    # Each is now a local copy: a later read of one gets a delta against it.
+    again = await client.context.get(a)
+    assert again is not None and again.content == {"n": 1}
+    with pytest.raises(statefabric.InvalidArgumentError) as refused:
+        await client.context.get_many([a, "has space"])
+    assert "document_ids[1]" in str(refused.value)

@@ -178,6 +178,27 @@ export class Context {
     return { ...doc, content: structuredClone(content) };
   }
 
+  /** Many documents in one call (at most 1,000 ids): those that exist, in the order asked; absent and deleted ones are left out. */
+  async getMany(ids: readonly string[], settings?: CallSettings): Promise<Document[]> {
+    const r = await unary(this.rpc.getContexts({ documentIds: [...ids] }, options(this.timeoutMs, settings)));
+    const found: Document[] = [];
+    for (const d of r.documents) {
+      const content = d.body.case === "contentJson" ? fromJsonBytes(d.body.value) : null;
+      const doc: Document = {
+        id: d.documentId,
+        merge: d.mergeType,
+        content,
+        vector: vectorFrom(d.vector?.counters),
+        revision: Number(d.revision),
+        updatedAt: d.updatedAt,
+      };
+      this.remember(d.documentId, doc);
+      found.push({ ...doc, content: structuredClone(content) });
+    }
+    for (const missing of r.missing) this.remember(missing, undefined);
+    return found;
+  }
+
   /** Creates (`base` absent) or replaces a document if nothing changed since `base`; sets an LWW register. */
   async put(
     id: string,

@@ -86,6 +86,24 @@ for (const kind of ["fabric-dev", "postgres-redis"] as const) {
       assert.ok(second && first && second.revision > first.revision);
     });
 
+    test("many documents are read in one call", async () => {
+      const [a, b, never] = [unique("a"), unique("b"), unique("never")];
+      await client.context.put(a, { n: 1 });
+      await client.context.put(b, { n: 2 });
+      const docs = await client.context.getMany([b, never, a]);
+      assert.deepEqual(
+        docs.map((d) => [d.id, d.content]),
+        [
+          [b, { n: 2 }],
+          [a, { n: 1 }],
+        ],
+      );
+      await assert.rejects(
+        client.context.getMany([a, "has space"]),
+        (error: unknown) => error instanceof InvalidArgumentError && String(error.message).includes("document_ids[1]"),
+      );
+    });
+
     test("a stale write is a conflict carrying the current vector", async () => {
       const id = unique("doc");
       await client.context.put(id, { v: 1 });

@@ -198,6 +198,20 @@ class Context:
         self._remember(doc, id)
         return Document(doc.id, doc.merge, copy.deepcopy(content), doc.vector, doc.revision, doc.updated_at)
 
+    async def get_many(self, ids: Sequence[str]) -> list[Document]:
+        """Many documents in one call (at most 1,000 ids): those that exist,
+        in the order asked; absent and deleted ones are left out."""
+        r = await unary(self._stub.GetContexts, pb.GetContextsRequest(document_ids=list(ids)), self._timeout)
+        found = []
+        for d in r.documents:
+            content = json.loads(d.content_json)
+            doc = Document(d.document_id, MergeType(d.merge_type), content, dict(d.vector.counters), d.revision, d.updated_at)
+            self._remember(doc, d.document_id)
+            found.append(Document(doc.id, doc.merge, copy.deepcopy(content), doc.vector, doc.revision, doc.updated_at))
+        for missing in r.missing:
+            self._remember(None, missing)
+        return found
+
     async def put(
         self,
         id: str,

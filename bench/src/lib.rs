@@ -213,7 +213,8 @@ pub fn rss_kib(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Runs `op(client index, iteration)` from `clients` tasks for `duration`.
+/// Runs `op(client index, iteration)` from `clients` tasks for `duration`;
+/// returns operations per second and their latencies.
 pub async fn load<F, Fut>(
     clients: usize,
     duration: Duration,
@@ -224,28 +225,51 @@ where
     Fut: Future<Output = anyhow::Result<()>> + Send,
 {
     let op = Arc::new(op);
-    let deadline = Instant::now() + duration;
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..clients {
+    let (all, seconds) = load_timed(clients, duration, move |c, i| {
         let op = op.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Latencies::default();
-            let mut i = 0u64;
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                op(c, i).await?;
-                latencies.record(t.elapsed());
-                i += 1;
-            }
-            anyhow::Ok(latencies)
-        }));
-    }
+        async move {
+            let t = Instant::now();
+            op(c, i).await?;
+            Ok(t.elapsed())
+        }
+    })
+    .await?;
+    Ok((all.count() as f64 / seconds, all))
+}
+
+/// [`load`] where `op` returns the time to record (so it can leave out
+/// untimed preparation); returns the latencies and the seconds it ran.
+pub async fn load_timed<F, Fut>(
+    clients: usize,
+    duration: Duration,
+    op: F,
+) -> anyhow::Result<(Latencies, f64)>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<Duration>> + Send,
+{
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut latencies = Latencies::default();
+                let mut i = 0;
+                while Instant::now() < deadline {
+                    latencies.record(op(c, i).await?);
+                    i += 1;
+                }
+                anyhow::Ok(latencies)
+            })
+        })
+        .collect();
     let mut all = Latencies::default();
     for task in tasks {
         all.merge(&task.await??);
     }
-    Ok((all.count() as f64 / start.elapsed().as_secs_f64(), all))
+    Ok((all, start.elapsed().as_secs_f64()))
 }
 
 /// Prints both lines and the sidecar's overhead over the direct baseline.

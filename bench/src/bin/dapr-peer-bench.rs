@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use statefabric_bench::dapr::{Component, DaprState, Daprd};
-use statefabric_bench::{Latencies, Process, cpu_ns, rss_kib};
+use statefabric_bench::{Latencies, Process, cpu_ns, load_timed, rss_kib};
 use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::sessions_client::SessionsClient;
 use statefabric_proto::state::v1::shared_context_client::SharedContextClient;
@@ -285,41 +285,6 @@ struct Cell {
 
 type Results = BTreeMap<(Workload, usize, &'static str), Cell>;
 
-/// Runs `op(client, iteration)` from `clients` tasks for `duration`; `op`
-/// returns the time to record (a delete leaves out its untimed put).
-async fn drive<F, Fut>(
-    clients: usize,
-    duration: Duration,
-    op: F,
-) -> anyhow::Result<(Latencies, f64)>
-where
-    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = anyhow::Result<Duration>> + Send,
-{
-    let op = Arc::new(op);
-    let start = Instant::now();
-    let deadline = start + duration;
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| {
-            let op = op.clone();
-            tokio::spawn(async move {
-                let mut latencies = Latencies::default();
-                let mut i = 0;
-                while Instant::now() < deadline {
-                    latencies.record(op(c, i).await?);
-                    i += 1;
-                }
-                anyhow::Ok(latencies)
-            })
-        })
-        .collect();
-    let mut all = Latencies::default();
-    for task in tasks {
-        all.merge(&task.await??);
-    }
-    Ok((all, start.elapsed().as_secs_f64()))
-}
-
 async fn timed<F: Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<Duration> {
     let t = Instant::now();
     f.await?;
@@ -344,7 +309,7 @@ async fn cell(
     }
     let bulk_keys: Arc<Vec<String>> = Arc::new((0..BULK_KEYS).map(|k| format!("k/{k}")).collect());
     let cpu_before = cpu_ns(pid)?;
-    let (latencies, seconds) = drive(clients, duration, move |c, i| {
+    let (latencies, seconds) = load_timed(clients, duration, move |c, i| {
         let mut client = client.clone();
         let bulk_keys = bulk_keys.clone();
         async move {

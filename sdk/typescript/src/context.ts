@@ -15,6 +15,7 @@ import { decompress } from "fzstd";
 import {
   type ContextWriteResponse,
   type CrdtOpSchema,
+  type GetContextResponse,
   MergeType,
   SharedContext,
 } from "./gen/statefabric/state/v1/context_pb.js";
@@ -120,6 +121,18 @@ function written(r: ContextWriteResponse): Written {
  * most `localCopies`, least recently used out) so a repeated read transfers
  * only what changed.
  */
+/** A document from the sidecar's answer, its content already resolved (whole body, or delta applied). */
+function documentOf(r: GetContextResponse, content: unknown): Document {
+  return {
+    id: r.documentId,
+    merge: r.mergeType,
+    content,
+    vector: vectorFrom(r.vector?.counters),
+    revision: Number(r.revision),
+    updatedAt: r.updatedAt,
+  };
+}
+
 export class Context {
   private readonly copies = new Map<string, Document>();
 
@@ -166,16 +179,13 @@ export class Context {
     if (r.body.case === "deltaZstd" && known) content = applyDelta(known.content, r.body.value);
     else if (r.body.case === "contentJson") content = fromJsonBytes(r.body.value);
     else if (known && Number(r.revision) === known.revision) content = structuredClone(known.content);
-    const doc: Document = {
-      id: r.documentId,
-      merge: r.mergeType,
-      content,
-      vector: vectorFrom(r.vector?.counters),
-      revision: Number(r.revision),
-      updatedAt: r.updatedAt,
-    };
+    return this.keep(id, documentOf(r, content));
+  }
+
+  /** Keeps `doc` as the local copy of `id` and hands the caller a copy of its own. */
+  private keep(id: string, doc: Document): Document {
     this.remember(id, doc);
-    return { ...doc, content: structuredClone(content) };
+    return { ...doc, content: structuredClone(doc.content) };
   }
 
   /** Many documents in one call (at most 1,000 ids): those that exist, in the order asked; absent and deleted ones are left out. */
@@ -184,16 +194,7 @@ export class Context {
     const found: Document[] = [];
     for (const d of r.documents) {
       const content = d.body.case === "contentJson" ? fromJsonBytes(d.body.value) : null;
-      const doc: Document = {
-        id: d.documentId,
-        merge: d.mergeType,
-        content,
-        vector: vectorFrom(d.vector?.counters),
-        revision: Number(d.revision),
-        updatedAt: d.updatedAt,
-      };
-      this.remember(d.documentId, doc);
-      found.push({ ...doc, content: structuredClone(content) });
+      found.push(this.keep(d.documentId, documentOf(d, content)));
     }
     for (const missing of r.missing) this.remember(missing, undefined);
     return found;

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import enum
 import json
 import logging
@@ -59,6 +60,11 @@ class Document:
     vector: dict[str, int]
     revision: int
     updated_at: str
+
+
+def _document(r: pb.GetContextResponse, content: Any) -> Document:
+    """A document from the sidecar's answer, its content already resolved."""
+    return Document(r.document_id, MergeType(r.merge_type), content, dict(r.vector.counters), r.revision, r.updated_at)
 
 
 @dataclass(frozen=True)
@@ -192,11 +198,12 @@ class Context:
             content = copy.deepcopy(known.content)
         else:
             content = None
-        doc = Document(
-            r.document_id, MergeType(r.merge_type), content, dict(r.vector.counters), r.revision, r.updated_at
-        )
+        return self._keep(id, _document(r, content))
+
+    def _keep(self, id: str, doc: Document) -> Document:
+        """Keeps `doc` as the local copy of `id`; the caller gets a copy of its own."""
         self._remember(doc, id)
-        return Document(doc.id, doc.merge, copy.deepcopy(content), doc.vector, doc.revision, doc.updated_at)
+        return dataclasses.replace(doc, content=copy.deepcopy(doc.content))
 
     async def get_many(self, ids: Sequence[str]) -> list[Document]:
         """Many documents in one call (at most 1,000 ids): those that exist,
@@ -204,10 +211,7 @@ class Context:
         r = await unary(self._stub.GetContexts, pb.GetContextsRequest(document_ids=list(ids)), self._timeout)
         found = []
         for d in r.documents:
-            content = json.loads(d.content_json)
-            doc = Document(d.document_id, MergeType(d.merge_type), content, dict(d.vector.counters), d.revision, d.updated_at)
-            self._remember(doc, d.document_id)
-            found.append(Document(doc.id, doc.merge, copy.deepcopy(content), doc.vector, doc.revision, doc.updated_at))
+            found.append(self._keep(d.document_id, _document(d, json.loads(d.content_json))))
         for missing in r.missing:
             self._remember(None, missing)
         return found

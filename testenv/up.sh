@@ -365,6 +365,28 @@ apply_kafka_acls() {
 
 kafka_ready() { port_open "$KAFKA_PORT" && grep -q "Kafka Server started" "$LOGS/kafka.log"; }
 
+# True unless the broker refuses the admin's SCRAM login. Once, a broker
+# restarted on the metadata of a long test run (after the machine stopped
+# it) refused every user's login, persistently, though its log still held
+# every credential; a direct restart did not reproduce it. The broker's data
+# is disposable, so a refused login means: format it again (kafka_reformat).
+kafka_admin_login_ok() {
+  local out
+  out=$(timeout 90 "$JAVA" "${JVM_COMMON[@]}" -Dlog4j2.configurationFile="$STATE/log4j2.properties" \
+    -cp "$JARS/kafka/*" org.apache.kafka.tools.TopicCommand --list \
+    --bootstrap-server "127.0.0.1:$KAFKA_PORT" --command-config "$STATE/kafka/admin.properties" 2>&1) && return 0
+  ! grep -q "SaslAuthenticationException\|invalid credentials" <<<"$out"
+}
+
+kafka_reformat() {
+  log "Kafka refused the admin's SCRAM login on its existing metadata; formatting its storage again"
+  stop_pid connect   # its state topics go with the broker's data
+  stop_pid kafka
+  rm -rf "$STATE/kafka/data" "$STATE/kafka/acls.applied" "$STATE/kafka/layout"
+  start_kafka
+  wait_for "Kafka" 120 kafka_ready
+}
+
 start_connect() {
   local props=$STATE/connect.properties
   cat > "$props" <<EOF
@@ -397,6 +419,9 @@ EOF
 }
 
 connect_ready() {
+  # A worker that stopped (it exits when it cannot reach or log in to the
+  # broker) will not become ready: say so now rather than after the timeout.
+  pid_alive connect || { log "Kafka Connect exited; the end of $LOGS/connect.log:" 2>&3; tail -n 5 "$LOGS/connect.log" >&3; exit 1; }
   curl -fsS "http://127.0.0.1:$CONNECT_PORT/connector-plugins" | grep -q PostgresConnector
 }
 
@@ -424,6 +449,7 @@ start_redis
 start_kafka
 start_registry            # independent of Kafka: boots while the broker does
 wait_for "Kafka" 120 kafka_ready
+kafka_admin_login_ok || kafka_reformat
 apply_kafka_acls
 start_connect
 # Kubernetes starts while the JVMs boot (its first build takes minutes).
@@ -432,7 +458,8 @@ prepare_chart_tools
 prepare_python_clients
 check_node
 wait_for "Schema Registry" 120 registry_ready
-wait_for "Kafka Connect (with Debezium)" 180 connect_ready
+# wait_for silences its probe; fd 3 lets connect_ready still say why it gave up.
+wait_for "Kafka Connect (with Debezium)" 180 connect_ready 3>&2
 
 cat > "$STATE/env.sh" <<EOF
 # Written by testenv/up.sh. Source it to point tools at the test environment.

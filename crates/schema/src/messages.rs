@@ -16,7 +16,7 @@ pub struct EventEnvelope {
     pub commit_position: i64,
     pub event_type: String,
     pub content_type: String,
-    #[serde(with = "apache_avro::serde_avro_bytes")]
+    #[serde(with = "apache_avro::serde::bytes")]
     pub payload: Vec<u8>,
     pub metadata: BTreeMap<String, String>,
     pub vector_clock: BTreeMap<String, i64>,
@@ -47,7 +47,7 @@ pub struct SagaCommand {
     pub agent_type: String,
     pub action: String,
     /// JSON.
-    #[serde(with = "apache_avro::serde_avro_bytes")]
+    #[serde(with = "apache_avro::serde::bytes")]
     pub input: Vec<u8>,
     pub timeout_ms: i64,
     /// Milliseconds since the epoch.
@@ -77,7 +77,7 @@ pub struct SagaReply {
     pub saga_id: String,
     pub outcome: Outcome,
     /// JSON, when completed.
-    #[serde(with = "apache_avro::serde_avro_bytes_opt")]
+    #[serde(with = "apache_avro::serde::bytes_opt")]
     pub output: Option<Vec<u8>>,
     pub error: Option<String>,
     /// The sidecar identity that answered.

@@ -4,8 +4,11 @@
 //!
 //! Each is operation-based: a write becomes an [`Op`] stamped by its writer
 //! (timestamp, writer id, unique tag, observed tags), and applying ops is
-//! commutative, associative and idempotent, so every replica that applies the
-//! same ops ends in the same state whatever the order. Hand-written rather
+//! commutative and associative, so every replica that applies the same ops
+//! ends in the same state whatever the order. Register, map and set ops are
+//! also idempotent; counter increments are not, so the store applies each
+//! accepted write's ops exactly once (fuzz/fuzz_targets/crdt_ops checks all
+//! of this, and that the state survives its JSON column). Hand-written rather
 //! than taken from the `crdts` crate: the state must live in a JSON column
 //! and materialize to plain JSON, and the ops must carry JSON values, which
 //! that crate's generic types would need adapters for on every side.
@@ -64,7 +67,7 @@ pub struct Stamp {
 pub enum Op {
     /// LWW register: replace the value.
     Set { value: Value, stamp: Stamp },
-    /// LWW map: set one key.
+    /// LWW map: set one key; a null value removes it.
     Put {
         key: String,
         value: Value,
@@ -187,7 +190,13 @@ impl CrdtState {
                 }
             }
             (Self::LwwMap { entries }, Op::Put { key, value, stamp }) => {
-                lww_put(entries, key, Some(value.clone()), stamp);
+                // A null value removes the key (as in JSON Merge Patch). The
+                // state's JSON form could not tell a null value from a
+                // removal anyway, so a replica that reloaded it would have
+                // disagreed with one that had not (found by
+                // fuzz/fuzz_targets/crdt_ops).
+                let value = Some(value.clone()).filter(|v| !v.is_null());
+                lww_put(entries, key, value, stamp);
             }
             (Self::LwwMap { entries }, Op::Remove { key, stamp }) => {
                 lww_put(entries, key, None, stamp);
@@ -314,6 +323,36 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
+
+    #[test]
+    fn a_null_put_removes_the_key_and_the_state_reloads_the_same() {
+        let mut state = CrdtState::empty(MergeType::LwwMap).expect("crdt");
+        let stamp = |micros| Stamp {
+            micros,
+            writer: "w".into(),
+        };
+        let put = |value: Value, micros| Op::Put {
+            key: "k".into(),
+            value,
+            stamp: stamp(micros),
+        };
+        state.apply(&put(json!(1), 1)).expect("put");
+        state.apply(&put(Value::Null, 2)).expect("put null");
+        assert_eq!(state.materialize(), json!({}));
+        let reloaded: CrdtState =
+            serde_json::from_value(serde_json::to_value(&state).expect("json")).expect("loads");
+        assert_eq!(reloaded, state);
+        // Ordered against a later removal exactly as a removal would be.
+        let mut removed = CrdtState::empty(MergeType::LwwMap).expect("crdt");
+        removed.apply(&put(json!(1), 1)).expect("put");
+        removed
+            .apply(&Op::Remove {
+                key: "k".into(),
+                stamp: stamp(2),
+            })
+            .expect("remove");
+        assert_eq!(removed, state);
+    }
 
     #[test]
     fn a_counter_refuses_to_leave_the_i64_range_and_keeps_its_value() {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine: installs what is missing,
 # brings up the real services (testenv/up.sh), then formatting, lints, build
-# and every test. Fails if any step fails or if no test ran.
+# and every test, then every fuzz target for a few seconds (fuzz/run.sh).
+# Fails if any step fails or if no test ran.
 #
 #   scripts/test.sh           the suite on the services as they are
 #   scripts/test.sh --fresh   first stops the services and deletes their data
@@ -78,6 +79,15 @@ set -e
 if (( status == 0 )); then status=$ts_status; fi
 # The topics, groups and tenants the tests made would otherwise pile up run
 # after run.
+# Every fuzz target for a few seconds (fuzz/run.sh; longer on demand).
+fuzz_log=$(mktemp)
+trap 'rm -f "$log" "$py_log" "$ts_log" "$fuzz_log"' EXIT
+set +e
+fuzz/run.sh "${STATEFABRIC_FUZZ_SECONDS:-10}" 2>&1 | tee "$fuzz_log"
+fuzz_status=${PIPESTATUS[0]}
+set -e
+if (( status == 0 )); then status=$fuzz_status; fi
+
 testenv/prune-kafka.sh
 testenv/prune-postgres.sh
 testenv/prune-kubernetes.sh
@@ -92,6 +102,7 @@ read -r passed failed < <(
       END { print p+0, f+0 }'
     # node --test's summary: "# pass 27", "# fail 0".
     awk '/^# pass / { p = $3 } /^# fail / { f = $3 } END { print p+0, f+0 }' "$ts_log"
+    awk '/^fuzz .*: passed/ { p++ } /^fuzz .*: FAILED/ { f++ } END { print p+0, f+0 }' "$fuzz_log"
   } | awk '{ p += $1; f += $2 } END { print p, f }'
 )
 echo "${passed} passed, ${failed} failed"

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use statefabric_saga_engine::Engine;
-use statefabric_saga_engine::store::{TaskRow, TaskStatus};
+use statefabric_saga_store::{TaskRow, TaskStatus};
 use statefabric_sdk::{StateClient, Task, TaskClient};
 use tokio_util::sync::CancellationToken;
 

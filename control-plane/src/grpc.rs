@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use statefabric_proto::control::v1 as pb;
 use statefabric_proto::control::v1::sagas_server::Sagas;
-use statefabric_saga_engine::store::{Stored, Summary};
+use statefabric_saga_store::{Stored, Summary};
 use tonic::{Code, Request, Response, Status};
 
 use crate::operator::{Kind, ListParams, OpError, Operator};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use statefabric_leader::Leadership;
 use statefabric_runtime::ServiceContext;
-use statefabric_saga_engine::SagaStore;
+use statefabric_saga_store::SagaStore;
 
 use crate::config::{ControlPlaneConfig, SagaTransport};
 

@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 use statefabric_saga::graph::{self, Graph};
 use statefabric_saga::machine::OperatorAction;
 use statefabric_saga::{Definition, Status};
-use statefabric_saga_engine::store::{Filter, OperatorAudit, StoreError, Stored, Summary, TaskRow};
 use statefabric_saga_engine::{Engine, EngineError};
+use statefabric_saga_store::{Filter, OperatorAudit, StoreError, Stored, Summary, TaskRow};
 
 use crate::config::ApiConfig;
 

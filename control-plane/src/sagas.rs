@@ -11,9 +11,10 @@ use statefabric_leader::Leadership;
 use statefabric_proto::control::v1::sagas_server::SagasServer;
 use statefabric_runtime::ServiceContext;
 use statefabric_saga::{Definition, builtin};
-use statefabric_saga_engine::store::pg::PgSagaStore;
-use statefabric_saga_engine::store::sqlite::SqliteSagaStore;
-use statefabric_saga_engine::{Engine, EngineSettings, SagaStore};
+use statefabric_saga_engine::{Engine, EngineSettings};
+use statefabric_saga_store::SagaStore;
+use statefabric_saga_store::pg::PgSagaStore;
+use statefabric_saga_store::sqlite::SqliteSagaStore;
 use statefabric_store::sqlite::{SqliteConfig, SqliteEventStore};
 
 use crate::config::{ApiConfig, LeaderConfig, SagaBackend, SagaTransport, SagasConfig};

@@ -17,7 +17,7 @@
 //! cache entries, an update stream feeds `WatchContext`. Each of these runs
 //! in-process (embedded) or on Redis, by configuration. The `Tasks` service
 //! (`tasks`) is the agents' side of sagas: start one, take, heartbeat and
-//! answer the tasks of an agent type (`statefabric-saga-engine`). With
+//! answer the tasks of an agent type (`statefabric-saga-store`). With
 //! `[mesh] enabled`, the sidecar subscribes to its configuration from the
 //! control plane and applies what is hot (`mesh.rs`). Lock and session
 //! mutations are audited into the store's `audit_log` (`audit`).

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use statefabric_runtime::ServiceContext;
-use statefabric_saga_engine::TaskQueue;
-use statefabric_saga_engine::store::pg::PgTaskQueue;
-use statefabric_saga_engine::store::sqlite::SqliteSagaStore;
+use statefabric_saga_store::TaskQueue;
+use statefabric_saga_store::pg::PgTaskQueue;
+use statefabric_saga_store::sqlite::SqliteSagaStore;
 use statefabric_store::EventStore;
 use statefabric_store::context::ContextStore;
 use statefabric_store::pg::{self, PgEventStore};

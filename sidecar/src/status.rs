@@ -77,8 +77,8 @@ pub fn from_stack(
     Ok(status.into_http())
 }
 
-pub fn from_saga_store(err: statefabric_saga_engine::store::StoreError) -> Status {
-    use statefabric_saga_engine::store::StoreError as Saga;
+pub fn from_saga_store(err: statefabric_saga_store::StoreError) -> Status {
+    use statefabric_saga_store::StoreError as Saga;
     match err {
         Saga::Invalid(m) => Status::invalid_argument(m),
         Saga::Unavailable(m) => Status::unavailable(m),

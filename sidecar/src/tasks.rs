@@ -18,7 +18,7 @@ use futures::Stream;
 use serde_json::Value;
 use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::tasks_server::Tasks;
-use statefabric_saga_engine::store::{
+use statefabric_saga_store::{
     InboxMessage, Replied, StartRequest, StartRequested, TaskQueue, TaskRow, check_saga_id,
 };
 use tokio::time::Instant;

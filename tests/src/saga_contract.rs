@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use statefabric_saga::machine::Effect;
-use statefabric_saga::{Definition, Input, Instance, Status, builtin};
-use statefabric_saga_engine::store::{
+use statefabric_saga::{Definition, Input, Instance, Status, TaskKey, builtin};
+use statefabric_saga_store::{
     Committed, Fence, Filter, InboxMessage, OpenTasks, OperatorAudit, Record, Replied, SagaStore,
     StartRequest, StartRequested, StoreError, TaskQueue, TaskStatus, Transition, Trigger,
 };
@@ -143,7 +143,7 @@ pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
     assert_eq!(item.message, reply);
 
     let mut next = stored.instance.clone();
-    let key = statefabric_saga_engine::engine::parse_key(&task.key).expect("key");
+    let key = task.key.parse::<TaskKey>().expect("key");
     let effects = next.apply(
         &def,
         Input::Completed {
@@ -289,9 +289,8 @@ pub async fn deadlines_fire_when_due_and_heartbeats_push_them(f: Fixture) -> any
     let def = Definition::from_yaml(SHORT)?;
     let instance = started(&f, &def).await?;
     let key = format!("{}/A/1/1", instance.id);
-    let ours = |timers: Vec<statefabric_saga_engine::store::DueTimer>| {
-        timers.into_iter().any(|t| t.key == key)
-    };
+    let ours =
+        |timers: Vec<statefabric_saga_store::DueTimer>| timers.into_iter().any(|t| t.key == key);
     assert!(!ours(f.store.due_timers(10_000).await?), "not due yet");
     let next = f.store.next_timer_in().await?.expect("a timer is set");
     assert!(
@@ -317,7 +316,7 @@ pub async fn deadlines_fire_when_due_and_heartbeats_push_them(f: Fixture) -> any
         "a due timer is due now"
     );
     let mut next = instance.clone();
-    let parsed = statefabric_saga_engine::engine::parse_key(&key).expect("key");
+    let parsed = key.parse::<TaskKey>().expect("key");
     let effects = next.apply(&def, Input::TimedOut { key: parsed }, 0.0)?;
     let trigger = Trigger::Timer {
         key: key.clone(),

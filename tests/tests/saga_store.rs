@@ -9,9 +9,9 @@ use std::time::Duration;
 use statefabric_domain::TenantId;
 use statefabric_leader::Elector;
 use statefabric_leader::pg::PgElector;
-use statefabric_saga_engine::store::Fence;
-use statefabric_saga_engine::store::pg::{PgSagaStore, PgTaskQueue};
-use statefabric_saga_engine::store::sqlite::SqliteSagaStore;
+use statefabric_saga_store::Fence;
+use statefabric_saga_store::pg::{PgSagaStore, PgTaskQueue};
+use statefabric_saga_store::sqlite::SqliteSagaStore;
 use statefabric_store::sqlite::{SqliteConfig, SqliteEventStore};
 use statefabric_tests as env;
 use statefabric_tests::saga_contract::Fixture;
@@ -90,17 +90,17 @@ async fn a_stale_epoch_writes_nothing() -> anyhow::Result<()> {
         &f.tenant,
         instance,
         None,
-        statefabric_saga_engine::store::Trigger::Direct,
+        statefabric_saga_store::Trigger::Direct,
         &effects,
     );
     match f.store.commit(f.fence.as_ref(), t.clone()).await {
-        Err(statefabric_saga_engine::store::StoreError::Fenced(m)) => {
+        Err(statefabric_saga_store::StoreError::Fenced(m)) => {
             assert!(m.contains("stale leader epoch"), "{m}")
         }
         other => anyhow::bail!("expected a fence error, got {other:?}"),
     }
     match f.store.commit_many(f.fence.as_ref(), vec![t]).await {
-        Err(statefabric_saga_engine::store::StoreError::Fenced(m)) => {
+        Err(statefabric_saga_store::StoreError::Fenced(m)) => {
             assert!(m.contains("stale leader epoch"), "{m}")
         }
         other => anyhow::bail!("expected a fence error for the batch, got {other:?}"),
@@ -122,7 +122,7 @@ async fn a_sidecar_sees_only_its_tenant() -> anyhow::Result<()> {
         &f.tenant,
         instance,
         None,
-        statefabric_saga_engine::store::Trigger::Direct,
+        statefabric_saga_store::Trigger::Direct,
         &effects,
     );
     f.store.commit(f.fence.as_ref(), t).await?;
@@ -139,13 +139,13 @@ async fn a_sidecar_sees_only_its_tenant() -> anyhow::Result<()> {
         other.queue.heartbeat(&other.tenant, &key).await?.is_none(),
         "invisible"
     );
-    let reply = statefabric_saga_engine::store::InboxMessage::Completed {
+    let reply = statefabric_saga_store::InboxMessage::Completed {
         key: key.clone(),
         output: serde_json::json!(1),
     };
     assert_eq!(
         other.queue.reply(&other.tenant, "x", &id, reply).await?,
-        statefabric_saga_engine::store::Replied::Unknown
+        statefabric_saga_store::Replied::Unknown
     );
     assert_eq!(f.queue.claim(&f.tenant, "planner", "x", 10).await?.len(), 1);
     Ok(())

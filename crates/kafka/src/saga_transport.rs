@@ -35,7 +35,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 use statefabric_leader::{Leadership, Role};
-use statefabric_saga_engine::store::{
+use statefabric_saga_store::{
     InboxMessage, Replied, Result, SagaStore, StartRequest, StartRequested, StoreError, TaskQueue,
     TaskRow, TaskStatus,
 };

@@ -25,7 +25,7 @@ use statefabric_saga::{
 };
 
 use crate::metrics::{DefinitionLabel, Metrics, TaskQueueLabels};
-use crate::store::{
+use statefabric_saga_store::{
     Committed, Fence, Finish, Record, SagaStore, StartRequest, StoreError, Stored, TaskStatus,
     Transition, Trigger, check_saga_id,
 };
@@ -130,11 +130,6 @@ struct After {
 
 /// Past this many cached sagas the cache starts afresh.
 const CACHE_LIMIT: usize = 200_000;
-
-/// Parses `saga/step/visit/attempt[/undo]` (see `TaskKey`'s `FromStr`).
-pub fn parse_key(key: &str) -> Option<TaskKey> {
-    key.parse().ok()
-}
 
 impl Engine {
     /// Loads the stored definitions and records `definitions` (new
@@ -605,29 +600,5 @@ impl Engine {
                 _ => {}
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn task_keys_parse_back() {
-        let key = TaskKey {
-            saga: "s-1".into(),
-            step: "a/b".into(),
-            visit: 2,
-            attempt: 3,
-            compensation: true,
-        };
-        assert_eq!(parse_key(&key.to_string()), Some(key.clone()));
-        let plain = TaskKey {
-            compensation: false,
-            ..key
-        };
-        assert_eq!(parse_key(&plain.to_string()), Some(plain));
-        assert_eq!(parse_key("nonsense"), None);
-        assert_eq!(parse_key("s/STEP/x/1"), None);
     }
 }

@@ -1,9 +1,9 @@
 //! Runs sagas durably.
 //!
-//! Owns the saga store port ([`store::SagaStore`] for the engine,
-//! [`store::TaskQueue`] for the agents' side) with its Postgres and embedded
-//! SQLite adapters, the [`engine::Engine`] that advances every saga on the
-//! leader, and the saga [`metrics`].
+//! Owns the [`engine::Engine`] that advances every saga on the leader and
+//! the saga [`metrics`]. The store it advances them in is the port of
+//! `statefabric-saga-store` (`SagaStore`, with Postgres and embedded SQLite
+//! adapters), which the agents' side (`TaskQueue`) uses without the engine.
 //!
 //! How a saga moves: a start request or an agent's reply lands in the inbox
 //! table; the engine reads it (woken by `NOTIFY`, or in-process in the
@@ -15,14 +15,12 @@
 //! deadline with heartbeats, and answer into the inbox. Deadlines and retry
 //! delays are timer rows, so they fire after a restart too.
 //!
-//! It does not own what the definitions say or how a saga decides its next
-//! step (`statefabric-saga`), leader election (`statefabric-leader`), or the
-//! APIs in front of it (the control plane's operator API, the sidecar's task
-//! API).
+//! It does not own storage (`statefabric-saga-store`), what the definitions
+//! say or how a saga decides its next step (`statefabric-saga`), leader
+//! election (`statefabric-leader`), or the APIs in front of it (the control
+//! plane's operator API, the sidecar's task API).
 
 pub mod engine;
 pub mod metrics;
-pub mod store;
 
 pub use engine::{Engine, EngineError, EngineSettings};
-pub use store::{SagaStore, TaskQueue};

@@ -457,3 +457,22 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn task_keys_parse_back() {
+    let key = TaskKey {
+        saga: "s-1".into(),
+        step: "a/b".into(),
+        visit: 2,
+        attempt: 3,
+        compensation: true,
+    };
+    assert_eq!(key.to_string().parse::<TaskKey>(), Ok(key.clone()));
+    let plain = TaskKey {
+        compensation: false,
+        ..key
+    };
+    assert_eq!(plain.to_string().parse::<TaskKey>(), Ok(plain));
+    assert!("nonsense".parse::<TaskKey>().is_err());
+    assert!("s/STEP/x/1".parse::<TaskKey>().is_err());
+}

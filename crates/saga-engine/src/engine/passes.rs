@@ -10,13 +10,14 @@ use chrono::Utc;
 use futures::StreamExt;
 use serde_json::json;
 use statefabric_leader::Role;
+use statefabric_saga::TaskKey;
 use statefabric_saga::machine::{Input, TimerKind};
 use tokio_util::sync::CancellationToken;
 
 use super::busy::Turn;
-use super::{Engine, EngineError, Planned, Result, parse_key};
+use super::{Engine, EngineError, Planned, Result};
 use crate::metrics::{DefinitionLabel, TaskQueueLabels};
-use crate::store::{
+use statefabric_saga_store::{
     Committed, DueTimer, Fence, InboxItem, InboxMessage, OpenTasks, Record, StartRequest, Stored,
     Trigger,
 };
@@ -227,7 +228,7 @@ impl Engine {
     ) -> Result<Option<Planned>> {
         let item = match work {
             Work::Timer(timer) => {
-                let Some(key) = parse_key(&timer.key) else {
+                let Some(key) = timer.key.parse::<TaskKey>().ok() else {
                     return Ok(None);
                 };
                 let (input, kind) = match timer.kind {
@@ -273,7 +274,7 @@ impl Engine {
                 };
             }
             InboxMessage::Completed { key, output } => {
-                let Some(parsed) = parse_key(key) else {
+                let Some(parsed) = key.parse::<TaskKey>().ok() else {
                     self.store.discard(Some(fence), item.id).await?;
                     return Ok(None);
                 };
@@ -290,7 +291,7 @@ impl Engine {
                 )
             }
             InboxMessage::Failed { key, error } => {
-                let Some(parsed) = parse_key(key) else {
+                let Some(parsed) = key.parse::<TaskKey>().ok() else {
                     self.store.discard(Some(fence), item.id).await?;
                     return Ok(None);
                 };

@@ -1,6 +1,7 @@
 //! The saga store port: what the engine and the agents' task queue need from
 //! storage, with the Postgres ([`pg`]) and embedded SQLite ([`sqlite`])
-//! adapters under one contract suite (`tests/src/saga_contract.rs`, run by `tests/tests/saga_store.rs`).
+//! adapters under one contract suite (`tests/src/saga_contract.rs`, run by
+//! `tests/tests/saga_store.rs`).
 //!
 //! The engine owns instances, tasks, timers and history and changes them
 //! only through [`SagaStore::commit`] (or [`SagaStore::commit_many`], many
@@ -9,6 +10,12 @@
 //! trigger is already gone — a heartbeat pushed the deadline, another pass
 //! took the reply — nothing is written. Agents only read their tasks and
 //! write to the inbox ([`TaskQueue`]).
+//!
+//! Its own crate so that what serves agents (the sidecar's task API, the
+//! Kafka saga transport) depends on the port and not on the engine that
+//! runs on the leader (`statefabric-saga-engine`). It does not own the
+//! schema: the saga tables' migrations are `statefabric-store`'s, run
+//! before either adapter is opened.
 
 pub mod pg;
 pub mod sqlite;

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::coalesce::Coalescer;
 use super::{TASK_COLUMNS, TASKS_CHANNEL, batched, listen, map_err, pool, task_row};
-use crate::store::{
+use crate::{
     InboxMessage, Replied, Result, StartRequest, StartRequested, StoreError, TaskQueue, TaskRow,
 };
 

@@ -6,7 +6,7 @@ use sqlx::Row;
 use tokio::sync::watch;
 
 use super::{SqliteSagaStore, TASK_COLUMNS, json_err, map_err, now_ms, task_row, time};
-use crate::store::{
+use crate::{
     InboxMessage, Replied, Result, StartRequest, StartRequested, StoreError, TaskQueue, TaskRow,
     TaskStatus, not_queued,
 };

@@ -4,7 +4,7 @@
 use sqlx::SqliteConnection;
 
 use super::{json_err, map_err};
-use crate::store::{
+use crate::{
     Committed, Result, StoreError, Transition, Trigger, duration_ms, status_str, timer_kind_str,
 };
 

@@ -9,9 +9,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 use super::map_err;
-use crate::store::{
-    InboxMessage, Replied, Result, StartRequested, StoreError, TaskStatus, not_queued,
-};
+use crate::{InboxMessage, Replied, Result, StartRequested, StoreError, TaskStatus, not_queued};
 
 /// An answer to a task, as queued.
 #[derive(Debug)]
@@ -41,7 +39,7 @@ impl Reply {
 #[derive(Debug)]
 pub(super) struct Start {
     pub sender: String,
-    pub request: crate::store::StartRequest,
+    pub request: crate::StartRequest,
 }
 
 fn body(message: &InboxMessage) -> Result<Value> {

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use tokio::sync::oneshot;
 
-use crate::store::{Result, StoreError};
+use crate::{Result, StoreError};
 
 type Waiter<O> = oneshot::Sender<Result<O>>;
 

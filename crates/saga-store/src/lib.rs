@@ -18,6 +18,7 @@
 //! before either adapter is opened.
 
 pub mod pg;
+mod row;
 pub mod sqlite;
 
 use std::time::Duration;

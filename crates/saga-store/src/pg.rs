@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
@@ -24,9 +25,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Committed, DueTimer, Fence, Filter, HistoryEntry, InboxItem, InboxMessage, OpenTasks, Replied,
-    Result, SagaStore, StoreError, Stored, Summary, TaskRow, TaskStatus, Transition, Trigger,
-    duration_ms, parse_status, parse_timer_kind, status_str, timer_kind_str,
+    Result, SagaStore, StoreError, Stored, Summary, TaskRow, Transition, Trigger, duration_ms,
+    status_str, timer_kind_str,
 };
+use crate::row::{self, Columns, stored, task_row};
 
 mod batched;
 mod coalesce;
@@ -216,6 +218,57 @@ fn document(t: &Transition) -> Result<Value> {
 }
 
 /// `statefabric_saga_apply`'s result codes.
+/// How Postgres columns read, for the shared row decoders.
+impl Columns for PgRow {
+    fn text(&self, column: &str) -> Result<String> {
+        self.try_get(column).map_err(map_err)
+    }
+
+    fn opt_text(&self, column: &str) -> Result<Option<String>> {
+        self.try_get(column).map_err(map_err)
+    }
+
+    fn int(&self, column: &str) -> Result<i64> {
+        // sqlx checks the column type: `int4` columns read as i32.
+        self.try_get::<i64, _>(column)
+            .or_else(|_| self.try_get::<i32, _>(column).map(i64::from))
+            .map_err(map_err)
+    }
+
+    fn opt_int(&self, column: &str) -> Result<Option<i64>> {
+        self.try_get::<Option<i64>, _>(column)
+            .or_else(|_| {
+                self.try_get::<Option<i32>, _>(column)
+                    .map(|v| v.map(i64::from))
+            })
+            .map_err(map_err)
+    }
+
+    fn flag(&self, column: &str) -> Result<bool> {
+        self.try_get(column).map_err(map_err)
+    }
+
+    fn json<T: DeserializeOwned>(&self, column: &str) -> Result<T> {
+        let value: Value = self.try_get(column).map_err(map_err)?;
+        serde_json::from_value(value).map_err(|e| row::bad_json(column, e))
+    }
+
+    fn opt_json<T: DeserializeOwned>(&self, column: &str) -> Result<Option<T>> {
+        let value: Option<Value> = self.try_get(column).map_err(map_err)?;
+        value
+            .map(|v| serde_json::from_value(v).map_err(|e| row::bad_json(column, e)))
+            .transpose()
+    }
+
+    fn time(&self, column: &str) -> Result<DateTime<Utc>> {
+        self.try_get(column).map_err(map_err)
+    }
+
+    fn opt_time(&self, column: &str) -> Result<Option<DateTime<Utc>>> {
+        self.try_get(column).map_err(map_err)
+    }
+}
+
 fn committed(result: i64) -> Committed {
     match result {
         -1 => Committed::TriggerGone,
@@ -233,47 +286,6 @@ fn fence_args(fence: Option<&Fence>) -> (Option<&str>, Option<i64>) {
         ),
         None => (None, None),
     }
-}
-
-fn stored(row: &PgRow) -> Result<Stored> {
-    let state: Value = row.try_get("state").map_err(map_err)?;
-    Ok(Stored {
-        tenant: row.try_get("tenant_id").map_err(map_err)?,
-        instance: serde_json::from_value(state)
-            .map_err(|e| StoreError::Backend(format!("stored saga state: {e}")))?,
-        revision: row.try_get("revision").map_err(map_err)?,
-        started_at: row.try_get("started_at").map_err(map_err)?,
-        updated_at: row.try_get("updated_at").map_err(map_err)?,
-        progressed_at: row.try_get("progressed_at").map_err(map_err)?,
-        ended_at: row.try_get("ended_at").map_err(map_err)?,
-    })
-}
-
-fn task_row(row: &PgRow) -> Result<TaskRow> {
-    let status: String = row.try_get("status").map_err(map_err)?;
-    let visit: i32 = row.try_get("visit").map_err(map_err)?;
-    let attempt: i32 = row.try_get("attempt").map_err(map_err)?;
-    Ok(TaskRow {
-        key: row.try_get("task_key").map_err(map_err)?,
-        saga_id: row.try_get("saga_id").map_err(map_err)?,
-        tenant: row.try_get("tenant_id").map_err(map_err)?,
-        step: row.try_get("step").map_err(map_err)?,
-        visit: u32::try_from(visit).unwrap_or_default(),
-        attempt: u32::try_from(attempt).unwrap_or_default(),
-        compensation: row.try_get("compensation").map_err(map_err)?,
-        agent: row.try_get("agent").map_err(map_err)?,
-        action: row.try_get("action").map_err(map_err)?,
-        input: row.try_get("input").map_err(map_err)?,
-        timeout_ms: row.try_get("timeout_ms").map_err(map_err)?,
-        status: TaskStatus::parse(&status),
-        claimed_by: row.try_get("claimed_by").map_err(map_err)?,
-        dispatched_at: row.try_get("dispatched_at").map_err(map_err)?,
-        finished_at: row.try_get("finished_at").map_err(map_err)?,
-        output: row.try_get("output").map_err(map_err)?,
-        error: row.try_get("error").map_err(map_err)?,
-        // Only a claim reads it (the saga's, joined in).
-        traceparent: row.try_get("traceparent").ok().flatten(),
-    })
 }
 
 const TASK_COLUMNS: &str = "task_key, saga_id, tenant_id, step, visit, attempt, compensation, \
@@ -393,19 +405,7 @@ impl SagaStore for PgSagaStore {
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        rows.iter()
-            .map(|row| {
-                let body: Value = row.try_get("body").map_err(map_err)?;
-                Ok(InboxItem {
-                    id: row.try_get("inbox_id").map_err(map_err)?,
-                    tenant: row.try_get("tenant_id").map_err(map_err)?,
-                    saga_id: row.try_get("saga_id").map_err(map_err)?,
-                    message: serde_json::from_value(body)
-                        .map_err(|e| StoreError::Backend(format!("inbox row: {e}")))?,
-                    sender: row.try_get("sender").map_err(map_err)?,
-                })
-            })
-            .collect()
+        rows.iter().map(row::inbox_item).collect()
     }
 
     async fn accept_reply(
@@ -443,16 +443,7 @@ impl SagaStore for PgSagaStore {
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        rows.iter()
-            .map(|row| {
-                let kind: String = row.try_get("kind").map_err(map_err)?;
-                Ok(DueTimer {
-                    saga_id: row.try_get("saga_id").map_err(map_err)?,
-                    key: row.try_get("task_key").map_err(map_err)?,
-                    kind: parse_timer_kind(&kind),
-                })
-            })
-            .collect()
+        rows.iter().map(row::due_timer).collect()
     }
 
     async fn next_timer_in(&self) -> Result<Option<Duration>> {
@@ -489,23 +480,7 @@ impl SagaStore for PgSagaStore {
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        rows.iter()
-            .map(|row| {
-                let status: String = row.try_get("status").map_err(map_err)?;
-                let version: i32 = row.try_get("version").map_err(map_err)?;
-                Ok(Summary {
-                    saga_id: row.try_get("saga_id").map_err(map_err)?,
-                    tenant: row.try_get("tenant_id").map_err(map_err)?,
-                    definition: row.try_get("definition").map_err(map_err)?,
-                    version: u32::try_from(version).unwrap_or_default(),
-                    status: parse_status(&status)?,
-                    paused: row.try_get("paused").map_err(map_err)?,
-                    started_at: row.try_get("started_at").map_err(map_err)?,
-                    progressed_at: row.try_get("progressed_at").map_err(map_err)?,
-                    ended_at: row.try_get("ended_at").map_err(map_err)?,
-                })
-            })
-            .collect()
+        rows.iter().map(row::summary).collect()
     }
 
     async fn history(&self, saga_id: &str) -> Result<Vec<HistoryEntry>> {
@@ -517,18 +492,7 @@ impl SagaStore for PgSagaStore {
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        rows.iter()
-            .map(|row| {
-                Ok(HistoryEntry {
-                    revision: row.try_get("revision").map_err(map_err)?,
-                    at: row.try_get("at").map_err(map_err)?,
-                    kind: row.try_get("kind").map_err(map_err)?,
-                    actor: row.try_get("actor").map_err(map_err)?,
-                    epoch: row.try_get("epoch").map_err(map_err)?,
-                    detail: row.try_get("detail").map_err(map_err)?,
-                })
-            })
-            .collect()
+        rows.iter().map(row::history_entry).collect()
     }
 
     async fn tasks(&self, saga_id: &str) -> Result<Vec<TaskRow>> {

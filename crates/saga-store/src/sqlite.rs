@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqlitePool};
 use statefabric_saga::Definition;
@@ -20,9 +20,9 @@ use tokio::sync::watch;
 
 use super::{
     Committed, DueTimer, Fence, Filter, HistoryEntry, InboxItem, InboxMessage, OpenTasks, Replied,
-    Result, SagaStore, StoreError, Stored, Summary, TaskQueue, TaskRow, TaskStatus, Transition,
-    parse_status, parse_timer_kind, status_str,
+    Result, SagaStore, StoreError, Stored, Summary, TaskQueue, TaskRow, Transition, status_str,
 };
+use crate::row::{self, Columns, stored, task_row};
 
 mod queue;
 mod write;
@@ -38,6 +38,51 @@ fn map_err(e: sqlx::Error) -> StoreError {
 
 fn json_err(e: serde_json::Error) -> StoreError {
     StoreError::Backend(format!("stored JSON: {e}"))
+}
+
+/// How SQLite columns read, for the shared row decoders: times are epoch
+/// milliseconds, JSON is text.
+impl Columns for SqliteRow {
+    fn text(&self, column: &str) -> Result<String> {
+        self.try_get(column).map_err(map_err)
+    }
+
+    fn opt_text(&self, column: &str) -> Result<Option<String>> {
+        self.try_get(column).map_err(map_err)
+    }
+
+    fn int(&self, column: &str) -> Result<i64> {
+        self.try_get(column).map_err(map_err)
+    }
+
+    fn opt_int(&self, column: &str) -> Result<Option<i64>> {
+        self.try_get(column).map_err(map_err)
+    }
+
+    fn flag(&self, column: &str) -> Result<bool> {
+        self.try_get(column).map_err(map_err)
+    }
+
+    fn json<T: DeserializeOwned>(&self, column: &str) -> Result<T> {
+        let text: String = self.try_get(column).map_err(map_err)?;
+        serde_json::from_str(&text).map_err(|e| row::bad_json(column, e))
+    }
+
+    fn opt_json<T: DeserializeOwned>(&self, column: &str) -> Result<Option<T>> {
+        let text: Option<String> = self.try_get(column).map_err(map_err)?;
+        text.map(|t| serde_json::from_str(&t).map_err(|e| row::bad_json(column, e)))
+            .transpose()
+    }
+
+    fn time(&self, column: &str) -> Result<DateTime<Utc>> {
+        self.try_get(column).map(time).map_err(map_err)
+    }
+
+    fn opt_time(&self, column: &str) -> Result<Option<DateTime<Utc>>> {
+        self.try_get::<Option<i64>, _>(column)
+            .map(|ms| ms.map(time))
+            .map_err(map_err)
+    }
 }
 
 fn now_ms() -> i64 {
@@ -112,53 +157,6 @@ impl SqliteSagaStore {
             }
         }
     }
-}
-
-fn stored(row: &SqliteRow) -> Result<Stored> {
-    let state: String = row.try_get("state").map_err(map_err)?;
-    let ended: Option<i64> = row.try_get("ended_at").map_err(map_err)?;
-    Ok(Stored {
-        tenant: row.try_get("tenant_id").map_err(map_err)?,
-        instance: serde_json::from_str(&state).map_err(json_err)?,
-        revision: row.try_get("revision").map_err(map_err)?,
-        started_at: time(row.try_get("started_at").map_err(map_err)?),
-        updated_at: time(row.try_get("updated_at").map_err(map_err)?),
-        progressed_at: time(row.try_get("progressed_at").map_err(map_err)?),
-        ended_at: ended.map(time),
-    })
-}
-
-fn opt_json(s: Option<String>) -> Result<Option<Value>> {
-    s.map(|s| serde_json::from_str(&s).map_err(json_err))
-        .transpose()
-}
-
-fn task_row(row: &SqliteRow) -> Result<TaskRow> {
-    let status: String = row.try_get("status").map_err(map_err)?;
-    let input: String = row.try_get("input").map_err(map_err)?;
-    let visit: i64 = row.try_get("visit").map_err(map_err)?;
-    let attempt: i64 = row.try_get("attempt").map_err(map_err)?;
-    let finished: Option<i64> = row.try_get("finished_at").map_err(map_err)?;
-    Ok(TaskRow {
-        key: row.try_get("task_key").map_err(map_err)?,
-        saga_id: row.try_get("saga_id").map_err(map_err)?,
-        tenant: row.try_get("tenant_id").map_err(map_err)?,
-        step: row.try_get("step").map_err(map_err)?,
-        visit: u32::try_from(visit).unwrap_or_default(),
-        attempt: u32::try_from(attempt).unwrap_or_default(),
-        compensation: row.try_get("compensation").map_err(map_err)?,
-        agent: row.try_get("agent").map_err(map_err)?,
-        action: row.try_get("action").map_err(map_err)?,
-        input: serde_json::from_str(&input).map_err(json_err)?,
-        timeout_ms: row.try_get("timeout_ms").map_err(map_err)?,
-        status: TaskStatus::parse(&status),
-        claimed_by: row.try_get("claimed_by").map_err(map_err)?,
-        dispatched_at: time(row.try_get("dispatched_at").map_err(map_err)?),
-        finished_at: finished.map(time),
-        output: opt_json(row.try_get("output").map_err(map_err)?)?,
-        error: row.try_get("error").map_err(map_err)?,
-        traceparent: None,
-    })
 }
 
 const TASK_COLUMNS: &str = "task_key, saga_id, tenant_id, step, visit, attempt, compensation, \
@@ -279,18 +277,7 @@ impl SagaStore for SqliteSagaStore {
         .fetch_all(&self.writer)
         .await
         .map_err(map_err)?;
-        rows.iter()
-            .map(|row| {
-                let body: String = row.try_get("body").map_err(map_err)?;
-                Ok(InboxItem {
-                    id: row.try_get("inbox_id").map_err(map_err)?,
-                    tenant: row.try_get("tenant_id").map_err(map_err)?,
-                    saga_id: row.try_get("saga_id").map_err(map_err)?,
-                    message: serde_json::from_str(&body).map_err(json_err)?,
-                    sender: row.try_get("sender").map_err(map_err)?,
-                })
-            })
-            .collect()
+        rows.iter().map(row::inbox_item).collect()
     }
 
     async fn accept_reply(
@@ -322,16 +309,7 @@ impl SagaStore for SqliteSagaStore {
         .fetch_all(&self.writer)
         .await
         .map_err(map_err)?;
-        rows.iter()
-            .map(|row| {
-                let kind: String = row.try_get("kind").map_err(map_err)?;
-                Ok(DueTimer {
-                    saga_id: row.try_get("saga_id").map_err(map_err)?,
-                    key: row.try_get("task_key").map_err(map_err)?,
-                    kind: parse_timer_kind(&kind),
-                })
-            })
-            .collect()
+        rows.iter().map(row::due_timer).collect()
     }
 
     async fn next_timer_in(&self) -> Result<Option<Duration>> {
@@ -366,24 +344,7 @@ impl SagaStore for SqliteSagaStore {
         .fetch_all(&self.reader)
         .await
         .map_err(map_err)?;
-        rows.iter()
-            .map(|row| {
-                let status: String = row.try_get("status").map_err(map_err)?;
-                let version: i64 = row.try_get("version").map_err(map_err)?;
-                let ended: Option<i64> = row.try_get("ended_at").map_err(map_err)?;
-                Ok(Summary {
-                    saga_id: row.try_get("saga_id").map_err(map_err)?,
-                    tenant: row.try_get("tenant_id").map_err(map_err)?,
-                    definition: row.try_get("definition").map_err(map_err)?,
-                    version: u32::try_from(version).unwrap_or_default(),
-                    status: parse_status(&status)?,
-                    paused: row.try_get("paused").map_err(map_err)?,
-                    started_at: time(row.try_get("started_at").map_err(map_err)?),
-                    progressed_at: time(row.try_get("progressed_at").map_err(map_err)?),
-                    ended_at: ended.map(time),
-                })
-            })
-            .collect()
+        rows.iter().map(row::summary).collect()
     }
 
     async fn history(&self, saga_id: &str) -> Result<Vec<HistoryEntry>> {
@@ -395,19 +356,7 @@ impl SagaStore for SqliteSagaStore {
         .fetch_all(&self.reader)
         .await
         .map_err(map_err)?;
-        rows.iter()
-            .map(|row| {
-                let detail: String = row.try_get("detail").map_err(map_err)?;
-                Ok(HistoryEntry {
-                    revision: row.try_get("revision").map_err(map_err)?,
-                    at: time(row.try_get("at").map_err(map_err)?),
-                    kind: row.try_get("kind").map_err(map_err)?,
-                    actor: row.try_get("actor").map_err(map_err)?,
-                    epoch: row.try_get("epoch").map_err(map_err)?,
-                    detail: serde_json::from_str(&detail).map_err(json_err)?,
-                })
-            })
-            .collect()
+        rows.iter().map(row::history_entry).collect()
     }
 
     async fn tasks(&self, saga_id: &str) -> Result<Vec<TaskRow>> {

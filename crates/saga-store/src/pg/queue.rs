@@ -12,7 +12,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::coalesce::Coalescer;
-use super::{TASK_COLUMNS, TASKS_CHANNEL, batched, listen, map_err, pool, task_row};
+use super::{TASK_COLUMNS, TASKS_CHANNEL, batched, listen, map_err, pool};
+use crate::row::task_row;
 use crate::{
     InboxMessage, Replied, Result, StartRequest, StartRequested, StoreError, TaskQueue, TaskRow,
 };

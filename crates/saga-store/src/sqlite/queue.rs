@@ -5,7 +5,8 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 use tokio::sync::watch;
 
-use super::{SqliteSagaStore, TASK_COLUMNS, json_err, map_err, now_ms, task_row, time};
+use super::{SqliteSagaStore, TASK_COLUMNS, json_err, map_err, now_ms, time};
+use crate::row::task_row;
 use crate::{
     InboxMessage, Replied, Result, StartRequest, StartRequested, StoreError, TaskQueue, TaskRow,
     TaskStatus, not_queued,

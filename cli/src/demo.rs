@@ -20,7 +20,7 @@ use statefabric_sdk::{StateClient, Task, TaskClient};
 use tokio_util::sync::CancellationToken;
 
 /// (saga id, task, expected end).
-pub const SAMPLES: &[(&str, &str, &str)] = &[
+pub(crate) const SAMPLES: &[(&str, &str, &str)] = &[
     ("demo-1", "add a health endpoint", "DONE"),
     ("demo-2", "fix the flaky login test", "DONE"),
     ("demo-3", "rename the billing module", "DONE"),
@@ -104,7 +104,7 @@ where
     });
 }
 
-pub async fn run(
+pub(crate) async fn run(
     sidecar: String,
     engine: Arc<Engine>,
     page: String,

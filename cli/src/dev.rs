@@ -27,7 +27,7 @@ use statefabric_sidecar::config::{
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct DevConfig {
+pub(crate) struct DevConfig {
     pub admin: AdminConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
@@ -53,7 +53,7 @@ pub struct DevConfig {
 }
 
 impl DevConfig {
-    pub fn defaults() -> Self {
+    pub(crate) fn defaults() -> Self {
         let sidecar = SidecarConfig::defaults();
         Self {
             admin: sidecar.admin,
@@ -74,7 +74,7 @@ impl DevConfig {
     }
 
     /// The sidecar's part, with every other block in-process.
-    pub fn sidecar_config(&self) -> SidecarConfig {
+    pub(crate) fn sidecar_config(&self) -> SidecarConfig {
         SidecarConfig {
             admin: self.admin.clone(),
             telemetry: self.telemetry.clone(),
@@ -134,7 +134,7 @@ impl ServiceConfig for DevConfig {
 
 /// Runs the embedded fabric until shutdown; with `demo`, also the demo
 /// agents and sample sagas.
-pub async fn serve(ctx: ServiceContext<DevConfig>, demo: bool) -> anyhow::Result<()> {
+pub(crate) async fn serve(ctx: ServiceContext<DevConfig>, demo: bool) -> anyhow::Result<()> {
     // Not ready until the State API listens (set by the sidecar).
     let _opening = ctx.readiness.check("state_api");
     let sidecar_ctx = ServiceContext {

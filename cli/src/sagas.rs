@@ -13,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
 #[derive(Debug, clap::Args)]
-pub struct Target {
+pub(crate) struct Target {
     /// The control plane's operator API.
     #[arg(long, env = "STATEFABRIC_API", default_value = "http://127.0.0.1:7502")]
     api: String,
@@ -23,7 +23,7 @@ pub struct Target {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum SagasCommand {
+pub(crate) enum SagasCommand {
     /// Lists sagas, newest first.
     List {
         #[arg(long)]
@@ -304,7 +304,7 @@ fn ok(status: u16, text: String) -> anyhow::Result<()> {
     anyhow::bail!("{status}: {message}")
 }
 
-pub async fn run(target: Target, command: SagasCommand) -> ExitCode {
+pub(crate) async fn run(target: Target, command: SagasCommand) -> ExitCode {
     match execute(&target, command).await {
         Ok(text) => {
             print!("{text}");

@@ -13,10 +13,10 @@ use statefabric_domain::TenantId;
 
 /// The Secret's name in the tenant's namespace: the injector's
 /// `sidecar_template.credentials_secret` default.
-pub const SECRET: &str = "statefabric-sidecar-credentials";
+pub(crate) const SECRET: &str = "statefabric-sidecar-credentials";
 
 #[derive(Debug, Subcommand)]
-pub enum TenantsCommand {
+pub(crate) enum TenantsCommand {
     /// Registers a tenant and (re)creates its Postgres login and Redis user
     /// with fresh passwords (run again to rotate them, then restart the
     /// tenant's pods); prints the Secret for its namespace.
@@ -24,7 +24,7 @@ pub enum TenantsCommand {
 }
 
 #[derive(Debug, Args)]
-pub struct Onboard {
+pub(crate) struct Onboard {
     /// The tenant id (lowercase letters, digits, `-`, `_`).
     tenant: String,
     /// The namespace the tenant's agents run in (the Secret's).
@@ -65,7 +65,7 @@ fn split(urls: &str) -> Vec<String> {
         .collect()
 }
 
-pub async fn run(command: TenantsCommand) -> ExitCode {
+pub(crate) async fn run(command: TenantsCommand) -> ExitCode {
     let TenantsCommand::Onboard(args) = command;
     match onboard(&args).await {
         Ok(secret) => {

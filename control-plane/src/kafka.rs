@@ -12,7 +12,7 @@ use statefabric_saga_store::SagaStore;
 use crate::config::{ControlPlaneConfig, SagaTransport};
 
 #[cfg(feature = "kafka")]
-pub fn start(
+pub(crate) fn start(
     ctx: &ServiceContext<ControlPlaneConfig>,
     pool: Option<sqlx::PgPool>,
     leadership: &Leadership,

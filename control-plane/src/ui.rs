@@ -5,7 +5,7 @@
 //! A token for an authenticated API goes in the URL fragment
 //! (`/ui#token=…`), which browsers never send to the server.
 
-pub const PAGE: &str = r##"<!doctype html>
+pub(crate) const PAGE: &str = r##"<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">

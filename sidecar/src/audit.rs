@@ -38,7 +38,7 @@ enum Message {
 
 /// Queues audit entries of one sidecar (its tenant and identity).
 #[derive(Debug, Clone)]
-pub struct Auditor {
+pub(crate) struct Auditor {
     tx: mpsc::Sender<Message>,
     tenant: TenantId,
     actor: String,
@@ -55,7 +55,7 @@ fn coarse_seconds() -> u64 {
 
 impl Auditor {
     /// Starts the writer; it ends when every `Auditor` is dropped.
-    pub fn start(
+    pub(crate) fn start(
         log: Arc<dyn AuditLog>,
         tenant: TenantId,
         actor: String,
@@ -74,7 +74,7 @@ impl Auditor {
 
     /// Queues one entry: `action` on `target`, with its outcome and
     /// particulars in `details`.
-    pub fn record(&self, action: &str, target: &str, details: Value) {
+    pub(crate) fn record(&self, action: &str, target: &str, details: Value) {
         let entry = AuditEntry {
             tenant: self.tenant.clone(),
             actor: self.actor.clone(),
@@ -96,7 +96,7 @@ impl Auditor {
 
     /// Writes out every queued entry (at shutdown), waiting at most
     /// `limit`.
-    pub async fn flush(&self, limit: Duration) {
+    pub(crate) async fn flush(&self, limit: Duration) {
         let (done, written) = oneshot::channel();
         if self.tx.send(Message::Flush(done)).await.is_ok() {
             let _ = tokio::time::timeout(limit, written).await;

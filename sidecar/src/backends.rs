@@ -28,7 +28,7 @@ use crate::config::{RedisBackend, SidecarConfig};
 const MEMORY_POLL: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone)]
-pub struct Backends {
+pub(crate) struct Backends {
     pub locks: Arc<dyn LockService>,
     pub sessions: Arc<dyn SessionStore>,
     pub notifier: Arc<dyn Notifier>,
@@ -37,7 +37,7 @@ pub struct Backends {
     pub redis: Option<Redis>,
 }
 
-pub async fn open(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result<Backends> {
+pub(crate) async fn open(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result<Backends> {
     let config = &ctx.config;
     let redis = if config.uses_redis() {
         let redis = Redis::connect(&config.redis)
@@ -96,7 +96,10 @@ struct NamespaceLabel {
 
 /// Exports `sessions_live{namespace}` for this sidecar's tenant, refreshed
 /// every `sessions.metrics_interval`.
-pub fn count_live_sessions(ctx: &ServiceContext<SidecarConfig>, sessions: Arc<dyn SessionStore>) {
+pub(crate) fn count_live_sessions(
+    ctx: &ServiceContext<SidecarConfig>,
+    sessions: Arc<dyn SessionStore>,
+) {
     let gauge = Family::<NamespaceLabel, Gauge>::default();
     ctx.register_metrics(|registry| {
         registry.register(

@@ -24,7 +24,7 @@ use prometheus_client::registry::Registry;
 use statefabric_store::context::ContextDocument;
 
 #[derive(Debug, Default, Clone)]
-pub struct CacheMetrics {
+pub(crate) struct CacheMetrics {
     pub hits: Counter,
     pub misses: Counter,
     pub evictions: Counter,
@@ -34,7 +34,7 @@ pub struct CacheMetrics {
 }
 
 #[derive(Debug)]
-pub struct ContextCache {
+pub(crate) struct ContextCache {
     inner: Mutex<Inner>,
     trusted: AtomicBool,
     metrics: CacheMetrics,
@@ -42,7 +42,7 @@ pub struct ContextCache {
 
 /// The cache's bounds; changeable while it runs (a FabricConfig's `cache`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheLimits {
+pub(crate) struct CacheLimits {
     pub max_entries: usize,
     pub max_bytes: usize,
     pub max_age: Duration,
@@ -58,7 +58,7 @@ struct Inner {
 }
 
 impl ContextCache {
-    pub fn new(max_entries: usize, max_bytes: usize, max_age: Duration) -> Self {
+    pub(crate) fn new(max_entries: usize, max_bytes: usize, max_age: Duration) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 lru: LruCache::unbounded(),
@@ -74,13 +74,13 @@ impl ContextCache {
         }
     }
 
-    pub fn limits(&self) -> CacheLimits {
+    pub(crate) fn limits(&self) -> CacheLimits {
         self.lock().limits
     }
 
     /// New bounds, applied at once: entries beyond them are evicted now,
     /// least recently used first.
-    pub fn set_limits(&self, limits: CacheLimits) {
+    pub(crate) fn set_limits(&self, limits: CacheLimits) {
         let mut inner = self.lock();
         inner.limits = CacheLimits {
             max_entries: limits.max_entries.max(1),
@@ -104,7 +104,7 @@ impl ContextCache {
         }
     }
 
-    pub fn register_metrics(&self, registry: &mut Registry) {
+    pub(crate) fn register_metrics(&self, registry: &mut Registry) {
         let m = &self.metrics;
         registry.register(
             "context_cache_hits",
@@ -146,12 +146,12 @@ impl ContextCache {
 
     /// Whether change announcements are being heard. Untrusted, the cache
     /// is emptied and stays empty until trusted again.
-    pub fn set_trusted(&self, trusted: bool) {
+    pub(crate) fn set_trusted(&self, trusted: bool) {
         self.trusted.store(trusted, Ordering::SeqCst);
         self.clear();
     }
 
-    pub fn get(&self, id: &str) -> Option<Arc<ContextDocument>> {
+    pub(crate) fn get(&self, id: &str) -> Option<Arc<ContextDocument>> {
         let found = if self.trusted.load(Ordering::SeqCst) {
             let mut inner = self.lock();
             let max_age = inner.limits.max_age;
@@ -171,7 +171,7 @@ impl ContextCache {
     }
 
     /// Caches `doc` unless a newer revision is already cached.
-    pub fn put(&self, doc: Arc<ContextDocument>) {
+    pub(crate) fn put(&self, doc: Arc<ContextDocument>) {
         let size = serde_json::to_vec(&doc.content).map_or(0, |v| v.len()) + doc.id.len();
         if !self.trusted.load(Ordering::SeqCst) {
             return;
@@ -195,7 +195,7 @@ impl ContextCache {
 
     /// Drops the entry if it is older than `revision` (or unconditionally
     /// with `None`).
-    pub fn invalidate(&self, id: &str, revision: Option<u64>) {
+    pub(crate) fn invalidate(&self, id: &str, revision: Option<u64>) {
         let mut inner = self.lock();
         let stale = inner
             .lru
@@ -209,7 +209,7 @@ impl ContextCache {
     }
 
     /// Drops everything: used when change notifications may have been missed.
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let mut inner = self.lock();
         inner.lru.clear();
         inner.bytes = 0;

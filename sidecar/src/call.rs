@@ -14,11 +14,11 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 /// Header idempotency keys are read from.
-pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+pub(crate) const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
 /// What a call's metadata says, read once per call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CallMeta {
+pub(crate) struct CallMeta {
     /// 1-256 printable ASCII bytes (`idempotency-key`).
     pub idempotency_key: Option<String>,
     /// The caller's W3C `traceparent`, as sent.
@@ -29,7 +29,7 @@ pub struct CallMeta {
 
 impl CallMeta {
     /// Reads the headers; a malformed idempotency key is refused, naming it.
-    pub fn read(headers: &HeaderMap) -> Result<Self, Status> {
+    pub(crate) fn read(headers: &HeaderMap) -> Result<Self, Status> {
         let idempotency_key = match headers.get(IDEMPOTENCY_KEY_HEADER) {
             None => None,
             Some(value) => {
@@ -64,7 +64,7 @@ impl CallMeta {
     /// The call's metadata, as [`CallMetaLayer`] stored it (read from the
     /// request itself should a call arrive without the layer, so a key is
     /// never silently ignored).
-    pub fn of<T>(request: &tonic::Request<T>) -> Result<Self, Status> {
+    pub(crate) fn of<T>(request: &tonic::Request<T>) -> Result<Self, Status> {
         match request.extensions().get::<Self>() {
             Some(meta) => Ok(meta.clone()),
             None => Self::read(&request.metadata().clone().into_headers()),
@@ -74,7 +74,7 @@ impl CallMeta {
 
 /// The span of one call (tonic's `trace_fn`): named for the method, a
 /// child of the trace context the caller sent.
-pub fn span(request: &Request<()>) -> tracing::Span {
+pub(crate) fn span(request: &Request<()>) -> tracing::Span {
     let span = tracing::info_span!(
         "rpc",
         otel.kind = "server",
@@ -87,7 +87,7 @@ pub fn span(request: &Request<()>) -> tracing::Span {
 /// Stores the call's [`CallMeta`] in its extensions; a malformed one is
 /// answered INVALID_ARGUMENT before any service runs.
 #[derive(Debug, Clone, Copy)]
-pub struct CallMetaLayer;
+pub(crate) struct CallMetaLayer;
 
 impl<S> Layer<S> for CallMetaLayer {
     type Service = CallMetaService<S>;
@@ -97,7 +97,7 @@ impl<S> Layer<S> for CallMetaLayer {
 }
 
 #[derive(Debug, Clone)]
-pub struct CallMetaService<S>(S);
+pub(crate) struct CallMetaService<S>(S);
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
@@ -131,7 +131,7 @@ where
 /// most 10 ms): tonic's own timer, outside this stack, would otherwise drop
 /// it at the deadline itself, answered CANCELLED and uncounted.
 #[derive(Debug, Clone, Copy)]
-pub struct DeadlineLayer(pub Duration);
+pub(crate) struct DeadlineLayer(pub Duration);
 
 impl<S> Layer<S> for DeadlineLayer {
     type Service = DeadlineService<S>;
@@ -144,7 +144,7 @@ impl<S> Layer<S> for DeadlineLayer {
 }
 
 #[derive(Debug, Clone)]
-pub struct DeadlineService<S> {
+pub(crate) struct DeadlineService<S> {
     inner: S,
     most: Duration,
 }
@@ -152,7 +152,7 @@ pub struct DeadlineService<S> {
 /// A call that ran past its deadline.
 #[derive(Debug, thiserror::Error)]
 #[error("the call's deadline of {0:?} passed")]
-pub struct DeadlinePassed(pub Duration);
+pub(crate) struct DeadlinePassed(pub Duration);
 
 impl<S, B> Service<Request<B>> for DeadlineService<S>
 where

@@ -23,7 +23,7 @@ use crate::follow::{ChangeFeed, Publisher};
 use crate::status::from_store;
 
 #[derive(Debug, Clone)]
-pub struct ContextService {
+pub(crate) struct ContextService {
     store: Arc<dyn ContextStore>,
     tenant: TenantId,
     identity: String,
@@ -95,7 +95,7 @@ fn now_micros() -> u64 {
 }
 
 impl ContextService {
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<dyn ContextStore>,
         tenant: TenantId,
         identity: String,

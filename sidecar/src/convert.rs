@@ -11,11 +11,11 @@ use statefabric_proto::state::v1 as pb;
 use tonic::Status;
 use uuid::Uuid;
 
-pub fn stream_id(field: &str, raw: &str) -> Result<StreamId, Status> {
+pub(crate) fn stream_id(field: &str, raw: &str) -> Result<StreamId, Status> {
     StreamId::new(raw).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
 }
 
-pub fn expected(raw: Option<pb::ExpectedVersion>) -> Result<ExpectedVersion, Status> {
+pub(crate) fn expected(raw: Option<pb::ExpectedVersion>) -> Result<ExpectedVersion, Status> {
     use pb::expected_version::Kind;
     match raw.and_then(|e| e.kind) {
         None => Err(Status::invalid_argument(
@@ -31,14 +31,14 @@ pub fn expected(raw: Option<pb::ExpectedVersion>) -> Result<ExpectedVersion, Sta
     }
 }
 
-pub fn checkpoint(raw: Option<pb::Checkpoint>) -> Checkpoint {
+pub(crate) fn checkpoint(raw: Option<pb::Checkpoint>) -> Checkpoint {
     raw.map_or(Checkpoint::START, |c| Checkpoint {
         commit: c.commit,
         position: c.position,
     })
 }
 
-pub fn checkpoint_to_proto(c: Checkpoint) -> pb::Checkpoint {
+pub(crate) fn checkpoint_to_proto(c: Checkpoint) -> pb::Checkpoint {
     pb::Checkpoint {
         commit: c.commit,
         position: c.position,
@@ -52,7 +52,7 @@ pub(crate) fn json(field: &str, bytes: &[u8]) -> Result<serde_json::Value, Statu
 
 /// Converts one event; `clock` is the writer's clock for this append, already
 /// ticked by the sidecar.
-pub fn new_event(
+pub(crate) fn new_event(
     index: usize,
     raw: pb::NewEvent,
     clock: &BTreeMap<String, u64>,
@@ -102,7 +102,7 @@ pub fn new_event(
     })
 }
 
-pub fn recorded_to_proto(event: RecordedEvent) -> pb::RecordedEvent {
+pub(crate) fn recorded_to_proto(event: RecordedEvent) -> pb::RecordedEvent {
     let meta = event.metadata;
     pb::RecordedEvent {
         id: event.id.to_string(),

@@ -26,13 +26,13 @@ use crate::status::from_store;
 /// Request header carrying an idempotency key.
 
 #[derive(Debug, Clone, Copy)]
-pub struct SubscriptionSettings {
+pub(crate) struct SubscriptionSettings {
     pub buffer: usize,
     pub lag_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
-pub struct EventsService {
+pub(crate) struct EventsService {
     store: Arc<dyn EventStore>,
     tenant: TenantId,
     identity: AgentId,
@@ -45,7 +45,7 @@ pub struct EventsService {
 }
 
 impl EventsService {
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<dyn EventStore>,
         tenant: TenantId,
         identity: AgentId,
@@ -163,7 +163,7 @@ impl EventsService {
     }
 }
 
-pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RecordedEvent, Status>> + Send>>;
+pub(crate) type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RecordedEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Events for EventsService {

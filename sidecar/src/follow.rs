@@ -23,16 +23,16 @@ use statefabric_updates::{Change, ChangeKind, Notifier, Retention, Signal, Start
 use crate::cache::ContextCache;
 
 /// A change to a document of this sidecar's tenant: (document id, revision).
-pub type ChangeFeed = tokio::sync::broadcast::Sender<(String, u64)>;
+pub(crate) type ChangeFeed = tokio::sync::broadcast::Sender<(String, u64)>;
 
 /// The update stream of a tenant's context changes.
-pub fn context_stream(tenant: &TenantId) -> String {
+pub(crate) fn context_stream(tenant: &TenantId) -> String {
     format!("context.{tenant}")
 }
 
 /// Announces and logs this sidecar's context writes.
 #[derive(Debug, Clone)]
-pub struct Publisher {
+pub(crate) struct Publisher {
     pub notifier: Arc<dyn Notifier>,
     pub log: Arc<dyn UpdateLog>,
     pub tenant: TenantId,
@@ -43,7 +43,7 @@ pub struct Publisher {
 impl Publisher {
     /// After the write committed: failures are logged, not returned (the
     /// write stands; other caches still expire by age).
-    pub async fn publish(&self, doc: &ContextDocument) {
+    pub(crate) async fn publish(&self, doc: &ContextDocument) {
         let change = Change {
             kind: ChangeKind::Context,
             key: doc.id.clone(),
@@ -65,7 +65,7 @@ impl Publisher {
 }
 
 /// Follows announcements into the cache until shutdown.
-pub async fn follow_announcements(
+pub(crate) async fn follow_announcements(
     notifier: Arc<dyn Notifier>,
     tenant: TenantId,
     identity: String,
@@ -116,7 +116,7 @@ pub async fn follow_announcements(
 
 /// Settings of the update-stream follower.
 #[derive(Debug, Clone)]
-pub struct StreamFollow {
+pub(crate) struct StreamFollow {
     pub log: Arc<dyn UpdateLog>,
     /// Dropped stale entries before watchers are woken, so a watcher that
     /// reads after its wake-up never gets the older revision from the cache.
@@ -131,7 +131,11 @@ const READ_BLOCK: Duration = Duration::from_secs(1);
 const TRIM_EVERY: Duration = Duration::from_secs(60);
 
 /// Reads the tenant's update stream into `changes` until shutdown.
-pub async fn follow_update_stream(settings: StreamFollow, changes: ChangeFeed, shutdown: Shutdown) {
+pub(crate) async fn follow_update_stream(
+    settings: StreamFollow,
+    changes: ChangeFeed,
+    shutdown: Shutdown,
+) {
     let StreamFollow {
         log,
         cache,
@@ -194,7 +198,7 @@ pub async fn follow_update_stream(settings: StreamFollow, changes: ChangeFeed, s
 /// Follows other sidecars' context changes by Postgres LISTEN: drops stale
 /// cache entries and wakes watchers. While not listening the cache is
 /// untrusted.
-pub async fn follow_postgres(
+pub(crate) async fn follow_postgres(
     url: String,
     tenant: String,
     cache: Arc<ContextCache>,

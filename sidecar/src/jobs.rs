@@ -27,7 +27,7 @@ const JANITOR_INTERVAL: Duration = Duration::from_secs(600);
 /// The readiness checks the start-up registers before anything slow, so
 /// the process reports not ready until storage answers and the API
 /// listens.
-pub struct Checks {
+pub(crate) struct Checks {
     pub storage: ReadinessCheck,
     pub api: ReadinessCheck,
     /// Only when other sidecars' changes arrive from outside.
@@ -36,7 +36,7 @@ pub struct Checks {
 }
 
 impl Checks {
-    pub fn register(ctx: &ServiceContext<SidecarConfig>) -> Self {
+    pub(crate) fn register(ctx: &ServiceContext<SidecarConfig>) -> Self {
         let config = &ctx.config;
         let outside = config.updates.backend == RedisBackend::Redis
             || config.storage.backend == Backend::Postgres;
@@ -51,14 +51,14 @@ impl Checks {
 
 /// What the jobs share with the services: the context cache and the feed
 /// of this tenant's document changes.
-pub struct Shared {
+pub(crate) struct Shared {
     pub cache: Arc<ContextCache>,
     pub changes: ChangeFeed,
     pub retention: Retention,
 }
 
 /// Starts every background job.
-pub fn start(
+pub(crate) fn start(
     ctx: &ServiceContext<SidecarConfig>,
     storage: &Storage,
     backends: &Backends,

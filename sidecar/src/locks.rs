@@ -20,12 +20,12 @@ use tonic::{Request, Response, Status};
 use crate::status::from_lock;
 
 /// Longest lease and longest wait accepted, whatever a FabricConfig says.
-pub const MAX_MILLIS: u32 = 600_000;
+pub(crate) const MAX_MILLIS: u32 = 600_000;
 
 /// The longest lease and wait an agent may ask for; clones share them, and
 /// a FabricConfig's `locks` changes them while the sidecar runs.
 #[derive(Debug, Clone)]
-pub struct LockLimits {
+pub(crate) struct LockLimits {
     max_lease_ms: Arc<AtomicU32>,
     max_wait_ms: Arc<AtomicU32>,
 }
@@ -41,7 +41,7 @@ impl Default for LockLimits {
 
 impl LockLimits {
     /// New bounds, each at most [`MAX_MILLIS`]; `None` restores that.
-    pub fn set(&self, max_lease: Option<Duration>, max_wait: Option<Duration>) {
+    pub(crate) fn set(&self, max_lease: Option<Duration>, max_wait: Option<Duration>) {
         let ms = |d: Option<Duration>| {
             d.map_or(MAX_MILLIS, |d| {
                 u32::try_from(d.as_millis())
@@ -63,7 +63,7 @@ impl LockLimits {
 }
 
 #[derive(Debug, Clone)]
-pub struct LocksService {
+pub(crate) struct LocksService {
     locks: Arc<dyn LockService>,
     tenant: TenantId,
     identity: String,
@@ -103,7 +103,7 @@ fn lease_to_proto(lease: &Lease) -> pb::Lease {
 }
 
 impl LocksService {
-    pub fn new(
+    pub(crate) fn new(
         locks: Arc<dyn LockService>,
         tenant: TenantId,
         identity: String,
@@ -135,7 +135,7 @@ impl LocksService {
     }
 
     /// Releases every lock this sidecar holds (clean shutdown).
-    pub async fn release_all(&self) {
+    pub(crate) async fn release_all(&self) {
         let leases: Vec<Lease> = self.held().drain().map(|(_, l)| l).collect();
         for lease in leases {
             let released = self.locks.release(&lease).await;

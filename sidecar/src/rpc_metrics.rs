@@ -48,7 +48,7 @@ fn latency_histogram() -> Histogram {
 
 /// The metric families; cheap to clone (shared).
 #[derive(Debug, Clone)]
-pub struct RpcMetrics {
+pub(crate) struct RpcMetrics {
     calls: Family<CallLabels, Counter>,
     duration: Family<MethodLabel, Histogram, fn() -> Histogram>,
     /// Method names as labels, made once per method: a call allocates
@@ -69,7 +69,7 @@ impl Default for RpcMetrics {
 }
 
 impl RpcMetrics {
-    pub fn register(&self, registry: &mut Registry) {
+    pub(crate) fn register(&self, registry: &mut Registry) {
         registry.register(
             "sidecar_rpc_requests",
             "State API calls by method and gRPC status (streams: when opened)",
@@ -163,7 +163,7 @@ fn code_of(headers: &http::HeaderMap) -> tonic::Code {
 }
 
 #[derive(Debug, Clone)]
-pub struct RpcMetricsLayer(pub RpcMetrics);
+pub(crate) struct RpcMetricsLayer(pub RpcMetrics);
 
 impl<S> tower::Layer<S> for RpcMetricsLayer {
     type Service = RpcMetricsService<S>;
@@ -176,7 +176,7 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
 }
 
 #[derive(Debug, Clone)]
-pub struct RpcMetricsService<S> {
+pub(crate) struct RpcMetricsService<S> {
     inner: S,
     metrics: RpcMetrics,
 }

@@ -26,7 +26,7 @@ use crate::tasks::TasksService;
 
 /// Every State API service, and the hot settings the mesh configuration
 /// changes under them.
-pub struct Services {
+pub(crate) struct Services {
     pub events: EventsService,
     pub context: ContextService,
     pub locks: LocksService,
@@ -38,12 +38,12 @@ pub struct Services {
 }
 
 /// The ids the services act under (parsed once).
-pub struct Ids {
+pub(crate) struct Ids {
     pub tenant: TenantId,
     pub identity: AgentId,
 }
 
-pub fn build(
+pub(crate) fn build(
     ctx: &ServiceContext<SidecarConfig>,
     storage: &Storage,
     backends: &Backends,
@@ -130,7 +130,7 @@ pub fn build(
 }
 
 /// Serves the State API (with gRPC health and reflection) until shutdown.
-pub async fn serve(
+pub(crate) async fn serve(
     ctx: &ServiceContext<SidecarConfig>,
     services: &Services,
     api_ready: ReadinessCheck,

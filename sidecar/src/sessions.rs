@@ -22,7 +22,7 @@ use crate::locks::outcome;
 use crate::status::from_session;
 
 #[derive(Debug, Clone)]
-pub struct SessionsService {
+pub(crate) struct SessionsService {
     store: Arc<dyn SessionStore>,
     tenant: TenantId,
     identity: String,
@@ -35,13 +35,13 @@ pub struct SessionsService {
 /// configuration, and over them those of its FabricConfig, replaced
 /// whole without a restart (calls in flight keep the map they read).
 #[derive(Debug, Clone)]
-pub struct SessionPolicies {
+pub(crate) struct SessionPolicies {
     configured: Arc<BTreeMap<String, Policy>>,
     current: Arc<ArcSwap<BTreeMap<String, Policy>>>,
 }
 
 impl SessionPolicies {
-    pub fn new(configured: BTreeMap<String, Policy>) -> Self {
+    pub(crate) fn new(configured: BTreeMap<String, Policy>) -> Self {
         Self {
             current: Arc::new(ArcSwap::from_pointee(configured.clone())),
             configured: Arc::new(configured),
@@ -50,7 +50,7 @@ impl SessionPolicies {
 
     /// The configured namespaces with `mesh`'s on top (a name in both takes
     /// the mesh's policy).
-    pub fn set_mesh(&self, mesh: BTreeMap<String, Policy>) {
+    pub(crate) fn set_mesh(&self, mesh: BTreeMap<String, Policy>) {
         let mut merged = (*self.configured).clone();
         merged.extend(mesh);
         self.current.store(Arc::new(merged));
@@ -66,7 +66,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl SessionsService {
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<dyn SessionStore>,
         tenant: TenantId,
         identity: String,

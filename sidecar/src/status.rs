@@ -6,7 +6,7 @@
 use statefabric_store::{InvalidInput, StoreError};
 use tonic::Status;
 
-pub fn from_store(err: StoreError) -> Status {
+pub(crate) fn from_store(err: StoreError) -> Status {
     match err {
         StoreError::Invalid(invalid) => from_invalid(invalid),
         err @ (StoreError::Concurrency { .. }
@@ -41,7 +41,9 @@ pub fn from_store(err: StoreError) -> Status {
 /// the State API reports every oversize payload as RESOURCE_EXHAUSTED, the
 /// code clients already handle for the store's own size limits. Such a
 /// rejection is a trailers-only response, so the status is in the headers.
-pub fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+pub(crate) fn oversize_is_resource_exhausted<B>(
+    mut response: http::Response<B>,
+) -> http::Response<B> {
     let headers = response.headers_mut();
     let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
     let too_large = headers
@@ -57,7 +59,7 @@ pub fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> htt
 /// What the request path's own layers refuse, as the statuses the caller
 /// sees: overload (load shedding) and a passed deadline. Anything else a
 /// layer fails with is a server fault, logged here.
-pub fn from_stack(
+pub(crate) fn from_stack(
     result: Result<http::Response<tonic::body::Body>, tower::BoxError>,
 ) -> Result<http::Response<tonic::body::Body>, tower::BoxError> {
     let err = match result {
@@ -77,7 +79,7 @@ pub fn from_stack(
     Ok(status.into_http())
 }
 
-pub fn from_saga_store(err: statefabric_saga_store::StoreError) -> Status {
+pub(crate) fn from_saga_store(err: statefabric_saga_store::StoreError) -> Status {
     use statefabric_saga_store::StoreError as Saga;
     match err {
         Saga::Invalid(m) => Status::invalid_argument(m),
@@ -89,7 +91,7 @@ pub fn from_saga_store(err: statefabric_saga_store::StoreError) -> Status {
     }
 }
 
-pub fn from_lock(err: statefabric_lock::LockError) -> Status {
+pub(crate) fn from_lock(err: statefabric_lock::LockError) -> Status {
     use statefabric_lock::LockError;
     match err {
         LockError::Invalid { .. } => Status::invalid_argument(err.to_string()),
@@ -98,7 +100,7 @@ pub fn from_lock(err: statefabric_lock::LockError) -> Status {
     }
 }
 
-pub fn from_session(err: statefabric_session::SessionError) -> Status {
+pub(crate) fn from_session(err: statefabric_session::SessionError) -> Status {
     use statefabric_session::SessionError;
     match err {
         SessionError::Invalid { .. } => Status::invalid_argument(err.to_string()),
@@ -106,7 +108,7 @@ pub fn from_session(err: statefabric_session::SessionError) -> Status {
     }
 }
 
-pub fn from_invalid(invalid: InvalidInput) -> Status {
+pub(crate) fn from_invalid(invalid: InvalidInput) -> Status {
     match invalid {
         InvalidInput::EventTooLarge { .. }
         | InvalidInput::BatchTooLarge { .. }

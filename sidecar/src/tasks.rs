@@ -38,7 +38,7 @@ const STREAM_RECHECK: Duration = Duration::from_secs(10);
 const POLLED: u64 = u64::MAX;
 
 #[derive(Debug, Clone)]
-pub struct TasksService {
+pub(crate) struct TasksService {
     queue: Arc<dyn TaskQueue>,
     tenant: String,
     identity: String,
@@ -97,7 +97,7 @@ fn json(bytes: &[u8], what: &str) -> Result<Value, Status> {
 }
 
 impl TasksService {
-    pub fn new(
+    pub(crate) fn new(
         queue: Arc<dyn TaskQueue>,
         tenant: String,
         identity: String,
@@ -134,7 +134,7 @@ impl TasksService {
     /// Offers the tasks handed out through this sidecar and not answered to
     /// other workers at once (clean shutdown), instead of letting them wait
     /// out their deadlines.
-    pub async fn release_unanswered(&self) {
+    pub(crate) async fn release_unanswered(&self) {
         let keys: Vec<String> = self
             .in_flight
             .lock()

@@ -1,5 +1,10 @@
 //! `FabricConfig`: the sidecar settings for the pods it selects.
 
+#![allow(
+    unreachable_pub,
+    reason = "kube's KubeSchema derive (the x_kube validation rules) re-emits these structs in a private module"
+)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;

@@ -2,6 +2,11 @@
 //! and the targets they apply to — the sidecar's own dependencies and the
 //! agents' egress upstreams.
 
+#![allow(
+    unreachable_pub,
+    reason = "kube's KubeSchema derive (the x_kube validation rules) re-emits these structs in a private module"
+)]
+
 use std::collections::BTreeMap;
 
 use kube::{CustomResource, KubeSchema};

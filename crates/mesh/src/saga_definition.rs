@@ -1,6 +1,11 @@
 //! `SagaDefinition`: a saga definition (the YAML `fabric dev` and the
 //! control plane's `[sagas] definitions` files hold) as a resource.
 
+#![allow(
+    unreachable_pub,
+    reason = "kube's KubeSchema derive (the x_kube validation rules) re-emits these structs in a private module"
+)]
+
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -1,6 +1,11 @@
 //! `Upstream`: an external HTTP or gRPC destination agents call through
 //! their sidecar's egress listener.
 
+#![allow(
+    unreachable_pub,
+    reason = "kube's KubeSchema derive (the x_kube validation rules) re-emits these structs in a private module"
+)]
+
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

@@ -20,17 +20,17 @@ use super::errors::EgressBody;
 use super::metrics::EgressMetrics;
 use super::stack::{Call, Next, Result as StepResult, Step, call_next};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The upstream sent nothing for the idle timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("upstream {upstream}: no data for {idle:?}; the stream was cut")]
-pub struct IdleTimeout {
+pub(super) struct IdleTimeout {
     pub upstream: String,
     pub idle: Duration,
 }
 
-pub struct IdleBody<B> {
+pub(super) struct IdleBody<B> {
     inner: B,
     idle: Duration,
     upstream: String,
@@ -40,7 +40,7 @@ pub struct IdleBody<B> {
 }
 
 impl<B> IdleBody<B> {
-    pub fn new(inner: B, idle: Duration, upstream: String) -> Self {
+    pub(super) fn new(inner: B, idle: Duration, upstream: String) -> Self {
         Self {
             inner,
             idle,
@@ -51,7 +51,7 @@ impl<B> IdleBody<B> {
     }
 
     /// Counts the data passed through in `received`.
-    pub fn counted(mut self, received: Counter) -> Self {
+    pub(super) fn counted(mut self, received: Counter) -> Self {
         self.received = Some(received);
         self
     }
@@ -98,13 +98,13 @@ where
 
 /// A body that keeps something alive until it is done (a concurrency slot:
 /// a stream counts for as long as it flows).
-pub struct Holding<B, T> {
+pub(super) struct Holding<B, T> {
     inner: B,
     _held: T,
 }
 
 impl<B, T> Holding<B, T> {
-    pub fn new(inner: B, held: T) -> Self {
+    pub(super) fn new(inner: B, held: T) -> Self {
         Self { inner, _held: held }
     }
 }
@@ -136,7 +136,7 @@ where
 /// The stack's body step: the upstream's response body streams through
 /// frame by frame under the route's idle timeout, its bytes counted.
 #[derive(Debug, Clone)]
-pub struct Streaming(pub EgressMetrics);
+pub(super) struct Streaming(pub EgressMetrics);
 
 impl Step<Call> for Streaming {
     type Response = Response<EgressBody>;

@@ -18,11 +18,15 @@ use super::stack::{Attempt, Next, PerUpstream, Result, Step, call_next};
 
 /// Every upstream's breaker (shared with the tunnels of the forward-proxy
 /// mode).
-pub type Breakers = PerUpstream<Breaker>;
+pub(super) type Breakers = PerUpstream<Breaker>;
 
 /// The upstream's breaker with the route's settings; `None` without a
 /// breaker policy.
-pub fn for_route(breakers: &Breakers, route: &Route, metrics: &EgressMetrics) -> Option<Breaker> {
+pub(super) fn for_route(
+    breakers: &Breakers,
+    route: &Route,
+    metrics: &EgressMetrics,
+) -> Option<Breaker> {
     let config: BreakerConfig = route.policy.breaker?;
     let breaker = breakers.get(
         &route.name,
@@ -38,13 +42,13 @@ pub fn for_route(breakers: &Breakers, route: &Route, metrics: &EgressMetrics) ->
 }
 
 #[derive(Clone)]
-pub struct Breaking {
+pub(super) struct Breaking {
     breakers: Arc<Breakers>,
     metrics: EgressMetrics,
 }
 
 impl Breaking {
-    pub fn new(breakers: Arc<Breakers>, metrics: EgressMetrics) -> Self {
+    pub(super) fn new(breakers: Arc<Breakers>, metrics: EgressMetrics) -> Self {
         Self { breakers, metrics }
     }
 }

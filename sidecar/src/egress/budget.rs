@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 #[derive(Debug)]
-pub struct RetryBudget {
+pub(super) struct RetryBudget {
     state: Mutex<State>,
 }
 
@@ -32,7 +32,7 @@ struct State {
 const RETRY: u64 = 100;
 
 impl RetryBudget {
-    pub fn new(percent: u32, min_per_second: u32) -> Self {
+    pub(super) fn new(percent: u32, min_per_second: u32) -> Self {
         let min_per_second = f64::from(min_per_second);
         Self {
             state: Mutex::new(State {
@@ -46,21 +46,21 @@ impl RetryBudget {
     }
 
     /// The settings changed: keep what is banked, spend by the new rules.
-    pub fn set(&self, percent: u32, min_per_second: u32) {
+    pub(super) fn set(&self, percent: u32, min_per_second: u32) {
         let mut state = self.lock();
         state.percent = u64::from(percent);
         state.min_per_second = f64::from(min_per_second);
     }
 
     /// A request (not a retry) was made.
-    pub fn deposit(&self) {
+    pub(super) fn deposit(&self) {
         let mut state = self.lock();
         let cap = state.percent * 100;
         state.deposits = (state.deposits + state.percent).min(cap);
     }
 
     /// Whether one more retry may go; takes it from the budget if so.
-    pub fn withdraw(&self) -> bool {
+    pub(super) fn withdraw(&self) -> bool {
         let mut state = self.lock();
         let now = Instant::now();
         let elapsed = now

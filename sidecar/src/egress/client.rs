@@ -24,7 +24,7 @@ use super::routes::{Route, RouteTls};
 use super::stack::{Attempt, PerUpstream};
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-pub type UpstreamClient = Client<Connector, EgressBody>;
+pub(super) type UpstreamClient = Client<Connector, EgressBody>;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): this connection's, not the
 /// upstream's.
@@ -49,13 +49,13 @@ struct ClientKey {
 }
 
 /// A pooled client per upstream.
-pub struct Clients {
+pub(super) struct Clients {
     tls: Arc<rustls::ClientConfig>,
     pools: PerUpstream<(ClientKey, UpstreamClient)>,
 }
 
 impl Clients {
-    pub fn new(tls: rustls::ClientConfig) -> Self {
+    pub(super) fn new(tls: rustls::ClientConfig) -> Self {
         Self {
             tls: Arc::new(tls),
             pools: PerUpstream::default(),
@@ -63,7 +63,7 @@ impl Clients {
     }
 
     /// The route's client, made anew when its settings changed.
-    pub fn client(&self, route: &Route) -> UpstreamClient {
+    pub(super) fn client(&self, route: &Route) -> UpstreamClient {
         let key = ClientKey {
             connect: route.policy.connect,
             protocol: route.protocol,
@@ -113,7 +113,7 @@ fn build_client(tls: &Arc<rustls::ClientConfig>, key: &ClientKey) -> UpstreamCli
 /// ones and `Host` (the client sets it from the URI), with the route's own,
 /// and the egress span's trace context (when traces are exported; else the
 /// agent's goes on as it was).
-pub fn to_upstream(headers: &mut HeaderMap, route: &Route) {
+pub(super) fn to_upstream(headers: &mut HeaderMap, route: &Route) {
     headers.remove(header::HOST);
     for name in HOP_BY_HOP {
         headers.remove(name);
@@ -126,12 +126,12 @@ pub fn to_upstream(headers: &mut HeaderMap, route: &Route) {
 
 /// The leaf service: one try.
 #[derive(Clone)]
-pub struct UpstreamService {
+pub(super) struct UpstreamService {
     clients: Arc<Clients>,
 }
 
 impl UpstreamService {
-    pub fn new(clients: Arc<Clients>) -> Self {
+    pub(super) fn new(clients: Arc<Clients>) -> Self {
         Self { clients }
     }
 }
@@ -162,7 +162,7 @@ impl tower::Service<Attempt> for UpstreamService {
 }
 
 /// Sends `request` and waits for the response's head at most `limit`.
-pub async fn send(
+pub(super) async fn send(
     client: &UpstreamClient,
     route: &Route,
     request: Request<EgressBody>,

@@ -13,10 +13,10 @@ use serde_json::json;
 use super::body::BoxError;
 use super::stack::{Next, Result, Step, call_next};
 
-pub type EgressBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+pub(crate) type EgressBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 #[derive(Debug, thiserror::Error)]
-pub enum EgressError {
+pub(super) enum EgressError {
     #[error("no upstream is named in the path; call /<upstream>/<path>")]
     NoUpstream { known: Vec<String> },
     #[error("unknown upstream {name}")]
@@ -59,7 +59,7 @@ fn retry_after_seconds(wait: std::time::Duration) -> u64 {
 }
 
 impl EgressError {
-    pub fn status(&self) -> StatusCode {
+    pub(super) fn status(&self) -> StatusCode {
         match self {
             Self::NoUpstream { .. } | Self::UnknownUpstream { .. } => StatusCode::NOT_FOUND,
             Self::CircuitOpen { .. } | Self::Unusable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -88,7 +88,7 @@ impl EgressError {
     }
 
     /// The answer to the agent.
-    pub fn into_response(self) -> Response<EgressBody> {
+    pub(super) fn into_response(self) -> Response<EgressBody> {
         let mut body = json!({
             "error": {"type": self.kind(), "message": self.to_string()},
         });
@@ -123,7 +123,7 @@ impl EgressError {
 /// Turns the path's errors into answers, logging each failed call with its
 /// upstream and reason.
 #[derive(Debug, Clone, Copy)]
-pub struct Respond;
+pub(super) struct Respond;
 
 impl Step<http::Request<hyper::body::Incoming>> for Respond {
     type Response = Response<EgressBody>;

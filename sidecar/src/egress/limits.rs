@@ -36,7 +36,7 @@ use super::stack::{
 
 /// The limits of one upstream, resolved from its LimitPolicy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LimitSettings {
+pub(crate) struct LimitSettings {
     pub max_concurrency: Option<u32>,
     pub requests_per_second: Option<u32>,
     pub tokens_per_minute: Option<u64>,
@@ -46,7 +46,7 @@ pub struct LimitSettings {
 
 /// Why a call was turned away, and when trying again makes sense.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shed {
+pub(super) enum Shed {
     /// All slots busy and the queue full (or the wait too long): 503.
     Busy { retry_after: Duration },
     /// Over the request rate: 429.
@@ -54,7 +54,7 @@ pub enum Shed {
 }
 
 #[derive(Debug)]
-pub struct Limiter {
+pub(super) struct Limiter {
     settings: LimitSettings,
     slots: Option<Arc<Semaphore>>,
     bucket: Option<Mutex<Bucket>>,
@@ -131,7 +131,7 @@ impl Bucket {
 }
 
 impl Limiter {
-    pub fn new(settings: LimitSettings) -> Self {
+    pub(super) fn new(settings: LimitSettings) -> Self {
         Self {
             settings,
             slots: settings
@@ -151,13 +151,13 @@ impl Limiter {
         }
     }
 
-    pub fn settings(&self) -> LimitSettings {
+    pub(super) fn settings(&self) -> LimitSettings {
         self.settings
     }
 
     /// Admits a call (holding a slot until the permit is dropped) or sheds
     /// it.
-    pub async fn admit(&self) -> Result<Option<OwnedSemaphorePermit>, Shed> {
+    pub(super) async fn admit(&self) -> Result<Option<OwnedSemaphorePermit>, Shed> {
         let deadline = Instant::now() + self.settings.queue_timeout;
         let mut queued = None;
         while let Some(wait) = self.rate_wait().await {
@@ -204,7 +204,7 @@ impl Limiter {
     }
 
     /// Takes the tokens an answer reported off the balance.
-    pub fn spend_tokens(&self, tokens: u64) {
+    pub(super) fn spend_tokens(&self, tokens: u64) {
         if let Some(balance) = &self.tokens {
             lock(balance).spend(tokens);
         }
@@ -239,12 +239,12 @@ impl Drop for Waiting<'_> {
 
 /// Every upstream's limiter, shared by the limit and the usage steps.
 #[derive(Default)]
-pub struct Limiters(PerUpstream<Arc<Limiter>>);
+pub(super) struct Limiters(PerUpstream<Arc<Limiter>>);
 
 impl Limiters {
     /// The upstream's limiter with these settings (new limits for new
     /// calls; calls in flight keep their slots).
-    pub fn get(&self, upstream: &str, settings: LimitSettings) -> Arc<Limiter> {
+    pub(super) fn get(&self, upstream: &str, settings: LimitSettings) -> Arc<Limiter> {
         self.0.get(
             upstream,
             || Arc::new(Limiter::new(settings)),
@@ -259,7 +259,7 @@ impl Limiters {
 
 /// Past the route's limits (with the upstream's concurrency slot, when it
 /// has a concurrency limit), or shed with when to come back.
-pub async fn admit(
+pub(super) async fn admit(
     limiters: &Limiters,
     metrics: &EgressMetrics,
     route: &Route,
@@ -296,13 +296,13 @@ pub async fn admit(
 /// The stack's limit step: past the upstream's limits (holding a slot for
 /// as long as the response body flows), or shed with when to come back.
 #[derive(Clone)]
-pub struct Limiting {
+pub(super) struct Limiting {
     limiters: Arc<Limiters>,
     metrics: EgressMetrics,
 }
 
 impl Limiting {
-    pub fn new(limiters: Arc<Limiters>, metrics: EgressMetrics) -> Self {
+    pub(super) fn new(limiters: Arc<Limiters>, metrics: EgressMetrics) -> Self {
         Self { limiters, metrics }
     }
 }

@@ -53,7 +53,7 @@ fn latency_histogram() -> Histogram {
 /// The egress path's metric families; clones share them (one pointer:
 /// the steps hold a copy each and clone it into every call).
 #[derive(Debug, Clone, Default)]
-pub struct EgressMetrics(Arc<Families>);
+pub(crate) struct EgressMetrics(Arc<Families>);
 
 impl std::ops::Deref for EgressMetrics {
     type Target = Families;
@@ -64,7 +64,7 @@ impl std::ops::Deref for EgressMetrics {
 }
 
 #[derive(Debug)]
-pub struct Families {
+pub(crate) struct Families {
     calls: Family<CallLabels, Counter>,
     queued: Family<UpstreamLabel, Gauge>,
     bytes: Family<BytesLabels, Counter>,
@@ -95,7 +95,7 @@ impl Default for Families {
 }
 
 impl Families {
-    pub fn register(&self, registry: &mut Registry) {
+    pub(crate) fn register(&self, registry: &mut Registry) {
         registry.register(
             "egress_queued_calls",
             "Calls waiting for a slot of an upstream's concurrency or rate limit",
@@ -148,7 +148,7 @@ impl Families {
         );
     }
 
-    pub fn observe(&self, upstream: &str, status: http::StatusCode, took: Duration) {
+    pub(crate) fn observe(&self, upstream: &str, status: http::StatusCode, took: Duration) {
         let class = format!("{}xx", status.as_u16() / 100);
         self.calls
             .get_or_create(&CallLabels {
@@ -164,7 +164,7 @@ impl Families {
     }
 
     /// The gauge of `upstream`'s calls waiting for admission.
-    pub fn tokens(&self, upstream: &str) -> Counter {
+    pub(crate) fn tokens(&self, upstream: &str) -> Counter {
         self.tokens
             .get_or_create(&UpstreamLabel {
                 upstream: upstream.to_owned(),
@@ -172,7 +172,7 @@ impl Families {
             .clone()
     }
 
-    pub fn queued(&self, upstream: &str) -> Gauge {
+    pub(crate) fn queued(&self, upstream: &str) -> Gauge {
         self.queued
             .get_or_create(&UpstreamLabel {
                 upstream: upstream.to_owned(),
@@ -181,7 +181,7 @@ impl Families {
     }
 
     /// The counter of body bytes to or from `upstream` (`sent`/`received`).
-    pub fn bytes(&self, upstream: &str, direction: &'static str) -> Counter {
+    pub(crate) fn bytes(&self, upstream: &str, direction: &'static str) -> Counter {
         self.bytes
             .get_or_create(&BytesLabels {
                 upstream: upstream.to_owned(),
@@ -190,7 +190,7 @@ impl Families {
             .clone()
     }
 
-    pub fn retried(&self, upstream: &str, reason: &str) {
+    pub(crate) fn retried(&self, upstream: &str, reason: &str) {
         self.retries
             .get_or_create(&RetryLabels {
                 upstream: upstream.to_owned(),
@@ -199,7 +199,7 @@ impl Families {
             .inc();
     }
 
-    pub fn budget_exhausted(&self, upstream: &str) {
+    pub(crate) fn budget_exhausted(&self, upstream: &str) {
         self.exhausted
             .get_or_create(&UpstreamLabel {
                 upstream: upstream.to_owned(),
@@ -207,7 +207,7 @@ impl Families {
             .inc();
     }
 
-    pub fn shed(&self, upstream: &str) {
+    pub(crate) fn shed(&self, upstream: &str) {
         self.shed
             .get_or_create(&UpstreamLabel {
                 upstream: upstream.to_owned(),
@@ -215,7 +215,7 @@ impl Families {
             .inc();
     }
 
-    pub fn replayed(&self, upstream: &str) {
+    pub(crate) fn replayed(&self, upstream: &str) {
         self.replays
             .get_or_create(&UpstreamLabel {
                 upstream: upstream.to_owned(),
@@ -223,7 +223,7 @@ impl Families {
             .inc();
     }
 
-    pub fn breaker_state(&self, upstream: &str, state: BreakerState) {
+    pub(crate) fn breaker_state(&self, upstream: &str, state: BreakerState) {
         let value = match state {
             BreakerState::Closed => 0,
             BreakerState::HalfOpen => 1,
@@ -240,7 +240,7 @@ impl Families {
 /// The stack's metrics step: every routed call counted by the status the
 /// agent gets (the sidecar's own answers too) and timed to its headers.
 #[derive(Debug, Clone)]
-pub struct Observe(pub EgressMetrics);
+pub(super) struct Observe(pub EgressMetrics);
 
 impl CallStep for Observe {
     fn call<S: CallNext>(

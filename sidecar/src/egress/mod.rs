@@ -38,7 +38,7 @@ mod limits;
 mod metrics;
 mod replay;
 mod retry;
-pub mod routes;
+pub(crate) mod routes;
 mod stack;
 mod tunnel;
 mod upgrade;
@@ -60,12 +60,12 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::Instrument;
 
-pub use errors::EgressBody;
-pub use metrics::EgressMetrics;
-pub use replay::Replay;
+pub(crate) use errors::EgressBody;
+pub(crate) use metrics::EgressMetrics;
+pub(crate) use replay::Replay;
 
 /// The egress path's handle: its routes (hot-swapped) and its stack.
-pub struct Egress {
+pub(crate) struct Egress {
     routes: Arc<ArcSwap<routes::Routes>>,
     stack: stack::EgressService,
 }
@@ -82,7 +82,7 @@ impl Egress {
     /// `max_retry_body`: request bodies up to this size are kept so a retry
     /// (or a replay's fingerprint) can use them. With `replay`, keyed
     /// calls are recorded and replayed.
-    pub fn new(
+    pub(crate) fn new(
         tls: rustls::ClientConfig,
         max_retry_body: usize,
         metrics: EgressMetrics,
@@ -100,7 +100,7 @@ impl Egress {
     }
 
     /// Replaces the routes; calls in flight finish on the route they took.
-    pub fn set_routes(&self, routes: routes::Routes) {
+    pub(crate) fn set_routes(&self, routes: routes::Routes) {
         self.routes.store(Arc::new(routes));
     }
 
@@ -108,7 +108,7 @@ impl Egress {
     /// path's own error answer. One client span per call, a child of the
     /// agent's trace context, whose context the upstream request carries on
     /// (it ends when the response's head is back; a streamed body goes on).
-    pub async fn call(&self, request: Request<Incoming>) -> Response<EgressBody> {
+    pub(crate) async fn call(&self, request: Request<Incoming>) -> Response<EgressBody> {
         let span = tracing::info_span!(
             "egress",
             otel.kind = "client",
@@ -133,7 +133,9 @@ impl Egress {
 
 /// The TLS settings upstream connections use: the platform's roots and
 /// webpki's, plus `extra_ca` (PEM) when given.
-pub fn tls_config(extra_ca: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfig> {
+pub(crate) fn tls_config(
+    extra_ca: Option<&std::path::Path>,
+) -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let native = rustls_native_certs::load_native_certs();
@@ -152,7 +154,7 @@ pub fn tls_config(extra_ca: Option<&std::path::Path>) -> anyhow::Result<rustls::
 
 /// TLS settings that trust the certificates of `pem` and nothing else (an
 /// Upstream's own CA).
-pub fn tls_config_with_roots(pem: &[u8]) -> anyhow::Result<rustls::ClientConfig> {
+pub(crate) fn tls_config_with_roots(pem: &[u8]) -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     add_pem(&mut roots, pem)?;
     anyhow::ensure!(!roots.is_empty(), "holds no PEM certificate");
@@ -177,7 +179,7 @@ fn client_config(roots: rustls::RootCertStore) -> anyhow::Result<rustls::ClientC
 
 /// Serves the egress listener until `stop`; connections in flight finish
 /// their current requests.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     egress: Arc<Egress>,
     stop: CancellationToken,

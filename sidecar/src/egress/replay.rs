@@ -34,12 +34,12 @@ use super::metrics::EgressMetrics;
 use super::retry::body_fits;
 use super::stack::{Answer, Call, CallNext, CallStep, RequestBody, call_next};
 
-pub const TASK_KEY_HEADER: &str = "x-statefabric-task-key";
-pub const REPLAYED_HEADER: &str = "x-statefabric-replayed";
+pub(super) const TASK_KEY_HEADER: &str = "x-statefabric-task-key";
+pub(super) const REPLAYED_HEADER: &str = "x-statefabric-replayed";
 
 /// Where and how long responses are recorded.
 #[derive(Clone)]
-pub struct Replay {
+pub(crate) struct Replay {
     pub store: Arc<dyn ReplayStore>,
     pub tenant: TenantId,
     pub ttl: Duration,
@@ -243,7 +243,7 @@ where
 /// answered from its record, refused when the key was used for another
 /// request, or sent with its answer recorded.
 #[derive(Clone)]
-pub struct Replaying {
+pub(super) struct Replaying {
     replay: Option<Replay>,
     /// Bodies over this are not kept, so such a call is not recorded.
     max_body: usize,
@@ -251,7 +251,7 @@ pub struct Replaying {
 }
 
 impl Replaying {
-    pub fn new(replay: Option<Replay>, max_body: usize, metrics: EgressMetrics) -> Self {
+    pub(super) fn new(replay: Option<Replay>, max_body: usize, metrics: EgressMetrics) -> Self {
         Self {
             replay,
             max_body,

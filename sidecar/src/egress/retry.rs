@@ -28,7 +28,7 @@ use super::routes::{RetrySettings, Route};
 use super::stack::{Attempt, Call, Next, PerUpstream, RequestBody, Result, Step, call_next};
 
 #[derive(Clone)]
-pub struct Retrying {
+pub(super) struct Retrying {
     /// Request bodies up to this size are kept so a retry can resend them.
     max_body: usize,
     metrics: EgressMetrics,
@@ -36,7 +36,7 @@ pub struct Retrying {
 }
 
 impl Retrying {
-    pub fn new(max_body: usize, metrics: EgressMetrics) -> Self {
+    pub(super) fn new(max_body: usize, metrics: EgressMetrics) -> Self {
         Self {
             max_body,
             metrics,
@@ -224,7 +224,7 @@ fn retry_allowed(method: &Method, headers: &HeaderMap) -> bool {
 
 /// Whether the body is known to be at most `max` bytes (its length is
 /// declared, or it has none), so it can be kept for a second attempt.
-pub fn body_fits(headers: &HeaderMap, max: usize) -> bool {
+pub(super) fn body_fits(headers: &HeaderMap, max: usize) -> bool {
     if headers.contains_key(header::TRANSFER_ENCODING) {
         return false;
     }

@@ -27,7 +27,7 @@ use super::stack::{
 /// Timeouts and retries when no policy sets them: an LLM call may take
 /// minutes, but a stream silent for a minute is dead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Defaults {
+pub(crate) struct Defaults {
     pub connect: Duration,
     pub total: Duration,
     pub idle: Duration,
@@ -44,7 +44,7 @@ impl Default for Defaults {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct RetrySettings {
+pub(crate) struct RetrySettings {
     /// Attempts in all, the first included.
     pub max_attempts: u32,
     pub initial_backoff: Duration,
@@ -58,7 +58,7 @@ pub struct RetrySettings {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct RoutePolicy {
+pub(crate) struct RoutePolicy {
     pub connect: Duration,
     /// One attempt, until the response's headers.
     pub per_try: Option<Duration>,
@@ -73,7 +73,7 @@ pub struct RoutePolicy {
 
 /// One upstream as the sidecar calls it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Route {
+pub(crate) struct Route {
     pub name: String,
     /// Scheme and authority of the upstream.
     pub origin: Uri,
@@ -96,7 +96,7 @@ pub struct Route {
 
 /// An Upstream's `spec.tls`, resolved.
 #[derive(Clone)]
-pub struct RouteTls {
+pub(crate) struct RouteTls {
     /// PEM roots that alone are trusted (from the CA Secret's `ca.crt`).
     pub ca_pem: Option<String>,
     /// The name verified in the upstream's certificate (and sent as SNI).
@@ -125,16 +125,16 @@ impl std::fmt::Debug for RouteTls {
 
 /// Every route of the current configuration, by upstream name.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Routes {
+pub(crate) struct Routes {
     by_name: BTreeMap<String, Arc<Route>>,
 }
 
 impl Routes {
-    pub fn get(&self, name: &str) -> Option<&Arc<Route>> {
+    pub(crate) fn get(&self, name: &str) -> Option<&Arc<Route>> {
         self.by_name.get(name)
     }
 
-    pub fn names(&self) -> Vec<&str> {
+    pub(crate) fn names(&self) -> Vec<&str> {
         self.by_name.keys().map(String::as_str).collect()
     }
 
@@ -143,7 +143,7 @@ impl Routes {
     /// equals the first by name (without a path, as for a tunnel: any
     /// route of that origin). For the forward-proxy mode, where the agent
     /// names the upstream's own URL.
-    pub fn by_origin(
+    pub(crate) fn by_origin(
         &self,
         scheme: &str,
         authority: &str,
@@ -168,7 +168,7 @@ impl Routes {
 
     /// The routes of `config`, and what of it is not applied. `Err` names a
     /// setting that makes the configuration unusable.
-    pub fn from_config(
+    pub(crate) fn from_config(
         config: &EffectiveConfig,
         defaults: Defaults,
     ) -> Result<(Self, Vec<String>), String> {
@@ -387,7 +387,7 @@ fn policy(
 /// The stack's routing: `/<upstream>/<rest>?<query>` names the route;
 /// the request goes on with the upstream's URI.
 #[derive(Debug, Clone)]
-pub struct Routing(pub Arc<arc_swap::ArcSwap<Routes>>);
+pub(crate) struct Routing(pub Arc<arc_swap::ArcSwap<Routes>>);
 
 impl Step<Request<Incoming>> for Routing {
     type Response = Response<EgressBody>;
@@ -415,7 +415,7 @@ impl Step<Request<Incoming>> for Routing {
 
 /// A route missing a Secret it needs refuses its calls.
 #[derive(Debug, Clone, Copy)]
-pub struct RefuseUnusable;
+pub(crate) struct RefuseUnusable;
 
 impl CallStep for RefuseUnusable {
     // Not `async fn`: the future must not borrow the step ('static).

@@ -31,14 +31,14 @@ use super::{
 
 /// The agent's request body: as it arrives, or already read whole (to be
 /// fingerprinted for replay, or resent by a retry).
-pub enum RequestBody {
+pub(super) enum RequestBody {
     Streamed(Incoming),
     Kept(Bytes),
 }
 
 impl RequestBody {
     /// The whole body (read now if it is still streaming).
-    pub async fn into_bytes(self, upstream: &str) -> Result<Bytes> {
+    pub(super) async fn into_bytes(self, upstream: &str) -> Result<Bytes> {
         match self {
             Self::Kept(bytes) => Ok(bytes),
             Self::Streamed(body) => Ok(http_body_util::BodyExt::collect(body)
@@ -53,25 +53,25 @@ impl RequestBody {
 }
 
 /// A call whose upstream is known.
-pub struct Call {
+pub(super) struct Call {
     pub route: Arc<Route>,
     /// The agent's request, its URI the upstream's.
     pub request: Request<RequestBody>,
 }
 
 /// One try of a call, within the call's deadline.
-pub struct Attempt {
+pub(super) struct Attempt {
     pub route: Arc<Route>,
     pub request: Request<EgressBody>,
     /// The whole call's deadline to the response's headers.
     pub deadline: Instant,
 }
 
-pub type Result<T> = std::result::Result<T, EgressError>;
+pub(super) type Result<T> = std::result::Result<T, EgressError>;
 
 /// What a stage calls next: a service, ready when cloned, that fails with
 /// [`EgressError`] (every service of the stack boxes its future).
-pub trait Next<Req, Resp>:
+pub(super) trait Next<Req, Resp>:
     Service<Req, Response = Resp, Error = EgressError, Future = BoxFuture<'static, Result<Resp>>>
     + Clone
     + Send
@@ -95,7 +95,7 @@ impl<S, Req, Resp> Next<Req, Resp> for S where
 
 /// One concern of the path: what it does with a request, given the next
 /// service. Its state is cloned into the future (it outlives the call).
-pub trait Step<Req>: Clone + Send + Sync + 'static {
+pub(super) trait Step<Req>: Clone + Send + Sync + 'static {
     type Response;
     /// What the next service takes and gives.
     type NextRequest;
@@ -111,16 +111,16 @@ pub trait Step<Req>: Clone + Send + Sync + 'static {
 }
 
 /// The agent's answer, or why there is none yet.
-pub type Answer = Result<Response<EgressBody>>;
+pub(super) type Answer = Result<Response<EgressBody>>;
 
 /// The next service of a [`CallStep`].
-pub trait CallNext: Next<Call, Response<EgressBody>> {}
+pub(super) trait CallNext: Next<Call, Response<EgressBody>> {}
 
 impl<S: Next<Call, Response<EgressBody>>> CallNext for S {}
 
 /// The usual shape of a step: a routed call in, the agent's answer out, on
 /// both sides.
-pub trait CallStep: Clone + Send + Sync + 'static {
+pub(super) trait CallStep: Clone + Send + Sync + 'static {
     fn call<S: CallNext>(
         &self,
         call: Call,
@@ -144,7 +144,7 @@ impl<T: CallStep> Step<Call> for T {
 /// A [`Step`] as a tower service over the next one. Both are behind an
 /// `Arc`, so a call clones two pointers — not the whole stack below it,
 /// which every call would otherwise copy once per layer.
-pub struct Stage<T, S> {
+pub(super) struct Stage<T, S> {
     step: Arc<T>,
     inner: Arc<S>,
 }
@@ -179,7 +179,7 @@ where
 
 /// A [`Step`] as a layer.
 #[derive(Clone)]
-pub struct StageLayer<T>(T);
+pub(super) struct StageLayer<T>(T);
 
 impl<T: Clone, S> tower::Layer<S> for StageLayer<T> {
     type Service = Stage<T, S>;
@@ -192,12 +192,12 @@ impl<T: Clone, S> tower::Layer<S> for StageLayer<T> {
     }
 }
 
-pub fn stage<T>(step: T) -> StageLayer<T> {
+pub(super) fn stage<T>(step: T) -> StageLayer<T> {
     StageLayer(step)
 }
 
 /// Calls the next service (ready by construction).
-pub async fn call_next<S, Req, Resp>(next: S, request: Req) -> Result<Resp>
+pub(super) async fn call_next<S, Req, Resp>(next: S, request: Req) -> Result<Resp>
 where
     S: Next<Req, Resp>,
 {
@@ -205,7 +205,7 @@ where
 }
 
 /// Everything the layers keep between calls.
-pub struct Parts {
+pub(super) struct Parts {
     pub routes: Arc<arc_swap::ArcSwap<routes::Routes>>,
     pub clients: Arc<client::Clients>,
     pub replay: Option<replay::Replay>,
@@ -214,10 +214,11 @@ pub struct Parts {
 }
 
 /// Never fails: errors are answers by the time they leave it.
-pub type EgressService = BoxCloneSyncService<Request<Incoming>, Response<EgressBody>, EgressError>;
+pub(super) type EgressService =
+    BoxCloneSyncService<Request<Incoming>, Response<EgressBody>, EgressError>;
 
 /// The egress path, outermost first.
-pub fn build(parts: Parts) -> EgressService {
+pub(super) fn build(parts: Parts) -> EgressService {
     let Parts {
         routes,
         clients,
@@ -271,7 +272,7 @@ pub fn build(parts: Parts) -> EgressService {
 /// State kept per upstream (a pool, a breaker, a budget, a limiter): made
 /// on first use, brought up to the route's settings on every other, and
 /// kept across configuration changes.
-pub struct PerUpstream<T>(std::sync::Mutex<std::collections::HashMap<String, T>>);
+pub(super) struct PerUpstream<T>(std::sync::Mutex<std::collections::HashMap<String, T>>);
 
 impl<T> Default for PerUpstream<T> {
     fn default() -> Self {
@@ -280,7 +281,12 @@ impl<T> Default for PerUpstream<T> {
 }
 
 impl<T: Clone> PerUpstream<T> {
-    pub fn get(&self, upstream: &str, make: impl FnOnce() -> T, refresh: impl FnOnce(&mut T)) -> T {
+    pub(super) fn get(
+        &self,
+        upstream: &str,
+        make: impl FnOnce() -> T,
+        refresh: impl FnOnce(&mut T),
+    ) -> T {
         let mut map = self
             .0
             .lock()

@@ -21,14 +21,18 @@ use super::metrics::EgressMetrics;
 use super::stack::{Answer, Call, CallNext, CallStep, call_next};
 
 #[derive(Clone)]
-pub struct Tunnels {
+pub(super) struct Tunnels {
     limiters: Arc<Limiters>,
     breakers: Arc<Breakers>,
     metrics: EgressMetrics,
 }
 
 impl Tunnels {
-    pub fn new(limiters: Arc<Limiters>, breakers: Arc<Breakers>, metrics: EgressMetrics) -> Self {
+    pub(super) fn new(
+        limiters: Arc<Limiters>,
+        breakers: Arc<Breakers>,
+        metrics: EgressMetrics,
+    ) -> Self {
         Self {
             limiters,
             breakers,

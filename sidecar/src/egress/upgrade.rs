@@ -82,7 +82,7 @@ fn join(
 /// over HTTP/1.1 within the route's timeouts, then the two connections are
 /// joined; any other call goes on down the stack.
 #[derive(Clone)]
-pub struct Upgrades(pub Arc<Clients>);
+pub(super) struct Upgrades(pub Arc<Clients>);
 
 impl CallStep for Upgrades {
     fn call<S: CallNext>(

@@ -35,7 +35,7 @@ const MAX_LINE: usize = 1024 * 1024;
 /// The largest count seen of each kind (stream events repeat and grow
 /// them).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
+pub(super) struct Usage {
     pub input: u64,
     pub output: u64,
     pub total: u64,
@@ -43,7 +43,7 @@ pub struct Usage {
 
 impl Usage {
     /// The tokens used: the total the upstream gave, or input plus output.
-    pub fn tokens(&self) -> u64 {
+    pub(super) fn tokens(&self) -> u64 {
         self.total.max(self.input + self.output)
     }
 
@@ -160,7 +160,7 @@ impl Scanner {
 
 /// A response body that reports the usage it carried once it ends (or is
 /// dropped: a stream the agent stopped reading still used what it said).
-pub struct UsageBody<B> {
+pub(super) struct UsageBody<B> {
     inner: B,
     scanner: Scanner,
     spent: Option<Box<dyn FnOnce(Usage) + Send + Sync>>,
@@ -169,7 +169,7 @@ pub struct UsageBody<B> {
 impl<B> UsageBody<B> {
     /// `None` when the answer is neither JSON nor an event stream (there is
     /// no usage to read).
-    pub fn new(
+    pub(super) fn new(
         inner: B,
         headers: &HeaderMap,
         spent: impl FnOnce(Usage) + Send + Sync + 'static,
@@ -239,13 +239,13 @@ where
 /// The stack's token step: under a tokens-per-minute limit, the usage an
 /// answer reports comes off the upstream's balance when it ends.
 #[derive(Clone)]
-pub struct Metering {
+pub(super) struct Metering {
     limiters: Arc<Limiters>,
     metrics: EgressMetrics,
 }
 
 impl Metering {
-    pub fn new(limiters: Arc<Limiters>, metrics: EgressMetrics) -> Self {
+    pub(super) fn new(limiters: Arc<Limiters>, metrics: EgressMetrics) -> Self {
         Self { limiters, metrics }
     }
 }

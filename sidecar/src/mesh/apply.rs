@@ -43,7 +43,7 @@ use crate::sessions::SessionPolicies;
 /// How the sidecar reaches the control plane; changeable by a policy that
 /// targets the `controlPlane` dependency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LinkSettings {
+pub(crate) struct LinkSettings {
     pub connect_timeout: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -51,7 +51,7 @@ pub struct LinkSettings {
 
 impl LinkSettings {
     /// As the sidecar's `[mesh]` section says.
-    pub fn configured(config: &MeshClientConfig) -> Self {
+    pub(crate) fn configured(config: &MeshClientConfig) -> Self {
         Self {
             connect_timeout: Duration::from_secs(5),
             reconnect_min: config.reconnect_min,
@@ -63,7 +63,7 @@ impl LinkSettings {
 /// The parts of the running sidecar a configuration changes; clones share
 /// them with the services that read them.
 #[derive(Debug, Clone)]
-pub struct Hot {
+pub(crate) struct Hot {
     pub sessions: SessionPolicies,
     pub cache: Arc<ContextCache>,
     pub locks: LockLimits,
@@ -93,7 +93,7 @@ struct AtStart {
 
 /// Applies configurations to the running sidecar.
 #[derive(Debug)]
-pub struct Applier {
+pub(super) struct Applier {
     hot: Hot,
     defaults: Defaults,
     at_start: std::sync::Mutex<Option<AtStart>>,
@@ -118,7 +118,7 @@ struct Plan {
 
 impl Applier {
     /// Takes the running values of every hot part as the defaults.
-    pub fn new(hot: Hot, log_level: &str) -> Self {
+    pub(super) fn new(hot: Hot, log_level: &str) -> Self {
         let defaults = Defaults {
             cache: hot.cache.limits(),
             log_level: log_level.to_owned(),
@@ -135,13 +135,13 @@ impl Applier {
         }
     }
 
-    pub fn link(&self) -> LinkSettings {
+    pub(super) fn link(&self) -> LinkSettings {
         **self.hot.link.load()
     }
 
     /// Applies what is hot and returns what was not applied; `Err` (the
     /// NACK's reason) changes nothing.
-    pub fn apply(&self, config: &EffectiveConfig) -> Result<Vec<String>, String> {
+    pub(super) fn apply(&self, config: &EffectiveConfig) -> Result<Vec<String>, String> {
         let mut plan = self.plan(config)?;
         {
             let mut at_start = self

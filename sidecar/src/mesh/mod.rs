@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use apply::breaker_config;
-pub use apply::{Hot, LinkSettings};
+pub(crate) use apply::{Hot, LinkSettings};
 
 use crate::config::{MeshClientConfig, SidecarConfig};
 use apply::Applier;
@@ -69,7 +69,7 @@ struct Metrics {
 }
 
 /// Applies the local copy, if any, then keeps subscribed until shutdown.
-pub fn start(ctx: &ServiceContext<SidecarConfig>, hot: Hot) -> anyhow::Result<()> {
+pub(crate) fn start(ctx: &ServiceContext<SidecarConfig>, hot: Hot) -> anyhow::Result<()> {
     let config = ctx.config.mesh.clone();
     let applier = Arc::new(Applier::new(hot, &ctx.config.telemetry.log_level));
     let metrics = Metrics::default();

@@ -69,7 +69,7 @@ impl Reader {
     /// is produced), until `out` closes; a failure is handed over and ends
     /// the reader. The cursor lives and dies with the reader: a new session
     /// starts again at the front of the outbox.
-    pub async fn run(self, out: mpsc::Sender<Result<Prepared, RelayError>>) {
+    pub(super) async fn run(self, out: mpsc::Sender<Result<Prepared, RelayError>>) {
         let mut cursor: Option<(String, i64)> = None;
         let mut known = BTreeSet::new();
         loop {

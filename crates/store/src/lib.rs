@@ -14,6 +14,7 @@
 pub mod audit;
 pub mod context;
 pub mod error;
+mod event_row;
 pub mod feed;
 pub mod janitor;
 pub mod limits;

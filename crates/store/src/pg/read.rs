@@ -9,7 +9,8 @@ use statefabric_domain::{Checkpoint, EventMetadata, RecordedEvent, Snapshot, Str
 use uuid::Uuid;
 
 use super::{PgEventStore, map_err};
-use crate::error::{InvalidInput, Result, StoreError};
+use crate::error::{InvalidInput, Result};
+use crate::event_row::{EventColumns, recorded_event};
 use crate::port::StreamInfo;
 
 const COLUMNS: &str = "event_id, tenant_id, stream_id, stream_type, event_type, \
@@ -37,23 +38,20 @@ struct EventRow {
 impl EventRow {
     fn into_event(self) -> Result<RecordedEvent> {
         let commit = self.commit_id.parse::<u64>().map_err(|e| {
-            StoreError::Backend(sqlx::Error::Decode(
-                format!("transaction_id {}: {e}", self.commit_id).into(),
-            ))
+            crate::context::corrupt("transaction_id", format!("{}: {e}", self.commit_id))
         })?;
-        let position = u64::try_from(self.global_position).unwrap_or_default();
-        Ok(RecordedEvent {
+        recorded_event(EventColumns {
             id: self.event_id,
-            tenant: TenantId::new(self.tenant_id).map_err(InvalidInput::from)?,
-            stream_id: StreamId::new(self.stream_id).map_err(InvalidInput::from)?,
+            tenant: self.tenant_id,
+            stream: self.stream_id,
             stream_type: self.stream_type,
             event_type: self.event_type,
-            schema_version: u32::try_from(self.event_schema_version).unwrap_or_default(),
+            schema_version: i64::from(self.event_schema_version),
             data: self.data,
             metadata: self.metadata.0,
-            stream_version: u64::try_from(self.stream_version).unwrap_or_default(),
-            global_position: position,
-            checkpoint: Checkpoint { commit, position },
+            stream_version: self.stream_version,
+            global_position: self.global_position,
+            commit,
             created_at: self.created_at,
         })
     }

@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::error::{InvalidInput, Result, StoreError};
+use crate::event_row::{EventColumns, recorded_event};
 use crate::limits::Limits;
 use crate::port::{AppendOutcome, AppendRequest, EventStore, Scope, StreamInfo};
 
@@ -198,25 +199,20 @@ struct EventRow {
 
 impl EventRow {
     fn into_event(self) -> Result<RecordedEvent> {
-        let corrupt = |what: &str, e: &dyn std::fmt::Display| {
-            StoreError::Backend(sqlx::Error::Decode(format!("stored {what}: {e}").into()))
-        };
-        let position = u64::try_from(self.global_position).unwrap_or_default();
-        Ok(RecordedEvent {
+        let corrupt =
+            |what: &str, e: &dyn std::fmt::Display| crate::context::corrupt(what, e.to_string());
+        recorded_event(EventColumns {
             id: Uuid::parse_str(&self.event_id).map_err(|e| corrupt("event id", &e))?,
-            tenant: TenantId::new(self.tenant_id).map_err(InvalidInput::from)?,
-            stream_id: StreamId::new(self.stream_id).map_err(InvalidInput::from)?,
+            tenant: self.tenant_id,
+            stream: self.stream_id,
             stream_type: self.stream_type,
             event_type: self.event_type,
-            schema_version: u32::try_from(self.event_schema_version).unwrap_or_default(),
+            schema_version: self.event_schema_version,
             data: serde_json::from_str(&self.data).map_err(|e| corrupt("data", &e))?,
             metadata: serde_json::from_str(&self.metadata).map_err(|e| corrupt("metadata", &e))?,
-            stream_version: u64::try_from(self.stream_version).unwrap_or_default(),
-            global_position: position,
-            checkpoint: Checkpoint {
-                commit: 0,
-                position,
-            },
+            stream_version: self.stream_version,
+            global_position: self.global_position,
+            commit: 0,
             created_at: self.created_at,
         })
     }

@@ -64,7 +64,7 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
             let sagas = SqliteSagaStore::new(store.writer_pool().clone(), store.reader().clone());
             // One process owns the file: claims from before a restart are
             // held by workers that are gone, so their tasks are offered again.
-            let released = sagas.release(tenant.as_str(), None).await?;
+            let released = sagas.release(&tenant, None).await?;
             if released > 0 {
                 tracing::info!(released, "offered tasks claimed before the restart again");
             }

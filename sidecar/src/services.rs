@@ -113,7 +113,7 @@ pub(crate) fn build(
     );
     let tasks = TasksService::new(
         storage.tasks.clone(),
-        config.sidecar.tenant.clone(),
+        tenant.clone(),
         config.sidecar.identity.clone(),
         ctx.shutdown.token(),
     );

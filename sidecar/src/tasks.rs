@@ -16,10 +16,12 @@ use std::time::Duration;
 
 use futures::Stream;
 use serde_json::Value;
+use statefabric_domain::TenantId;
 use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::tasks_server::Tasks;
 use statefabric_saga_store::{
-    InboxMessage, Replied, StartRequest, StartRequested, TaskQueue, TaskRow, check_saga_id,
+    Claim, InboxMessage, Replied, Reply, StartRequest, StartRequested, TaskQueue, TaskRow,
+    check_saga_id,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +42,7 @@ const POLLED: u64 = u64::MAX;
 #[derive(Debug, Clone)]
 pub(crate) struct TasksService {
     queue: Arc<dyn TaskQueue>,
-    tenant: String,
+    tenant: TenantId,
     identity: String,
     /// Tasks handed out and not yet answered: key → (stream, or
     /// [`POLLED`]; local deadline).
@@ -99,7 +101,7 @@ fn json(bytes: &[u8], what: &str) -> Result<Value, Status> {
 impl TasksService {
     pub(crate) fn new(
         queue: Arc<dyn TaskQueue>,
-        tenant: String,
+        tenant: TenantId,
         identity: String,
         stop: CancellationToken,
     ) -> Self {
@@ -203,7 +205,14 @@ impl TasksService {
         let key = message.task_key().unwrap_or_default().to_owned();
         let replied = self
             .queue
-            .reply(&self.tenant, &self.identity, saga, message)
+            .reply(
+                &self.tenant,
+                Reply {
+                    sender: &self.identity,
+                    saga_id: saga,
+                    message,
+                },
+            )
             .await
             .map_err(from_saga_store)?;
         self.answered(&key);
@@ -267,7 +276,7 @@ async fn hand_out(
             let max = u32::try_from(budget).unwrap_or(MAX_BATCH);
             match service
                 .queue
-                .claim(&service.tenant, agent, worker, max)
+                .claim(&service.tenant, Claim { agent, worker, max })
                 .await
             {
                 Ok(tasks) => {
@@ -379,7 +388,14 @@ impl Tasks for TasksService {
             let mut signal = self.queue.tasks_signal(&self.tenant, agent);
             let tasks = self
                 .queue
-                .claim(&self.tenant, agent, &worker, raw.max.max(1))
+                .claim(
+                    &self.tenant,
+                    Claim {
+                        agent,
+                        worker: &worker,
+                        max: raw.max.max(1),
+                    },
+                )
                 .await
                 .map_err(from_saga_store)?;
             for task in &tasks {

@@ -7,11 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
+use statefabric_domain::TenantId;
 use statefabric_saga::machine::Effect;
 use statefabric_saga::{Definition, Input, Instance, Status, TaskKey, builtin};
 use statefabric_saga_store::{
-    Committed, Fence, Filter, InboxMessage, OpenTasks, OperatorAudit, Record, Replied, SagaStore,
-    StartRequest, StartRequested, StoreError, TaskQueue, TaskStatus, Transition, Trigger,
+    Claim, Committed, Fence, Filter, InboxMessage, OpenTasks, OperatorAudit, Record, Replied,
+    Reply, SagaStore, StartRequest, StartRequested, StoreError, TaskQueue, TaskStatus, Transition,
+    Trigger,
 };
 
 /// One adapter: the engine's side, the agents' side, and the tenant the
@@ -24,6 +26,13 @@ pub struct Fixture {
     pub fence: Option<Fence>,
     /// The audit log as the tenant's application reads it.
     pub audit: Arc<dyn statefabric_store::audit::AuditLog>,
+}
+
+impl Fixture {
+    /// The tenant as the ports take it.
+    pub fn tenant_id(&self) -> TenantId {
+        TenantId::new(self.tenant.clone()).expect("the fixture's tenant is a valid id")
+    }
 }
 
 #[macro_export]
@@ -101,7 +110,17 @@ pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
         (stored.revision, stored.instance.status),
         (1, Status::Running)
     );
-    let claimed = f.queue.claim(&f.tenant, "planner", "w1", 10).await?;
+    let claimed = f
+        .queue
+        .claim(
+            &f.tenant_id(),
+            Claim {
+                agent: "planner",
+                worker: "w1",
+                max: 10,
+            },
+        )
+        .await?;
     assert_eq!(claimed.len(), 1, "one PLAN task for this tenant");
     let task = &claimed[0];
     assert_eq!(
@@ -115,7 +134,14 @@ pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
     );
     assert!(
         f.queue
-            .claim(&f.tenant, "planner", "w2", 10)
+            .claim(
+                &f.tenant_id(),
+                Claim {
+                    agent: "planner",
+                    worker: "w2",
+                    max: 10
+                }
+            )
             .await?
             .is_empty(),
         "a task goes to one worker"
@@ -126,12 +152,26 @@ pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
     };
     let sent = f
         .queue
-        .reply(&f.tenant, "w1", &instance.id, reply.clone())
+        .reply(
+            &f.tenant_id(),
+            Reply {
+                sender: "w1",
+                saga_id: &instance.id,
+                message: reply.clone(),
+            },
+        )
         .await?;
     assert_eq!(sent, Replied::Accepted);
     assert_eq!(
         f.queue
-            .reply(&f.tenant, "w1", &instance.id, reply.clone())
+            .reply(
+                &f.tenant_id(),
+                Reply {
+                    sender: "w1",
+                    saga_id: &instance.id,
+                    message: reply.clone()
+                }
+            )
             .await?,
         Replied::Duplicate
     );
@@ -180,7 +220,16 @@ pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
         .expect("CODE dispatched");
     assert_eq!(code.status, TaskStatus::Dispatched);
     assert_eq!(
-        f.queue.reply(&f.tenant, "w1", &instance.id, reply).await?,
+        f.queue
+            .reply(
+                &f.tenant_id(),
+                Reply {
+                    sender: "w1",
+                    saga_id: &instance.id,
+                    message: reply
+                }
+            )
+            .await?,
         Replied::NotCurrent,
         "the PLAN attempt was cancelled by the transition"
     );
@@ -190,7 +239,14 @@ pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
     };
     assert_eq!(
         f.queue
-            .reply(&f.tenant, "w1", &instance.id, unknown)
+            .reply(
+                &f.tenant_id(),
+                Reply {
+                    sender: "w1",
+                    saga_id: &instance.id,
+                    message: unknown
+                }
+            )
             .await?,
         Replied::Unknown
     );
@@ -210,30 +266,50 @@ pub async fn released_tasks_wake_the_next_worker_under_the_same_key(
 ) -> anyhow::Result<()> {
     let def = builtin::plan_code_critique();
     started(&f, &def).await?;
-    let claimed = f.queue.claim(&f.tenant, "planner", "w1", 10).await?;
+    let claimed = f
+        .queue
+        .claim(
+            &f.tenant_id(),
+            Claim {
+                agent: "planner",
+                worker: "w1",
+                max: 10,
+            },
+        )
+        .await?;
     assert_eq!(claimed.len(), 1, "the PLAN task");
     let key = claimed[0].key.clone();
-    let mut waiting = f.queue.tasks_signal(&f.tenant, "planner");
+    let mut waiting = f.queue.tasks_signal(&f.tenant_id(), "planner");
     // A listener wakes everyone once when it (re)connects: let that pass,
     // so only the release can wake the worker below.
     tokio::time::sleep(Duration::from_millis(500)).await;
     waiting.borrow_and_update();
     assert_eq!(
         f.queue
-            .release(&f.tenant, Some(std::slice::from_ref(&key)))
+            .release(&f.tenant_id(), Some(std::slice::from_ref(&key)))
             .await?,
         1
     );
     tokio::time::timeout(Duration::from_secs(5), waiting.changed())
         .await
         .map_err(|_| anyhow::anyhow!("a waiting worker was not woken"))??;
-    let again = f.queue.claim(&f.tenant, "planner", "w2", 10).await?;
+    let again = f
+        .queue
+        .claim(
+            &f.tenant_id(),
+            Claim {
+                agent: "planner",
+                worker: "w2",
+                max: 10,
+            },
+        )
+        .await?;
     let keys: Vec<&str> = again.iter().map(|t| t.key.as_str()).collect();
     assert_eq!(keys, [key.as_str()]);
     assert_eq!(again[0].claimed_by.as_deref(), Some("w2"));
     assert_eq!(
         f.queue
-            .release(&f.tenant, Some(&["no-saga/PLAN/1/1".to_owned()]))
+            .release(&f.tenant_id(), Some(&["no-saga/PLAN/1/1".to_owned()]))
             .await?,
         0,
         "an unknown key releases nothing"
@@ -299,7 +375,7 @@ pub async fn deadlines_fire_when_due_and_heartbeats_push_them(f: Fixture) -> any
     );
     tokio::time::sleep(Duration::from_millis(900)).await;
     assert!(
-        f.queue.heartbeat(&f.tenant, &key).await?.is_some(),
+        f.queue.heartbeat(&f.tenant_id(), &key).await?.is_some(),
         "pushed"
     );
     tokio::time::sleep(Duration::from_millis(900)).await;
@@ -336,7 +412,7 @@ pub async fn deadlines_fire_when_due_and_heartbeats_push_them(f: Fixture) -> any
         Committed::TriggerGone
     );
     assert!(
-        f.queue.heartbeat(&f.tenant, &key).await?.is_none(),
+        f.queue.heartbeat(&f.tenant_id(), &key).await?.is_none(),
         "the attempt is over"
     );
     Ok(())
@@ -356,7 +432,7 @@ pub async fn start_requests_are_idempotent_and_checked(f: Fixture) -> anyhow::Re
     let unknown = f
         .queue
         .request_start(
-            &f.tenant,
+            &f.tenant_id(),
             "w",
             start(&saga, "no-such-definition", json!({})),
         )
@@ -368,7 +444,7 @@ pub async fn start_requests_are_idempotent_and_checked(f: Fixture) -> anyhow::Re
     let asked = f
         .queue
         .request_start(
-            &f.tenant,
+            &f.tenant_id(),
             "w",
             start(&saga, "plan-code-critique", json!({"task": 1})),
         )
@@ -377,7 +453,7 @@ pub async fn start_requests_are_idempotent_and_checked(f: Fixture) -> anyhow::Re
     let again = f
         .queue
         .request_start(
-            &f.tenant,
+            &f.tenant_id(),
             "w",
             start(&saga, "plan-code-critique", json!({"task": 1})),
         )
@@ -467,7 +543,17 @@ pub async fn a_batch_commits_each_transition_or_says_why_not(f: Fixture) -> anyh
         vec![Committed::Written(1), Committed::Written(1)]
     );
     assert_eq!(
-        f.queue.claim(&f.tenant, "planner", "w", 10).await?.len(),
+        f.queue
+            .claim(
+                &f.tenant_id(),
+                Claim {
+                    agent: "planner",
+                    worker: "w",
+                    max: 10
+                }
+            )
+            .await?
+            .len(),
         2,
         "both sagas' first tasks were dispatched"
     );
@@ -534,7 +620,17 @@ pub async fn concurrent_answers_and_starts_each_get_their_own_outcome(
     for _ in 0..N {
         sagas.push(started(&f, &def).await?);
     }
-    let tasks = f.queue.claim(&f.tenant, "planner", "w", 1000).await?;
+    let tasks = f
+        .queue
+        .claim(
+            &f.tenant_id(),
+            Claim {
+                agent: "planner",
+                worker: "w",
+                max: 1000,
+            },
+        )
+        .await?;
     assert_eq!(tasks.len(), N);
     // Each task answered twice at once, and one answer to no task.
     let mut answers: Vec<(String, InboxMessage)> = Vec::new();
@@ -553,11 +649,17 @@ pub async fn concurrent_answers_and_starts_each_get_their_own_outcome(
             output: json!(null),
         },
     ));
-    let replies = futures::future::join_all(
-        answers
-            .iter()
-            .map(|(saga, message)| f.queue.reply(&f.tenant, "w", saga, message.clone())),
-    )
+    let tenant = f.tenant_id();
+    let replies = futures::future::join_all(answers.iter().map(|(saga, message)| {
+        f.queue.reply(
+            &tenant,
+            Reply {
+                sender: "w",
+                saga_id: saga,
+                message: message.clone(),
+            },
+        )
+    }))
     .await
     .into_iter()
     .collect::<Result<Vec<_>, _>>()?;
@@ -592,9 +694,10 @@ pub async fn concurrent_answers_and_starts_each_get_their_own_outcome(
     }
     asks.push((sagas[1].id.clone(), "plan-code-critique"));
     asks.push((id(), "no-such-definition"));
+    let tenant = f.tenant_id();
     let outcomes = futures::future::join_all(asks.iter().map(|(saga, definition)| {
         f.queue
-            .request_start(&f.tenant, "w", start(saga, definition, json!({"task": 1})))
+            .request_start(&tenant, "w", start(saga, definition, json!({"task": 1})))
     }))
     .await
     .into_iter()
@@ -636,7 +739,17 @@ pub async fn open_tasks_are_counted_per_tenant_and_agent_type(f: Fixture) -> any
         claimed,
     };
     assert_eq!(mine(f.store.open_tasks().await?), vec![planner(3, 0)]);
-    let claimed = f.queue.claim(&f.tenant, "planner", "w1", 2).await?;
+    let claimed = f
+        .queue
+        .claim(
+            &f.tenant_id(),
+            Claim {
+                agent: "planner",
+                worker: "w1",
+                max: 2,
+            },
+        )
+        .await?;
     assert_eq!(claimed.len(), 2);
     assert_eq!(mine(f.store.open_tasks().await?), vec![planner(1, 2)]);
     // Answered tasks stay open until the engine applies the reply (it ends

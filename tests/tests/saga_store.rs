@@ -9,9 +9,9 @@ use std::time::Duration;
 use statefabric_domain::TenantId;
 use statefabric_leader::Elector;
 use statefabric_leader::pg::PgElector;
-use statefabric_saga_store::Fence;
 use statefabric_saga_store::pg::{PgSagaStore, PgTaskQueue};
 use statefabric_saga_store::sqlite::SqliteSagaStore;
+use statefabric_saga_store::{Claim, Fence, Reply};
 use statefabric_store::sqlite::{SqliteConfig, SqliteEventStore};
 use statefabric_tests as env;
 use statefabric_tests::saga_contract::Fixture;
@@ -130,13 +130,24 @@ async fn a_sidecar_sees_only_its_tenant() -> anyhow::Result<()> {
     assert!(
         other
             .queue
-            .claim(&f.tenant, "planner", "x", 10)
+            .claim(
+                &f.tenant_id(),
+                Claim {
+                    agent: "planner",
+                    worker: "x",
+                    max: 10
+                }
+            )
             .await
             .is_err(),
         "a queue refuses another tenant's name"
     );
     assert!(
-        other.queue.heartbeat(&other.tenant, &key).await?.is_none(),
+        other
+            .queue
+            .heartbeat(&other.tenant_id(), &key)
+            .await?
+            .is_none(),
         "invisible"
     );
     let reply = statefabric_saga_store::InboxMessage::Completed {
@@ -144,10 +155,25 @@ async fn a_sidecar_sees_only_its_tenant() -> anyhow::Result<()> {
         output: serde_json::json!(1),
     };
     assert_eq!(
-        other.queue.reply(&other.tenant, "x", &id, reply).await?,
+        other
+            .queue
+            .reply(
+                &other.tenant_id(),
+                Reply {
+                    sender: "x",
+                    saga_id: &id,
+                    message: reply
+                }
+            )
+            .await?,
         statefabric_saga_store::Replied::Unknown
     );
-    assert_eq!(f.queue.claim(&f.tenant, "planner", "x", 10).await?.len(), 1);
+    let claim = Claim {
+        agent: "planner",
+        worker: "x",
+        max: 10,
+    };
+    assert_eq!(f.queue.claim(&f.tenant_id(), claim).await?.len(), 1);
     Ok(())
 }
 

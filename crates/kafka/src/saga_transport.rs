@@ -34,10 +34,11 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
+use statefabric_domain::TenantId;
 use statefabric_leader::{Leadership, Role};
 use statefabric_saga_store::{
-    InboxMessage, Replied, Result, SagaStore, StartRequest, StartRequested, StoreError, TaskQueue,
-    TaskRow, TaskStatus,
+    Claim, InboxMessage, Replied, Reply, Result, SagaStore, StartRequest, StartRequested,
+    StoreError, TaskQueue, TaskRow, TaskStatus,
 };
 use statefabric_schema::AvroCodec;
 use statefabric_schema::codec::WriterSchema;
@@ -273,13 +274,8 @@ async fn consume(
 
 #[async_trait]
 impl TaskQueue for KafkaTaskQueue {
-    async fn claim(
-        &self,
-        tenant: &str,
-        agent: &str,
-        worker: &str,
-        max: u32,
-    ) -> Result<Vec<TaskRow>> {
+    async fn claim(&self, tenant: &TenantId, claim: Claim<'_>) -> Result<Vec<TaskRow>> {
+        let (tenant, Claim { agent, worker, max }) = (tenant.as_str(), claim);
         let feed = self.feed(tenant, agent)?;
         let mut queue = feed
             .queue
@@ -300,17 +296,19 @@ impl TaskQueue for KafkaTaskQueue {
         Ok(tasks)
     }
 
-    async fn heartbeat(&self, tenant: &str, key: &str) -> Result<Option<DateTime<Utc>>> {
+    async fn heartbeat(&self, tenant: &TenantId, key: &str) -> Result<Option<DateTime<Utc>>> {
         self.tables.heartbeat(tenant, key).await
     }
 
-    async fn reply(
-        &self,
-        tenant: &str,
-        sender: &str,
-        saga_id: &str,
-        message: InboxMessage,
-    ) -> Result<Replied> {
+    async fn reply(&self, tenant: &TenantId, reply: Reply<'_>) -> Result<Replied> {
+        let (
+            tenant,
+            Reply {
+                sender,
+                saga_id,
+                message,
+            },
+        ) = (tenant.as_str(), reply);
         let (key, outcome, output, error) = match message {
             InboxMessage::Completed { key, output } => (
                 key,
@@ -363,7 +361,7 @@ impl TaskQueue for KafkaTaskQueue {
 
     async fn request_start(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         sender: &str,
         start: StartRequest,
     ) -> Result<StartRequested> {
@@ -372,11 +370,12 @@ impl TaskQueue for KafkaTaskQueue {
 
     /// Kafka deliveries cannot be handed back: unanswered tasks wait out
     /// their deadlines and are retried.
-    async fn release(&self, _tenant: &str, _keys: Option<&[String]>) -> Result<u64> {
+    async fn release(&self, _tenant: &TenantId, _keys: Option<&[String]>) -> Result<u64> {
         Ok(0)
     }
 
-    fn tasks_signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
+    fn tasks_signal(&self, tenant: &TenantId, agent: &str) -> watch::Receiver<u64> {
+        let tenant = tenant.as_str();
         match self.feed(tenant, agent) {
             Ok(feed) => feed.signal.subscribe(),
             Err(err) => {
@@ -513,11 +512,15 @@ impl Handler for Replies {
                 error: reply.error.unwrap_or_else(|| "failed".into()),
             },
         };
-        match self
-            .store
-            .accept_reply(&reply.tenant_id, &reply.agent, &reply.saga_id, message)
-            .await
-        {
+        // A tenant id that does not parse is the message's fault: a dead letter.
+        let tenant = TenantId::new(reply.tenant_id)
+            .map_err(|e| Failure::Rejected(format!("saga reply: {e}")))?;
+        let answer = Reply {
+            sender: &reply.agent,
+            saga_id: &reply.saga_id,
+            message,
+        };
+        match self.store.accept_reply(&tenant, answer).await {
             Ok(_) => Ok(()),
             Err(StoreError::Invalid(m)) => Err(Failure::Rejected(m)),
             Err(err) => Err(Failure::Failed(err.to_string())),

@@ -27,6 +27,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use statefabric_domain::TenantId;
 use statefabric_saga::machine::{Effect, Task, TimerKind};
 use statefabric_saga::{Definition, Instance, Status, TaskKey};
 use tokio::sync::watch;
@@ -228,6 +229,24 @@ pub struct InboxItem {
     pub sender: String,
 }
 
+/// A worker's request for tasks: up to `max` open tasks of agent type
+/// `agent`, oldest first, each handed to one worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim<'a> {
+    pub agent: &'a str,
+    pub worker: &'a str,
+    pub max: u32,
+}
+
+/// An agent's answer to one attempt of a task of saga `saga_id`, sent by
+/// `sender` (the worker's identity, kept in the inbox row).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply<'a> {
+    pub sender: &'a str,
+    pub saga_id: &'a str,
+    pub message: InboxMessage,
+}
+
 /// A request to start a saga (the latest version of `definition`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StartRequest {
@@ -375,13 +394,7 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Records an agent's reply that arrived over Kafka, as
     /// [`TaskQueue::reply`] does for the sidecars (same checks, any tenant).
-    async fn accept_reply(
-        &self,
-        tenant: &str,
-        sender: &str,
-        saga_id: &str,
-        message: InboxMessage,
-    ) -> Result<Replied>;
+    async fn accept_reply(&self, tenant: &TenantId, reply: Reply<'_>) -> Result<Replied>;
 
     /// Drops an inbox row that cannot be applied (a start for an unknown
     /// definition, a reply for an unknown saga).
@@ -484,29 +497,17 @@ pub enum StartRequested {
 pub trait TaskQueue: Send + Sync + std::fmt::Debug + 'static {
     /// Hands up to `max` open tasks of `agent` to `worker`, oldest first;
     /// each task goes to one worker.
-    async fn claim(
-        &self,
-        tenant: &str,
-        agent: &str,
-        worker: &str,
-        max: u32,
-    ) -> Result<Vec<TaskRow>>;
+    async fn claim(&self, tenant: &TenantId, claim: Claim<'_>) -> Result<Vec<TaskRow>>;
 
     /// Pushes the attempt's deadline a full timeout ahead; `None` when the
     /// attempt is over (the worker should stop).
-    async fn heartbeat(&self, tenant: &str, key: &str) -> Result<Option<DateTime<Utc>>>;
+    async fn heartbeat(&self, tenant: &TenantId, key: &str) -> Result<Option<DateTime<Utc>>>;
 
-    async fn reply(
-        &self,
-        tenant: &str,
-        sender: &str,
-        saga_id: &str,
-        message: InboxMessage,
-    ) -> Result<Replied>;
+    async fn reply(&self, tenant: &TenantId, reply: Reply<'_>) -> Result<Replied>;
 
     async fn request_start(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         sender: &str,
         start: StartRequest,
     ) -> Result<StartRequested>;
@@ -514,11 +515,11 @@ pub trait TaskQueue: Send + Sync + std::fmt::Debug + 'static {
     /// Offers claimed, unanswered tasks to other workers again: `keys`, or
     /// every claim of the tenant (`None`: at start of the embedded mode,
     /// where no earlier worker can still be alive). Returns how many.
-    async fn release(&self, tenant: &str, keys: Option<&[String]>) -> Result<u64>;
+    async fn release(&self, tenant: &TenantId, keys: Option<&[String]>) -> Result<u64>;
 
     /// Changes when tasks for `agent` may have arrived. Subscribe before
     /// claiming, so nothing that arrives in between is missed.
-    fn tasks_signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64>;
+    fn tasks_signal(&self, tenant: &TenantId, agent: &str) -> watch::Receiver<u64>;
 }
 
 /// Why a reply was not queued, from what its attempt's row says now.

@@ -24,11 +24,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Committed, DueTimer, Fence, Filter, HistoryEntry, InboxItem, InboxMessage, OpenTasks, Replied,
-    Result, SagaStore, StoreError, Stored, Summary, TaskRow, Transition, Trigger, duration_ms,
-    status_str, timer_kind_str,
+    Committed, DueTimer, Fence, Filter, HistoryEntry, InboxItem, OpenTasks, Replied, Result,
+    SagaStore, StoreError, Stored, Summary, TaskRow, Transition, Trigger, duration_ms, status_str,
+    timer_kind_str,
 };
+use crate::Reply;
 use crate::row::{self, Columns, stored, task_row};
+use statefabric_domain::TenantId;
 
 mod batched;
 mod coalesce;
@@ -408,15 +410,9 @@ impl SagaStore for PgSagaStore {
         rows.iter().map(row::inbox_item).collect()
     }
 
-    async fn accept_reply(
-        &self,
-        tenant: &str,
-        sender: &str,
-        saga_id: &str,
-        message: InboxMessage,
-    ) -> Result<Replied> {
-        let reply = batched::Reply::new(saga_id, sender, message)?;
-        batched::replies(self.pool.clone(), tenant.to_owned(), vec![reply])
+    async fn accept_reply(&self, tenant: &TenantId, reply: Reply<'_>) -> Result<Replied> {
+        let reply = batched::Reply::new(reply.saga_id, reply.sender, reply.message)?;
+        batched::replies(self.pool.clone(), tenant.to_string(), vec![reply])
             .await?
             .pop()
             .ok_or_else(|| StoreError::Backend("no outcome for the reply".into()))

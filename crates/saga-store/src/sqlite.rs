@@ -19,10 +19,12 @@ use statefabric_saga::Definition;
 use tokio::sync::watch;
 
 use super::{
-    Committed, DueTimer, Fence, Filter, HistoryEntry, InboxItem, InboxMessage, OpenTasks, Replied,
-    Result, SagaStore, StoreError, Stored, Summary, TaskQueue, TaskRow, Transition, status_str,
+    Committed, DueTimer, Fence, Filter, HistoryEntry, InboxItem, OpenTasks, Replied, Result,
+    SagaStore, StoreError, Stored, Summary, TaskQueue, TaskRow, Transition, status_str,
 };
+use crate::Reply;
 use crate::row::{self, Columns, stored, task_row};
+use statefabric_domain::TenantId;
 
 mod queue;
 mod write;
@@ -280,14 +282,8 @@ impl SagaStore for SqliteSagaStore {
         rows.iter().map(row::inbox_item).collect()
     }
 
-    async fn accept_reply(
-        &self,
-        tenant: &str,
-        sender: &str,
-        saga_id: &str,
-        message: InboxMessage,
-    ) -> Result<Replied> {
-        TaskQueue::reply(self, tenant, sender, saga_id, message).await
+    async fn accept_reply(&self, tenant: &TenantId, reply: Reply<'_>) -> Result<Replied> {
+        TaskQueue::reply(self, tenant, reply).await
     }
 
     async fn discard(&self, _fence: Option<&Fence>, inbox_id: i64) -> Result<()> {

@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 use super::coalesce::Coalescer;
 use super::{TASK_COLUMNS, TASKS_CHANNEL, batched, listen, map_err, pool};
 use crate::row::task_row;
-use crate::{
-    InboxMessage, Replied, Result, StartRequest, StartRequested, StoreError, TaskQueue, TaskRow,
-};
+use crate::{Claim, Reply};
+use crate::{Replied, Result, StartRequest, StartRequested, StoreError, TaskQueue, TaskRow};
+use statefabric_domain::TenantId;
 
 /// At most this many answers or start requests per statement.
 const BATCH: usize = 256;
@@ -93,13 +93,8 @@ impl PgTaskQueue {
 
 #[async_trait]
 impl TaskQueue for PgTaskQueue {
-    async fn claim(
-        &self,
-        tenant: &str,
-        agent: &str,
-        worker: &str,
-        max: u32,
-    ) -> Result<Vec<TaskRow>> {
+    async fn claim(&self, tenant: &TenantId, claim: Claim<'_>) -> Result<Vec<TaskRow>> {
+        let (tenant, Claim { agent, worker, max }) = (tenant.as_str(), claim);
         self.check_tenant(tenant)?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "WITH claimed AS (
@@ -127,7 +122,8 @@ impl TaskQueue for PgTaskQueue {
         Ok(tasks)
     }
 
-    async fn heartbeat(&self, tenant: &str, key: &str) -> Result<Option<DateTime<Utc>>> {
+    async fn heartbeat(&self, tenant: &TenantId, key: &str) -> Result<Option<DateTime<Utc>>> {
+        let tenant = tenant.as_str();
         self.check_tenant(tenant)?;
         sqlx::query_scalar(
             "UPDATE saga_timers tm SET fire_at = now() + t.timeout_ms * interval '1 millisecond'
@@ -142,13 +138,15 @@ impl TaskQueue for PgTaskQueue {
         .map_err(map_err)
     }
 
-    async fn reply(
-        &self,
-        tenant: &str,
-        sender: &str,
-        saga_id: &str,
-        message: InboxMessage,
-    ) -> Result<Replied> {
+    async fn reply(&self, tenant: &TenantId, reply: Reply<'_>) -> Result<Replied> {
+        let (
+            tenant,
+            Reply {
+                sender,
+                saga_id,
+                message,
+            },
+        ) = (tenant.as_str(), reply);
         self.check_tenant(tenant)?;
         let reply = batched::Reply::new(saga_id, sender, message)?;
         self.replies
@@ -160,10 +158,11 @@ impl TaskQueue for PgTaskQueue {
 
     async fn request_start(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         sender: &str,
         start: StartRequest,
     ) -> Result<StartRequested> {
+        let tenant = tenant.as_str();
         self.check_tenant(tenant)?;
         let start = batched::Start {
             sender: sender.to_owned(),
@@ -176,12 +175,14 @@ impl TaskQueue for PgTaskQueue {
             .await
     }
 
-    async fn release(&self, tenant: &str, keys: Option<&[String]>) -> Result<u64> {
+    async fn release(&self, tenant: &TenantId, keys: Option<&[String]>) -> Result<u64> {
+        let tenant = tenant.as_str();
         self.check_tenant(tenant)?;
         release(&self.pool, tenant, keys).await
     }
 
-    fn tasks_signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
+    fn tasks_signal(&self, tenant: &TenantId, agent: &str) -> watch::Receiver<u64> {
+        let tenant = tenant.as_str();
         self.signal(tenant, agent)
     }
 }

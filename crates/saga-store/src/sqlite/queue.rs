@@ -7,20 +7,17 @@ use tokio::sync::watch;
 
 use super::{SqliteSagaStore, TASK_COLUMNS, json_err, map_err, now_ms, time};
 use crate::row::task_row;
+use crate::{Claim, Reply};
 use crate::{
     InboxMessage, Replied, Result, StartRequest, StartRequested, StoreError, TaskQueue, TaskRow,
     TaskStatus, not_queued,
 };
+use statefabric_domain::TenantId;
 
 #[async_trait::async_trait]
 impl TaskQueue for SqliteSagaStore {
-    async fn claim(
-        &self,
-        tenant: &str,
-        agent: &str,
-        worker: &str,
-        max: u32,
-    ) -> Result<Vec<TaskRow>> {
+    async fn claim(&self, tenant: &TenantId, claim: Claim<'_>) -> Result<Vec<TaskRow>> {
+        let (tenant, Claim { agent, worker, max }) = (tenant.as_str(), claim);
         // The single writer serializes claims: a task goes to one worker.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE saga_tasks SET claimed_by = ?3, claimed_at = ?5
@@ -45,7 +42,8 @@ impl TaskQueue for SqliteSagaStore {
         Ok(tasks)
     }
 
-    async fn heartbeat(&self, tenant: &str, key: &str) -> Result<Option<DateTime<Utc>>> {
+    async fn heartbeat(&self, tenant: &TenantId, key: &str) -> Result<Option<DateTime<Utc>>> {
+        let tenant = tenant.as_str();
         let fire_at: Option<i64> = sqlx::query_scalar(
             "UPDATE saga_timers SET fire_at = ?3 + (
                     SELECT timeout_ms FROM saga_tasks t WHERE t.task_key = saga_timers.task_key)
@@ -63,13 +61,15 @@ impl TaskQueue for SqliteSagaStore {
         Ok(fire_at.map(time))
     }
 
-    async fn reply(
-        &self,
-        tenant: &str,
-        sender: &str,
-        saga_id: &str,
-        message: InboxMessage,
-    ) -> Result<Replied> {
+    async fn reply(&self, tenant: &TenantId, reply: Reply<'_>) -> Result<Replied> {
+        let (
+            tenant,
+            Reply {
+                sender,
+                saga_id,
+                message,
+            },
+        ) = (tenant.as_str(), reply);
         let Some(key) = message.task_key().map(str::to_owned) else {
             return Err(StoreError::Invalid("a reply names its task".into()));
         };
@@ -112,10 +112,11 @@ impl TaskQueue for SqliteSagaStore {
 
     async fn request_start(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         sender: &str,
         start: StartRequest,
     ) -> Result<StartRequested> {
+        let tenant = tenant.as_str();
         let known: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM saga_definitions WHERE name = ?)")
                 .bind(&start.definition)
@@ -154,7 +155,8 @@ impl TaskQueue for SqliteSagaStore {
         }
     }
 
-    async fn release(&self, tenant: &str, keys: Option<&[String]>) -> Result<u64> {
+    async fn release(&self, tenant: &TenantId, keys: Option<&[String]>) -> Result<u64> {
+        let tenant = tenant.as_str();
         let keys = keys
             .map(|k| serde_json::to_string(k).map_err(json_err))
             .transpose()?;
@@ -177,7 +179,8 @@ impl TaskQueue for SqliteSagaStore {
         Ok(released.len() as u64)
     }
 
-    fn tasks_signal(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
+    fn tasks_signal(&self, tenant: &TenantId, agent: &str) -> watch::Receiver<u64> {
+        let tenant = tenant.as_str();
         self.task_sender(tenant, agent)
     }
 }

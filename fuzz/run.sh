@@ -39,6 +39,13 @@ if [[ $(cargo fuzz --version 2>/dev/null) != "cargo-fuzz $CARGO_FUZZ_VERSION" ]]
   cargo install --quiet --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION" >&2
 fi
 
+# Every clone builds the workspace's crates anew here (paths differ): start
+# the cache afresh past 10 GiB rather than let it grow run by run.
+if [[ -d $fuzz_target_dir ]] && (( $(du -s "$fuzz_target_dir" | cut -f1) > 10 * 1024 * 1024 )); then
+  echo "fuzz: build cache over 10 GiB: cleaning it" >&2
+  rm -rf "$fuzz_target_dir"
+fi
+
 # The state_api target talks to a real sidecar (the workspace's debug build).
 (cd .. && CARGO_TARGET_DIR=$main_target_dir cargo build --quiet --locked -p statefabric-sidecar --bin statefabric-sidecar)
 export STATEFABRIC_FUZZ_SIDECAR=$main_target_dir/debug/statefabric-sidecar

@@ -84,7 +84,6 @@ async fn start_run(sagas: usize) -> anyhow::Result<Run> {
     let client = StateClient::connect(sidecar.grpc.clone()).await?;
     let effects: Effects = Arc::default();
     let stop = CancellationToken::new();
-    agents(&client, &effects, &stop);
     let mut tasks = client.tasks();
     for i in 0..sagas {
         tasks
@@ -95,6 +94,12 @@ async fn start_run(sagas: usize) -> anyhow::Result<Run> {
             )
             .await?;
     }
+    // The agents start once every saga is started: starting them first let
+    // all 200 finish while the last ones were still being started on a
+    // slow run (seen in CI), leaving nothing in flight to kill. They take
+    // at least 1.3 s for 200 sagas (8 at a time per agent type, 50 ms
+    // each), so a test waiting for the first 10 meets the rest in flight.
+    agents(&client, &effects, &stop);
     Ok(Run {
         tenant,
         sidecar,

@@ -268,6 +268,13 @@ client_props() {
     "$1" "$1" "$KAFKA_SASL_MECHANISM" "$1" "$(scram_jaas "$2" "$3")"
 }
 
+# Stops the broker and deletes its data, so the next start formats it.
+kafka_wipe() {
+  stop_pid connect   # its state topics go with the broker's data
+  stop_pid kafka
+  rm -rf "$STATE/kafka/data" "$STATE/kafka/acls.applied" "$STATE/kafka/layout"
+}
+
 start_kafka() {
   local dir=$STATE/kafka props=$STATE/kafka/server.properties layout; layout=$(kafka_layout)
   mkdir -p "$dir"
@@ -305,9 +312,7 @@ auto.create.topics.enable=true
 EOF
   client_props "" "$KAFKA_ADMIN_USER" "$KAFKA_ADMIN_PASSWORD" > "$dir/admin.properties"
   if [[ $(cat "$dir/layout" 2>/dev/null) != "$layout" ]]; then
-    stop_pid connect   # its state topics go with the broker's data
-    stop_pid kafka
-    rm -rf "$dir/data" "$dir/acls.applied"
+    kafka_wipe
   fi
   # Kafka's own defaults for a broker (kafka-server-start.sh and
   # kafka-run-class.sh): a fixed 1 GiB heap and G1 aiming at 20 ms pauses.
@@ -335,6 +340,7 @@ EOF
   fi
   log "starting Kafka on $KAFKA_PORT"
   start_java kafka "$LOGS/kafka.log" "${jvm[@]}"
+  kafka_started=1
 }
 
 # Applies testenv/kafka-acls.tsv (once per content: each line is a JVM run).
@@ -380,9 +386,7 @@ kafka_admin_login_ok() {
 
 kafka_reformat() {
   log "Kafka refused the admin's SCRAM login on its existing metadata; formatting its storage again"
-  stop_pid connect   # its state topics go with the broker's data
-  stop_pid kafka
-  rm -rf "$STATE/kafka/data" "$STATE/kafka/acls.applied" "$STATE/kafka/layout"
+  kafka_wipe
   start_kafka
   wait_for "Kafka" 120 kafka_ready
 }
@@ -449,7 +453,12 @@ start_redis
 start_kafka
 start_registry            # independent of Kafka: boots while the broker does
 wait_for "Kafka" 120 kafka_ready
-kafka_admin_login_ok || kafka_reformat
+# Logins are checked after a (re)start of the broker, or while no Connect
+# worker runs (one that runs has logged in; it exits when it cannot): a
+# healthy environment is not held up by a JVM tool run.
+if [[ -n ${kafka_started:-} ]] || ! pid_alive connect; then
+  kafka_admin_login_ok || kafka_reformat
+fi
 apply_kafka_acls
 start_connect
 # Kubernetes starts while the JVMs boot (its first build takes minutes).

@@ -2,10 +2,11 @@
 //! private directory, for the `state_api` target: requests go over gRPC as
 //! an agent's would, so validation and conversion are exercised exactly as
 //! deployed. The binary is `$STATEFABRIC_FUZZ_SIDECAR` (`fuzz/run.sh` sets
-//! it to the workspace's debug build).
+//! it to the workspace's debug build). A static is never dropped: the
+//! sidecar outlives the fuzzer, and `fuzz/run.sh` stops it with the
+//! target's session.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -19,15 +20,6 @@ pub struct Sidecar {
     child: Mutex<Child>,
     pub runtime: Runtime,
     pub channel: Channel,
-    pub data: PathBuf,
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        if let Ok(child) = self.child.get_mut() {
-            let _ = child.kill();
-        }
-    }
 }
 
 fn free_port() -> u16 {
@@ -101,7 +93,6 @@ impl Sidecar {
             child: Mutex::new(child),
             runtime,
             channel,
-            data,
         }
     }
 

@@ -275,7 +275,8 @@ async fn consume(
 #[async_trait]
 impl TaskQueue for KafkaTaskQueue {
     async fn claim(&self, tenant: &TenantId, claim: Claim<'_>) -> Result<Vec<TaskRow>> {
-        let (tenant, Claim { agent, worker, max }) = (tenant.as_str(), claim);
+        let tenant = tenant.as_str();
+        let Claim { agent, worker, max } = claim;
         let feed = self.feed(tenant, agent)?;
         let mut queue = feed
             .queue
@@ -301,14 +302,12 @@ impl TaskQueue for KafkaTaskQueue {
     }
 
     async fn reply(&self, tenant: &TenantId, reply: Reply<'_>) -> Result<Replied> {
-        let (
-            tenant,
-            Reply {
-                sender,
-                saga_id,
-                message,
-            },
-        ) = (tenant.as_str(), reply);
+        let tenant = tenant.as_str();
+        let Reply {
+            sender,
+            saga_id,
+            message,
+        } = reply;
         let (key, outcome, output, error) = match message {
             InboxMessage::Completed { key, output } => (
                 key,

@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
-use sqlx::{PgPool, Row};
+use sqlx::{Column, PgPool, Row};
 use statefabric_saga::Definition;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -231,19 +231,22 @@ impl Columns for PgRow {
     }
 
     fn int(&self, column: &str) -> Result<i64> {
-        // sqlx checks the column type: `int4` columns read as i32.
-        self.try_get::<i64, _>(column)
-            .or_else(|_| self.try_get::<i32, _>(column).map(i64::from))
-            .map_err(map_err)
+        self.opt_int(column)?
+            .ok_or_else(|| StoreError::Backend(format!("stored {column}: unexpected null")))
     }
 
     fn opt_int(&self, column: &str) -> Result<Option<i64>> {
-        self.try_get::<Option<i64>, _>(column)
-            .or_else(|_| {
-                self.try_get::<Option<i32>, _>(column)
-                    .map(|v| v.map(i64::from))
-            })
-            .map_err(map_err)
+        // sqlx decodes only the column's own width: `int4` columns as i32.
+        let narrow = self
+            .try_column(column)
+            .map(|c| <i32 as sqlx::Type<sqlx::Postgres>>::compatible(c.type_info()))
+            .map_err(map_err)?;
+        if narrow {
+            let value: Option<i32> = self.try_get(column).map_err(map_err)?;
+            Ok(value.map(i64::from))
+        } else {
+            self.try_get(column).map_err(map_err)
+        }
     }
 
     fn flag(&self, column: &str) -> Result<bool> {

@@ -70,9 +70,9 @@ pub(crate) fn task_row(row: &impl Columns) -> Result<TaskRow> {
         finished_at: row.opt_time("finished_at")?,
         output: row.opt_json("output")?,
         error: row.opt_text("error")?,
-        // Only a claim reads it (the saga's, joined in where the backend
-        // keeps one).
-        traceparent: row.opt_text("traceparent").ok().flatten(),
+        // The saga's; only a claim hands it on, and sets it (each adapter
+        // reads it its own way).
+        traceparent: None,
     })
 }
 

@@ -94,7 +94,8 @@ impl PgTaskQueue {
 #[async_trait]
 impl TaskQueue for PgTaskQueue {
     async fn claim(&self, tenant: &TenantId, claim: Claim<'_>) -> Result<Vec<TaskRow>> {
-        let (tenant, Claim { agent, worker, max }) = (tenant.as_str(), claim);
+        let tenant = tenant.as_str();
+        let Claim { agent, worker, max } = claim;
         self.check_tenant(tenant)?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "WITH claimed AS (
@@ -117,7 +118,14 @@ impl TaskQueue for PgTaskQueue {
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        let mut tasks = rows.iter().map(task_row).collect::<Result<Vec<_>>>()?;
+        let mut tasks = rows
+            .iter()
+            .map(|row| {
+                let mut task = task_row(row)?;
+                task.traceparent = row.try_get("traceparent").map_err(map_err)?;
+                Ok(task)
+            })
+            .collect::<Result<Vec<_>>>()?;
         tasks.sort_by_key(|t| t.dispatched_at);
         Ok(tasks)
     }
@@ -139,14 +147,12 @@ impl TaskQueue for PgTaskQueue {
     }
 
     async fn reply(&self, tenant: &TenantId, reply: Reply<'_>) -> Result<Replied> {
-        let (
-            tenant,
-            Reply {
-                sender,
-                saga_id,
-                message,
-            },
-        ) = (tenant.as_str(), reply);
+        let tenant = tenant.as_str();
+        let Reply {
+            sender,
+            saga_id,
+            message,
+        } = reply;
         self.check_tenant(tenant)?;
         let reply = batched::Reply::new(saga_id, sender, message)?;
         self.replies

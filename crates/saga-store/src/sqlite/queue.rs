@@ -17,7 +17,8 @@ use statefabric_domain::TenantId;
 #[async_trait::async_trait]
 impl TaskQueue for SqliteSagaStore {
     async fn claim(&self, tenant: &TenantId, claim: Claim<'_>) -> Result<Vec<TaskRow>> {
-        let (tenant, Claim { agent, worker, max }) = (tenant.as_str(), claim);
+        let tenant = tenant.as_str();
+        let Claim { agent, worker, max } = claim;
         // The single writer serializes claims: a task goes to one worker.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE saga_tasks SET claimed_by = ?3, claimed_at = ?5
@@ -62,14 +63,12 @@ impl TaskQueue for SqliteSagaStore {
     }
 
     async fn reply(&self, tenant: &TenantId, reply: Reply<'_>) -> Result<Replied> {
-        let (
-            tenant,
-            Reply {
-                sender,
-                saga_id,
-                message,
-            },
-        ) = (tenant.as_str(), reply);
+        let tenant = tenant.as_str();
+        let Reply {
+            sender,
+            saga_id,
+            message,
+        } = reply;
         let Some(key) = message.task_key().map(str::to_owned) else {
             return Err(StoreError::Invalid("a reply names its task".into()));
         };

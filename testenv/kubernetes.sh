@@ -137,6 +137,15 @@ start_etcd() {
     --initial-cluster "statefabric-test=http://127.0.0.1:$ETCD_PEER_PORT"
     --quota-backend-bytes 2147483648 --snapshot-count 10000)
   process_current etcd "${cmd[@]}" && return 0
+  # etcd keeps its peer address in its data: data made on other ports (an
+  # earlier services.env) is deleted; the cluster's objects are disposable.
+  local layout=$ETCD_PORT,$ETCD_PEER_PORT
+  if [[ -d $KUBE_STATE/etcd && $(cat "$KUBE_STATE/etcd.layout" 2>/dev/null) != "$layout" ]]; then
+    log "deleting etcd's data: it was made for other ports"
+    rm -rf "$KUBE_STATE/etcd"
+  fi
+  echo "$layout" > "$KUBE_STATE/etcd.layout"
+  ensure_ports_free etcd "$ETCD_PORT" "$ETCD_PEER_PORT"
   log "starting etcd on $ETCD_PORT"
   start_process etcd "$LOGS/etcd.log" "${cmd[@]}"
 }
@@ -162,6 +171,7 @@ start_kube_apiserver() {
     --enable-admission-plugins NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultTolerationSeconds,ResourceQuota,PodSecurity,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy
     --allow-privileged=true --profiling=false --v=1)
   process_current kube-apiserver "${cmd[@]}" && return 0
+  ensure_ports_free kube-apiserver "$KUBE_API_PORT"
   log "starting kube-apiserver $KUBE_VERSION on $KUBE_API_PORT"
   start_process kube-apiserver "$LOGS/kube-apiserver.log" "${cmd[@]}"
 }
@@ -181,6 +191,7 @@ start_kube_controller_manager() {
     --leader-elect=false --controllers '*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service-lb-controller,-route'
     --v=1)
   process_current kube-controller-manager "${cmd[@]}" && return 0
+  ensure_ports_free kube-controller-manager "$KUBE_CONTROLLER_MANAGER_PORT"
   log "starting kube-controller-manager"
   start_process kube-controller-manager "$LOGS/kube-controller-manager.log" "${cmd[@]}"
 }

@@ -34,6 +34,29 @@ wait_for() {
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# port_holders PORT: the sockets whose local end is PORT, except those in
+# TIME-WAIT (which a listener's SO_REUSEADDR binds over).
+port_holders() {
+  ss -Htanp state all "( sport = :$1 )" 2>/dev/null | grep -v '^TIME-WAIT' || true
+}
+
+# ensure_ports_free NAME PORT...: called just before NAME starts. A port
+# still held (a process of an earlier run stopping, a client connection's
+# local end) is waited for, up to 30 s; then the start fails naming what
+# holds it, rather than leaving the service to die on its bind unseen.
+ensure_ports_free() {
+  local name=$1 port held; shift
+  for port in "$@"; do
+    local start=$SECONDS
+    while held=$(port_holders "$port"); [[ -n $held ]]; do
+      if (( SECONDS - start >= 30 )); then
+        die "$name cannot start: port $port is taken by: $held"
+      fi
+      sleep 0.5
+    done
+  done
+}
+
 # pid_alive NAME: true if the process recorded in $STATE/NAME.pid runs.
 pid_alive() {
   local f=$STATE/$1.pid

@@ -27,7 +27,8 @@ chmod 755 "$STATE"
 install_packages() {
   local wanted=(postgresql-15 redis-server redis-tools openjdk-17-jre-headless maven
                 protobuf-compiler cmake libcurl4-openssl-dev pkg-config libssl-dev
-                build-essential zlib1g-dev curl python3 python3-venv prometheus chromium etcd-server openssl)
+                build-essential zlib1g-dev curl python3 python3-venv prometheus chromium etcd-server openssl
+                iproute2)
   local missing=()
   for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -118,7 +119,17 @@ max_connections = 400
 shared_buffers = 256MB
 EOF
   fi
+  # The port is read from the configuration at each start, so a data
+  # directory made when services.env named another port follows it.
+  if ! grep -qx "port = $PG_PORT" "$data/postgresql.conf"; then
+    sed -i "s/^port = [0-9]*$/port = $PG_PORT/" "$data/postgresql.conf"
+    if runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+      log "restarting Postgres: its port changed"
+      runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -m fast -w stop >/dev/null
+    fi
+  fi
   if ! pg_ready; then
+    ensure_ports_free Postgres "$PG_PORT"
     log "starting Postgres on $PG_PORT"
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -l "$LOGS/postgres.log" -w -t 60 start >/dev/null \
       || die "Postgres did not start; see $LOGS/postgres.log"
@@ -177,6 +188,7 @@ start_redis_node() {
   local port=$1 dir=$STATE/redis/$1; shift
   mkdir -p "$dir"
   redis_up "$port" && return 0
+  ensure_ports_free "Redis $port" "$port" $([[ $* == *cluster-enabled* ]] && echo $(( port + 10000 )))
   redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --daemonize yes \
     --pidfile "$dir/redis.pid" --logfile "$LOGS/redis-$port.log" \
     --save "" --appendonly no "$@" || die "redis on $port did not start; see $LOGS/redis-$port.log"
@@ -199,7 +211,22 @@ close_open_slots() {
   done
 }
 
+# Nodes of ports services.env no longer names (it named others before) are
+# stopped and their data deleted: a cluster is made anew on the new ports.
+stop_stale_redis() {
+  local dir port
+  for dir in "$STATE"/redis/*/; do
+    [[ -d $dir ]] || continue
+    port=$(basename "$dir")
+    [[ ,$REDIS_PORT,$REDIS_CLUSTER_PORTS, == *,$port,* ]] && continue
+    redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
+    rm -rf "$dir"
+    log "removed the Redis node of port $port (no longer in services.env)"
+  done
+}
+
 start_redis() {
+  stop_stale_redis
   start_redis_node "$REDIS_PORT"
   local ports; IFS=, read -r -a ports <<< "$REDIS_CLUSTER_PORTS"
   for p in "${ports[@]}"; do
@@ -250,7 +277,7 @@ EOF
 # (SCRAM is not available to KRaft controllers); clients and inter-broker
 # traffic use SCRAM-SHA-512.
 kafka_layout() {
-  printf '%s\n' sasl-v1 "$KAFKA_SASL_MECHANISM" \
+  printf '%s\n' sasl-v1 "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SASL_MECHANISM" \
     "$KAFKA_ADMIN_USER:$KAFKA_ADMIN_PASSWORD" "$KAFKA_CONTROL_USER:$KAFKA_CONTROL_PASSWORD" \
     "$KAFKA_SIDECAR_USER:$KAFKA_SIDECAR_PASSWORD" "$KAFKA_CONNECT_USER:$KAFKA_CONNECT_PASSWORD" \
     "$KAFKA_INTRUDER_USER:$KAFKA_INTRUDER_PASSWORD" | sha1sum | cut -c1-16
@@ -338,6 +365,7 @@ EOF
       || die "Kafka storage format failed; see $LOGS/kafka-format.log"
     echo "$layout" > "$dir/layout"
   fi
+  ensure_ports_free Kafka "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"
   log "starting Kafka on $KAFKA_PORT"
   start_java kafka "$LOGS/kafka.log" "${jvm[@]}"
   kafka_started=1
@@ -418,6 +446,8 @@ EOF
     -Dlog4j2.configurationFile="$STATE/log4j2.properties" -cp "$JARS/kafka/*"
     org.apache.kafka.connect.cli.ConnectDistributed "$props")
   java_current connect "${jvm[@]}" && port_open "$CONNECT_PORT" && return 0
+  stop_pid connect   # one whose properties (its port) changed
+  ensure_ports_free "Kafka Connect" "$CONNECT_PORT"
   log "starting Kafka Connect on $CONNECT_PORT"
   start_java connect "$LOGS/connect.log" "${jvm[@]}"
 }
@@ -437,6 +467,7 @@ start_registry() {
     -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$REGISTRY_PORT"
     -jar "$JARS/registry/apicurio-registry-app-$APICURIO_VERSION-runner.jar")
   java_current registry "${jvm[@]}" && port_open "$REGISTRY_PORT" && return 0
+  ensure_ports_free "Apicurio Registry" "$REGISTRY_PORT"
   log "starting Apicurio Registry on $REGISTRY_PORT"
   start_java registry "$LOGS/registry.log" "${jvm[@]}"
 }

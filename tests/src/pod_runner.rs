@@ -190,6 +190,12 @@ pub async fn run(client: &Client, pod: &Pod, container: &str) -> anyhow::Result<
     })
 }
 
+impl Drop for RunningContainer {
+    fn drop(&mut self) {
+        crate::process::terminate_on_drop(&self.child);
+    }
+}
+
 impl RunningContainer {
     /// Waits until the container's startup probe (else its readiness probe)
     /// succeeds; fails at once if the process exits.

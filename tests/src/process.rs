@@ -110,6 +110,43 @@ pub fn spawn(binary: &str, args: &[&str], extra_env: &[(&str, &str)]) -> anyhow:
     })
 }
 
+impl Drop for Service {
+    fn drop(&mut self) {
+        terminate_on_drop(&self.child);
+    }
+}
+
+/// Lets a child that is being dropped stop by itself: SIGTERM (and SIGCONT,
+/// should a test have paused it), then up to 2 s for it to exit before
+/// `kill_on_drop`'s SIGKILL. A process that exits writes its coverage
+/// profile (`scripts/test.sh` measures coverage from them; a killed one
+/// leaves none), and the graceful path it takes is the one users run.
+pub fn terminate_on_drop(child: &Child) {
+    // None once the child was waited for: nothing left to stop.
+    let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
+        return;
+    };
+    let pid = Pid::from_raw(pid);
+    if kill(pid, Signal::SIGTERM).is_err() {
+        return;
+    }
+    let _ = kill(pid, Signal::SIGCONT);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline && !exited(pid) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// True once `pid` is gone or a zombie (exited, not yet reaped).
+fn exited(pid: Pid) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_none_or(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
 impl Service {
     /// Where the process keeps its embedded store (`events.db`).
     pub fn data_dir(&self) -> &std::path::Path {

@@ -19,10 +19,15 @@ case ${1:-} in
 esac
 
 # Build output outside the clone, so CI's fresh clone reuses earlier builds.
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/statefabric/target}
+# Its own directory: the workspace is built instrumented for coverage here
+# (below), which a plain build must not mistake for its own artifacts.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/statefabric/target-cov}
 # CI builds once per run: incremental state would only grow the cache.
 export CARGO_INCREMENTAL=0
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+# The run fails when line coverage of the workspace (tests, benches and
+# generated code excluded: tools/coverage) is under this many percent.
+COVERAGE_FLOOR=${STATEFABRIC_COVERAGE_FLOOR:-85}
 # The cache is shared by every run on this machine and the disk is not
 # ours alone: past 30 GiB, start it afresh rather than fill the disk.
 if [[ -d $CARGO_TARGET_DIR ]] && (( $(du -s "$CARGO_TARGET_DIR" | cut -f1) > 30 * 1024 * 1024 )); then
@@ -43,6 +48,16 @@ if cargo tree -p statefabric-cli --no-default-features -e normal,build --locked 
   echo "fabric dev (--no-default-features) must not need librdkafka or OpenSSL" >&2
   exit 1
 fi
+# From here the workspace's own crates are built with coverage counters
+# (scripts/coverage-rustc), and every process of the run — test binaries and
+# the sidecars, control planes and CLIs they and the SDK suites start —
+# writes them to a profile under $profiles: one run measures the coverage.
+export RUSTC_WRAPPER=$PWD/scripts/coverage-rustc
+profiles=$CARGO_TARGET_DIR/coverage/profiles
+rm -rf "$profiles"; mkdir -p "$profiles"
+# %8m: a pool of eight files per binary, merged into as processes exit, so
+# a run that starts a thousand sidecars leaves a few dozen files.
+export LLVM_PROFILE_FILE=$profiles/%8m.profraw
 # The process tests drive the real binaries, found next to the test executables.
 cargo build --workspace --bins --locked
 
@@ -77,17 +92,47 @@ set +e
 ts_status=${PIPESTATUS[0]}
 set -e
 if (( status == 0 )); then status=$ts_status; fi
-# The topics, groups and tenants the tests made would otherwise pile up run
-# after run.
+unset LLVM_PROFILE_FILE
+
+# Line coverage of the run (tools/coverage): the profiles against the
+# coverage maps of the binaries that wrote them, per crate; under the floor
+# fails the run.
+cov_objects=$(mktemp)
+cov_log=$(mktemp)
+trap 'rm -f "$log" "$py_log" "$ts_log" "$cov_objects" "$cov_log"' EXIT
+{ cargo test --workspace --locked --no-run --message-format=json
+  cargo build --workspace --bins --locked --message-format=json
+} 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        message = json.loads(line)
+    except ValueError:
+        continue
+    if message.get("reason") == "compiler-artifact" and message.get("executable"):
+        print(message["executable"])' | sort -u > "$cov_objects"
+cov_target=$HOME/.cache/statefabric/target-tools
+CARGO_TARGET_DIR=$cov_target RUSTC_WRAPPER= cargo build -q --release --locked \
+  --manifest-path tools/coverage/Cargo.toml
+set +e
+"$cov_target/release/statefabric-coverage" --root . --profiles "$profiles" \
+  --objects "$cov_objects" --min "$COVERAGE_FLOOR" 2>&1 | tee "$cov_log"
+cov_status=${PIPESTATUS[0]}
+set -e
+if (( status == 0 )); then status=$cov_status; fi
+unset RUSTC_WRAPPER
+
 # Every fuzz target for a few seconds (fuzz/run.sh; longer on demand).
 fuzz_log=$(mktemp)
-trap 'rm -f "$log" "$py_log" "$ts_log" "$fuzz_log"' EXIT
+trap 'rm -f "$log" "$py_log" "$ts_log" "$cov_objects" "$cov_log" "$fuzz_log"' EXIT
 set +e
 fuzz/run.sh "${STATEFABRIC_FUZZ_SECONDS:-10}" 2>&1 | tee "$fuzz_log"
 fuzz_status=${PIPESTATUS[0]}
 set -e
 if (( status == 0 )); then status=$fuzz_status; fi
 
+# The topics, groups and tenants the tests made would otherwise pile up run
+# after run.
 testenv/prune-kafka.sh
 testenv/prune-postgres.sh
 testenv/prune-kubernetes.sh

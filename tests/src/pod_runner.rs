@@ -146,6 +146,8 @@ pub async fn run(client: &Client, pod: &Pod, container: &str) -> anyhow::Result<
         .args(&args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        // Where an instrumented binary writes its coverage (scripts/test.sh).
+        .envs(std::env::var_os("LLVM_PROFILE_FILE").map(|path| ("LLVM_PROFILE_FILE", path)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

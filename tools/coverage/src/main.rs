@@ -23,7 +23,8 @@
 //! count.
 //!
 //! Usage: `statefabric-coverage --root DIR --profiles DIR --objects FILE
-//! [--min PERCENT]` (FILE lists one binary per line).
+//! [--min PERCENT] [--worst N]` (FILE lists one binary per line; `--worst`
+//! adds the N files with the most lines not run).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,7 @@ struct Args {
     profiles: PathBuf,
     objects: PathBuf,
     min: Option<f64>,
+    worst: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -44,6 +46,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut profiles = None;
     let mut objects = None;
     let mut min = None;
+    let mut worst = 0;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args
@@ -54,6 +57,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--profiles" => profiles = Some(PathBuf::from(value)),
             "--objects" => objects = Some(PathBuf::from(value)),
             "--min" => min = Some(value.parse().context("--min takes a percentage")?),
+            "--worst" => worst = value.parse().context("--worst takes a count")?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -62,6 +66,7 @@ fn parse_args() -> anyhow::Result<Args> {
         profiles: profiles.context("--profiles is required")?,
         objects: objects.context("--objects is required")?,
         min,
+        worst,
     })
 }
 
@@ -150,11 +155,13 @@ fn run() -> anyhow::Result<ExitCode> {
         .context("reading the binaries' coverage maps")?;
 
     let mut per_crate: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut per_file = Vec::new();
     for (file, result) in &report.files {
         let Some(relative) = counted(&args.root, file) else {
             continue;
         };
         let (lines, covered) = line_counts(result);
+        per_file.push((lines - covered, lines, relative.clone()));
         let entry = per_crate
             .entry(crate_of(&args.root, &relative))
             .or_default();
@@ -186,6 +193,19 @@ fn run() -> anyhow::Result<ExitCode> {
         "| **workspace** | {} | {} | **{overall:.1} %** |",
         total.0, total.1
     );
+    if args.worst > 0 {
+        per_file.sort_by_key(|entry| std::cmp::Reverse(entry.0));
+        println!();
+        println!("| file (most lines not run first) | lines | not run | coverage |");
+        println!("|---|---:|---:|---:|");
+        for (missed, lines, path) in per_file.iter().take(args.worst) {
+            let share = percent((*lines, lines - missed));
+            println!(
+                "| `{}` | {lines} | {missed} | {share:.1} % |",
+                path.display()
+            );
+        }
+    }
     println!(
         "({} profiles from {} binaries)",
         profiles.len(),

@@ -17,6 +17,7 @@
 //!
 //! It does not own what leaders do; the saga engine and outbox relay ask
 //! [`Leadership`] and pass the epoch to their writes.
+#![warn(missing_docs)]
 
 pub mod kube;
 pub mod pg;
@@ -32,12 +33,15 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// Why an election round could not be run.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
+    /// The backend (database or API server) could not be reached or refused the call.
     #[error("leader election backend unavailable: {0}")]
     Unavailable(String),
 }
 
+/// A lease backend: who leads is whoever holds the lease, in terms numbered by epoch.
 #[async_trait]
 pub trait Elector: Send + Sync + std::fmt::Debug + 'static {
     /// Takes the lease if free or lapsed, or extends it if this instance
@@ -63,10 +67,16 @@ impl Elector for Solo {
     }
 }
 
+/// What this instance is at a moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// Another instance leads, or none does.
     Follower,
-    Leader { epoch: u64 },
+    /// This instance leads.
+    Leader {
+        /// The term's number, which fences what the leader writes.
+        epoch: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +107,7 @@ impl Leadership {
     }
 }
 
+/// How a lease is held: its length and how often it is renewed.
 #[derive(Debug, Clone, Copy)]
 pub struct LeaseSettings {
     /// How long a lease lasts without renewal.

@@ -8,6 +8,8 @@ use sqlx::PgPool;
 
 use crate::{Elector, LeaderError};
 
+/// The lease on Postgres: one row of `leader_leases` per role, taken,
+/// extended and released by the functions of migration 0010.
 #[derive(Debug, Clone)]
 pub struct PgElector {
     pool: PgPool,
@@ -18,6 +20,7 @@ pub struct PgElector {
 }
 
 impl PgElector {
+    /// An elector for the role `name`, as the instance `holder`.
     pub fn new(pool: PgPool, name: &str, holder: &str) -> Self {
         Self {
             pool,
@@ -26,6 +29,7 @@ impl PgElector {
         }
     }
 
+    /// This instance's name, as written into the lease.
     pub fn holder(&self) -> &str {
         &self.holder
     }

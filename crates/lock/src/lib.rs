@@ -14,6 +14,7 @@
 //! waiter is starved by later arrivals or by try-once callers), and tokens
 //! stay increasing across a Redis failover and an embedded restart (see
 //! [`redis`] for how, and the clock assumption it makes).
+#![warn(missing_docs)]
 
 pub mod memory;
 pub mod redis;
@@ -26,8 +27,11 @@ use statefabric_domain::TenantId;
 /// A granted lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
+    /// The tenant whose lock it is (locks of different tenants never meet).
     pub tenant: TenantId,
+    /// The lock's name within the tenant.
     pub name: String,
+    /// Who holds it (the caller's own identity, e.g. an agent instance).
     pub owner: String,
     /// Strictly increases with every grant of this lock.
     pub token: u64,
@@ -38,28 +42,45 @@ pub struct Lease {
 /// Who holds a lock now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
+    /// Who holds it.
     pub owner: String,
+    /// The fencing token of the current grant.
     pub token: u64,
+    /// Time left before the lease lapses unless renewed.
     pub expires_in: Duration,
 }
 
+/// Why a lock call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
+    /// A name, owner or lease length the service refuses.
     #[error("invalid {what}: {reason}")]
-    Invalid { what: &'static str, reason: String },
+    Invalid {
+        /// Which argument (`name`, `owner`, `ttl`).
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Renew or release by someone who does not (or no longer) hold it.
     #[error("lock {name} is not held by {owner} with token {token}")]
     NotHolder {
+        /// The lock.
         name: String,
+        /// Who claimed to hold it.
         owner: String,
+        /// The token the claim named.
         token: u64,
     },
+    /// The backend (Redis) could not be reached or failed the call.
     #[error("lock backend unavailable: {0}")]
     Unavailable(String),
 }
 
+/// A lock call's result.
 pub type Result<T, E = LockError> = std::result::Result<T, E>;
 
+/// Distributed locks with fencing tokens: one holder per lock at a time,
+/// each grant numbered higher than the last.
 #[async_trait]
 pub trait LockService: Send + Sync + std::fmt::Debug + 'static {
     /// Tries to take `name` for `owner` for `ttl`, waiting up to `wait` for
@@ -80,6 +101,7 @@ pub trait LockService: Send + Sync + std::fmt::Debug + 'static {
     /// Lets go, if `lease` is still the current grant.
     async fn release(&self, lease: &Lease) -> Result<()>;
 
+    /// Who holds `name` now, if anyone.
     async fn inspect(&self, tenant: &TenantId, name: &str) -> Result<Option<Holder>>;
 }
 

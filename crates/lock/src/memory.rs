@@ -16,6 +16,8 @@ use crate::{Holder, Lease, LockError, LockService, Result, check};
 
 type Key = (TenantId, String);
 
+/// Locks in this process's memory: the embedded default (`fabric dev`),
+/// where one process is the whole fabric.
 #[derive(Debug, Default)]
 pub struct MemoryLocks {
     state: Mutex<HashMap<Key, Entry>>,

@@ -121,6 +121,7 @@ impl<C> std::fmt::Debug for RedisLocks<C> {
 }
 
 impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLocks<C> {
+    /// Locks on the Redis (standalone or cluster) behind `conn`.
     pub fn new(conn: C) -> Self {
         Self {
             conn,

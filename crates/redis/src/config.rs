@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// How the Redis at `urls` is deployed.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum RedisMode {
@@ -15,15 +16,19 @@ pub enum RedisMode {
     Cluster,
 }
 
+/// Where Redis is and how calls to it are bounded (`[redis]` in a binary's
+/// configuration).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
+    /// Standalone or cluster.
     pub mode: RedisMode,
     /// Comma-separated `redis://host:port` URLs.
     pub urls: String,
     /// Deadline for one command, retries included.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// Deadline for opening a connection.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Tries per command on redirection or a lost connection.
@@ -50,6 +55,7 @@ impl Default for RedisConfig {
 }
 
 impl RedisConfig {
+    /// `urls` split at commas, trimmed, empty entries left out.
     pub fn url_list(&self) -> Vec<String> {
         self.urls
             .split(',')

@@ -23,7 +23,9 @@ use tokio::time::Instant;
 /// A standalone or cluster connection behind one type.
 #[derive(Clone)]
 pub enum Conn {
+    /// One server, reconnected by the manager when the link drops.
     Standalone(ConnectionManager),
+    /// A Redis Cluster, redirections and failovers followed.
     Cluster(ClusterConnection),
 }
 
@@ -76,6 +78,8 @@ struct ErrorLabel {
     kind: &'static str,
 }
 
+/// Per-command latency, errors by kind and calls in flight, under
+/// `redis_*` in a process's registry.
 #[derive(Debug)]
 pub struct RedisMetrics {
     latency: Family<CommandLabel, Histogram>,

@@ -16,6 +16,7 @@
 //! connections for short commands; "pool use" is therefore reported as
 //! commands in flight. Blocking reads (XREADGROUP BLOCK) get a connection of
 //! their own ([`Redis::dedicated`]) so they never stall the shared one.
+#![warn(missing_docs)]
 
 pub mod acl;
 mod config;
@@ -30,13 +31,18 @@ use std::sync::Arc;
 use redis::aio::ConnectionManagerConfig;
 use statefabric_resilience::{Breaker, BreakerConfig, Guard};
 
+/// Why Redis could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// The configuration is unusable (no URL, a malformed one).
     #[error("Redis configuration: {0}")]
     Config(String),
+    /// No connection could be made.
     #[error("connecting to Redis at {urls}: {source}")]
     Connect {
+        /// The URLs tried.
         urls: String,
+        /// What the client reported.
         source: redis::RedisError,
     },
 }
@@ -52,6 +58,8 @@ pub struct Redis {
 }
 
 impl Redis {
+    /// Opens the shared connection described by `config`, behind a
+    /// circuit breaker, with its metrics.
     pub async fn connect(config: &RedisConfig) -> Result<Self, ConnectError> {
         let breaker = Breaker::new(
             "redis",
@@ -92,6 +100,7 @@ impl Redis {
         self.conn.clone()
     }
 
+    /// The configuration it was opened with.
     pub fn config(&self) -> &RedisConfig {
         &self.config
     }

@@ -22,6 +22,7 @@ pub struct MemoryGauges {
 }
 
 impl MemoryGauges {
+    /// Registers the gauges (`redis_used_memory_bytes`, …) in `registry`.
     pub fn register(&self, registry: &mut Registry) {
         let sub = registry.sub_registry_with_prefix("redis");
         sub.register(

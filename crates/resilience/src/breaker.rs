@@ -22,10 +22,13 @@ use tokio::time::Instant;
 pub struct FailureRate {
     /// 1..=100.
     pub percent: u32,
+    /// The sliding window the rate is taken over.
     pub window: Duration,
+    /// Calls the window must hold before the rate can open the circuit.
     pub min_calls: u32,
 }
 
+/// When a breaker opens and how it recovers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerConfig {
     /// Consecutive faults that open the circuit (0: this rule is off).
@@ -50,10 +53,14 @@ impl Default for BreakerConfig {
     }
 }
 
+/// Where a breaker stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
+    /// Calls go through; faults are counted.
     Closed,
+    /// Calls are refused at once until `open_for` has passed.
     Open,
+    /// A few probe calls go through; their outcome closes or reopens it.
     HalfOpen,
 }
 
@@ -125,6 +132,8 @@ pub struct Breaker {
 }
 
 impl Breaker {
+    /// A closed breaker for the dependency `name` (which labels its metrics
+    /// and errors).
     pub fn new(name: &'static str, config: BreakerConfig) -> Self {
         Self {
             name,
@@ -137,10 +146,12 @@ impl Breaker {
         }
     }
 
+    /// The dependency it guards.
     pub fn name(&self) -> &'static str {
         self.name
     }
 
+    /// Its current settings.
     pub fn config(&self) -> BreakerConfig {
         self.lock().config
     }
@@ -177,6 +188,7 @@ impl Breaker {
         );
     }
 
+    /// Where it stands now.
     pub fn state(&self) -> BreakerState {
         match self.lock().state {
             State::Closed { .. } => BreakerState::Closed,
@@ -282,11 +294,13 @@ pub struct Permit {
 }
 
 impl Permit {
+    /// The call succeeded.
     pub fn success(mut self) {
         self.settled = true;
         self.breaker.settle(self.probe, true);
     }
 
+    /// The call failed in a way that counts against the dependency.
     pub fn failure(mut self) {
         self.settled = true;
         self.breaker.settle(self.probe, false);

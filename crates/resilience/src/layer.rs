@@ -9,12 +9,15 @@ use tower::{BoxError, Layer, Service};
 
 use crate::{Breaker, Guarded};
 
+/// A tower layer that puts a [`Breaker`] in front of a service: refused
+/// at once while open, every outcome reported.
 #[derive(Debug, Clone)]
 pub struct BreakerLayer {
     breaker: Breaker,
 }
 
 impl BreakerLayer {
+    /// The layer for `breaker` (clones share its state).
     pub fn new(breaker: Breaker) -> Self {
         Self { breaker }
     }
@@ -31,6 +34,7 @@ impl<S> Layer<S> for BreakerLayer {
     }
 }
 
+/// The service [`BreakerLayer`] makes.
 #[derive(Debug, Clone)]
 pub struct BreakerService<S> {
     inner: S,

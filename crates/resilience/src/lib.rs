@@ -17,6 +17,7 @@
 //! answer is not), let exactly one probe through when half-open, and export
 //! its state to our Prometheus registry; the crates we looked at each missed
 //! one of these, and the whole state machine is about a hundred lines.
+#![warn(missing_docs)]
 
 pub mod backoff;
 mod breaker;
@@ -37,8 +38,10 @@ pub enum Guarded<E> {
     /// called until the next probe.
     #[error("{0} is unavailable (circuit open after repeated failures)")]
     Open(&'static str),
+    /// The dependency (named) did not answer within the deadline (given).
     #[error("{0} did not answer within {1:?}")]
     Timeout(&'static str, Duration),
+    /// The call's own error.
     #[error(transparent)]
     Inner(E),
 }
@@ -58,6 +61,7 @@ fn nanos(timeout: Duration) -> u64 {
 }
 
 impl Guard {
+    /// A guard with `breaker` and a deadline of `timeout` per call.
     pub fn new(breaker: Breaker, timeout: Duration) -> Self {
         Self {
             breaker,
@@ -65,10 +69,12 @@ impl Guard {
         }
     }
 
+    /// Its breaker.
     pub fn breaker(&self) -> &Breaker {
         &self.breaker
     }
 
+    /// The deadline a call started now gets.
     pub fn timeout(&self) -> Duration {
         Duration::from_nanos(self.timeout.load(Ordering::Relaxed))
     }

@@ -12,6 +12,7 @@
 //! writes do not extend it; *sliding* — every read or write restarts the
 //! `ttl`. A write may ask for a shorter or longer `ttl` than the namespace's
 //! default, within the namespace's `max_ttl`.
+#![warn(missing_docs)]
 
 pub mod memory;
 pub mod redis;
@@ -22,10 +23,14 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use statefabric_domain::TenantId;
 
+/// Whether reading a session extends its life.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Expiry {
+    /// It lives `ttl` from its first write, however often it is read or
+    /// written again.
     Absolute,
+    /// Every read and write gives it `ttl` again.
     #[default]
     Sliding,
 }
@@ -34,8 +39,10 @@ pub enum Expiry {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
+    /// Lifetime of a session written without a `ttl` of its own.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// Absolute or sliding.
     #[serde(default)]
     pub expiry: Expiry,
     /// Longest `ttl` a write may ask for; defaults to `ttl`.
@@ -44,6 +51,7 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The longest `ttl` a write may ask for (never under `ttl`).
     pub fn max_ttl(&self) -> Duration {
         self.max_ttl.unwrap_or(self.ttl).max(self.ttl)
     }
@@ -52,29 +60,43 @@ impl Policy {
 /// A session as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
+    /// The stored bytes.
     pub value: Vec<u8>,
     /// Time left, after any extension this read made.
     pub expires_in: Duration,
 }
 
+/// Why a session call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
+    /// An argument the store refuses (a key part, a value too large, a ttl).
     #[error("invalid {what}: {reason}")]
-    Invalid { what: &'static str, reason: String },
+    Invalid {
+        /// Which argument.
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The backend (Redis) could not be reached or failed the call.
     #[error("session backend unavailable: {0}")]
     Unavailable(String),
 }
 
+/// A session call's result.
 pub type Result<T, E = SessionError> = std::result::Result<T, E>;
 
 /// Where a session lives: tenant, namespace, id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SessionKey {
+    /// The tenant (sessions of different tenants never meet).
     pub tenant: TenantId,
+    /// The namespace, which carries the expiry policy.
     pub namespace: String,
+    /// The session's id within the namespace.
     pub id: String,
 }
 
+/// Short-lived key-value sessions with a lifetime per namespace.
 #[async_trait]
 pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     /// Writes a session. `ttl` is the lifetime to apply (absolute: only when

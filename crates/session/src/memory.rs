@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use crate::{DEFAULT_MAX_VALUE_BYTES, Expiry, Result, Session, SessionKey, SessionStore, check};
 
+/// Sessions in this process's memory: the embedded default (`fabric dev`).
 #[derive(Debug)]
 pub struct MemorySessions {
     sessions: Mutex<HashMap<SessionKey, (Vec<u8>, Instant)>>,
@@ -28,6 +29,7 @@ impl Default for MemorySessions {
 }
 
 impl MemorySessions {
+    /// Refuses values larger than `bytes`.
     pub fn with_max_value(mut self, bytes: usize) -> Self {
         self.max_value = bytes;
         self

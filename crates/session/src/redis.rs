@@ -68,6 +68,8 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
 ";
 
+/// Sessions on Redis (standalone or cluster), each write and read one Lua
+/// script so expiry and value change together.
 #[derive(Clone)]
 pub struct RedisSessions<C> {
     conn: C,
@@ -85,6 +87,7 @@ impl<C> std::fmt::Debug for RedisSessions<C> {
 }
 
 impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisSessions<C> {
+    /// Sessions on the Redis behind `conn`.
     pub fn new(conn: C) -> Self {
         Self {
             conn,
@@ -96,6 +99,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisSessions<C> {
         }
     }
 
+    /// Refuses values larger than `bytes`.
     pub fn with_max_value(mut self, bytes: usize) -> Self {
         self.max_value = bytes;
         self

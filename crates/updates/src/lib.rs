@@ -21,6 +21,7 @@
 //!
 //! [`memory`] holds the in-process adapters of both ports, the embedded
 //! default, under the same contract tests.
+#![warn(missing_docs)]
 
 pub mod memory;
 pub mod redis;
@@ -35,13 +36,16 @@ use statefabric_domain::TenantId;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
+    /// A shared-context document.
     Context,
+    /// A session.
     Session,
 }
 
 /// One announced change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
+    /// What kind of thing changed.
     pub kind: ChangeKind,
     /// The document or session id.
     pub key: String,
@@ -57,23 +61,36 @@ pub enum Signal {
     /// The subscription is live: changes from now on will be heard;
     /// anything before was not.
     Live,
+    /// A change another sidecar announced.
     Change(Change),
     /// Announcements are no longer heard (until the next `Live`).
     Lost,
 }
 
+/// Why an announcement or stream call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum UpdatesError {
+    /// A stream, group or consumer name the backend refuses.
     #[error("invalid {what}: {reason}")]
-    Invalid { what: &'static str, reason: String },
+    Invalid {
+        /// Which argument.
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The backend (Redis) could not be reached or failed the call.
     #[error("update backend unavailable: {0}")]
     Unavailable(String),
 }
 
+/// An update call's result.
 pub type Result<T, E = UpdatesError> = std::result::Result<T, E>;
 
+/// Announcements of changes to every sidecar of a tenant, at most once
+/// (pub/sub): what a sidecar missed it learns by re-reading.
 #[async_trait]
 pub trait Notifier: Send + Sync + std::fmt::Debug + 'static {
+    /// Tells the tenant's other sidecars of `change`.
     async fn announce(&self, tenant: &TenantId, change: &Change) -> Result<()>;
 
     /// Follows a tenant's announcements until the receiver is dropped. The
@@ -86,6 +103,7 @@ pub trait Notifier: Send + Sync + std::fmt::Debug + 'static {
 pub struct Delivery {
     /// The entry's id in its stream (ordered; pass it to `ack`).
     pub id: String,
+    /// The change it carries.
     pub change: Change,
 }
 
@@ -108,6 +126,8 @@ pub enum Start {
     Beginning,
 }
 
+/// A retained, ordered log of changes read by consumer groups (Redis
+/// Streams): what a reader missed while away it reads when back.
 #[async_trait]
 pub trait UpdateLog: Send + Sync + std::fmt::Debug + 'static {
     /// Appends to `stream` (created on first use), keeping about

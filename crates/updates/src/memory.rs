@@ -16,6 +16,7 @@ use crate::{
     check_name,
 };
 
+/// Announcements within this process: the embedded default (`fabric dev`).
 #[derive(Debug)]
 pub struct MemoryNotifier {
     tx: broadcast::Sender<(TenantId, Change)>,
@@ -83,6 +84,7 @@ struct Group {
     pending: BTreeMap<u64, (String, Instant)>,
 }
 
+/// Update streams in this process's memory: the embedded default.
 #[derive(Debug, Default)]
 pub struct MemoryUpdateLog {
     streams: Mutex<HashMap<String, Stream>>,

@@ -46,13 +46,14 @@ fn channel(tenant: &TenantId) -> String {
 }
 
 /// Announcements on Redis pub/sub. On a cluster, classic PUBLISH reaches
-/// subscribers on every node.
+/// subscribers on every node. One channel per tenant.
 #[derive(Debug, Clone)]
 pub struct RedisNotifier {
     redis: Redis,
 }
 
 impl RedisNotifier {
+    /// Announces and follows through `redis`.
     pub fn new(redis: Redis) -> Self {
         Self { redis }
     }
@@ -156,6 +157,7 @@ pub struct RedisUpdateLog {
 pub const MAX_BLOCK: Duration = Duration::from_secs(5);
 
 impl RedisUpdateLog {
+    /// The log on `redis`, with a connection of its own for blocking reads.
     pub async fn connect(redis: &Redis) -> Result<Self, statefabric_redis::ConnectError> {
         Ok(Self {
             conn: redis.conn(),

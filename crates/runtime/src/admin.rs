@@ -29,6 +29,7 @@ pub struct AdminConfig {
 }
 
 impl AdminConfig {
+    /// Admin endpoints on 127.0.0.1:`port`.
     pub fn on_port(port: u16) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -57,6 +58,7 @@ pub struct ReadinessCheck {
 }
 
 impl ReadinessCheck {
+    /// Reports this check passing (`true`) or failing.
     pub fn set(&self, ready: bool) {
         self.readiness
             .lock()
@@ -81,6 +83,7 @@ impl Readiness {
         self.lock().draining = true;
     }
 
+    /// Ready: not draining, and every registered check passing.
     pub fn is_ready(&self) -> bool {
         let state = self.lock();
         !state.draining && state.checks.values().all(|ok| *ok)

@@ -32,8 +32,11 @@ pub trait ServiceConfig: Serialize + DeserializeOwned {
     /// to this binary.
     const SECTIONS: &'static [&'static str];
 
+    /// The `[admin]` section.
     fn admin(&self) -> &AdminConfig;
+    /// The `[telemetry]` section.
     fn telemetry(&self) -> &TelemetryConfig;
+    /// The `[shutdown]` section.
     fn shutdown(&self) -> &ShutdownConfig;
 
     /// Checks that go beyond what the types already guarantee. The shared
@@ -43,10 +46,16 @@ pub trait ServiceConfig: Serialize + DeserializeOwned {
 
 pub use crate::issues::{ConfigIssue, Issues};
 
+/// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// `--config` named a file that is not there.
     #[error("config file {path} does not exist")]
-    MissingFile { path: String },
+    MissingFile {
+        /// The path given.
+        path: String,
+    },
+    /// The configuration parsed but broke these rules (all of them listed).
     #[error("invalid configuration:\n{}", format_issues(.0))]
     Invalid(Vec<ConfigIssue>),
 }
@@ -194,9 +203,12 @@ pub struct ConfigArgs {
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BaseConfig {
+    /// Admin endpoints (probes, metrics, log level).
     pub admin: AdminConfig,
+    /// Logs and traces.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Drain deadline.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
 }

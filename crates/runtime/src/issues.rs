@@ -9,6 +9,7 @@ use std::fmt;
 pub struct ConfigIssue {
     /// Dotted key, e.g. `admin.listen`.
     pub key: String,
+    /// What is wrong with its value.
     pub reason: String,
 }
 
@@ -23,6 +24,7 @@ impl fmt::Display for ConfigIssue {
 pub struct Issues(Vec<ConfigIssue>);
 
 impl Issues {
+    /// Records that `key` is wrong for `reason`.
     pub fn push(&mut self, key: impl Into<String>, reason: impl Into<String>) {
         self.0.push(ConfigIssue {
             key: key.into(),
@@ -30,10 +32,12 @@ impl Issues {
         });
     }
 
+    /// True when nothing was recorded.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
+    /// Everything recorded, in order.
     pub fn into_vec(self) -> Vec<ConfigIssue> {
         self.0
     }

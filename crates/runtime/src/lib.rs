@@ -11,6 +11,7 @@
 //! It does not own any domain logic, storage, or the public gRPC/HTTP APIs:
 //! those live in the crates that serve them and only borrow the readiness,
 //! metrics registry and shutdown handles from here.
+#![warn(missing_docs)]
 
 pub mod admin;
 pub mod config;

@@ -29,11 +29,15 @@ pub type MetricsRegistry = Arc<RwLock<Registry>>;
 /// What a binary's own work receives from the runtime.
 #[derive(Debug)]
 pub struct ServiceContext<C> {
+    /// The binary's validated configuration.
     pub config: C,
     /// The process's log filter, to change the level while running.
     pub log_filter: LogFilter,
+    /// Where the binary registers its readiness checks.
     pub readiness: Readiness,
+    /// Asks for and tracks the graceful shutdown.
     pub shutdown: Shutdown,
+    /// The registry `/metrics` serves.
     pub metrics: MetricsRegistry,
 }
 

@@ -69,7 +69,10 @@ pub enum DrainOutcome {
     /// Every tracked task finished.
     Complete,
     /// The deadline passed with this many tasks still running.
-    TimedOut { remaining: usize },
+    TimedOut {
+        /// Tasks still running at the deadline.
+        remaining: usize,
+    },
 }
 
 impl Shutdown {
@@ -78,6 +81,7 @@ impl Shutdown {
         self.token.cancelled().await;
     }
 
+    /// True once shutdown has been requested.
     pub fn is_requested(&self) -> bool {
         self.token.is_cancelled()
     }

@@ -20,6 +20,7 @@ use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::issues::Issues;
 
+/// How log lines are written.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -30,9 +31,11 @@ pub enum LogFormat {
     Json,
 }
 
+/// Logs and traces (`[telemetry]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetryConfig {
+    /// Human lines or JSON.
     pub log_format: LogFormat,
     /// A `tracing` filter directive, e.g. `info` or `info,statefabric=debug`.
     pub log_level: String,
@@ -112,6 +115,7 @@ impl LogFilter {
 }
 
 impl TelemetryGuard {
+    /// The handle that changes the log level while running.
     pub fn log_filter(&self) -> LogFilter {
         self.log_filter.clone()
     }
@@ -129,15 +133,21 @@ impl TelemetryGuard {
     }
 }
 
+/// Why logging or tracing could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
+    /// The OTLP trace exporter could not be built.
     #[error("building the OTLP exporter for {endpoint} failed: {source}")]
     Exporter {
+        /// The collector's address.
         endpoint: String,
+        /// What the exporter reported.
         source: opentelemetry_otlp::ExporterBuildError,
     },
+    /// A global subscriber was already installed.
     #[error("installing the log subscriber failed: {0}")]
     Subscriber(#[from] tracing_subscriber::util::TryInitError),
+    /// `log_level` is not a valid filter directive.
     #[error("invalid log filter: {0}")]
     Filter(#[from] tracing_subscriber::filter::ParseError),
 }

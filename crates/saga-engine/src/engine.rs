@@ -33,28 +33,39 @@ use statefabric_saga_store::{
 mod busy;
 mod passes;
 
+/// Why an engine call (start, operator action, registration) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// Only the leader changes sagas; this instance is not it.
     #[error("this control plane is not the leader; retry on the leader")]
     NotLeader,
+    /// No saga with this id.
     #[error("no saga {0}")]
     UnknownSaga(String),
+    /// No registered definition with this name (and version).
     #[error("no saga definition {0}")]
     UnknownDefinition(String),
+    /// A saga with this id was started before.
     #[error("saga {0} already exists")]
     Exists(String),
+    /// A request the engine refuses (the reason says why).
     #[error("{0}")]
     Invalid(String),
+    /// The saga's state does not allow the action (e.g. resume a running saga).
     #[error(transparent)]
     NotAllowed(#[from] SagaError),
+    /// A definition that does not validate.
     #[error(transparent)]
     Definition(#[from] DefinitionError),
+    /// The saga store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
+/// An engine call's result.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
+/// How the engine batches and paces its work.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
     /// The leader lease whose epoch fences every write.
@@ -91,6 +102,9 @@ impl Default for EngineSettings {
     }
 }
 
+/// The saga engine: starts sagas, applies replies, fires timers and runs
+/// operator actions, committing every transition fenced by the leader's
+/// epoch: it changes sagas only while its instance leads.
 #[derive(Debug)]
 pub struct Engine {
     store: Arc<dyn SagaStore>,
@@ -158,10 +172,12 @@ impl Engine {
         Ok(engine)
     }
 
+    /// Its Prometheus metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
+    /// The saga store it commits to.
     pub fn store(&self) -> &Arc<dyn SagaStore> {
         &self.store
     }

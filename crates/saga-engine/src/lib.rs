@@ -19,6 +19,7 @@
 //! say or how a saga decides its next step (`statefabric-saga`), leader
 //! election (`statefabric-leader`), or the APIs in front of it (the control
 //! plane's operator API, the sidecar's task API).
+#![warn(missing_docs)]
 
 pub mod engine;
 pub mod metrics;

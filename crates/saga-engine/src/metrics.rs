@@ -12,13 +12,17 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// A metric's label: the saga definition.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DefinitionLabel {
+    /// The definition's name.
     pub definition: String,
 }
 
+/// A metric's labels: the definition and how its saga ended.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
+    /// The definition's name.
     pub definition: String,
     /// done, failed, compensated, aborted, stuck, timed_out
     pub outcome: String,
@@ -28,15 +32,20 @@ pub struct OutcomeLabels {
 /// claimed by one.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TaskQueueLabels {
+    /// The tenant.
     pub tenant: String,
+    /// The agent type the tasks are for.
     pub agent: String,
     /// waiting, claimed
     pub state: String,
 }
 
+/// A metric's labels: a definition and one of its steps.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabels {
+    /// The definition's name.
     pub definition: String,
+    /// The step's name.
     pub step: String,
 }
 
@@ -46,17 +55,25 @@ fn seconds_histogram() -> Histogram {
     ])
 }
 
+/// The engine's metrics (`saga_*`); clones share the families.
 #[derive(Debug, Clone)]
 pub struct Metrics {
+    /// Sagas started, per definition.
     pub started: Family<DefinitionLabel, Counter>,
     /// Sagas that reached a final state (or STUCK), and attempts that timed
     /// out, per outcome.
     pub ended: Family<OutcomeLabels, Counter>,
+    /// Start to final state, per definition.
     pub duration: Family<DefinitionLabel, Histogram, fn() -> Histogram>,
+    /// Sagas that ended later than their definition's SLA.
     pub sla_breaches: Family<DefinitionLabel, Counter>,
+    /// Task dispatch to its reply, per step.
     pub step_latency: Family<StepLabels, Histogram, fn() -> Histogram>,
+    /// Attempts dispatched, per step (first attempts and retries).
     pub step_dispatched: Family<StepLabels, Counter>,
+    /// Attempts after the first, per step.
     pub step_retries: Family<StepLabels, Counter>,
+    /// Attempts that got no reply within the step's timeout.
     pub step_timeouts: Family<StepLabels, Counter>,
     /// Open sagas without progress past their definition's threshold, or
     /// STUCK (refreshed by the leader).
@@ -64,8 +81,11 @@ pub struct Metrics {
     /// Dispatched, unanswered tasks per tenant, agent type and state
     /// (refreshed by the leader; what autoscalers scale agents on).
     pub open_tasks: Family<TaskQueueLabels, Gauge>,
+    /// Transitions committed by this engine.
     pub transitions: Counter,
+    /// Transitions refused because the saga changed first.
     pub conflicts: Counter,
+    /// One engine pass over the inbox and the due timers.
     pub pass_seconds: Histogram,
 }
 
@@ -90,6 +110,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Registers every family under `saga_` in `registry`.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("saga");
         r.register("started", "Sagas started", self.started.clone());
@@ -155,6 +176,7 @@ impl Metrics {
         );
     }
 
+    /// Counts a saga of `definition` that ended with `outcome`.
     pub fn outcome(&self, definition: &str, outcome: &str) {
         self.ended
             .get_or_create(&OutcomeLabels {
@@ -164,6 +186,7 @@ impl Metrics {
             .inc();
     }
 
+    /// The labels of `step` of `definition`.
     pub fn step(&self, definition: &str, step: &str) -> StepLabels {
         StepLabels {
             definition: definition.to_owned(),
@@ -171,6 +194,8 @@ impl Metrics {
         }
     }
 
+    /// Records a finished saga's duration, and an SLA breach when it took
+    /// longer than `sla`.
     pub fn observe_duration(&self, definition: &str, took: Duration, sla: Option<Duration>) {
         let label = DefinitionLabel {
             definition: definition.to_owned(),

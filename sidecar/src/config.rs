@@ -16,34 +16,49 @@ use statefabric_store::sqlite::SqliteConfig;
 
 /// Default gRPC port of the State API; admin sits beside it on 7401.
 pub const DEFAULT_GRPC_PORT: u16 = 7400;
+/// Default port of the admin endpoints (probes, metrics).
 pub const DEFAULT_ADMIN_PORT: u16 = 7401;
 
+/// The sidecar's configuration: one TOML file and `STATEFABRIC_*`
+/// variables, validated at start-up.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SidecarConfig {
+    /// Admin endpoints.
     pub admin: AdminConfig,
+    /// Logs and traces.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Drain deadline.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// The State API's address, tenant and identity.
     pub sidecar: SidecarSection,
+    /// Where events and shared context are kept.
     #[serde(default)]
     pub storage: StorageConfig,
+    /// The Redis the building blocks below may use.
     #[serde(default)]
     pub redis: RedisConfig,
+    /// Distributed locks.
     #[serde(default)]
     pub locks: LocksConfig,
+    /// Sessions.
     #[serde(default)]
     pub sessions: SessionsConfig,
+    /// Change announcements between sidecars.
     #[serde(default)]
     pub updates: UpdatesConfig,
+    /// Saga tasks for the agent.
     #[serde(default)]
     pub tasks: TasksConfig,
     /// This sidecar's Kafka login (the Kafka task transport).
     #[serde(default)]
     pub kafka: KafkaAuth,
+    /// Where the mesh configuration comes from.
     #[serde(default)]
     pub mesh: MeshClientConfig,
+    /// The egress listener for the agent's outbound calls.
     #[serde(default)]
     pub egress: EgressConfig,
 }
@@ -55,6 +70,7 @@ pub struct SidecarConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EgressConfig {
+    /// Whether the listener runs.
     pub enabled: bool,
     /// Loopback: the agent's own calls, not the pod network's.
     pub listen: SocketAddr,
@@ -116,15 +132,20 @@ pub struct MeshClientConfig {
     pub ca_pem: Option<String>,
     /// The pod's projected ServiceAccount token (audience `statefabric`).
     pub token_file: std::path::PathBuf,
+    /// The pod's namespace (from the downward API).
     pub namespace: String,
+    /// The pod's name.
     pub pod: String,
+    /// The agent type the pod runs (its annotation).
     pub agent_type: String,
     /// The FabricConfig the pod names, if any.
     pub config_name: String,
     /// Where the last applied configuration is kept.
     pub state_file: std::path::PathBuf,
+    /// First wait before reconnecting to the configuration service.
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
+    /// Longest wait between reconnects (the wait doubles up to it).
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
 }
@@ -149,6 +170,7 @@ impl Default for MeshClientConfig {
     }
 }
 
+/// How saga tasks reach the sidecar.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskTransport {
@@ -165,7 +187,9 @@ pub enum TaskTransport {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TasksConfig {
+    /// Tables or Kafka.
     pub transport: TaskTransport,
+    /// Kafka's bootstrap servers (the Kafka transport).
     pub kafka_bootstrap: String,
     /// The Schema Registry's Confluent-compatible API root.
     pub registry_url: String,
@@ -199,15 +223,19 @@ pub enum RedisBackend {
     Redis,
 }
 
+/// Distributed locks (`[locks]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct LocksConfig {
+    /// In this process (memory) or on Redis.
     pub backend: RedisBackend,
 }
 
+/// Sessions (`[sessions]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SessionsConfig {
+    /// In this process (memory) or on Redis.
     pub backend: RedisBackend,
     /// Largest session value accepted, in bytes.
     pub max_value_bytes: usize,
@@ -246,6 +274,7 @@ impl Default for SessionsConfig {
     }
 }
 
+/// Change announcements (`[updates]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpdatesConfig {
@@ -275,6 +304,7 @@ impl Default for UpdatesConfig {
     }
 }
 
+/// The State API's own settings (`[sidecar]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SidecarSection {
@@ -340,27 +370,35 @@ impl Default for SidecarSection {
     }
 }
 
+/// The storage backend.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// One SQLite file: the embedded default, no server needed.
     #[default]
     Sqlite,
+    /// PostgreSQL, shared by the tenant's sidecars and the control plane.
     Postgres,
 }
 
+/// Where events and shared context are kept (`[storage]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
+    /// SQLite or Postgres.
     pub backend: Backend,
+    /// The Postgres connection (backend `postgres`).
     pub postgres: PgConfig,
     /// Owner-role URL used to apply migrations at start; when unset the
     /// schema must already be migrated (e.g. by a deployment job).
     pub postgres_migrate_url: Option<String>,
+    /// The SQLite file (backend `sqlite`).
     pub sqlite: SqliteConfig,
 }
 
 impl SidecarConfig {
+    /// Every section at its default: a sidecar on SQLite on the default
+    /// ports.
     pub fn defaults() -> Self {
         Self {
             admin: AdminConfig::on_port(DEFAULT_ADMIN_PORT),
@@ -394,6 +432,8 @@ impl SidecarConfig {
         .contains(&RedisBackend::Redis)
     }
 
+    /// The validated identity this sidecar writes as (valid after
+    /// [`ServiceConfig::validate`]).
     pub fn identity(&self) -> Result<AgentId, statefabric_domain::IdError> {
         AgentId::new(self.sidecar.identity.clone())
     }

@@ -21,6 +21,7 @@
 //! `[mesh] enabled`, the sidecar subscribes to its configuration from the
 //! control plane and applies what is hot (`mesh.rs`). Lock and session
 //! mutations are audited into the store's `audit_log` (`audit`).
+#![warn(missing_docs)]
 
 mod audit;
 mod backends;

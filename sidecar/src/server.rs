@@ -31,7 +31,9 @@ use statefabric_schema::{AvroCodec, RegistryClient};
 /// The storage ports the sidecar serves from, on one backend.
 #[derive(Debug, Clone)]
 pub struct Storage {
+    /// The event store.
     pub events: Arc<dyn EventStore>,
+    /// The shared-context store.
     pub context: Arc<dyn ContextStore>,
     /// Where to LISTEN for other sidecars' context changes (Postgres only;
     /// the embedded store has no other writers).

@@ -36,6 +36,7 @@ pub fn new_password() -> String {
 /// The tenant's sidecar credentials, as URLs.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TenantCredentials {
+    /// The tenant login's Postgres URL.
     pub postgres_url: String,
     /// Comma-separated, one per Redis URL given (a cluster's seed nodes).
     pub redis_urls: String,

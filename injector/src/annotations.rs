@@ -11,13 +11,22 @@ use std::collections::BTreeMap;
 /// The prefix of every annotation of ours.
 pub const PREFIX: &str = "statefabric.io/";
 
+/// `"true"` injects the pod (or every pod of a namespace carrying it);
+/// `"false"` opts a pod out.
 pub const INJECT: &str = "statefabric.io/inject";
+/// The agent type the pod runs (which saga tasks its sidecar takes).
 pub const AGENT_TYPE: &str = "statefabric.io/agent-type";
+/// The FabricConfig the pod's sidecar follows.
 pub const CONFIG: &str = "statefabric.io/config";
+/// The sidecar's CPU request and limit (a Kubernetes quantity).
 pub const SIDECAR_CPU: &str = "statefabric.io/sidecar-cpu";
+/// The sidecar's memory request and limit (a Kubernetes quantity).
 pub const SIDECAR_MEMORY: &str = "statefabric.io/sidecar-memory";
+/// The sidecar's log filter.
 pub const LOG_LEVEL: &str = "statefabric.io/log-level";
+/// The building blocks the sidecar serves (a comma-separated subset).
 pub const BUILDING_BLOCKS: &str = "statefabric.io/building-blocks";
+/// `"false"` turns the egress listener off for the pod (on by default).
 pub const EGRESS: &str = "statefabric.io/egress";
 /// Written by the injector on the pods it injected (not read from users).
 pub const INJECTED: &str = "statefabric.io/injected";
@@ -42,12 +51,19 @@ const BLOCKS: [&str; 6] = ["events", "context", "locks", "sessions", "tasks", "e
 pub struct Overrides {
     /// `Some(false)`: the pod opted out; `None`: it says nothing.
     pub inject: Option<bool>,
+    /// [`AGENT_TYPE`].
     pub agent_type: Option<String>,
+    /// [`CONFIG`].
     pub config: Option<String>,
+    /// [`SIDECAR_CPU`].
     pub cpu: Option<String>,
+    /// [`SIDECAR_MEMORY`].
     pub memory: Option<String>,
+    /// [`LOG_LEVEL`].
     pub log_level: Option<String>,
+    /// [`BUILDING_BLOCKS`], each one checked.
     pub building_blocks: Option<Vec<String>>,
+    /// [`EGRESS`].
     pub egress: Option<bool>,
 }
 
@@ -55,7 +71,9 @@ pub struct Overrides {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("annotation {annotation}: {reason}")]
 pub struct Invalid {
+    /// The annotation's full name.
     pub annotation: String,
+    /// What is wrong with its value.
     pub reason: String,
 }
 

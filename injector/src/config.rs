@@ -8,19 +8,27 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use statefabric_runtime::{AdminConfig, Issues, ServiceConfig, ShutdownConfig, TelemetryConfig};
 
+/// Default port of the admin endpoints (probes, metrics).
 pub const DEFAULT_ADMIN_PORT: u16 = 7601;
+/// Default port of the admission webhook (HTTPS).
 pub const DEFAULT_WEBHOOK_PORT: u16 = 7602;
 
+/// The injector's configuration, validated at start-up.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct InjectorConfig {
+    /// Admin endpoints.
     pub admin: AdminConfig,
+    /// Logs and traces.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Drain deadline.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// The HTTPS listener.
     #[serde(default)]
     pub webhook: WebhookConfig,
+    /// The sidecar it injects.
     #[serde(default)]
     pub sidecar_template: SidecarTemplate,
 }
@@ -29,11 +37,13 @@ pub struct InjectorConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhookConfig {
+    /// Where it listens.
     pub listen: SocketAddr,
     /// PEM certificate chain and private key (RSA, ECDSA or Ed25519). Read
     /// again whenever either file changes, so a rotated certificate needs
     /// no restart.
     pub tls_cert: PathBuf,
+    /// The certificate's private key (PEM).
     pub tls_key: PathBuf,
     /// How often the files are checked for a change.
     #[serde(with = "humantime_serde")]
@@ -67,6 +77,7 @@ impl Default for WebhookConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SidecarTemplate {
+    /// The sidecar's container image.
     pub image: String,
     /// The State API port on the pod's loopback.
     pub grpc_port: u16,
@@ -77,9 +88,11 @@ pub struct SidecarTemplate {
     /// The control plane's configuration service, e.g.
     /// `https://statefabric-control-plane.statefabric-system:7504`.
     pub control_plane: String,
-    /// Requests and limits unless a pod's annotations say otherwise.
+    /// CPU request and limit unless a pod's annotations say otherwise.
     pub cpu: String,
+    /// Memory request and limit unless a pod's annotations say otherwise.
     pub memory: String,
+    /// The sidecar's log filter unless a pod's annotation says otherwise.
     pub log_level: String,
     /// The namespace label naming the namespace's tenant (set by cluster
     /// admins; a pod cannot choose its tenant).

@@ -11,6 +11,7 @@
 //!
 //! The request path: TLS (rustls) → HTTP/1.1 or HTTP/2 (hyper, with a
 //! header-read timeout) → a request timeout → `/mutate`.
+#![warn(missing_docs)]
 
 pub mod annotations;
 pub mod config;

@@ -28,7 +28,10 @@ use crate::config::SidecarTemplate;
 pub const SIDECAR: &str = "statefabric-sidecar";
 /// Volumes the injector adds (names a pod may not use for its own).
 pub const TOKEN_VOLUME: &str = "statefabric-token";
+/// The control plane's CA, for the sidecar to trust its configuration
+/// service.
 pub const CA_VOLUME: &str = "statefabric-ca";
+/// The sidecar's own state (the last applied mesh configuration).
 pub const STATE_VOLUME: &str = "statefabric-state";
 /// Where they are mounted in the sidecar.
 const TOKEN_DIR: &str = "/var/run/secrets/statefabric/token";
@@ -44,22 +47,31 @@ const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-l
 /// The namespace a pod is created in, as the injector sees it.
 #[derive(Debug, Clone, Default)]
 pub struct NamespaceInfo {
+    /// Its name.
     pub name: String,
+    /// Its labels (the tenant label among them).
     pub labels: BTreeMap<String, String>,
+    /// Its annotations (`statefabric.io/inject` among them).
     pub annotations: BTreeMap<String, String>,
 }
 
 /// Why a pod is not injected (a metric label and an Event reason).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Skip {
+    /// `kube-system`, `kube-public` or `kube-node-lease`.
     SystemNamespace,
+    /// The fabric's own namespace (its control plane is not an agent).
     FabricNamespace,
+    /// A host-network pod: its loopback is the node's.
     HostNetwork,
+    /// The pod says `statefabric.io/inject: "false"`.
     OptedOut,
+    /// Neither the pod nor its namespace asks for injection.
     NotAnnotated,
 }
 
 impl Skip {
+    /// The metric label and Event reason.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::SystemNamespace => "system_namespace",
@@ -74,6 +86,7 @@ impl Skip {
 /// What to do with a pod.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
+    /// Let the pod through as it is, for this reason.
     Skip(Skip),
     /// Already injected exactly as this injector would: nothing to add.
     Unchanged,
@@ -84,22 +97,34 @@ pub enum Decision {
 /// Why a pod is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denial {
+    /// An annotation of ours with a bad value, or one we do not know.
     #[error(transparent)]
     Annotation(#[from] Invalid),
+    /// The namespace does not name its tenant.
     #[error(
         "namespace {namespace} has no label {label} naming its tenant (set by cluster admins); the sidecar cannot be injected"
     )]
-    NoTenant { namespace: String, label: String },
+    NoTenant {
+        /// The namespace.
+        namespace: String,
+        /// The label it lacks.
+        label: String,
+    },
+    /// The pod already has a container named like ours that is not ours.
     #[error(
         "container {SIDECAR} is not the sidecar this injector adds ({0}); only the injector may add it"
     )]
     Forged(String),
+    /// The pod uses a volume name the sidecar needs.
     #[error("volume {0} is reserved for the injected sidecar")]
     ReservedVolume(String),
+    /// A container of the pod (named) refers to the tenant's credentials
+    /// Secret (named).
     #[error(
         "{0} refers to Secret {1}, which holds the tenant's backend credentials: only the injected sidecar gets them"
     )]
     CredentialsReference(String, String),
+    /// The review's object is not a pod with a spec.
     #[error("the pod has no spec")]
     NoSpec,
 }
@@ -119,6 +144,7 @@ pub struct Injection {
 }
 
 impl Injection {
+    /// Decisions for `template`, with `fabric_namespace` never injected.
     pub fn new(template: SidecarTemplate, fabric_namespace: impl Into<String>) -> Self {
         Self {
             digest: String::new(),

@@ -27,22 +27,29 @@ use serde::Serialize;
 use crate::events::Events;
 use crate::patch::{Decision, Denial, Injection, NamespaceInfo, decide};
 
+/// The labels of `injector_reviews`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     /// injected, unchanged, skipped, denied, error
     pub outcome: &'static str,
     /// The skip or denial reason (empty otherwise).
     pub reason: &'static str,
+    /// Whether the review was a dry run (`true`/`false`).
     pub dry_run: &'static str,
 }
 
 /// What the handler needs; shared by every request.
 #[derive(Clone)]
 pub struct Webhook {
+    /// The decision's inputs.
     pub injection: Arc<Injection>,
+    /// Namespaces as watched (labels and annotations for the decision).
     pub namespaces: Store<Namespace>,
+    /// The API server.
     pub client: Client,
+    /// Reviews answered, by outcome.
     pub reviews: Family<OutcomeLabels, Counter>,
+    /// Publishes the Events of what was done to a pod.
     pub events: Events,
 }
 
@@ -54,6 +61,7 @@ impl std::fmt::Debug for Webhook {
     }
 }
 
+/// The webhook's routes: `POST /mutate` (AdmissionReview v1).
 pub fn router(webhook: Webhook) -> Router {
     Router::new()
         .route("/mutate", post(mutate))

@@ -20,15 +20,20 @@ pub struct StateClient {
 /// What an append wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
+    /// The stream version of the first event written.
     pub first_version: u64,
+    /// The stream version of the last event written (the stream's version now).
     pub last_version: u64,
+    /// The global position of the first event written.
     pub first_position: u64,
+    /// The global position of the last event written.
     pub last_position: u64,
     /// True when an idempotency key matched: nothing new was written.
     pub replayed: bool,
 }
 
 impl StateClient {
+    /// Connects to the sidecar at `endpoint` (e.g. `http://127.0.0.1:7400`).
     pub async fn connect(endpoint: impl Into<String>) -> Result<Self, Error> {
         let channel = tonic::transport::Endpoint::from_shared(endpoint.into())?
             .connect()
@@ -36,6 +41,7 @@ impl StateClient {
         Ok(Self::from_channel(channel))
     }
 
+    /// A client on a channel opened elsewhere (shared with other clients).
     pub fn from_channel(channel: Channel) -> Self {
         Self {
             events: EventsClient::new(channel.clone()).max_decoding_message_size(64 * 1024 * 1024),
@@ -151,6 +157,7 @@ impl StateClient {
         })
     }
 
+    /// Up to `limit` events of `stream_id`, from `from_version` on.
     pub async fn read_stream(
         &mut self,
         stream_id: &str,
@@ -173,6 +180,8 @@ impl StateClient {
             .collect()
     }
 
+    /// Up to `limit` events of the tenant's whole log, from the global
+    /// position `from_position` on.
     pub async fn read_all(&mut self, from_position: u64, limit: u32) -> Result<Vec<Event>, Error> {
         let response = self
             .events

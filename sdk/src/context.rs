@@ -15,18 +15,26 @@ pub use pb::MergeType;
 /// A context document as read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {
+    /// The document's id.
     pub id: String,
+    /// How concurrent writes merge (fixed at creation).
     pub merge: MergeType,
+    /// The document's JSON.
     pub content: serde_json::Value,
+    /// Its version vector: pass it back as the base of the next write.
     pub vector: VectorClock,
+    /// Counts every write.
     pub revision: u64,
 }
 
 /// What a write produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Written {
+    /// The document's revision after the write.
     pub revision: u64,
+    /// Its version vector after the write.
     pub vector: VectorClock,
+    /// True when an idempotency key matched: nothing new was written.
     pub replayed: bool,
 }
 
@@ -35,28 +43,34 @@ pub struct Written {
 pub struct Crdt(pb::CrdtOp);
 
 impl Crdt {
+    /// Sets a last-write-wins register's value.
     pub fn set(value: &serde_json::Value) -> Self {
         Self(op(pb::crdt_op::Op::SetJson(value.to_string().into_bytes())))
     }
+    /// Puts `key` in a last-write-wins map (a `null` value removes it).
     pub fn put(key: &str, value: &serde_json::Value) -> Self {
         Self(op(pb::crdt_op::Op::MapPut(pb::MapPut {
             key: key.to_owned(),
             value_json: value.to_string().into_bytes(),
         })))
     }
+    /// Removes `key` from a last-write-wins map.
     pub fn remove_key(key: &str) -> Self {
         Self(op(pb::crdt_op::Op::MapRemove(key.to_owned())))
     }
+    /// Adds `element` to an observed-remove set.
     pub fn add(element: &serde_json::Value) -> Self {
         Self(op(pb::crdt_op::Op::AddJson(
             element.to_string().into_bytes(),
         )))
     }
+    /// Removes `element` from an observed-remove set (the adds seen so far).
     pub fn remove(element: &serde_json::Value) -> Self {
         Self(op(pb::crdt_op::Op::RemoveJson(
             element.to_string().into_bytes(),
         )))
     }
+    /// Adds `by` (negative: subtracts) to a PN-counter.
     pub fn increment(by: i64) -> Self {
         Self(op(pb::crdt_op::Op::Increment(by)))
     }
@@ -122,6 +136,7 @@ fn document(response: pb::GetContextResponse, known: Option<&Document>) -> Resul
 }
 
 impl ContextClient {
+    /// A client on a channel opened elsewhere (shared with other clients).
     pub fn from_channel(channel: Channel) -> Self {
         Self {
             inner: SharedContextClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
@@ -243,6 +258,7 @@ impl ContextClient {
         ))
     }
 
+    /// Deletes the document if `base` is still its version vector.
     pub async fn delete(&mut self, id: &str, base: &VectorClock) -> Result<Written, Error> {
         let request = pb::DeleteContextRequest {
             document_id: id.to_owned(),

@@ -8,8 +8,11 @@ use crate::error::Error;
 /// What the writer believes about the stream before appending.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expected {
+    /// Whatever the stream holds, or no stream.
     Any,
+    /// The stream must not exist yet.
     NoStream,
+    /// The stream must exist, at any version.
     StreamExists,
     /// The stream's last version (1 or more).
     Exact(u64),
@@ -52,16 +55,19 @@ impl NewEvent {
         }
     }
 
+    /// Gives the event this id (a random one otherwise).
     pub fn with_id(mut self, id: uuid::Uuid) -> Self {
         self.raw.id = id.to_string();
         self
     }
 
+    /// The id that ties this event to the work it is part of.
     pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
         self.metadata().correlation_id = id.into();
         self
     }
 
+    /// The id of what caused this event (a command, another event).
     pub fn with_causation_id(mut self, id: impl Into<String>) -> Self {
         self.metadata().causation_id = id.into();
         self
@@ -88,16 +94,27 @@ impl NewEvent {
 /// An event as recorded.
 #[derive(Debug, Clone)]
 pub struct Event {
+    /// The event's id.
     pub id: String,
+    /// The stream it belongs to.
     pub stream_id: String,
+    /// The stream's type (fixed at its first append).
     pub stream_type: String,
+    /// What happened.
     pub event_type: String,
+    /// Its version within the stream (1 for the first).
     pub stream_version: u64,
+    /// Its position in the tenant's whole log.
     pub global_position: u64,
+    /// Where a subscription resumes after this event.
     pub checkpoint: Checkpoint,
+    /// The payload.
     pub data: serde_json::Value,
+    /// See [`NewEvent::with_correlation_id`].
     pub correlation_id: String,
+    /// See [`NewEvent::with_causation_id`].
     pub causation_id: String,
+    /// The writer's vector clock when it was appended.
     pub clock: VectorClock,
 }
 

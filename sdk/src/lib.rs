@@ -39,6 +39,7 @@
 //!
 //! See `examples/quickstart.rs` for a runnable tour, and `examples/agent.rs`
 //! for agents on the task API running a saga.
+#![warn(missing_docs)]
 
 mod client;
 pub mod context;

@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 
 use crate::error::Error;
 
+/// Distributed locks with fencing tokens, through the sidecar.
 #[derive(Debug, Clone)]
 pub struct LockClient {
     inner: LocksClient<Channel>,
@@ -24,8 +25,11 @@ pub struct LockClient {
 /// Who holds a lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockHolder {
+    /// Who holds it.
     pub owner: String,
+    /// The fencing token of the current grant.
     pub token: u64,
+    /// Time left before the lease lapses unless renewed.
     pub expires_in: Duration,
 }
 
@@ -34,6 +38,7 @@ fn ms(d: Duration) -> u32 {
 }
 
 impl LockClient {
+    /// A client on a channel opened elsewhere (shared with other clients).
     pub fn from_channel(channel: Channel) -> Self {
         Self {
             inner: LocksClient::new(channel),
@@ -76,6 +81,7 @@ impl LockClient {
         }))
     }
 
+    /// Who holds `name` now, if anyone.
     pub async fn inspect(&mut self, name: &str) -> Result<Option<LockHolder>, Error> {
         let r = self
             .inner
@@ -129,6 +135,7 @@ pub struct HeldLock {
 }
 
 impl HeldLock {
+    /// The lock's name.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -138,6 +145,8 @@ impl HeldLock {
         self.token
     }
 
+    /// True once the lease was lost (a renewal refused or too late): stop
+    /// acting under it.
     pub fn is_lost(&self) -> bool {
         *self.lost.borrow()
     }

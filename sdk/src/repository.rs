@@ -13,12 +13,17 @@ use crate::event::{Expected, NewEvent};
 
 const PAGE: u32 = 1000;
 
+/// Why a command could not be handled.
 #[derive(Debug, thiserror::Error)]
 pub enum RepositoryError<R: std::error::Error + 'static> {
+    /// The aggregate refused the command (its own error).
     #[error("command rejected: {0}")]
     Rejected(#[source] R),
+    /// The sidecar failed the load or the append.
     #[error(transparent)]
     Sidecar(#[from] Error),
+    /// Other writers kept changing the stream; gave up after this many
+    /// attempts.
     #[error("still conflicting after {0} attempts")]
     TooManyConflicts(u32),
 }
@@ -35,6 +40,7 @@ impl<A: Aggregate> Repository<A>
 where
     A::Command: Serialize,
 {
+    /// A repository on `client`, retrying conflicts a few times.
     pub fn new(client: StateClient) -> Self {
         Self {
             client,

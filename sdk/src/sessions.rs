@@ -13,16 +13,20 @@ use crate::Error;
 /// A session as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
+    /// The stored bytes.
     pub value: Vec<u8>,
+    /// Time left, after any extension this read made.
     pub expires_in: Duration,
 }
 
+/// Sessions with a lifetime per namespace, through the sidecar.
 #[derive(Debug, Clone)]
 pub struct SessionClient {
     inner: SessionsClient<Channel>,
 }
 
 impl SessionClient {
+    /// A client on a channel opened elsewhere (shared with other clients).
     pub fn from_channel(channel: Channel) -> Self {
         Self {
             inner: SessionsClient::new(channel),

@@ -27,13 +27,21 @@ use crate::Error;
 pub struct Task {
     /// The idempotency key: saga/step/visit/attempt[/undo].
     pub key: String,
+    /// The saga it belongs to.
     pub saga_id: String,
+    /// The step of the saga's definition.
     pub step: String,
+    /// How many times the saga has entered this step (loops revisit).
     pub visit: u32,
+    /// The try of this visit (retries count up from 1).
     pub attempt: u32,
+    /// True when this is the step's compensation (undo).
     pub compensation: bool,
+    /// The agent type it is for.
     pub agent_type: String,
+    /// What to do (the step's action).
     pub action: String,
+    /// The step's input.
     pub input: Value,
     /// Answer or heartbeat within this long.
     pub timeout: Duration,
@@ -62,12 +70,14 @@ fn from_pb(task: pb::Task) -> Result<Task, Error> {
     })
 }
 
+/// Saga tasks for an agent type, through the sidecar.
 #[derive(Debug, Clone)]
 pub struct TaskClient {
     inner: TasksClient<Channel>,
 }
 
 impl TaskClient {
+    /// A client on a channel opened elsewhere (shared with other clients).
     pub fn from_channel(channel: Channel) -> Self {
         Self {
             inner: TasksClient::new(channel),

@@ -39,10 +39,18 @@ pub const SCHEMAS: &[(&str, &str)] = &[
 /// The compatibility rule every subject gets.
 pub const COMPATIBILITY: &str = "BACKWARD";
 
+/// Why the catalog could not be registered.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
+    /// A schema file of ours does not parse.
     #[error("schemas/avro/{file} is not a valid Avro schema: {reason}")]
-    BadSchema { file: String, reason: String },
+    BadSchema {
+        /// The file under `schemas/avro/`.
+        file: String,
+        /// What the parser said.
+        reason: String,
+    },
+    /// The registry refused or failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
 }

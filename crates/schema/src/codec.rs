@@ -14,27 +14,52 @@ use serde::de::DeserializeOwned;
 use crate::registry::{RegistryClient, RegistryError};
 use crate::wire::{self, WireError};
 
+/// Why a message could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
+    /// The message is not in the Confluent wire format.
     #[error(transparent)]
     Wire(#[from] WireError),
+    /// The writer's schema could not be fetched.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The registry's schema does not parse.
     #[error("registry schema {id} is not valid Avro: {reason}")]
-    BadSchema { id: u32, reason: String },
+    BadSchema {
+        /// The schema id.
+        id: u32,
+        /// What the parser said.
+        reason: String,
+    },
+    /// The value does not fit the schema it is written with.
     #[error("value does not fit schema {id}: {reason}")]
-    Encode { id: u32, reason: String },
+    Encode {
+        /// The schema id.
+        id: u32,
+        /// What does not fit.
+        reason: String,
+    },
+    /// The body does not decode with its writer's schema (or into the type).
     #[error("message does not decode with schema {id}: {reason}")]
-    Decode { id: u32, reason: String },
+    Decode {
+        /// The writer's schema id.
+        id: u32,
+        /// What failed.
+        reason: String,
+    },
 }
 
 /// A registered schema to write with.
 #[derive(Debug, Clone)]
 pub struct WriterSchema {
+    /// Its id in the registry (what the wire header carries).
     pub id: u32,
+    /// The parsed schema.
     pub schema: Arc<Schema>,
 }
 
+/// Avro in the Confluent wire format, with the writers' schemas fetched
+/// from the registry by id and cached.
 #[derive(Debug)]
 pub struct AvroCodec {
     registry: Arc<RegistryClient>,
@@ -42,6 +67,7 @@ pub struct AvroCodec {
 }
 
 impl AvroCodec {
+    /// A codec fetching schemas from `registry`.
     pub fn new(registry: Arc<RegistryClient>) -> Self {
         Self {
             registry,

@@ -18,6 +18,7 @@
 //! may carry more than one type.
 //!
 //! It does not own producing or consuming: the Kafka crate does.
+#![warn(missing_docs)]
 
 pub mod catalog;
 pub mod codec;

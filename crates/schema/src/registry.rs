@@ -11,26 +11,52 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
+/// What the registry answered instead of success.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
+    /// The schema breaks the subject's compatibility rule.
     #[error(
         "schema for subject `{subject}` is not compatible with its earlier versions: {message}"
     )]
-    Incompatible { subject: String, message: String },
+    Incompatible {
+        /// The subject.
+        subject: String,
+        /// The registry's explanation.
+        message: String,
+    },
+    /// No schema with this id.
     #[error("schema id {0} is not in the registry")]
     UnknownId(u32),
+    /// The registry refused the schema itself.
     #[error("the registry rejected the schema for `{subject}`: {message}")]
-    Invalid { subject: String, message: String },
+    Invalid {
+        /// The subject.
+        subject: String,
+        /// The registry's explanation.
+        message: String,
+    },
+    /// Any other non-success answer.
     #[error("registry answered {status} to {what}: {body}")]
     Http {
+        /// The call made.
         what: String,
+        /// The HTTP status.
         status: u16,
+        /// The answer's body.
         body: String,
     },
+    /// The registry could not be reached or did not answer in time.
     #[error("registry unavailable ({what}): {reason}")]
-    Unavailable { what: String, reason: String },
+    Unavailable {
+        /// The call made.
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
 }
 
+/// A client of a Confluent-compatible Schema Registry API (Apicurio's
+/// `/apis/ccompat/v7` here).
 #[derive(Debug)]
 pub struct RegistryClient {
     base: String,
@@ -128,6 +154,7 @@ impl RegistryClient {
         }
     }
 
+    /// The subject's compatibility rule, if it has its own.
     pub async fn compatibility(&self, subject: &str) -> Result<Option<String>, RegistryError> {
         let path = format!("/config/{subject}");
         let (status, body) = self.call(hyper::Method::GET, &path, None).await?;

@@ -1,16 +1,21 @@
 //! The Confluent wire format: byte 0 is the magic 0, bytes 1-4 the schema
 //! id (big-endian), the rest the Avro body.
 
+/// Why a message is not in the wire format.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
+    /// Fewer than five bytes (the length given).
     #[error("message of {0} bytes is too short for the 5-byte Confluent header")]
     TooShort(usize),
+    /// The first byte (given) is not the magic 0.
     #[error("message starts with byte {0:#04x}, not the Confluent magic byte 0x00")]
     BadMagic(u8),
 }
 
+/// The format's first byte.
 pub const MAGIC: u8 = 0;
 
+/// The message for `body` written with schema `schema_id`.
 pub fn frame(schema_id: u32, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(5 + body.len());
     out.push(MAGIC);

@@ -17,8 +17,11 @@ pub trait Aggregate: Default + Clone + Send + Sync + 'static {
     /// serialized form changes so older snapshots are ignored.
     const SNAPSHOT_SCHEMA_VERSION: u32 = 1;
 
+    /// What callers ask the aggregate to do.
     type Command: Send + Sync;
+    /// What it records happened (stored as JSON).
     type Event: Serialize + DeserializeOwned + Send + Sync + Clone;
+    /// Why it refuses a command.
     type Rejection: std::error::Error + Send + Sync + 'static;
 
     /// Decides what happens; must not mutate state.

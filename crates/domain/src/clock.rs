@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 /// How two clocks relate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Causality {
+    /// The same clock.
     Equal,
     /// Left happened before right.
     Before,
@@ -22,15 +23,19 @@ pub enum Causality {
     Concurrent,
 }
 
+/// A vector clock: one counter per writer; serialized as a JSON object of
+/// writer to counter.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct VectorClock(BTreeMap<String, u64>);
 
 impl VectorClock {
+    /// The empty clock (every counter 0).
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// `writer`'s counter (0 if it never wrote).
     pub fn get(&self, writer: &str) -> u64 {
         self.0.get(writer).copied().unwrap_or(0)
     }
@@ -55,6 +60,7 @@ impl VectorClock {
         self.0.iter().all(|(w, &c)| c <= other.get(w))
     }
 
+    /// How `self` relates to `other`.
     pub fn compare(&self, other: &VectorClock) -> Causality {
         match (self.dominated_by(other), other.dominated_by(self)) {
             (true, true) => Causality::Equal,
@@ -64,10 +70,12 @@ impl VectorClock {
         }
     }
 
+    /// The counters by writer.
     pub fn as_map(&self) -> &BTreeMap<String, u64> {
         &self.0
     }
 
+    /// The counters by writer, taken out.
     pub fn into_map(self) -> BTreeMap<String, u64> {
         self.0
     }

@@ -24,13 +24,18 @@ use serde_json::Value;
 pub enum MergeType {
     /// No merging: concurrent writes conflict (version vectors decide).
     None,
+    /// One value; the write with the latest stamp wins.
     LwwRegister,
+    /// A JSON object; each key's latest write wins.
     LwwMap,
+    /// A set where an add concurrent with a remove survives.
     OrSet,
+    /// A counter of increments and decrements that never conflict.
     PnCounter,
 }
 
 impl MergeType {
+    /// The merge type named `s` (`none`, `lww_register`, …).
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "none" => Self::None,
@@ -42,6 +47,7 @@ impl MergeType {
         })
     }
 
+    /// Its name, as [`MergeType::parse`] reads it.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::None => "none",
@@ -57,7 +63,9 @@ impl MergeType {
 /// two stamps are ordered the same way everywhere.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Stamp {
+    /// Microseconds since the epoch, on the writer's clock.
     pub micros: u64,
+    /// The writer's id.
     pub writer: String,
 }
 
@@ -66,25 +74,50 @@ pub struct Stamp {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
     /// LWW register: replace the value.
-    Set { value: Value, stamp: Stamp },
+    Set {
+        /// The new value.
+        value: Value,
+        /// When and by whom.
+        stamp: Stamp,
+    },
     /// LWW map: set one key; a null value removes it.
     Put {
+        /// The key.
         key: String,
+        /// Its new value.
         value: Value,
+        /// When and by whom.
         stamp: Stamp,
     },
     /// LWW map: remove one key.
-    Remove { key: String, stamp: Stamp },
+    Remove {
+        /// The key.
+        key: String,
+        /// When and by whom.
+        stamp: Stamp,
+    },
     /// OR-set: add an element under a tag unique to this add.
-    Add { element: Value, tag: String },
+    Add {
+        /// The element.
+        element: Value,
+        /// This add's unique tag.
+        tag: String,
+    },
     /// OR-set: remove the tags of `element` the writer had observed. Adds it
     /// had not seen survive (add wins).
     Discard {
+        /// The element.
         element: Value,
+        /// The tags of its adds the writer had seen.
         observed: BTreeSet<String>,
     },
     /// PN-counter: add `delta` (may be negative) on behalf of `writer`.
-    Increment { writer: String, delta: i64 },
+    Increment {
+        /// Whose share of the counter changes.
+        writer: String,
+        /// The change.
+        delta: i64,
+    },
 }
 
 impl Op {
@@ -104,21 +137,30 @@ impl Op {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CrdtState {
+    /// A register's value and the stamp of the write that set it.
     LwwRegister {
+        /// The value (null before any write).
         value: Value,
+        /// The winning write's stamp (none before any write).
         stamp: Option<Stamp>,
     },
+    /// A map's entries, removals kept with their stamps.
     LwwMap {
         /// key -> (value, or `None` for a removal, and its stamp).
         entries: BTreeMap<String, (Option<Value>, Stamp)>,
     },
+    /// A set's elements with the tags of their adds.
     OrSet {
         /// Canonical JSON of an element -> its live and removed tags.
         adds: BTreeMap<String, BTreeSet<String>>,
+        /// Tags removed (an element is present while it has a live tag).
         removed: BTreeSet<String>,
     },
+    /// A counter: each writer's total increments and decrements.
     PnCounter {
+        /// Increments by writer.
         increments: BTreeMap<String, u64>,
+        /// Decrements by writer (as positive numbers).
         decrements: BTreeMap<String, u64>,
     },
 }
@@ -127,13 +169,16 @@ pub enum CrdtState {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("a {op} operation does not apply to a {merge} document")]
 pub struct WrongOp {
+    /// The op's name.
     pub op: &'static str,
+    /// The document's merge type.
     pub merge: &'static str,
 }
 
 /// Why an op was refused (the state is left as it was).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CrdtError {
+    /// The op belongs to another merge type.
     #[error(transparent)]
     WrongOp(#[from] WrongOp),
     /// A PN-counter increment that would take the counter's value outside
@@ -143,10 +188,14 @@ pub enum CrdtError {
     #[error(
         "incrementing by {delta} would take the counter outside the range of a signed 64-bit integer"
     )]
-    OutOfRange { delta: i64 },
+    OutOfRange {
+        /// The increment refused.
+        delta: i64,
+    },
 }
 
 impl CrdtState {
+    /// The state of a new document of `merge` (none for `MergeType::None`).
     pub fn empty(merge: MergeType) -> Option<Self> {
         Some(match merge {
             MergeType::None => return None,
@@ -168,6 +217,7 @@ impl CrdtState {
         })
     }
 
+    /// The merge type this state is of.
     pub fn merge_type(&self) -> MergeType {
         match self {
             Self::LwwRegister { .. } => MergeType::LwwRegister,
@@ -177,6 +227,9 @@ impl CrdtState {
         }
     }
 
+    /// Applies `op`; the same ops in any order give the same state
+    /// (counter increments are not idempotent: each counts). A refused op
+    /// leaves the state as it was.
     pub fn apply(&mut self, op: &Op) -> Result<(), CrdtError> {
         match (self, op) {
             (Self::LwwRegister { value, stamp }, Op::Set { value: v, stamp: s }) => {

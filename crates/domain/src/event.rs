@@ -39,10 +39,13 @@ impl fmt::Display for ExpectedVersion {
 /// Causality and tracing data carried by every event.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventMetadata {
+    /// Ties the event to the work it is part of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
+    /// What caused it (a command, another event).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<String>,
+    /// Who wrote it (the sidecar's identity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
     /// W3C `traceparent` of the writing request.
@@ -62,10 +65,13 @@ pub struct NewEvent {
     /// Unique across the store; also the outbox message id and the dedupe
     /// key downstream consumers use.
     pub id: Uuid,
+    /// What happened.
     pub event_type: String,
     /// Version of this event type's payload schema, starting at 1.
     pub schema_version: u32,
+    /// The payload.
     pub data: Value,
+    /// Causality and tracing data.
     #[serde(default)]
     pub metadata: EventMetadata,
 }
@@ -82,6 +88,7 @@ impl NewEvent {
         }
     }
 
+    /// The event with `metadata`.
     pub fn with_metadata(mut self, metadata: EventMetadata) -> Self {
         self.metadata = metadata;
         self
@@ -98,6 +105,7 @@ pub struct Checkpoint {
     /// The writing transaction (Postgres `xid8`), or 0 where commits are
     /// already in position order (SQLite).
     pub commit: u64,
+    /// The event's global position.
     pub position: u64,
 }
 
@@ -118,13 +126,21 @@ impl fmt::Display for Checkpoint {
 /// An event as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecordedEvent {
+    /// The event's id.
     pub id: Uuid,
+    /// Its tenant.
     pub tenant: TenantId,
+    /// Its stream.
     pub stream_id: StreamId,
+    /// The stream's type.
     pub stream_type: String,
+    /// What happened.
     pub event_type: String,
+    /// Version of the payload's schema.
     pub schema_version: u32,
+    /// The payload.
     pub data: Value,
+    /// Causality and tracing data.
     pub metadata: EventMetadata,
     /// 1-based position within its stream.
     pub stream_version: u64,
@@ -132,6 +148,7 @@ pub struct RecordedEvent {
     pub global_position: u64,
     /// Where this event sits in the commit-ordered feed.
     pub checkpoint: Checkpoint,
+    /// When it was stored.
     pub created_at: DateTime<Utc>,
 }
 
@@ -139,10 +156,13 @@ pub struct RecordedEvent {
 /// the first event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
+    /// The aggregate's stream.
     pub stream_id: StreamId,
+    /// The stream's type.
     pub stream_type: String,
     /// The stream version the state reflects.
     pub version: u64,
+    /// The aggregate's state, serialized.
     pub state: Value,
     /// Version of the state's own schema, so old snapshots can be ignored
     /// after the aggregate's state shape changes.

@@ -13,20 +13,34 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// Why a string is not a valid id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
+    /// The id is empty.
     #[error("{kind} is empty")]
-    Empty { kind: &'static str },
+    Empty {
+        /// Which kind of id (`tenant id`, `stream id`, …).
+        kind: &'static str,
+    },
+    /// The id is longer than its kind allows.
     #[error("{kind} is {len} bytes long; the maximum is {max}")]
     TooLong {
+        /// Which kind of id.
         kind: &'static str,
+        /// Its length in bytes.
         len: usize,
+        /// The most its kind allows.
         max: usize,
     },
+    /// The id holds a character its kind does not allow.
     #[error("{kind} `{value}` contains {found:?} at byte {at}; allowed: {allowed}")]
     BadChar {
+        /// Which kind of id.
         kind: &'static str,
+        /// The id given.
         value: String,
+        /// The character refused.
         found: char,
+        /// Its byte offset.
         at: usize,
+        /// What the kind allows.
         allowed: &'static str,
     },
 }
@@ -98,12 +112,14 @@ macro_rules! id_type {
         pub struct $name(String);
 
         impl $name {
+            /// The id, if `value` follows its kind's rule.
             pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
                 let value = value.into();
                 $rule.check(&value)?;
                 Ok(Self(value))
             }
 
+            /// The id as text.
             pub fn as_str(&self) -> &str {
                 &self.0
             }

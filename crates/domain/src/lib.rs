@@ -7,7 +7,7 @@
 //!
 //! It does not own storage, wire formats or transport: adapters and API crates
 //! depend on this crate, never the other way round.
-
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod aggregate;

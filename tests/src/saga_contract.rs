@@ -12,8 +12,8 @@ use statefabric_saga::machine::Effect;
 use statefabric_saga::{Definition, Input, Instance, Status, TaskKey, builtin};
 use statefabric_saga_store::{
     Claim, Committed, Fence, Filter, InboxMessage, OpenTasks, OperatorAudit, Record, Replied,
-    Reply, SagaStore, StartRequest, StartRequested, StoreError, TaskQueue, TaskStatus, Transition,
-    Trigger,
+    Reply, SagaStore, StartRequest, StartRequested, StoreError, TaskQueue, TaskRow, TaskStatus,
+    Transition, Trigger,
 };
 
 /// One adapter: the engine's side, the agents' side, and the tenant the
@@ -32,6 +32,18 @@ impl Fixture {
     /// The tenant as the ports take it.
     pub fn tenant_id(&self) -> TenantId {
         TenantId::new(self.tenant.clone()).expect("the fixture's tenant is a valid id")
+    }
+
+    /// Up to `max` of the fixture tenant's tasks for `agent`, claimed by `worker`.
+    pub async fn claim(
+        &self,
+        agent: &str,
+        worker: &str,
+        max: u32,
+    ) -> Result<Vec<TaskRow>, StoreError> {
+        self.queue
+            .claim(&self.tenant_id(), Claim { agent, worker, max })
+            .await
     }
 }
 
@@ -110,17 +122,7 @@ pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
         (stored.revision, stored.instance.status),
         (1, Status::Running)
     );
-    let claimed = f
-        .queue
-        .claim(
-            &f.tenant_id(),
-            Claim {
-                agent: "planner",
-                worker: "w1",
-                max: 10,
-            },
-        )
-        .await?;
+    let claimed = f.claim("planner", "w1", 10).await?;
     assert_eq!(claimed.len(), 1, "one PLAN task for this tenant");
     let task = &claimed[0];
     assert_eq!(
@@ -133,17 +135,7 @@ pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
         ("PLAN", 1, Some("w1"))
     );
     assert!(
-        f.queue
-            .claim(
-                &f.tenant_id(),
-                Claim {
-                    agent: "planner",
-                    worker: "w2",
-                    max: 10
-                }
-            )
-            .await?
-            .is_empty(),
+        f.claim("planner", "w2", 10).await?.is_empty(),
         "a task goes to one worker"
     );
     let reply = InboxMessage::Completed {
@@ -266,17 +258,7 @@ pub async fn released_tasks_wake_the_next_worker_under_the_same_key(
 ) -> anyhow::Result<()> {
     let def = builtin::plan_code_critique();
     started(&f, &def).await?;
-    let claimed = f
-        .queue
-        .claim(
-            &f.tenant_id(),
-            Claim {
-                agent: "planner",
-                worker: "w1",
-                max: 10,
-            },
-        )
-        .await?;
+    let claimed = f.claim("planner", "w1", 10).await?;
     assert_eq!(claimed.len(), 1, "the PLAN task");
     let key = claimed[0].key.clone();
     let mut waiting = f.queue.tasks_signal(&f.tenant_id(), "planner");
@@ -293,17 +275,7 @@ pub async fn released_tasks_wake_the_next_worker_under_the_same_key(
     tokio::time::timeout(Duration::from_secs(5), waiting.changed())
         .await
         .map_err(|_| anyhow::anyhow!("a waiting worker was not woken"))??;
-    let again = f
-        .queue
-        .claim(
-            &f.tenant_id(),
-            Claim {
-                agent: "planner",
-                worker: "w2",
-                max: 10,
-            },
-        )
-        .await?;
+    let again = f.claim("planner", "w2", 10).await?;
     let keys: Vec<&str> = again.iter().map(|t| t.key.as_str()).collect();
     assert_eq!(keys, [key.as_str()]);
     assert_eq!(again[0].claimed_by.as_deref(), Some("w2"));
@@ -543,17 +515,7 @@ pub async fn a_batch_commits_each_transition_or_says_why_not(f: Fixture) -> anyh
         vec![Committed::Written(1), Committed::Written(1)]
     );
     assert_eq!(
-        f.queue
-            .claim(
-                &f.tenant_id(),
-                Claim {
-                    agent: "planner",
-                    worker: "w",
-                    max: 10
-                }
-            )
-            .await?
-            .len(),
+        f.claim("planner", "w", 10).await?.len(),
         2,
         "both sagas' first tasks were dispatched"
     );
@@ -620,17 +582,7 @@ pub async fn concurrent_answers_and_starts_each_get_their_own_outcome(
     for _ in 0..N {
         sagas.push(started(&f, &def).await?);
     }
-    let tasks = f
-        .queue
-        .claim(
-            &f.tenant_id(),
-            Claim {
-                agent: "planner",
-                worker: "w",
-                max: 1000,
-            },
-        )
-        .await?;
+    let tasks = f.claim("planner", "w", 1000).await?;
     assert_eq!(tasks.len(), N);
     // Each task answered twice at once, and one answer to no task.
     let mut answers: Vec<(String, InboxMessage)> = Vec::new();
@@ -739,17 +691,7 @@ pub async fn open_tasks_are_counted_per_tenant_and_agent_type(f: Fixture) -> any
         claimed,
     };
     assert_eq!(mine(f.store.open_tasks().await?), vec![planner(3, 0)]);
-    let claimed = f
-        .queue
-        .claim(
-            &f.tenant_id(),
-            Claim {
-                agent: "planner",
-                worker: "w1",
-                max: 2,
-            },
-        )
-        .await?;
+    let claimed = f.claim("planner", "w1", 2).await?;
     assert_eq!(claimed.len(), 2);
     assert_eq!(mine(f.store.open_tasks().await?), vec![planner(1, 2)]);
     // Answered tasks stay open until the engine applies the reply (it ends

@@ -75,6 +75,32 @@ impl SessionClient {
         }
     }
 
+    /// Many sessions of one namespace in one call (at most 1,000 ids): those
+    /// that are live, with their ids, in the order asked (absent and expired
+    /// ones left out). Sliding ones are extended by the read.
+    pub async fn get_many(
+        &mut self,
+        namespace: &str,
+        ids: &[&str],
+    ) -> Result<Vec<(String, Session)>, Error> {
+        let request = pb::GetSessionsRequest {
+            namespace: namespace.to_owned(),
+            ids: ids.iter().map(|id| (*id).to_owned()).collect(),
+        };
+        let response = self.inner.get_sessions(request).await?.into_inner();
+        Ok(response
+            .sessions
+            .into_iter()
+            .map(|entry| {
+                let session = Session {
+                    value: entry.value,
+                    expires_in: Duration::from_millis(entry.expires_in_ms),
+                };
+                (entry.id, session)
+            })
+            .collect())
+    }
+
     /// Removes a session; whether it existed.
     pub async fn delete(&mut self, namespace: &str, id: &str) -> Result<bool, Error> {
         Ok(self

@@ -188,6 +188,37 @@ impl Sessions for SessionsService {
         }))
     }
 
+    async fn get_sessions(
+        &self,
+        request: Request<pb::GetSessionsRequest>,
+    ) -> Result<Response<pb::GetSessionsResponse>, Status> {
+        let raw = request.into_inner();
+        let (key, policy) = self.resolve(raw.namespace, String::new())?;
+        let read = self
+            .store
+            .get_many(
+                &key.tenant,
+                &key.namespace,
+                &raw.ids,
+                policy.ttl,
+                policy.expiry,
+            )
+            .await
+            .map_err(from_session)?;
+        let mut response = pb::GetSessionsResponse::default();
+        for (id, session) in raw.ids.into_iter().zip(read) {
+            match session {
+                Some(session) => response.sessions.push(pb::SessionEntry {
+                    id,
+                    value: session.value,
+                    expires_in_ms: millis(session.expires_in),
+                }),
+                None => response.missing.push(id),
+            }
+        }
+        Ok(Response::new(response))
+    }
+
     async fn delete_session(
         &self,
         request: Request<pb::DeleteSessionRequest>,

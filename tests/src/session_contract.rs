@@ -26,6 +26,7 @@ macro_rules! session_contract_tests {
             sliding_sessions_live_while_used,
             live_counts_only_unexpired_sessions,
             bad_session_input_is_refused,
+            many_sessions_are_read_in_one_call,
         );
     };
     (@each $sessions:expr; $($name:ident),* $(,)?) => {
@@ -169,5 +170,118 @@ pub async fn bad_session_input_is_refused(sessions: Arc<dyn SessionStore>) -> an
         "nothing was written"
     );
     assert_eq!(sessions.live(&good.tenant, "chat").await?, 0);
+    Ok(())
+}
+
+pub async fn many_sessions_are_read_in_one_call(
+    sessions: Arc<dyn SessionStore>,
+) -> anyhow::Result<()> {
+    let base = key("bulk");
+    let at = |id: &str| SessionKey {
+        id: id.to_owned(),
+        ..base.clone()
+    };
+    let ttl = Duration::from_millis(1000);
+    sessions
+        .put(&at("a"), b"alpha", ttl, Expiry::Sliding)
+        .await?;
+    sessions
+        .put(&at("b"), b"beta", ttl, Expiry::Sliding)
+        .await?;
+    // Another tenant's session of the same id is not read.
+    let mut foreign = key("bulk");
+    foreign.id = "c".into();
+    sessions
+        .put(&foreign, b"theirs", LONG, Expiry::Sliding)
+        .await?;
+    let ids: Vec<String> = ["b", "missing", "a", "c", "a"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    let read = sessions
+        .get_many(&base.tenant, "bulk", &ids, ttl, Expiry::Sliding)
+        .await?;
+    let values: Vec<Option<&[u8]>> = read
+        .iter()
+        .map(|s| s.as_ref().map(|s| s.value.as_slice()))
+        .collect();
+    assert_eq!(
+        values,
+        [
+            Some(&b"beta"[..]),
+            None,
+            Some(b"alpha"),
+            None,
+            Some(b"alpha")
+        ]
+    );
+    // Reading extends sliding sessions, as a single read does.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let read = sessions
+            .get_many(&base.tenant, "bulk", &ids[..1], ttl, Expiry::Sliding)
+            .await?;
+        assert!(read[0].is_some(), "kept alive by bulk reads");
+    }
+    assert!(
+        sessions
+            .get(&at("a"), ttl, Expiry::Sliding)
+            .await?
+            .is_none(),
+        "not read for 1.2 s: expired"
+    );
+    assert_eq!(sessions.live(&base.tenant, "bulk").await?, 1, "only b");
+    // Absolute sessions are not extended, and their time left is reported.
+    sessions
+        .put(&at("abs"), b"x", ttl, Expiry::Absolute)
+        .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let read = sessions
+        .get_many(
+            &base.tenant,
+            "bulk",
+            &["abs".to_owned()],
+            ttl,
+            Expiry::Absolute,
+        )
+        .await?;
+    let left = read[0].as_ref().expect("alive").expires_in;
+    assert!(left <= Duration::from_millis(710), "{left:?}");
+    // Nothing asked, nothing read; bad ids and too many ids are refused.
+    assert!(
+        sessions
+            .get_many(&base.tenant, "bulk", &[], ttl, Expiry::Sliding)
+            .await?
+            .is_empty()
+    );
+    let bad = ["b".to_owned(), "a b".to_owned()];
+    let refused = sessions
+        .get_many(&base.tenant, "bulk", &bad, ttl, Expiry::Sliding)
+        .await;
+    assert!(
+        matches!(&refused, Err(SessionError::Invalid { reason, .. }) if reason.contains("ids[1]")),
+        "{refused:?}"
+    );
+    let many: Vec<String> = (0..1001).map(|i| format!("s{i}")).collect();
+    let refused = sessions
+        .get_many(&base.tenant, "bulk", &many, ttl, Expiry::Sliding)
+        .await;
+    assert!(
+        matches!(&refused, Err(SessionError::Invalid { what: "ids", .. })),
+        "{refused:?}"
+    );
+    let refused = sessions
+        .get_many(&base.tenant, "a b", &ids, ttl, Expiry::Sliding)
+        .await;
+    assert!(
+        matches!(
+            &refused,
+            Err(SessionError::Invalid {
+                what: "namespace",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
     Ok(())
 }

@@ -60,6 +60,15 @@ async fn sessions_are_shared_by_sidecars_and_expire_by_their_namespace() -> anyh
         read.expires_in > Duration::from_secs(29 * 60),
         "the namespace's 30 min"
     );
+    // Many in one call (one script on the cluster), in the order asked.
+    sa.put("conversation", "c2", "again", None).await?;
+    let many = sb.get_many("conversation", &["c2", "c0", "c1"]).await?;
+    let got: Vec<(&str, &[u8])> = many
+        .iter()
+        .map(|(id, s)| (id.as_str(), s.value.as_slice()))
+        .collect();
+    assert_eq!(got, [("c2", &b"again"[..]), ("c1", b"hello")]);
+    assert!(sb.delete("conversation", "c2").await?);
     // Absolute: gone 400 ms after creation however it is used.
     sa.put("quick", "q", "v", None).await?;
     // Sliding: alive while used.
@@ -172,6 +181,35 @@ async fn bad_session_requests_are_refused_and_change_nothing() -> anyhow::Result
         .await
         .expect_err("nothing written");
     assert_eq!(status.code(), Code::NotFound, "{}", status.message());
+    let many = |namespace: &str, ids: Vec<String>| pb::GetSessionsRequest {
+        namespace: namespace.to_owned(),
+        ids,
+    };
+    for (request, expect) in [
+        (many("nope", vec!["c1".into()]), "not configured"),
+        (
+            many("conversation", vec!["c1".into(), "a b".into()]),
+            "ids[1]",
+        ),
+        (
+            many("conversation", (0..1001).map(|i| format!("s{i}")).collect()),
+            "at most 1000",
+        ),
+    ] {
+        let status = raw.get_sessions(request).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+        assert!(
+            status.message().contains(expect),
+            "{expect}: {}",
+            status.message()
+        );
+    }
+    let none = raw
+        .get_sessions(many("conversation", vec!["c1".into()]))
+        .await?
+        .into_inner();
+    assert!(none.sessions.is_empty());
+    assert_eq!(none.missing, ["c1"]);
     Ok(())
 }
 

@@ -15,9 +15,7 @@
 //!   the ETag read (SQLite and Postgres: sessions have no versions);
 //! - delete: the timed `DeleteContext` (`DeleteSession`) / `DeleteState` of
 //!   a key written just before, untimed;
-//! - bulk read of 100 keys: `GetContexts` / `GetBulkState`; sessions have
-//!   no bulk call, so on Redis ours is 100 concurrent `GetSession`s on the
-//!   client's one connection.
+//! - bulk read of 100 keys: `GetContexts` (`GetSessions`) / `GetBulkState`.
 //!
 //! Also per backend: resident memory idle and after the load, CPU time per
 //! request (the process's own count over each cell), and idle CPU over
@@ -252,14 +250,15 @@ impl Client {
                     .into_inner();
                 anyhow::ensure!(got.documents.len() == keys.len(), "bulk read short");
             }
-            ours => {
-                let reads = keys.iter().map(|k| {
-                    let mut client = ours.clone();
-                    async move { client.read(k).await }
-                });
-                for read in futures::future::join_all(reads).await {
-                    read?;
-                }
+            Self::Sessions(api) => {
+                let got = api
+                    .get_sessions(pb::GetSessionsRequest {
+                        namespace: "task".into(),
+                        ids: keys.to_vec(),
+                    })
+                    .await?
+                    .into_inner();
+                anyhow::ensure!(got.sessions.len() == keys.len(), "bulk read short");
             }
         }
         Ok(())
@@ -381,17 +380,10 @@ async fn ours(
     backend: &str,
     tenant: &str,
 ) -> anyhow::Result<(Process, Client, Option<(Process, Client)>)> {
-    // 16 clients' bulk reads of sessions are 1,600 calls at once, over the
-    // default limit of 1,024 in flight (sessions have no bulk call).
     let tenant_env = ("STATEFABRIC_SIDECAR__TENANT", tenant.to_owned());
-    let calls = (
-        "STATEFABRIC_SIDECAR__MAX_CONCURRENT_CALLS",
-        "4096".to_owned(),
-    );
     let one_entry = ("STATEFABRIC_SIDECAR__CACHE_MAX_ENTRIES", "1".to_owned());
     let postgres = vec![
         tenant_env.clone(),
-        calls.clone(),
         ("STATEFABRIC_STORAGE__BACKEND", "postgres".to_owned()),
         ("STATEFABRIC_STORAGE__POSTGRES__URL", env::pg_app_url()),
         (
@@ -401,10 +393,9 @@ async fn ours(
     ];
     Ok(match backend {
         "sqlite" => {
-            let main =
-                Process::start("fabric", &["dev"], &[tenant_env.clone(), calls.clone()]).await?;
+            let main = Process::start("fabric", &["dev"], &[tenant_env.clone()]).await?;
             let client = context_client(&main.grpc).await?;
-            let cold = Process::start("fabric", &["dev"], &[tenant_env, calls, one_entry]).await?;
+            let cold = Process::start("fabric", &["dev"], &[tenant_env, one_entry]).await?;
             let cold_client = context_client(&cold.grpc).await?;
             (main, client, Some((cold, cold_client)))
         }
@@ -423,7 +414,6 @@ async fn ours(
                 &[],
                 &[
                     tenant_env,
-                    calls,
                     ("STATEFABRIC_REDIS__MODE", "standalone".to_owned()),
                     ("STATEFABRIC_REDIS__URLS", env::redis_url()),
                     ("STATEFABRIC_SESSIONS__BACKEND", "redis".to_owned()),

@@ -113,12 +113,27 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     async fn get(&self, key: &SessionKey, ttl: Duration, expiry: Expiry)
     -> Result<Option<Session>>;
 
+    /// Reads sessions of one namespace (at most [`MAX_BULK_READ`] ids), in
+    /// the order asked: `None` where absent or expired. Sliding ones are
+    /// extended by `ttl`, as by [`get`](Self::get).
+    async fn get_many(
+        &self,
+        tenant: &TenantId,
+        namespace: &str,
+        ids: &[String],
+        ttl: Duration,
+        expiry: Expiry,
+    ) -> Result<Vec<Option<Session>>>;
+
     /// Removes a session; whether it existed.
     async fn delete(&self, key: &SessionKey) -> Result<bool>;
 
     /// How many sessions in the namespace have not expired.
     async fn live(&self, tenant: &TenantId, namespace: &str) -> Result<u64>;
 }
+
+/// Most ids one [`SessionStore::get_many`] reads.
+pub const MAX_BULK_READ: usize = 1000;
 
 /// Largest session value accepted by default.
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
@@ -140,6 +155,43 @@ pub fn check_namespace(namespace: &str) -> Result<()> {
             reason: format!("`{namespace}` must be 1-256 ASCII letters, digits or -_.:/@"),
         })
     }
+}
+
+/// The keys of a bulk read, each checked like a single read's; refuses
+/// more than [`MAX_BULK_READ`] ids, naming the first bad one by position.
+pub fn bulk_keys(
+    tenant: &TenantId,
+    namespace: &str,
+    ids: &[String],
+    ttl: Duration,
+) -> Result<Vec<SessionKey>> {
+    if ids.len() > MAX_BULK_READ {
+        return Err(SessionError::Invalid {
+            what: "ids",
+            reason: format!("{} ids, at most {MAX_BULK_READ} per call", ids.len()),
+        });
+    }
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let key = SessionKey {
+                tenant: tenant.clone(),
+                namespace: namespace.to_owned(),
+                id: id.clone(),
+            };
+            check(&key, None, ttl).map_err(|err| match err {
+                SessionError::Invalid {
+                    what: "session id",
+                    reason,
+                } => SessionError::Invalid {
+                    what: "session id",
+                    reason: format!("ids[{i}]: {reason}"),
+                },
+                other => other,
+            })?;
+            Ok(key)
+        })
+        .collect()
 }
 
 /// Checks shared by every adapter (and the API edge).

@@ -10,12 +10,14 @@ use async_trait::async_trait;
 use statefabric_domain::TenantId;
 use tokio::time::Instant;
 
-use crate::{DEFAULT_MAX_VALUE_BYTES, Expiry, Result, Session, SessionKey, SessionStore, check};
+use crate::{
+    DEFAULT_MAX_VALUE_BYTES, Expiry, Result, Session, SessionKey, SessionStore, bulk_keys, check,
+};
 
 /// Sessions in this process's memory: the embedded default (`fabric dev`).
 #[derive(Debug)]
 pub struct MemorySessions {
-    sessions: Mutex<HashMap<SessionKey, (Vec<u8>, Instant)>>,
+    sessions: Mutex<Sessions>,
     max_value: usize,
 }
 
@@ -35,8 +37,36 @@ impl MemorySessions {
         self
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, (Vec<u8>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sessions> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+type Sessions = HashMap<SessionKey, (Vec<u8>, Instant)>;
+
+/// One read: extends a live sliding session, drops an expired one.
+fn read(
+    sessions: &mut Sessions,
+    key: &SessionKey,
+    ttl: Duration,
+    expiry: Expiry,
+    now: Instant,
+) -> Option<Session> {
+    match sessions.get_mut(key) {
+        Some((value, expires)) if *expires > now => {
+            if expiry == Expiry::Sliding {
+                *expires = now + ttl;
+            }
+            Some(Session {
+                value: value.clone(),
+                expires_in: *expires - now,
+            })
+        }
+        Some(_) => {
+            sessions.remove(key);
+            None
+        }
+        None => None,
     }
 }
 
@@ -67,24 +97,24 @@ impl SessionStore for MemorySessions {
         expiry: Expiry,
     ) -> Result<Option<Session>> {
         check(key, None, ttl)?;
+        Ok(read(&mut self.lock(), key, ttl, expiry, Instant::now()))
+    }
+
+    async fn get_many(
+        &self,
+        tenant: &TenantId,
+        namespace: &str,
+        ids: &[String],
+        ttl: Duration,
+        expiry: Expiry,
+    ) -> Result<Vec<Option<Session>>> {
+        let keys = bulk_keys(tenant, namespace, ids, ttl)?;
         let now = Instant::now();
         let mut sessions = self.lock();
-        match sessions.get_mut(key) {
-            Some((value, expires)) if *expires > now => {
-                if expiry == Expiry::Sliding {
-                    *expires = now + ttl;
-                }
-                Ok(Some(Session {
-                    value: value.clone(),
-                    expires_in: *expires - now,
-                }))
-            }
-            Some(_) => {
-                sessions.remove(key);
-                Ok(None)
-            }
-            None => Ok(None),
-        }
+        Ok(keys
+            .iter()
+            .map(|key| read(&mut sessions, key, ttl, expiry, now))
+            .collect())
     }
 
     async fn delete(&self, key: &SessionKey) -> Result<bool> {

@@ -13,7 +13,8 @@ use redis::aio::ConnectionLike;
 use statefabric_domain::TenantId;
 
 use crate::{
-    DEFAULT_MAX_VALUE_BYTES, Expiry, Result, Session, SessionError, SessionKey, SessionStore, check,
+    DEFAULT_MAX_VALUE_BYTES, Expiry, Result, Session, SessionError, SessionKey, SessionStore,
+    bulk_keys, check,
 };
 
 /// KEYS: session, index. ARGV: value, ttl ms, 'a'|'s', id.
@@ -54,6 +55,41 @@ end
 return {v, redis.call('PTTL', KEYS[1])}
 ";
 
+/// KEYS: index, then one session key per id. ARGV: ttl ms, 'a'|'s', then
+/// the ids. Returns, per id in order, {value, ms} or false (nil on the
+/// wire: a Lua false keeps its place in the array, where a nil would end
+/// it). All keys share the index's hash tag, so this is one slot and one
+/// round trip however many ids.
+const GET_MANY: &str = r"
+local ttl = tonumber(ARGV[1])
+local sliding = ARGV[2] == 's'
+local now = 0
+if sliding then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local out, gone = {}, {}
+for i = 2, #KEYS do
+  local id = ARGV[i + 1]
+  local v = redis.call('GET', KEYS[i])
+  if not v then
+    out[i - 1] = false
+    gone[#gone + 1] = id
+  elseif sliding then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+    redis.call('ZADD', KEYS[1], now + ttl, id)
+    out[i - 1] = {v, ttl}
+  else
+    out[i - 1] = {v, redis.call('PTTL', KEYS[i])}
+  end
+end
+if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+if sliding and #gone < #KEYS - 1 and redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return out
+";
+
 /// KEYS: session, index. ARGV: id.
 const DELETE: &str = r"
 redis.call('ZREM', KEYS[2], ARGV[1])
@@ -76,6 +112,7 @@ pub struct RedisSessions<C> {
     max_value: usize,
     put: Script,
     get: Script,
+    get_many: Script,
     delete: Script,
     live: Script,
 }
@@ -94,6 +131,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisSessions<C> {
             max_value: DEFAULT_MAX_VALUE_BYTES,
             put: Script::new(PUT),
             get: Script::new(GET),
+            get_many: Script::new(GET_MANY),
             delete: Script::new(DELETE),
             live: Script::new(LIVE),
         }
@@ -187,6 +225,48 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> SessionStore for RedisSe
             value,
             expires_in: duration(ms),
         }))
+    }
+
+    async fn get_many(
+        &self,
+        tenant: &TenantId,
+        namespace: &str,
+        ids: &[String],
+        ttl: Duration,
+        expiry: Expiry,
+    ) -> Result<Vec<Option<Session>>> {
+        let keys = bulk_keys(tenant, namespace, ids, ttl)?;
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.get_many.key(index(tenant, namespace));
+        for key in &keys {
+            invocation.key(self::keys(key).0);
+        }
+        invocation.arg(millis(ttl)).arg(mode(expiry));
+        for key in &keys {
+            invocation.arg(&key.id);
+        }
+        let found: Vec<Option<(Vec<u8>, i64)>> = invocation
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        if found.len() != keys.len() {
+            return Err(SessionError::Unavailable(format!(
+                "bulk read of {} sessions answered {}",
+                keys.len(),
+                found.len()
+            )));
+        }
+        Ok(found
+            .into_iter()
+            .map(|read| {
+                read.map(|(value, ms)| Session {
+                    value,
+                    expires_in: duration(ms),
+                })
+            })
+            .collect())
     }
 
     async fn delete(&self, key: &SessionKey) -> Result<bool> {

@@ -29,6 +29,18 @@ async def test_sessions_round_trip_and_expire(client: statefabric.Client) -> Non
     assert not await client.sessions.delete("conversation", sid)
 
 
+async def test_many_sessions_are_read_in_one_call(client: statefabric.Client) -> None:
+    a, b = unique("conv"), unique("conv")
+    await client.sessions.put("conversation", a, b"first")
+    await client.sessions.put("conversation", b, b"second")
+    got = await client.sessions.get_many("conversation", [b, unique("absent"), a])
+    assert list(got) == [b, a]
+    assert got[a].value == b"first" and got[b].value == b"second"
+    assert got[a].expires_in > 60
+    with pytest.raises(InvalidArgumentError):
+        await client.sessions.get_many("conversation", [f"s{i}" for i in range(1001)])
+
+
 async def test_bad_input_is_refused_with_a_typed_error_and_writes_nothing(client: statefabric.Client) -> None:
     stream = unique("bad")
     with pytest.raises(InvalidArgumentError) as bad_type:

@@ -51,6 +51,16 @@ export class Sessions {
     }
   }
 
+  /**
+   * Many sessions of one namespace in one call (at most 1,000 ids): the live
+   * ones by id, in the order asked; absent and expired ones are left out.
+   * Sliding ones are extended by the read.
+   */
+  async getMany(namespace: string, ids: readonly string[], settings?: CallSettings): Promise<Map<string, Session>> {
+    const r = await unary(this.rpc.getSessions({ namespace, ids: [...ids] }, options(this.timeoutMs, settings)));
+    return new Map(r.sessions.map((s) => [s.id, { value: s.value, expiresInMs: Number(s.expiresInMs) }]));
+  }
+
   /** False when there was nothing (left) to delete. */
   async delete(namespace: string, id: string, settings?: CallSettings): Promise<boolean> {
     const r = await unary(this.rpc.deleteSession({ namespace, id }, options(this.timeoutMs, settings)));

@@ -189,6 +189,20 @@ for (const kind of ["fabric-dev", "postgres-redis"] as const) {
       assert.equal(await client.sessions.get("conversation", id), undefined);
     });
 
+    test("many sessions are read in one call", async () => {
+      const [a, b] = [unique("conv"), unique("conv")];
+      await client.sessions.put("conversation", a, "first");
+      await client.sessions.put("conversation", b, "second");
+      const got = await client.sessions.getMany("conversation", [b, unique("absent"), a]);
+      assert.deepEqual([...got.keys()], [b, a]);
+      assert.equal(new TextDecoder().decode(got.get(a)?.value), "first");
+      assert.ok((got.get(b)?.expiresInMs ?? 0) > 60_000);
+      await assert.rejects(
+        client.sessions.getMany("conversation", Array.from({ length: 1001 }, (_, i) => `s${i}`)),
+        InvalidArgumentError,
+      );
+    });
+
     test("bad input is refused with a typed error and writes nothing", async () => {
       const stream = unique("bad");
       await assert.rejects(client.events.append(stream, "t", [{ type: "has space", data: {} }]), InvalidArgumentError);

@@ -125,6 +125,7 @@ fuzz_target!(|input: Input| {
         change,
         idempotency: None,
         fence: None,
+        known: None,
     };
     let Ok(next) = decide(current.as_ref(), &write, "writer-1", 42) else {
         return;

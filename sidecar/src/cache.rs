@@ -170,6 +170,22 @@ impl ContextCache {
         found
     }
 
+    /// The entry `get` would serve, without counting a hit or a miss or
+    /// making it recent: what a write through this sidecar hands the store
+    /// as the document it knows.
+    pub(crate) fn peek(&self, id: &str) -> Option<Arc<ContextDocument>> {
+        if !self.trusted.load(Ordering::SeqCst) {
+            return None;
+        }
+        let inner = self.lock();
+        let max_age = inner.limits.max_age;
+        inner
+            .lru
+            .peek(id)
+            .filter(|(_, _, at)| at.elapsed() <= max_age)
+            .map(|(doc, _, _)| doc.clone())
+    }
+
     /// Caches `doc` unless a newer revision is already cached.
     pub(crate) fn put(&self, doc: Arc<ContextDocument>) {
         let size = serde_json::to_vec(&doc.content).map_or(0, |v| v.len()) + doc.id.len();

@@ -144,6 +144,7 @@ impl ContextService {
         let fingerprint = key.map(|k| Idempotency::for_bytes(k, &raw.encode_to_vec()));
         let mut write = build(raw)?;
         write.idempotency = fingerprint;
+        write.known = self.cache.peek(&write.id);
         let outcome = self.store.write(&scope, write).await.map_err(from_store)?;
         let doc = Arc::new(outcome.document);
         if outcome.replayed {
@@ -335,6 +336,7 @@ impl SharedContext for ContextService {
                 id: raw.document_id,
                 idempotency: None,
                 fence: raw.fence.map(fence),
+                known: None,
             })
         })
         .await
@@ -358,6 +360,7 @@ impl SharedContext for ContextService {
                 id: raw.document_id,
                 idempotency: None,
                 fence: raw.fence.map(fence),
+                known: None,
             })
         })
         .await
@@ -381,6 +384,7 @@ impl SharedContext for ContextService {
                 id: raw.document_id,
                 idempotency: None,
                 fence: raw.fence.map(fence),
+                known: None,
             })
         })
         .await
@@ -408,6 +412,7 @@ impl SharedContext for ContextService {
                 id: raw.document_id,
                 idempotency: None,
                 fence: raw.fence.map(fence),
+                known: None,
             })
         })
         .await

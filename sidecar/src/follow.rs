@@ -18,6 +18,7 @@ use std::time::Duration;
 use statefabric_domain::TenantId;
 use statefabric_runtime::{ReadinessCheck, Shutdown};
 use statefabric_store::context::ContextDocument;
+use statefabric_store::pg::CONTEXT_CHANNEL;
 use statefabric_updates::{Change, ChangeKind, Notifier, Retention, Signal, Start, UpdateLog};
 
 use crate::cache::ContextCache;
@@ -209,7 +210,7 @@ pub(crate) async fn follow_postgres(
     let mut listener = loop {
         let attempt = async {
             let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
-            listener.listen("statefabric_context").await?;
+            listener.listen(CONTEXT_CHANNEL).await?;
             Ok::<_, sqlx::Error>(listener)
         };
         tokio::select! {
@@ -255,7 +256,7 @@ pub(crate) async fn follow_postgres(
                 ready.set(false);
                 cache.set_trusted(false);
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                if listener.listen("statefabric_context").await.is_ok() {
+                if listener.listen(CONTEXT_CHANNEL).await.is_ok() {
                     cache.set_trusted(true);
                     ready.set(true);
                 }

@@ -65,6 +65,7 @@ macro_rules! store_contract_tests {
             context_writes_are_idempotent_and_validated,
             context_writes_carrying_a_stale_fence_are_refused,
             context_concurrent_writes_each_get_their_own_outcome,
+            context_writes_on_an_out_of_date_known_document_decide_again,
         );
     };
     (@each $fixture:expr; $($name:ident),* $(,)?) => {
@@ -1070,7 +1071,7 @@ pub async fn the_repository_retries_conflicts_for_safe_commands(
 // ---------------------------------------------------------------- context
 
 use statefabric_domain::{MergeType, Op, VectorClock};
-use statefabric_store::context::{ContextChange, ContextWrite};
+use statefabric_store::context::{ContextChange, ContextDocument, ContextWrite};
 
 fn cw(id: &str, merge: MergeType, base: &VectorClock, change: ContextChange) -> ContextWrite {
     ContextWrite {
@@ -1080,6 +1081,7 @@ fn cw(id: &str, merge: MergeType, base: &VectorClock, change: ContextChange) -> 
         change,
         idempotency: None,
         fence: None,
+        known: None,
     }
 }
 
@@ -1685,5 +1687,96 @@ pub async fn context_writes_carrying_a_stale_fence_are_refused(
         .await
         .expect_err("stale for appends too");
     assert!(matches!(err, StoreError::StaleFence { .. }), "{err}");
+    Ok(())
+}
+
+/// A writer's `known` document (a sidecar's cache entry) is only a hint: an
+/// out-of-date one neither loses a change nor lets a write past a change
+/// its writer missed.
+pub async fn context_writes_on_an_out_of_date_known_document_decide_again(
+    f: &impl Fixture,
+) -> anyhow::Result<()> {
+    let store = f.context_store().await;
+    let tenant = f.tenant().await;
+    let planner = Scope::new(tenant.clone(), "planner");
+    let coder = Scope::new(tenant.clone(), "coder");
+    let id = doc_id();
+    let add = |step: &str| -> anyhow::Result<ContextChange> {
+        Ok(ContextChange::Patch(serde_json::from_value(
+            json!([{"op": "add", "path": "/steps/-", "value": step}]),
+        )?))
+    };
+    let known = |write: ContextWrite, doc: &ContextDocument| ContextWrite {
+        known: Some(Arc::new(doc.clone())),
+        ..write
+    };
+    let v1 = store
+        .write(
+            &planner,
+            cw(
+                &id,
+                MergeType::None,
+                &VectorClock::new(),
+                ContextChange::Put(json!({"steps": ["a"]})),
+            ),
+        )
+        .await?
+        .document;
+    let v2 = store
+        .write(&coder, cw(&id, MergeType::None, &v1.vector, add("b")?))
+        .await?
+        .document;
+    // Knows v1, has read v2: written on v2.
+    let v3 = store
+        .write(
+            &planner,
+            known(cw(&id, MergeType::None, &v2.vector, add("c")?), &v1),
+        )
+        .await?
+        .document;
+    assert_eq!(v3.revision, 3);
+    assert_eq!(v3.content, json!({"steps": ["a", "b", "c"]}));
+    // Knows v1 and has read only v1: refused, as without the hint.
+    let err = store
+        .write(
+            &planner,
+            known(cw(&id, MergeType::None, &v1.vector, add("x")?), &v1),
+        )
+        .await
+        .expect_err("missed v2 and v3");
+    assert!(
+        matches!(&err, StoreError::ContextConflict { current, .. } if current == &v3.vector),
+        "{err:?}"
+    );
+    // Knows the current document: written on it.
+    let v4 = store
+        .write(
+            &coder,
+            known(cw(&id, MergeType::None, &v3.vector, add("d")?), &v3),
+        )
+        .await?
+        .document;
+    assert_eq!(v4.content, json!({"steps": ["a", "b", "c", "d"]}));
+    // A known document of another id is not taken for this one.
+    let other = doc_id();
+    let created = store
+        .write(
+            &planner,
+            known(
+                cw(
+                    &other,
+                    MergeType::None,
+                    &VectorClock::new(),
+                    ContextChange::Put(json!({"n": 1})),
+                ),
+                &v4,
+            ),
+        )
+        .await?
+        .document;
+    assert_eq!((created.revision, created.content), (1, json!({"n": 1})));
+    let read = store.get(&tenant, &id).await?.expect("exists");
+    assert_eq!(read.revision, 4);
+    assert_eq!(read.content, v4.content);
     Ok(())
 }

@@ -222,6 +222,7 @@ async fn row_level_security_stops_crafted_cross_tenant_access() -> anyhow::Resul
                 change: ContextChange::Put(json!({"secret": true})),
                 idempotency: None,
                 fence: None,
+                known: None,
             },
         )
         .await?;
@@ -862,5 +863,57 @@ async fn a_tenant_login_reaches_its_own_tenant_whatever_the_session_names() -> a
         .fetch_one(&mut unbound)
         .await?;
     assert_eq!(visible, 1);
+    Ok(())
+}
+
+/// Context writes are announced after their commit (migration 0029: no
+/// trigger), from the lock-free path and from the locked one (a keyed
+/// write); a keyed write replayed is not announced again.
+#[tokio::test]
+async fn context_writes_are_announced_on_the_channel_after_commit() -> anyhow::Result<()> {
+    use statefabric_store::Idempotency;
+    use statefabric_store::context::{ContextChange, ContextStore, ContextWrite};
+    let tenant = new_tenant().await;
+    let store = PgEventStore::connect_for(config(), &tenant).await?;
+    let mut listener = sqlx::postgres::PgListener::connect(&env::pg_app_url()).await?;
+    listener.listen(pg::CONTEXT_CHANNEL).await?;
+    let write = |idempotency: Option<Idempotency>, n: u64| ContextWrite {
+        id: "plan".to_owned(),
+        merge: statefabric_domain::MergeType::LwwRegister,
+        base: statefabric_domain::VectorClock::new(),
+        change: ContextChange::Put(json!({"step": n})),
+        idempotency,
+        fence: None,
+        known: None,
+    };
+    let scope = scope(&tenant);
+    let first = store.write(&scope, write(None, 1)).await?;
+    let keyed = Idempotency::for_request("k-1", &json!({"step": 2}));
+    let second = store.write(&scope, write(Some(keyed.clone()), 2)).await?;
+    let replayed = store.write(&scope, write(Some(keyed), 2)).await?;
+    assert!(replayed.replayed);
+    let heard: Vec<String> = [first.document.revision, second.document.revision]
+        .iter()
+        .map(|revision| format!("{tenant} plan {revision}"))
+        .collect();
+    let mut got = Vec::new();
+    while got.len() < heard.len() {
+        let n = tokio::time::timeout(Duration::from_secs(10), listener.recv()).await??;
+        if n.payload().starts_with(tenant.as_str()) {
+            got.push(n.payload().to_owned());
+        }
+    }
+    assert_eq!(got, heard);
+    // Nothing more for this tenant: the replay was not announced.
+    let more = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            let n = listener.recv().await?;
+            if n.payload().starts_with(tenant.as_str()) {
+                return Ok::<_, sqlx::Error>(n.payload().to_owned());
+            }
+        }
+    })
+    .await;
+    assert!(more.is_err(), "announced again: {more:?}");
     Ok(())
 }

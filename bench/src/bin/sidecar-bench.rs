@@ -164,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
                     change: ContextChange::Put(json!({"n": i})),
                     idempotency: None,
                     fence: None,
+                    known: None,
                 },
             )
             .await?;
@@ -211,6 +212,7 @@ async fn main() -> anyhow::Result<()> {
                     change: ContextChange::Patch(patch),
                     idempotency: None,
                     fence: None,
+                    known: None,
                 },
             )
             .await?;

@@ -72,6 +72,12 @@ pub struct ContextWrite {
     pub idempotency: Option<Idempotency>,
     /// Refuse the write if a newer token of this lock was already used.
     pub fence: Option<crate::port::Fence>,
+    /// The document as the caller last saw it stored (a cache entry), if
+    /// it has it: a store may decide on it instead of reading the document
+    /// first. Only ever a hint — the write is conditional on the revision,
+    /// so an out-of-date one costs a read and another try, not a wrong
+    /// write.
+    pub known: Option<std::sync::Arc<ContextDocument>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -116,6 +122,19 @@ pub struct Stored {
     pub vector: VectorClock,
     pub revision: u64,
     pub deleted: bool,
+}
+
+impl From<&ContextDocument> for Stored {
+    fn from(doc: &ContextDocument) -> Self {
+        Self {
+            merge: doc.merge,
+            content: doc.content.clone(),
+            crdt: doc.crdt.clone(),
+            vector: doc.vector.clone(),
+            revision: doc.revision,
+            deleted: doc.deleted,
+        }
+    }
 }
 
 /// A stored document's columns as both backends read them (JSON columns
@@ -330,6 +349,7 @@ mod tests {
             change,
             idempotency: None,
             fence: None,
+            known: None,
         }
     }
 

@@ -5,7 +5,8 @@
 //! decides again). Without key or fence, in a store acting for one tenant
 //! (a sidecar's), that takes two round trips and no transaction; otherwise
 //! a transaction holds the document's lock and the idempotency record is
-//! written with it. The trigger announces the change.
+//! written with it. The change is announced after its commit
+//! ([`crate::pg::announce`]).
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -14,8 +15,8 @@ use sqlx::types::Json;
 use statefabric_domain::TenantId;
 
 use super::{
-    ContextDocument, ContextOutcome, ContextStore, ContextWrite, REVISIONS_KEPT, Stored, action,
-    decide, decode_stored, to_document,
+    ContextDocument, ContextOutcome, ContextStore, ContextWrite, REVISIONS_KEPT, Stored,
+    TRIM_EVERY, action, decide, decode_stored, to_document,
 };
 use crate::error::{Result, StoreError};
 use crate::pg::idempotency::{claim_key, complete_key};
@@ -56,8 +57,9 @@ fn now_micros() -> u64 {
 pub(crate) const BEGIN_FOR_DOCUMENT: &str = "SELECT set_config('statefabric.tenant', $1, true), \
      pg_advisory_xact_lock(hashtextextended($1 || ' ' || $2, 0))";
 
-/// The document row, its revision (older ones than the last $9 trimmed) and
-/// the audit row in one statement, one round trip instead of three — if the
+/// The document row, its revision (older ones than the last $9 trimmed,
+/// on every [`TRIM_EVERY`]th revision only: $15) and the audit row in one
+/// statement, one round trip instead of three — if the
 /// stored revision is still the one the write was decided on ($7 - 1; none
 /// stored yet for revision 1). Otherwise it writes nothing and returns no
 /// row: another writer came first, and the write is decided again. The trim
@@ -74,8 +76,8 @@ const APPLY: &str = "WITH doc AS ( \
      revision AS ( \
        INSERT INTO context_revisions (tenant_id, document_id, revision, content) SELECT $1, $2, $7, $4 FROM doc), \
      trimmed AS ( \
-       DELETE FROM context_revisions WHERE tenant_id = $1 AND document_id = $2 AND revision <= $7 - $9 \
-         AND EXISTS (SELECT 1 FROM doc)), \
+       DELETE FROM context_revisions WHERE $15 AND tenant_id = $1 AND document_id = $2 \
+         AND revision <= $7 - $9 AND EXISTS (SELECT 1 FROM doc)), \
      audited AS ( \
        INSERT INTO audit_log (tenant_id, actor, action, target, version_before, version_after, trace_id, details) \
        SELECT $1, $10, $11, $12, NULLIF($7 - 1, 0), $7, $13, $14 FROM doc) \
@@ -139,7 +141,8 @@ impl ContextStore for PgEventStore {
 
     /// A write with neither idempotency key nor fence, by a store acting
     /// for one tenant, takes two round trips and no transaction: read,
-    /// decide, and write if the revision is still the one read. Others (and
+    /// decide, and write if the revision is still the one read — one when
+    /// the caller knows the document (`known`) and is right. Others (and
     /// a write that keeps losing that race) lock the document in a
     /// transaction; their write is conditional too, so both kinds can run
     /// side by side.
@@ -151,7 +154,7 @@ impl ContextStore for PgEventStore {
                 && self.acts_for(&scope.tenant);
             for tried in 0..MAX_TRIES {
                 let outcome = if lock_free && tried < LOCK_FREE_TRIES {
-                    self.write_lock_free(scope, &write).await?
+                    self.write_lock_free(scope, &write, tried == 0).await?
                 } else {
                     self.write_locked(scope, &write).await?
                 };
@@ -170,23 +173,50 @@ impl ContextStore for PgEventStore {
 
 impl PgEventStore {
     /// `None` when another write got in between the read and the write.
+    /// On its first try it decides on the caller's `known` document, when
+    /// given, instead of reading: one round trip.
     async fn write_lock_free(
         &self,
         scope: &Scope,
         write: &ContextWrite,
+        first_try: bool,
     ) -> Result<Option<ContextOutcome>> {
-        let row: Option<Row> = sqlx::query_as(SELECT)
-            .bind(scope.tenant.as_str())
-            .bind(&write.id)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(map_err)?;
-        let current = row.map(decode).transpose()?.map(|(stored, _)| stored);
-        let next = decide(current.as_ref(), write, &scope.actor, now_micros())?;
+        let known = write
+            .known
+            .as_deref()
+            .filter(|known| first_try && known.id == write.id);
+        // A decision refused on the known document may be the fault of its
+        // being out of date: that one is decided again on what is stored.
+        let decided = known.and_then(|known| {
+            decide(
+                Some(&Stored::from(known)),
+                write,
+                &scope.actor,
+                now_micros(),
+            )
+            .ok()
+        });
+        let next = match decided {
+            Some(next) => next,
+            None => {
+                let row: Option<Row> = sqlx::query_as(SELECT)
+                    .bind(scope.tenant.as_str())
+                    .bind(&write.id)
+                    .fetch_optional(self.pool())
+                    .await
+                    .map_err(map_err)?;
+                let current = row.map(decode).transpose()?.map(|(stored, _)| stored);
+                decide(current.as_ref(), write, &scope.actor, now_micros())?
+            }
+        };
         let mut conn = self.pool().acquire().await.map_err(map_err)?;
         let Some(updated_at) = apply(&mut conn, scope, write, &next).await? else {
             return Ok(None);
         };
+        drop(conn);
+        self.announcer()
+            .context_changed(scope.tenant.as_str(), &write.id, next.revision)
+            .await;
         Ok(Some(ContextOutcome {
             document: to_document(&write.id, next, updated_at),
             replayed: false,
@@ -237,6 +267,9 @@ impl PgEventStore {
             complete_key(&mut tx, &scope.tenant, idempotency, &stored).await?;
         }
         tx.commit().await.map_err(map_err)?;
+        self.announcer()
+            .context_changed(scope.tenant.as_str(), &write.id, document.revision)
+            .await;
         Ok(Some(ContextOutcome {
             document,
             replayed: false,
@@ -270,6 +303,7 @@ async fn apply(
             "version_vector": next.vector,
             "idempotency_key": write.idempotency.as_ref().map(|i| &i.key),
         })))
+        .bind(next.revision.is_multiple_of(TRIM_EVERY))
         .fetch_optional(&mut *conn)
         .await
         .map_err(|e| match &e {

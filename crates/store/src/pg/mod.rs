@@ -6,6 +6,7 @@
 //! are separate functions ([`migrate`], [`create_tenant`],
 //! [`create_tenant_login`]).
 
+pub(crate) mod announce;
 pub(crate) mod append;
 pub(crate) mod idempotency;
 mod read;
@@ -20,6 +21,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 use statefabric_domain::{Checkpoint, RecordedEvent, Snapshot, StreamId, TenantId};
 use tokio::sync::watch;
+
+pub use announce::CONTEXT_CHANNEL;
 
 use crate::error::{Result, StoreError};
 use crate::limits::Limits;
@@ -89,6 +92,7 @@ pub struct PgEventStore {
     /// The tenant every connection acts for from its start, if one
     /// ([`Self::connect_for`]).
     acting_for: Option<TenantId>,
+    announcer: announce::Announcer,
 }
 
 /// The advisory lock a transaction takes as it starts ([`PgEventStore::begin_with`]).
@@ -143,11 +147,12 @@ impl PgEventStore {
 
     pub fn from_pool(pool: PgPool, config: PgConfig) -> Self {
         Self {
-            pool,
             config: Arc::new(config),
             stats: Arc::default(),
             appended: Arc::new(watch::channel(0).0),
             acting_for: None,
+            announcer: announce::Announcer::new(pool.clone()),
+            pool,
         }
     }
 
@@ -157,6 +162,10 @@ impl PgEventStore {
 
     pub(crate) fn config(&self) -> &PgConfig {
         &self.config
+    }
+
+    pub(crate) fn announcer(&self) -> &announce::Announcer {
+        &self.announcer
     }
 
     /// Registers pool gauges (in use, idle, waiting) in `registry`.

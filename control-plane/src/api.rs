@@ -55,6 +55,7 @@ fn operator(op: &Operator, headers: &HeaderMap) -> ApiResult<String> {
     Ok(op.authenticate(bearer)?)
 }
 
+/// The operator REST API (`/v1/...`) and the saga page (`/ui`) on `engine`.
 pub fn router(engine: Arc<Engine>, config: &ApiConfig) -> Router {
     Router::new()
         .route("/v1/definitions", get(definitions).post(add_definition))

@@ -12,35 +12,50 @@ use statefabric_kafka::brokers::{Brokers, KafkaAuth};
 use statefabric_kafka::topics::TopicSettings;
 use statefabric_runtime::{AdminConfig, Issues, ServiceConfig, ShutdownConfig, TelemetryConfig};
 
+/// Where the admin endpoints (health, readiness, metrics) listen by default.
 pub const DEFAULT_ADMIN_PORT: u16 = 7501;
+/// Where the operator REST API and the saga page listen by default.
 pub const DEFAULT_API_PORT: u16 = 7502;
+/// Where the operator gRPC API listens by default.
 pub const DEFAULT_API_GRPC_PORT: u16 = 7503;
 
+/// The whole configuration of a control-plane process, one section per
+/// part; validated at start-up ([`ServiceConfig::validate`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ControlPlaneConfig {
+    /// Health, readiness and metrics endpoints.
     pub admin: AdminConfig,
+    /// Logs and traces.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// How long a stop may take.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Leader election among the replicas.
     #[serde(default)]
     pub leader: LeaderConfig,
+    /// The outbox relay to Kafka (on the leader).
     #[serde(default)]
     pub relay: RelayConfig,
+    /// Consumer-lag monitoring.
     #[serde(default)]
     pub lag: LagConfig,
+    /// The saga engine (on the leader).
     #[serde(default)]
     pub sagas: SagasConfig,
+    /// The operator API and the saga page.
     #[serde(default)]
     pub api: ApiConfig,
     /// This process's Kafka login (relay, reply consumer, lag monitor).
     #[serde(default)]
     pub kafka: KafkaAuth,
+    /// Mesh configuration for the sidecars.
     #[serde(default)]
     pub mesh: MeshConfig,
 }
 
+/// Where the configuration stream for sidecars listens by default.
 pub const DEFAULT_MESH_PORT: u16 = 7504;
 
 /// Mesh configuration for the sidecars: watched on the Kubernetes API (every
@@ -48,11 +63,14 @@ pub const DEFAULT_MESH_PORT: u16 = 7504;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MeshConfig {
+    /// Watch the resources and serve the stream (off: neither).
     pub enabled: bool,
+    /// The stream's gRPC address.
     pub listen: SocketAddr,
     /// PEM certificate chain and key for TLS (both or neither; a pod's
     /// sidecars should only ever reach the stream over TLS).
     pub tls_cert: Option<PathBuf>,
+    /// The PEM key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
     /// The audience sidecars' projected ServiceAccount tokens are minted
     /// for; each token is checked with a TokenReview.
@@ -81,6 +99,7 @@ impl Default for MeshConfig {
     }
 }
 
+/// Where sagas are kept.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum SagaBackend {
@@ -91,6 +110,7 @@ pub enum SagaBackend {
     Postgres,
 }
 
+/// How saga tasks reach the agents' sidecars and their replies come back.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum SagaTransport {
@@ -106,13 +126,16 @@ pub enum SagaTransport {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SagasConfig {
+    /// Run the engine (on the leader) and serve the operator API.
     pub enabled: bool,
     /// Default: postgres with `leader.backend = postgres`, else sqlite.
     pub store: Option<SagaBackend>,
+    /// Tables (the default) or Kafka.
     pub transport: SagaTransport,
     /// A login that is a member of `statefabric_saga_engine_role` (default:
     /// `leader.postgres_url`).
     pub postgres_url: String,
+    /// The engine's Postgres pool size.
     pub connections: u32,
     /// The embedded database file (shared with a sidecar in `fabric dev`).
     pub sqlite_path: PathBuf,
@@ -182,6 +205,8 @@ impl Default for ApiConfig {
 }
 
 impl SagasConfig {
+    /// The store in use: `store` if set, else what the leader backend
+    /// implies (Postgres wherever leaders are fenced there).
     pub fn backend(&self, leader: LeaderBackend) -> SagaBackend {
         self.store.unwrap_or(match leader {
             LeaderBackend::Solo => SagaBackend::Sqlite,
@@ -208,6 +233,8 @@ impl SagasConfig {
 }
 
 impl ApiConfig {
+    /// Every problem, with the field it is in: anonymous access off
+    /// loopback, operator tokens too short to be secrets.
     pub fn check(&self, issues: &mut Issues) {
         if self.allow_anonymous
             && !(self.listen.ip().is_loopback() && self.grpc_listen.ip().is_loopback())
@@ -233,9 +260,11 @@ impl ApiConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LagConfig {
+    /// Brokers to read offsets from (empty: no monitoring).
     pub kafka_bootstrap: String,
     /// Consumer group → comma-separated topics it consumes.
     pub groups: std::collections::BTreeMap<String, String>,
+    /// How often lag is read.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
 }
@@ -256,12 +285,15 @@ impl Default for LagConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelayConfig {
+    /// Run the relay on the leader.
     pub enabled: bool,
+    /// Brokers the relay produces to.
     pub kafka_bootstrap: String,
     /// The Schema Registry's Confluent-compatible API root.
     pub registry_url: String,
     /// Shared by every replica, so Kafka fences a former leader's producer.
     pub transactional_id: String,
+    /// Outbox rows per Kafka transaction, at most.
     pub batch: u32,
     /// Pause when the outbox is empty.
     #[serde(with = "humantime_serde")]
@@ -269,10 +301,12 @@ pub struct RelayConfig {
     /// Deadline of each Kafka and registry step.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Partitions, replication and retention of the topics it creates.
     pub topics: TopicSettings,
 }
 
 impl RelayConfig {
+    /// The relay's brokers, with this process's Kafka login.
     pub fn brokers(&self, auth: &KafkaAuth) -> Brokers {
         Brokers::new(&self.kafka_bootstrap, auth.clone())
     }
@@ -293,6 +327,7 @@ impl Default for RelayConfig {
     }
 }
 
+/// How the replicas elect their leader.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LeaderBackend {
@@ -314,9 +349,12 @@ impl LeaderBackend {
     }
 }
 
+/// Leader election: one replica runs the saga engine, the relay and the
+/// status writes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LeaderConfig {
+    /// Solo, Postgres or Kubernetes.
     pub backend: LeaderBackend,
     /// Application-role URL (postgres backend).
     pub postgres_url: String,
@@ -334,6 +372,7 @@ pub struct LeaderConfig {
     /// long after a leader stops renewing.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// How often the leader renews (well under `ttl`).
     #[serde(with = "humantime_serde")]
     pub renew_every: Duration,
 }
@@ -354,6 +393,7 @@ impl Default for LeaderConfig {
 }
 
 impl ControlPlaneConfig {
+    /// Every section at its default: a solo control plane on SQLite.
     pub fn defaults() -> Self {
         Self {
             admin: AdminConfig::on_port(DEFAULT_ADMIN_PORT),

@@ -12,12 +12,14 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::operator::{Kind, ListParams, OpError, Operator};
 
+/// `statefabric.control.v1.Sagas`: the operator API over gRPC.
 #[derive(Debug, Clone)]
 pub struct SagasService {
     op: Operator,
 }
 
 impl SagasService {
+    /// The service answering with `op`.
     pub fn new(op: Operator) -> Self {
         Self { op }
     }

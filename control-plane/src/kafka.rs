@@ -83,6 +83,7 @@ pub(crate) fn start(
     Ok(())
 }
 
+/// Without Kafka support built in: refuses a configuration that needs it.
 #[cfg(not(feature = "kafka"))]
 pub fn start(
     ctx: &ServiceContext<ControlPlaneConfig>,

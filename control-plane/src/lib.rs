@@ -11,6 +11,7 @@
 //! configuration, writing the resources' status), and the admin endpoints. It
 //! does not own how sagas move (`statefabric-saga`) or persist
 //! (`statefabric-saga-engine`). See `docs/architecture.md`.
+#![warn(missing_docs)]
 
 pub mod api;
 pub mod config;

@@ -23,26 +23,36 @@ use statefabric_saga_store::{Filter, OperatorAudit, StoreError, Stored, Summary,
 
 use crate::config::ApiConfig;
 
+/// What kind of failure an operator call met; each API maps it to its
+/// status codes (HTTP 401/400/404/409/503/500, the gRPC equivalents).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// No token, or one no operator has.
     Unauthenticated,
+    /// A malformed request: a bad status, limit, action argument or id.
     Invalid,
+    /// No such saga, definition or action.
     NotFound,
     /// Does not fit the current state (or an id in use).
     Conflict,
     /// Not the leader, or storage unreachable: retry (on the leader).
     Unavailable,
+    /// A fault of ours or of the database (reported, not explained).
     Internal,
 }
 
+/// An operator call's failure: its kind and a message for the operator.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct OpError {
+    /// Which status it becomes.
     pub kind: Kind,
+    /// What went wrong, naming the field or object.
     pub message: String,
 }
 
 impl OpError {
+    /// A failure of `kind`.
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
         Self {
             kind,
@@ -50,6 +60,7 @@ impl OpError {
         }
     }
 
+    /// A malformed request.
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(Kind::Invalid, message)
     }
@@ -79,6 +90,7 @@ impl From<StoreError> for OpError {
     }
 }
 
+/// An operator call's result.
 pub type OpResult<T> = Result<T, OpError>;
 
 /// Compares without stopping at the first difference.
@@ -89,17 +101,25 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 /// Which list to show.
 #[derive(Debug, Clone, Default)]
 pub struct ListParams {
+    /// Only sagas of this definition.
     pub definition: Option<String>,
+    /// Only sagas in this status (any case: `running`, `COMPENSATED`, …).
     pub status: Option<String>,
+    /// Only this tenant's sagas.
     pub tenant: Option<String>,
+    /// Only sagas started longer ago than this.
     pub older_than: Option<Duration>,
     /// Only sagas flagged stuck: STUCK, or no progress for `idle_for` (by
     /// default the definition's `stuck_after`).
     pub stuck: bool,
+    /// With `stuck`: how long without progress counts as stuck.
     pub idle_for: Option<Duration>,
+    /// At most this many (1–1000).
     pub limit: Option<u32>,
 }
 
+/// The operator actions over one engine, with the configured operators'
+/// tokens; cheap to clone (one per API).
 #[derive(Debug, Clone)]
 pub struct Operator {
     engine: Arc<Engine>,
@@ -108,6 +128,7 @@ pub struct Operator {
 }
 
 impl Operator {
+    /// Operations on `engine`, for the operators of `config`.
     pub fn new(engine: Arc<Engine>, config: &ApiConfig) -> Self {
         Self {
             engine,
@@ -139,6 +160,7 @@ impl Operator {
         ))
     }
 
+    /// Every registered definition, each version.
     pub fn definitions(&self) -> Vec<Arc<Definition>> {
         let registry = self.engine.registry();
         registry
@@ -147,6 +169,8 @@ impl Operator {
             .collect()
     }
 
+    /// Registers a definition (validated by the engine; a new version of a
+    /// known name, or a new name), recorded under the operator's name.
     pub async fn add_definition(
         &self,
         definition: Definition,
@@ -157,6 +181,7 @@ impl Operator {
         Ok(added)
     }
 
+    /// The sagas `p` asks for.
     pub async fn list(&self, p: ListParams) -> OpResult<Vec<Summary>> {
         let status = p
             .status
@@ -204,6 +229,7 @@ impl Operator {
         Ok(sagas)
     }
 
+    /// One saga as stored (NotFound when there is none).
     pub async fn saga(&self, id: &str) -> OpResult<Stored> {
         self.engine
             .store()
@@ -220,6 +246,8 @@ impl Operator {
         Ok(json!({"saga": saga, "tasks": tasks, "history": history}))
     }
 
+    /// Starts a saga of `definition` for `tenant` (an id of the caller's,
+    /// or a new one), recorded under the operator's name.
     pub async fn start(
         &self,
         tenant: &str,
@@ -272,6 +300,8 @@ impl Operator {
         })
     }
 
+    /// Applies `action` to a saga, recorded in its history and the tenant's
+    /// audit log whether it is applied or refused.
     pub async fn act(&self, id: &str, action: OperatorAction, actor: &str) -> OpResult<Stored> {
         let name = action.name();
         let asked = serde_json::to_value(&action).unwrap_or(Value::Null);
@@ -363,7 +393,9 @@ impl Operator {
 /// A graph in the asked format.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rendered {
+    /// `application/json`, `text/vnd.graphviz` (DOT) or `text/plain` (Mermaid).
     pub content_type: &'static str,
+    /// The graph in that format.
     pub body: String,
 }
 

@@ -23,7 +23,9 @@ pub const STALE_AFTER: u32 = 5;
 /// One subscribed sidecar as the status needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SidecarRecord {
+    /// The pod's namespace.
     pub namespace: String,
+    /// The pod's name.
     pub pod: String,
     /// `Kind/name` of every resource its configuration includes.
     pub resources: Vec<String>,
@@ -38,13 +40,17 @@ pub struct SidecarRecord {
     pub not_applied: Vec<String>,
 }
 
+/// A configuration a sidecar would not apply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refusal {
+    /// The version refused.
     pub version: String,
+    /// The sidecar's reason, naming the field.
     pub reason: String,
 }
 
 impl SidecarRecord {
+    /// Whether its configuration includes the resource `kind`/`name`.
     pub fn uses(&self, kind: &str, name: &str) -> bool {
         self.resources
             .iter()
@@ -57,10 +63,14 @@ impl SidecarRecord {
 pub enum Directory {
     /// One replica: its own list is the whole list.
     Solo(Mutex<Vec<SidecarRecord>>),
+    /// Several replicas: each writes its own list to a table in Postgres
+    /// and the leader reads them all.
     Postgres {
+        /// The control plane's pool.
         pool: PgPool,
         /// The control planes' lease name: one group of replicas.
         lease: String,
+        /// This replica's identity in the lease.
         replica: String,
         /// What this replica wrote last, to write only changes.
         written: tokio::sync::Mutex<Option<Vec<SidecarRecord>>>,
@@ -68,10 +78,12 @@ pub enum Directory {
 }
 
 impl Directory {
+    /// The directory of a single replica.
     pub fn solo() -> Self {
         Self::Solo(Mutex::default())
     }
 
+    /// This replica's part of the directory of the replicas of `lease`.
     pub fn postgres(pool: PgPool, lease: &str, replica: &str) -> Self {
         Self::Postgres {
             pool,

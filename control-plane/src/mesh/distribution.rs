@@ -163,6 +163,9 @@ impl std::fmt::Debug for Distribution {
 }
 
 impl Distribution {
+    /// Serves the configurations of `catalog` to the sidecars that
+    /// authenticate with a token for `audience` (checked with a TokenReview
+    /// through `client`), until `stop`.
     pub fn new(
         catalog: watch::Receiver<Option<Arc<Catalog>>>,
         sidecars: Sidecars,

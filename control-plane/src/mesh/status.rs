@@ -172,6 +172,7 @@ pub(super) fn condition(
 
 /// The kinds whose status is a [`MeshStatus`].
 pub trait HasMeshStatus {
+    /// The status as last read (none before the first write).
     fn mesh_status(&self) -> Option<&MeshStatus>;
 }
 

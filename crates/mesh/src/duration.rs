@@ -21,14 +21,17 @@ pub const PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$";
 pub struct GoDuration(pub Duration);
 
 impl GoDuration {
+    /// Whole seconds.
     pub const fn from_secs(secs: u64) -> Self {
         Self(Duration::from_secs(secs))
     }
 
+    /// Milliseconds.
     pub const fn from_millis(millis: u64) -> Self {
         Self(Duration::from_millis(millis))
     }
 
+    /// As a std duration.
     pub fn get(self) -> Duration {
         self.0
     }

@@ -18,9 +18,13 @@ use crate::{Catalog, FabricConfigSpec, ResiliencyPolicySpec, UpstreamSpec};
 /// Who asks: a sidecar's pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
+    /// The pod's namespace.
     pub namespace: String,
+    /// The pod's name.
     pub pod: String,
+    /// Its agent type (`statefabric.io/agent-type`), if it has one.
     pub agent_type: Option<String>,
+    /// Its labels, which FabricConfig selectors match.
     pub labels: BTreeMap<String, String>,
     /// The FabricConfig the pod names (`statefabric.io/config`).
     pub config: Option<String>,
@@ -29,7 +33,9 @@ pub struct Identity {
 /// A resource's spec with its name and generation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Named<T> {
+    /// The resource's name.
     pub name: String,
+    /// Its spec.
     pub spec: T,
 }
 
@@ -37,11 +43,16 @@ pub struct Named<T> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EffectiveConfig {
+    /// The pod's namespace (every resource is from it).
     pub namespace: String,
+    /// The FabricConfig that applies: the one the pod names, else the
+    /// selecting one, else the namespace's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fabric_config: Option<Named<FabricConfigSpec>>,
+    /// The namespace's accepted ResiliencyPolicies.
     #[serde(default)]
     pub policies: Vec<Named<ResiliencyPolicySpec>>,
+    /// The namespace's accepted Upstreams.
     #[serde(default)]
     pub upstreams: Vec<Named<UpstreamSpec>>,
     /// The Secret values the upstreams name, by `<secret>/<key>`
@@ -64,7 +75,13 @@ pub enum SelectError {
     #[error(
         "the pod names FabricConfig {namespace}/{name} (annotation statefabric.io/config), which does not exist or is not valid"
     )]
-    UnknownConfig { namespace: String, name: String },
+    /// The pod names a FabricConfig that is absent or refused.
+    UnknownConfig {
+        /// The pod's namespace.
+        namespace: String,
+        /// The name the pod gives.
+        name: String,
+    },
 }
 
 /// The configuration for `identity`: resources of its namespace only, and

@@ -59,16 +59,21 @@ pub struct FabricConfigSpec {
     /// The pods this config is for (by their labels).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
+    /// Where the sidecars keep state: addresses, and credentials as
+    /// Secret references. A change takes effect at a sidecar's next start.
     #[serde(default)]
     pub backends: Backends,
+    /// The context cache (applied without a restart).
     #[serde(default)]
     pub cache: CacheSettings,
     /// Session namespaces and their TTL policies.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
     pub sessions: BTreeMap<String, SessionPolicy>,
+    /// Bounds on what one agent may ask of the lock service.
     #[serde(default)]
     pub locks: LockLimits,
+    /// The sidecars' log level (applied without a restart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_level: Option<LogLevel>,
     /// The building blocks served (all when absent).
@@ -82,35 +87,43 @@ pub struct FabricConfigSpec {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Backends {
+    /// Events and context documents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postgres: Option<PostgresBackend>,
+    /// Locks, sessions and change updates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisBackend>,
+    /// Event publishing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaBackend>,
 }
 
+/// A Postgres server for the event and context store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PostgresBackend {
     /// `host:port`.
     #[schemars(length(min = 1, max = 253))]
     pub address: String,
+    /// The database holding Statefabric's tables.
     #[schemars(length(min = 1, max = 63))]
     pub database: String,
     /// A Secret with `username` and `password`.
     pub credentials: SecretRef,
+    /// The sidecar's pool size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 200))]
     pub max_connections: Option<u32>,
 }
 
+/// A Redis server or cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RedisBackend {
     /// `host:port` of the server, or seed nodes of a cluster.
     #[schemars(length(min = 1, max = 16))]
     pub addresses: Vec<String>,
+    /// The addresses are seeds of a Redis Cluster.
     #[serde(default)]
     pub cluster: bool,
     /// A Secret with `username` and `password` (an ACL user).
@@ -118,9 +131,11 @@ pub struct RedisBackend {
     pub credentials: Option<SecretRef>,
 }
 
+/// A Kafka cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KafkaBackend {
+    /// `host:port` of bootstrap brokers.
     #[schemars(length(min = 1, max = 16))]
     pub bootstrap: Vec<String>,
     /// A Secret with `username` and `password` (SASL/SCRAM).
@@ -132,6 +147,7 @@ pub struct KafkaBackend {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretRef {
+    /// The Secret's name.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
 }
@@ -140,12 +156,16 @@ pub struct SecretRef {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CacheSettings {
+    /// Documents kept, at most.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(max = 10_000_000))]
     pub max_entries: Option<u64>,
+    /// Bytes of content kept, at most.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(max = 17_179_869_184_u64))]
     pub max_bytes: Option<u64>,
+    /// The oldest an entry may be and still be served, a duration such as
+    /// `30s` (bounds the harm of a change announcement lost by its sender).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_age: Option<GoDuration>,
 }
@@ -155,7 +175,10 @@ pub struct CacheSettings {
 #[x_kube(validation = Rule::new("!has(self.maxTtl) || duration(self.maxTtl) >= duration(self.ttl)").message("maxTtl must be at least ttl"))]
 #[serde(rename_all = "camelCase")]
 pub struct SessionPolicy {
+    /// How long a session lives (from creation, or from its last use), a
+    /// duration such as `30m`.
     pub ttl: GoDuration,
+    /// Whether use extends it.
     #[serde(default)]
     pub expiry: Expiry,
     /// The longest TTL a single write may ask for.
@@ -163,6 +186,7 @@ pub struct SessionPolicy {
     pub max_ttl: Option<GoDuration>,
 }
 
+/// When a session's lifetime starts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Expiry {
@@ -185,8 +209,13 @@ pub struct LockLimits {
     pub max_wait: Option<GoDuration>,
 }
 
+/// The least severe log events a sidecar writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[allow(
+    missing_docs,
+    reason = "documented variants make schemars emit a oneOf, which kube turns into an enum without the null this Option field needs listed"
+)]
 pub enum LogLevel {
     Error,
     Warn,
@@ -196,6 +225,7 @@ pub enum LogLevel {
 }
 
 impl LogLevel {
+    /// The `tracing` filter directive of this level.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Error => "error",
@@ -207,15 +237,22 @@ impl LogLevel {
     }
 }
 
+/// A part of the sidecar's API an agent may be given.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
 )]
 #[serde(rename_all = "camelCase")]
 pub enum BuildingBlock {
+    /// Event streams (`Events`).
     Events,
+    /// Shared context documents (`SharedContext`).
     Context,
+    /// Distributed locks (`Locks`).
     Locks,
+    /// Sessions (`Sessions`).
     Sessions,
+    /// Saga tasks (`Tasks`).
     Tasks,
+    /// The egress listener for the agent's outbound calls.
     Egress,
 }

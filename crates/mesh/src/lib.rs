@@ -18,7 +18,7 @@
 //!
 //! It does not own watching the API server, distributing configuration or
 //! applying it: those are the control plane's and the sidecar's.
-
+#![warn(missing_docs)]
 // kube's `#[kube(printcolumn(...))]` takes one `printcolumn` per column;
 // clippy reads the repeated `type_ = "..."` keys as duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
@@ -50,9 +50,13 @@ pub const VERSION: &str = "v1alpha1";
 /// Mesh resources, as read from the API server or from local files.
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
+    /// Every FabricConfig.
     pub fabric_configs: Vec<FabricConfig>,
+    /// Every ResiliencyPolicy.
     pub policies: Vec<ResiliencyPolicy>,
+    /// Every Upstream.
     pub upstreams: Vec<Upstream>,
+    /// Every SagaDefinition.
     pub sagas: Vec<SagaDefinition>,
     /// The Secrets Upstreams name, as far as they are readable (only those
     /// labelled [`secrets::EGRESS_LABEL`] are ever given to a sidecar).

@@ -13,14 +13,21 @@ use crate::{Catalog, FabricConfig, ResiliencyPolicy, SagaDefinition, Upstream};
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{path}: {source}")]
+    /// The file could not be read.
     Read {
+        /// The file.
         path: String,
+        /// Why.
         source: std::io::Error,
     },
     #[error("{origin}, document {index}: {problem}")]
+    /// A document is not a mesh resource we can read.
     Document {
+        /// The file it is in.
         origin: String,
+        /// Its position there, from 1.
         index: usize,
+        /// What is wrong with it.
         problem: String,
     },
 }

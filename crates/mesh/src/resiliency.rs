@@ -61,18 +61,23 @@ use crate::status::MeshStatus;
 #[x_kube(validation = Rule::new("!has(self.targets) || self.targets.all(t, !has(t.limit) || (has(self.limits) && t.limit in self.limits))").message("spec.targets[].limit names no entry of spec.limits"))]
 #[serde(rename_all = "camelCase")]
 pub struct ResiliencyPolicySpec {
+    /// Named timeout settings, for targets to use by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
     pub timeouts: BTreeMap<String, TimeoutPolicy>,
+    /// Named retry settings, for targets to use by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
     pub retries: BTreeMap<String, RetryPolicy>,
+    /// Named circuit breakers, for targets to use by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
     pub circuit_breakers: BTreeMap<String, BreakerPolicy>,
+    /// Named concurrency and rate limits, for targets to use by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
     pub limits: BTreeMap<String, LimitPolicy>,
+    /// What the settings apply to, each naming the ones it uses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub targets: Vec<PolicyTarget>,
@@ -105,8 +110,12 @@ pub struct RetryPolicy {
     /// Attempts in all, the first included.
     #[schemars(range(min = 1, max = 10))]
     pub max_attempts: u32,
+    /// The wait before the first retry, a duration such as `100ms`; it
+    /// doubles with each further one.
     pub initial_backoff: GoDuration,
+    /// The longest wait between attempts, a duration such as `2s`.
     pub max_backoff: GoDuration,
+    /// Whether waits are randomized.
     #[serde(default)]
     pub jitter: Jitter,
     /// Retries may add at most this share of the requests (in percent), so
@@ -141,12 +150,14 @@ fn default_retry_on() -> Vec<RetryOn> {
     ]
 }
 
+/// How a retry's wait is drawn.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Jitter {
     /// A random wait between zero and the backoff.
     #[default]
     Full,
+    /// Exactly the backoff.
     None,
 }
 
@@ -180,6 +191,8 @@ pub struct BreakerPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
     pub failure_rate_percent: Option<u32>,
+    /// The sliding window the failure rate is counted over, a duration
+    /// such as `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<GoDuration>,
     /// Calls in the window before the rate counts.
@@ -207,9 +220,11 @@ fn default_half_open_probes() -> u32 {
 #[x_kube(validation = Rule::new("has(self.maxConcurrency) || has(self.requestsPerSecond) || has(self.tokensPerMinute)").message("set maxConcurrency, requestsPerSecond or tokensPerMinute"))]
 #[serde(rename_all = "camelCase")]
 pub struct LimitPolicy {
+    /// Calls in flight at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100_000))]
     pub max_concurrency: Option<u32>,
+    /// Calls started per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub requests_per_second: Option<u32>,
@@ -232,21 +247,26 @@ pub struct LimitPolicy {
 #[x_kube(validation = Rule::new("has(self.dependency) != has(self.upstream)").message("a target names exactly one of dependency and upstream"))]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyTarget {
+    /// One of the sidecar's own dependencies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dependency: Option<Dependency>,
     /// An Upstream in the same namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub upstream: Option<String>,
+    /// An entry of `timeouts`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 63))]
     pub timeout: Option<String>,
+    /// An entry of `retries`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 63))]
     pub retry: Option<String>,
+    /// An entry of `circuitBreakers`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 63))]
     pub circuit_breaker: Option<String>,
+    /// An entry of `limits`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 63))]
     pub limit: Option<String>,
@@ -257,6 +277,10 @@ pub struct PolicyTarget {
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
 )]
 #[serde(rename_all = "camelCase")]
+#[allow(
+    missing_docs,
+    reason = "documented variants make schemars emit a oneOf, which kube turns into an enum without the null this Option field needs listed"
+)]
 pub enum Dependency {
     Postgres,
     Redis,

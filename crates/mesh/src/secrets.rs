@@ -29,6 +29,7 @@ pub const CA_KEY: &str = "ca.crt";
 pub struct SecretValue(String);
 
 impl SecretValue {
+    /// Wraps a value read from a Secret.
     pub fn new(value: impl Into<String>) -> Self {
         Self(value.into())
     }

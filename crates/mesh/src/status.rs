@@ -18,6 +18,7 @@ pub struct MeshStatus {
     /// The generation the conditions describe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// `Ready` (accepted, or refused with the field named) and its kin.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub conditions: Vec<Condition>,
@@ -57,6 +58,7 @@ pub struct SidecarCounts {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NotApplied {
+    /// The sidecar's pod.
     pub pod: String,
     /// The resource, the field, and why.
     pub setting: String,
@@ -66,8 +68,11 @@ pub struct NotApplied {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Nack {
+    /// The sidecar's pod.
     pub pod: String,
+    /// The configuration version it refused.
     pub version: String,
+    /// Its reason, naming the field.
     pub reason: String,
 }
 
@@ -76,8 +81,10 @@ pub struct Nack {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SagaDefinitionStatus {
+    /// The generation the conditions describe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// `Ready`: registered with the engine, or refused with the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub conditions: Vec<Condition>,

@@ -48,8 +48,11 @@ pub struct UpstreamSpec {
         regex(pattern = r"^https?://[^/?#\s]+(/[^?#\s]*)?$")
     )]
     pub url: String,
+    /// Which HTTP version the sidecar speaks to the upstream.
     #[serde(default)]
     pub protocol: Protocol,
+    /// How an https:// upstream is verified (default: by the system's and
+    /// webpki's roots, for the URL's host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
     /// Headers the sidecar adds (API keys from Secrets).
@@ -63,13 +66,16 @@ pub struct UpstreamSpec {
     pub policy: Option<String>,
 }
 
+/// The HTTP version spoken to an upstream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Protocol {
     /// HTTP/2 where the upstream offers it (ALPN), else HTTP/1.1.
     #[default]
     Auto,
+    /// HTTP/1.1 only.
     Http1,
+    /// HTTP/2 only (h2c on http://, ALPN h2 on https://).
     Http2,
 }
 
@@ -93,14 +99,19 @@ pub struct UpstreamTls {
 #[x_kube(validation = Rule::new("!(self.name.lowerAscii() in ['host', 'content-length', 'transfer-encoding', 'connection'])").message("this header is the sidecar's to set"))]
 #[serde(rename_all = "camelCase")]
 pub struct UpstreamHeader {
+    /// The header's name.
     #[schemars(
         length(min = 1, max = 128),
         regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
     )]
     pub name: String,
+    /// A literal value (not for secrets: anyone who reads the Upstream
+    /// sees it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]
     pub value: Option<String>,
+    /// The value from a Secret's key, read by the control plane and sent
+    /// to the sidecar alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_key_ref: Option<SecretKeyRef>,
 }
@@ -109,8 +120,10 @@ pub struct UpstreamHeader {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
+    /// The Secret's name.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
+    /// The key in its data.
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
 }

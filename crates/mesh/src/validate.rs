@@ -13,11 +13,15 @@ use crate::Catalog;
 /// One refused resource and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    /// The resource's kind (`Upstream`, …).
     pub kind: &'static str,
+    /// Its namespace.
     pub namespace: String,
+    /// Its name.
     pub name: String,
     /// The field at fault, as a path (`spec.policy`).
     pub field: String,
+    /// What is wrong with it.
     pub message: String,
 }
 

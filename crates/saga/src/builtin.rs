@@ -11,6 +11,8 @@
 
 use crate::definition::Definition;
 
+/// The built-in Planner → Coder → Critic definition, as an operator would
+/// write it.
 pub const PLAN_CODE_CRITIQUE_YAML: &str = r#"
 name: plan-code-critique
 version: 1
@@ -55,6 +57,7 @@ steps:
     on_success: COMPENSATE
 "#;
 
+/// [`PLAN_CODE_CRITIQUE_YAML`], parsed and validated.
 pub fn plan_code_critique() -> Definition {
     // The text is a constant checked by the tests below; a failure here is a
     // build-time mistake, not input.

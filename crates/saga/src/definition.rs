@@ -12,7 +12,10 @@ use serde_json::Value;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Definition {
+    /// What sagas name to be started from it.
     pub name: String,
+    /// Versions of one name are kept side by side: a saga runs to its end
+    /// on the version it started with.
     pub version: u32,
     /// The first step.
     pub start: String,
@@ -22,6 +25,7 @@ pub struct Definition {
     /// Completion expected within this long (breaches are counted).
     #[serde(with = "humantime_serde", default)]
     pub sla: Option<Duration>,
+    /// The steps by name.
     pub steps: BTreeMap<String, Step>,
 }
 
@@ -35,6 +39,7 @@ fn default_stuck_after() -> Duration {
 pub struct Step {
     /// The agent type that performs it.
     pub agent: String,
+    /// What the agent is asked to do (the task's action).
     pub action: String,
     /// The task's input: each value is taken as is, except strings of the
     /// form `$/data/...` or `$/steps/<STEP>/output/...`, which are JSON
@@ -46,6 +51,7 @@ pub struct Step {
     /// heartbeats).
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Further attempts after a failure or timeout.
     #[serde(default)]
     pub retry: RetryPolicy,
     /// What undoes the step; `none` only for steps without effects.
@@ -74,10 +80,13 @@ pub struct Step {
 pub struct RetryPolicy {
     /// Attempts in all, the first included.
     pub max_attempts: u32,
+    /// The delay before the second attempt.
     #[serde(with = "humantime_serde")]
     pub initial_backoff: Duration,
+    /// The longest delay between attempts.
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// Each delay is the one before times this.
     pub multiplier: f64,
     /// Fraction of each delay that is random (0: none, 1: full jitter).
     pub jitter: f64,
@@ -99,9 +108,13 @@ impl Default for RetryPolicy {
 /// `none` for a step that changes nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Compensation {
+    /// Nothing to undo.
     None,
+    /// A task that undoes the step.
     Action {
+        /// The agent type that performs it (default: the step's).
         agent: Option<String>,
+        /// Its action.
         action: String,
     },
 }
@@ -146,6 +159,7 @@ impl<'de> Deserialize<'de> for Compensation {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(from = "String", into = "String")]
 pub enum Target {
+    /// The step of this name.
     Step(String),
     /// Finished successfully.
     Done,
@@ -158,12 +172,15 @@ pub enum Target {
 }
 
 impl Target {
+    /// [`Target::Done`] (serde's default for `on_success`).
     pub fn done() -> Self {
         Self::Done
     }
+    /// [`Target::Failed`] (serde's default for `on_exhausted`).
     pub fn failed() -> Self {
         Self::Failed
     }
+    /// [`Target::Compensate`] (serde's default for `on_failure`).
     pub fn compensate() -> Self {
         Self::Compensate
     }
@@ -201,16 +218,21 @@ impl From<Target> for String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Condition {
+    /// A JSON pointer into the step's output (`/verdict`).
     pub path: String,
+    /// The value it must equal.
     pub equals: Value,
+    /// Where to go when it does.
     pub goto: Target,
 }
 
 impl Definition {
+    /// The definition as YAML, in the form it is loaded from.
     pub fn to_yaml(&self) -> String {
         yaml_serde::to_string(self).unwrap_or_default()
     }
 
+    /// A builder for a definition in Rust (checked by `build`).
     pub fn builder(name: &str, version: u32) -> Builder {
         Builder {
             definition: Definition {
@@ -247,11 +269,13 @@ impl Step {
         }
     }
 
+    /// Adds an input entry (a value, or a `$/...` pointer).
     pub fn input(mut self, key: &str, value: impl Into<Value>) -> Self {
         self.input.insert(key.to_owned(), value.into());
         self
     }
 
+    /// Undone by `action`, by the same agent type.
     pub fn compensate_with(mut self, action: &str) -> Self {
         self.compensation = Compensation::Action {
             agent: None,
@@ -260,26 +284,31 @@ impl Step {
         self
     }
 
+    /// A step with no effects to undo.
     pub fn no_compensation(mut self) -> Self {
         self.compensation = Compensation::None;
         self
     }
 
+    /// Retried by `retry` instead of the default policy.
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
     }
 
+    /// Where to go after success when no condition matches.
     pub fn on_success(mut self, target: impl Into<Target>) -> Self {
         self.on_success = target.into();
         self
     }
 
+    /// Where to go once the attempts are used up.
     pub fn on_failure(mut self, target: impl Into<Target>) -> Self {
         self.on_failure = target.into();
         self
     }
 
+    /// Adds a condition on the output, tried after those added before.
     pub fn when(mut self, path: &str, equals: impl Into<Value>, goto: impl Into<Target>) -> Self {
         self.when.push(Condition {
             path: path.to_owned(),
@@ -289,6 +318,8 @@ impl Step {
         self
     }
 
+    /// Runs at most `visits` times per saga; a further visit goes to
+    /// `then` instead.
     pub fn max_visits(mut self, visits: u32, then: impl Into<Target>) -> Self {
         self.max_visits = Some(visits);
         self.on_exhausted = then.into();
@@ -303,21 +334,25 @@ pub struct Builder {
 }
 
 impl Builder {
+    /// The first step.
     pub fn start(mut self, step: &str) -> Self {
         self.definition.start = step.to_owned();
         self
     }
 
+    /// Adds (or replaces) the step `name`.
     pub fn step(mut self, name: &str, step: Step) -> Self {
         self.definition.steps.insert(name.to_owned(), step);
         self
     }
 
+    /// Flag instances with no transition for this long as stuck.
     pub fn stuck_after(mut self, after: Duration) -> Self {
         self.definition.stuck_after = after;
         self
     }
 
+    /// Count instances not completed within this long as SLA breaches.
     pub fn sla(mut self, sla: Duration) -> Self {
         self.definition.sla = Some(sla);
         self

@@ -11,10 +11,13 @@ use crate::machine::{Instance, Status, Waiting};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepState {
+    /// Not reached (yet).
     Pending,
+    /// An attempt is out.
     Running,
     /// Between attempts.
     Retrying,
+    /// Done, not undone.
     Completed,
     /// Its compensation is running.
     Compensating,
@@ -24,33 +27,49 @@ pub enum StepState {
     Stuck,
 }
 
+/// A step or an end state.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Node {
+    /// The step's name, or `DONE`, `FAILED`, `COMPENSATED`.
     pub id: String,
     /// `step` or `end`.
     pub kind: &'static str,
+    /// The step's agent type.
     pub agent: Option<String>,
+    /// The step's action.
     pub action: Option<String>,
+    /// How far it has got (with an instance).
     pub state: Option<StepState>,
+    /// How often the instance has visited it.
     pub visits: u32,
     /// The attempt in flight, if any.
     pub attempt: Option<u32>,
 }
 
+/// A transition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Edge {
+    /// The node it leaves.
     pub from: String,
+    /// The node it leads to.
     pub to: String,
     /// `success`, `failure`, `exhausted`, or the condition (`/verdict = "approved"`).
     pub label: String,
 }
 
+/// A definition's steps and transitions, with an instance's progress when
+/// drawn for one.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Graph {
+    /// The definition's name.
     pub definition: String,
+    /// Its version.
     pub version: u32,
+    /// The instance's status (with an instance).
     pub status: Option<Status>,
+    /// Steps, then end states.
     pub nodes: Vec<Node>,
+    /// Transitions.
     pub edges: Vec<Edge>,
 }
 

@@ -23,6 +23,7 @@
 //! API). Keeping the machine pure makes every rule — retries with backoff,
 //! late replies ignored, compensation in reverse order, STUCK rather than
 //! dropped — testable without a database.
+#![warn(missing_docs)]
 
 pub mod backoff;
 pub mod builtin;

@@ -18,12 +18,15 @@ use crate::backoff;
 use crate::definition::{Compensation, Definition, Target};
 use crate::validate::resolve_input;
 
+/// Where a saga is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Status {
+    /// Running its steps forward.
     Running,
     /// Undoing completed steps, in reverse order.
     Compensating,
+    /// Finished successfully.
     Done,
     /// Ended by the definition's own logic (after compensating).
     Failed,
@@ -59,10 +62,15 @@ impl fmt::Display for Status {
 /// the task's idempotency key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TaskKey {
+    /// The saga's id.
     pub saga: String,
+    /// The step's name.
     pub step: String,
+    /// Which visit of the step (from 1; loops visit a step again).
     pub visit: u32,
+    /// Which attempt of the visit (from 1).
     pub attempt: u32,
+    /// Whether this is the step's compensation rather than the step.
     pub compensation: bool,
 }
 
@@ -118,45 +126,65 @@ pub enum Waiting {
     Backoff,
 }
 
+/// The attempt an instance is at.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
+    /// Its task's key.
     pub key: TaskKey,
+    /// What it waits for.
     pub waiting: Waiting,
 }
 
 /// A completed forward visit: what compensation undoes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Completed {
+    /// The step.
     pub step: String,
+    /// The visit.
     pub visit: u32,
+    /// What it returned (its compensation's input may point into it).
     pub output: Value,
 }
 
 /// A transition decided while paused, taken on resume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Held {
+    /// Where the saga goes on resume.
     pub target: Target,
     /// Set when the hold follows a step that failed for good (an operator
     /// may retry or skip it instead).
     pub failed: Option<TaskKey>,
 }
 
+/// One saga: its state, changed only by [`Instance::apply`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
+    /// The saga's id.
     pub id: String,
+    /// The definition's name.
     pub definition: String,
+    /// The definition's version it runs on (to its end).
     pub version: u32,
+    /// Where it is in its life.
     pub status: Status,
+    /// The saga's data, given at start (an operator may amend it).
     pub data: Value,
     /// Each step's latest output.
     pub outputs: BTreeMap<String, Value>,
+    /// Visits so far, by step.
     pub visits: BTreeMap<String, u32>,
+    /// Forward visits completed, in order (compensation undoes them in
+    /// reverse).
     pub completed: Vec<Completed>,
+    /// The attempt in flight or backing off, if any.
     pub current: Option<Attempt>,
     /// While compensating: the status to end in.
     pub ending: Option<Status>,
+    /// Paused by an operator: no transition is taken until resumed.
     pub paused: bool,
+    /// The transition decided while paused.
     pub held: Option<Held>,
+    /// The last failure's message.
     pub last_error: Option<String>,
     /// The W3C trace context the saga was started in; its tasks carry it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,35 +194,47 @@ pub struct Instance {
 /// What happened, fed to [`Instance::apply`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
+    /// An agent completed the task.
     Completed {
+        /// The task's key.
         key: TaskKey,
+        /// What it returned.
         output: Value,
     },
+    /// An agent reported the task failed.
     Failed {
+        /// The task's key.
         key: TaskKey,
+        /// Why.
         error: String,
     },
     /// The attempt's deadline passed without a reply.
     TimedOut {
+        /// The task's key.
         key: TaskKey,
     },
     /// The backoff before this attempt is over.
     RetryDue {
+        /// The task's key.
         key: TaskKey,
     },
+    /// An operator acted.
     Operator(OperatorAction),
 }
 
+/// What an operator may do to a saga.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum OperatorAction {
     /// Take no further transition until resumed (a task in flight finishes).
     Pause,
+    /// Take the held transition and go on.
     Resume,
     /// Dispatch the failed (or stuck, or backing-off) attempt again now.
     RetryStep,
     /// Treat the failed, stuck or backing-off step as done with `output`.
     Skip {
+        /// What the step would have returned.
         output: Value,
     },
     /// Stop and undo the completed steps.
@@ -203,11 +243,13 @@ pub enum OperatorAction {
     Abort,
     /// Replace the saga's data (only while paused).
     Amend {
+        /// The new data (a JSON object).
         data: Value,
     },
 }
 
 impl OperatorAction {
+    /// The action's name in the APIs and the audit log.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Pause => "pause",
@@ -224,15 +266,20 @@ impl OperatorAction {
 /// A task for an agent type.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
+    /// Its key (the idempotency key of the agent's work).
     pub key: TaskKey,
+    /// The agent type that performs it.
     pub agent: String,
+    /// What to do.
     pub action: String,
+    /// The step's input, pointers resolved.
     pub input: Value,
     /// The attempt's deadline (its lease, renewed by heartbeats).
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
 }
 
+/// What a timer is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TimerKind {
@@ -242,35 +289,53 @@ pub enum TimerKind {
     Retry,
 }
 
+/// What the engine must carry out after a transition, in the same
+/// transaction as the new state.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
+    /// Hand this task to its agent type.
     Dispatch(Task),
+    /// Arm a timer.
     Timer {
+        /// The attempt it is for.
         key: TaskKey,
+        /// What it fires.
         kind: TimerKind,
+        /// When, from now.
         after: Duration,
     },
     /// This attempt is over: drop its timers and its task.
     Cancel {
+        /// The attempt.
         key: TaskKey,
     },
     /// The status changed.
     Status(Status),
 }
 
+/// Why an input was refused (the instance is unchanged).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SagaError {
+    /// An operator action that does not fit the saga's state.
     #[error("cannot {action} saga {saga} ({status}): {reason}")]
     NotAllowed {
+        /// The saga.
         saga: String,
+        /// The action's name.
         action: &'static str,
+        /// The saga's status.
         status: Status,
+        /// Why not.
         reason: String,
     },
+    /// The definition given is not the one the saga runs on.
     #[error("saga {saga} runs {definition} v{version}, not the definition given")]
     WrongDefinition {
+        /// The saga.
         saga: String,
+        /// Its definition's name.
         definition: String,
+        /// Its definition's version.
         version: u32,
     },
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::definition::Definition;
 use crate::validate::DefinitionError;
 
+/// Definitions by name and version.
 #[derive(Debug, Default, Clone)]
 pub struct Registry {
     definitions: BTreeMap<(String, u32), Arc<Definition>>,
@@ -36,10 +37,12 @@ impl Registry {
         Ok(definition)
     }
 
+    /// The definition `name` at `version`.
     pub fn get(&self, name: &str, version: u32) -> Option<Arc<Definition>> {
         self.definitions.get(&(name.to_owned(), version)).cloned()
     }
 
+    /// The highest version of `name` (what new sagas start on).
     pub fn latest(&self, name: &str) -> Option<Arc<Definition>> {
         self.definitions
             .range((name.to_owned(), 0)..=(name.to_owned(), u32::MAX))
@@ -47,6 +50,7 @@ impl Registry {
             .map(|(_, d)| d.clone())
     }
 
+    /// Every (name, version) registered, in order.
     pub fn names(&self) -> impl Iterator<Item = (&str, u32)> {
         self.definitions.keys().map(|(n, v)| (n.as_str(), *v))
     }

@@ -10,13 +10,18 @@ use crate::definition::{Builder, Compensation, Definition, Step, Target};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("saga definition `{definition}`{}: {problem}", step.as_ref().map(|s| format!(" step `{s}`")).unwrap_or_default())]
+/// Why a definition is refused, naming it and the step at fault.
 pub struct DefinitionError {
+    /// The definition's name (`?` when it could not be read).
     pub definition: String,
+    /// The step at fault, if one.
     pub step: Option<String>,
+    /// What is wrong.
     pub problem: String,
 }
 
 impl DefinitionError {
+    /// A problem of `definition` (and of `step`).
     pub fn new(definition: &str, step: Option<&str>, problem: impl Into<String>) -> Self {
         Self {
             definition: definition.to_owned(),
@@ -33,6 +38,10 @@ fn valid_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// Every rule a definition must keep: names, reachable steps, compensation
+/// on every step with effects, a `max_visits` on every loop, input
+/// pointers that resolve, sane retry settings. The first broken one is
+/// reported.
 pub fn validate(d: &Definition) -> Result<(), DefinitionError> {
     let fail =
         |step: Option<&str>, problem: String| Err(DefinitionError::new(&d.name, step, problem));
@@ -267,12 +276,14 @@ pub fn resolve_input(
 
 /// The ways in; every one ends in [`validate`].
 impl Definition {
+    /// A definition from YAML, validated.
     pub fn from_yaml(text: &str) -> Result<Self, DefinitionError> {
         let value: Value = yaml_serde::from_str(text)
             .map_err(|e| DefinitionError::new("?", None, format!("not valid YAML: {e}")))?;
         Self::from_value(value)
     }
 
+    /// A definition from JSON, validated.
     pub fn from_json(text: &str) -> Result<Self, DefinitionError> {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| DefinitionError::new("?", None, format!("not valid JSON: {e}")))?;

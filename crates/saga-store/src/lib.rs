@@ -16,6 +16,7 @@
 //! runs on the leader (`statefabric-saga-engine`). It does not own the
 //! schema: the saga tables' migrations are `statefabric-store`'s, run
 //! before either adapter is opened.
+#![warn(missing_docs)]
 
 pub mod pg;
 mod row;
@@ -32,39 +33,55 @@ use statefabric_saga::machine::{Effect, Task, TimerKind};
 use statefabric_saga::{Definition, Instance, Status, TaskKey};
 use tokio::sync::watch;
 
+/// Why a saga store call failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
+    /// The database cannot be reached (retry).
     #[error("saga store unavailable: {0}")]
     Unavailable(String),
     /// A newer leader exists: this instance must stop writing.
     #[error("fenced: {0}")]
     Fenced(String),
+    /// The saga changed since it was read (the write was not made).
     #[error("saga {0} changed concurrently")]
     Conflict(String),
+    /// A request the store refuses (a definition version reused with other
+    /// content, a bad id).
     #[error("{0}")]
     Invalid(String),
+    /// The database failed the call.
     #[error("saga store: {0}")]
     Backend(String),
 }
 
+/// A saga store call's result.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The leader's term, checked in every transition's transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
+    /// The lease the leader holds.
     pub lease: String,
+    /// Its term: writes of an older one are refused.
     pub epoch: u64,
 }
 
 /// An instance as stored.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Stored {
+    /// The tenant the saga belongs to.
     pub tenant: String,
+    /// Its state.
     pub instance: Instance,
+    /// Increases by one with every committed transition.
     pub revision: i64,
+    /// When it started.
     pub started_at: DateTime<Utc>,
+    /// Its last transition.
     pub updated_at: DateTime<Utc>,
+    /// Its last forward move (what the stuck clock counts from).
     pub progressed_at: DateTime<Utc>,
+    /// When it reached a final status.
     pub ended_at: Option<DateTime<Utc>>,
 }
 
@@ -73,25 +90,35 @@ pub struct Stored {
 pub enum Trigger {
     /// Started or changed by a direct call (an operator).
     Direct,
+    /// The inbox row of this id, which must still be there.
     Inbox(i64),
     /// A timer that must still be due.
     Timer {
+        /// The attempt's task key.
         key: String,
+        /// Which of its timers.
         kind: TimerKind,
     },
 }
 
+/// Where one attempt of a step is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskStatus {
+    /// Out: waiting for a worker, or claimed and unanswered.
     Dispatched,
+    /// Answered with an output.
     Completed,
+    /// Answered with an error.
     Failed,
+    /// Its deadline passed first.
     TimedOut,
+    /// Ended by the saga (an operator's action, compensation).
     Cancelled,
 }
 
 impl TaskStatus {
+    /// The stored text.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Dispatched => "dispatched",
@@ -102,6 +129,7 @@ impl TaskStatus {
         }
     }
 
+    /// From the stored text (anything unknown reads as dispatched).
     pub fn parse(s: &str) -> Self {
         match s {
             "completed" => Self::Completed,
@@ -116,34 +144,48 @@ impl TaskStatus {
 /// How the attempt a transition answers ended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finish {
+    /// The attempt.
     pub key: TaskKey,
+    /// How it ended.
     pub status: TaskStatus,
+    /// Its output, when completed.
     pub output: Option<Value>,
+    /// Its error, when failed.
     pub error: Option<String>,
 }
 
 /// One line of a saga's history.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Record {
+    /// What came in (`started`, `completed`, `timed_out`, `operator`, …).
     pub kind: String,
+    /// Who: the operator, or the agent's worker.
     pub actor: Option<String>,
+    /// The particulars (the task, the status reached, what was dispatched).
     pub detail: Value,
 }
 
+/// Everything one transition writes, in one transaction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition {
+    /// The saga's tenant.
     pub tenant: String,
     /// The new state.
     pub instance: Instance,
     /// The revision read (`None`: a new instance).
     pub expected: Option<i64>,
+    /// What it consumes.
     pub trigger: Trigger,
+    /// The attempt it answers, if one.
     pub finish: Option<Finish>,
+    /// Tasks to hand out.
     pub dispatch: Vec<Task>,
+    /// Timers to arm: attempt, kind, due after.
     pub timers: Vec<(TaskKey, TimerKind, Duration)>,
     /// Attempts that are over: their timers go, a task still out is
     /// cancelled.
     pub cancel: Vec<TaskKey>,
+    /// Lines for the saga's history.
     pub history: Vec<Record>,
     /// Moved forward (resets the stuck clock).
     pub progressed: bool,
@@ -205,6 +247,7 @@ impl Transition {
     }
 }
 
+/// What a commit did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Committed {
     /// Written; the new revision.
@@ -222,10 +265,15 @@ pub enum Committed {
 /// An inbox row: a reply or a start request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InboxItem {
+    /// The row's id (a transition's [`Trigger::Inbox`]).
     pub id: i64,
+    /// The tenant it came from.
     pub tenant: String,
+    /// The saga it is for.
     pub saga_id: String,
+    /// What it says.
     pub message: InboxMessage,
+    /// Who sent it (a worker's or caller's identity).
     pub sender: String,
 }
 
@@ -233,8 +281,11 @@ pub struct InboxItem {
 /// `agent`, oldest first, each handed to one worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Claim<'a> {
+    /// The agent type.
     pub agent: &'a str,
+    /// The claiming worker's identity.
     pub worker: &'a str,
+    /// At most this many tasks.
     pub max: u32,
 }
 
@@ -242,15 +293,20 @@ pub struct Claim<'a> {
 /// `sender` (the worker's identity, kept in the inbox row).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply<'a> {
+    /// The worker's identity.
     pub sender: &'a str,
+    /// The saga the task is of.
     pub saga_id: &'a str,
+    /// The answer ([`InboxMessage::Completed`] or [`InboxMessage::Failed`]).
     pub message: InboxMessage,
 }
 
 /// A request to start a saga (the latest version of `definition`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StartRequest {
+    /// The new saga's id (the caller's, so a retried start is a duplicate).
     pub saga_id: String,
+    /// The definition's name.
     pub definition: String,
     /// A JSON object.
     pub data: Value,
@@ -258,28 +314,39 @@ pub struct StartRequest {
     pub traceparent: Option<String>,
 }
 
+/// What an inbox row asks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum InboxMessage {
+    /// Start a saga.
     Start {
+        /// The definition's name (its latest version is used).
         definition: String,
+        /// The saga's data.
         data: Value,
         /// The W3C trace context of the call that asked for the start: the
         /// saga's tasks carry it, so the whole saga is one trace.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         traceparent: Option<String>,
     },
+    /// An attempt completed.
     Completed {
+        /// The attempt's task key.
         key: String,
+        /// What it returned.
         output: Value,
     },
+    /// An attempt failed.
     Failed {
+        /// The attempt's task key.
         key: String,
+        /// Why.
         error: String,
     },
 }
 
 impl InboxMessage {
+    /// The stored kind (`start`, `completed`, `failed`).
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Start { .. } => "start",
@@ -288,6 +355,7 @@ impl InboxMessage {
         }
     }
 
+    /// The task key a reply answers (none for a start).
     pub fn task_key(&self) -> Option<&str> {
         match self {
             Self::Start { .. } => None,
@@ -296,71 +364,114 @@ impl InboxMessage {
     }
 }
 
+/// A timer whose time has come.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DueTimer {
+    /// The saga it is of.
     pub saga_id: String,
+    /// The attempt's task key.
     pub key: String,
+    /// What it fires.
     pub kind: TimerKind,
 }
 
 /// One attempt of a step, as stored (a step execution).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TaskRow {
+    /// The task key (`saga/step/visit/attempt[/undo]`).
     pub key: String,
+    /// The saga it is of.
     pub saga_id: String,
+    /// The saga's tenant.
     pub tenant: String,
+    /// The step.
     pub step: String,
+    /// The visit of the step.
     pub visit: u32,
+    /// The attempt of the visit.
     pub attempt: u32,
+    /// Whether it is the step's compensation.
     pub compensation: bool,
+    /// The agent type that performs it.
     pub agent: String,
+    /// What to do.
     pub action: String,
+    /// The input, pointers resolved.
     pub input: Value,
+    /// Its deadline after dispatch or the last heartbeat.
     pub timeout_ms: i64,
+    /// Where it is.
     pub status: TaskStatus,
+    /// The worker holding it, once claimed.
     pub claimed_by: Option<String>,
+    /// When it was handed out.
     pub dispatched_at: DateTime<Utc>,
+    /// When it ended.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Its output, when completed.
     pub output: Option<Value>,
+    /// Its error, when failed.
     pub error: Option<String>,
     /// The trace context the saga was started in (filled when a task is
     /// claimed), so the agent's work on it joins the saga's trace.
     pub traceparent: Option<String>,
 }
 
+/// One line of a saga's history, as stored (append-only).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HistoryEntry {
+    /// The saga's revision the line was written with.
     pub revision: i64,
+    /// When.
     pub at: DateTime<Utc>,
+    /// What came in.
     pub kind: String,
+    /// Who.
     pub actor: Option<String>,
+    /// The leader's term that wrote it (none in the embedded mode).
     pub epoch: Option<i64>,
+    /// The particulars.
     pub detail: Value,
 }
 
+/// Which sagas to list.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default)]
 pub struct Filter {
+    /// Only of this definition.
     pub definition: Option<String>,
+    /// Only in this status.
     pub status: Option<Status>,
+    /// Only of this tenant.
     pub tenant: Option<String>,
     /// Started before this.
     pub started_before: Option<DateTime<Utc>>,
     /// Still open and without progress since this (stuck candidates).
     pub idle_since: Option<DateTime<Utc>>,
+    /// At most this many, newest first.
     pub limit: Option<u32>,
 }
 
+/// A saga in a list.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
+    /// Its id.
     pub saga_id: String,
+    /// Its tenant.
     pub tenant: String,
+    /// Its definition's name.
     pub definition: String,
+    /// The definition's version it runs on.
     pub version: u32,
+    /// Where it is.
     pub status: Status,
+    /// Paused by an operator.
     pub paused: bool,
+    /// When it started.
     pub started_at: DateTime<Utc>,
+    /// Its last forward move.
     pub progressed_at: DateTime<Utc>,
+    /// When it ended.
     pub ended_at: Option<DateTime<Utc>>,
 }
 
@@ -371,10 +482,14 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
     /// refused (`Invalid`).
     async fn save_definition(&self, definition: &Definition) -> Result<()>;
 
+    /// Every recorded definition version (the engine's registry at start).
     async fn definitions(&self) -> Result<Vec<Definition>>;
 
+    /// A saga as stored.
     async fn load(&self, saga_id: &str) -> Result<Option<Stored>>;
 
+    /// Commits one transition, if `fence` is still the newest term; a saga
+    /// changed since its read is [`StoreError::Conflict`].
     async fn commit(&self, fence: Option<&Fence>, transition: Transition) -> Result<Committed>;
 
     /// Commits `transitions` in order in one transaction, one outcome each
@@ -408,10 +523,13 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
     /// of polling.
     async fn next_timer_in(&self) -> Result<Option<Duration>>;
 
+    /// The sagas `filter` asks for, newest first.
     async fn list(&self, filter: &Filter) -> Result<Vec<Summary>>;
 
+    /// A saga's history, oldest first.
     async fn history(&self, saga_id: &str) -> Result<Vec<HistoryEntry>>;
 
+    /// A saga's tasks (every attempt of every step), oldest first.
     async fn tasks(&self, saga_id: &str) -> Result<Vec<TaskRow>>;
 
     /// Open sagas of `definition` without progress since `since`, and those
@@ -435,10 +553,13 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
 /// One operator action, as the audit log keeps it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OperatorAudit {
+    /// The saga's tenant (whose audit log gets the row).
     pub tenant: String,
+    /// The operator's name.
     pub operator: String,
     /// The action's name (`retry`, `skip`, `cancel`, ...).
     pub action: String,
+    /// The saga acted on.
     pub saga_id: String,
     /// The outcome (`applied`, or `refused` and why) and the particulars.
     pub details: Value,
@@ -454,7 +575,9 @@ impl OperatorAudit {
 /// Dispatched, unanswered tasks of one tenant's agent type.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct OpenTasks {
+    /// The tenant.
     pub tenant: String,
+    /// The agent type.
     pub agent: String,
     /// Waiting for a worker to claim them.
     pub waiting: i64,
@@ -475,20 +598,25 @@ impl OpenTasks {
 /// What happened to a reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Replied {
+    /// Queued in the inbox for the engine.
     Accepted,
     /// The same answer for this attempt is already recorded (waiting in the
     /// inbox, or applied): a repeat, with no second effect.
     Duplicate,
     /// The attempt is over (answered, timed out, cancelled).
     NotCurrent,
+    /// No such task.
     Unknown,
 }
 
+/// What happened to a start request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartRequested {
+    /// Queued in the inbox for the engine.
     Accepted,
     /// A saga with this id exists or is being started.
     Exists,
+    /// No definition of that name is registered.
     UnknownDefinition,
 }
 
@@ -503,8 +631,11 @@ pub trait TaskQueue: Send + Sync + std::fmt::Debug + 'static {
     /// attempt is over (the worker should stop).
     async fn heartbeat(&self, tenant: &TenantId, key: &str) -> Result<Option<DateTime<Utc>>>;
 
+    /// Queues an agent's answer to its task's attempt for the engine, if
+    /// that attempt is still the one out.
     async fn reply(&self, tenant: &TenantId, reply: Reply<'_>) -> Result<Replied>;
 
+    /// Queues a request to start a saga for the engine.
     async fn request_start(
         &self,
         tenant: &TenantId,

@@ -116,6 +116,8 @@ async fn listen(
     }
 }
 
+/// The saga store on Postgres, for replicated control planes (writes
+/// fenced by the leader's term) and the sidecars' task queues.
 #[derive(Debug, Clone)]
 pub struct PgSagaStore {
     pool: PgPool,
@@ -131,6 +133,7 @@ impl PgSagaStore {
         })
     }
 
+    /// The store's pool (for its gauges).
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }

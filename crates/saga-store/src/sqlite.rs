@@ -95,6 +95,8 @@ fn time(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
+/// The saga store in the embedded SQLite file (`fabric dev`, a solo
+/// control plane): one writer connection, readers beside it.
 #[derive(Debug, Clone)]
 pub struct SqliteSagaStore {
     writer: SqlitePool,

@@ -15,24 +15,34 @@ pub fn tenant_principal(tenant: &str) -> String {
     format!("sf-tenant-{}", topics::sanitize(tenant))
 }
 
+/// What an ACL is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resource {
+    /// Topics.
     Topic,
+    /// Consumer groups.
     Group,
 }
 
+/// How an ACL's name matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pattern {
+    /// Exactly that name.
     Literal,
+    /// Every name starting with it.
     Prefixed,
 }
 
 /// One ACL: allow `operations` on the resources `name` matches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Acl {
+    /// Topics or groups.
     pub resource: Resource,
+    /// How `name` matches.
     pub pattern: Pattern,
+    /// The name or prefix.
     pub name: String,
+    /// Kafka's operation names (`Read`, `Write`, `Describe`, …).
     pub operations: &'static [&'static str],
 }
 

@@ -7,14 +7,17 @@ use serde::{Deserialize, Serialize};
 /// The SASL mechanisms a Statefabric process can log in with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum SaslMechanism {
+    /// SCRAM with SHA-256.
     #[serde(rename = "SCRAM-SHA-256")]
     ScramSha256,
+    /// SCRAM with SHA-512 (the default).
     #[default]
     #[serde(rename = "SCRAM-SHA-512")]
     ScramSha512,
 }
 
 impl SaslMechanism {
+    /// librdkafka's name for it (`sasl.mechanism`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::ScramSha256 => "SCRAM-SHA-256",
@@ -28,7 +31,9 @@ impl SaslMechanism {
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaAuth {
+    /// How to log in.
     pub mechanism: SaslMechanism,
+    /// The principal's name (empty: no SASL).
     pub username: String,
     /// Better given as `STATEFABRIC_KAFKA__PASSWORD` than in a file.
     pub password: String,
@@ -52,6 +57,7 @@ impl std::fmt::Debug for KafkaAuth {
 }
 
 impl KafkaAuth {
+    /// A SCRAM-SHA-512 login.
     pub fn scram(username: impl Into<String>, password: impl Into<String>) -> Self {
         Self {
             mechanism: SaslMechanism::ScramSha512,
@@ -60,6 +66,7 @@ impl KafkaAuth {
         }
     }
 
+    /// Whether SASL is used (a username is set).
     pub fn is_enabled(&self) -> bool {
         !self.username.is_empty()
     }
@@ -77,11 +84,14 @@ impl KafkaAuth {
 /// Where the brokers are and how to log in to them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Brokers {
+    /// `host:port,…` of bootstrap brokers.
     pub bootstrap: String,
+    /// The login.
     pub auth: KafkaAuth,
 }
 
 impl Brokers {
+    /// The brokers at `bootstrap`, reached with `auth`.
     pub fn new(bootstrap: impl Into<String>, auth: KafkaAuth) -> Self {
         Self {
             bootstrap: bootstrap.into(),

@@ -28,11 +28,14 @@ pub enum Failure {
     Rejected(String),
 }
 
+/// How a failing message is retried before it becomes a dead letter.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryPolicy {
     /// Tries in all, the first included.
     pub max_attempts: u32,
+    /// The pause before the second try; it doubles with each further one.
     pub initial_backoff: Duration,
+    /// The longest pause.
     pub max_backoff: Duration,
     /// Share of each pause that is random (0-1).
     pub jitter: f64,
@@ -66,8 +69,18 @@ impl RetryPolicy {
 /// What became of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handled {
-    Done { attempts: u32 },
-    DeadLettered { attempts: u32, error: String },
+    /// Handled, after this many tries.
+    Done {
+        /// Tries made.
+        attempts: u32,
+    },
+    /// Sent to the dead-letter topic.
+    DeadLettered {
+        /// Tries made.
+        attempts: u32,
+        /// The last failure.
+        error: String,
+    },
 }
 
 /// Publishes dead letters for one consumer group.
@@ -104,6 +117,7 @@ fn random() -> f64 {
 }
 
 impl DeadLetters {
+    /// A publisher of `group`'s dead letters, each send within `timeout`.
     pub fn new(
         brokers: &Brokers,
         group: &str,
@@ -236,9 +250,13 @@ pub fn letter_headers(
 /// A dead letter as listed for an operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
+    /// Its partition in the dead-letter topic.
     pub partition: i32,
+    /// Its offset there.
     pub offset: i64,
+    /// The original message's key.
     pub key: Option<Vec<u8>>,
+    /// The original message's value.
     pub payload: Option<Vec<u8>>,
     /// The `dlq.*` headers, without the prefix.
     pub why: std::collections::BTreeMap<String, String>,
@@ -306,16 +324,23 @@ pub fn list(
     Ok(out)
 }
 
+/// Why a dead letter could not be sent back.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
+    /// Kafka failed the read or the send.
     #[error(transparent)]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// Nothing is at that position.
     #[error("no dead letter at {topic} partition {partition} offset {offset}")]
     NotFound {
+        /// The dead-letter topic.
         topic: String,
+        /// The partition.
         partition: i32,
+        /// The offset.
         offset: i64,
     },
+    /// The message is not one of our dead letters.
     #[error("the dead letter has no dlq.topic header: cannot tell where it came from")]
     NoOrigin,
 }

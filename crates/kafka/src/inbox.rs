@@ -8,6 +8,7 @@
 use rdkafka::message::Message;
 use sqlx::{PgPool, Postgres, Transaction};
 
+/// One consumer group's record of the messages it has handled.
 #[derive(Debug, Clone)]
 pub struct Inbox {
     pool: PgPool,
@@ -15,6 +16,7 @@ pub struct Inbox {
 }
 
 impl Inbox {
+    /// The inbox of `group`, in the database behind `pool`.
     pub fn new(pool: PgPool, group: &str) -> Self {
         Self {
             pool,

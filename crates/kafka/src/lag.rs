@@ -30,6 +30,8 @@ struct LagLabel {
 /// (group, topic, partition) → messages not yet consumed.
 pub type Lags = BTreeMap<(String, String, i32), i64>;
 
+/// Reads how far consumer groups are behind and exports it as
+/// `kafka_consumer_lag` per group, topic and partition.
 #[derive(Clone)]
 pub struct LagMonitor {
     brokers: Brokers,
@@ -51,6 +53,8 @@ impl std::fmt::Debug for LagMonitor {
 }
 
 impl LagMonitor {
+    /// A monitor of `targets` (group → the topics it consumes), each read
+    /// within `timeout`.
     pub fn new(
         brokers: Brokers,
         targets: BTreeMap<String, Vec<String>>,
@@ -65,6 +69,7 @@ impl LagMonitor {
         }
     }
 
+    /// Registers the lag gauges in `registry`.
     pub fn register_metrics(&self, registry: &mut Registry) {
         registry.register(
             "kafka_consumer_lag",

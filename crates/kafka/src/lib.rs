@@ -27,6 +27,7 @@
 //! clean stops — is written once in [`consumer`].
 //!
 //! (Debezium's connector is configuration: `k8s/kafka/`.)
+#![warn(missing_docs)]
 
 // Everything that talks to a broker needs librdkafka (the `client`
 // feature, on by default); the topic plan's names and settings do not, so

@@ -70,6 +70,9 @@ struct Feed {
     space: Notify,
 }
 
+/// A sidecar's task queue over Kafka: tasks from the command topics,
+/// replies to `sagas.replies`, heartbeats and start requests through the
+/// saga tables.
 #[derive(Clone)]
 pub struct KafkaTaskQueue {
     /// Heartbeats and start requests (the saga tables).
@@ -95,6 +98,8 @@ impl std::fmt::Debug for KafkaTaskQueue {
 }
 
 impl KafkaTaskQueue {
+    /// The queue on `brokers`, buffering up to `buffer` tasks per agent
+    /// type, each Kafka call within `timeout`, until `stop`.
     pub fn new(
         tables: Arc<dyn TaskQueue>,
         brokers: &Brokers,
@@ -388,10 +393,15 @@ impl TaskQueue for KafkaTaskQueue {
 /// The leader's side of the way back: replies from Kafka into the inbox.
 #[derive(Debug)]
 pub struct ReplyConsumer {
+    /// Where `sagas.replies` is.
     pub brokers: Brokers,
+    /// Decodes the Avro replies.
     pub codec: Arc<AvroCodec>,
+    /// Where the replies become inbox rows.
     pub store: Arc<dyn SagaStore>,
+    /// How the reply and dead-letter topics are made.
     pub topics: TopicSettings,
+    /// Deadline of each Kafka call.
     pub timeout: Duration,
     /// The reply consumer's counts (register them once).
     pub metrics: ConsumerMetrics,

@@ -11,13 +11,18 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::topics::{Planned, TopicSettings};
 
+/// Why the topic plan could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {
+    /// The admin client failed.
     #[error("Kafka admin: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// The broker refused a change to one topic.
     #[error("topic {topic}: {code}")]
     Topic {
+        /// The topic.
         topic: String,
+        /// The broker's error.
         code: RDKafkaErrorCode,
     },
 }
@@ -25,7 +30,9 @@ pub enum TopicError {
 /// What `apply` did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Applied {
+    /// Topics made.
     pub created: Vec<String>,
+    /// Topics whose partitions or settings were changed.
     pub updated: Vec<String>,
 }
 

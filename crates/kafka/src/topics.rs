@@ -16,11 +16,16 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The kinds of topic the plan makes, each with settings of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TopicClass {
+    /// `events.<aggregate type>`: the outbox's events.
     Events,
+    /// `sagas.commands.<agent type>`: saga tasks.
     Commands,
+    /// `sagas.replies`: agents' answers.
     Replies,
+    /// `dlq.<topic>`: what a consumer gave up on.
     DeadLetters,
 }
 
@@ -28,19 +33,28 @@ pub enum TopicClass {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClassSettings {
+    /// Partitions per topic (only ever raised on an existing topic).
     pub partitions: i32,
+    /// How long messages are kept (`retention.ms`).
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
 }
 
+/// How the plan's topics are made and kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TopicSettings {
+    /// Copies of each partition.
     pub replication: i32,
+    /// Copies that must have a write before it is acknowledged.
     pub min_insync_replicas: i32,
+    /// Event topics.
     pub events: ClassSettings,
+    /// Saga command topics.
     pub commands: ClassSettings,
+    /// The reply topic.
     pub replies: ClassSettings,
+    /// Dead-letter topics.
     pub dead_letters: ClassSettings,
 }
 
@@ -105,10 +119,12 @@ pub(crate) fn sanitize(name: &str) -> String {
         .collect()
 }
 
+/// The topic an aggregate type's events go to.
 pub fn events_topic(aggregate_type: &str) -> String {
     format!("events.{}", sanitize(aggregate_type))
 }
 
+/// The topic an agent type's saga tasks go to.
 pub fn commands_topic(agent_type: &str) -> String {
     format!("sagas.commands.{}", sanitize(agent_type))
 }
@@ -141,8 +157,10 @@ pub fn tenant_group_prefix(tenant: &str) -> String {
     format!("statefabric-agents.{}.", sanitize(tenant))
 }
 
+/// The topic agents answer saga tasks on.
 pub const REPLIES_TOPIC: &str = "sagas.replies";
 
+/// Where a consumer of `consumed` puts what it gives up on.
 pub fn dead_letter_topic(consumed: &str) -> String {
     format!("dlq.{}", sanitize(consumed))
 }
@@ -150,7 +168,9 @@ pub fn dead_letter_topic(consumed: &str) -> String {
 /// A topic the plan wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Planned {
+    /// The topic's name.
     pub name: String,
+    /// Which settings it gets.
     pub class: TopicClass,
 }
 

@@ -47,9 +47,13 @@ use crate::dead_letter::{Failure, RetryPolicy};
 /// What every consumer needs.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
+    /// Where to consume from.
     pub brokers: Brokers,
+    /// The consumer group.
     pub group: String,
+    /// The topics it reads.
     pub topics: Vec<String>,
+    /// How a failing message is retried before it becomes a dead letter.
     pub retry: RetryPolicy,
     /// Deadline of each Kafka call (dead-letter sends, commits, transactions).
     pub timeout: Duration,
@@ -60,6 +64,7 @@ pub struct ConsumerSettings {
 }
 
 impl ConsumerSettings {
+    /// Settings for `group` reading `topics`, the rest at their defaults.
     pub fn new(brokers: Brokers, group: &str, topics: &[&str]) -> Self {
         Self {
             brokers,
@@ -108,8 +113,12 @@ pub fn consume_span(message: &impl rdkafka::Message, group: &str) -> tracing::Sp
     span
 }
 
+/// What an at-least-once consumer does with each message.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
+    /// Handles one message: retried while it fails with a retryable
+    /// failure, sent to the dead-letter topic when it is rejected or the
+    /// retries run out.
     async fn handle(&self, message: &OwnedMessage) -> Result<(), Failure>;
 }
 
@@ -133,6 +142,7 @@ pub struct ConsumerMetrics {
 }
 
 impl ConsumerMetrics {
+    /// Registers the consumer's counters and gauges in `registry`.
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "consumer_messages",

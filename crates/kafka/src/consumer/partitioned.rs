@@ -60,6 +60,8 @@ struct Lane {
     worker: JoinHandle<()>,
 }
 
+/// An at-least-once consumer with a worker per partition, running a
+/// [`Handler`](super::Handler) on each message.
 pub struct PartitionedConsumer<H> {
     settings: ConsumerSettings,
     in_flight_per_partition: usize,
@@ -98,6 +100,7 @@ impl<H: Handler> PartitionedConsumer<H> {
         }
     }
 
+    /// Its metrics, to register before it runs.
     pub fn metrics(&self) -> ConsumerMetrics {
         self.metrics.clone()
     }

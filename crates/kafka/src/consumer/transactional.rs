@@ -28,8 +28,11 @@ use crate::topics::dead_letter_topic;
 /// One record to produce.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Output {
+    /// The topic.
     pub topic: String,
+    /// The key (partitioning).
     pub key: Option<Vec<u8>>,
+    /// The value.
     pub payload: Vec<u8>,
 }
 
@@ -45,6 +48,8 @@ pub struct Batch {
 /// Turns one input message into its outputs.
 #[async_trait]
 pub trait Transform: Send + Sync + 'static {
+    /// The records `message` becomes; a rejected or (after its retries)
+    /// failing one becomes a dead letter instead, in the same transaction.
     async fn transform(&self, message: &OwnedMessage) -> Result<Vec<Output>, Failure>;
 
     /// Runs when a batch's outputs and offsets are in its transaction, just
@@ -89,6 +94,8 @@ enum BatchError {
     NoGroup,
 }
 
+/// A Kafka-to-Kafka consumer that produces its outputs and commits its
+/// input offsets in one Kafka transaction per batch.
 pub struct TransactionalConsumer<T> {
     settings: ConsumerSettings,
     transactional_id: String,
@@ -126,6 +133,7 @@ impl<T: Transform> TransactionalConsumer<T> {
         }
     }
 
+    /// Its metrics, to register before it runs.
     pub fn metrics(&self) -> ConsumerMetrics {
         self.metrics.clone()
     }

@@ -68,8 +68,10 @@ use crate::topics::{self, TopicSettings};
 /// The outbox aggregate type of saga tasks (written by the saga engine).
 pub const SAGA_COMMAND: &str = "saga.command";
 
+/// How the relay runs.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
+    /// Where it produces.
     pub brokers: Brokers,
     /// Shared by every replica (Kafka fences the older producer); the relay's
     /// producers use `<id>.0` … `<id>.3` ([`PRODUCERS`]).
@@ -83,23 +85,38 @@ pub struct RelaySettings {
     pub idle_poll: Duration,
     /// Deadline of Kafka transaction steps.
     pub kafka_timeout: Duration,
+    /// How the topics it creates are made.
     pub topics: TopicSettings,
 }
 
+/// Why a relay batch failed: the relay closes its session and opens a
+/// new one after a pause (while it still leads).
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
+    /// Reading or deleting outbox rows failed.
     #[error("Postgres: {0}")]
     Postgres(#[from] sqlx::Error),
+    /// Producing failed (the transaction was aborted).
     #[error("Kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// A topic could not be created.
     #[error("topics: {0}")]
     Topics(#[from] topics::TopicError),
+    /// An event could not be encoded (or its schema registered).
     #[error("schema: {0}")]
     Schema(#[from] statefabric_schema::CodecError),
+    /// An outbox row that cannot be published.
     #[error("outbox row {id}: {reason}")]
-    BadRow { id: String, reason: String },
+    BadRow {
+        /// The row's id.
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A newer leader exists: the deletes would be refused.
     #[error("lost leadership (epoch {0} is stale)")]
     Deposed(u64),
+    /// The reading half ended early.
     #[error("the outbox reader stopped")]
     ReaderStopped,
 }
@@ -297,6 +314,7 @@ impl Session {
 }
 
 impl Relay {
+    /// A relay from the outbox behind `pool` to Kafka.
     pub fn new(settings: RelaySettings, pool: PgPool, codec: Arc<AvroCodec>) -> Self {
         Self {
             settings,
@@ -307,6 +325,7 @@ impl Relay {
         }
     }
 
+    /// Registers the relay's metrics (and its breaker's) in `registry`.
     pub fn register_metrics(&self, registry: &mut Registry) {
         let m = &self.metrics;
         self.breaker.register_metrics(registry);

@@ -16,6 +16,7 @@ use crate::sqlite::SqliteEventStore;
 /// One audited mutation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditEntry {
+    /// Whose log it goes to.
     pub tenant: TenantId,
     /// Who: the sidecar's identity, or the operator's name.
     pub actor: String,
@@ -25,9 +26,12 @@ pub struct AuditEntry {
     pub target: String,
     /// The outcome and the particulars (a fence token, a TTL, an error).
     pub details: serde_json::Value,
+    /// The trace of the call, to find it in the traces.
     pub trace_id: Option<String>,
 }
 
+/// The append-only audit log of mutations that are not events or context
+/// writes (locks, sessions, operator actions).
 #[async_trait]
 pub trait AuditLog: Send + Sync + std::fmt::Debug + 'static {
     /// Appends the entries (one transaction per tenant); rows are never

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use crate::error::Result;
 use crate::port::EventStore;
 
+/// How a feed reads.
 #[derive(Debug, Clone, Copy)]
 pub struct FeedOptions {
     /// Events fetched per query.

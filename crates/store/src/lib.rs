@@ -10,6 +10,7 @@
 //!
 //! It does not own transport (gRPC, Kafka), caching or locks; those crates
 //! call this one.
+#![warn(missing_docs)]
 
 pub mod audit;
 pub mod context;

@@ -61,6 +61,8 @@ pub fn check_name(what: &'static str, value: &str) -> Result<(), InvalidInput> {
 }
 
 impl Limits {
+    /// Checks an append against the limits (and its names and ids),
+    /// naming the first problem.
     pub fn check_append(&self, request: &AppendRequest) -> Result<(), InvalidInput> {
         check_name("stream type", &request.stream_type)?;
         if let ExpectedVersion::Exact(0) = request.expected {
@@ -159,6 +161,7 @@ impl Limits {
         Ok(bytes)
     }
 
+    /// Checks a read's page size.
     pub fn check_read_limit(&self, limit: u32) -> Result<(), InvalidInput> {
         if limit == 0 || limit > self.max_read_limit {
             return Err(InvalidInput::BadLimit {

@@ -15,6 +15,7 @@ use crate::error::Result;
 /// audited under one actor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scope {
+    /// The tenant acted for.
     pub tenant: TenantId,
     /// Agent, sidecar or operator identity recorded in the audit log.
     pub actor: String,
@@ -23,6 +24,7 @@ pub struct Scope {
 }
 
 impl Scope {
+    /// `actor` acting for `tenant`, without a trace.
     pub fn new(tenant: TenantId, actor: impl Into<String>) -> Self {
         Self {
             tenant,
@@ -31,6 +33,7 @@ impl Scope {
         }
     }
 
+    /// The same, recording `trace_id` with what it writes.
     pub fn with_trace_id(mut self, trace_id: impl Into<String>) -> Self {
         self.trace_id = Some(trace_id.into());
         self
@@ -41,7 +44,9 @@ impl Scope {
 /// a key for a different request is caught.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Idempotency {
+    /// The caller's key.
     pub key: String,
+    /// SHA-256 of the request, hex.
     pub request_hash: String,
 }
 
@@ -64,22 +69,31 @@ impl Idempotency {
 /// newer token of the same lock was already used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
+    /// The lock's name.
     pub lock: String,
+    /// The token its holder was given.
     pub token: u64,
 }
 
+/// Events to append to one stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AppendRequest {
+    /// The stream.
     pub stream_id: StreamId,
     /// Aggregate type; fixed when the stream is created.
     pub stream_type: String,
+    /// The version the stream must be at.
     pub expected: ExpectedVersion,
+    /// The events, in order.
     pub events: Vec<NewEvent>,
+    /// Makes a repeat of the request a replay of the first.
     pub idempotency: Option<Idempotency>,
+    /// Refuses the append if a newer token of the lock was used.
     pub fence: Option<Fence>,
 }
 
 impl AppendRequest {
+    /// An append without idempotency key or fence.
     pub fn new(
         stream_id: StreamId,
         stream_type: impl Into<String>,
@@ -96,11 +110,13 @@ impl AppendRequest {
         }
     }
 
+    /// With an idempotency key.
     pub fn idempotent(mut self, idempotency: Idempotency) -> Self {
         self.idempotency = Some(idempotency);
         self
     }
 
+    /// Fenced by `lock`'s `token`.
     pub fn fenced(mut self, lock: impl Into<String>, token: u64) -> Self {
         self.fence = Some(Fence {
             lock: lock.into(),
@@ -116,15 +132,19 @@ impl AppendRequest {
 pub struct AppendResult {
     /// Version of the first and last event written.
     pub first_version: u64,
+    /// Version of the last event written.
     pub last_version: u64,
     /// Lowest and highest global position written (a batch's positions are
     /// increasing but not necessarily contiguous under concurrency).
     pub first_position: u64,
+    /// Highest global position written.
     pub last_position: u64,
 }
 
+/// What an append did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendOutcome {
+    /// What it wrote (or, replayed, what the first execution wrote).
     pub result: AppendResult,
     /// True when the idempotency key had been used before: nothing new was
     /// written and `result` is the first execution's.
@@ -134,7 +154,9 @@ pub struct AppendOutcome {
 /// The current version and type of a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamInfo {
+    /// The last event's version.
     pub version: u64,
+    /// The aggregate type.
     pub stream_type: String,
 }
 
@@ -179,6 +201,7 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
         limit: u32,
     ) -> Result<Vec<RecordedEvent>>;
 
+    /// A stream's version and type; `None` when it does not exist.
     async fn stream_info(&self, tenant: &TenantId, stream: &StreamId)
     -> Result<Option<StreamInfo>>;
 
@@ -186,6 +209,7 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
     /// be at least at the snapshot's version.
     async fn save_snapshot(&self, scope: &Scope, snapshot: &Snapshot) -> Result<()>;
 
+    /// The stream's newest snapshot.
     async fn load_snapshot(&self, tenant: &TenantId, stream: &StreamId)
     -> Result<Option<Snapshot>>;
 

@@ -17,12 +17,19 @@ use crate::sqlite::SqliteEventStore;
 /// One recorded response, with the fingerprint of the request it answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
+    /// The request's fingerprint (the same key with another request is
+    /// refused).
     pub fingerprint: String,
+    /// The HTTP status.
     pub status: u16,
+    /// The response headers, in order.
     pub headers: Vec<(String, String)>,
+    /// The body.
     pub body: Vec<u8>,
 }
 
+/// Where the egress path keeps recorded responses, per tenant, until they
+/// expire.
 #[async_trait]
 pub trait ReplayStore: Send + Sync + std::fmt::Debug + 'static {
     /// The unexpired record under `key`.

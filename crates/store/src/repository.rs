@@ -33,6 +33,7 @@ impl Default for SnapshotPolicy {
 }
 
 impl SnapshotPolicy {
+    /// Events between snapshots of `stream_type` (none: no snapshots).
     pub fn interval(&self, stream_type: &str) -> Option<u64> {
         self.per_stream_type
             .get(stream_type)
@@ -51,27 +52,39 @@ impl SnapshotPolicy {
 /// An aggregate loaded at a version.
 #[derive(Debug, Clone)]
 pub struct Loaded<A> {
+    /// The aggregate's state.
     pub state: A,
     /// 0 when the stream does not exist yet.
     pub version: u64,
 }
 
+/// Why a command through the repository failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RepositoryError<R: std::error::Error + 'static> {
+    /// The aggregate refused the command (nothing was written).
     #[error("command rejected: {0}")]
     Rejected(#[source] R),
+    /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A stored event the aggregate cannot read.
     #[error("stored event {version} of stream {stream} does not decode as {aggregate}: {reason}")]
     Decode {
+        /// The stream.
         stream: StreamId,
+        /// The event's version.
         version: u64,
+        /// The aggregate type.
         aggregate: &'static str,
+        /// Why.
         reason: String,
     },
+    /// Every attempt met a concurrent write.
     #[error("still conflicting after {attempts} attempts")]
     TooManyConflicts {
+        /// Attempts made.
         attempts: u32,
+        /// The last conflict.
         #[source]
         last: StoreError,
     },
@@ -98,6 +111,7 @@ impl<A> std::fmt::Debug for Repository<A> {
 const PAGE: u32 = 1000;
 
 impl<A: SnapshotState> Repository<A> {
+    /// A repository on `store`, snapshotting by `snapshots`.
     pub fn new(store: Arc<dyn EventStore>, snapshots: SnapshotPolicy) -> Self {
         Self {
             store,

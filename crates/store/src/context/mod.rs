@@ -34,15 +34,22 @@ pub const TRIM_EVERY: u64 = 16;
 /// Largest document content, serialized.
 pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
 
+/// A document as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContextDocument {
+    /// Its id (stream-id rules).
     pub id: String,
+    /// How concurrent writes combine; fixed at creation.
     pub merge: MergeType,
+    /// The JSON content (for merge types, the CRDT's value).
     pub content: Value,
+    /// Writer id → writes of that writer seen.
     pub vector: VectorClock,
     /// Increases by one with every accepted write, from 1.
     pub revision: u64,
+    /// Deleted (the row stays, so the revision goes on from here).
     pub deleted: bool,
+    /// When the last write was stored.
     pub updated_at: DateTime<Utc>,
     /// CRDT state for merge-typed documents.
     #[serde(skip)]
@@ -58,17 +65,22 @@ pub enum ContextChange {
     Patch(json_patch::Patch),
     /// Apply CRDT operations (merge-typed documents).
     Merge(Vec<Op>),
+    /// Mark the document deleted.
     Delete,
 }
 
+/// One write to a document.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContextWrite {
+    /// The document.
     pub id: String,
     /// The merge type; fixed when the document is created.
     pub merge: MergeType,
     /// The vector the writer read; empty for "I have seen nothing" (create).
     pub base: VectorClock,
+    /// What it does.
     pub change: ContextChange,
+    /// Makes a repeat of the write a replay of the first.
     pub idempotency: Option<Idempotency>,
     /// Refuse the write if a newer token of this lock was already used.
     pub fence: Option<crate::port::Fence>,
@@ -80,19 +92,25 @@ pub struct ContextWrite {
     pub known: Option<std::sync::Arc<ContextDocument>>,
 }
 
+/// What a write did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContextOutcome {
+    /// The document after it (replayed: after the first execution).
     pub document: ContextDocument,
     /// True when an idempotency key matched an earlier write.
     pub replayed: bool,
 }
 
+/// Where context documents live; each call is confined to one tenant.
 #[async_trait]
 pub trait ContextStore: Send + Sync + std::fmt::Debug + 'static {
+    /// A document (deleted ones too, marked); `None` when it never existed.
     async fn get(&self, tenant: &TenantId, id: &str) -> Result<Option<ContextDocument>>;
     /// The content at an earlier revision, if still kept.
     async fn content_at(&self, tenant: &TenantId, id: &str, revision: u64)
     -> Result<Option<Value>>;
+    /// Decides and applies a write ([`decide`]): its revision, its audit
+    /// row and its idempotency record are stored together.
     async fn write(&self, scope: &Scope, write: ContextWrite) -> Result<ContextOutcome>;
 }
 
@@ -116,11 +134,17 @@ pub fn check_id(id: &str) -> Result<(), InvalidInput> {
 /// The stored form a backend reads and writes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stored {
+    /// The merge type.
     pub merge: MergeType,
+    /// The content.
     pub content: Value,
+    /// The CRDT state (merge types).
     pub crdt: Option<CrdtState>,
+    /// The version vector.
     pub vector: VectorClock,
+    /// The revision.
     pub revision: u64,
+    /// Whether deleted.
     pub deleted: bool,
 }
 

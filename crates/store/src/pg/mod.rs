@@ -31,12 +31,15 @@ use crate::port::{AppendOutcome, AppendRequest, EventStore, Scope, StreamInfo};
 /// Migrations for the Postgres schema, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
+/// How the store reaches Postgres.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PgConfig {
     /// Connection URL of the application role.
     pub url: String,
+    /// The pool's size.
     pub max_connections: u32,
+    /// Connections kept open while idle.
     pub min_connections: u32,
     /// How long a caller waits for a free connection before `Unavailable`.
     #[serde(with = "humantime_serde")]
@@ -56,6 +59,7 @@ pub struct PgConfig {
     /// How long idempotency keys are kept.
     #[serde(with = "humantime_serde")]
     pub idempotency_ttl: Duration,
+    /// Bounds on what one call may ask.
     pub limits: Limits,
 }
 
@@ -83,6 +87,8 @@ pub struct PoolStats {
     waiting: AtomicI64,
 }
 
+/// The event, context, audit and replay stores on Postgres: one pool,
+/// cheap to clone.
 #[derive(Debug, Clone)]
 pub struct PgEventStore {
     pool: PgPool,
@@ -107,6 +113,8 @@ pub(crate) enum LockFor<'a> {
 }
 
 impl PgEventStore {
+    /// Connects with `config` (a store serving any tenant, each call in a
+    /// transaction that names it).
     pub async fn connect(config: PgConfig) -> Result<Self> {
         Self::connect_with(config, None).await
     }
@@ -145,6 +153,8 @@ impl PgEventStore {
         self.acting_for.as_ref() == Some(tenant)
     }
 
+    /// A store on a pool made elsewhere (`config`'s connection settings
+    /// are not used).
     pub fn from_pool(pool: PgPool, config: PgConfig) -> Self {
         Self {
             config: Arc::new(config),
@@ -156,6 +166,7 @@ impl PgEventStore {
         }
     }
 
+    /// The store's pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }

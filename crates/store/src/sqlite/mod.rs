@@ -33,6 +33,7 @@ use crate::port::{AppendOutcome, AppendRequest, EventStore, Scope, StreamInfo};
 /// Migrations for the embedded schema, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
+/// Where and how the embedded store keeps its file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SqliteConfig {
@@ -40,10 +41,13 @@ pub struct SqliteConfig {
     pub path: PathBuf,
     /// Read-only connections beside the single writer.
     pub read_connections: u32,
+    /// Upper bound on every store call.
     #[serde(with = "humantime_serde")]
     pub query_timeout: Duration,
+    /// How long idempotency keys are kept.
     #[serde(with = "humantime_serde")]
     pub idempotency_ttl: Duration,
+    /// Bounds on what one call may ask.
     pub limits: Limits,
 }
 
@@ -59,6 +63,8 @@ impl Default for SqliteConfig {
     }
 }
 
+/// The event, context, audit and replay stores in one SQLite file (the
+/// embedded default): one writer connection, readers beside it.
 #[derive(Debug, Clone)]
 pub struct SqliteEventStore {
     writer: SqlitePool,

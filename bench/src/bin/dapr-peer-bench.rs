@@ -393,7 +393,8 @@ async fn ours(
     ];
     Ok(match backend {
         "sqlite" => {
-            let main = Process::start("fabric", &["dev"], &[tenant_env.clone()]).await?;
+            let main =
+                Process::start("fabric", &["dev"], std::slice::from_ref(&tenant_env)).await?;
             let client = context_client(&main.grpc).await?;
             let cold = Process::start("fabric", &["dev"], &[tenant_env, one_entry]).await?;
             let cold_client = context_client(&cold.grpc).await?;

@@ -22,8 +22,8 @@ pub(crate) fn start(
 
     use anyhow::Context;
     use statefabric_kafka::lag::{LagMonitor, topics};
-    use statefabric_kafka::relay::{Relay, RelaySettings};
-    use statefabric_kafka::saga_transport::ReplyConsumer;
+    use statefabric_relay::{Relay, RelaySettings};
+    use statefabric_saga_kafka::ReplyConsumer;
     use statefabric_schema::{AvroCodec, RegistryClient};
 
     let relay = &ctx.config.relay;

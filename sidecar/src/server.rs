@@ -24,7 +24,7 @@ use crate::backends;
 use crate::config::{Backend, SidecarConfig, TaskTransport};
 use crate::{jobs, services};
 #[cfg(feature = "kafka")]
-use statefabric_kafka::saga_transport::KafkaTaskQueue;
+use statefabric_saga_kafka::KafkaTaskQueue;
 #[cfg(feature = "kafka")]
 use statefabric_schema::{AvroCodec, RegistryClient};
 

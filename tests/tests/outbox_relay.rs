@@ -382,7 +382,7 @@ async fn a_relay_stopped_mid_transaction_aborts_it() -> anyhow::Result<()> {
         // starts), so a transaction it left open would stay `Ongoing` — and
         // hold every `read_committed` reader of its partitions back — for
         // its whole timeout (a minute).
-        for producer in 0..statefabric_kafka::relay::PRODUCERS {
+        for producer in 0..statefabric_relay::PRODUCERS {
             // The relay's producers take turns (`<id>.0`, `<id>.1`, …).
             let id = format!("{txid}.{producer}");
             let state = {

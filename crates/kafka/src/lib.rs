@@ -1,10 +1,9 @@
-//! Statefabric on Kafka.
+//! Statefabric on Kafka: the client plumbing.
 //!
 //! Owns the topic plan ([`topics`]: which topics exist, named and configured
-//! per class, applied idempotently) and the built-in outbox relay
-//! ([`relay`]: the leader moves committed outbox rows to their event
-//! topics, Avro-encoded, in Kafka transactions, then deletes them under its
-//! leader epoch).
+//! per class, applied idempotently). What runs on Kafka lives beside what
+//! it serves: the outbox relay in `statefabric-relay`, the saga transport
+//! in `statefabric-saga-kafka`.
 //!
 //! Consumer lag per group and partition is measured by [`lag`].
 //!
@@ -12,9 +11,6 @@
 //! replay — are in [`dead_letter`].
 //!
 //! Kafka to Postgres exactly once: [`inbox`].
-//!
-//! Saga tasks and replies over Kafka (the saga engine's production
-//! transport): [`saga_transport`].
 //!
 //! Every client starts from [`brokers::Brokers`]: bootstrap list and SASL
 //! login.
@@ -42,10 +38,6 @@ pub mod dead_letter;
 pub mod inbox;
 #[cfg(feature = "client")]
 pub mod lag;
-#[cfg(feature = "client")]
-pub mod relay;
-#[cfg(feature = "client")]
-pub mod saga_transport;
 #[cfg(feature = "client")]
 mod topic_admin;
 pub mod topics;

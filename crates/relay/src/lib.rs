@@ -33,8 +33,12 @@
 //! then waits for a probe instead of piling up timeouts. A transaction left
 //! open (shutdown, lost leadership, a failure) is aborted explicitly. Time
 //! per stage is exported as `relay_stage_seconds{stage}`.
+//!
+//! Its own crate beside the event store whose outbox it drains; Kafka
+//! clients, topics and transactions come from `statefabric-kafka`.
+#![warn(missing_docs)]
 
-use crate::brokers::Brokers;
+use statefabric_kafka::brokers::Brokers;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -63,7 +67,7 @@ mod read;
 
 use self::delete::delete_sent;
 use self::read::{Prepared, Reader, Record};
-use crate::topics::{self, TopicSettings};
+use statefabric_kafka::topics::{self, TopicSettings};
 
 /// The outbox aggregate type of saga tasks (written by the saga engine).
 pub const SAGA_COMMAND: &str = "saga.command";
@@ -637,7 +641,7 @@ impl Relay {
         let timeout = self.settings.kafka_timeout;
         let commit = tokio::task::spawn_blocking(move || {
             let began = Instant::now();
-            let result = crate::txn::commit(&txn.producer, timeout);
+            let result = statefabric_kafka::txn::commit(&txn.producer, timeout);
             if result.is_ok() {
                 txn.open.store(false, Ordering::SeqCst);
             }

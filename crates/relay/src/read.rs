@@ -17,7 +17,7 @@ use statefabric_schema::messages::{EventEnvelope, SagaCommand};
 use tokio::sync::mpsc;
 
 use super::{Metrics, RelayError, RelaySettings, SAGA_COMMAND};
-use crate::topics::{self, Planned, TopicClass};
+use statefabric_kafka::topics::{self, Planned, TopicClass};
 
 #[derive(Debug, sqlx::FromRow)]
 struct Row {

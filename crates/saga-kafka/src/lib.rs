@@ -8,7 +8,7 @@
 //! `SagaReply`, keyed by saga id), which the leader's [`ReplyConsumer`] turns
 //! into inbox rows — the same checks as the tables transport, so a
 //! duplicate or late reply has no effect. It runs on the consumer framework
-//! ([`crate::consumer`]): a reply that does not decode or names an invalid
+//! ([`statefabric_kafka::consumer`]): a reply that does not decode or names an invalid
 //! saga goes to `dlq.sagas.replies` at once, one that keeps failing (the
 //! database is down) after retries with backoff.
 //!
@@ -22,8 +22,12 @@
 //! recovery, as for a worker that dies). Heartbeats and start requests go to
 //! the saga tables directly (`heartbeat` pushes a deadline, which only the
 //! database can do atomically with the engine's timer check).
+//!
+//! Its own crate beside the saga store whose ports it implements; Kafka
+//! clients, topics and the consumer framework come from `statefabric-kafka`.
+#![warn(missing_docs)]
 
-use crate::brokers::Brokers;
+use statefabric_kafka::brokers::Brokers;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,10 +50,10 @@ use statefabric_schema::messages::{Outcome, SagaCommand, SagaReply, saga_reply_s
 use tokio::sync::{Notify, OnceCell, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::partitioned::PartitionedConsumer;
-use crate::consumer::{ConsumerMetrics, ConsumerSettings, Handler};
-use crate::dead_letter::{Failure, RetryPolicy};
-use crate::topics::{self, Planned, TopicClass, TopicSettings};
+use statefabric_kafka::consumer::partitioned::PartitionedConsumer;
+use statefabric_kafka::consumer::{ConsumerMetrics, ConsumerSettings, Handler};
+use statefabric_kafka::dead_letter::{Failure, RetryPolicy};
+use statefabric_kafka::topics::{self, Planned, TopicClass, TopicSettings};
 
 /// A failure that is only logged (and the loop restarted).
 type Logged = std::result::Result<(), String>;
@@ -254,7 +258,7 @@ async fn consume(
         match decoded {
             Ok(command) if command.tenant_id == tenant => {
                 let mut task = task_row(command);
-                task.traceparent = crate::consumer::header(&message, "traceparent");
+                task.traceparent = statefabric_kafka::consumer::header(&message, "traceparent");
                 feed.queue
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)

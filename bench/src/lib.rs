@@ -294,11 +294,10 @@ pub fn compare(label: &str, sidecar: &(f64, Latencies), direct: &(f64, Latencies
 
 /// A migrated schema and a tenant of its own for one benchmark run.
 pub async fn fresh_tenant() -> anyhow::Result<statefabric_domain::TenantId> {
-    use statefabric_store::pg;
-    pg::migrate(&env::pg_admin_url()).await?;
+    statefabric_db::pg::migrate(&env::pg_admin_url()).await?;
     let tenant =
         statefabric_domain::TenantId::new(format!("bench-{}", uuid::Uuid::new_v4().simple()))?;
-    pg::create_tenant(&env::pg_admin_url(), &tenant, "bench").await?;
+    statefabric_db::pg::create_tenant(&env::pg_admin_url(), &tenant, "bench").await?;
     Ok(tenant)
 }
 

@@ -217,7 +217,7 @@ async fn migrate(database_url: &str, wait: Duration) -> ExitCode {
         // the bound that counts.
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         let Ok(result) =
-            tokio::time::timeout(remaining, statefabric_store::pg::migrate(database_url)).await
+            tokio::time::timeout(remaining, statefabric_db::pg::migrate(database_url)).await
         else {
             eprintln!(
                 "fabric migrate: the database could not be reached and migrated within {}s",
@@ -227,7 +227,7 @@ async fn migrate(database_url: &str, wait: Duration) -> ExitCode {
         };
         match result {
             Ok(()) => {
-                let last = statefabric_store::pg::MIGRATOR
+                let last = statefabric_db::pg::MIGRATOR
                     .iter()
                     .map(|m| m.version)
                     .max()
@@ -235,8 +235,10 @@ async fn migrate(database_url: &str, wait: Duration) -> ExitCode {
                 println!("fabric migrate: the schema is at migration {last}");
                 return ExitCode::SUCCESS;
             }
-            Err(statefabric_store::StoreError::Unavailable(err))
-                if tokio::time::Instant::now() + backoff < deadline =>
+            // Not reached yet (the migrations themselves did not run).
+            Err(err)
+                if !matches!(err, sqlx::Error::Migrate(_))
+                    && tokio::time::Instant::now() + backoff < deadline =>
             {
                 eprintln!(
                     "fabric migrate: the database cannot be reached yet ({err}); trying again"

@@ -65,19 +65,19 @@ pub async fn serve(ctx: ServiceContext<ControlPlaneConfig>) -> anyhow::Result<()
         LeaderBackend::Solo => Arc::new(Solo),
         LeaderBackend::Postgres | LeaderBackend::Kubernetes => {
             if let Some(owner) = &leader.postgres_migrate_url {
-                statefabric_store::pg::migrate(owner)
+                statefabric_db::pg::migrate(owner)
                     .await
                     .context("applying Postgres migrations")?;
             }
-            let connected = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(4)
-                .acquire_timeout(leader.ttl / 2)
-                .connect(&leader.postgres_url)
+            let mut options = statefabric_db::pg::PoolOptions::new(&leader.postgres_url, 4);
+            options.min_connections = 0;
+            options.acquire_timeout = leader.ttl / 2;
+            let connected = statefabric_db::pg::connect(&options)
                 .await
                 .context("connecting to Postgres (leader.postgres_url)")?;
             tracing::info!(identity = %replica, lease = %leader.name, "electing");
             ctx.register_metrics(|registry| {
-                statefabric_store::pg::register_pool_metrics(registry, "leader", connected.clone());
+                statefabric_db::pg::register_pool_metrics(registry, "leader", connected.clone());
             });
             pool = Some(connected.clone());
             let fence = PgElector::new(connected, &leader.name, &replica);

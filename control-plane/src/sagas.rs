@@ -15,7 +15,7 @@ use statefabric_saga_engine::{Engine, EngineSettings};
 use statefabric_saga_store::SagaStore;
 use statefabric_saga_store::pg::PgSagaStore;
 use statefabric_saga_store::sqlite::SqliteSagaStore;
-use statefabric_store::sqlite::{SqliteConfig, SqliteEventStore};
+use statefabric_store::sqlite::SqliteConfig;
 
 use crate::config::{ApiConfig, LeaderConfig, SagaBackend, SagaTransport, SagasConfig};
 
@@ -37,25 +37,20 @@ pub async fn open_store<C>(
                 .context("connecting the saga store to Postgres")?;
             ctx.shutdown.spawn(store.listen(ctx.shutdown.token()));
             ctx.register_metrics(|registry| {
-                statefabric_store::pg::register_pool_metrics(
-                    registry,
-                    "sagas",
-                    store.pool().clone(),
-                );
+                statefabric_db::pg::register_pool_metrics(registry, "sagas", store.pool().clone());
             });
             Arc::new(store)
         }
         SagaBackend::Sqlite => {
-            let events = SqliteEventStore::open(SqliteConfig {
-                path: config.sqlite_path.clone(),
-                ..SqliteConfig::default()
-            })
+            let defaults = SqliteConfig::default();
+            let pools = statefabric_db::sqlite::open(
+                &config.sqlite_path,
+                defaults.read_connections,
+                defaults.query_timeout,
+            )
             .await
             .with_context(|| format!("opening {}", config.sqlite_path.display()))?;
-            Arc::new(SqliteSagaStore::new(
-                events.writer_pool().clone(),
-                events.reader().clone(),
-            ))
+            Arc::new(SqliteSagaStore::new(pools.writer, pools.reader))
         }
     })
 }

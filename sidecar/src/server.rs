@@ -14,7 +14,7 @@ use statefabric_saga_store::pg::PgTaskQueue;
 use statefabric_saga_store::sqlite::SqliteSagaStore;
 use statefabric_store::EventStore;
 use statefabric_store::context::ContextStore;
-use statefabric_store::pg::{self, PgEventStore};
+use statefabric_store::pg::PgEventStore;
 use statefabric_store::sqlite::SqliteEventStore;
 
 use crate::cache::ContextCache;
@@ -82,10 +82,10 @@ pub async fn open_storage(ctx: &ServiceContext<SidecarConfig>) -> anyhow::Result
         }
         Backend::Postgres => {
             if let Some(owner) = &config.storage.postgres_migrate_url {
-                pg::migrate(owner)
+                statefabric_db::pg::migrate(owner)
                     .await
                     .context("applying Postgres migrations")?;
-                pg::create_tenant(owner, &tenant, "").await?;
+                statefabric_db::pg::create_tenant(owner, &tenant, "").await?;
             }
             // A sidecar acts for its one tenant: its connections start so.
             let store = PgEventStore::connect_for(config.storage.postgres.clone(), &tenant)

@@ -72,9 +72,9 @@ pub async fn onboard(
     sidecar_postgres: &str,
     sidecar_redis: &[String],
 ) -> anyhow::Result<TenantCredentials> {
-    statefabric_store::pg::create_tenant(owner_url, tenant, display_name).await?;
+    statefabric_db::pg::create_tenant(owner_url, tenant, display_name).await?;
     let pg_password = new_password();
-    let role = statefabric_store::pg::create_tenant_login(owner_url, tenant, &pg_password).await?;
+    let role = statefabric_db::pg::create_tenant_login(owner_url, tenant, &pg_password).await?;
     let redis_password = new_password();
     let access = redis_access(tenant);
     let mut user = String::new();

@@ -146,12 +146,12 @@ pub async fn pg_app_store_with_two_tenants() -> anyhow::Result<(
     statefabric_domain::TenantId,
     statefabric_domain::TenantId,
 )> {
-    statefabric_store::pg::migrate(&pg_admin_url()).await?;
+    statefabric_db::pg::migrate(&pg_admin_url()).await?;
     let fresh =
         || statefabric_domain::TenantId::new(format!("t-{}", uuid::Uuid::new_v4().simple()));
     let (ours, theirs) = (fresh()?, fresh()?);
     for t in [&ours, &theirs] {
-        statefabric_store::pg::create_tenant(&pg_admin_url(), t, "test").await?;
+        statefabric_db::pg::create_tenant(&pg_admin_url(), t, "test").await?;
     }
     let store = statefabric_store::pg::PgEventStore::connect(statefabric_store::pg::PgConfig {
         url: pg_app_url(),

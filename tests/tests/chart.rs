@@ -459,7 +459,7 @@ async fn installed_from_the_chart_the_fabric_injects_and_serves_an_agent_deploym
     let _turn = TURN.lock().await;
     let client = client().await?;
     chart::ensure_namespace().await?;
-    statefabric_store::pg::migrate(&statefabric_tests::pg_admin_url()).await?;
+    statefabric_db::pg::migrate(&statefabric_tests::pg_admin_url()).await?;
     // The database Secret the chart expects (values: database.secretName).
     let control_url = statefabric_tests::pg_control_url();
     let database = serde_json::json!({

@@ -94,7 +94,7 @@ async fn fence_accepts(pool: &sqlx::PgPool, lease: &str, epoch: u64) -> anyhow::
 
 #[tokio::test]
 async fn a_lease_has_one_holder_and_every_new_term_a_larger_epoch() -> anyhow::Result<()> {
-    statefabric_store::pg::migrate(&env::pg_admin_url()).await?;
+    statefabric_db::pg::migrate(&env::pg_admin_url()).await?;
     let pool = pool().await?;
     let name = lease();
     let a = PgElector::new(pool.clone(), &name, "a");

@@ -10,13 +10,13 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use serde_json::{Value, json};
 use statefabric_domain::{ExpectedVersion, NewEvent, StreamId, TenantId};
-use statefabric_store::pg::{self, PgConfig, PgEventStore};
+use statefabric_store::pg::{PgConfig, PgEventStore};
 use statefabric_store::{AppendRequest, EventStore, Scope};
 use statefabric_tests as env;
 
 #[tokio::test]
 async fn an_appended_event_arrives_on_its_routed_topic() -> anyhow::Result<()> {
-    pg::migrate(&env::pg_admin_url()).await?;
+    statefabric_db::pg::migrate(&env::pg_admin_url()).await?;
     env::kafka::register_debezium().await?;
     let name = env::kafka::DEBEZIUM_CONNECTOR;
     let status_url = format!("{}/connectors/{name}/status", env::connect_url());
@@ -46,7 +46,7 @@ async fn an_appended_event_arrives_on_its_routed_topic() -> anyhow::Result<()> {
     let run = uuid::Uuid::new_v4().simple().to_string();
     let stream_type = format!("cdctest_{}", &run[..8]);
     let tenant = TenantId::new(format!("t-{}", &run[..12]))?;
-    pg::create_tenant(&env::pg_admin_url(), &tenant, "cdc test").await?;
+    statefabric_db::pg::create_tenant(&env::pg_admin_url(), &tenant, "cdc test").await?;
     let store = PgEventStore::connect(PgConfig {
         url: env::pg_app_url(),
         ..PgConfig::default()

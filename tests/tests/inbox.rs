@@ -15,7 +15,7 @@ async fn a_consumer_killed_between_effect_and_commit_applies_nothing_twice() -> 
     let topic = format!("inbox-test-{run}");
     let group = format!("inbox-group-{run}");
     let table = format!("inbox_effects_{}", &run[..12]);
-    statefabric_store::pg::migrate(&env::pg_admin_url()).await?;
+    statefabric_db::pg::migrate(&env::pg_admin_url()).await?;
     let owner = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect(&env::pg_admin_url())

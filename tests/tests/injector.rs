@@ -515,7 +515,7 @@ async fn an_onboarded_tenants_sidecar_runs_on_postgres_and_redis_as_the_tenants_
     let _turn = TURN.lock().await;
     let admin = client().await?;
     install_crds(&admin).await?;
-    statefabric_store::pg::migrate(&env::pg_admin_url()).await?;
+    statefabric_db::pg::migrate(&env::pg_admin_url()).await?;
     let test_id = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let tenant = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
     let cp_port = env::free_port();

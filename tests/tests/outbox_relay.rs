@@ -16,7 +16,7 @@ use serde_json::json;
 use statefabric_domain::{ExpectedVersion, NewEvent, StreamId, TenantId};
 use statefabric_schema::messages::EventEnvelope;
 use statefabric_schema::{AvroCodec, RegistryClient};
-use statefabric_store::pg::{self, PgConfig, PgEventStore};
+use statefabric_store::pg::{PgConfig, PgEventStore};
 use statefabric_store::{AppendRequest, EventStore, Scope};
 use statefabric_tests as env;
 use statefabric_tests::process;
@@ -54,7 +54,7 @@ async fn appended_events_reach_their_topic_once_and_in_order() -> anyhow::Result
     cp.ready().await?;
 
     let tenant = TenantId::new(format!("t-{}", &run[..12]))?;
-    pg::create_tenant(&admin, &tenant, "relay test").await?;
+    statefabric_db::pg::create_tenant(&admin, &tenant, "relay test").await?;
     let store = Arc::new(
         PgEventStore::connect(PgConfig {
             url: env::pg_app_url(),
@@ -254,7 +254,7 @@ async fn with_kafka_unreachable_the_breaker_opens_and_nothing_is_lost() -> anyho
     )?;
     cp.ready().await?;
     let tenant = TenantId::new(format!("t-{}", &run[..12]))?;
-    pg::create_tenant(&admin, &tenant, "relay down").await?;
+    statefabric_db::pg::create_tenant(&admin, &tenant, "relay down").await?;
     let store = PgEventStore::connect(PgConfig {
         url: env::pg_app_url(),
         ..PgConfig::default()
@@ -317,7 +317,7 @@ async fn a_relay_stopped_mid_transaction_aborts_it() -> anyhow::Result<()> {
     let stream_type = format!("relaystop_{}", &run[..8]);
     let admin = env::pg_admin_url();
     let tenant = TenantId::new(format!("t-{}", &run[..12]))?;
-    pg::create_tenant(&admin, &tenant, "relay stop").await?;
+    statefabric_db::pg::create_tenant(&admin, &tenant, "relay stop").await?;
     let store = Arc::new(
         PgEventStore::connect(PgConfig {
             url: env::pg_app_url(),

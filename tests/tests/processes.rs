@@ -212,7 +212,7 @@ async fn traces_are_exported_over_otlp_when_configured() -> anyhow::Result<()> {
 #[tokio::test]
 async fn fabric_migrate_applies_the_migrations_and_fails_clearly_without_a_database()
 -> anyhow::Result<()> {
-    let newest = statefabric_store::pg::MIGRATOR
+    let newest = statefabric_db::pg::MIGRATOR
         .iter()
         .map(|m| m.version)
         .max()

@@ -77,8 +77,8 @@ struct Run {
 
 async fn start_run(sagas: usize) -> anyhow::Result<Run> {
     let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
-    statefabric_store::pg::migrate(&env::pg_admin_url()).await?;
-    statefabric_store::pg::create_tenant(&env::pg_admin_url(), &TenantId::new(tenant.clone())?, "")
+    statefabric_db::pg::migrate(&env::pg_admin_url()).await?;
+    statefabric_db::pg::create_tenant(&env::pg_admin_url(), &TenantId::new(tenant.clone())?, "")
         .await?;
     let sidecar = process::sidecar(Storage::Postgres, &tenant, "agents", &[]).await?;
     let client = StateClient::connect(sidecar.grpc.clone()).await?;

@@ -35,7 +35,7 @@ async fn tasks_and_replies_travel_through_the_outbox_and_kafka() -> anyhow::Resu
     cp.ready().await?;
 
     let tenant = format!("t{}", &run[..12]);
-    statefabric_store::pg::create_tenant(&admin, &TenantId::new(tenant.clone())?, "").await?;
+    statefabric_db::pg::create_tenant(&admin, &TenantId::new(tenant.clone())?, "").await?;
     let sidecar = process::sidecar(
         Storage::Postgres,
         &tenant,

@@ -37,9 +37,9 @@ async fn sqlite() -> anyhow::Result<Fixture> {
 
 async fn postgres() -> anyhow::Result<Fixture> {
     let admin = env::pg_admin_url();
-    statefabric_store::pg::migrate(&admin).await?;
+    statefabric_db::pg::migrate(&admin).await?;
     let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
-    statefabric_store::pg::create_tenant(&admin, &TenantId::new(tenant.clone())?, "").await?;
+    statefabric_db::pg::create_tenant(&admin, &TenantId::new(tenant.clone())?, "").await?;
     let store = PgSagaStore::connect(&env::pg_control_url(), 4).await?;
     let queue = PgTaskQueue::connect(&env::pg_app_url(), &tenant, 2).await?;
     // Waiting workers are woken by NOTIFY, as in a sidecar (the listener

@@ -132,7 +132,7 @@ async fn over_kafka_a_sagas_tasks_and_replies_stay_in_its_trace() -> anyhow::Res
     let mut cp = process::spawn("statefabric-control-plane", &[], &process::borrowed(&vars))?;
     cp.ready().await?;
     let tenant = format!("t{}", &run[..12]);
-    statefabric_store::pg::create_tenant(
+    statefabric_db::pg::create_tenant(
         &statefabric_tests::pg_admin_url(),
         &statefabric_domain::TenantId::new(tenant.clone())?,
         "",

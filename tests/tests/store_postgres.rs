@@ -23,7 +23,7 @@ static MIGRATED: OnceCell<()> = OnceCell::const_new();
 async fn migrated() {
     MIGRATED
         .get_or_init(|| async {
-            pg::migrate(&env::pg_admin_url())
+            statefabric_db::pg::migrate(&env::pg_admin_url())
                 .await
                 .unwrap_or_else(|e| panic!("migrations failed ({}): {e}", env::START_HINT));
         })
@@ -48,7 +48,7 @@ async fn store_with(config: PgConfig) -> PgEventStore {
 async fn new_tenant() -> TenantId {
     migrated().await;
     let tenant = TenantId::new(format!("t-{}", uuid::Uuid::new_v4().simple())).expect("tenant id");
-    pg::create_tenant(&env::pg_admin_url(), &tenant, "test")
+    statefabric_db::pg::create_tenant(&env::pg_admin_url(), &tenant, "test")
         .await
         .expect("create tenant");
     tenant
@@ -797,7 +797,8 @@ async fn a_tenant_login_reaches_its_own_tenant_whatever_the_session_names() -> a
     let attacker = new_tenant().await;
     let id = secret_stream(&store, &victim).await?;
     let password = uuid::Uuid::new_v4().simple().to_string();
-    let role = pg::create_tenant_login(&env::pg_admin_url(), &attacker, &password).await?;
+    let role =
+        statefabric_db::pg::create_tenant_login(&env::pg_admin_url(), &attacker, &password).await?;
     assert!(role.starts_with("sft_"), "{role}");
 
     // The attacker's own login, naming the victim's tenant: nothing.

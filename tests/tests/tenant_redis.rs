@@ -128,7 +128,7 @@ async fn a_tenant_redis_user_reaches_its_own_keys_only() -> anyhow::Result<()> {
 /// are refused.
 #[tokio::test]
 async fn onboarding_sets_the_tenants_user_on_every_cluster_node() -> anyhow::Result<()> {
-    statefabric_store::pg::migrate(&env::pg_admin_url()).await?;
+    statefabric_db::pg::migrate(&env::pg_admin_url()).await?;
     let (ours, theirs) = (tenant(), tenant());
     let nodes = env::redis_cluster_urls();
     let credentials = statefabric_sidecar::tenancy::onboard(

@@ -17,7 +17,7 @@ use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use statefabric_bench::{Latencies, drop_tenant, report};
 use statefabric_domain::{Checkpoint, ExpectedVersion, NewEvent, StreamId, TenantId};
-use statefabric_store::pg::{self, PgConfig, PgEventStore};
+use statefabric_store::pg::{PgConfig, PgEventStore};
 use statefabric_store::{AppendRequest, EventStore, Scope};
 use statefabric_tests as env;
 
@@ -45,7 +45,7 @@ fn event(i: usize) -> NewEvent {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let duration = Duration::from_secs(args.seconds);
-    pg::migrate(&env::pg_admin_url()).await?;
+    statefabric_db::pg::migrate(&env::pg_admin_url()).await?;
     let max_writers = args.writers.iter().copied().max().unwrap_or(1);
     let store = PgEventStore::connect(PgConfig {
         url: env::pg_app_url(),
@@ -128,7 +128,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn new_tenant() -> anyhow::Result<TenantId> {
     let tenant = TenantId::new(format!("bench-{}", uuid::Uuid::new_v4().simple()))?;
-    pg::create_tenant(&env::pg_admin_url(), &tenant, "bench").await?;
+    statefabric_db::pg::create_tenant(&env::pg_admin_url(), &tenant, "bench").await?;
     Ok(tenant)
 }
 

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{Column, PgPool, Row};
 use statefabric_saga::Definition;
 use tokio::sync::watch;
@@ -57,23 +57,22 @@ fn map_err(e: sqlx::Error) -> StoreError {
 }
 
 async fn pool(url: &str, connections: u32, tenant: Option<&str>) -> Result<PgPool> {
-    let options: PgConnectOptions = url
-        .parse()
-        .map_err(|e: sqlx::Error| StoreError::Invalid(format!("postgres url: {e}")))?;
-    let mut settings = vec![("statement_timeout", "10000".to_owned())];
+    let mut options = statefabric_db::pg::PoolOptions::new(url, connections);
+    options.application_name = "statefabric-sagas";
+    options
+        .settings
+        .push(("statement_timeout", "10000".to_owned()));
     if let Some(tenant) = tenant {
-        settings.push(("statefabric.tenant", tenant.to_owned()));
+        options
+            .settings
+            .push(("statefabric.tenant", tenant.to_owned()));
     }
-    let options = options
-        .options(settings.iter().map(|(k, v)| (*k, v.as_str())))
-        .application_name("statefabric-sagas");
-    PgPoolOptions::new()
-        .max_connections(connections)
-        .min_connections(1)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options)
+    statefabric_db::pg::connect(&options)
         .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))
+        .map_err(|e| match e {
+            sqlx::Error::Configuration(_) => StoreError::Invalid(format!("postgres url: {e}")),
+            other => StoreError::Unavailable(other.to_string()),
+        })
 }
 
 /// Calls `on_payload` on every notification on `channel` (and with an

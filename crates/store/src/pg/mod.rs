@@ -2,9 +2,8 @@
 //!
 //! Connects as the application role (not the tables' owner), so Row-Level
 //! Security confines every statement to the tenant named at the start of its
-//! transaction. Migrations and tenant registration need the owner role and
-//! are separate functions ([`migrate`], [`create_tenant`],
-//! [`create_tenant_login`]).
+//! transaction. Migrations, tenant registration and tenant logins need the
+//! owner role and are `statefabric-db`'s (`statefabric_db::pg`).
 
 pub(crate) mod announce;
 pub(crate) mod append;
@@ -17,7 +16,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 use statefabric_domain::{Checkpoint, RecordedEvent, Snapshot, StreamId, TenantId};
 use tokio::sync::watch;
@@ -27,9 +25,6 @@ pub use announce::CONTEXT_CHANNEL;
 use crate::error::{Result, StoreError};
 use crate::limits::Limits;
 use crate::port::{AppendOutcome, AppendRequest, EventStore, Scope, StreamInfo};
-
-/// Migrations for the Postgres schema, embedded at build time.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
 /// How the store reaches Postgres.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,19 +76,14 @@ impl Default for PgConfig {
     }
 }
 
-/// Pool gauges, read at scrape time.
-#[derive(Debug, Default)]
-pub struct PoolStats {
-    waiting: AtomicI64,
-}
-
 /// The event, context, audit and replay stores on Postgres: one pool,
 /// cheap to clone.
 #[derive(Debug, Clone)]
 pub struct PgEventStore {
     pool: PgPool,
     config: Arc<PgConfig>,
-    stats: Arc<PoolStats>,
+    /// Callers waiting for a connection (a pool gauge).
+    waiting: Arc<AtomicI64>,
     appended: Arc<watch::Sender<u64>>,
     /// The tenant every connection acts for from its start, if one
     /// ([`Self::connect_for`]).
@@ -128,18 +118,19 @@ impl PgEventStore {
     }
 
     async fn connect_with(config: PgConfig, tenant: Option<&TenantId>) -> Result<Self> {
-        let options: PgConnectOptions = config.url.parse().map_err(StoreError::Unavailable)?;
-        let statement_timeout = format!("{}ms", config.query_timeout.as_millis());
-        let mut settings = vec![("statement_timeout", statement_timeout.as_str())];
+        let mut options = statefabric_db::pg::PoolOptions::new(&config.url, config.max_connections);
+        options.min_connections = config.min_connections;
+        options.acquire_timeout = config.acquire_timeout;
+        options.settings.push((
+            "statement_timeout",
+            format!("{}ms", config.query_timeout.as_millis()),
+        ));
         if let Some(tenant) = tenant {
-            settings.push(("statefabric.tenant", tenant.as_str()));
+            options
+                .settings
+                .push(("statefabric.tenant", tenant.as_str().to_owned()));
         }
-        let options = options.options(settings).application_name("statefabric");
-        let pool = PgPoolOptions::new()
-            .max_connections(config.max_connections)
-            .min_connections(config.min_connections)
-            .acquire_timeout(config.acquire_timeout)
-            .connect_with(options)
+        let pool = statefabric_db::pg::connect(&options)
             .await
             .map_err(StoreError::Unavailable)?;
         Ok(Self {
@@ -158,7 +149,7 @@ impl PgEventStore {
     pub fn from_pool(pool: PgPool, config: PgConfig) -> Self {
         Self {
             config: Arc::new(config),
-            stats: Arc::default(),
+            waiting: Arc::default(),
             appended: Arc::new(watch::channel(0).0),
             acting_for: None,
             announcer: announce::Announcer::new(pool.clone()),
@@ -181,9 +172,9 @@ impl PgEventStore {
 
     /// Registers pool gauges (in use, idle, waiting) in `registry`.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
-        registry.register_collector(Box::new(PoolCollector {
+        registry.register_collector(Box::new(statefabric_db::pg::PoolGauges {
             pool: self.pool.clone(),
-            stats: Some(self.stats.clone()),
+            waiting: Some(self.waiting.clone()),
         }));
     }
 
@@ -201,9 +192,9 @@ impl PgEventStore {
         tenant: &TenantId,
         lock: LockFor<'_>,
     ) -> Result<Transaction<'static, Postgres>> {
-        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        self.waiting.fetch_add(1, Ordering::Relaxed);
         let tx = self.pool.begin().await;
-        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
         let mut tx = tx.map_err(map_err)?;
         let query = match lock {
             LockFor::Nothing => sqlx::query("SELECT set_config('statefabric.tenant', $1, true)")
@@ -367,69 +358,6 @@ impl EventStore for PgEventStore {
     }
 }
 
-/// Applies the schema migrations as the owner role. Safe to run from several
-/// processes at once (sqlx serializes them with an advisory lock).
-pub async fn migrate(owner_url: &str) -> Result<()> {
-    // Through a one-connection pool: the migrator's future over a bare
-    // `&mut PgConnection` is not `Send` for every lifetime, which callers that
-    // spawn their start-up need.
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(owner_url)
-        .await
-        .map_err(StoreError::Unavailable)?;
-    let result = MIGRATOR
-        .run(&pool)
-        .await
-        .map_err(|e| StoreError::Backend(sqlx::Error::Migrate(Box::new(e))));
-    pool.close().await;
-    result
-}
-
-/// Registers a tenant (owner role). Registering an existing tenant is a no-op.
-pub async fn create_tenant(owner_url: &str, tenant: &TenantId, display_name: &str) -> Result<()> {
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(owner_url)
-        .await
-        .map_err(StoreError::Unavailable)?;
-    sqlx::query(
-        "INSERT INTO tenants (tenant_id, display_name) VALUES ($1, $2) ON CONFLICT (tenant_id) DO NOTHING",
-    )
-    .bind(tenant.as_str())
-    .bind(display_name)
-    .execute(&pool)
-    .await
-    .map_err(map_err)?;
-    pool.close().await;
-    Ok(())
-}
-
-/// Makes the tenant's own Postgres login (or gives it a new password):
-/// a member of `statefabric_app_role` bound to this tenant, so whatever
-/// tenant a session names, it reaches this tenant's rows only (migration
-/// 0024). Returns the role name. Run as the schema owner (needs
-/// CREATEROLE); the tenant must exist.
-pub async fn create_tenant_login(
-    owner_url: &str,
-    tenant: &TenantId,
-    password: &str,
-) -> Result<String> {
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(owner_url)
-        .await
-        .map_err(StoreError::Unavailable)?;
-    let role: String = sqlx::query_scalar("SELECT statefabric_create_tenant_login($1, $2)::text")
-        .bind(tenant.as_str())
-        .bind(password)
-        .fetch_one(&pool)
-        .await
-        .map_err(map_err)?;
-    pool.close().await;
-    Ok(role)
-}
-
 /// Maps driver errors to the store's: connection trouble is `Unavailable`,
 /// a cancelled statement is a `Timeout`, everything else a `Backend` failure.
 pub(crate) fn map_err(err: sqlx::Error) -> StoreError {
@@ -443,68 +371,5 @@ pub(crate) fn map_err(err: sqlx::Error) -> StoreError {
             StoreError::Timeout(Duration::ZERO)
         }
         _ => StoreError::Backend(err),
-    }
-}
-
-/// Registers the gauges of any other Postgres pool of a process (in use,
-/// idle, its maximum), labelled `pool="<name>"`: the control plane's leader
-/// and saga-store pools, say.
-pub fn register_pool_metrics(
-    registry: &mut prometheus_client::registry::Registry,
-    name: &'static str,
-    pool: PgPool,
-) {
-    registry
-        .sub_registry_with_label(("pool".into(), name.into()))
-        .register_collector(Box::new(PoolCollector { pool, stats: None }));
-}
-
-#[derive(Debug)]
-struct PoolCollector {
-    pool: PgPool,
-    /// Callers waiting, where the pool's owner counts them.
-    stats: Option<Arc<PoolStats>>,
-}
-
-impl prometheus_client::collector::Collector for PoolCollector {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::DescriptorEncoder,
-    ) -> std::result::Result<(), std::fmt::Error> {
-        use prometheus_client::encoding::EncodeMetric;
-        use prometheus_client::metrics::gauge::ConstGauge;
-        let size = i64::from(self.pool.size());
-        let idle = i64::try_from(self.pool.num_idle()).unwrap_or(i64::MAX);
-        let mut gauges = vec![
-            (
-                "store_pool_connections_in_use",
-                "Postgres connections checked out",
-                size - idle,
-            ),
-            (
-                "store_pool_connections_idle",
-                "Postgres connections idle in the pool",
-                idle,
-            ),
-            (
-                "store_pool_connections_max",
-                "Postgres connections the pool may open",
-                i64::from(self.pool.options().get_max_connections()),
-            ),
-        ];
-        if let Some(stats) = &self.stats {
-            gauges.push((
-                "store_pool_waiting",
-                "Callers waiting for a Postgres connection",
-                stats.waiting.load(Ordering::Relaxed),
-            ));
-        }
-        for (name, help, value) in gauges {
-            let gauge = ConstGauge::new(value);
-            let metric_encoder =
-                encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
-            gauge.encode(metric_encoder)?;
-        }
-        Ok(())
     }
 }

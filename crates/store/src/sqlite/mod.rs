@@ -12,7 +12,6 @@
 pub(crate) mod write;
 
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +19,6 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use statefabric_domain::{Checkpoint, RecordedEvent, Snapshot, StreamId, TenantId};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -29,9 +27,6 @@ use crate::error::{InvalidInput, Result, StoreError};
 use crate::event_row::{EventColumns, recorded_event};
 use crate::limits::Limits;
 use crate::port::{AppendOutcome, AppendRequest, EventStore, Scope, StreamInfo};
-
-/// Migrations for the embedded schema, embedded at build time.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
 /// Where and how the embedded store keeps its file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,37 +72,16 @@ pub struct SqliteEventStore {
 impl SqliteEventStore {
     /// Opens (creating if needed) the database and applies migrations.
     pub async fn open(config: SqliteConfig) -> Result<Self> {
-        if let Some(dir) = config.path.parent()
-            && !dir.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
-        }
-        let base = SqliteConnectOptions::from_str("sqlite://")
-            .map_err(StoreError::Unavailable)?
-            .filename(&config.path)
-            .journal_mode(SqliteJournalMode::Wal)
-            // WAL with NORMAL is durable across application crashes; only an
-            // OS crash or power loss can lose the last transactions.
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(config.query_timeout);
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(config.query_timeout)
-            .connect_with(base.clone().create_if_missing(true))
-            .await
-            .map_err(StoreError::Unavailable)?;
-        MIGRATOR
-            .run(&writer)
-            .await
-            .map_err(|e| StoreError::Backend(sqlx::Error::Migrate(Box::new(e))))?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(config.read_connections.max(1))
-            .acquire_timeout(config.query_timeout)
-            .connect_with(base.read_only(true))
-            .await
-            .map_err(StoreError::Unavailable)?;
+        let statefabric_db::sqlite::Pools { writer, reader } = statefabric_db::sqlite::open(
+            &config.path,
+            config.read_connections,
+            config.query_timeout,
+        )
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Migrate(_) => StoreError::Backend(e),
+            other => StoreError::Unavailable(other),
+        })?;
         let config = Arc::new(config);
         let context_writes =
             crate::context::sqlite::group::GroupWriter::spawn(writer.clone(), config.clone());

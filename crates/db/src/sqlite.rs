@@ -1,0 +1,58 @@
+//! The embedded SQLite file: migrations and its pools — one writer
+//! connection (SQLite has one writer at a time; a pool of one queues
+//! writers in the process instead of in SQLite's busy loop) and read-only
+//! connections beside it.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+/// Every SQLite migration, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
+
+/// The pools of one database file.
+#[derive(Debug, Clone)]
+pub struct Pools {
+    /// The single writer connection.
+    pub writer: SqlitePool,
+    /// Read-only connections.
+    pub reader: SqlitePool,
+}
+
+/// Opens the file at `path` (creating it and its directory if missing),
+/// applies the migrations, and opens `read_connections` readers; every
+/// wait (for the writer, for a lock) is bounded by `timeout`.
+pub async fn open(
+    path: &Path,
+    read_connections: u32,
+    timeout: Duration,
+) -> Result<Pools, sqlx::Error> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    let base = SqliteConnectOptions::from_str("sqlite://")?
+        .filename(path)
+        .journal_mode(SqliteJournalMode::Wal)
+        // WAL with NORMAL is durable across application crashes; only an
+        // OS crash or power loss can lose the last transactions.
+        .synchronous(SqliteSynchronous::Normal)
+        .foreign_keys(true)
+        .busy_timeout(timeout);
+    let writer = SqlitePoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(timeout)
+        .connect_with(base.clone().create_if_missing(true))
+        .await?;
+    MIGRATOR.run(&writer).await?;
+    let reader = SqlitePoolOptions::new()
+        .max_connections(read_connections.max(1))
+        .acquire_timeout(timeout)
+        .connect_with(base.read_only(true))
+        .await?;
+    Ok(Pools { writer, reader })
+}

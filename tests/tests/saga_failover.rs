@@ -124,7 +124,7 @@ async fn count(pool: &sqlx::PgPool, tenant: &str, status: &str) -> anyhow::Resul
 async fn check_exactly_once(run: &Run, sagas: usize) -> anyhow::Result<()> {
     let pool = sqlx::PgPool::connect(&env::pg_admin_url()).await?;
     env::eventually("every saga is DONE", Duration::from_secs(90), || async {
-        Ok((count(&pool, &run.tenant, "DONE").await? == sagas as i64).then_some(()))
+        Ok((count(&pool, &run.tenant, "DONE").await? == i64::try_from(sagas)?).then_some(()))
     })
     .await?;
     let completed: i64 = sqlx::query_scalar(
@@ -135,7 +135,7 @@ async fn check_exactly_once(run: &Run, sagas: usize) -> anyhow::Result<()> {
     .await?;
     assert_eq!(
         completed,
-        3 * sagas as i64,
+        3 * i64::try_from(sagas)?,
         "PLAN, CODE, CRITIQUE once each"
     );
     let repeated = sqlx::query(
@@ -205,7 +205,10 @@ async fn sigkill_mid_flight_loses_nothing_and_repeats_nothing() -> anyhow::Resul
         anyhow::bail!("{err}: sagas by status {statuses:?}; control plane:\n{stderr}");
     }
     let done = count(&pool, &run.tenant, "DONE").await?;
-    assert!(done < SAGAS as i64, "killed in the middle ({done} done)");
+    assert!(
+        done < i64::try_from(SAGAS)?,
+        "killed in the middle ({done} done)"
+    );
     first.stop_with(Signal::SIGKILL).await.ok();
 
     let second = control_plane(&lease, "second").await?;

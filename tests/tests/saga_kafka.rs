@@ -71,7 +71,7 @@ async fn tasks_and_replies_travel_through_the_outbox_and_kafka() -> anyhow::Resu
         .bind(&tenant)
         .fetch_one(&pool)
         .await?;
-        Ok((done == SAGAS as i64).then_some(()))
+        Ok((done == i64::try_from(SAGAS)?).then_some(()))
     })
     .await?;
     let (completed, claimed): (i64, i64) = sqlx::query_as(
@@ -81,7 +81,7 @@ async fn tasks_and_replies_travel_through_the_outbox_and_kafka() -> anyhow::Resu
     .bind(&tenant)
     .fetch_one(&pool)
     .await?;
-    assert_eq!(completed, 3 * SAGAS as i64);
+    assert_eq!(completed, 3 * i64::try_from(SAGAS)?);
     assert_eq!(claimed, 0, "no task was taken from the tables");
     // The plan's output carries the input the agent got from the command.
     let plan: Value = sqlx::query_scalar(
@@ -104,7 +104,7 @@ async fn tasks_and_replies_travel_through_the_outbox_and_kafka() -> anyhow::Resu
         messages += h - l;
     }
     assert!(
-        messages >= SAGAS as i64,
+        messages >= i64::try_from(SAGAS)?,
         "{messages} planner commands on {topic}"
     );
 

@@ -17,14 +17,15 @@ use statefabric_tests as env;
 use statefabric_tests::saga_contract::Fixture;
 
 async fn sqlite() -> anyhow::Result<Fixture> {
-    let dir = tempfile::tempdir()?;
+    // The file outlives the test's handle on the directory.
+    let dir = tempfile::tempdir()?.keep();
+    // The event store too: the saga store writes operators' audit rows
+    // into its audit log, which the contract reads back.
     let events = SqliteEventStore::open(SqliteConfig {
-        path: dir.path().join("events.db"),
+        path: dir.join("events.db"),
         ..SqliteConfig::default()
     })
     .await?;
-    // The file outlives the test's handle on the directory.
-    std::mem::forget(dir);
     let store = SqliteSagaStore::new(events.writer_pool().clone(), events.reader().clone());
     Ok(Fixture {
         store: Arc::new(store.clone()),

@@ -48,6 +48,16 @@ pub(crate) struct CacheLimits {
     pub max_age: Duration,
 }
 
+/// The document of an entry not older than `max_age`.
+fn servable(
+    entry: Option<&(Arc<ContextDocument>, usize, Instant)>,
+    max_age: Duration,
+) -> Option<Arc<ContextDocument>> {
+    entry
+        .filter(|(_, _, at)| at.elapsed() <= max_age)
+        .map(|(doc, _, _)| doc.clone())
+}
+
 #[derive(Debug)]
 struct Inner {
     lru: LruCache<String, (Arc<ContextDocument>, usize, Instant)>,
@@ -155,11 +165,7 @@ impl ContextCache {
         let found = if self.trusted.load(Ordering::SeqCst) {
             let mut inner = self.lock();
             let max_age = inner.limits.max_age;
-            inner
-                .lru
-                .get(id)
-                .filter(|(_, _, at)| at.elapsed() <= max_age)
-                .map(|(doc, _, _)| doc.clone())
+            servable(inner.lru.get(id), max_age)
         } else {
             None
         };
@@ -178,12 +184,7 @@ impl ContextCache {
             return None;
         }
         let inner = self.lock();
-        let max_age = inner.limits.max_age;
-        inner
-            .lru
-            .peek(id)
-            .filter(|(_, _, at)| at.elapsed() <= max_age)
-            .map(|(doc, _, _)| doc.clone())
+        servable(inner.lru.peek(id), inner.limits.max_age)
     }
 
     /// Caches `doc` unless a newer revision is already cached.

@@ -84,15 +84,20 @@ impl SessionsService {
         }
     }
 
-    fn resolve(&self, namespace: String, id: String) -> Result<(SessionKey, Policy), Status> {
+    /// The policy of a configured namespace.
+    fn policy(&self, namespace: &str) -> Result<Policy, Status> {
         let namespaces = self.namespaces.load();
-        let policy = *namespaces.get(&namespace).ok_or_else(|| {
+        namespaces.get(namespace).copied().ok_or_else(|| {
             let known: Vec<&str> = namespaces.keys().map(String::as_str).collect();
             Status::invalid_argument(format!(
                 "namespace `{namespace}` is not configured (configured: {})",
                 known.join(", ")
             ))
-        })?;
+        })
+    }
+
+    fn resolve(&self, namespace: String, id: String) -> Result<(SessionKey, Policy), Status> {
+        let policy = self.policy(&namespace)?;
         Ok((
             SessionKey {
                 tenant: self.tenant.clone(),
@@ -193,12 +198,12 @@ impl Sessions for SessionsService {
         request: Request<pb::GetSessionsRequest>,
     ) -> Result<Response<pb::GetSessionsResponse>, Status> {
         let raw = request.into_inner();
-        let (key, policy) = self.resolve(raw.namespace, String::new())?;
+        let policy = self.policy(&raw.namespace)?;
         let read = self
             .store
             .get_many(
-                &key.tenant,
-                &key.namespace,
+                &self.tenant,
+                &raw.namespace,
                 &raw.ids,
                 policy.ttl,
                 policy.expiry,

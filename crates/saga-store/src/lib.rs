@@ -14,7 +14,7 @@
 //! Its own crate so that what serves agents (the sidecar's task API, the
 //! Kafka saga transport) depends on the port and not on the engine that
 //! runs on the leader (`statefabric-saga-engine`). It does not own the
-//! schema: the saga tables' migrations are `statefabric-store`'s, run
+//! schema: the saga tables' migrations are `statefabric-db`'s, run
 //! before either adapter is opened.
 #![warn(missing_docs)]
 

@@ -238,10 +238,35 @@ async fn crdt_documents_merge_writes_from_many_sidecars() -> anyhow::Result<()> 
         task.await??;
     }
     let mut c = context(&sidecars[0]).await?;
-    let doc = c.get(&counter).await?.expect("counter");
+    // Other sidecars' writes reach this one's cache when their
+    // announcements arrive (after their commits): wait until it has seen
+    // every writer's last write, then check what the merge made of them.
+    let seen_all = |id: String, writes: u64| {
+        let c = c.clone();
+        move || {
+            let mut c = c.clone();
+            let id = id.clone();
+            async move {
+                Ok(c.get(&id).await?.filter(|d| {
+                    let writers = d.vector.as_map();
+                    writers.len() == 3 && writers.values().all(|n| *n == writes)
+                }))
+            }
+        }
+    };
+    let doc = env::eventually(
+        "every write to the counter seen",
+        Duration::from_secs(5),
+        seen_all(counter.clone(), 11),
+    )
+    .await?;
     assert_eq!(doc.content, json!(3 * 10 - 3 * 2));
-    assert_eq!(doc.vector.as_map().len(), 3);
-    let set = c.get(&files).await?.expect("set");
+    let set = env::eventually(
+        "every write to the set seen",
+        Duration::from_secs(5),
+        seen_all(files.clone(), 10),
+    )
+    .await?;
     assert_eq!(set.content.as_array().map(Vec::len), Some(30));
 
     // Removing an element removes it everywhere; a put on a set is refused.

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use statefabric_domain::SagaId;
 use statefabric_saga_engine::Engine;
 use statefabric_saga_store::{TaskRow, TaskStatus};
 use statefabric_sdk::{StateClient, Task, TaskClient};
@@ -189,12 +190,17 @@ impl Progress {
     /// Redraws (terminal) or prints changes (pipe) until every sample saga
     /// has ended, then prints a summary.
     async fn follow(&self, engine: &Engine, stop: &CancellationToken) {
+        // The sample ids are valid saga ids (the sidecar accepted them).
+        let samples: Vec<(SagaId, &str, &str)> = SAMPLES
+            .iter()
+            .filter_map(|(id, what, expected)| Some((SagaId::new(*id).ok()?, *what, *expected)))
+            .collect();
         let mut last: Vec<String> = Vec::new();
         let mut drawn = 0;
         loop {
             let mut lines = Vec::new();
             let mut ended = 0;
-            for (id, what, _) in SAMPLES {
+            for (id, what, _) in &samples {
                 let store = engine.store();
                 let (status, trail) = match (store.load(id).await, store.tasks(id).await) {
                     (Ok(Some(saga)), Ok(tasks)) => {
@@ -205,11 +211,14 @@ impl Progress {
                     }
                     _ => ("STARTING".to_owned(), String::new()),
                 };
-                lines.push(format!("{id:<7} {what:<34} {status:<12} {trail}"));
+                lines.push(format!(
+                    "{:<7} {what:<34} {status:<12} {trail}",
+                    id.as_str()
+                ));
             }
             drawn = self.draw(&lines, &last, drawn);
             last = lines;
-            if ended == SAMPLES.len() {
+            if ended == samples.len() {
                 break;
             }
             tokio::select! {
@@ -218,7 +227,7 @@ impl Progress {
             }
         }
         let mut summary = Vec::new();
-        for (id, _, expected) in SAMPLES {
+        for (id, _, expected) in &samples {
             let status = match engine.store().load(id).await {
                 Ok(Some(saga)) => saga.instance.status.to_string(),
                 _ => "?".into(),

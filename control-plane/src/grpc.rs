@@ -53,8 +53,8 @@ fn millis(t: chrono::DateTime<chrono::Utc>) -> i64 {
 
 fn summary(s: &Summary) -> pb::SagaSummary {
     pb::SagaSummary {
-        saga_id: s.saga_id.clone(),
-        tenant: s.tenant.clone(),
+        saga_id: s.saga_id.to_string(),
+        tenant: s.tenant.to_string(),
         definition: s.definition.clone(),
         version: s.version,
         status: s.status.to_string(),
@@ -68,8 +68,8 @@ fn summary(s: &Summary) -> pb::SagaSummary {
 
 fn stored(s: &Stored) -> pb::SagaSummary {
     pb::SagaSummary {
-        saga_id: s.instance.id.clone(),
-        tenant: s.tenant.clone(),
+        saga_id: s.instance.id.to_string(),
+        tenant: s.tenant.to_string(),
         definition: s.instance.definition.clone(),
         version: s.instance.version,
         status: s.instance.status.to_string(),

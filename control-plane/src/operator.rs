@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 use serde_json::{Value, json};
+use statefabric_domain::TenantId;
 use statefabric_saga::graph::{self, Graph};
 use statefabric_saga::machine::OperatorAction;
-use statefabric_saga::{Definition, Status};
+use statefabric_saga::{Definition, SagaId, Status};
 use statefabric_saga_engine::{Engine, EngineError};
 use statefabric_saga_store::{Filter, OperatorAudit, StoreError, Stored, Summary, TaskRow};
 
@@ -196,10 +197,15 @@ impl Operator {
             return Err(OpError::invalid("limit must be 1-1000"));
         }
         let ago = |d: Duration| Utc::now() - chrono::Duration::from_std(d).unwrap_or_default();
+        let tenant = p
+            .tenant
+            .as_deref()
+            .map(|t| TenantId::new(t).map_err(|e| OpError::invalid(e.to_string())))
+            .transpose()?;
         let mut filter = Filter {
             definition: p.definition.clone(),
             status,
-            tenant: p.tenant,
+            tenant,
             started_before: p.older_than.map(ago),
             idle_since: None,
             limit: p.limit,
@@ -231,18 +237,23 @@ impl Operator {
 
     /// One saga as stored (NotFound when there is none).
     pub async fn saga(&self, id: &str) -> OpResult<Stored> {
+        self.load(&saga_id(id)?).await
+    }
+
+    async fn load(&self, id: &SagaId) -> OpResult<Stored> {
         self.engine
             .store()
             .load(id)
             .await?
-            .ok_or_else(|| EngineError::UnknownSaga(id.to_owned()).into())
+            .ok_or_else(|| EngineError::UnknownSaga(id.to_string()).into())
     }
 
     /// The saga with its tasks (step executions) and history.
     pub async fn show(&self, id: &str) -> OpResult<Value> {
-        let saga = self.saga(id).await?;
-        let tasks = self.engine.store().tasks(id).await?;
-        let history = self.engine.store().history(id).await?;
+        let id = saga_id(id)?;
+        let saga = self.load(&id).await?;
+        let tasks = self.engine.store().tasks(&id).await?;
+        let history = self.engine.store().history(&id).await?;
         Ok(json!({"saga": saga, "tasks": tasks, "history": history}))
     }
 
@@ -256,9 +267,11 @@ impl Operator {
         data: Value,
         actor: &str,
     ) -> OpResult<Stored> {
+        let tenant = TenantId::new(tenant).map_err(|e| OpError::invalid(e.to_string()))?;
+        let id = saga_id.as_deref().map(self::saga_id).transpose()?;
         let saga = self
             .engine
-            .start(tenant, saga_id, definition, data, actor)
+            .start(&tenant, id, definition, data, actor)
             .await?;
         tracing::info!(target: "audit", operator = %actor, saga = %saga.instance.id, "saga started");
         Ok(saga)
@@ -303,6 +316,7 @@ impl Operator {
     /// Applies `action` to a saga, recorded in its history and the tenant's
     /// audit log whether it is applied or refused.
     pub async fn act(&self, id: &str, action: OperatorAction, actor: &str) -> OpResult<Stored> {
+        let id = &saga_id(id)?;
         let name = action.name();
         let asked = serde_json::to_value(&action).unwrap_or(Value::Null);
         let acted = self.engine.operate(id, action, actor).await;
@@ -320,7 +334,7 @@ impl Operator {
                 // saga exists (an unknown id has no tenant to file it under).
                 let tenant = match err {
                     EngineError::UnknownSaga(_) => None,
-                    _ => self.saga(id).await.ok().map(|saga| saga.tenant),
+                    _ => self.load(id).await.ok().map(|saga| saga.tenant),
                 };
                 (
                     tenant,
@@ -333,7 +347,7 @@ impl Operator {
                 tenant,
                 operator: actor.to_owned(),
                 action: name.to_owned(),
-                saga_id: id.to_owned(),
+                saga_id: id.clone(),
                 details,
             };
             if let Err(err) = self.engine.store().audit_operator(&entry).await {
@@ -363,7 +377,8 @@ impl Operator {
 
     /// A saga's graph with each step's state and timings.
     pub async fn saga_graph(&self, id: &str, format: Option<&str>) -> OpResult<Rendered> {
-        let saga = self.saga(id).await?;
+        let id = &saga_id(id)?;
+        let saga = self.load(id).await?;
         let definition = self
             .engine
             .registry()
@@ -388,6 +403,12 @@ impl Operator {
             format,
         )
     }
+}
+
+/// A saga id from an API's path or message: malformed ones are refused
+/// (400 / INVALID_ARGUMENT) rather than looked up.
+fn saga_id(id: &str) -> OpResult<SagaId> {
+    SagaId::new(id).map_err(|e| OpError::invalid(e.to_string()))
 }
 
 /// A graph in the asked format.

@@ -16,12 +16,11 @@ use std::time::Duration;
 
 use futures::Stream;
 use serde_json::Value;
-use statefabric_domain::TenantId;
+use statefabric_domain::{SagaId, TenantId};
 use statefabric_proto::state::v1 as pb;
 use statefabric_proto::state::v1::tasks_server::Tasks;
 use statefabric_saga_store::{
     Claim, InboxMessage, Replied, Reply, StartRequest, StartRequested, TaskQueue, TaskRow,
-    check_saga_id,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -56,7 +55,7 @@ pub(crate) struct TasksService {
 fn to_pb(task: TaskRow) -> pb::Task {
     pb::Task {
         key: task.key,
-        saga_id: task.saga_id,
+        saga_id: task.saga_id.to_string(),
         step: task.step,
         visit: task.visit,
         attempt: task.attempt,
@@ -84,7 +83,7 @@ fn agent_type(agent: &str) -> Result<&str, Status> {
     }
 }
 
-fn task_key(key: &str) -> Result<String, Status> {
+fn task_key(key: &str) -> Result<SagaId, Status> {
     key.parse::<statefabric_saga::TaskKey>()
         .map(|k| k.saga)
         .map_err(|e| Status::invalid_argument(e.to_string()))
@@ -201,7 +200,7 @@ impl TasksService {
         }
     }
 
-    async fn reply(&self, saga: &str, message: InboxMessage) -> Result<(), Status> {
+    async fn reply(&self, saga: &SagaId, message: InboxMessage) -> Result<(), Status> {
         let key = message.task_key().unwrap_or_default().to_owned();
         let replied = self
             .queue
@@ -327,7 +326,7 @@ impl Tasks for TasksService {
         } else {
             raw.saga_id
         };
-        check_saga_id(&id).map_err(Status::invalid_argument)?;
+        let id = SagaId::new(id).map_err(|e| Status::invalid_argument(format!("saga_id: {e}")))?;
         if raw.definition.is_empty() {
             return Err(Status::invalid_argument("definition is required"));
         }
@@ -351,7 +350,9 @@ impl Tasks for TasksService {
             .await
             .map_err(from_saga_store)?
         {
-            StartRequested::Accepted => Ok(Response::new(pb::StartSagaResponse { saga_id: id })),
+            StartRequested::Accepted => Ok(Response::new(pb::StartSagaResponse {
+                saga_id: id.to_string(),
+            })),
             StartRequested::Exists => Err(Status::already_exists(format!(
                 "saga {id} exists or is being started"
             ))),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 use statefabric_domain::TenantId;
 use statefabric_saga::machine::Effect;
-use statefabric_saga::{Definition, Input, Instance, Status, TaskKey, builtin};
+use statefabric_saga::{Definition, Input, Instance, SagaId, Status, TaskKey, builtin};
 use statefabric_saga_store::{
     Claim, Committed, Fence, Filter, InboxMessage, OpenTasks, OperatorAudit, Record, Replied,
     Reply, SagaStore, StartRequest, StartRequested, StoreError, TaskQueue, TaskRow, TaskStatus,
@@ -74,13 +74,13 @@ macro_rules! saga_contract_tests {
     };
 }
 
-fn id() -> String {
-    format!("saga-{}", uuid::Uuid::new_v4().simple())
+fn id() -> SagaId {
+    SagaId::new(format!("saga-{}", uuid::Uuid::new_v4().simple())).expect("a valid saga id")
 }
 
 /// The commit for `effects` of a transition of `instance`.
 pub fn transition(
-    tenant: &str,
+    tenant: &TenantId,
     instance: Instance,
     expected: Option<i64>,
     trigger: Trigger,
@@ -102,9 +102,15 @@ const SAGA_TRACE: &str = "00-8bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0
 
 async fn started(f: &Fixture, definition: &Definition) -> anyhow::Result<Instance> {
     f.store.save_definition(definition).await?;
-    let (mut instance, effects) = Instance::start(definition, &id(), json!({"task": "t"}));
+    let (mut instance, effects) = Instance::start(definition, id(), json!({"task": "t"}));
     instance.traceparent = Some(SAGA_TRACE.to_owned());
-    let t = transition(&f.tenant, instance.clone(), None, Trigger::Direct, &effects);
+    let t = transition(
+        &f.tenant_id(),
+        instance.clone(),
+        None,
+        Trigger::Direct,
+        &effects,
+    );
     assert_eq!(
         f.store.commit(f.fence.as_ref(), t).await?,
         Committed::Written(1)
@@ -185,7 +191,7 @@ pub async fn a_reply_is_applied_once_and_late_replies_change_nothing(
         0.5,
     )?;
     let t = transition(
-        &f.tenant,
+        &f.tenant_id(),
         next.clone(),
         Some(1),
         Trigger::Inbox(item.id),
@@ -298,7 +304,7 @@ pub async fn stale_revisions_and_existing_ids_are_refused(f: Fixture) -> anyhow:
         Input::Operator(statefabric_saga::OperatorAction::Pause),
         0.0,
     )?;
-    let t = transition(&f.tenant, paused, Some(1), Trigger::Direct, &[]);
+    let t = transition(&f.tenant_id(), paused, Some(1), Trigger::Direct, &[]);
     assert_eq!(
         f.store.commit(f.fence.as_ref(), t.clone()).await?,
         Committed::Written(2)
@@ -307,7 +313,7 @@ pub async fn stale_revisions_and_existing_ids_are_refused(f: Fixture) -> anyhow:
         Err(StoreError::Conflict(_)) => {}
         other => anyhow::bail!("a stale revision must conflict, got {other:?}"),
     }
-    let fresh = transition(&f.tenant, instance.clone(), None, Trigger::Direct, &[]);
+    let fresh = transition(&f.tenant_id(), instance.clone(), None, Trigger::Direct, &[]);
     assert_eq!(
         f.store.commit(f.fence.as_ref(), fresh).await?,
         Committed::Exists
@@ -370,7 +376,7 @@ pub async fn deadlines_fire_when_due_and_heartbeats_push_them(f: Fixture) -> any
         key: key.clone(),
         kind: statefabric_saga::machine::TimerKind::Deadline,
     };
-    let t = transition(&f.tenant, next, Some(1), trigger, &effects);
+    let t = transition(&f.tenant_id(), next, Some(1), trigger, &effects);
     assert_eq!(
         f.store.commit(f.fence.as_ref(), t.clone()).await?,
         Committed::Written(2)
@@ -390,9 +396,9 @@ pub async fn deadlines_fire_when_due_and_heartbeats_push_them(f: Fixture) -> any
     Ok(())
 }
 
-fn start(saga: &str, definition: &str, data: serde_json::Value) -> StartRequest {
+fn start(saga: &SagaId, definition: &str, data: serde_json::Value) -> StartRequest {
     StartRequest {
-        saga_id: saga.to_owned(),
+        saga_id: saga.clone(),
         definition: definition.to_owned(),
         data,
         traceparent: Some(SAGA_TRACE.to_owned()),
@@ -433,7 +439,7 @@ pub async fn start_requests_are_idempotent_and_checked(f: Fixture) -> anyhow::Re
     assert_eq!(again, StartRequested::Exists);
     let inbox = f.store.inbox(10_000).await?;
     let item = inbox.iter().find(|i| i.saga_id == saga).expect("queued");
-    assert_eq!(item.tenant, f.tenant);
+    assert_eq!(item.tenant.as_str(), f.tenant);
     match &item.message {
         InboxMessage::Start { traceparent, .. } => {
             assert_eq!(
@@ -477,7 +483,7 @@ pub async fn sagas_are_listed_by_filter(f: Fixture) -> anyhow::Result<()> {
     let one = started(&f, &def).await?;
     let two = started(&f, &def).await?;
     let mine = Filter {
-        tenant: Some(f.tenant.clone()),
+        tenant: Some(f.tenant_id()),
         ..Filter::default()
     };
     let listed = f.store.list(&mine).await?;
@@ -504,11 +510,11 @@ pub async fn sagas_are_listed_by_filter(f: Fixture) -> anyhow::Result<()> {
 pub async fn a_batch_commits_each_transition_or_says_why_not(f: Fixture) -> anyhow::Result<()> {
     let def = builtin::plan_code_critique();
     f.store.save_definition(&def).await?;
-    let (a, a_effects) = Instance::start(&def, &id(), json!({"task": "a"}));
-    let (b, b_effects) = Instance::start(&def, &id(), json!({"task": "b"}));
+    let (a, a_effects) = Instance::start(&def, id(), json!({"task": "a"}));
+    let (b, b_effects) = Instance::start(&def, id(), json!({"task": "b"}));
     let starts = vec![
-        transition(&f.tenant, a.clone(), None, Trigger::Direct, &a_effects),
-        transition(&f.tenant, b.clone(), None, Trigger::Direct, &b_effects),
+        transition(&f.tenant_id(), a.clone(), None, Trigger::Direct, &a_effects),
+        transition(&f.tenant_id(), b.clone(), None, Trigger::Direct, &b_effects),
     ];
     assert_eq!(
         f.store.commit_many(f.fence.as_ref(), starts).await?,
@@ -530,15 +536,27 @@ pub async fn a_batch_commits_each_transition_or_says_why_not(f: Fixture) -> anyh
     let b_paused = operate(&b, statefabric_saga::OperatorAction::Pause)?;
     let batch = vec![
         // Two transitions of one saga, the second on top of the first.
-        transition(&f.tenant, a_paused, Some(1), Trigger::Direct, &[]),
-        transition(&f.tenant, a_resumed, Some(2), Trigger::Direct, &[]),
+        transition(&f.tenant_id(), a_paused, Some(1), Trigger::Direct, &[]),
+        transition(&f.tenant_id(), a_resumed, Some(2), Trigger::Direct, &[]),
         // A stale revision, and what was planned on top of it.
-        transition(&f.tenant, b_paused.clone(), Some(5), Trigger::Direct, &[]),
-        transition(&f.tenant, b_paused.clone(), Some(6), Trigger::Direct, &[]),
+        transition(
+            &f.tenant_id(),
+            b_paused.clone(),
+            Some(5),
+            Trigger::Direct,
+            &[],
+        ),
+        transition(
+            &f.tenant_id(),
+            b_paused.clone(),
+            Some(6),
+            Trigger::Direct,
+            &[],
+        ),
         // A trigger that is not there.
-        transition(&f.tenant, b_paused, Some(1), Trigger::Inbox(-42), &[]),
+        transition(&f.tenant_id(), b_paused, Some(1), Trigger::Inbox(-42), &[]),
         // An id that exists.
-        transition(&f.tenant, a.clone(), None, Trigger::Direct, &[]),
+        transition(&f.tenant_id(), a.clone(), None, Trigger::Direct, &[]),
     ];
     assert_eq!(
         f.store.commit_many(f.fence.as_ref(), batch).await?,
@@ -585,7 +603,7 @@ pub async fn concurrent_answers_and_starts_each_get_their_own_outcome(
     let tasks = f.claim("planner", "w", 1000).await?;
     assert_eq!(tasks.len(), N);
     // Each task answered twice at once, and one answer to no task.
-    let mut answers: Vec<(String, InboxMessage)> = Vec::new();
+    let mut answers: Vec<(SagaId, InboxMessage)> = Vec::new();
     for task in tasks.iter().chain(tasks.iter()) {
         let message = InboxMessage::Completed {
             key: task.key.clone(),
@@ -639,8 +657,8 @@ pub async fn concurrent_answers_and_starts_each_get_their_own_outcome(
 
     // Start requests: each new id twice, an existing saga, an unknown
     // definition.
-    let fresh: Vec<String> = (0..N).map(|_| id()).collect();
-    let mut asks: Vec<(String, &str)> = Vec::new();
+    let fresh: Vec<SagaId> = (0..N).map(|_| id()).collect();
+    let mut asks: Vec<(SagaId, &str)> = Vec::new();
     for saga in fresh.iter().chain(fresh.iter()) {
         asks.push((saga.clone(), "plan-code-critique"));
     }
@@ -704,7 +722,7 @@ pub async fn open_tasks_are_counted_per_tenant_and_agent_type(f: Fixture) -> any
 pub async fn operator_actions_are_audited_under_the_sagas_tenant(f: Fixture) -> anyhow::Result<()> {
     let saga = id();
     let entry = OperatorAudit {
-        tenant: f.tenant.clone(),
+        tenant: f.tenant_id(),
         operator: "alice".into(),
         action: "retry".into(),
         saga_id: saga.clone(),
@@ -715,7 +733,7 @@ pub async fn operator_actions_are_audited_under_the_sagas_tenant(f: Fixture) -> 
     let found = f.audit.read(&tenant, "saga.operator.", 1000).await?;
     let row = found
         .iter()
-        .find(|e| e.target == saga)
+        .find(|e| e.target == saga.as_str())
         .ok_or_else(|| anyhow::anyhow!("no audit row for {saga}: {found:?}"))?;
     assert_eq!(
         (row.actor.as_str(), row.action.as_str(), &row.details),

@@ -160,6 +160,35 @@ async fn operators_act_on_sagas_and_bad_input_changes_nothing() -> anyhow::Resul
     assert_eq!(code, 409, "the id is taken");
     let (code, _) = api.call("GET", "/v1/sagas/no-such-saga", None).await?;
     assert_eq!(code, 404);
+    // Ids that cannot name a saga are refused as such, not looked up.
+    let (code, body) = api.call("GET", "/v1/sagas/not@a-saga-id", None).await?;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("saga id")),
+        "{body}"
+    );
+    let (code, body) = api
+        .call("POST", "/v1/sagas/not@a-saga-id/pause", None)
+        .await?;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = api.call("GET", "/v1/sagas?tenant=No-Such", None).await?;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("tenant id")),
+        "{body}"
+    );
+    let (code, body) = api
+        .call(
+            "POST",
+            "/v1/sagas",
+            Some(json!({"tenant": "default", "definition": "ops-test", "saga_id": "a/b", "data": {}})),
+        )
+        .await?;
+    assert_eq!(code, 400, "a saga id with the task key's separator: {body}");
 
     // Actions that do not fit: refused, nothing changes.
     let before = api.saga("ops-1").await?;

@@ -85,10 +85,11 @@ async fn a_stale_epoch_writes_nothing() -> anyhow::Result<()> {
     });
     let def = statefabric_saga::builtin::plan_code_critique();
     f.store.save_definition(&def).await?;
-    let id = format!("saga-{}", uuid::Uuid::new_v4().simple());
-    let (instance, effects) = statefabric_saga::Instance::start(&def, &id, serde_json::json!({}));
+    let id = statefabric_saga::SagaId::new(format!("saga-{}", uuid::Uuid::new_v4().simple()))?;
+    let (instance, effects) =
+        statefabric_saga::Instance::start(&def, id.clone(), serde_json::json!({}));
     let t = statefabric_tests::saga_contract::transition(
-        &f.tenant,
+        &f.tenant_id(),
         instance,
         None,
         statefabric_saga_store::Trigger::Direct,
@@ -117,10 +118,11 @@ async fn a_sidecar_sees_only_its_tenant() -> anyhow::Result<()> {
     let other = postgres().await?;
     let def = statefabric_saga::builtin::plan_code_critique();
     f.store.save_definition(&def).await?;
-    let id = format!("saga-{}", uuid::Uuid::new_v4().simple());
-    let (instance, effects) = statefabric_saga::Instance::start(&def, &id, serde_json::json!({}));
+    let id = statefabric_saga::SagaId::new(format!("saga-{}", uuid::Uuid::new_v4().simple()))?;
+    let (instance, effects) =
+        statefabric_saga::Instance::start(&def, id.clone(), serde_json::json!({}));
     let t = statefabric_tests::saga_contract::transition(
-        &f.tenant,
+        &f.tenant_id(),
         instance,
         None,
         statefabric_saga_store::Trigger::Direct,

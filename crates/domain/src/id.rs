@@ -104,6 +104,14 @@ const STREAM: Rule = Rule {
     accept: general,
 };
 
+const SAGA: Rule = Rule {
+    kind: "saga id",
+    max: 128,
+    allowed: "ASCII letters, digits, '-', '_', '.' and ':'",
+    // No '/' (task keys are `saga/step/visit/attempt`) and no '@'.
+    accept: |c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'),
+};
+
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $rule:expr) => {
         $(#[$doc])*
@@ -169,6 +177,12 @@ id_type!(
     StreamId,
     STREAM
 );
+id_type!(
+    /// A saga instance's id. It starts every task key of the saga
+    /// (`saga/step/visit/attempt`) and appears in URLs.
+    SagaId,
+    SAGA
+);
 
 #[cfg(test)]
 mod tests {
@@ -198,6 +212,11 @@ mod tests {
         assert!(err.to_string().contains("' ' at byte 4"), "{err}");
         // Unicode that merely looks like ASCII is refused too.
         assert!(StreamId::new("tаsk").is_err());
+        // A saga id cannot hold the task key's separator.
+        let err = SagaId::new("a/b").expect_err("slash");
+        assert!(err.to_string().contains("'/' at byte 1"), "{err}");
+        assert!(SagaId::new("run@1").is_err());
+        assert!(SagaId::new("order-7:retry.2_x").is_ok());
     }
 
     #[test]

@@ -20,4 +20,4 @@ pub use aggregate::{Aggregate, SnapshotState};
 pub use clock::{Causality, VectorClock};
 pub use crdt::{CrdtError, CrdtState, MergeType, Op, Stamp};
 pub use event::{Checkpoint, EventMetadata, ExpectedVersion, NewEvent, RecordedEvent, Snapshot};
-pub use id::{AgentId, IdError, StreamId, TenantId};
+pub use id::{AgentId, IdError, SagaId, StreamId, TenantId};

@@ -18,16 +18,17 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde_json::{Value, json};
+use statefabric_domain::TenantId;
 use statefabric_leader::{Leadership, Role};
 use statefabric_saga::machine::{Effect, Input, OperatorAction};
 use statefabric_saga::{
-    Definition, DefinitionError, Instance, Registry, SagaError, Status, TaskKey,
+    Definition, DefinitionError, Instance, Registry, SagaError, SagaId, Status, TaskKey,
 };
 
 use crate::metrics::{DefinitionLabel, Metrics, TaskQueueLabels};
 use statefabric_saga_store::{
     Committed, Fence, Finish, Record, SagaStore, StartRequest, StoreError, Stored, TaskStatus,
-    Transition, Trigger, check_saga_id,
+    Transition, Trigger,
 };
 
 mod busy;
@@ -119,7 +120,7 @@ pub struct Engine {
     /// transition. Only the leader writes, and every write checks the
     /// revision it read, so a stale entry (a former leader's late write)
     /// costs one conflict and a fresh read; cleared at each new term.
-    cache: Mutex<HashMap<String, Stored>>,
+    cache: Mutex<HashMap<SagaId, Stored>>,
     /// The open-task series last exported, so emptied queues read zero.
     open_task_series: Mutex<Vec<TaskQueueLabels>>,
 }
@@ -229,7 +230,7 @@ impl Engine {
             .latest(name)
     }
 
-    fn cached(&self, saga: &str) -> Option<Stored> {
+    fn cached(&self, saga: &SagaId) -> Option<Stored> {
         self.cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -252,7 +253,7 @@ impl Engine {
         cache.insert(stored.instance.id.clone(), stored);
     }
 
-    fn forget(&self, saga: &str) {
+    fn forget(&self, saga: &SagaId) {
         self.cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -272,17 +273,17 @@ impl Engine {
     /// Starts a saga now (the operator API). `id` defaults to a new UUID.
     pub async fn start(
         &self,
-        tenant: &str,
-        id: Option<String>,
+        tenant: &TenantId,
+        id: Option<SagaId>,
         definition: &str,
         data: Value,
         actor: &str,
     ) -> Result<Stored> {
-        let id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        check_saga_id(&id).map_err(EngineError::Invalid)?;
-        if tenant.is_empty() {
-            return Err(EngineError::Invalid("a saga needs a tenant".into()));
-        }
+        let id = match id {
+            Some(id) => id,
+            None => SagaId::new(uuid::Uuid::now_v7().to_string())
+                .map_err(|e| EngineError::Invalid(e.to_string()))?,
+        };
         let fence = self.fence()?;
         let _turn = self.busy.take(&id).await;
         let start = StartRequest {
@@ -294,7 +295,7 @@ impl Engine {
         let Planned { transition, after } =
             self.plan_start(tenant, start, actor, Trigger::Direct)?;
         match self.store.commit(Some(&fence), transition).await? {
-            Committed::Exists => Err(EngineError::Exists(id)),
+            Committed::Exists => Err(EngineError::Exists(id.to_string())),
             committed => {
                 if let Committed::Written(revision) = committed {
                     self.settle(after, revision);
@@ -302,7 +303,7 @@ impl Engine {
                 self.store
                     .load(&id)
                     .await?
-                    .ok_or(EngineError::UnknownSaga(id))
+                    .ok_or_else(|| EngineError::UnknownSaga(id.to_string()))
             }
         }
     }
@@ -310,7 +311,7 @@ impl Engine {
     /// A new saga's first transition.
     fn plan_start(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         start: StartRequest,
         actor: &str,
         trigger: Trigger,
@@ -321,7 +322,6 @@ impl Engine {
             data,
             traceparent,
         } = start;
-        let id = id.as_str();
         let def = self
             .latest(&definition)
             .ok_or_else(|| EngineError::UnknownDefinition(definition.clone()))?;
@@ -345,7 +345,7 @@ impl Engine {
             transition,
             after: After {
                 next: Stored {
-                    tenant: tenant.to_owned(),
+                    tenant: tenant.clone(),
                     instance,
                     revision: 1,
                     started_at: now,
@@ -365,7 +365,7 @@ impl Engine {
     /// does not fit the saga's state.
     pub async fn operate(
         &self,
-        saga_id: &str,
+        saga_id: &SagaId,
         action: OperatorAction,
         actor: &str,
     ) -> Result<Stored> {
@@ -388,13 +388,13 @@ impl Engine {
         self.store
             .load(saga_id)
             .await?
-            .ok_or_else(|| EngineError::UnknownSaga(saga_id.to_owned()))
+            .ok_or_else(|| EngineError::UnknownSaga(saga_id.to_string()))
     }
 
     /// [`Transition::of`], through the outbox when configured.
     fn transition(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         expected: Option<i64>,
         trigger: Trigger,
         instance: Instance,
@@ -428,7 +428,7 @@ impl Engine {
     async fn advance(
         &self,
         fence: &Fence,
-        saga_id: &str,
+        saga_id: &SagaId,
         trigger: Trigger,
         input: Input,
         record: Record,
@@ -456,7 +456,11 @@ impl Engine {
 
     /// The saga in `slot`, read into it (from the cache or the store) when
     /// empty.
-    async fn current<'s>(&self, slot: &'s mut Option<Stored>, saga_id: &str) -> Result<&'s Stored> {
+    async fn current<'s>(
+        &self,
+        slot: &'s mut Option<Stored>,
+        saga_id: &SagaId,
+    ) -> Result<&'s Stored> {
         if slot.is_none() {
             *slot = match self.cached(saga_id) {
                 Some(stored) => Some(stored),
@@ -464,7 +468,7 @@ impl Engine {
             };
         }
         slot.as_ref()
-            .ok_or_else(|| EngineError::UnknownSaga(saga_id.to_owned()))
+            .ok_or_else(|| EngineError::UnknownSaga(saga_id.to_string()))
     }
 
     /// The transition `input` makes from `stored`.

@@ -38,7 +38,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
-use statefabric_domain::TenantId;
+use statefabric_domain::{SagaId, TenantId};
 use statefabric_leader::{Leadership, Role};
 use statefabric_saga_store::{
     Claim, InboxMessage, Replied, Reply, Result, SagaStore, StartRequest, StartRequested,
@@ -186,12 +186,13 @@ impl KafkaTaskQueue {
     }
 }
 
-fn task_row(command: SagaCommand) -> TaskRow {
+/// The command as a task; an id that does not parse is the message's fault.
+fn task_row(command: SagaCommand) -> Result<TaskRow, String> {
     let input = serde_json::from_slice(&command.input).unwrap_or(Value::Null);
-    TaskRow {
+    Ok(TaskRow {
         key: command.idempotency_key,
-        saga_id: command.saga_id,
-        tenant: command.tenant_id,
+        saga_id: SagaId::new(command.saga_id).map_err(|e| e.to_string())?,
+        tenant: TenantId::new(command.tenant_id).map_err(|e| e.to_string())?,
         step: command.step,
         visit: u32::try_from(command.visit).unwrap_or_default(),
         attempt: u32::try_from(command.attempt).unwrap_or_default(),
@@ -208,7 +209,7 @@ fn task_row(command: SagaCommand) -> TaskRow {
         error: None,
         // From the message's headers (the relay copies the outbox row's).
         traceparent: None,
-    }
+    })
 }
 
 /// Moves commands into the feed, pausing the partitions while it is full.
@@ -256,15 +257,18 @@ async fn consume(
             None => Err("empty message".to_owned()),
         };
         match decoded {
-            Ok(command) if command.tenant_id == tenant => {
-                let mut task = task_row(command);
-                task.traceparent = statefabric_kafka::consumer::header(&message, "traceparent");
-                feed.queue
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push_back(task);
-                feed.signal.send_modify(|n| *n += 1);
-            }
+            Ok(command) if command.tenant_id == tenant => match task_row(command) {
+                Ok(mut task) => {
+                    task.traceparent = statefabric_kafka::consumer::header(&message, "traceparent");
+                    feed.queue
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push_back(task);
+                    feed.signal.send_modify(|n| *n += 1);
+                }
+                // The engine retries the attempt after its deadline.
+                Err(err) => tracing::warn!(error = %err, "skipping a saga command with a bad id"),
+            },
             Ok(command) => tracing::warn!(
                 saga = %command.saga_id,
                 "skipping another tenant's saga command"
@@ -332,7 +336,7 @@ impl TaskQueue for KafkaTaskQueue {
         let reply = SagaReply {
             idempotency_key: key,
             tenant_id: tenant.to_owned(),
-            saga_id: saga_id.to_owned(),
+            saga_id: saga_id.to_string(),
             outcome,
             output,
             error,
@@ -356,7 +360,7 @@ impl TaskQueue for KafkaTaskQueue {
             });
         }
         let record = FutureRecord::to(topics::REPLIES_TOPIC)
-            .key(saga_id)
+            .key(saga_id.as_str())
             .payload(&value)
             .headers(headers);
         self.producer
@@ -528,9 +532,11 @@ impl Handler for Replies {
         // A tenant id that does not parse is the message's fault: a dead letter.
         let tenant = TenantId::new(reply.tenant_id)
             .map_err(|e| Failure::Rejected(format!("saga reply: {e}")))?;
+        let saga_id = SagaId::new(reply.saga_id)
+            .map_err(|e| Failure::Rejected(format!("saga reply: {e}")))?;
         let answer = Reply {
             sender: &reply.agent,
-            saga_id: &reply.saga_id,
+            saga_id: &saga_id,
             message,
         };
         match self.store.accept_reply(&tenant, answer).await {

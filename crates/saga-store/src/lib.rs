@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use statefabric_domain::TenantId;
 use statefabric_saga::machine::{Effect, Task, TimerKind};
-use statefabric_saga::{Definition, Instance, Status, TaskKey};
+use statefabric_saga::{Definition, Instance, SagaId, Status, TaskKey};
 use tokio::sync::watch;
 
 /// Why a saga store call failed.
@@ -70,7 +70,7 @@ pub struct Fence {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Stored {
     /// The tenant the saga belongs to.
-    pub tenant: String,
+    pub tenant: TenantId,
     /// Its state.
     pub instance: Instance,
     /// Increases by one with every committed transition.
@@ -169,7 +169,7 @@ pub struct Record {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition {
     /// The saga's tenant.
-    pub tenant: String,
+    pub tenant: TenantId,
     /// The new state.
     pub instance: Instance,
     /// The revision read (`None`: a new instance).
@@ -199,7 +199,7 @@ impl Transition {
     /// line: what came in (`record`), plus the tasks dispatched and the
     /// status reached. Not yet progressed, nothing finished.
     pub fn of(
-        tenant: &str,
+        tenant: &TenantId,
         expected: Option<i64>,
         trigger: Trigger,
         instance: Instance,
@@ -207,7 +207,7 @@ impl Transition {
         mut record: Record,
     ) -> Self {
         let mut t = Self {
-            tenant: tenant.to_owned(),
+            tenant: tenant.clone(),
             instance,
             expected,
             trigger,
@@ -268,9 +268,9 @@ pub struct InboxItem {
     /// The row's id (a transition's [`Trigger::Inbox`]).
     pub id: i64,
     /// The tenant it came from.
-    pub tenant: String,
+    pub tenant: TenantId,
     /// The saga it is for.
-    pub saga_id: String,
+    pub saga_id: SagaId,
     /// What it says.
     pub message: InboxMessage,
     /// Who sent it (a worker's or caller's identity).
@@ -296,7 +296,7 @@ pub struct Reply<'a> {
     /// The worker's identity.
     pub sender: &'a str,
     /// The saga the task is of.
-    pub saga_id: &'a str,
+    pub saga_id: &'a SagaId,
     /// The answer ([`InboxMessage::Completed`] or [`InboxMessage::Failed`]).
     pub message: InboxMessage,
 }
@@ -305,7 +305,7 @@ pub struct Reply<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StartRequest {
     /// The new saga's id (the caller's, so a retried start is a duplicate).
-    pub saga_id: String,
+    pub saga_id: SagaId,
     /// The definition's name.
     pub definition: String,
     /// A JSON object.
@@ -368,7 +368,7 @@ impl InboxMessage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DueTimer {
     /// The saga it is of.
-    pub saga_id: String,
+    pub saga_id: SagaId,
     /// The attempt's task key.
     pub key: String,
     /// What it fires.
@@ -381,9 +381,9 @@ pub struct TaskRow {
     /// The task key (`saga/step/visit/attempt[/undo]`).
     pub key: String,
     /// The saga it is of.
-    pub saga_id: String,
+    pub saga_id: SagaId,
     /// The saga's tenant.
-    pub tenant: String,
+    pub tenant: TenantId,
     /// The step.
     pub step: String,
     /// The visit of the step.
@@ -443,7 +443,7 @@ pub struct Filter {
     /// Only in this status.
     pub status: Option<Status>,
     /// Only of this tenant.
-    pub tenant: Option<String>,
+    pub tenant: Option<TenantId>,
     /// Started before this.
     pub started_before: Option<DateTime<Utc>>,
     /// Still open and without progress since this (stuck candidates).
@@ -456,9 +456,9 @@ pub struct Filter {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
     /// Its id.
-    pub saga_id: String,
+    pub saga_id: SagaId,
     /// Its tenant.
-    pub tenant: String,
+    pub tenant: TenantId,
     /// Its definition's name.
     pub definition: String,
     /// The definition's version it runs on.
@@ -486,7 +486,7 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
     async fn definitions(&self) -> Result<Vec<Definition>>;
 
     /// A saga as stored.
-    async fn load(&self, saga_id: &str) -> Result<Option<Stored>>;
+    async fn load(&self, saga_id: &SagaId) -> Result<Option<Stored>>;
 
     /// Commits one transition, if `fence` is still the newest term; a saga
     /// changed since its read is [`StoreError::Conflict`].
@@ -527,10 +527,10 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
     async fn list(&self, filter: &Filter) -> Result<Vec<Summary>>;
 
     /// A saga's history, oldest first.
-    async fn history(&self, saga_id: &str) -> Result<Vec<HistoryEntry>>;
+    async fn history(&self, saga_id: &SagaId) -> Result<Vec<HistoryEntry>>;
 
     /// A saga's tasks (every attempt of every step), oldest first.
-    async fn tasks(&self, saga_id: &str) -> Result<Vec<TaskRow>>;
+    async fn tasks(&self, saga_id: &SagaId) -> Result<Vec<TaskRow>>;
 
     /// Open sagas of `definition` without progress since `since`, and those
     /// STUCK.
@@ -554,13 +554,13 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
 #[derive(Debug, Clone, PartialEq)]
 pub struct OperatorAudit {
     /// The saga's tenant (whose audit log gets the row).
-    pub tenant: String,
+    pub tenant: TenantId,
     /// The operator's name.
     pub operator: String,
     /// The action's name (`retry`, `skip`, `cancel`, ...).
     pub action: String,
     /// The saga acted on.
-    pub saga_id: String,
+    pub saga_id: SagaId,
     /// The outcome (`applied`, or `refused` and why) and the particulars.
     pub details: Value,
 }
@@ -663,27 +663,6 @@ pub(crate) fn not_queued(kind: &str, status: Option<TaskStatus>) -> Replied {
         Some(TaskStatus::Failed) if kind == "failed" => Replied::Duplicate,
         Some(_) => Replied::NotCurrent,
     }
-}
-
-/// Saga ids go into task keys (`saga/step/visit/attempt`) and URLs.
-pub fn check_saga_id(id: &str) -> Result<(), String> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "saga id {id:?} must be 1-128 characters of letters, digits, '-', '_', '.' or ':'"
-        ))
-    }
-}
-
-/// The saga id a task key starts with.
-pub fn saga_of(key: &str) -> &str {
-    key.split('/').next().unwrap_or_default()
 }
 
 pub(crate) fn timer_kind_str(kind: TimerKind) -> &'static str {

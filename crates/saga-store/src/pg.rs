@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{Column, PgPool, Row};
-use statefabric_saga::Definition;
+use statefabric_saga::{Definition, SagaId};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -350,12 +350,12 @@ impl SagaStore for PgSagaStore {
             .collect()
     }
 
-    async fn load(&self, saga_id: &str) -> Result<Option<Stored>> {
+    async fn load(&self, saga_id: &SagaId) -> Result<Option<Stored>> {
         let row = sqlx::query(
             "SELECT tenant_id, state, revision, started_at, updated_at, progressed_at, ended_at
                FROM saga_instances WHERE saga_id = $1",
         )
-        .bind(saga_id)
+        .bind(saga_id.as_str())
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err)?;
@@ -474,7 +474,7 @@ impl SagaStore for PgSagaStore {
         )
         .bind(filter.definition.as_deref())
         .bind(filter.status.map(status_str))
-        .bind(filter.tenant.as_deref())
+        .bind(filter.tenant.as_ref().map(TenantId::as_str))
         .bind(filter.started_before)
         .bind(filter.idle_since)
         .bind(i64::from(filter.limit.unwrap_or(100)))
@@ -484,23 +484,23 @@ impl SagaStore for PgSagaStore {
         rows.iter().map(row::summary).collect()
     }
 
-    async fn history(&self, saga_id: &str) -> Result<Vec<HistoryEntry>> {
+    async fn history(&self, saga_id: &SagaId) -> Result<Vec<HistoryEntry>> {
         let rows = sqlx::query(
             "SELECT revision, at, kind, actor, epoch, detail FROM saga_history
               WHERE saga_id = $1 ORDER BY revision, idx",
         )
-        .bind(saga_id)
+        .bind(saga_id.as_str())
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
         rows.iter().map(row::history_entry).collect()
     }
 
-    async fn tasks(&self, saga_id: &str) -> Result<Vec<TaskRow>> {
+    async fn tasks(&self, saga_id: &SagaId) -> Result<Vec<TaskRow>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {TASK_COLUMNS} FROM saga_tasks WHERE saga_id = $1 ORDER BY dispatched_at, task_key"
         )))
-        .bind(saga_id)
+        .bind(saga_id.as_str())
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
@@ -537,10 +537,10 @@ impl SagaStore for PgSagaStore {
             "INSERT INTO audit_log (tenant_id, actor, action, target, details)
              VALUES ($1, $2, $3, $4, $5)",
         )
-        .bind(&entry.tenant)
+        .bind(entry.tenant.as_str())
         .bind(&entry.operator)
         .bind(entry.action_name())
-        .bind(&entry.saga_id)
+        .bind(entry.saga_id.as_str())
         .bind(&entry.details)
         .execute(&self.pool)
         .await

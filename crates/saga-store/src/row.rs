@@ -33,6 +33,16 @@ pub(crate) fn bad_json(column: &str, e: serde_json::Error) -> StoreError {
     StoreError::Backend(format!("stored {column}: {e}"))
 }
 
+/// An id column, parsed: the store only ever wrote valid ones.
+fn id<T: std::str::FromStr>(row: &impl Columns, column: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    let text = row.text(column)?;
+    text.parse()
+        .map_err(|e| StoreError::Backend(format!("stored {column} {text:?}: {e}")))
+}
+
 /// A stored count that cannot be negative or past `u32` reads as 0: the
 /// schema's checks keep it in range.
 fn count(value: i64) -> u32 {
@@ -41,7 +51,7 @@ fn count(value: i64) -> u32 {
 
 pub(crate) fn stored(row: &impl Columns) -> Result<Stored> {
     Ok(Stored {
-        tenant: row.text("tenant_id")?,
+        tenant: id(row, "tenant_id")?,
         instance: row.json("state")?,
         revision: row.int("revision")?,
         started_at: row.time("started_at")?,
@@ -54,8 +64,8 @@ pub(crate) fn stored(row: &impl Columns) -> Result<Stored> {
 pub(crate) fn task_row(row: &impl Columns) -> Result<TaskRow> {
     Ok(TaskRow {
         key: row.text("task_key")?,
-        saga_id: row.text("saga_id")?,
-        tenant: row.text("tenant_id")?,
+        saga_id: id(row, "saga_id")?,
+        tenant: id(row, "tenant_id")?,
         step: row.text("step")?,
         visit: count(row.int("visit")?),
         attempt: count(row.int("attempt")?),
@@ -78,8 +88,8 @@ pub(crate) fn task_row(row: &impl Columns) -> Result<TaskRow> {
 
 pub(crate) fn summary(row: &impl Columns) -> Result<Summary> {
     Ok(Summary {
-        saga_id: row.text("saga_id")?,
-        tenant: row.text("tenant_id")?,
+        saga_id: id(row, "saga_id")?,
+        tenant: id(row, "tenant_id")?,
         definition: row.text("definition")?,
         version: count(row.int("version")?),
         status: parse_status(&row.text("status")?)?,
@@ -104,8 +114,8 @@ pub(crate) fn history_entry(row: &impl Columns) -> Result<HistoryEntry> {
 pub(crate) fn inbox_item(row: &impl Columns) -> Result<InboxItem> {
     Ok(InboxItem {
         id: row.int("inbox_id")?,
-        tenant: row.text("tenant_id")?,
-        saga_id: row.text("saga_id")?,
+        tenant: id(row, "tenant_id")?,
+        saga_id: id(row, "saga_id")?,
         message: row.json("body")?,
         sender: row.text("sender")?,
     })
@@ -113,7 +123,7 @@ pub(crate) fn inbox_item(row: &impl Columns) -> Result<InboxItem> {
 
 pub(crate) fn due_timer(row: &impl Columns) -> Result<DueTimer> {
     Ok(DueTimer {
-        saga_id: row.text("saga_id")?,
+        saga_id: id(row, "saga_id")?,
         key: row.text("task_key")?,
         kind: parse_timer_kind(&row.text("kind")?),
     })

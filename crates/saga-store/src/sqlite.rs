@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqlitePool};
-use statefabric_saga::Definition;
+use statefabric_saga::{Definition, SagaId};
 use tokio::sync::watch;
 
 use super::{
@@ -145,7 +145,7 @@ impl SqliteSagaStore {
         .map_err(map_err)?;
         let traces: HashMap<String, Option<String>> = rows.into_iter().collect();
         for task in tasks {
-            task.traceparent = traces.get(&task.saga_id).cloned().flatten();
+            task.traceparent = traces.get(task.saga_id.as_str()).cloned().flatten();
         }
         Ok(())
     }
@@ -212,13 +212,13 @@ impl SagaStore for SqliteSagaStore {
             .collect()
     }
 
-    async fn load(&self, saga_id: &str) -> Result<Option<Stored>> {
+    async fn load(&self, saga_id: &SagaId) -> Result<Option<Stored>> {
         // From the writer: the engine reads its own last commit.
         let row = sqlx::query(
             "SELECT tenant_id, state, revision, started_at, updated_at, progressed_at, ended_at
                FROM saga_instances WHERE saga_id = ?",
         )
-        .bind(saga_id)
+        .bind(saga_id.as_str())
         .fetch_optional(&self.writer)
         .await
         .map_err(map_err)?;
@@ -235,7 +235,10 @@ impl SagaStore for SqliteSagaStore {
         // `Exists` consumed its trigger: that much is kept.
         tx.commit().await.map_err(map_err)?;
         if let Committed::Written(_) = committed {
-            self.wake_agents(&t.tenant, t.dispatch.iter().map(|d| d.agent.clone()));
+            self.wake_agents(
+                t.tenant.as_str(),
+                t.dispatch.iter().map(|d| d.agent.clone()),
+            );
         }
         Ok(committed)
     }
@@ -266,7 +269,10 @@ impl SagaStore for SqliteSagaStore {
         tx.commit().await.map_err(map_err)?;
         for (t, outcome) in transitions.iter().zip(&outcomes) {
             if matches!(outcome, Committed::Written(_)) {
-                self.wake_agents(&t.tenant, t.dispatch.iter().map(|d| d.agent.clone()));
+                self.wake_agents(
+                    t.tenant.as_str(),
+                    t.dispatch.iter().map(|d| d.agent.clone()),
+                );
             }
         }
         Ok(outcomes)
@@ -335,7 +341,7 @@ impl SagaStore for SqliteSagaStore {
         )
         .bind(filter.definition.as_deref())
         .bind(filter.status.map(status_str))
-        .bind(filter.tenant.as_deref())
+        .bind(filter.tenant.as_ref().map(TenantId::as_str))
         .bind(filter.started_before.map(|t| t.timestamp_millis()))
         .bind(filter.idle_since.map(|t| t.timestamp_millis()))
         .bind(i64::from(filter.limit.unwrap_or(100)))
@@ -345,23 +351,23 @@ impl SagaStore for SqliteSagaStore {
         rows.iter().map(row::summary).collect()
     }
 
-    async fn history(&self, saga_id: &str) -> Result<Vec<HistoryEntry>> {
+    async fn history(&self, saga_id: &SagaId) -> Result<Vec<HistoryEntry>> {
         let rows = sqlx::query(
             "SELECT revision, at, kind, actor, epoch, detail FROM saga_history
               WHERE saga_id = ? ORDER BY revision, idx",
         )
-        .bind(saga_id)
+        .bind(saga_id.as_str())
         .fetch_all(&self.reader)
         .await
         .map_err(map_err)?;
         rows.iter().map(row::history_entry).collect()
     }
 
-    async fn tasks(&self, saga_id: &str) -> Result<Vec<TaskRow>> {
+    async fn tasks(&self, saga_id: &SagaId) -> Result<Vec<TaskRow>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {TASK_COLUMNS} FROM saga_tasks WHERE saga_id = ? ORDER BY dispatched_at, task_key"
         )))
-        .bind(saga_id)
+        .bind(saga_id.as_str())
         .fetch_all(&self.reader)
         .await
         .map_err(map_err)?;
@@ -397,10 +403,10 @@ impl SagaStore for SqliteSagaStore {
             "INSERT INTO audit_log (tenant_id, actor, action, target, details)
              VALUES (?, ?, ?, ?, ?)",
         )
-        .bind(&entry.tenant)
+        .bind(entry.tenant.as_str())
         .bind(&entry.operator)
         .bind(entry.action_name())
-        .bind(&entry.saga_id)
+        .bind(entry.saga_id.as_str())
         .bind(entry.details.to_string())
         .execute(&self.writer)
         .await

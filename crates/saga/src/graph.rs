@@ -276,7 +276,7 @@ mod tests {
 
     use super::*;
     use crate::builtin::plan_code_critique;
-    use crate::machine::Input;
+    use crate::machine::{Input, saga_id};
 
     #[test]
     fn the_definition_graph_has_every_step_end_and_transition() {
@@ -302,7 +302,7 @@ mod tests {
     #[test]
     fn an_instance_shows_where_it_is() {
         let d = plan_code_critique();
-        let (mut i, effects) = Instance::start(&d, "s", json!({"task": "t"}));
+        let (mut i, effects) = Instance::start(&d, saga_id("s"), json!({"task": "t"}));
         let Some(crate::machine::Effect::Dispatch(plan)) = effects
             .iter()
             .find(|e| matches!(e, crate::machine::Effect::Dispatch(_)))

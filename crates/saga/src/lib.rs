@@ -34,6 +34,6 @@ pub mod registry;
 pub mod validate;
 
 pub use definition::{Definition, RetryPolicy, Step, Target};
-pub use machine::{Effect, Input, Instance, OperatorAction, SagaError, Status, TaskKey};
+pub use machine::{Effect, Input, Instance, OperatorAction, SagaError, SagaId, Status, TaskKey};
 pub use registry::Registry;
 pub use validate::DefinitionError;

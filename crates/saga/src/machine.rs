@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+pub use statefabric_domain::SagaId;
 
 use crate::backoff;
 use crate::definition::{Compensation, Definition, Target};
@@ -63,7 +64,7 @@ impl fmt::Display for Status {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TaskKey {
     /// The saga's id.
-    pub saga: String,
+    pub saga: SagaId,
     /// The step's name.
     pub step: String,
     /// Which visit of the step (from 1; loops visit a step again).
@@ -93,7 +94,7 @@ impl std::str::FromStr for TaskKey {
         let (rest, attempt) = rest.rsplit_once('/').ok_or_else(bad)?;
         let (step, visit) = rest.rsplit_once('/').ok_or_else(bad)?;
         Ok(Self {
-            saga: saga.to_owned(),
+            saga: SagaId::new(saga).map_err(|_| bad())?,
             step: step.to_owned(),
             visit: visit.parse().map_err(|_| bad())?,
             attempt: attempt.parse().map_err(|_| bad())?,
@@ -160,7 +161,7 @@ pub struct Held {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
     /// The saga's id.
-    pub id: String,
+    pub id: SagaId,
     /// The definition's name.
     pub definition: String,
     /// The definition's version it runs on (to its end).
@@ -320,7 +321,7 @@ pub enum SagaError {
     #[error("cannot {action} saga {saga} ({status}): {reason}")]
     NotAllowed {
         /// The saga.
-        saga: String,
+        saga: SagaId,
         /// The action's name.
         action: &'static str,
         /// The saga's status.
@@ -332,7 +333,7 @@ pub enum SagaError {
     #[error("saga {saga} runs {definition} v{version}, not the definition given")]
     WrongDefinition {
         /// The saga.
-        saga: String,
+        saga: SagaId,
         /// Its definition's name.
         definition: String,
         /// Its definition's version.
@@ -342,9 +343,9 @@ pub enum SagaError {
 
 impl Instance {
     /// A new instance of `definition`, started: the first step's task.
-    pub fn start(definition: &Definition, id: &str, data: Value) -> (Self, Vec<Effect>) {
+    pub fn start(definition: &Definition, id: SagaId, data: Value) -> (Self, Vec<Effect>) {
         let mut instance = Self {
-            id: id.to_owned(),
+            id,
             definition: definition.name.clone(),
             version: definition.version,
             status: Status::Running,
@@ -777,3 +778,9 @@ impl Instance {
 #[cfg(test)]
 #[path = "machine_tests.rs"]
 mod tests;
+
+/// A saga id for tests.
+#[cfg(test)]
+pub(crate) fn saga_id(id: &str) -> SagaId {
+    SagaId::new(id).expect("a valid saga id")
+}

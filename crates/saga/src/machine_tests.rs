@@ -68,7 +68,7 @@ fn retry_due(i: &mut Instance, d: &Definition, effects: &[Effect]) -> Vec<Effect
 
 fn start() -> (Definition, Instance, Task) {
     let d = plan_code_critique();
-    let (i, effects) = Instance::start(&d, "s1", json!({"task": "fix the build"}));
+    let (i, effects) = Instance::start(&d, saga_id("s1"), json!({"task": "fix the build"}));
     let t = task(&effects);
     (d, i, t)
 }
@@ -338,7 +338,7 @@ fn a_step_failed_while_paused_can_be_skipped_with_an_output() {
         )
         .build()
         .expect("valid");
-    let (mut i, effects) = Instance::start(&d, "s2", json!({}));
+    let (mut i, effects) = Instance::start(&d, saga_id("s2"), json!({}));
     let a = task(&effects);
     i.apply(&d, Input::Operator(OperatorAction::Pause), 0.5)
         .expect("pause");
@@ -403,7 +403,7 @@ proptest! {
     #[test]
     fn every_run_ends_and_never_reuses_a_task_key(replies in proptest::collection::vec(reply(), 1..200)) {
         let d = plan_code_critique();
-        let (mut i, effects) = Instance::start(&d, "p", json!({"task": "t"}));
+        let (mut i, effects) = Instance::start(&d, saga_id("p"), json!({"task": "t"}));
         let mut seen = std::collections::BTreeSet::new();
         let mut out = task(&effects);
         seen.insert(out.key.clone());
@@ -461,7 +461,7 @@ proptest! {
 #[test]
 fn task_keys_parse_back() {
     let key = TaskKey {
-        saga: "s-1".into(),
+        saga: saga_id("s-1"),
         step: "a/b".into(),
         visit: 2,
         attempt: 3,

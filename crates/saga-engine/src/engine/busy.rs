@@ -8,11 +8,12 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
+use statefabric_saga::SagaId;
 use tokio::sync::Notify;
 
 #[derive(Debug, Default)]
 pub(super) struct Busy {
-    sagas: Mutex<HashSet<String>>,
+    sagas: Mutex<HashSet<SagaId>>,
     freed: Notify,
 }
 
@@ -20,32 +21,32 @@ pub(super) struct Busy {
 #[derive(Debug)]
 pub(super) struct Turn<'a> {
     busy: &'a Busy,
-    saga: String,
+    saga: SagaId,
 }
 
 impl Turn<'_> {
-    pub(super) fn saga(&self) -> &str {
+    pub(super) fn saga(&self) -> &SagaId {
         &self.saga
     }
 }
 
 impl Busy {
-    fn sagas(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn sagas(&self) -> std::sync::MutexGuard<'_, HashSet<SagaId>> {
         self.sagas
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The saga, unless something else holds it.
-    pub(super) fn try_take(&self, saga: &str) -> Option<Turn<'_>> {
-        self.sagas().insert(saga.to_owned()).then(|| Turn {
+    pub(super) fn try_take(&self, saga: &SagaId) -> Option<Turn<'_>> {
+        self.sagas().insert(saga.clone()).then(|| Turn {
             busy: self,
-            saga: saga.to_owned(),
+            saga: saga.clone(),
         })
     }
 
     /// The saga, once nothing else holds it.
-    pub(super) async fn take(&self, saga: &str) -> Turn<'_> {
+    pub(super) async fn take(&self, saga: &SagaId) -> Turn<'_> {
         loop {
             // Registered before the check, so a release in between wakes us.
             let freed = self.freed.notified();
@@ -72,25 +73,29 @@ mod tests {
 
     use super::*;
 
+    fn id(id: &str) -> SagaId {
+        SagaId::new(id).expect("a valid saga id")
+    }
+
     #[test]
     fn a_held_saga_cannot_be_taken_until_released() {
         let busy = Busy::default();
-        let turn = busy.try_take("s-1");
+        let turn = busy.try_take(&id("s-1"));
         assert!(turn.is_some());
-        assert!(busy.try_take("s-1").is_none());
-        assert!(busy.try_take("s-2").is_some(), "other sagas are free");
+        assert!(busy.try_take(&id("s-1")).is_none());
+        assert!(busy.try_take(&id("s-2")).is_some(), "other sagas are free");
         drop(turn);
-        assert!(busy.try_take("s-1").is_some());
+        assert!(busy.try_take(&id("s-1")).is_some());
     }
 
     #[tokio::test]
     async fn take_waits_for_the_holder() {
         let busy = std::sync::Arc::new(Busy::default());
-        let held = busy.try_take("s-1");
+        let held = busy.try_take(&id("s-1"));
         let waiter = {
             let busy = busy.clone();
             tokio::spawn(async move {
-                let _turn = busy.take("s-1").await;
+                let _turn = busy.take(&id("s-1")).await;
             })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;

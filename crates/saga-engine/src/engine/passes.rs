@@ -10,8 +10,8 @@ use chrono::Utc;
 use futures::StreamExt;
 use serde_json::json;
 use statefabric_leader::Role;
-use statefabric_saga::TaskKey;
 use statefabric_saga::machine::{Input, TimerKind};
+use statefabric_saga::{SagaId, TaskKey};
 use tokio_util::sync::CancellationToken;
 
 use super::busy::Turn;
@@ -30,7 +30,7 @@ enum Work {
 }
 
 impl Work {
-    fn saga(&self) -> &str {
+    fn saga(&self) -> &SagaId {
         match self {
             Self::Inbox(i) => &i.saga_id,
             Self::Timer(t) => &t.saga_id,
@@ -123,13 +123,13 @@ impl Engine {
         let inbox = self.store.inbox(self.settings.batch).await?;
         let timers = self.store.due_timers(self.settings.batch).await?;
         let read = inbox.len().max(timers.len());
-        let mut groups: BTreeMap<String, Vec<Work>> = BTreeMap::new();
+        let mut groups: BTreeMap<SagaId, Vec<Work>> = BTreeMap::new();
         for work in inbox
             .into_iter()
             .map(Work::Inbox)
             .chain(timers.into_iter().map(Work::Timer))
         {
-            groups.entry(work.saga().to_owned()).or_default().push(work);
+            groups.entry(work.saga().clone()).or_default().push(work);
         }
         // A saga an operator call is changing waits for the next pass.
         let taken: Vec<(Turn<'_>, Vec<Work>)> = groups
@@ -173,7 +173,7 @@ impl Engine {
         };
         // After a saga's first transition that was not written, its later
         // ones (planned on top of it) were not written either.
-        let mut stopped: HashSet<String> = HashSet::new();
+        let mut stopped: HashSet<SagaId> = HashSet::new();
         for (after, outcome) in afters.into_iter().zip(outcomes) {
             let saga = &after.next.instance.id;
             if stopped.contains(saga) {
@@ -196,7 +196,13 @@ impl Engine {
     /// Plans `works` in order, each on top of the last, into `out`. Stops at
     /// a saga's first failure (the rest waits for the next pass) and after a
     /// start (what follows it waits until it is written).
-    async fn plan_saga(&self, fence: &Fence, saga: &str, works: &[Work], out: &mut Vec<Planned>) {
+    async fn plan_saga(
+        &self,
+        fence: &Fence,
+        saga: &SagaId,
+        works: &[Work],
+        out: &mut Vec<Planned>,
+    ) {
         let mut current = None;
         for work in works {
             match self.plan_work(fence, &mut current, saga, work).await {
@@ -223,7 +229,7 @@ impl Engine {
         &self,
         fence: &Fence,
         current: &mut Option<Stored>,
-        saga: &str,
+        saga: &SagaId,
         work: &Work,
     ) -> Result<Option<Planned>> {
         let item = match work {

@@ -9,6 +9,8 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 use super::map_err;
+use statefabric_saga::SagaId;
+
 use crate::{InboxMessage, Replied, Result, StartRequested, StoreError, TaskStatus, not_queued};
 
 /// An answer to a task, as queued.
@@ -22,12 +24,12 @@ pub(super) struct Reply {
 
 impl Reply {
     /// `message` from `sender`; it must name its task.
-    pub(super) fn new(saga_id: &str, sender: &str, message: InboxMessage) -> Result<Self> {
+    pub(super) fn new(saga_id: &SagaId, sender: &str, message: InboxMessage) -> Result<Self> {
         let Some(key) = message.task_key().map(str::to_owned) else {
             return Err(StoreError::Invalid("a reply names its task".into()));
         };
         Ok(Self {
-            saga_id: saga_id.to_owned(),
+            saga_id: saga_id.to_string(),
             sender: sender.to_owned(),
             key,
             message,
@@ -136,7 +138,7 @@ pub(super) async fn starts(
         .iter()
         .filter(|s| known.contains(&s.request.definition))
     {
-        columns[0].push(start.request.saga_id.clone());
+        columns[0].push(start.request.saga_id.to_string());
         columns[1].push(start.sender.clone());
         bodies.push(body(&InboxMessage::Start {
             definition: start.request.definition.clone(),
@@ -173,7 +175,7 @@ pub(super) async fn starts(
         .map(|start| {
             if !known.contains(&start.request.definition) {
                 StartRequested::UnknownDefinition
-            } else if inserted.remove(&start.request.saga_id) {
+            } else if inserted.remove(start.request.saga_id.as_str()) {
                 StartRequested::Accepted
             } else {
                 StartRequested::Exists

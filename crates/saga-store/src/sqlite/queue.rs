@@ -81,7 +81,7 @@ impl TaskQueue for SqliteSagaStore {
              ON CONFLICT (task_key) WHERE task_key IS NOT NULL DO NOTHING",
         )
         .bind(tenant)
-        .bind(saga_id)
+        .bind(saga_id.as_str())
         .bind(message.kind())
         .bind(&key)
         .bind(&body)
@@ -98,7 +98,7 @@ impl TaskQueue for SqliteSagaStore {
             "SELECT status FROM saga_tasks WHERE task_key = ? AND saga_id = ? AND tenant_id = ?",
         )
         .bind(&key)
-        .bind(saga_id)
+        .bind(saga_id.as_str())
         .bind(tenant)
         .fetch_optional(&self.writer)
         .await
@@ -139,7 +139,7 @@ impl TaskQueue for SqliteSagaStore {
              ON CONFLICT (saga_id) WHERE kind = 'start' DO NOTHING",
         )
         .bind(tenant)
-        .bind(&saga_id)
+        .bind(saga_id.as_str())
         .bind(&body)
         .bind(sender)
         .bind(now_ms())

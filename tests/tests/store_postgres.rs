@@ -918,3 +918,37 @@ async fn context_writes_are_announced_on_the_channel_after_commit() -> anyhow::R
     assert!(more.is_err(), "announced again: {more:?}");
     Ok(())
 }
+
+/// A pooled connection whose server backend went away (a Postgres restart,
+/// a proxy's idle cut) is found dead before it is handed out again once it
+/// has idled past `PING_IF_IDLE_FOR`, and replaced: the caller sees no
+/// error. (Connections used more recently skip that round trip.)
+#[tokio::test]
+async fn a_pooled_connection_killed_while_idle_is_replaced() -> anyhow::Result<()> {
+    migrated().await;
+    let name = format!("reconnect-{}", uuid::Uuid::new_v4().simple());
+    let url = env::pg_app_url();
+    let mut options = statefabric_db::pg::PoolOptions::new(&url, 1);
+    options.application_name = &name;
+    let pool = statefabric_db::pg::connect(&options).await?;
+    let before: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await?;
+
+    let mut admin = PgConnection::connect(&env::pg_admin_url()).await?;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&name)
+    .fetch_all(&mut admin)
+    .await?;
+    assert_eq!(killed, vec![true], "the pool's one backend");
+    tokio::time::sleep(statefabric_db::pg::PING_IF_IDLE_FOR + Duration::from_millis(300)).await;
+
+    let after: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await?;
+    assert_ne!(before, after, "a new backend serves the pool");
+    pool.close().await;
+    Ok(())
+}

@@ -43,14 +43,19 @@ pub async fn open(
         .synchronous(SqliteSynchronous::Normal)
         .foreign_keys(true)
         .busy_timeout(timeout);
+    // No ping before handing out a connection (sqlx's default): a
+    // connection to a local file cannot have been dropped by a server or
+    // the network, and each ping is a trip to the connection's thread.
     let writer = SqlitePoolOptions::new()
         .max_connections(1)
+        .test_before_acquire(false)
         .acquire_timeout(timeout)
         .connect_with(base.clone().create_if_missing(true))
         .await?;
     MIGRATOR.run(&writer).await?;
     let reader = SqlitePoolOptions::new()
         .max_connections(read_connections.max(1))
+        .test_before_acquire(false)
         .acquire_timeout(timeout)
         .connect_with(base.read_only(true))
         .await?;

@@ -1687,6 +1687,21 @@ pub async fn context_writes_carrying_a_stale_fence_are_refused(
         .await
         .expect_err("stale for appends too");
     assert!(matches!(err, StoreError::StaleFence { .. }), "{err}");
+    // A malformed fence (no lock, a token no lock grants) is the caller's
+    // error, named as such, and writes nothing (found by the State API
+    // fuzzer: it was a failed constraint, reported as a storage failure).
+    for (lock, token) in [("", 9), ("plan-lock", 0), ("no spaces", 9)] {
+        let mut write = fenced(&second.document.vector, json!({"by": "bad"}), token);
+        if let Some(fence) = &mut write.fence {
+            fence.lock = lock.into();
+        }
+        let err = store.write(&s, write).await.expect_err("malformed fence");
+        assert!(
+            matches!(err, StoreError::Invalid(_)) && err.to_string().contains("fence"),
+            "{lock:?}/{token}: {err}"
+        );
+    }
+    assert_eq!(store.get(&tenant, &id).await?.expect("doc").revision, 2);
     Ok(())
 }
 

@@ -36,6 +36,27 @@ impl Default for Limits {
     }
 }
 
+/// A fence names a lock as the lock API does and carries a token it
+/// granted (tokens start at 1), whatever it guards (an append, a context
+/// write).
+pub fn check_fence(fence: &crate::port::Fence) -> Result<(), InvalidInput> {
+    let ok_char =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '@');
+    if fence.lock.is_empty() || fence.lock.len() > 256 || !fence.lock.chars().all(ok_char) {
+        return Err(InvalidInput::BadName {
+            what: "fence lock",
+            value: fence.lock.clone(),
+            reason: "lock names are 1-256 ASCII letters, digits or -_.:/@",
+        });
+    }
+    if fence.token == 0 {
+        return Err(InvalidInput::Zero {
+            what: "fence token",
+        });
+    }
+    Ok(())
+}
+
 /// Names (stream and event types) travel into topic names and metrics labels.
 pub fn check_name(what: &'static str, value: &str) -> Result<(), InvalidInput> {
     let bad = |reason| InvalidInput::BadName {
@@ -80,21 +101,7 @@ impl Limits {
             });
         }
         if let Some(fence) = &request.fence {
-            let ok_char = |c: char| {
-                c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '@')
-            };
-            if fence.lock.is_empty() || fence.lock.len() > 256 || !fence.lock.chars().all(ok_char) {
-                return Err(InvalidInput::BadName {
-                    what: "fence lock",
-                    value: fence.lock.clone(),
-                    reason: "lock names are 1-256 ASCII letters, digits or -_.:/@",
-                });
-            }
-            if fence.token == 0 {
-                return Err(InvalidInput::Zero {
-                    what: "fence token",
-                });
-            }
+            check_fence(fence)?;
         }
         if let Some(idem) = &request.idempotency {
             let len = idem.key.len();

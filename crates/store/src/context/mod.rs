@@ -114,6 +114,17 @@ pub trait ContextStore: Send + Sync + std::fmt::Debug + 'static {
     async fn write(&self, scope: &Scope, write: ContextWrite) -> Result<ContextOutcome>;
 }
 
+/// What every backend checks of a write before anything else: its id and
+/// its fence's shape (a malformed fence is the caller's error, never a
+/// failed constraint of the store's).
+pub(crate) fn check_write(write: &ContextWrite) -> Result<(), InvalidInput> {
+    check_id(&write.id)?;
+    if let Some(fence) = &write.fence {
+        crate::limits::check_fence(fence)?;
+    }
+    Ok(())
+}
+
 /// Document ids follow stream-id rules (they key caches and notifications).
 pub fn check_id(id: &str) -> Result<(), InvalidInput> {
     statefabric_domain::StreamId::new(id)

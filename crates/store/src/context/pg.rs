@@ -147,7 +147,7 @@ impl ContextStore for PgEventStore {
     /// transaction; their write is conditional too, so both kinds can run
     /// side by side.
     async fn write(&self, scope: &Scope, write: ContextWrite) -> Result<ContextOutcome> {
-        super::check_id(&write.id)?;
+        super::check_write(&write)?;
         self.timed(async {
             let lock_free = write.idempotency.is_none()
                 && write.fence.is_none()

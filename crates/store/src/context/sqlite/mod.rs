@@ -98,7 +98,7 @@ impl ContextStore for SqliteEventStore {
     }
 
     async fn write(&self, scope: &Scope, write: ContextWrite) -> Result<ContextOutcome> {
-        super::check_id(&write.id)?;
+        super::check_write(&write)?;
         self.timed(self.context_writes().submit(scope.clone(), write))
             .await
     }

@@ -546,3 +546,46 @@ impl Handler for Replies {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(tenant: &str, saga: &str) -> SagaCommand {
+        SagaCommand {
+            idempotency_key: format!("{saga}/PLAN/1/2"),
+            tenant_id: tenant.into(),
+            saga_id: saga.into(),
+            step: "PLAN".into(),
+            visit: 1,
+            attempt: 2,
+            compensation: false,
+            agent_type: "planner".into(),
+            action: "plan".into(),
+            input: br#"{"task":"t"}"#.to_vec(),
+            timeout_ms: 30_000,
+            issued_at: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn a_command_becomes_a_dispatched_task() {
+        let task = task_row(command("acme", "s-1")).expect("valid ids");
+        assert_eq!(
+            (task.saga_id.as_str(), task.tenant.as_str(), task.attempt),
+            ("s-1", "acme", 2)
+        );
+        assert_eq!(task.status, TaskStatus::Dispatched);
+        assert_eq!(task.input, serde_json::json!({"task": "t"}));
+    }
+
+    /// Ids that do not parse are the message's fault: the command is
+    /// skipped with the reason (the engine retries after the deadline).
+    #[test]
+    fn a_command_with_a_bad_id_is_refused_with_the_reason() {
+        let err = task_row(command("acme", "a/b")).expect_err("slash in the saga id");
+        assert!(err.contains("saga id"), "{err}");
+        let err = task_row(command("Acme", "s-1")).expect_err("uppercase tenant");
+        assert!(err.contains("tenant id"), "{err}");
+    }
+}

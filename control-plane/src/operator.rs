@@ -197,11 +197,7 @@ impl Operator {
             return Err(OpError::invalid("limit must be 1-1000"));
         }
         let ago = |d: Duration| Utc::now() - chrono::Duration::from_std(d).unwrap_or_default();
-        let tenant = p
-            .tenant
-            .as_deref()
-            .map(|t| TenantId::new(t).map_err(|e| OpError::invalid(e.to_string())))
-            .transpose()?;
+        let tenant = p.tenant.as_deref().map(tenant_id).transpose()?;
         let mut filter = Filter {
             definition: p.definition.clone(),
             status,
@@ -267,7 +263,7 @@ impl Operator {
         data: Value,
         actor: &str,
     ) -> OpResult<Stored> {
-        let tenant = TenantId::new(tenant).map_err(|e| OpError::invalid(e.to_string()))?;
+        let tenant = tenant_id(tenant)?;
         let id = saga_id.as_deref().map(self::saga_id).transpose()?;
         let saga = self
             .engine
@@ -409,6 +405,11 @@ impl Operator {
 /// (400 / INVALID_ARGUMENT) rather than looked up.
 fn saga_id(id: &str) -> OpResult<SagaId> {
     SagaId::new(id).map_err(|e| OpError::invalid(e.to_string()))
+}
+
+/// A tenant id from an API's query or message, refused the same way.
+fn tenant_id(id: &str) -> OpResult<TenantId> {
+    TenantId::new(id).map_err(|e| OpError::invalid(e.to_string()))
 }
 
 /// A graph in the asked format.

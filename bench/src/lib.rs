@@ -73,12 +73,18 @@ pub async fn wait_ready(what: &str, admin_port: u16) -> anyhow::Result<()> {
     .await
 }
 
-/// The release binary `name`, built beside the running benchmark.
+/// The binary `name` of ours a benchmark starts: from the directory
+/// `STATEFABRIC_BENCH_BINARIES` names (the peer benchmarks' scripts point it
+/// at the `dist` profile's, what ships), else built with `--release` beside
+/// the running benchmark.
 pub fn release_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
-    let binary = std::env::current_exe()?.with_file_name(name);
+    let binary = match std::env::var_os("STATEFABRIC_BENCH_BINARIES") {
+        Some(dir) => std::path::PathBuf::from(dir).join(name),
+        None => std::env::current_exe()?.with_file_name(name),
+    };
     anyhow::ensure!(
         binary.is_file(),
-        "{} missing: build it with --release first",
+        "{} missing: build it first (--release, or --profile dist for STATEFABRIC_BENCH_BINARIES)",
         binary.display()
     );
     Ok(binary)

@@ -9,9 +9,11 @@
 //! thread and, beside it, with two (nginx runs a worker per core).
 //!
 //!   apt-get install nginx
-//!   CARGO_TARGET_DIR=~/.cache/statefabric/target-release \
-//!     cargo build --release -p statefabric-sidecar -p statefabric-bench
-//!   ~/.cache/statefabric/target-release/release/egress-bench --seconds 5
+//!   export CARGO_TARGET_DIR=~/.cache/statefabric/target-release
+//!   cargo build --profile dist -p statefabric-sidecar   # as it ships
+//!   cargo build --release -p statefabric-bench --bin egress-bench
+//!   STATEFABRIC_BENCH_BINARIES=$CARGO_TARGET_DIR/dist \
+//!     $CARGO_TARGET_DIR/release/egress-bench --seconds 5
 //!
 //! The sidecar runs with the default egress settings (no policy: timeouts
 //! only, no retries, no limits); nginx with `proxy_http_version 1.1` and a

@@ -282,8 +282,13 @@ pub struct UpdatesConfig {
     /// sidecars' changes still arrive by LISTEN/NOTIFY). Redis: changes are
     /// announced on pub/sub and logged on a Stream per tenant.
     pub backend: RedisBackend,
-    /// Update-stream entries kept (about), per tenant ...
-    pub max_len: u64,
+    /// Update-stream entries kept (about), per tenant ... Unset: 100,000 on
+    /// Redis, where a restarted sidecar resumes its consumer group from the
+    /// stream; 20,000 in memory, where the stream only serves this
+    /// process's own follower, which is woken by every append and keeps up
+    /// (100,000 entries held about 15 MB there for nothing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_len: Option<u64>,
     /// ... and for at most this long.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
@@ -297,9 +302,28 @@ impl Default for UpdatesConfig {
     fn default() -> Self {
         Self {
             backend: RedisBackend::Memory,
-            max_len: 100_000,
+            max_len: None,
             max_age: Duration::from_secs(3600),
             claim_after: Duration::from_secs(30),
+        }
+    }
+}
+
+impl UpdatesConfig {
+    /// Entries kept when `max_len` is unset, on Redis and in memory.
+    pub const DEFAULT_MAX_LEN_REDIS: u64 = 100_000;
+    /// See [`UpdatesConfig::max_len`].
+    pub const DEFAULT_MAX_LEN_MEMORY: u64 = 20_000;
+
+    /// The update stream's retention: `max_len`, or the backend's default.
+    pub fn retention(&self) -> statefabric_updates::Retention {
+        let max_len = self.max_len.unwrap_or(match self.backend {
+            RedisBackend::Redis => Self::DEFAULT_MAX_LEN_REDIS,
+            RedisBackend::Memory => Self::DEFAULT_MAX_LEN_MEMORY,
+        });
+        statefabric_updates::Retention {
+            max_len,
+            max_age: self.max_age,
         }
     }
 }
@@ -590,7 +614,7 @@ impl ServiceConfig for SidecarConfig {
         if self.sessions.max_value_bytes == 0 {
             issues.push("sessions.max_value_bytes", "must be at least 1");
         }
-        if self.updates.max_len == 0 || self.updates.max_age.is_zero() {
+        if self.updates.max_len == Some(0) || self.updates.max_age.is_zero() {
             issues.push(
                 "updates.max_len",
                 "retention must keep at least one entry for some time",
@@ -731,6 +755,34 @@ mod tests {
         let without = load_from(SidecarConfig::defaults(), Some(&path), std::iter::empty())
             .expect_err("a username without a password");
         assert!(without.to_string().contains("kafka.password"), "{without}");
+    }
+
+    #[test]
+    fn the_update_stream_keeps_less_in_memory_than_on_redis_unless_told() {
+        let load = |vars: &[(&str, &str)]| {
+            load_from(
+                SidecarConfig::defaults(),
+                None,
+                vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+            )
+            .expect("valid")
+            .updates
+            .retention()
+        };
+        assert_eq!(load(&[]).max_len, UpdatesConfig::DEFAULT_MAX_LEN_MEMORY);
+        let redis = [
+            ("STATEFABRIC_UPDATES__BACKEND", "redis"),
+            ("STATEFABRIC_REDIS__URLS", "redis://127.0.0.1:6379"),
+        ];
+        assert_eq!(load(&redis).max_len, UpdatesConfig::DEFAULT_MAX_LEN_REDIS);
+        assert_eq!(load(&[("STATEFABRIC_UPDATES__MAX_LEN", "500")]).max_len, 500);
+        let zero = load_from(
+            SidecarConfig::defaults(),
+            None,
+            [("STATEFABRIC_UPDATES__MAX_LEN", "0")].map(|(k, v)| (k.to_owned(), v.to_owned())),
+        )
+        .expect_err("nothing kept");
+        assert!(zero.to_string().contains("updates.max_len"), "{zero}");
     }
 
     #[test]

@@ -18,7 +18,6 @@ use statefabric_store::pg::PgEventStore;
 use statefabric_store::sqlite::SqliteEventStore;
 
 use crate::cache::ContextCache;
-use statefabric_updates::Retention;
 
 use crate::backends;
 use crate::config::{Backend, SidecarConfig, TaskTransport};
@@ -174,10 +173,7 @@ pub async fn serve_with(
     let shared = jobs::Shared {
         cache,
         changes: tokio::sync::broadcast::channel(1024).0,
-        retention: Retention {
-            max_len: config.updates.max_len,
-            max_age: config.updates.max_age,
-        },
+        retention: config.updates.retention(),
     };
     let api_ready = checks.api.clone();
     jobs::start(&ctx, &storage, &backends, &shared, &ids.tenant, checks);

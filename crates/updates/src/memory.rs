@@ -273,8 +273,15 @@ impl UpdateLog for MemoryUpdateLog {
         };
         let before = s.entries.len();
         let now = Instant::now();
-        s.entries
-            .retain(|(_, _, at)| now.duration_since(*at) < retention.max_age);
+        // Appended in time order (under the lock): the expired ones are a
+        // prefix, so trimming costs what it removes, not the whole stream.
+        while s
+            .entries
+            .front()
+            .is_some_and(|(_, _, at)| now.duration_since(*at) >= retention.max_age)
+        {
+            s.entries.pop_front();
+        }
         while s.entries.len() as u64 > retention.max_len {
             s.entries.pop_front();
         }

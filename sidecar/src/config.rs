@@ -775,7 +775,10 @@ mod tests {
             ("STATEFABRIC_REDIS__URLS", "redis://127.0.0.1:6379"),
         ];
         assert_eq!(load(&redis).max_len, UpdatesConfig::DEFAULT_MAX_LEN_REDIS);
-        assert_eq!(load(&[("STATEFABRIC_UPDATES__MAX_LEN", "500")]).max_len, 500);
+        assert_eq!(
+            load(&[("STATEFABRIC_UPDATES__MAX_LEN", "500")]).max_len,
+            500
+        );
         let zero = load_from(
             SidecarConfig::defaults(),
             None,

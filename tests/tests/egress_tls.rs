@@ -81,7 +81,15 @@ async fn resetting_upstream() -> anyhow::Result<(u16, Arc<std::sync::atomic::Ato
 }
 
 async fn get(url: &str) -> anyhow::Result<(u16, Option<String>, String)> {
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    get_with(url, false).await
+}
+
+/// As [`get`], over HTTP/1.1 or (`http2`) h2c with prior knowledge, as a
+/// gRPC client talks to the egress listener.
+async fn get_with(url: &str, http2: bool) -> anyhow::Result<(u16, Option<String>, String)> {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(http2)
+        .build_http();
     let response = client
         .request(hyper::Request::get(url).body(Empty::<Bytes>::new())?)
         .await?;
@@ -190,6 +198,14 @@ spec:
     assert_eq!((status, body.as_str()), (200, "HTTP/2.0 /api/hello"));
     let (status, _, body) = get(&format!("{egress}/secure-http1/hello")).await?;
     assert_eq!((status, body.as_str()), (200, "HTTP/1.1 /api/hello"));
+    // The agent speaking h2c: its requests carry the listener's own
+    // authority, and the path still names the upstream (not the forward
+    // proxy's absolute form, which is HTTP/1's).
+    for upstream in ["secure", "secure-http1"] {
+        let (status, _, body) = get_with(&format!("{egress}/{upstream}/hello"), true).await?;
+        assert_eq!(status, 200, "{upstream} over h2c: {body}");
+        assert!(body.ends_with(" /api/hello"), "{body}");
+    }
 
     // A certificate no trusted CA signed: refused, nothing sent.
     let (status, kind, body) = get(&format!("{egress}/untrusted/hello")).await?;

@@ -402,7 +402,12 @@ impl Step<Request<Incoming>> for Routing {
     where
         S: Next<Call, Response<EgressBody>>,
     {
-        let routed = route_of(&self.0.load(), request.method(), request.uri());
+        let routed = route_of(
+            &self.0.load(),
+            request.method(),
+            request.version(),
+            request.uri(),
+        );
         async move {
             let (route, uri) = routed?;
             tracing::Span::current().record("upstream", route.name.as_str());
@@ -455,16 +460,21 @@ fn with_port(scheme: &str, authority: &str) -> String {
 /// first segment (`/<upstream>/<rest>`); or, in the forward-proxy mode, by
 /// the URL the agent names (absolute-form, from an `HTTP_PROXY` client) or
 /// the host it tunnels to (`CONNECT`, from an `HTTPS_PROXY` client) — only
-/// an Upstream's own origin is reachable either way.
+/// an Upstream's own origin is reachable either way. Only an HTTP/1 request
+/// names a URL to proxy to by its form: every HTTP/2 request carries a
+/// scheme and authority (the sidecar's own address, from an h2c or gRPC
+/// client), so there the path routes.
 fn route_of(
     routes: &Routes,
     method: &http::Method,
+    version: http::Version,
     uri: &Uri,
 ) -> Result<(Arc<Route>, Uri), EgressError> {
     let known = || routes.names().into_iter().map(str::to_owned).collect();
+    let http1 = version < http::Version::HTTP_2;
     let proxied = match (method, uri.scheme_str(), uri.authority()) {
         (&http::Method::CONNECT, _, Some(authority)) => Some(("https", authority, None)),
-        (_, Some(scheme), Some(authority)) => Some((scheme, authority, Some(uri.path()))),
+        (_, Some(scheme), Some(authority)) if http1 => Some((scheme, authority, Some(uri.path()))),
         _ => None,
     };
     if let Some((scheme, authority, path)) = proxied {
@@ -680,6 +690,7 @@ spec: {url: "https://api.local/v1"}
         let (route, uri) = route_of(
             &routes,
             &http::Method::CONNECT,
+            http::Version::HTTP_11,
             &"api.local:443".parse().expect("uri"),
         )
         .expect("tunnel");
@@ -690,9 +701,23 @@ spec: {url: "https://api.local/v1"}
         let err = route_of(
             &routes,
             &http::Method::GET,
+            http::Version::HTTP_11,
             &"http://elsewhere.local/x".parse().expect("uri"),
         )
         .expect_err("no such origin");
         assert!(err.to_string().contains("http://elsewhere.local"), "{err}");
+        // Over HTTP/2 the same form is the sidecar's own address: the path
+        // names the upstream.
+        let (route, uri) = route_of(
+            &routes,
+            &http::Method::GET,
+            http::Version::HTTP_2,
+            &"http://127.0.0.1:7480/b-v1/chat".parse().expect("uri"),
+        )
+        .expect("routed by path");
+        assert_eq!(
+            (route.name.as_str(), uri.to_string().as_str()),
+            ("b-v1", "http://api.local:80/v1/chat")
+        );
     }
 }

@@ -765,26 +765,16 @@ mod tests {
                 None,
                 vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
             )
-            .expect("valid")
-            .updates
-            .retention()
         };
-        assert_eq!(load(&[]).max_len, UpdatesConfig::DEFAULT_MAX_LEN_MEMORY);
+        let kept = |vars: &[(&str, &str)]| load(vars).expect("valid").updates.retention().max_len;
+        assert_eq!(kept(&[]), UpdatesConfig::DEFAULT_MAX_LEN_MEMORY);
         let redis = [
             ("STATEFABRIC_UPDATES__BACKEND", "redis"),
             ("STATEFABRIC_REDIS__URLS", "redis://127.0.0.1:6379"),
         ];
-        assert_eq!(load(&redis).max_len, UpdatesConfig::DEFAULT_MAX_LEN_REDIS);
-        assert_eq!(
-            load(&[("STATEFABRIC_UPDATES__MAX_LEN", "500")]).max_len,
-            500
-        );
-        let zero = load_from(
-            SidecarConfig::defaults(),
-            None,
-            [("STATEFABRIC_UPDATES__MAX_LEN", "0")].map(|(k, v)| (k.to_owned(), v.to_owned())),
-        )
-        .expect_err("nothing kept");
+        assert_eq!(kept(&redis), UpdatesConfig::DEFAULT_MAX_LEN_REDIS);
+        assert_eq!(kept(&[("STATEFABRIC_UPDATES__MAX_LEN", "500")]), 500);
+        let zero = load(&[("STATEFABRIC_UPDATES__MAX_LEN", "0")]).expect_err("nothing kept");
         assert!(zero.to_string().contains("updates.max_len"), "{zero}");
     }
 

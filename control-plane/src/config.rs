@@ -149,9 +149,10 @@ pub struct SagasConfig {
     pub commit_batch: usize,
     /// Batches committed at once.
     pub concurrency: usize,
-    /// The longest pause between idle passes. Passes run when inbox rows
-    /// arrive and when the next timer is due; the tick only bounds how late
-    /// a row the arrival signal missed is seen.
+    /// The longest pause between idle passes on Postgres. Passes run when
+    /// inbox rows arrive and when the next timer is due; the tick only
+    /// bounds how late a row the arrival signal missed is seen. The
+    /// embedded store's signal misses nothing, so there it is not used.
     #[serde(with = "humantime_serde")]
     pub tick: Duration,
     /// How often the stalled-sagas gauge is counted.

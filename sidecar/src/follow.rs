@@ -128,7 +128,10 @@ pub(crate) struct StreamFollow {
     pub claim_after: Duration,
 }
 
-const READ_BLOCK: Duration = Duration::from_secs(1);
+/// How long a read waits for entries. An idle follower loops once per
+/// block, so it is the longest the log allows: a dead consumer's entries
+/// are claimed at most this long after `claim_after`.
+const READ_BLOCK: Duration = statefabric_updates::redis::MAX_BLOCK;
 const TRIM_EVERY: Duration = Duration::from_secs(60);
 
 /// Reads the tenant's update stream into `changes` until shutdown.

@@ -64,13 +64,17 @@ impl Api {
 }
 
 async fn fabric() -> anyhow::Result<Service> {
+    fabric_counting_stalled_every("100ms").await
+}
+
+async fn fabric_counting_stalled_every(every: &str) -> anyhow::Result<Service> {
     let mut service = process::spawn(
         "fabric",
         &["dev"],
         &[
             ("STATEFABRIC_API__ALLOW_ANONYMOUS", "false"),
             ("STATEFABRIC_API__OPERATORS__ALICE", TOKEN),
-            ("STATEFABRIC_SAGAS__STALLED_EVERY", "100ms"),
+            ("STATEFABRIC_SAGAS__STALLED_EVERY", every),
         ],
     )?;
     service.ready().await?;
@@ -412,6 +416,22 @@ const TIMEOUTS: &str = r#"{
   }
 }"#;
 
+/// Adds the `timeouts-test` definition and starts saga `id` of it.
+async fn start_timeouts_saga(api: &Api, id: &str) -> anyhow::Result<()> {
+    let (code, body) = api
+        .call(
+            "POST",
+            "/v1/definitions",
+            Some(serde_json::from_str(TIMEOUTS)?),
+        )
+        .await?;
+    assert_eq!(code, 201, "{body}");
+    let start = json!({"tenant": "default", "definition": "timeouts-test", "saga_id": id});
+    let (code, body) = api.call("POST", "/v1/sagas", Some(start)).await?;
+    assert_eq!(code, 201, "{body}");
+    Ok(())
+}
+
 /// A task that is neither answered nor heartbeated times out and is retried
 /// after its backoff (a new attempt); one that heartbeats outlives its
 /// timeout; the late answer to the expired attempt changes nothing.
@@ -421,17 +441,7 @@ async fn silent_attempts_time_out_and_heartbeats_keep_tasks_alive() -> anyhow::R
     let api = Api {
         base: service.api.clone(),
     };
-    let (code, body) = api
-        .call(
-            "POST",
-            "/v1/definitions",
-            Some(serde_json::from_str(TIMEOUTS)?),
-        )
-        .await?;
-    assert_eq!(code, 201, "{body}");
-    let start = json!({"tenant": "default", "definition": "timeouts-test", "saga_id": "slow-1"});
-    let (code, body) = api.call("POST", "/v1/sagas", Some(start)).await?;
-    assert_eq!(code, 201, "{body}");
+    start_timeouts_saga(&api, "slow-1").await?;
     let client = StateClient::connect(service.grpc.clone()).await?;
     let mut tasks = client.tasks();
     let first = tasks.poll("slow", 1, Duration::from_secs(5)).await?;
@@ -481,6 +491,46 @@ async fn silent_attempts_time_out_and_heartbeats_keep_tasks_alive() -> anyhow::R
         ),
         "{metrics}"
     );
+    service.stop_with(Signal::SIGTERM).await?;
+    Ok(())
+}
+
+/// How many passes the engine has run (its pass histogram's count).
+async fn engine_passes(service: &Service) -> anyhow::Result<u64> {
+    let metrics = env::http("GET", &format!("{}/metrics", service.admin), None, None)
+        .await?
+        .body;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("statefabric_saga_engine_pass_seconds_count "))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no engine pass count in:\n{metrics}"))
+}
+
+/// The embedded engine sleeps while nothing is due instead of looking every
+/// tick (its store's signal misses no inbox row), and a saga an operator
+/// starts wakes it: the first attempt's 800 ms deadline fires on time
+/// although the next stalled count is an hour away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_engine_sleeps_until_a_start_or_a_timer_wakes_it() -> anyhow::Result<()> {
+    let service = fabric_counting_stalled_every("1h").await?;
+    let api = Api {
+        base: service.api.clone(),
+    };
+    // Start-up passes settle; then two and a half idle seconds (two or
+    // three passes with a one-second tick) run none.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = engine_passes(&service).await?;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(engine_passes(&service).await?, before, "passes while idle");
+    start_timeouts_saga(&api, "idle-1").await?;
+    let client = StateClient::connect(service.grpc.clone()).await?;
+    let mut tasks = client.tasks();
+    let first = tasks.poll("slow", 1, Duration::from_secs(5)).await?;
+    assert_eq!(first.first().map(|t| t.attempt), Some(1));
+    // Unanswered, attempt 1 times out and attempt 2 follows its backoff.
+    let second = tasks.poll("slow", 1, Duration::from_secs(5)).await?;
+    assert_eq!(second.first().map(|t| t.attempt), Some(2));
     service.stop_with(Signal::SIGTERM).await?;
     Ok(())
 }

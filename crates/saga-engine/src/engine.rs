@@ -79,7 +79,8 @@ pub struct EngineSettings {
     pub concurrency: usize,
     /// The longest wait between passes when idle. Passes run when inbox
     /// rows arrive (a signal) and when the next timer is due; the tick only
-    /// bounds how late a row the signal missed is seen.
+    /// bounds how late a row the signal missed is seen, so it is not used
+    /// with a store whose signal misses nothing (the embedded one).
     pub tick: Duration,
     /// How often the stalled-sagas gauge is refreshed.
     pub stalled_every: Duration,
@@ -123,6 +124,9 @@ pub struct Engine {
     cache: Mutex<HashMap<SagaId, Stored>>,
     /// The open-task series last exported, so emptied queues read zero.
     open_task_series: Mutex<Vec<TaskQueueLabels>>,
+    /// Wakes an idle pass loop after a transition committed outside it (an
+    /// operator's start or action), which may have set an earlier timer.
+    committed_directly: tokio::sync::Notify,
 }
 
 /// A transition computed from a saga's state, not yet committed.
@@ -165,6 +169,7 @@ impl Engine {
             sent: Mutex::default(),
             cache: Mutex::default(),
             open_task_series: Mutex::default(),
+            committed_directly: tokio::sync::Notify::new(),
         };
         engine.reload().await?;
         for definition in definitions {
@@ -299,6 +304,7 @@ impl Engine {
             committed => {
                 if let Committed::Written(revision) = committed {
                     self.settle(after, revision);
+                    self.committed_directly.notify_one();
                 }
                 self.store
                     .load(&id)
@@ -439,6 +445,7 @@ impl Engine {
         match self.store.commit(Some(fence), transition).await {
             Ok(Committed::Written(revision)) => {
                 self.settle(after, revision);
+                self.committed_directly.notify_one();
                 Ok(true)
             }
             Ok(_) => Ok(false),

@@ -544,6 +544,14 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
     /// the inbox, so nothing that arrives in between is missed.
     fn inbox_signal(&self) -> watch::Receiver<u64>;
 
+    /// Whether [`Self::inbox_signal`] changes for every inbox row. It does
+    /// when one process owns the store and writes every row itself; when
+    /// other processes write and their notifications can be lost (a
+    /// dropped `LISTEN` connection), an idle engine also looks every tick.
+    fn inbox_signal_is_complete(&self) -> bool {
+        false
+    }
+
     /// Appends an operator's action on a saga to the saga's tenant's audit
     /// log (`audit_log`, action `saga.operator.<action>`), beside the
     /// record in the saga's own history.

@@ -97,23 +97,39 @@ impl Engine {
                 }
             };
             if !full {
-                // Idle: wake for new inbox rows or the next timer, and no
-                // later than a tick (rows from elsewhere the signal missed).
-                let wait = match self.store.next_timer_in().await {
-                    Ok(Some(next)) => next.min(self.settings.tick),
-                    Ok(None) => self.settings.tick,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "cannot read the next timer");
-                        self.settings.tick
-                    }
-                };
+                // Idle: wake for new inbox rows, a direct commit, the next
+                // timer or the next stalled count.
+                let wait = self.idle_wait(stalled_at).await;
                 tokio::select! {
                     () = stop.cancelled() => return,
                     _ = signal.changed() => {}
+                    () = self.committed_directly.notified() => {}
                     () = tokio::time::sleep(wait) => {}
                 }
             }
         }
+    }
+
+    /// How long an idle leader sleeps unless woken: until the next timer
+    /// and the next stalled count, and no longer than a tick when the
+    /// store's inbox signal can miss rows written elsewhere.
+    async fn idle_wait(&self, stalled_at: Instant) -> Duration {
+        let stalled = self
+            .settings
+            .stalled_every
+            .saturating_sub(stalled_at.elapsed());
+        let timer = match self.store.next_timer_in().await {
+            Ok(next) => next,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the next timer");
+                Some(self.settings.tick)
+            }
+        };
+        let polled = (!self.store.inbox_signal_is_complete()).then_some(self.settings.tick);
+        [timer, polled]
+            .into_iter()
+            .flatten()
+            .fold(stalled, Duration::min)
     }
 
     /// One pass over the inbox and the due timers; returns how many rows

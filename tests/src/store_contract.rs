@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{Value, json};
 use statefabric_domain::{
     Aggregate, Checkpoint, EventMetadata, ExpectedVersion, NewEvent, Snapshot, StreamId, TenantId,
 };
@@ -66,6 +66,7 @@ macro_rules! store_contract_tests {
             context_writes_carrying_a_stale_fence_are_refused,
             context_concurrent_writes_each_get_their_own_outcome,
             context_writes_on_an_out_of_date_known_document_decide_again,
+            context_concurrent_writes_knowing_one_revision_each_land,
         );
     };
     (@each $fixture:expr; $($name:ident),* $(,)?) => {
@@ -1793,5 +1794,84 @@ pub async fn context_writes_on_an_out_of_date_known_document_decide_again(
     let read = store.get(&tenant, &id).await?.expect("exists");
     assert_eq!(read.revision, 4);
     assert_eq!(read.content, v4.content);
+    // Written on a known document, each revision is kept for deltas.
+    for doc in [&v3, &v4] {
+        assert_eq!(
+            store.content_at(&tenant, &id, doc.revision).await?,
+            Some(doc.content.clone())
+        );
+    }
+    // A last-write-wins write is allowed on any known document, so an
+    // out-of-date one gets as far as the conditional write, which finds a
+    // newer revision: decided again on it, the coder's revision is kept.
+    let register = doc_id();
+    let lww = |value: Value| lww_put(&register, value);
+    let r1 = store.write(&planner, lww(json!("one"))).await?.document;
+    let r2 = store.write(&coder, lww(json!("two"))).await?.document;
+    let r3 = store
+        .write(&planner, known(lww(json!("three")), &r1))
+        .await?
+        .document;
+    assert_eq!((r3.revision, &r3.content), (3, &json!("three")));
+    assert_eq!(
+        store.content_at(&tenant, &register, r2.revision).await?,
+        Some(json!("two"))
+    );
+    let r4 = store
+        .write(&coder, known(lww(json!("four")), &r3))
+        .await?
+        .document;
+    assert_eq!(r4.revision, 4);
+    assert_eq!(
+        store.get(&tenant, &register).await?.map(|d| d.content),
+        Some(json!("four"))
+    );
     Ok(())
+}
+
+/// Concurrent last-write-wins writes that all know the same, soon out of
+/// date, revision (a sidecar's cache entry under a burst; on SQLite many of
+/// them share one group transaction) each land on a revision of their own,
+/// and each revision keeps its own content.
+pub async fn context_concurrent_writes_knowing_one_revision_each_land(
+    f: &impl Fixture,
+) -> anyhow::Result<()> {
+    let store = f.context_store().await;
+    let tenant = f.tenant().await;
+    let id = doc_id();
+    let lww = |value: Value| lww_put(&id, value);
+    let first = store.write(&scope(&tenant), lww(json!(0))).await?.document;
+    let known = Arc::new(first);
+    let writes = (1..=16).map(|n| {
+        let (store, tenant, known) = (store.clone(), tenant.clone(), known.clone());
+        let write = ContextWrite {
+            known: Some(known),
+            ..lww(json!(n))
+        };
+        tokio::spawn(async move { store.write(&scope(&tenant), write).await })
+    });
+    let mut revisions = Vec::new();
+    for written in futures::future::join_all(writes).await {
+        let document = written??.document;
+        assert_eq!(
+            store.content_at(&tenant, &id, document.revision).await?,
+            Some(document.content.clone()),
+            "revision {}",
+            document.revision
+        );
+        revisions.push(document.revision);
+    }
+    revisions.sort_unstable();
+    assert_eq!(revisions, (2..=17).collect::<Vec<u64>>());
+    Ok(())
+}
+
+/// Sets last-write-wins register `id` to `value`, whatever it was.
+fn lww_put(id: &str, value: Value) -> ContextWrite {
+    cw(
+        id,
+        MergeType::LwwRegister,
+        &VectorClock::new(),
+        ContextChange::Put(value),
+    )
 }

@@ -207,6 +207,23 @@ pub(crate) fn corrupt(what: &str, detail: String) -> StoreError {
     ))
 }
 
+/// [`decide`] on the caller's `known` document instead of a read, when the
+/// write carries one for its own id and it allows the write. `None` means
+/// read the document: a refusal on the hint may be the hint's being out of
+/// date, so only what is stored may refuse.
+pub(crate) fn decide_on_known(write: &ContextWrite, writer: &str) -> Option<Stored> {
+    let known = write
+        .known
+        .as_deref()
+        .filter(|known| known.id == write.id)?;
+    decide(Some(&Stored::from(known)), write, writer, now_micros()).ok()
+}
+
+/// The hybrid clock's reading for a decision: microseconds since the epoch.
+pub(crate) fn now_micros() -> u64 {
+    u64::try_from(Utc::now().timestamp_micros()).unwrap_or_default()
+}
+
 /// Decides what `write` by `writer` (at hybrid time `now_micros`) turns the
 /// current document into, or why it is refused. Pure: both backends call it
 /// with the row they locked.

@@ -16,7 +16,7 @@ use statefabric_domain::TenantId;
 
 use super::{
     ContextDocument, ContextOutcome, ContextStore, ContextWrite, REVISIONS_KEPT, Stored,
-    TRIM_EVERY, action, decide, decode_stored, to_document,
+    TRIM_EVERY, action, decide, decide_on_known, decode_stored, now_micros, to_document,
 };
 use crate::error::{Result, StoreError};
 use crate::pg::idempotency::{claim_key, complete_key};
@@ -46,10 +46,6 @@ fn decode(row: Row) -> Result<(Stored, DateTime<Utc>)> {
     let (merge, content, crdt, vector, revision, deleted, updated_at) = row;
     let stored = decode_stored(&merge, content, crdt, vector, revision, deleted)?;
     Ok((stored, updated_at))
-}
-
-fn now_micros() -> u64 {
-    u64::try_from(Utc::now().timestamp_micros()).unwrap_or_default()
 }
 
 /// Acting for the tenant ($1) and queueing behind the document's ($2) other
@@ -181,21 +177,9 @@ impl PgEventStore {
         write: &ContextWrite,
         first_try: bool,
     ) -> Result<Option<ContextOutcome>> {
-        let known = write
-            .known
-            .as_deref()
-            .filter(|known| first_try && known.id == write.id);
-        // A decision refused on the known document may be the fault of its
-        // being out of date: that one is decided again on what is stored.
-        let decided = known.and_then(|known| {
-            decide(
-                Some(&Stored::from(known)),
-                write,
-                &scope.actor,
-                now_micros(),
-            )
-            .ok()
-        });
+        let decided = first_try
+            .then(|| decide_on_known(write, &scope.actor))
+            .flatten();
         let next = match decided {
             Some(next) => next,
             None => {

@@ -12,9 +12,12 @@
 //! that is rolled back — so the others in its group go on. A failure while
 //! writing ([`apply`]) may have written part of a write: the whole group is
 //! rolled back and every write in it runs again alone, so each gets the
-//! answer it would have got without grouping. A lone write with neither
-//! key nor fence folds BEGIN into its read and COMMIT into its writes
-//! ([`alone_plain`]).
+//! answer it would have got without grouping. A write with neither key
+//! nor fence decided on its caller's known document skips its read: its
+//! writes are conditional on the document's revision, and only if that
+//! changed is it read and decided again. Alone, such a write is one batch
+//! with its BEGIN and COMMIT; one that must read folds BEGIN into its read
+//! and COMMIT into its writes ([`alone_plain`]).
 //!
 //! Written here rather than found in a library: sqlx has no group commit,
 //! and the grouping needs the store's own refusal-versus-failure split.
@@ -25,7 +28,7 @@ use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Finish, Prepared, apply, prepare, prepare_plain};
-use crate::context::{ContextOutcome, ContextWrite};
+use crate::context::{ContextOutcome, ContextWrite, decide_on_known};
 use crate::error::{Result, StoreError};
 use crate::port::Scope;
 use crate::sqlite::{SqliteConfig, map_err};
@@ -122,7 +125,7 @@ async fn alone(
     }
     let mut tx = writer.begin().await.map_err(map_err)?;
     let result = match prepare(&mut tx, config, scope, write).await {
-        Ok(Prepared::Next(next)) => apply(&mut tx, scope, write, next, Finish::Open).await,
+        Ok(Prepared::Next(next)) => apply_read(&mut tx, scope, write, next, Finish::Open).await,
         Ok(Prepared::Replayed(outcome)) => Ok(outcome),
         Err(e) => Err(e),
     };
@@ -133,21 +136,31 @@ async fn alone(
     result
 }
 
-/// A write with neither key nor fence, alone: two trips to SQLite's
-/// connection thread — begin with the read, then the writes with the
-/// commit — instead of four. The transaction is begun and ended by hand
-/// (sqlx's `Transaction` takes a trip of its own for each), so every way
-/// out that did not commit rolls back before the connection goes back to
-/// the pool; this task is never cancelled part way.
+/// A write with neither key nor fence, alone: one trip to SQLite's
+/// connection thread when it is decided on the caller's known document
+/// and that is still the stored one; otherwise two — begin with the read,
+/// then the writes with the commit. The transaction is begun and ended by
+/// hand (sqlx's `Transaction` takes a trip of its own for each), so every
+/// way out that did not commit rolls back before the connection goes back
+/// to the pool; this task is never cancelled part way.
 async fn alone_plain(
     writer: &SqlitePool,
     scope: &Scope,
     write: &ContextWrite,
 ) -> Result<ContextOutcome> {
     let mut conn = writer.acquire().await.map_err(map_err)?;
-    let result = match prepare_plain(&mut conn, scope, write).await {
-        Ok(next) => apply(&mut conn, scope, write, next, Finish::Commit).await,
-        Err(refused) => Err(refused),
+    let unread = match decide_on_known(write, &scope.actor) {
+        Some(next) => apply(&mut conn, scope, write, next, Finish::Whole).await,
+        None => Ok(None),
+    };
+    let result = match unread {
+        Ok(Some(outcome)) => Ok(outcome),
+        // Stale or absent: decide on what is stored.
+        Ok(None) => match prepare_plain(&mut conn, scope, write).await {
+            Ok(next) => apply_read(&mut conn, scope, write, next, Finish::Commit).await,
+            Err(refused) => Err(refused),
+        },
+        Err(failed) => Err(failed),
     };
     if result.is_err() {
         // "No transaction is active" when BEGIN or COMMIT itself failed:
@@ -175,10 +188,25 @@ async fn together(
         if guarded {
             statement(&mut tx, "SAVEPOINT context_write").await?;
         }
-        let outcome = match prepare(&mut tx, config, scope, write).await {
-            Ok(Prepared::Next(next)) => Ok(apply(&mut tx, scope, write, next, Finish::Open).await?),
-            Ok(Prepared::Replayed(outcome)) => Ok(outcome),
-            Err(refused) => Err(refused),
+        // A plain write decided on its caller's known document skips its
+        // read unless that document is out of date (the caller's copy is
+        // old, or an earlier write of this group changed it).
+        let known = (!guarded)
+            .then(|| decide_on_known(write, &scope.actor))
+            .flatten();
+        let unread = match known {
+            Some(next) => apply(&mut tx, scope, write, next, Finish::Open).await?,
+            None => None,
+        };
+        let outcome = match unread {
+            Some(outcome) => Ok(outcome),
+            None => match prepare(&mut tx, config, scope, write).await {
+                Ok(Prepared::Next(next)) => {
+                    Ok(apply_read(&mut tx, scope, write, next, Finish::Open).await?)
+                }
+                Ok(Prepared::Replayed(outcome)) => Ok(outcome),
+                Err(refused) => Err(refused),
+            },
         };
         if guarded {
             if !matches!(&outcome, Ok(o) if !o.replayed) {
@@ -190,6 +218,25 @@ async fn together(
     }
     tx.commit().await.map_err(map_err)?;
     Ok(outcomes)
+}
+
+/// [`apply`] for a write decided on the document read in this
+/// transaction, whose write lock it holds: it cannot have changed since.
+async fn apply_read(
+    conn: &mut sqlx::SqliteConnection,
+    scope: &Scope,
+    write: &ContextWrite,
+    next: crate::context::Stored,
+    finish: Finish,
+) -> Result<ContextOutcome> {
+    apply(conn, scope, write, next, finish)
+        .await?
+        .ok_or_else(|| {
+            StoreError::Backend(sqlx::Error::Protocol(format!(
+                "context document {} changed under the write lock",
+                write.id
+            )))
+        })
 }
 
 async fn statement(

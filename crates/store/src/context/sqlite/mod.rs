@@ -11,7 +11,7 @@ use statefabric_domain::TenantId;
 
 use super::{
     ContextDocument, ContextOutcome, ContextStore, ContextWrite, REVISIONS_KEPT, Stored,
-    TRIM_EVERY, action, corrupt, decide, decode_stored, to_document,
+    TRIM_EVERY, action, corrupt, decide, decode_stored, now_micros, to_document,
 };
 use crate::error::{Result, StoreError};
 use crate::port::Scope;
@@ -172,48 +172,61 @@ async fn read_and_decide(
         .await
         .map_err(map_err)?;
     let current = row.map(decode).transpose()?.map(|(stored, _)| stored);
-    let now = u64::try_from(Utc::now().timestamp_micros()).unwrap_or_default();
-    decide(current.as_ref(), write, &scope.actor, now)
+    decide(current.as_ref(), write, &scope.actor, now_micros())
 }
 
 /// The document row, its revision, the audit row and, on every
-/// [`TRIM_EVERY`]th revision (the first parameter), the trim of old
-/// revisions, as one batch of statements: one trip to SQLite's connection
-/// thread instead of four.
+/// [`TRIM_EVERY`]th revision (the first parameter of the trim), the trim of
+/// old revisions, as one batch of statements: one trip to SQLite's
+/// connection thread instead of four. The document is written only if its
+/// stored revision is still the one the write was decided on (none for a
+/// new one), and each later statement only if the one before it wrote
+/// (`changes()`), so a write decided on an out-of-date document writes
+/// nothing and returns no row.
 macro_rules! apply_sql {
     () => {
         "INSERT INTO context_documents (tenant_id, document_id, merge_type, content, crdt_state, version_vector, revision, deleted, updated_at) \
            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
            ON CONFLICT (tenant_id, document_id) DO UPDATE SET \
              content = excluded.content, crdt_state = excluded.crdt_state, version_vector = excluded.version_vector, \
-             revision = excluded.revision, deleted = excluded.deleted, updated_at = excluded.updated_at; \
-         INSERT INTO context_revisions (tenant_id, document_id, revision, content) VALUES (?, ?, ?, ?); \
+             revision = excluded.revision, deleted = excluded.deleted, updated_at = excluded.updated_at \
+           WHERE context_documents.revision = ? \
+           RETURNING revision; \
+         INSERT INTO context_revisions (tenant_id, document_id, revision, content) \
+           SELECT ?, ?, ?, ? WHERE changes() = 1; \
          INSERT INTO audit_log (tenant_id, actor, action, target, version_before, version_after, trace_id, details) \
-           VALUES (?, ?, ?, ?, NULLIF(?, 0), ?, ?, ?); \
-         DELETE FROM context_revisions WHERE ? AND tenant_id = ? AND document_id = ? AND revision <= ?"
+           SELECT ?, ?, ?, ?, NULLIF(?, 0), ?, ?, ? WHERE changes() = 1; \
+         DELETE FROM context_revisions \
+           WHERE ? AND changes() = 1 AND tenant_id = ? AND document_id = ? AND revision <= ?"
     };
 }
 
-/// How [`apply`] leaves the transaction.
+/// How [`apply`] runs in its transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Finish {
-    /// Open, for the caller to commit (or to add more writes to).
+    /// Inside the caller's transaction, left open for the caller to commit
+    /// (or to add more writes to).
     Open,
-    /// Committed, in the same trip as the writes (a write with no
-    /// idempotency key, on a transaction begun by [`prepare_plain`]).
+    /// Ends the transaction the caller began ([`prepare_plain`]), in the
+    /// same trip as the writes.
     Commit,
+    /// Begins and ends a transaction of its own in the one trip: a write
+    /// decided on the caller's known document, unread.
+    Whole,
 }
 
 /// Writes the document `prepare` decided on, with its revision, audit row
-/// and idempotency record. An error here may leave part of it written in
-/// the transaction, which must then be rolled back.
+/// and idempotency record. `None` when the stored document is no longer
+/// the one the write was decided on: nothing was written (with
+/// [`Finish::Whole`], nothing is open either). An error here may leave
+/// part of it written in the transaction, which must then be rolled back.
 pub(crate) async fn apply(
     conn: &mut sqlx::SqliteConnection,
     scope: &Scope,
     write: &ContextWrite,
     next: Stored,
     finish: Finish,
-) -> Result<ContextOutcome> {
+) -> Result<Option<ContextOutcome>> {
     debug_assert!(finish == Finish::Open || write.idempotency.is_none());
     let revision = i64::try_from(next.revision).unwrap_or(i64::MAX);
     let content = next.content.to_string();
@@ -225,8 +238,9 @@ pub(crate) async fn apply(
     let sql = match finish {
         Finish::Open => apply_sql!(),
         Finish::Commit => concat!(apply_sql!(), "; COMMIT"),
+        Finish::Whole => concat!("BEGIN IMMEDIATE; ", apply_sql!(), "; COMMIT"),
     };
-    sqlx::query(sql)
+    let written = sqlx::query(sql)
         .bind(scope.tenant.as_str())
         .bind(&write.id)
         .bind(next.merge.as_str())
@@ -240,6 +254,7 @@ pub(crate) async fn apply(
         .bind(revision)
         .bind(next.deleted)
         .bind(&updated_text)
+        .bind(revision - 1)
         .bind(scope.tenant.as_str())
         .bind(&write.id)
         .bind(revision)
@@ -263,9 +278,12 @@ pub(crate) async fn apply(
         .bind(scope.tenant.as_str())
         .bind(&write.id)
         .bind(revision - i64::try_from(REVISIONS_KEPT).unwrap_or(i64::MAX))
-        .execute(&mut *conn)
+        .fetch_all(&mut *conn)
         .await
         .map_err(|e| classify(e, &scope.tenant))?;
+    if written.is_empty() {
+        return Ok(None);
+    }
     let document = to_document(&write.id, next, updated_at);
     if let Some(idempotency) = &write.idempotency {
         complete_key(
@@ -276,8 +294,8 @@ pub(crate) async fn apply(
         )
         .await?;
     }
-    Ok(ContextOutcome {
+    Ok(Some(ContextOutcome {
         document,
         replayed: false,
-    })
+    }))
 }

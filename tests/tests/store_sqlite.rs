@@ -169,3 +169,98 @@ async fn events_and_audit_are_immutable_and_every_event_has_its_outbox_row() -> 
     assert_eq!(audits, 1);
     Ok(())
 }
+
+/// Migration 0006 rebuilds `context_revisions` (WITHOUT ROWID) and
+/// `audit_log` (no AUTOINCREMENT) of a file written before it: rows and
+/// audit ids are kept, new ids still grow past the largest, and the log
+/// still refuses updates and deletes.
+#[tokio::test]
+async fn the_rebuild_of_revisions_and_audit_log_keeps_their_rows() -> anyhow::Result<()> {
+    use sqlx::Row;
+    let dir = tempfile::tempdir()?;
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.path().join("old.db"))
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await?;
+    let all = &statefabric_db::sqlite::MIGRATOR;
+    let before = sqlx::migrate::Migrator {
+        migrations: all
+            .migrations
+            .iter()
+            .filter(|m| m.version < 6)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into(),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    before.run(&pool).await?;
+    for (tenant, document, revision) in [("t1", "d1", 1), ("t1", "d1", 2), ("t2", "d9", 7)] {
+        sqlx::query(
+            "INSERT INTO context_revisions (tenant_id, document_id, revision, content)
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(tenant)
+        .bind(document)
+        .bind(revision)
+        .bind(format!("{{\"r\":{revision}}}"))
+        .execute(&pool)
+        .await?;
+    }
+    for id in [3_i64, 41] {
+        sqlx::query(
+            "INSERT INTO audit_log (audit_id, tenant_id, actor, action, target, details)
+             VALUES (?, 't1', 'planner', 'context.put', 'context:d1', '{}')",
+        )
+        .bind(id)
+        .execute(&pool)
+        .await?;
+    }
+
+    all.run(&pool).await?;
+    let revisions: Vec<(String, String, i64, String)> = sqlx::query_as(
+        "SELECT tenant_id, document_id, revision, content FROM context_revisions ORDER BY 1, 2, 3",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(
+        revisions,
+        [
+            ("t1".into(), "d1".into(), 1, "{\"r\":1}".into()),
+            ("t1".into(), "d1".into(), 2, "{\"r\":2}".into()),
+            ("t2".into(), "d9".into(), 7, "{\"r\":7}".into()),
+        ]
+    );
+    let without_rowid: i64 =
+        sqlx::query_scalar("SELECT wr FROM pragma_table_list WHERE name = 'context_revisions'")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(without_rowid, 1);
+    let next = sqlx::query(
+        "INSERT INTO audit_log (tenant_id, actor, action, target) VALUES ('t1', 'coder', 'context.put', 'context:d1')
+         RETURNING audit_id",
+    )
+    .fetch_one(&pool)
+    .await?
+    .try_get::<i64, _>("audit_id")?;
+    assert_eq!(next, 42);
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT audit_id FROM audit_log ORDER BY audit_id")
+        .fetch_all(&pool)
+        .await?;
+    assert_eq!(ids, [3, 41, 42]);
+    for refused in [
+        "UPDATE audit_log SET actor = 'x' WHERE audit_id = 3",
+        "DELETE FROM audit_log WHERE audit_id = 42",
+    ] {
+        let err = sqlx::query(refused)
+            .execute(&pool)
+            .await
+            .expect_err(refused);
+        assert!(err.to_string().contains("append-only"), "{refused}: {err}");
+    }
+    let autoincrement: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sqlite_sequence WHERE name = 'audit_log'")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(autoincrement, 0);
+    Ok(())
+}

@@ -16,9 +16,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/
 /// WAL pages after which a commit also copies the WAL into the database
 /// file (SQLite's automatic checkpoint, run by the committing writer: the
 /// copy and two fsyncs land on that one write's latency). SQLite's default
-/// is 1,000 (4 MiB); a context write touches five or six pages (document,
-/// revision, audit row and their indexes), so that was a checkpoint every
-/// ~170 writes. A checkpoint copies each page once however many frames it
+/// is 1,000 (4 MiB); a context write touched five or six pages (document,
+/// revision, audit row and their indexes; four since migration 0006), so
+/// that was a checkpoint every ~170 writes. A checkpoint copies each page once however many frames it
 /// has in the WAL, and the hot pages are the same few, so ten times the
 /// threshold is about a tenth of the checkpoints for the same work each;
 /// the WAL file grows to at most ~40 MiB before it is reused.

@@ -18,10 +18,11 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/
 /// copy and two fsyncs land on that one write's latency). SQLite's default
 /// is 1,000 (4 MiB); a context write touched five or six pages (document,
 /// revision, audit row and their indexes; four since migration 0006), so
-/// that was a checkpoint every ~170 writes. A checkpoint copies each page once however many frames it
-/// has in the WAL, and the hot pages are the same few, so ten times the
-/// threshold is about a tenth of the checkpoints for the same work each;
-/// the WAL file grows to at most ~40 MiB before it is reused.
+/// that was a checkpoint every ~170 writes. A checkpoint copies each page
+/// once however many frames it has in the WAL, and the hot pages are the
+/// same few, so ten times the threshold is about a tenth of the
+/// checkpoints for the same work each; the WAL file grows to at most
+/// ~40 MiB before it is reused.
 pub const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
 
 /// The pools of one database file.

@@ -149,11 +149,7 @@ async fn alone_plain(
     write: &ContextWrite,
 ) -> Result<ContextOutcome> {
     let mut conn = writer.acquire().await.map_err(map_err)?;
-    let unread = match decide_on_known(write, &scope.actor) {
-        Some(next) => apply(&mut conn, scope, write, next, Finish::Whole).await,
-        None => Ok(None),
-    };
-    let result = match unread {
+    let result = match apply_unread(&mut conn, scope, write, Finish::Whole).await {
         Ok(Some(outcome)) => Ok(outcome),
         // Stale or absent: decide on what is stored.
         Ok(None) => match prepare_plain(&mut conn, scope, write).await {
@@ -191,12 +187,10 @@ async fn together(
         // A plain write decided on its caller's known document skips its
         // read unless that document is out of date (the caller's copy is
         // old, or an earlier write of this group changed it).
-        let known = (!guarded)
-            .then(|| decide_on_known(write, &scope.actor))
-            .flatten();
-        let unread = match known {
-            Some(next) => apply(&mut tx, scope, write, next, Finish::Open).await?,
-            None => None,
+        let unread = if guarded {
+            None
+        } else {
+            apply_unread(&mut tx, scope, write, Finish::Open).await?
         };
         let outcome = match unread {
             Some(outcome) => Ok(outcome),
@@ -218,6 +212,21 @@ async fn together(
     }
     tx.commit().await.map_err(map_err)?;
     Ok(outcomes)
+}
+
+/// [`apply`] for a write decided on its caller's known document, without
+/// reading it: `None` when there is none to decide on, or it is out of
+/// date (nothing written), and the write must be read and decided again.
+async fn apply_unread(
+    conn: &mut sqlx::SqliteConnection,
+    scope: &Scope,
+    write: &ContextWrite,
+    finish: Finish,
+) -> Result<Option<ContextOutcome>> {
+    match decide_on_known(write, &scope.actor) {
+        Some(next) => apply(conn, scope, write, next, finish).await,
+        None => Ok(None),
+    }
 }
 
 /// [`apply`] for a write decided on the document read in this

@@ -287,7 +287,7 @@ fn connections_to(port: u16) -> usize {
 /// A fresh sidecar's RSS, then with `n` pooled connections to the upstream
 /// left idle (made by `n` concurrent slow calls; the agent's own
 /// connections closed after).
-async fn idle_pool_rss(port: u16, n: usize) -> anyhow::Result<(f64, f64, usize, f64)> {
+async fn idle_pool_rss(port: u16, n: usize) -> anyhow::Result<(f64, f64, usize, f64, f64)> {
     let side = sidecar(port, 1).await?;
     let pid = side.child.id().unwrap_or(0);
     let fresh = statefabric_bench::rss_kib(pid) / 1024.0;
@@ -318,8 +318,12 @@ async fn idle_pool_rss(port: u16, n: usize) -> anyhow::Result<(f64, f64, usize, 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let agent_side = connections_to(side.egress);
     anyhow::ensure!(agent_side == 0, "{agent_side} agent connections still open");
+    let just_after = statefabric_bench::rss_kib(pid) / 1024.0;
+    // Settled: the process has had its look at its memory since.
+    tokio::time::sleep(statefabric_runtime::memory::CHECK_EVERY).await;
     let idle = connections_to(port).saturating_sub(before);
-    Ok((fresh, peak, idle, statefabric_bench::rss_kib(pid) / 1024.0))
+    let settled = statefabric_bench::rss_kib(pid) / 1024.0;
+    Ok((fresh, peak, idle, just_after, settled))
 }
 
 #[tokio::main]
@@ -401,9 +405,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn idle_report(port: u16) -> anyhow::Result<()> {
-    let (fresh, peak, idle, pooled) = idle_pool_rss(port, 1000).await?;
+    let (fresh, peak, idle, just_after, settled) = idle_pool_rss(port, 1000).await?;
     println!(
-        "idle upstream connections: a fresh sidecar {fresh:.1} MiB; with the 1000 calls in flight {peak:.1} MiB; after, with {idle} idle pooled connections to the upstream {pooled:.1} MiB"
+        "idle upstream connections: a fresh sidecar {fresh:.1} MiB; with the 1000 calls in flight {peak:.1} MiB; 2 s after, {just_after:.1} MiB; settled ({} s later), with {idle} idle pooled connections to the upstream, {settled:.1} MiB",
+        statefabric_runtime::memory::CHECK_EVERY.as_secs()
     );
     Ok(())
 }

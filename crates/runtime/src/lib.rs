@@ -4,8 +4,9 @@
 //! validated configuration ([`config`]), logging and trace export
 //! ([`telemetry`]) with W3C trace context across hops ([`trace_context`]),
 //! the admin HTTP endpoints for probes and Prometheus
-//! ([`admin`]), and signal-driven graceful shutdown with a drain deadline
-//! ([`shutdown`]). [`service::run`] ties them together so a binary's `main` is
+//! ([`admin`]), signal-driven graceful shutdown with a drain deadline
+//! ([`shutdown`]), and giving a burst's freed heap back to the OS
+//! ([`memory`]). [`service::run`] ties them together so a binary's `main` is
 //! a few lines.
 //!
 //! It does not own any domain logic, storage, or the public gRPC/HTTP APIs:
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod config;
 pub mod issues;
+pub mod memory;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

@@ -99,6 +99,7 @@ where
     let readiness = Readiness::default();
     let shutdown = Shutdown::default();
     let metrics: MetricsRegistry = Arc::new(RwLock::new(Registry::default()));
+    let trim_metrics = crate::memory::TrimMetrics::default();
     {
         let mut registry = metrics.write().unwrap_or_else(PoisonError::into_inner);
         registry.sub_registry_with_prefix("statefabric").register(
@@ -109,7 +110,9 @@ where
                 ("version", env!("CARGO_PKG_VERSION")),
             ]),
         );
+        trim_metrics.register(&mut registry);
     }
+    let memory = tokio::spawn(crate::memory::give_back_freed(trim_metrics));
 
     // The admin server outlives the drain: probes must keep getting answers
     // (ready = false) while in-flight work finishes.
@@ -185,6 +188,7 @@ where
         Ok(Err(err)) => tracing::warn!(error = %err, "admin server failed"),
         Err(err) => tracing::warn!(error = %err, "admin server task failed"),
     }
+    memory.abort();
     tracing::info!("stopped");
     telemetry.shutdown().await;
 

@@ -1,6 +1,7 @@
 //! The bottom of the stack: one try over the upstream's pooled client
 //! (TLS with rustls — the sidecar's roots, or the Upstream's own CA and
-//! server name —, HTTP/2 by ALPN or prior knowledge), with the agent's
+//! server name —, HTTP/2 by ALPN or prior knowledge; HTTP/1.1-only
+//! upstreams on the pool of bare idle sockets in `pool.rs`), with the agent's
 //! headers cleaned of hop-by-hop ones, the Upstream's added, and the
 //! egress span's trace context; bounded by the per-try timeout and the
 //! call's deadline.
@@ -20,11 +21,21 @@ use statefabric_runtime::trace_context;
 use tokio::time::Instant;
 
 use super::errors::{EgressBody, EgressError};
+use super::pool::{self, Http1Pool};
 use super::routes::{Route, RouteTls};
 use super::stack::{Attempt, PerUpstream};
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-pub(super) type UpstreamClient = Client<Connector, EgressBody>;
+
+/// An upstream's pooled connections.
+#[derive(Clone)]
+pub(super) enum UpstreamClient {
+    /// hyper-util's pool: HTTP/2 (one connection carries every call), TLS
+    /// where ALPN picks the protocol, and upgrades.
+    Shared(Arc<Client<Connector, EgressBody>>),
+    /// HTTP/1.1 only: idle connections kept as bare sockets.
+    Http1(Arc<Http1Pool>),
+}
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): this connection's, not the
 /// upstream's.
@@ -46,6 +57,11 @@ struct ClientKey {
     connect: Duration,
     protocol: Protocol,
     tls: Option<Arc<RouteTls>>,
+    /// `http://`: no TLS, so no ALPN to offer HTTP/2 by.
+    plain: bool,
+    /// For `Connection: upgrade` calls: hyper-util's pool, which hands
+    /// the upgraded connection over.
+    upgrades: bool,
 }
 
 /// A pooled client per upstream.
@@ -64,10 +80,21 @@ impl Clients {
 
     /// The route's client, made anew when its settings changed.
     pub(super) fn client(&self, route: &Route) -> UpstreamClient {
+        self.client_for(route, false)
+    }
+
+    /// The client of a route's `Connection: upgrade` calls (HTTP/1.1).
+    pub(super) fn upgrade_client(&self, route: &Route) -> UpstreamClient {
+        self.client_for(route, true)
+    }
+
+    fn client_for(&self, route: &Route, upgrades: bool) -> UpstreamClient {
         let key = ClientKey {
             connect: route.policy.connect,
             protocol: route.protocol,
             tls: route.tls.clone(),
+            plain: route.origin.scheme_str() == Some("http"),
+            upgrades,
         };
         let new = || (key.clone(), build_client(&self.tls, &key));
         let (_, client) = self.pools.get(&route.name, new, |entry| {
@@ -95,18 +122,25 @@ fn build_client(tls: &Arc<rustls::ClientConfig>, key: &ClientKey) -> UpstreamCli
         builder =
             builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name));
     }
+    // HTTP/1.1 for certain: set so, or plain http without prior knowledge
+    // of h2c.
+    let http1_only =
+        key.protocol == Protocol::Http1 || (key.protocol == Protocol::Auto && key.plain);
     let connector = match key.protocol {
         Protocol::Http1 => builder.enable_http1().wrap_connector(http),
         Protocol::Http2 => builder.enable_http2().wrap_connector(http),
         Protocol::Auto => builder.enable_all_versions().wrap_connector(http),
     };
+    if http1_only && !key.upgrades {
+        return UpstreamClient::Http1(Http1Pool::new(connector));
+    }
     let mut client = Client::builder(TokioExecutor::new());
-    client.pool_idle_timeout(Duration::from_secs(90));
+    client.pool_idle_timeout(pool::IDLE_TIMEOUT);
     if key.protocol == Protocol::Http2 {
         // Prior knowledge: h2c for http:// upstreams, ALPN h2 for https.
         client.http2_only(true);
     }
-    client.build(connector)
+    UpstreamClient::Shared(Arc::new(client.build(connector)))
 }
 
 /// The agent's headers made the upstream's, in place: without hop-by-hop
@@ -168,17 +202,29 @@ pub(super) async fn send(
     request: Request<EgressBody>,
     limit: Duration,
 ) -> Result<Response<Incoming>, EgressError> {
-    match tokio::time::timeout(limit, client.request(request)).await {
+    let sent = async {
+        match client {
+            UpstreamClient::Shared(client) => client.request(request).await.map_err(|err| {
+                let connect = err.is_connect();
+                pool::SendError {
+                    error: Box::new(err),
+                    connect,
+                }
+            }),
+            UpstreamClient::Http1(pool) => pool.request(request).await,
+        }
+    };
+    match tokio::time::timeout(limit, sent).await {
         Err(_) => Err(EgressError::Timeout {
             upstream: route.name.clone(),
             seconds: limit.as_secs_f64(),
         }),
         Ok(Err(err)) => Err(EgressError::Connect {
             upstream: route.name.clone(),
-            reason: source_chain(&err),
+            reason: source_chain(&*err.error),
             // No connection, or one the upstream reset or closed before it
             // answered: nothing came back, so a safe call may go again.
-            unanswered: err.is_connect() || unanswered(&err),
+            unanswered: err.connect || unanswered(&*err.error),
         }),
         Ok(Ok(response)) => Ok(response),
     }

@@ -36,6 +36,7 @@ mod client;
 mod errors;
 mod limits;
 mod metrics;
+mod pool;
 mod replay;
 mod retry;
 pub(crate) mod routes;

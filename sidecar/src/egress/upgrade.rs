@@ -107,7 +107,7 @@ impl CallStep for Upgrades {
             );
             // HTTP/1.1 only (an upgrade is an HTTP/1.1 affair), in a pool of
             // its own so the route's usual client is left as it is.
-            let client = clients.client(&Route {
+            let client = clients.upgrade_client(&Route {
                 name: format!("{}#upgrade", route.name),
                 protocol: Protocol::Http1,
                 ..(*route).clone()

@@ -284,6 +284,9 @@ fn connections_to(port: u16) -> usize {
         .count()
 }
 
+/// How long after the burst the idle sidecar's RSS is read again.
+const SETTLE: Duration = Duration::from_secs(20);
+
 /// A fresh sidecar's RSS, then with `n` pooled connections to the upstream
 /// left idle (made by `n` concurrent slow calls; the agent's own
 /// connections closed after).
@@ -319,8 +322,9 @@ async fn idle_pool_rss(port: u16, n: usize) -> anyhow::Result<(f64, f64, usize, 
     let agent_side = connections_to(side.egress);
     anyhow::ensure!(agent_side == 0, "{agent_side} agent connections still open");
     let just_after = statefabric_bench::rss_kib(pid) / 1024.0;
-    // Settled: the process has had its look at its memory since.
-    tokio::time::sleep(statefabric_runtime::memory::CHECK_EVERY).await;
+    // Settled: the pool's sweep has taken the idle sockets out of the
+    // reactor and the process has had its looks at its memory since.
+    tokio::time::sleep(SETTLE).await;
     let idle = connections_to(port).saturating_sub(before);
     let settled = statefabric_bench::rss_kib(pid) / 1024.0;
     Ok((fresh, peak, idle, just_after, settled))
@@ -408,7 +412,7 @@ async fn idle_report(port: u16) -> anyhow::Result<()> {
     let (fresh, peak, idle, just_after, settled) = idle_pool_rss(port, 1000).await?;
     println!(
         "idle upstream connections: a fresh sidecar {fresh:.1} MiB; with the 1000 calls in flight {peak:.1} MiB; 2 s after, {just_after:.1} MiB; settled ({} s later), with {idle} idle pooled connections to the upstream, {settled:.1} MiB",
-        statefabric_runtime::memory::CHECK_EVERY.as_secs()
+        SETTLE.as_secs()
     );
     Ok(())
 }

@@ -1,26 +1,31 @@
-//! HTTP/1.1 connections to one upstream, kept idle as bare sockets.
+//! HTTP/1.1 connections to one upstream; those left idle become bare
+//! sockets.
 //!
 //! Hand-written because hyper-util's pool keeps every idle connection's
-//! dispatcher alive, with hyper's 8 KiB header buffer and 8 KiB read
-//! buffer in it: 16 KiB per idle connection before anything else, and
-//! agents that fan out keep hundreds of them. Here a connection is only
-//! driven by hyper (`client::conn::http1`) while a call is on it; once
-//! hyper says it can take another request (the exchange ended and both
-//! sides keep it alive), the dispatcher is ended without shutting the
-//! socket and the socket alone goes back to the pool. The next call
-//! handshakes hyper's HTTP/1 connection over it again, which sends
-//! nothing on the wire.
+//! dispatcher alive, with hyper's 8 KiB header buffer and its read buffer
+//! (8 KiB, grown to the largest response) in it: 16 KiB or more per idle
+//! connection, and agents that fan out leave hundreds of them. Here a
+//! connection in steady use stays as hyper made it (its task keeps driving
+//! it, its read buffer keeps the size large bodies taught it); one left
+//! idle for [`BARE_AFTER`] is ended without shutting the socket, and the
+//! socket alone stays in the pool — a plain one out of tokio's reactor too,
+//! just a file descriptor. The next call over it handshakes hyper's HTTP/1
+//! connection again, which sends nothing on the wire.
 //!
-//! An idle socket that has anything to read (the upstream closed it, or
-//! sent bytes no request asked for) is not used again: checked when it is
-//! taken and by a sweep that runs while the pool holds any, which also
-//! drops those idle longer than [`IDLE_TIMEOUT`]. A call on a reused socket
-//! that the upstream closed before the request was written goes once more
-//! on a new connection, as hyper-util's pool does.
+//! A connection goes back to the pool only when hyper says it can take
+//! another request (the exchange ended and both sides keep it alive). An
+//! idle hyper connection the upstream closed is seen closed by hyper; a
+//! bare socket with anything to read (the upstream's FIN, a TLS alert,
+//! stray bytes) is not used again — checked when taken and by a sweep every
+//! [`SWEEP_EVERY`] while the pool holds any, which also closes those idle
+//! longer than [`IDLE_TIMEOUT`]. A call on a reused connection that the
+//! upstream closed before the request was written goes on the next one, as
+//! hyper-util's pool does.
 //!
 //! HTTP/2 (one multiplexed connection), TLS upstreams whose protocol ALPN
 //! decides, and upgrades stay on hyper-util's pool (`client.rs`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -36,14 +41,19 @@ use tower::ServiceExt;
 
 use super::errors::EgressBody;
 
-/// How long a socket may stay idle in the pool (hyper-util's default).
+/// How long a connection may stay idle in the pool (hyper-util's default).
 pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// How often idle sockets are checked while the pool holds any.
-const SWEEP_EVERY: Duration = Duration::from_secs(15);
+/// How long an idle connection keeps hyper's state before it becomes a
+/// bare socket.
+const BARE_AFTER: Duration = Duration::from_secs(1);
+
+/// How often idle connections are looked at while the pool holds any.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+type Sender = http1::SendRequest<EgressBody>;
 
 /// Why a call got no response.
 #[derive(Debug)]
@@ -51,205 +61,6 @@ pub(super) struct SendError {
     pub error: Box<dyn std::error::Error + Send + Sync>,
     /// No connection could be made: nothing was sent.
     pub connect: bool,
-}
-
-struct Idle {
-    socket: Parked,
-    since: Instant,
-}
-
-/// An idle socket. A plain one leaves tokio's reactor: only its file
-/// descriptor is kept — the reactor's per-socket state, allocated amid a
-/// burst's buffers, would otherwise pin a page of freed memory each. A TLS
-/// one keeps its session, so stays as it is.
-enum Parked {
-    Plain(std::net::TcpStream),
-    Tls(Box<Io>),
-}
-
-impl Parked {
-    fn new(io: Io) -> Option<Self> {
-        match io {
-            MaybeHttpsStream::Http(tcp) => tcp.into_inner().into_std().ok().map(Self::Plain),
-            tls @ MaybeHttpsStream::Https(_) => Some(Self::Tls(Box::new(tls))),
-        }
-    }
-
-    fn into_io(self) -> Option<Io> {
-        match self {
-            Self::Plain(socket) => TcpStream::from_std(socket)
-                .ok()
-                .map(|tcp| MaybeHttpsStream::Http(TokioIo::new(tcp))),
-            Self::Tls(io) => Some(*io),
-        }
-    }
-
-    /// An idle HTTP/1 socket has nothing to read; if it has — the
-    /// upstream's FIN or reset, a TLS alert, stray bytes — it cannot carry
-    /// another call.
-    fn quiet(&self) -> bool {
-        let mut byte = [0_u8; 1];
-        match self {
-            // Non-blocking (as tokio left it): nothing to read is WouldBlock.
-            Self::Plain(socket) => matches!(
-                socket.peek(&mut byte),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-            ),
-            // Asks the reactor first: a syscall only when it saw the
-            // socket readable.
-            Self::Tls(io) => match &**io {
-                MaybeHttpsStream::Https(tls) => {
-                    let tcp: &TcpStream = tls.inner().get_ref().0.inner().inner();
-                    let mut cx = Context::from_waker(std::task::Waker::noop());
-                    let mut buf = tokio::io::ReadBuf::new(&mut byte);
-                    matches!(tcp.poll_peek(&mut cx, &mut buf), Poll::Pending)
-                }
-                MaybeHttpsStream::Http(_) => false,
-            },
-        }
-    }
-}
-
-#[derive(Default)]
-struct Sockets {
-    idle: Vec<Idle>,
-    sweeping: bool,
-}
-
-/// The pool of one upstream (one route's settings).
-pub(super) struct Http1Pool {
-    connector: Connector,
-    sockets: Mutex<Sockets>,
-}
-
-impl Http1Pool {
-    pub(super) fn new(connector: Connector) -> Arc<Self> {
-        Arc::new(Self {
-            connector,
-            sockets: Mutex::default(),
-        })
-    }
-
-    /// Sends `request` on an idle socket, or a new connection, and returns
-    /// the response's head; its body streams from the connection's task.
-    pub(super) async fn request(
-        self: &Arc<Self>,
-        mut request: Request<EgressBody>,
-    ) -> Result<Response<Incoming>, SendError> {
-        let origin = request.uri().clone();
-        to_http1(&mut request);
-        if let Some(io) = self.take() {
-            match self.send_on(io, request).await {
-                Ok(response) => return Ok(response),
-                // The upstream had closed the idle socket before the
-                // request went out: once more, on a new connection.
-                Err(Unsent::Again(request)) => return self.send_new(origin, *request).await,
-                Err(Unsent::Failed(error)) => return Err(error),
-            }
-        }
-        self.send_new(origin, request).await
-    }
-
-    async fn send_new(
-        self: &Arc<Self>,
-        origin: Uri,
-        request: Request<EgressBody>,
-    ) -> Result<Response<Incoming>, SendError> {
-        let io = self
-            .connector
-            .clone()
-            .oneshot(origin)
-            .await
-            .map_err(|error| SendError {
-                error,
-                connect: true,
-            })?;
-        match self.send_on(io, request).await {
-            Ok(response) => Ok(response),
-            Err(Unsent::Failed(error)) => Err(error),
-            Err(Unsent::Again(_)) => Err(SendError {
-                error: "the new connection closed before the request was sent".into(),
-                connect: false,
-            }),
-        }
-    }
-
-    /// Handshakes hyper's HTTP/1 connection over `io` (nothing goes on the
-    /// wire), sends `request`, and drives the connection on its own task,
-    /// which gives the socket back when hyper can take another request.
-    async fn send_on(
-        self: &Arc<Self>,
-        io: Io,
-        request: Request<EgressBody>,
-    ) -> Result<Response<Incoming>, Unsent> {
-        let (mut sender, connection) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|error| Unsent::Failed(SendError::from(error)))?;
-        let response = sender.try_send_request(request);
-        tokio::spawn(drive(connection, sender, Arc::downgrade(self)));
-        response
-            .await
-            .map_err(|mut error| match error.take_message() {
-                Some(request) => Unsent::Again(Box::new(request)),
-                None => Unsent::Failed(SendError::from(error.into_error())),
-            })
-    }
-
-    /// The most recently used idle socket that is still open.
-    fn take(&self) -> Option<Io> {
-        let mut sockets = self.lock();
-        while let Some(idle) = sockets.idle.pop() {
-            if idle.since.elapsed() < IDLE_TIMEOUT
-                && idle.socket.quiet()
-                && let Some(io) = idle.socket.into_io()
-            {
-                return Some(io);
-            }
-        }
-        None
-    }
-
-    fn give_back(self: &Arc<Self>, io: Io) {
-        let Some(socket) = Parked::new(io) else {
-            return;
-        };
-        let mut sockets = self.lock();
-        sockets.idle.push(Idle {
-            socket,
-            since: Instant::now(),
-        });
-        if !sockets.sweeping {
-            sockets.sweeping = true;
-            tokio::spawn(sweep(Arc::downgrade(self)));
-        }
-    }
-
-    /// Drops idle sockets that timed out or are no longer quiet; whether
-    /// any are left (if not, the sweep ends).
-    fn drop_stale(&self) -> bool {
-        let mut sockets = self.lock();
-        sockets
-            .idle
-            .retain(|idle| idle.since.elapsed() < IDLE_TIMEOUT && idle.socket.quiet());
-        sockets.sweeping = !sockets.idle.is_empty();
-        sockets.sweeping
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Sockets> {
-        self.sockets.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    #[cfg(test)]
-    fn idle(&self) -> usize {
-        self.lock().idle.len()
-    }
-}
-
-enum Unsent {
-    /// Not written: the request may go on another connection.
-    Again(Box<Request<EgressBody>>),
-    Failed(SendError),
 }
 
 impl From<hyper::Error> for SendError {
@@ -261,46 +72,253 @@ impl From<hyper::Error> for SendError {
     }
 }
 
-/// The connection's task: hyper drives the exchange; when it says the
-/// connection can take another request, the sender is dropped, the
-/// dispatcher ends without shutting the socket, and the socket goes back
-/// to the pool — unless anything was read past the response.
-async fn drive(
-    connection: http1::Connection<Io, EgressBody>,
-    sender: http1::SendRequest<EgressBody>,
-    pool: Weak<Http1Pool>,
-) {
-    let mut sender = Some(sender);
-    let mut reusable = false;
-    let mut connection = std::pin::pin!(connection.without_shutdown());
-    let ended = std::future::poll_fn(|cx| {
-        if let Some(ready) = sender.as_mut().map(|s| s.poll_ready(cx)) {
-            match ready {
-                Poll::Ready(Ok(())) => {
-                    reusable = true;
-                    sender = None;
-                }
-                Poll::Ready(Err(_)) => sender = None,
-                Poll::Pending => {}
+/// A hyper connection: the handle calls are sent by, and the flag its task
+/// reads when the connection ends — set when the pool ended it while idle,
+/// so its socket is fit for another call.
+struct Live {
+    sender: Sender,
+    parked: Arc<AtomicBool>,
+}
+
+enum Idle {
+    /// Ready for another request; its task keeps driving it.
+    Live(Live),
+    /// A plain socket out of the reactor.
+    Bare(std::net::TcpStream),
+    /// A TLS socket keeps its session, so stays as it is.
+    Tls(Box<Io>),
+}
+
+struct Entry {
+    idle: Idle,
+    since: Instant,
+}
+
+impl Idle {
+    fn bare(io: Io) -> Option<Self> {
+        match io {
+            MaybeHttpsStream::Http(tcp) => tcp.into_inner().into_std().ok().map(Self::Bare),
+            tls @ MaybeHttpsStream::Https(_) => Some(Self::Tls(Box::new(tls))),
+        }
+    }
+
+    /// Still fit for a call: hyper has not seen it closed, or a socket has
+    /// nothing to read (an idle HTTP/1 one never should).
+    fn open(&self) -> bool {
+        let mut byte = [0_u8; 1];
+        match self {
+            Self::Live(live) => !live.sender.is_closed() && live.sender.is_ready(),
+            // Non-blocking (as tokio left it): nothing to read is WouldBlock.
+            Self::Bare(socket) => matches!(
+                socket.peek(&mut byte),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            ),
+            Self::Tls(io) => {
+                let tcp: &TcpStream = match &**io {
+                    MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner().inner(),
+                    MaybeHttpsStream::Http(tcp) => tcp.inner(),
+                };
+                // Asks the reactor first: a syscall only when it saw the
+                // socket readable.
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let mut buf = tokio::io::ReadBuf::new(&mut byte);
+                matches!(tcp.poll_peek(&mut cx, &mut buf), Poll::Pending)
             }
         }
-        connection.as_mut().poll(cx)
-    })
-    .await;
-    if let (true, Ok(parts), Some(pool)) = (reusable, ended, pool.upgrade())
-        && parts.read_buf.is_empty()
-    {
-        pool.give_back(parts.io);
     }
 }
 
-/// While the pool holds idle sockets: drops those idle too long or no
-/// longer quiet, every [`SWEEP_EVERY`].
+#[derive(Default)]
+struct Connections {
+    idle: Vec<Entry>,
+    sweeping: bool,
+}
+
+/// The pool of one upstream (one route's settings).
+pub(super) struct Http1Pool {
+    connector: Connector,
+    connections: Mutex<Connections>,
+}
+
+enum Unsent {
+    /// Not written: the request may go on another connection.
+    Again(Box<Request<EgressBody>>),
+    Failed(SendError),
+}
+
+impl Http1Pool {
+    pub(super) fn new(connector: Connector) -> Arc<Self> {
+        Arc::new(Self {
+            connector,
+            connections: Mutex::default(),
+        })
+    }
+
+    /// Sends `request` on an idle connection, or a new one, and returns the
+    /// response's head; its body streams from the connection's task.
+    pub(super) async fn request(
+        self: &Arc<Self>,
+        mut request: Request<EgressBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let origin = request.uri().clone();
+        to_http1(&mut request);
+        while let Some(idle) = self.take() {
+            let live = match idle {
+                Idle::Live(live) => live,
+                Idle::Bare(socket) => match TcpStream::from_std(socket) {
+                    Ok(tcp) => {
+                        self.handshake(MaybeHttpsStream::Http(TokioIo::new(tcp)))
+                            .await?
+                    }
+                    Err(_) => continue,
+                },
+                Idle::Tls(io) => self.handshake(*io).await?,
+            };
+            match self.send(live, request).await {
+                Ok(response) => return Ok(response),
+                // The upstream had closed it before the request went out:
+                // on the next one.
+                Err(Unsent::Again(unsent)) => request = *unsent,
+                Err(Unsent::Failed(error)) => return Err(error),
+            }
+        }
+        let io = self
+            .connector
+            .clone()
+            .oneshot(origin)
+            .await
+            .map_err(|error| SendError {
+                error,
+                connect: true,
+            })?;
+        let live = self.handshake(io).await?;
+        self.send(live, request)
+            .await
+            .map_err(|unsent| match unsent {
+                Unsent::Failed(error) => error,
+                Unsent::Again(_) => SendError {
+                    error: "the new connection closed before the request was sent".into(),
+                    connect: false,
+                },
+            })
+    }
+
+    /// hyper's HTTP/1 connection over `io` (nothing goes on the wire),
+    /// driven by its own task until it ends; if the pool ended it while
+    /// idle, the socket comes back.
+    async fn handshake(self: &Arc<Self>, io: Io) -> Result<Live, SendError> {
+        let (sender, connection) = http1::Builder::new().handshake(io).await?;
+        let parked = Arc::new(AtomicBool::new(false));
+        let pool = Arc::downgrade(self);
+        let flag = parked.clone();
+        tokio::spawn(async move {
+            let ended = connection.without_shutdown().await;
+            if flag.load(Ordering::Acquire)
+                && let Ok(parts) = ended
+                && parts.read_buf.is_empty()
+                && let Some(pool) = pool.upgrade()
+                && let Some(idle) = Idle::bare(parts.io)
+            {
+                pool.give_back(idle);
+            }
+        });
+        Ok(Live { sender, parked })
+    }
+
+    /// Sends `request`; the connection comes back to the pool when hyper
+    /// says it can take another.
+    async fn send(
+        self: &Arc<Self>,
+        Live { mut sender, parked }: Live,
+        request: Request<EgressBody>,
+    ) -> Result<Response<Incoming>, Unsent> {
+        let response = sender.try_send_request(request);
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok()
+                && let Some(pool) = pool.upgrade()
+            {
+                pool.give_back(Idle::Live(Live { sender, parked }));
+            }
+        });
+        response
+            .await
+            .map_err(|mut error| match error.take_message() {
+                Some(request) => Unsent::Again(Box::new(request)),
+                None => Unsent::Failed(SendError::from(error.into_error())),
+            })
+    }
+
+    /// The most recently used idle connection that is still open.
+    fn take(&self) -> Option<Idle> {
+        let mut connections = self.lock();
+        while let Some(entry) = connections.idle.pop() {
+            if entry.since.elapsed() < IDLE_TIMEOUT && entry.idle.open() {
+                return Some(entry.idle);
+            }
+        }
+        None
+    }
+
+    fn give_back(self: &Arc<Self>, idle: Idle) {
+        let mut connections = self.lock();
+        connections.idle.push(Entry {
+            idle,
+            since: Instant::now(),
+        });
+        if !connections.sweeping {
+            connections.sweeping = true;
+            tokio::spawn(sweep(Arc::downgrade(self)));
+        }
+    }
+
+    /// Closes idle connections that timed out or are no longer open, ends
+    /// hyper's state of those idle for [`BARE_AFTER`] (their sockets come
+    /// back bare); whether any are left (if not, the sweep ends).
+    fn sweep_once(&self) -> bool {
+        let mut connections = self.lock();
+        connections.idle.retain(|entry| {
+            if entry.since.elapsed() >= IDLE_TIMEOUT || !entry.idle.open() {
+                return false;
+            }
+            match &entry.idle {
+                Idle::Live(live) if entry.since.elapsed() >= BARE_AFTER => {
+                    // Dropping its handle ends the idle connection.
+                    live.parked.store(true, Ordering::Release);
+                    false
+                }
+                _ => true,
+            }
+        });
+        connections.sweeping = !connections.idle.is_empty();
+        connections.sweeping
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connections> {
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    fn idle(&self) -> (usize, usize) {
+        let connections = self.lock();
+        let live = connections
+            .idle
+            .iter()
+            .filter(|e| matches!(e.idle, Idle::Live(_)))
+            .count();
+        (live, connections.idle.len() - live)
+    }
+}
+
+/// While the pool holds idle connections: [`Http1Pool::sweep_once`] every
+/// [`SWEEP_EVERY`].
 async fn sweep(pool: Weak<Http1Pool>) {
     loop {
         tokio::time::sleep(SWEEP_EVERY).await;
         let Some(pool) = pool.upgrade() else { return };
-        if !pool.drop_stale() {
+        if !pool.sweep_once() {
             return;
         }
     }
@@ -349,12 +367,14 @@ mod tests {
     use super::*;
 
     /// A raw HTTP/1.1 upstream on a real socket: answers every request of
-    /// a connection with `answer`, and closes the connection after
-    /// `requests_per_connection` answers (its FIN reaches an idle socket
-    /// of ours). Returns its URL and the count of connections accepted.
+    /// a connection with `answer`, and closes the connection `close_after`
+    /// its `requests_per_connection`th answer (its FIN reaches an idle
+    /// connection of ours). Returns its URL and the count of connections
+    /// accepted.
     async fn upstream(
         answer: &'static str,
         requests_per_connection: usize,
+        close_after: Duration,
     ) -> anyhow::Result<(Uri, Arc<AtomicUsize>)> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url: Uri = format!("http://{}/", listener.local_addr()?).parse()?;
@@ -378,9 +398,7 @@ mod tests {
                             return;
                         }
                     }
-                    // Closed a little later: on an idle socket, not with
-                    // the answer.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(close_after).await;
                 });
             }
         });
@@ -414,59 +432,82 @@ mod tests {
         Ok(String::from_utf8(body.to_vec())?)
     }
 
-    /// The socket comes back once the connection's task has seen hyper
-    /// ready for another request.
-    async fn idle_becomes(pool: &Arc<Http1Pool>, n: usize) -> anyhow::Result<()> {
+    /// Waits for the pool to hold `(live, bare)` idle connections: each
+    /// comes back from a task (hyper ready again; a connection ended).
+    async fn idle_becomes(pool: &Arc<Http1Pool>, expected: (usize, usize)) -> anyhow::Result<()> {
         for _ in 0..200 {
-            if pool.idle() == n {
+            if pool.idle() == expected {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        anyhow::bail!("idle sockets: {} (expected {n})", pool.idle())
+        anyhow::bail!(
+            "idle (live, bare): {:?}, expected {expected:?}",
+            pool.idle()
+        )
     }
 
     const KEEP: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    const AFTER_BARE: Duration = Duration::from_millis(BARE_AFTER.as_millis() as u64 + 100);
 
     #[tokio::test]
-    async fn sequential_calls_share_one_connection_kept_as_a_bare_socket() -> anyhow::Result<()> {
-        let (url, accepted) = upstream(KEEP, usize::MAX).await?;
+    async fn a_connection_is_reused_left_idle_it_becomes_a_bare_socket_still_reused()
+    -> anyhow::Result<()> {
+        let (url, accepted) = upstream(KEEP, usize::MAX, Duration::ZERO).await?;
         let pool = pool()?;
         for _ in 0..5 {
             assert_eq!(call(&pool, "GET", &url).await?, "ok");
-            idle_becomes(&pool, 1).await?;
+            idle_becomes(&pool, (1, 0)).await?;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         // Two at once: two connections, both kept.
         let (a, b) = tokio::join!(call(&pool, "GET", &url), call(&pool, "GET", &url));
         assert_eq!((a?, b?), ("ok".to_owned(), "ok".to_owned()));
-        idle_becomes(&pool, 2).await?;
+        idle_becomes(&pool, (2, 0)).await?;
+        // Idle long enough: hyper's state ends, the sockets stay.
+        tokio::time::sleep(AFTER_BARE).await;
+        pool.sweep_once();
+        idle_becomes(&pool, (0, 2)).await?;
+        for _ in 0..3 {
+            assert_eq!(call(&pool, "GET", &url).await?, "ok");
+        }
+        idle_becomes(&pool, (1, 1)).await?;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         Ok(())
     }
 
     #[tokio::test]
-    async fn a_socket_the_upstream_closed_while_idle_is_not_used_again() -> anyhow::Result<()> {
-        // One answer per connection, then the upstream closes it: its FIN
-        // reaches the idle socket, which is dropped when next taken — the
-        // POST (not safe to send twice) goes on a new connection.
-        let (url, accepted) = upstream(KEEP, 1).await?;
+    async fn an_idle_connection_the_upstream_closed_is_not_used_again() -> anyhow::Result<()> {
+        // One answer per connection, then the upstream closes it. The POSTs
+        // (not safe to send twice) go on new connections.
+        let (url, accepted) = upstream(KEEP, 1, Duration::from_millis(100)).await?;
         let pool = pool()?;
         assert_eq!(call(&pool, "POST", &url).await?, "ok");
-        idle_becomes(&pool, 1).await?;
+        idle_becomes(&pool, (1, 0)).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(
-            pool.idle(),
-            1,
-            "nothing watches an idle socket between sweeps"
-        );
         assert_eq!(call(&pool, "POST", &url).await?, "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
-        // The sweep drops it too, and ends with the last socket.
-        idle_becomes(&pool, 1).await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!pool.drop_stale());
-        assert_eq!(pool.idle(), 0);
+
+        // Closed after it became a bare socket: seen when taken.
+        let close_after = AFTER_BARE + Duration::from_millis(300);
+        let (url, accepted) = upstream(KEEP, 1, close_after).await?;
+        let pool = self::pool()?;
+        assert_eq!(call(&pool, "POST", &url).await?, "ok");
+        idle_becomes(&pool, (1, 0)).await?;
+        tokio::time::sleep(AFTER_BARE).await;
+        pool.sweep_once();
+        idle_becomes(&pool, (0, 1)).await?;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(call(&pool, "POST", &url).await?, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // And by the sweep, which ends with the last connection.
+        idle_becomes(&pool, (1, 0)).await?;
+        tokio::time::sleep(AFTER_BARE).await;
+        pool.sweep_once();
+        idle_becomes(&pool, (0, 1)).await?;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!pool.sweep_once());
+        assert_eq!(pool.idle(), (0, 0));
         Ok(())
     }
 
@@ -477,18 +518,19 @@ mod tests {
             "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
             "HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
         ] {
-            let (url, accepted) = upstream(answer, usize::MAX).await?;
+            let (url, accepted) = upstream(answer, usize::MAX, Duration::ZERO).await?;
             let pool = pool()?;
             assert_eq!(call(&pool, "GET", &url).await?, "ok");
             assert_eq!(call(&pool, "GET", &url).await?, "ok");
             tokio::time::sleep(Duration::from_millis(50)).await;
-            assert_eq!(pool.idle(), 0, "{answer}");
+            assert_eq!(pool.idle(), (0, 0), "{answer}");
             assert_eq!(accepted.load(Ordering::SeqCst), 2, "{answer}");
         }
         // A body the caller stopped reading halfway.
         let (url, accepted) = upstream(
             "HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\npartial",
             usize::MAX,
+            Duration::ZERO,
         )
         .await?;
         let pool = pool()?;
@@ -498,7 +540,7 @@ mod tests {
             .map_err(|e| anyhow::anyhow!("{}", e.error))?;
         drop(response);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(pool.idle(), 0);
+        assert_eq!(pool.idle(), (0, 0));
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         Ok(())
     }

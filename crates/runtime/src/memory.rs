@@ -57,8 +57,9 @@ impl TrimMetrics {
     }
 }
 
-/// Runs until dropped: trims after each growth of the RSS by
-/// [`TRIM_AFTER_GROWTH`], checked every [`CHECK_EVERY`].
+/// Runs until dropped: every [`CHECK_EVERY`], trims when the RSS grew by
+/// [`TRIM_AFTER_GROWTH`] since the last trim, or when the last trim still
+/// gave back [`TRIM_PAYS`].
 pub async fn give_back_freed(metrics: TrimMetrics) {
     let Some(mut baseline) = resident_bytes() else {
         return;

@@ -1,7 +1,8 @@
 //! The bottom of the stack: one try over the upstream's pooled client
 //! (TLS with rustls — the sidecar's roots, or the Upstream's own CA and
 //! server name —, HTTP/2 by ALPN or prior knowledge; HTTP/1.1-only
-//! upstreams on the pool of bare idle sockets in `pool.rs`), with the agent's
+//! upstreams on `pool.rs`, whose idle connections become bare sockets),
+//! with the agent's
 //! headers cleaned of hop-by-hop ones, the Upstream's added, and the
 //! egress span's trace context; bounded by the per-try timeout and the
 //! call's deadline.
@@ -33,7 +34,7 @@ pub(super) enum UpstreamClient {
     /// hyper-util's pool: HTTP/2 (one connection carries every call), TLS
     /// where ALPN picks the protocol, and upgrades.
     Shared(Arc<Client<Connector, EgressBody>>),
-    /// HTTP/1.1 only: idle connections kept as bare sockets.
+    /// HTTP/1.1 only: connections left idle become bare sockets.
     Http1(Arc<Http1Pool>),
 }
 

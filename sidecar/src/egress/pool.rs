@@ -54,6 +54,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
 type Sender = http1::SendRequest<EgressBody>;
+type TlsIo = TokioIo<tokio_rustls::client::TlsStream<TokioIo<TokioIo<TcpStream>>>>;
 
 /// Why a call got no response.
 #[derive(Debug)]
@@ -86,7 +87,7 @@ enum Idle {
     /// A plain socket out of the reactor.
     Bare(std::net::TcpStream),
     /// A TLS socket keeps its session, so stays as it is.
-    Tls(Box<Io>),
+    Tls(Box<TlsIo>),
 }
 
 struct Entry {
@@ -98,7 +99,7 @@ impl Idle {
     fn bare(io: Io) -> Option<Self> {
         match io {
             MaybeHttpsStream::Http(tcp) => tcp.into_inner().into_std().ok().map(Self::Bare),
-            tls @ MaybeHttpsStream::Https(_) => Some(Self::Tls(Box::new(tls))),
+            MaybeHttpsStream::Https(tls) => Some(Self::Tls(Box::new(tls))),
         }
     }
 
@@ -107,17 +108,15 @@ impl Idle {
     fn open(&self) -> bool {
         let mut byte = [0_u8; 1];
         match self {
-            Self::Live(live) => !live.sender.is_closed() && live.sender.is_ready(),
+            // Not ready once hyper has seen it closed.
+            Self::Live(live) => live.sender.is_ready(),
             // Non-blocking (as tokio left it): nothing to read is WouldBlock.
             Self::Bare(socket) => matches!(
                 socket.peek(&mut byte),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
             ),
-            Self::Tls(io) => {
-                let tcp: &TcpStream = match &**io {
-                    MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner().inner(),
-                    MaybeHttpsStream::Http(tcp) => tcp.inner(),
-                };
+            Self::Tls(tls) => {
+                let tcp: &TcpStream = tls.inner().get_ref().0.inner().inner();
                 // Asks the reactor first: a syscall only when it saw the
                 // socket readable.
                 let mut cx = Context::from_waker(std::task::Waker::noop());
@@ -172,7 +171,7 @@ impl Http1Pool {
                     }
                     Err(_) => continue,
                 },
-                Idle::Tls(io) => self.handshake(*io).await?,
+                Idle::Tls(tls) => self.handshake(MaybeHttpsStream::Https(*tls)).await?,
             };
             match self.send(live, request).await {
                 Ok(response) => return Ok(response),
